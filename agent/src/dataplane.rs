@@ -1,0 +1,369 @@
+//! The BPF dataplane's life cycle: load with per-node globals, pin maps,
+//! programs and links under one bpffs directory, attach.
+//!
+//! Layout of the pin directory (default `/sys/fs/bpf/weft`):
+//! - `WEFT_*`: the maps (see `weft_common::names`),
+//! - `prog_from_pod`: the TC program the CNI attaches to pod veths,
+//! - `link_xdp`, `link_host`: the underlay XDP link and the `weft0` egress link,
+//! - `pods/<ifname>`: one TC link per pod veth.
+
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray},
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+    },
+};
+use weft_common::{Endpoint, RemoteNode, Vtep, names};
+
+use crate::cidr::Ipv4Cidr;
+
+/// The BPF object, built from `dataplane-ebpf` by the build script.
+pub static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weft-dataplane.o"));
+
+/// Default pin directory.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/weft";
+/// Pin of the pod program, relative to the pin directory.
+pub const PIN_PROG_FROM_POD: &str = "prog_from_pod";
+/// Pin of the underlay XDP link.
+pub const PIN_LINK_XDP: &str = "link_xdp";
+/// Pin of the `weft0` egress link.
+pub const PIN_LINK_HOST: &str = "link_host";
+/// Directory of per-pod TC links.
+pub const PIN_PODS_DIR: &str = "pods";
+
+/// Errors loading, pinning or attaching the dataplane.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error(
+        "loading the BPF object failed: {0}. Is this kernel ≥ 5.15 with BPF and BTF, and are we root?"
+    )]
+    Load(#[from] aya::EbpfError),
+    #[error("BPF program `{name}`: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error(
+        "BPF program `{0}` is missing from the object (stale build? run `cargo xtask build-ebpf`)"
+    )]
+    MissingProgram(&'static str),
+    #[error("map `{name}`: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("pinning to {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("opening pinned link {path}: {source}. Is the agent running on this node?")]
+    Link {
+        path: PathBuf,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("{path}: {source}. Is bpffs mounted at /sys/fs/bpf (`mount -t bpf bpf /sys/fs/bpf`)?")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Per-node constants written into the programs at load time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Globals {
+    pub vni: u32,
+    pub port: u16,
+    pub local_ip: Ipv4Addr,
+    pub underlay_ifindex: u32,
+    pub vtep_mac: [u8; 6],
+    pub underlay_mac: [u8; 6],
+    pub cluster_cidr: Ipv4Cidr,
+}
+
+/// A loaded dataplane: the programs and maps, pinned under `pin_dir`.
+pub struct Dataplane {
+    pub ebpf: Ebpf,
+    pub pin_dir: PathBuf,
+}
+
+impl Dataplane {
+    /// Loads the object with `globals`. Maps are pinned in (and, when already
+    /// there, re-used from) `pin_dir`, so their contents survive a restart.
+    pub fn load(globals: &Globals, pin_dir: &Path) -> Result<Self, DataplaneError> {
+        fs::create_dir_all(pin_dir.join(PIN_PODS_DIR)).map_err(|source| DataplaneError::Io {
+            path: pin_dir.to_path_buf(),
+            source,
+        })?;
+        let local_ip = globals.local_ip.octets();
+        let cluster_net = globals.cluster_cidr.addr().octets();
+        let cluster_mask = globals.cluster_cidr.netmask().octets();
+        let mut loader = EbpfLoader::new();
+        loader
+            .default_map_pin_directory(pin_dir)
+            .override_global(names::GLOBAL_VNI, &globals.vni, true)
+            .override_global(names::GLOBAL_VXLAN_PORT, &globals.port, true)
+            .override_global(names::GLOBAL_LOCAL_IP, &local_ip, true)
+            .override_global(
+                names::GLOBAL_UNDERLAY_IFINDEX,
+                &globals.underlay_ifindex,
+                true,
+            )
+            .override_global(names::GLOBAL_VTEP_MAC, &globals.vtep_mac, true)
+            .override_global(names::GLOBAL_UNDERLAY_MAC, &globals.underlay_mac, true)
+            .override_global(names::GLOBAL_CLUSTER_NET, &cluster_net, true)
+            .override_global(names::GLOBAL_CLUSTER_MASK, &cluster_mask, true);
+        let mut ebpf = loader.load(OBJECT)?;
+        for name in [names::PROG_FROM_POD, names::PROG_FROM_HOST] {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        let xdp: &mut Xdp = program(&mut ebpf, names::PROG_XDP_DECAP)?;
+        xdp.load().map_err(|source| DataplaneError::Program {
+            name: names::PROG_XDP_DECAP,
+            source,
+        })?;
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+        })
+    }
+
+    /// Attaches XDP decap to the underlay interface, natively when the driver
+    /// supports it, else in generic (skb) mode with a warning. Replaces a
+    /// program already attached through a pinned link atomically.
+    pub fn attach_xdp(&mut self, iface: &str) -> Result<XdpMode, DataplaneError> {
+        let pin = self.pin_dir.join(PIN_LINK_XDP);
+        let name = names::PROG_XDP_DECAP;
+        let xdp: &mut Xdp = program(&mut self.ebpf, name)?;
+        if let Ok(pinned) = PinnedLink::from_pin(&pin) {
+            let link =
+                aya::programs::xdp::XdpLink::try_from(FdLink::from(pinned)).map_err(|source| {
+                    DataplaneError::Link {
+                        path: pin.clone(),
+                        source,
+                    }
+                })?;
+            xdp.attach_to_link(link)
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            return Ok(XdpMode::Default);
+        }
+        let (id, mode) = match xdp.attach(iface, XdpMode::Driver) {
+            Ok(id) => (id, XdpMode::Driver),
+            Err(e) => {
+                tracing::warn!(%iface, error = %e, "native XDP not available; falling back to generic (skb) XDP, which is slower");
+                let id = xdp
+                    .attach(iface, XdpMode::Skb)
+                    .map_err(|source| DataplaneError::Program { name, source })?;
+                (id, XdpMode::Skb)
+            }
+        };
+        let link = xdp
+            .take_link(id)
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        let fd: FdLink = link.try_into().map_err(|source| DataplaneError::Link {
+            path: pin.clone(),
+            source,
+        })?;
+        fd.pin(&pin)
+            .map_err(|source| DataplaneError::Pin { path: pin, source })?;
+        Ok(mode)
+    }
+
+    /// Attaches the host program to `iface` (weft0) egress, pinned.
+    pub fn attach_host(&mut self, iface: &str) -> Result<(), DataplaneError> {
+        let pin = self.pin_dir.join(PIN_LINK_HOST);
+        attach_tc(
+            program(&mut self.ebpf, names::PROG_FROM_HOST)?,
+            names::PROG_FROM_HOST,
+            iface,
+            TcAttachType::Egress,
+            &pin,
+        )
+    }
+
+    /// Pins the pod program so the CNI plugin can attach it to new pods.
+    pub fn pin_pod_program(&mut self) -> Result<(), DataplaneError> {
+        let pin = self.pin_dir.join(PIN_PROG_FROM_POD);
+        let _ = fs::remove_file(&pin);
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, names::PROG_FROM_POD)?;
+        prog.pin(&pin)
+            .map_err(|source| DataplaneError::Pin { path: pin, source })
+    }
+
+    /// The pod program, for tests that run it directly.
+    pub fn program_mut<'a, T>(&'a mut self, name: &'static str) -> Result<&'a mut T, DataplaneError>
+    where
+        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    {
+        program(&mut self.ebpf, name)
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DataplaneError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(DataplaneError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DataplaneError::Program { name, source })
+}
+
+/// Attaches `prog` to `iface` and pins the link at `pin`; if `pin` already
+/// holds a link, the program behind it is replaced atomically instead.
+fn attach_tc(
+    prog: &mut SchedClassifier,
+    name: &'static str,
+    iface: &str,
+    dir: TcAttachType,
+    pin: &Path,
+) -> Result<(), DataplaneError> {
+    let err = |source| DataplaneError::Program { name, source };
+    if let Ok(pinned) = PinnedLink::from_pin(pin) {
+        let link = aya::programs::tc::SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(
+            |source| DataplaneError::Link {
+                path: pin.to_path_buf(),
+                source,
+            },
+        )?;
+        prog.attach_to_link(link).map_err(err)?;
+        return Ok(());
+    }
+    // clsact is needed only for the netlink fallback on kernels before 6.6.
+    let _ = aya::programs::tc::qdisc_add_clsact(iface);
+    let id = prog.attach(iface, dir).map_err(err)?;
+    let link = prog.take_link(id).map_err(err)?;
+    let fd: FdLink = link.try_into().map_err(|source| DataplaneError::Link {
+        path: pin.to_path_buf(),
+        source,
+    })?;
+    fd.pin(pin).map_err(|source| DataplaneError::Pin {
+        path: pin.to_path_buf(),
+        source,
+    })?;
+    Ok(())
+}
+
+/// Attaches the pinned pod program to a pod's host-side veth (ingress) and
+/// pins the link under `pods/<iface>`. Used by the CNI plugin.
+pub fn attach_pod(pin_dir: &Path, iface: &str) -> Result<(), DataplaneError> {
+    let name = names::PROG_FROM_POD;
+    let mut prog = SchedClassifier::from_pin(pin_dir.join(PIN_PROG_FROM_POD))
+        .map_err(|source| DataplaneError::Program { name, source })?;
+    let pin = pin_dir.join(PIN_PODS_DIR).join(iface);
+    let _ = fs::remove_file(&pin);
+    attach_tc(&mut prog, name, iface, TcAttachType::Ingress, &pin)
+}
+
+/// Removes a pod's link pin (the link itself goes with the veth).
+pub fn detach_pod(pin_dir: &Path, iface: &str) {
+    let _ = fs::remove_file(pin_dir.join(PIN_PODS_DIR).join(iface));
+}
+
+/// The dataplane's maps, opened from their pins (by the agent, the CNI
+/// plugin, `weft status`, tests).
+pub struct Maps {
+    pub remotes: LpmTrie<MapData, [u8; 4], RemoteNode>,
+    pub endpoints: HashMap<MapData, u32, Endpoint>,
+    pub nodes: HashMap<MapData, u32, Vtep>,
+    pub drops: PerCpuArray<MapData, u64>,
+    pub fwds: PerCpuArray<MapData, u64>,
+}
+
+impl Maps {
+    pub fn open(pin_dir: &Path) -> Result<Self, DataplaneError> {
+        fn open<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+            pin_dir: &Path,
+            name: &'static str,
+            wrap: fn(MapData) -> aya::maps::Map,
+        ) -> Result<T, DataplaneError> {
+            let data = MapData::from_pin(pin_dir.join(name))
+                .map_err(|source| DataplaneError::Map { name, source })?;
+            T::try_from(wrap(data)).map_err(|source| DataplaneError::Map { name, source })
+        }
+        Ok(Self {
+            remotes: open(pin_dir, names::REMOTE_CIDRS, aya::maps::Map::LpmTrie)?,
+            endpoints: open(pin_dir, names::ENDPOINTS, aya::maps::Map::HashMap)?,
+            nodes: open(pin_dir, names::NODES, aya::maps::Map::HashMap)?,
+            drops: open(pin_dir, names::DROP_STATS, aya::maps::Map::PerCpuArray)?,
+            fwds: open(pin_dir, names::FWD_STATS, aya::maps::Map::PerCpuArray)?,
+        })
+    }
+}
+
+/// An IPv4 address as the maps store it (network order bytes in a `u32`).
+pub fn ip_key(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// The inverse of [`ip_key`].
+pub fn ip_from_key(key: u32) -> Ipv4Addr {
+    Ipv4Addr::from(key.to_ne_bytes())
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// True when `path` (which must exist) is on a bpffs.
+pub fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: zeroed statfs is valid; c is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// Makes sure `pin_dir` can hold pins: mounts bpffs at /sys/fs/bpf when the
+/// directory is under it and nothing is mounted there yet (as Cilium does).
+pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), DataplaneError> {
+    let root = Path::new("/sys/fs/bpf");
+    let mut probe = pin_dir.to_path_buf();
+    while !probe.exists() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    if is_bpffs(&probe) {
+        return Ok(());
+    }
+    let not_bpffs = || DataplaneError::Io {
+        path: pin_dir.to_path_buf(),
+        source: std::io::Error::other("not on a BPF filesystem"),
+    };
+    if !pin_dir.starts_with(root) {
+        return Err(not_bpffs());
+    }
+    fs::create_dir_all(root).map_err(|source| DataplaneError::Io {
+        path: root.into(),
+        source,
+    })?;
+    // SAFETY: static NUL-terminated strings.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            c"/sys/fs/bpf".as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(DataplaneError::Io {
+            path: root.into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    tracing::info!("mounted bpffs at /sys/fs/bpf");
+    Ok(())
+}

@@ -1,0 +1,247 @@
+//! Pod plumbing: a veth pair between the pod's network namespace and the
+//! node, addresses and routes, the TC program on the host side and the
+//! endpoint map entry. The CNI plugin and the tests both come through here.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use weft_common::Endpoint;
+
+use crate::{
+    dataplane::{self, DataplaneError, Maps, ip_key},
+    ip::{self, CmdError},
+    netdev,
+    node::NodeConfig,
+};
+
+/// Errors setting up or tearing down a pod's interface.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("network namespace {0} does not exist (was the pod deleted?)")]
+    NetnsGone(PathBuf),
+    #[error("{ip} is outside this node's pod CIDR {subnet}")]
+    OutsideSubnet { ip: Ipv4Addr, subnet: String },
+    #[error(transparent)]
+    Cmd(#[from] CmdError),
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    #[error("could not read the pod interface's MAC: {0}")]
+    Mac(String),
+}
+
+/// One pod attachment.
+#[derive(Clone, Debug)]
+pub struct EndpointSpec {
+    /// Path of the pod's network namespace (e.g. /var/run/netns/x or /proc/PID/ns/net).
+    pub netns: PathBuf,
+    /// Interface name inside the pod (CNI_IFNAME, usually eth0).
+    pub ifname: String,
+    /// Host-side veth name.
+    pub host_ifname: String,
+    /// The pod's address.
+    pub ip: Ipv4Addr,
+}
+
+/// What was set up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attached {
+    pub host_ifname: String,
+    pub host_mac: [u8; 6],
+    pub pod_mac: [u8; 6],
+    pub host_ifindex: u32,
+}
+
+/// Host-side veth name for a container, like Cilium's `lxc<hash>`: stable per
+/// (container, interface) and within IFNAMSIZ.
+pub fn host_ifname(container_id: &str, ifname: &str) -> String {
+    // FNV-1a: stable across releases, unlike std's hasher.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in container_id.bytes().chain([0]).chain(ifname.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("weft{:010x}", h & 0xff_ffff_ffff)
+}
+
+fn in_pod(netns: &Path, args: &[&str]) -> Result<String, CmdError> {
+    let net = format!("--net={}", netns.display());
+    let mut all = vec![net.as_str()];
+    all.extend_from_slice(args);
+    ip::run("nsenter", &all)
+}
+
+/// Creates and wires the pod's interface. On any failure, what was created
+/// is removed again, so a failed ADD leaves nothing behind.
+pub fn add(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointError> {
+    if !spec.netns.exists() {
+        return Err(EndpointError::NetnsGone(spec.netns.clone()));
+    }
+    if !node.subnet.contains(spec.ip)
+        || spec.ip == node.gateway
+        || spec.ip == node.subnet.addr()
+        || spec.ip == node.subnet.broadcast()
+    {
+        return Err(EndpointError::OutsideSubnet {
+            ip: spec.ip,
+            subnet: node.subnet.to_string(),
+        });
+    }
+    let result = wire(spec, node);
+    if result.is_err() {
+        let _ = ip::ip(&["link", "del", &spec.host_ifname]);
+        dataplane::detach_pod(&node.bpffs, &spec.host_ifname);
+    }
+    result
+}
+
+fn wire(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointError> {
+    let host = spec.host_ifname.as_str();
+    let netns = spec.netns.display().to_string();
+    let mtu = node.mtu.to_string();
+    let gw = node.gateway.to_string();
+    // Stale leftovers of a crashed ADD for the same container.
+    let _ = ip::ip(&["link", "del", host]);
+    ip::ip(&[
+        "link",
+        "add",
+        host,
+        "mtu",
+        &mtu,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &spec.ifname,
+        "mtu",
+        &mtu,
+        "netns",
+        &netns,
+    ])?;
+    let host_if = netdev::get(host).map_err(|e| EndpointError::Mac(e.to_string()))?;
+    ip::ip(&["link", "set", host, "up"])?;
+    // The pod side: address, routes via the gateway, and a permanent
+    // neighbour for the gateway (the host veth's MAC), so no ARP is needed.
+    let cidr = format!("{}/32", spec.ip);
+    in_pod(
+        &spec.netns,
+        &["ip", "addr", "add", &cidr, "dev", &spec.ifname],
+    )?;
+    in_pod(&spec.netns, &["ip", "link", "set", &spec.ifname, "up"])?;
+    in_pod(&spec.netns, &["ip", "link", "set", "lo", "up"])?;
+    in_pod(
+        &spec.netns,
+        &[
+            "ip",
+            "route",
+            "add",
+            &gw,
+            "dev",
+            &spec.ifname,
+            "scope",
+            "link",
+        ],
+    )?;
+    in_pod(
+        &spec.netns,
+        &[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            &gw,
+            "dev",
+            &spec.ifname,
+        ],
+    )?;
+    let host_mac = netdev::mac_to_string(&host_if.mac);
+    in_pod(
+        &spec.netns,
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            &gw,
+            "lladdr",
+            &host_mac,
+            "dev",
+            &spec.ifname,
+            "nud",
+            "permanent",
+        ],
+    )?;
+    // GRO on the pod side gives its veth NAPI, which XDP redirects into it need.
+    let xdp_ok = in_pod(&spec.netns, &["ethtool", "-K", &spec.ifname, "gro", "on"]).is_ok();
+    let pod_mac = pod_mac(&spec.netns, &spec.ifname)?;
+    // The node side: a /32 route to the pod through its veth.
+    ip::ip(&["route", "replace", &cidr, "dev", host, "scope", "link"])?;
+    dataplane::attach_pod(&node.bpffs, host)?;
+    let mut maps = Maps::open(&node.bpffs)?;
+    let ep = Endpoint {
+        ifindex: host_if.index,
+        pod_mac,
+        host_mac: host_if.mac,
+        flags: if xdp_ok {
+            Endpoint::FLAG_XDP_REDIRECT
+        } else {
+            0
+        },
+    };
+    maps.endpoints
+        .insert(ip_key(spec.ip), ep, 0)
+        .map_err(|source| DataplaneError::Map {
+            name: weft_common::names::ENDPOINTS,
+            source,
+        })?;
+    Ok(Attached {
+        host_ifname: host.into(),
+        host_mac: host_if.mac,
+        pod_mac,
+        host_ifindex: host_if.index,
+    })
+}
+
+fn pod_mac(netns: &Path, ifname: &str) -> Result<[u8; 6], EndpointError> {
+    let out = in_pod(netns, &["ip", "-o", "link", "show", "dev", ifname])?;
+    out.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .and_then(netdev::parse_mac)
+        .ok_or_else(|| EndpointError::Mac(out.trim().to_string()))
+}
+
+/// Removes a pod's endpoint entry, link pin, route and veth. Idempotent:
+/// whatever is already gone is skipped.
+pub fn del(
+    host_ifname: &str,
+    ip: Option<Ipv4Addr>,
+    node: &NodeConfig,
+) -> Result<(), EndpointError> {
+    if let Some(ip) = ip {
+        if let Ok(mut maps) = Maps::open(&node.bpffs) {
+            let _ = maps.endpoints.remove(&ip_key(ip));
+        }
+        let _ = ip::ip(&["route", "del", &format!("{ip}/32"), "dev", host_ifname]);
+    }
+    dataplane::detach_pod(&node.bpffs, host_ifname);
+    if netdev::index(host_ifname).is_some() {
+        ip::ip(&["link", "del", host_ifname])?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_are_stable_and_short() {
+        let a = host_ifname("abc", "eth0");
+        assert_eq!(a, host_ifname("abc", "eth0"));
+        assert_ne!(a, host_ifname("abc", "eth1"));
+        assert_ne!(a, host_ifname("abd", "eth0"));
+        assert!(a.len() < 16, "{a}");
+    }
+}

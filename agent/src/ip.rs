@@ -1,0 +1,49 @@
+//! Runs iproute2 (`ip`, `tc`) and `sysctl`-style writes for link, address and
+//! route set-up. The dataplane itself never depends on these; they shape the
+//! kernel's view (devices, routes) around it.
+
+use std::{fs, io, path::Path, process::Command};
+
+/// A command that failed, with what it printed.
+#[derive(Debug, thiserror::Error)]
+pub enum CmdError {
+    #[error("could not run `{cmd}`: {source} (is iproute2 installed?)")]
+    Spawn { cmd: String, source: io::Error },
+    #[error("`{cmd}` failed: {stderr}")]
+    Failed { cmd: String, stderr: String },
+    #[error("writing {path}: {source}")]
+    Sysctl { path: String, source: io::Error },
+}
+
+/// Runs `ip ARGS…` and returns its stdout.
+pub fn ip(args: &[&str]) -> Result<String, CmdError> {
+    run("ip", args)
+}
+
+/// Runs `PROGRAM ARGS…` and returns its stdout.
+pub fn run(program: &str, args: &[&str]) -> Result<String, CmdError> {
+    let cmd = format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|source| CmdError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(CmdError::Failed {
+            cmd,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Writes a value under /proc/sys/net (the caller's network namespace).
+pub fn sysctl(key: &str, value: &str) -> Result<(), CmdError> {
+    let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+    fs::write(&path, value).map_err(|source| CmdError::Sysctl {
+        path: path.display().to_string(),
+        source,
+    })
+}

@@ -1,0 +1,14 @@
+//! weft's node agent as a library: the `weft` binary, the CNI plugin and the
+//! end-to-end tests all drive the dataplane through these modules.
+
+pub mod agent;
+pub mod cidr;
+pub mod dataplane;
+pub mod endpoint;
+pub mod ip;
+pub mod netdev;
+pub mod node;
+pub mod registry;
+pub mod stats;
+pub mod status;
+pub mod sync;

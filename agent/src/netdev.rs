@@ -1,0 +1,210 @@
+//! Facts about network interfaces in the current network namespace.
+//!
+//! Read with `getifaddrs`/`ioctl` and `/proc/self/net`, which follow the
+//! caller's network namespace (unlike `/sys/class/net`, which follows the
+//! mount that `/sys` came from).
+
+use std::{ffi::CString, fs, io, net::Ipv4Addr};
+
+/// Errors finding or reading an interface.
+#[derive(Debug, thiserror::Error)]
+pub enum NetdevError {
+    #[error(
+        "interface `{0}` does not exist in this network namespace; check the name with `ip link`"
+    )]
+    NotFound(String),
+    #[error("interface `{0}` has no IPv4 address; give it one, or pass --public-ip")]
+    NoIpv4(String),
+    #[error("no default route to pick the underlay interface from; pass --iface NAME")]
+    NoDefaultRoute,
+    #[error("no interface matches --iface-regex `{0}`")]
+    NoMatch(String),
+    #[error("reading interface `{name}`: {source}")]
+    Io { name: String, source: io::Error },
+}
+
+/// One interface as weft needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub index: u32,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+    /// First IPv4 address, if any.
+    pub ipv4: Option<Ipv4Addr>,
+}
+
+/// ifindex of `name`, or `None` if there is no such interface.
+pub fn index(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: c is a valid NUL-terminated string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+/// Reads `name`'s index, MAC, MTU and first IPv4 address.
+pub fn get(name: &str) -> Result<Interface, NetdevError> {
+    let index = index(name).ok_or_else(|| NetdevError::NotFound(name.into()))?;
+    let io_err = |source| NetdevError::Io {
+        name: name.into(),
+        source,
+    };
+    let (mac, mtu) = mac_and_mtu(name).map_err(io_err)?;
+    let ipv4 = addresses()
+        .map_err(io_err)?
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, a)| a);
+    Ok(Interface {
+        name: name.into(),
+        index,
+        mac,
+        mtu,
+        ipv4,
+    })
+}
+
+/// All (interface, IPv4 address) pairs.
+pub fn addresses() -> io::Result<Vec<(String, Ipv4Addr)>> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills ifap with a list we free below.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: cur is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points to a sockaddr; family says which kind.
+            let family = unsafe { (*ifa.ifa_addr).sa_family } as i32;
+            if family == libc::AF_INET {
+                // SAFETY: AF_INET means it is a sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                // SAFETY: ifa_name is a NUL-terminated string.
+                let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+                out.push((
+                    name.to_string_lossy().into_owned(),
+                    Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                ));
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: ifap came from getifaddrs.
+    unsafe { libc::freeifaddrs(ifap) };
+    Ok(out)
+}
+
+fn mac_and_mtu(name: &str) -> io::Result<([u8; 6], u32)> {
+    // SAFETY: plain socket(2) call.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zeroed ifreq is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req
+        .ifr_name
+        .iter_mut()
+        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *dst = src as libc::c_char;
+    }
+    let result = (|| {
+        // SAFETY: fd is a socket, req is a valid ifreq.
+        if unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut mac = [0u8; 6];
+        // SAFETY: SIOCGIFHWADDR filled ifru_hwaddr.
+        let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+        for (m, d) in mac.iter_mut().zip(data.iter()) {
+            *m = *d as u8;
+        }
+        // SAFETY: as above.
+        if unsafe { libc::ioctl(fd, libc::SIOCGIFMTU, &mut req) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: SIOCGIFMTU filled ifru_mtu.
+        let mtu = unsafe { req.ifr_ifru.ifru_mtu } as u32;
+        Ok((mac, mtu))
+    })();
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd) };
+    result
+}
+
+/// The interface of the IPv4 default route, as flannel picks its underlay.
+pub fn default_route_interface() -> Result<String, NetdevError> {
+    let table = fs::read_to_string("/proc/self/net/route").map_err(|source| NetdevError::Io {
+        name: "/proc/self/net/route".into(),
+        source,
+    })?;
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 7 && f[1] == "00000000" && f[7] == "00000000").then(|| f[0].to_string())
+        })
+        .next()
+        .ok_or(NetdevError::NoDefaultRoute)
+}
+
+/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn mac_to_string(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *m = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
+}
+
+/// The VTEP MAC weft uses for a node: locally administered, derived from the
+/// underlay address so every node computes the same value for a peer.
+pub fn vtep_mac_for(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x0e, 0x77, o[0], o[1], o[2], o[3]]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_round_trip() {
+        let mac = [0x0e, 0x77, 198, 18, 0, 1];
+        assert_eq!(mac_to_string(&mac), "0e:77:c6:12:00:01");
+        assert_eq!(parse_mac("0e:77:c6:12:00:01"), Some(mac));
+        assert_eq!(parse_mac("0e:77:c6:12:00"), None);
+        assert_eq!(parse_mac("0e:77:c6:12:00:zz"), None);
+        assert_eq!(vtep_mac_for(Ipv4Addr::new(198, 18, 0, 1)), mac);
+        // Locally administered, unicast.
+        assert_eq!(mac[0] & 0x03, 0x02);
+    }
+
+    #[test]
+    fn loopback_is_found() {
+        let lo = get("lo").expect("every namespace has lo");
+        assert_eq!(lo.index, 1);
+        assert!(index("no-such-if0").is_none());
+        assert!(matches!(get("no-such-if0"), Err(NetdevError::NotFound(_))));
+    }
+}

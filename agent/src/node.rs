@@ -1,0 +1,139 @@
+//! What the agent tells the CNI plugin and operators about this node, in
+//! `<run-dir>/subnet.env` (default `/run/weft/subnet.env`), in the spirit of
+//! flannel's `/run/flannel/subnet.env`:
+//!
+//! ```text
+//! WEFT_NODE=node-1
+//! WEFT_NETWORK=10.244.0.0/16      # cluster CIDR
+//! WEFT_SUBNET=10.244.1.0/24       # this node's pod CIDR
+//! WEFT_GATEWAY=10.244.1.1         # pods' default gateway (on weft0)
+//! WEFT_MTU=1450                   # pod MTU: underlay MTU - 50
+//! WEFT_BPFFS=/sys/fs/bpf/weft     # where the dataplane is pinned
+//! ```
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use crate::cidr::Ipv4Cidr;
+
+/// Default run directory.
+pub const DEFAULT_RUN_DIR: &str = "/run/weft";
+/// File name of the node config in the run directory.
+pub const SUBNET_ENV: &str = "subnet.env";
+
+/// This node's network facts, as written for the CNI plugin.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NodeConfig {
+    pub node: String,
+    pub network: Ipv4Cidr,
+    pub subnet: Ipv4Cidr,
+    pub gateway: Ipv4Addr,
+    pub mtu: u32,
+    pub bpffs: PathBuf,
+}
+
+/// Errors reading the node config.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeConfigError {
+    #[error("{path} is missing: the weft agent has not configured this node yet (is it running?)")]
+    Missing { path: String },
+    #[error("{path}: {message}. The agent rewrites it on start; restart the agent")]
+    Invalid { path: String, message: String },
+    #[error("writing {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+impl NodeConfig {
+    /// The gateway of a pod CIDR: its first address.
+    pub fn gateway_of(subnet: &Ipv4Cidr) -> Ipv4Addr {
+        subnet.nth(1).unwrap_or(subnet.addr())
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "WEFT_NODE={}", self.node);
+        let _ = writeln!(s, "WEFT_NETWORK={}", self.network);
+        let _ = writeln!(s, "WEFT_SUBNET={}", self.subnet);
+        let _ = writeln!(s, "WEFT_GATEWAY={}", self.gateway);
+        let _ = writeln!(s, "WEFT_MTU={}", self.mtu);
+        let _ = writeln!(s, "WEFT_BPFFS={}", self.bpffs.display());
+        s
+    }
+
+    /// Writes `subnet.env` atomically (temp file + rename).
+    pub fn write(&self, run_dir: &Path) -> Result<(), NodeConfigError> {
+        let path = run_dir.join(SUBNET_ENV);
+        let werr = |source| NodeConfigError::Write {
+            path: path.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(run_dir).map_err(werr)?;
+        let tmp = run_dir.join(format!(".{SUBNET_ENV}.tmp"));
+        std::fs::write(&tmp, self.render()).map_err(werr)?;
+        std::fs::rename(&tmp, &path).map_err(werr)
+    }
+
+    pub fn read(run_dir: &Path) -> Result<Self, NodeConfigError> {
+        let path = run_dir.join(SUBNET_ENV);
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(&path)
+            .map_err(|_| NodeConfigError::Missing { path: p.clone() })?;
+        Self::parse(&text).map_err(|message| NodeConfigError::Invalid { path: p, message })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let kv: BTreeMap<&str, &str> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim(), v.trim()))
+            .collect();
+        let get = |k: &str| kv.get(k).copied().ok_or_else(|| format!("{k} is missing"));
+        Ok(Self {
+            node: get("WEFT_NODE")?.to_string(),
+            network: get("WEFT_NETWORK")?
+                .parse()
+                .map_err(|e| format!("WEFT_NETWORK: {e}"))?,
+            subnet: get("WEFT_SUBNET")?
+                .parse()
+                .map_err(|e| format!("WEFT_SUBNET: {e}"))?,
+            gateway: get("WEFT_GATEWAY")?
+                .parse()
+                .map_err(|e| format!("WEFT_GATEWAY: {e}"))?,
+            mtu: get("WEFT_MTU")?
+                .parse()
+                .map_err(|e| format!("WEFT_MTU: {e}"))?,
+            bpffs: PathBuf::from(get("WEFT_BPFFS")?),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let c = NodeConfig {
+            node: "n1".into(),
+            network: "198.19.0.0/16".parse().unwrap(),
+            subnet: "198.19.1.0/24".parse().unwrap(),
+            gateway: "198.19.1.1".parse().unwrap(),
+            mtu: 1450,
+            bpffs: "/sys/fs/bpf/weft".into(),
+        };
+        assert_eq!(NodeConfig::parse(&c.render()).unwrap(), c);
+        assert!(
+            NodeConfig::parse("WEFT_NODE=x\n")
+                .unwrap_err()
+                .contains("WEFT_NETWORK")
+        );
+    }
+}

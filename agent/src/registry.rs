@@ -1,0 +1,283 @@
+//! Where the set of nodes comes from.
+//!
+//! A registry yields the full list of nodes; the reconciler (`sync`) turns it
+//! into an idempotent diff on the maps. The `file` registry reads a TOML file:
+//!
+//! ```toml
+//! [[node]]
+//! name = "node-1"
+//! underlay_ip = "198.18.0.1"
+//! pod_cidr = "198.19.1.0/24"
+//! vtep_mac = "0e:77:c6:12:00:01"   # optional; derived from underlay_ip when absent
+//! ```
+//!
+//! Bad entries are reported one line each and skipped; the rest stand.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
+
+use serde::Deserialize;
+
+use crate::{cidr::Ipv4Cidr, netdev};
+
+/// A node as the dataplane needs it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Node {
+    pub name: String,
+    pub underlay_ip: Ipv4Addr,
+    pub pod_cidr: Ipv4Cidr,
+    #[serde(serialize_with = "ser_mac")]
+    pub vtep_mac: [u8; 6],
+}
+
+fn ser_mac<S: serde::Serializer>(mac: &[u8; 6], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&netdev::mac_to_string(mac))
+}
+
+/// Errors reading a registry as a whole (as opposed to one bad entry).
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("reading node file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "node file {path} is not valid TOML: {message}. Fix the file; the dataplane keeps its current state meanwhile"
+    )]
+    Toml { path: String, message: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNodes {
+    #[serde(default)]
+    node: Vec<FileNode>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNode {
+    name: String,
+    underlay_ip: String,
+    pod_cidr: String,
+    vtep_mac: Option<String>,
+}
+
+/// The outcome of reading a registry: the usable nodes and one message per
+/// skipped entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub nodes: Vec<Node>,
+    pub problems: Vec<String>,
+}
+
+/// Reads the node file at `path`.
+pub fn read_file(path: &Path, cluster: &Ipv4Cidr) -> Result<Snapshot, RegistryError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RegistryError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse_file(&text, cluster).map_err(|message| RegistryError::Toml {
+        path: path.display().to_string(),
+        message,
+    })
+}
+
+/// Parses node-file text; `Err` only when the TOML itself is unreadable.
+pub fn parse_file(text: &str, cluster: &Ipv4Cidr) -> Result<Snapshot, String> {
+    let file: FileNodes = toml::from_str(text).map_err(|e| e.message().to_string())?;
+    let mut snap = Snapshot::default();
+    let mut candidates = Vec::new();
+    for (i, n) in file.node.into_iter().enumerate() {
+        let what = if n.name.is_empty() {
+            format!("node #{}", i + 1)
+        } else {
+            format!("node `{}`", n.name)
+        };
+        if n.name.is_empty() {
+            snap.problems.push(format!(
+                "{what}: `name` is empty; give every node a unique name"
+            ));
+            continue;
+        }
+        let ip: Ipv4Addr = match n.underlay_ip.parse() {
+            Ok(ip) => ip,
+            Err(_) => {
+                snap.problems.push(format!(
+                    "{what}: underlay_ip `{}` is not an IPv4 address",
+                    n.underlay_ip
+                ));
+                continue;
+            }
+        };
+        let cidr: Ipv4Cidr = match n.pod_cidr.parse() {
+            Ok(c) => c,
+            Err(e) => {
+                snap.problems.push(format!("{what}: pod_cidr: {e}"));
+                continue;
+            }
+        };
+        let mac = match &n.vtep_mac {
+            None => netdev::vtep_mac_for(ip),
+            Some(s) => match netdev::parse_mac(s) {
+                Some(m) if m[0] & 1 == 0 => m,
+                _ => {
+                    snap.problems.push(format!(
+                        "{what}: vtep_mac `{s}` is not a unicast MAC like 0e:77:c6:12:00:01"
+                    ));
+                    continue;
+                }
+            },
+        };
+        candidates.push(Node {
+            name: n.name,
+            underlay_ip: ip,
+            pod_cidr: cidr,
+            vtep_mac: mac,
+        });
+    }
+    snap.nodes = validate(candidates, cluster, &mut snap.problems);
+    Ok(snap)
+}
+
+/// Drops nodes that cannot be used together: pod CIDR outside the cluster
+/// CIDR, duplicate names or underlay addresses, overlapping pod CIDRs. The
+/// first node (in registry order) keeps what it claims.
+pub fn validate(nodes: Vec<Node>, cluster: &Ipv4Cidr, problems: &mut Vec<String>) -> Vec<Node> {
+    let mut kept: Vec<Node> = Vec::new();
+    let mut names = BTreeMap::new();
+    for n in nodes {
+        if !cluster.contains(n.pod_cidr.addr()) || n.pod_cidr.prefix() < cluster.prefix() {
+            problems.push(format!(
+                "node `{}`: pod_cidr {} is outside the cluster CIDR {}; skipped",
+                n.name, n.pod_cidr, cluster
+            ));
+            continue;
+        }
+        if names.contains_key(&n.name) {
+            problems.push(format!(
+                "node `{}` is listed twice; the second entry is skipped",
+                n.name
+            ));
+            continue;
+        }
+        if let Some(other) = kept.iter().find(|k| k.underlay_ip == n.underlay_ip) {
+            problems.push(format!(
+                "node `{}`: underlay_ip {} is already node `{}`'s; skipped",
+                n.name, n.underlay_ip, other.name
+            ));
+            continue;
+        }
+        if let Some(other) = kept.iter().find(|k| k.pod_cidr.overlaps(&n.pod_cidr)) {
+            problems.push(format!(
+                "node `{}`: pod_cidr {} overlaps node `{}`'s {}; skipped",
+                n.name, n.pod_cidr, other.name, other.pod_cidr
+            ));
+            continue;
+        }
+        names.insert(n.name.clone(), ());
+        kept.push(n);
+    }
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster() -> Ipv4Cidr {
+        "198.19.0.0/16".parse().unwrap()
+    }
+
+    #[test]
+    fn good_file() {
+        let s = parse_file(
+            r#"
+            [[node]]
+            name = "a"
+            underlay_ip = "198.18.0.1"
+            pod_cidr = "198.19.1.0/24"
+            [[node]]
+            name = "b"
+            underlay_ip = "198.18.0.2"
+            pod_cidr = "198.19.2.0/24"
+            vtep_mac = "02:00:00:00:00:02"
+            "#,
+            &cluster(),
+        )
+        .unwrap();
+        assert!(s.problems.is_empty(), "{:?}", s.problems);
+        assert_eq!(s.nodes.len(), 2);
+        assert_eq!(s.nodes[0].vtep_mac, [0x0e, 0x77, 198, 18, 0, 1]);
+        assert_eq!(s.nodes[1].vtep_mac, [2, 0, 0, 0, 0, 2]);
+    }
+
+    #[test]
+    fn bad_entries_are_skipped_with_one_line_each() {
+        let s = parse_file(
+            r#"
+            [[node]]
+            name = "a"
+            underlay_ip = "198.18.0.1"
+            pod_cidr = "198.19.1.0/24"
+            [[node]]
+            name = "badip"
+            underlay_ip = "198.18.0.300"
+            pod_cidr = "198.19.3.0/24"
+            [[node]]
+            name = "overlap"
+            underlay_ip = "198.18.0.4"
+            pod_cidr = "198.19.1.128/25"
+            [[node]]
+            name = "outside"
+            underlay_ip = "198.18.0.5"
+            pod_cidr = "10.0.0.0/24"
+            [[node]]
+            name = "hostbits"
+            underlay_ip = "198.18.0.6"
+            pod_cidr = "198.19.6.1/24"
+            [[node]]
+            name = "a"
+            underlay_ip = "198.18.0.7"
+            pod_cidr = "198.19.7.0/24"
+            [[node]]
+            name = "mac"
+            underlay_ip = "198.18.0.8"
+            pod_cidr = "198.19.8.0/24"
+            vtep_mac = "01:00:5e:00:00:01"
+            "#,
+            &cluster(),
+        )
+        .unwrap();
+        assert_eq!(
+            s.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
+            ["a"]
+        );
+        assert_eq!(s.problems.len(), 6, "{:#?}", s.problems);
+        for (needle, p) in [
+            "badip",
+            "hostbits",
+            "mac",
+            "overlaps node `a`",
+            "outside the cluster",
+            "listed twice",
+        ]
+        .iter()
+        .map(|n| (n, s.problems.iter().find(|p| p.contains(n))))
+        {
+            assert!(
+                p.is_some(),
+                "no problem mentions {needle}: {:#?}",
+                s.problems
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_toml_is_an_error() {
+        let e = parse_file("[[node]\nname=", &cluster()).unwrap_err();
+        assert!(!e.is_empty());
+        let e = parse_file("[[node]]\nname = \"a\"\nbogus = 1\n", &cluster()).unwrap_err();
+        assert!(e.contains("bogus") || e.contains("unknown"), "{e}");
+    }
+}

@@ -1,0 +1,139 @@
+//! `weft status`: this node, known nodes, local endpoints and counters.
+
+use std::{fmt::Write as _, path::Path};
+
+use serde::Serialize;
+
+use crate::{
+    cidr::Ipv4Cidr,
+    dataplane::{DataplaneError, Maps, ip_from_key},
+    netdev::mac_to_string,
+    node::NodeConfig,
+    stats::{self, Counters},
+};
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub node: Option<NodeConfig>,
+    pub nodes: Vec<NodeRow>,
+    pub endpoints: Vec<EndpointRow>,
+    pub counters: Counters,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NodeRow {
+    pub pod_cidr: String,
+    pub underlay_ip: String,
+    pub vtep_mac: String,
+    /// `local`, `remote` (VXLAN accepted from it) or `remote-unverified`.
+    pub state: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EndpointRow {
+    pub ip: String,
+    pub ifindex: u32,
+    pub pod_mac: String,
+    pub xdp_redirect: bool,
+}
+
+/// Reads the state from the pins in `bpffs` and the node config in `run_dir`.
+pub fn collect(bpffs: &Path, run_dir: &Path) -> Result<Status, DataplaneError> {
+    let maps = Maps::open(bpffs)?;
+    let node = NodeConfig::read(run_dir).ok();
+    let vteps: Vec<u32> = maps.nodes.keys().filter_map(Result::ok).collect();
+    let mut nodes: Vec<NodeRow> = maps
+        .remotes
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(k, v)| {
+            let cidr = Ipv4Cidr::new(k.data().into(), k.prefix_len() as u8);
+            let local = node.as_ref().is_some_and(|n| n.subnet == cidr);
+            NodeRow {
+                pod_cidr: cidr.to_string(),
+                underlay_ip: ip_from_key(v.underlay_ip).to_string(),
+                vtep_mac: mac_to_string(&v.vtep_mac),
+                state: if local {
+                    "local"
+                } else if vteps.contains(&v.underlay_ip) {
+                    "remote"
+                } else {
+                    "remote-unverified"
+                },
+            }
+        })
+        .collect();
+    nodes.sort_by(|a, b| a.pod_cidr.cmp(&b.pod_cidr));
+    let mut endpoints: Vec<EndpointRow> = maps
+        .endpoints
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(ip, e)| EndpointRow {
+            ip: ip_from_key(ip).to_string(),
+            ifindex: e.ifindex,
+            pod_mac: mac_to_string(&e.pod_mac),
+            xdp_redirect: e.flags & weft_common::Endpoint::FLAG_XDP_REDIRECT != 0,
+        })
+        .collect();
+    endpoints.sort_by(|a, b| a.ip.cmp(&b.ip));
+    Ok(Status {
+        node,
+        nodes,
+        endpoints,
+        counters: stats::read(&maps.drops, &maps.fwds),
+    })
+}
+
+/// Counters as two readable lines.
+pub fn format_counters(c: &Counters) -> String {
+    let f = |v: &[(String, u64)]| {
+        v.iter()
+            .map(|(n, x)| format!("{n}={x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    format!("forwarded: {}\ndropped:   {}", f(&c.forwards), f(&c.drops))
+}
+
+/// The whole status, for a person.
+pub fn format(s: &Status) -> String {
+    let mut out = String::new();
+    match &s.node {
+        Some(n) => {
+            let _ = writeln!(
+                out,
+                "node {}: pod CIDR {} (gateway {}), cluster {}, pod MTU {}",
+                n.node, n.subnet, n.gateway, n.network, n.mtu
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "node: (no subnet.env: agent not configured on this node)"
+            );
+        }
+    }
+    let _ = writeln!(out, "\nnodes ({}):", s.nodes.len());
+    let _ = writeln!(
+        out,
+        "  {:<20} {:<16} {:<18} state",
+        "pod CIDR", "underlay IP", "VTEP MAC"
+    );
+    for n in &s.nodes {
+        let _ = writeln!(
+            out,
+            "  {:<20} {:<16} {:<18} {}",
+            n.pod_cidr, n.underlay_ip, n.vtep_mac, n.state
+        );
+    }
+    let _ = writeln!(out, "\nlocal endpoints ({}):", s.endpoints.len());
+    for e in &s.endpoints {
+        let _ = writeln!(
+            out,
+            "  {:<16} ifindex {:<5} mac {} xdp-redirect {}",
+            e.ip, e.ifindex, e.pod_mac, e.xdp_redirect
+        );
+    }
+    let _ = writeln!(out, "\ncounters:\n{}", format_counters(&s.counters));
+    out
+}

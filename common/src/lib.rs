@@ -1,0 +1,87 @@
+//! Types shared by the BPF programs (`dataplane-ebpf`) and the agent.
+//!
+//! Every map key and value here is `#[repr(C)]`, `Copy`, and has no implicit
+//! padding, so the kernel and user space agree on its bytes. Each field says
+//! its byte order: **network order** fields hold the bytes exactly as they
+//! appear on the wire (an IPv4 address `a.b.c.d` is stored as the `u32` whose
+//! in-memory bytes are `[a, b, c, d]`, i.e. `u32::from_ne_bytes(ip.octets())`);
+//! **host order** fields are plain numbers.
+#![no_std]
+
+pub mod names;
+pub mod stats;
+
+pub use stats::{DropReason, FwdReason};
+
+/// Key of [`names::REMOTE_CIDRS`], an LPM trie of remote pod CIDRs.
+///
+/// aya's `LpmTrie` key wraps this with the prefix length, so the key is just
+/// the address: `[u8; 4]`, network order.
+pub type Ipv4Key = [u8; 4];
+
+/// Value of [`names::REMOTE_CIDRS`]: where a remote pod CIDR lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RemoteNode {
+    /// The remote node's underlay IPv4 address, network order.
+    pub underlay_ip: u32,
+    /// The remote node's VTEP MAC: the inner Ethernet destination, like the
+    /// neighbour entry flannel installs on `flannel.1`.
+    pub vtep_mac: [u8; 6],
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 2],
+}
+
+/// Value of [`names::ENDPOINTS`] (keyed by the pod's IPv4 address, network
+/// order): a pod on this node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Endpoint {
+    /// ifindex of the host-side veth of the pod (host order).
+    pub ifindex: u32,
+    /// MAC of the pod's interface (inside the pod): the Ethernet destination
+    /// for frames delivered to it.
+    pub pod_mac: [u8; 6],
+    /// MAC of the host-side veth: the Ethernet source for frames delivered to
+    /// the pod (the pod's gateway MAC).
+    pub host_mac: [u8; 6],
+    /// [`Endpoint::FLAG_XDP_REDIRECT`] etc. (host order).
+    pub flags: u32,
+}
+
+impl Endpoint {
+    /// The pod-side veth has NAPI (GRO on), so XDP may redirect into the
+    /// host-side veth: drivers/net/veth.c drops `ndo_xdp_xmit` frames when the
+    /// receiving peer has no NAPI.
+    pub const FLAG_XDP_REDIRECT: u32 = 1;
+}
+
+/// Value of [`names::NODES`] (keyed by underlay IPv4 address, network order):
+/// a peer VTEP we accept VXLAN from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Vtep {
+    /// Reserved flags; always zero for now.
+    pub flags: u32,
+}
+
+/// VXLAN header length (RFC 7348).
+pub const VXLAN_HLEN: usize = 8;
+/// Bytes VXLAN over IPv4 adds in front of the inner frame: outer Ethernet is
+/// replaced, so the growth is IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
+pub const VXLAN_ENCAP_LEN: usize = 20 + 8 + VXLAN_HLEN + 14;
+/// The default pod MTU is the underlay MTU minus this (as flannel's vxlan backend).
+pub const VXLAN_OVERHEAD: u32 = VXLAN_ENCAP_LEN as u32;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, contain only integers and
+    // byte arrays, and have no implicit padding (checked by the size asserts).
+    unsafe impl aya::Pod for super::RemoteNode {}
+    unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::Vtep {}
+}
+
+const _: () = assert!(core::mem::size_of::<RemoteNode>() == 12);
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 20);
+const _: () = assert!(core::mem::size_of::<Vtep>() == 4);

@@ -1,0 +1,41 @@
+//! Names of programs, maps and load-time globals, shared so that the agent's
+//! `program_mut("…")`/`map_mut("…")` cannot drift from the BPF side. Kernel
+//! object names are at most 15 bytes, so every name here fits in 15.
+
+/// XDP program on the underlay interface: VXLAN decapsulation.
+pub const PROG_XDP_DECAP: &str = "weft_xdp_decap";
+/// TC ingress program on each pod's host-side veth: traffic *from* the pod.
+pub const PROG_FROM_POD: &str = "weft_from_pod";
+/// TC egress program on the `weft0` host device: traffic from the node itself
+/// to remote pods.
+pub const PROG_FROM_HOST: &str = "weft_from_host";
+
+/// LPM trie: remote pod CIDR → [`crate::RemoteNode`].
+pub const REMOTE_CIDRS: &str = "WEFT_REMOTES";
+/// Hash: local pod IPv4 → [`crate::Endpoint`].
+pub const ENDPOINTS: &str = "WEFT_ENDPOINTS";
+/// Hash: peer underlay IPv4 → [`crate::Vtep`]; VXLAN from anyone else is dropped.
+pub const NODES: &str = "WEFT_NODES";
+/// Per-CPU array of drop counters indexed by [`crate::DropReason`].
+pub const DROP_STATS: &str = "WEFT_DROPS";
+/// Per-CPU array of forward counters indexed by [`crate::FwdReason`].
+pub const FWD_STATS: &str = "WEFT_FWDS";
+
+/// Load-time global: VNI (host order, 24 significant bits).
+pub const GLOBAL_VNI: &str = "WEFT_VNI";
+/// Load-time global: VXLAN UDP destination port (host order).
+pub const GLOBAL_VXLAN_PORT: &str = "WEFT_VXLAN_PORT";
+/// Load-time global: this node's underlay IPv4 (network order).
+pub const GLOBAL_LOCAL_IP: &str = "WEFT_LOCAL_IP";
+/// Load-time global: ifindex of the underlay interface (host order).
+pub const GLOBAL_UNDERLAY_IFINDEX: &str = "WEFT_UNDERLAY_IFINDEX";
+/// Load-time global: this node's VTEP MAC (inner Ethernet source on encap).
+pub const GLOBAL_VTEP_MAC: &str = "WEFT_VTEP_MAC";
+/// Load-time global: the MAC of the underlay interface (Ethernet destination of
+/// decapsulated frames handed to the stack).
+pub const GLOBAL_UNDERLAY_MAC: &str = "WEFT_UNDERLAY_MAC";
+/// Load-time global: cluster CIDR network address (network order) and prefix
+/// length; traffic outside it is never touched.
+pub const GLOBAL_CLUSTER_NET: &str = "WEFT_CLUSTER_NET";
+/// Load-time global: cluster CIDR netmask (network order).
+pub const GLOBAL_CLUSTER_MASK: &str = "WEFT_CLUSTER_MASK";

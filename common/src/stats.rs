@@ -1,0 +1,71 @@
+//! Counters: why the dataplane dropped a packet, and what it forwarded.
+
+macro_rules! counter_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $value:literal => $label:literal,)* }) => {
+        $(#[$meta])*
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant = $value,)*
+        }
+
+        impl $name {
+            /// Every variant, in index order.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)*];
+            /// Number of variants: the size of the per-CPU array.
+            pub const COUNT: u32 = Self::ALL.len() as u32;
+
+            /// Stable, snake_case name (used in `weft status` and metrics).
+            pub const fn name(self) -> &'static str {
+                match self { $($name::$variant => $label,)* }
+            }
+
+            /// Index into the per-CPU array.
+            pub const fn index(self) -> u32 {
+                self as u32
+            }
+        }
+    };
+}
+
+counter_enum! {
+    /// Why a packet was dropped. Every `XDP_DROP` / `TC_ACT_SHOT` counts one.
+    DropReason {
+        /// Headers shorter than they claim, or a bad IPv4 header length.
+        Malformed = 0 => "malformed",
+        /// VXLAN from an underlay address that is not a known node.
+        UnknownVtep = 1 => "unknown_vtep",
+        /// VXLAN with a VNI other than ours, or without the I flag.
+        WrongVni = 2 => "wrong_vni",
+        /// The inner destination is in the cluster CIDR but no node or pod owns it.
+        NoRoute = 3 => "no_route",
+        /// Packet would exceed the underlay MTU after encapsulation and DF is set.
+        Mtu = 4 => "mtu",
+        /// A kernel helper failed (adjust_room, store_bytes, redirect).
+        HelperFailed = 5 => "helper_failed",
+        /// The underlay FIB has no route to the remote node.
+        FibLookupFailed = 6 => "fib_lookup_failed",
+        /// Inner frame is not IPv4 (weft carries IPv4 pods only).
+        InnerNotIpv4 = 7 => "inner_not_ipv4",
+    }
+}
+
+counter_enum! {
+    /// What the dataplane did with packets it handled.
+    FwdReason {
+        /// Encapsulated and sent to a remote node.
+        Encap = 0 => "encap",
+        /// Decapsulated and redirected into a local pod (XDP redirect).
+        DecapRedirect = 1 => "decap_redirect",
+        /// Decapsulated and passed to the stack (the node itself, or a pod
+        /// that cannot take XDP redirects).
+        DecapPass = 2 => "decap_pass",
+        /// Pod to pod on this node, short-cut with `bpf_redirect_peer`.
+        Local = 3 => "local",
+        /// Not ours (non-IPv4, outside the cluster CIDR, not VXLAN): untouched.
+        Passthrough = 4 => "passthrough",
+        /// Encapsulated but the underlay neighbour was unresolved: sent with
+        /// `bpf_redirect_neigh`.
+        EncapNeigh = 5 => "encap_neigh",
+    }
+}

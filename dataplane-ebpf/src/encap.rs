@@ -1,0 +1,182 @@
+//! VXLAN encapsulation in TC: where the outer headers are written.
+//!
+//! Room is made with `bpf_skb_adjust_room` and the ENCAP flags, so the kernel
+//! marks the skb as a UDP tunnel (`SKB_GSO_UDP_TUNNEL`, inner headers set)
+//! and TSO/GSO keep working: a 64 KiB TCP segment leaves as one tunnel GSO
+//! packet and is segmented by the device or by software GSO at the very end.
+//! Outer L2 comes from the kernel FIB and neighbour tables
+//! (`bpf_fib_lookup`, falling back to `bpf_redirect_neigh`).
+//!
+//! Wire format as the Linux vxlan driver with flannel's settings: UDP
+//! destination port and VNI configurable (8472 / 1 by default), source port
+//! from the inner flow hash, outer UDP checksum 0, TTL 64, DF clear (the
+//! vxlan default `df unset`), inner destination MAC = the remote VTEP MAC.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
+    },
+    helpers::{bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+    EbpfContext,
+};
+use weft_common::{DropReason, FwdReason, RemoteNode, VXLAN_ENCAP_LEN};
+
+use crate::{
+    csum,
+    forward::drop,
+    maps::{self, count_fwd},
+    parse::{ETH_HLEN, IPPROTO_UDP, VXLAN_FLAG_I},
+};
+
+const AF_INET: u8 = 2;
+/// BPF_F_ADJ_ROOM_ENCAP_L2(len): inner L2 header length in bits 56..63.
+const ENCAP_L2_ETH_LEN: u64 = (ETH_HLEN as u64) << 56;
+/// Ephemeral range for the outer source port, as the kernel's default
+/// `ip_local_port_range`.
+const SPORT_MIN: u32 = 32768;
+const SPORT_MAX: u32 = 61000;
+const OUTER_TTL: u8 = 64;
+/// Bytes written at the front after the room is made: outer Ethernet + IPv4
+/// + UDP + VXLAN + inner Ethernet.
+const HDR_LEN: usize = ETH_HLEN + VXLAN_ENCAP_LEN;
+
+/// Outer UDP source port from a flow hash, spread over the ephemeral range
+/// like the kernel's `udp_flow_src_port`.
+#[inline(always)]
+pub fn source_port(hash: u32) -> u16 {
+    ((((hash as u64) * ((SPORT_MAX - SPORT_MIN) as u64)) >> 32) as u32 + SPORT_MIN) as u16
+}
+
+#[inline(always)]
+pub fn encap_and_redirect(ctx: &TcContext, remote: &RemoteNode) -> i32 {
+    let local_ip = maps::local_ip();
+    let remote_ip = remote.underlay_ip.to_ne_bytes();
+    let inner_len = ctx.len() as usize - ETH_HLEN;
+    let outer_len = inner_len + VXLAN_ENCAP_LEN;
+
+    // SAFETY: zeroed plain-data struct.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = IPPROTO_UDP;
+    fib.__bindgen_anon_1.tot_len = outer_len as u16;
+    fib.ifindex = maps::underlay_ifindex();
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(local_ip);
+    fib.__bindgen_anon_4.ipv4_dst = remote.underlay_ip;
+    // SAFETY: fib is a valid, writable bpf_fib_lookup on our stack.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut fib,
+            size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
+    } as u32;
+    let resolved = match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => true,
+        BPF_FIB_LKUP_RET_NO_NEIGH => false,
+        // FRAG_NEEDED: a non-GSO packet larger than the underlay MTU allows.
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return drop(DropReason::Mtu),
+        _ => return drop(DropReason::FibLookupFailed),
+    };
+
+    // SAFETY: ctx is our skb.
+    let hash = unsafe { bpf_get_hash_recalc(ctx.as_ptr() as *mut _) };
+    let flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
+        | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
+        | BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64
+        | ENCAP_L2_ETH_LEN
+        // Pods already run at underlay MTU - 50: keep gso_size as it is.
+        | BPF_F_ADJ_ROOM_FIXED_GSO as u64;
+    if ctx
+        .adjust_room(VXLAN_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
+        .is_err()
+    {
+        return drop(DropReason::HelperFailed);
+    }
+
+    let hdr = build_headers(
+        &fib.dmac,
+        &fib.smac,
+        local_ip,
+        remote_ip,
+        outer_len as u16,
+        source_port(hash),
+        hash as u16,
+        maps::vni(),
+        maps::vxlan_port(),
+        &remote.vtep_mac,
+        &maps::vtep_mac(),
+    );
+    if ctx.store(0, &hdr, 0).is_err() {
+        return drop(DropReason::HelperFailed);
+    }
+
+    if resolved {
+        count_fwd(FwdReason::Encap);
+        // SAFETY: plain helper call.
+        unsafe { bpf_redirect(fib.ifindex, 0) as i32 }
+    } else {
+        count_fwd(FwdReason::EncapNeigh);
+        // SAFETY: NULL params: the helper does its own FIB lookup on the
+        // (outer) network header and resolves the neighbour.
+        unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+    }
+}
+
+/// The 64 bytes in front of the inner IPv4 header.
+#[expect(clippy::too_many_arguments, reason = "one flat header, one call site")]
+#[inline(always)]
+fn build_headers(
+    outer_dmac: &[u8; 6],
+    outer_smac: &[u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    outer_len: u16,
+    sport: u16,
+    ip_id: u16,
+    vni: u32,
+    port: u16,
+    inner_dmac: &[u8; 6],
+    inner_smac: &[u8; 6],
+) -> [u8; HDR_LEN] {
+    let mut h = [0u8; HDR_LEN];
+    // Outer Ethernet.
+    h[0..6].copy_from_slice(outer_dmac);
+    h[6..12].copy_from_slice(outer_smac);
+    h[12] = 0x08;
+    h[13] = 0x00;
+    // Outer IPv4: no options, DF clear, checksum over the 20 bytes below.
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&outer_len.to_be_bytes());
+    ip[4..6].copy_from_slice(&ip_id.to_be_bytes());
+    ip[8] = OUTER_TTL;
+    ip[9] = IPPROTO_UDP;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    let check = csum::ipv4_header(&ip);
+    ip[10] = check[0];
+    ip[11] = check[1];
+    h[14..34].copy_from_slice(&ip);
+    // UDP: checksum 0 (allowed for IPv4, as the kernel vxlan default).
+    h[34..36].copy_from_slice(&sport.to_be_bytes());
+    h[36..38].copy_from_slice(&port.to_be_bytes());
+    h[38..40].copy_from_slice(&outer_len.wrapping_sub(20).to_be_bytes());
+    // VXLAN.
+    h[42] = VXLAN_FLAG_I;
+    h[46] = (vni >> 16) as u8;
+    h[47] = (vni >> 8) as u8;
+    h[48] = vni as u8;
+    // Inner Ethernet.
+    h[50..56].copy_from_slice(inner_dmac);
+    h[56..62].copy_from_slice(inner_smac);
+    h[62] = 0x08;
+    h[63] = 0x00;
+    h
+}

@@ -1,0 +1,106 @@
+//! TC path for IPv4 leaving a pod (host-side veth ingress) or the node
+//! (`weft0` egress): same-node short-cut, VXLAN encapsulation, or hand-off
+//! to the stack.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_redirect, bpf_redirect_peer},
+    programs::TcContext,
+};
+use weft_common::{DropReason, FwdReason};
+
+use crate::{
+    csum, encap,
+    maps::{self, count_drop, count_fwd},
+    parse::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN, ETH_P_IP},
+};
+
+/// Where the packet came from: decides how a same-node delivery is done.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// TC ingress of a pod's host-side veth: `bpf_redirect_peer` is allowed.
+    Pod,
+    /// TC egress of `weft0`: peer redirects only work from ingress.
+    Host,
+}
+
+#[inline(always)]
+pub fn try_forward(ctx: &TcContext, origin: Origin) -> Result<i32, ()> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let eth: *mut EthHdr = ptr_at(start, end, 0)?;
+    // SAFETY: ptr_at checked the header lies inside the packet.
+    if unsafe { (*eth).proto } != ETH_P_IP {
+        return Ok(not_ours(origin));
+    }
+    let ip: *mut Ipv4Hdr = match ptr_at(start, end, ETH_HLEN) {
+        Ok(ip) => ip,
+        Err(()) => return Ok(drop(DropReason::Malformed)),
+    };
+    // SAFETY: as above.
+    let hdr = unsafe { *ip };
+    if !hdr.is_valid() {
+        return Ok(drop(DropReason::Malformed));
+    }
+    if !maps::in_cluster(hdr.dst) {
+        return Ok(not_ours(origin));
+    }
+    if hdr.ttl <= 1 {
+        // From a pod, the stack answers with ICMP time exceeded.
+        return Ok(not_ours(origin));
+    }
+
+    if let Some(ep) = maps::endpoint(u32::from_ne_bytes(hdr.dst)) {
+        // SAFETY: header bounds checked above; TC makes the data writable.
+        unsafe {
+            (*ip).ttl = hdr.ttl - 1;
+            (*ip).check = csum::after_ttl_decrement(hdr.check);
+            (*eth).dst = ep.pod_mac;
+            (*eth).src = ep.host_mac;
+        }
+        count_fwd(FwdReason::Local);
+        // SAFETY: plain helper calls.
+        let action = unsafe {
+            match origin {
+                Origin::Pod => bpf_redirect_peer(ep.ifindex, 0),
+                Origin::Host => bpf_redirect(ep.ifindex, 0),
+            }
+        };
+        return Ok(action as i32);
+    }
+
+    let Some(remote) = maps::remote(hdr.dst) else {
+        return Ok(drop(DropReason::NoRoute));
+    };
+    let remote = *remote;
+    if remote.underlay_ip.to_ne_bytes() == maps::local_ip() {
+        // Our own pod CIDR but no endpoint: the gateway address or a pod that
+        // is gone; the stack answers (or sends ICMP unreachable).
+        return Ok(not_ours(origin));
+    }
+    // SAFETY: header bounds checked above.
+    unsafe {
+        (*ip).ttl = hdr.ttl - 1;
+        (*ip).check = csum::after_ttl_decrement(hdr.check);
+    }
+    Ok(encap::encap_and_redirect(ctx, &remote))
+}
+
+/// A packet weft does not forward. From a pod it goes to the stack
+/// unchanged; on `weft0` there is nowhere else for it to go (the veth peer is
+/// a dead end), so it is dropped and counted.
+#[inline(always)]
+fn not_ours(origin: Origin) -> i32 {
+    match origin {
+        Origin::Pod => {
+            count_fwd(FwdReason::Passthrough);
+            TC_ACT_OK as i32
+        }
+        Origin::Host => drop(DropReason::NoRoute),
+    }
+}
+
+#[inline(always)]
+pub fn drop(reason: DropReason) -> i32 {
+    count_drop(reason);
+    TC_ACT_SHOT as i32
+}

@@ -1,0 +1,124 @@
+//! Maps, per-CPU counters and load-time globals.
+//!
+//! Globals are per-node constants the agent writes at load time
+//! (`EbpfLoader::set_global`); reading them through `read_volatile` stops
+//! LLVM from folding in the placeholder values below.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LpmTrie, PerCpuArray},
+};
+use weft_common::{DropReason, Endpoint, FwdReason, Ipv4Key, RemoteNode, Vtep};
+
+/// Remote pod CIDR → the node that owns it. An entry whose `underlay_ip` is
+/// our own address marks this node's pod CIDR (handed to the stack).
+#[map]
+static WEFT_REMOTES: LpmTrie<Ipv4Key, RemoteNode> = LpmTrie::pinned(65536, 0);
+
+/// Local pod IPv4 (network order) → its veth and MACs.
+#[map]
+static WEFT_ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(16384, 0);
+
+/// Underlay IPv4 (network order) of every node we accept VXLAN from.
+#[map]
+static WEFT_NODES: HashMap<u32, Vtep> = HashMap::pinned(65536, 0);
+
+/// Drops per [`DropReason`], per CPU.
+#[map]
+static WEFT_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT, 0);
+
+/// Forwarding decisions per [`FwdReason`], per CPU.
+#[map]
+static WEFT_FWDS: PerCpuArray<u64> = PerCpuArray::pinned(FwdReason::COUNT, 0);
+
+#[inline(always)]
+pub fn remote(dst: [u8; 4]) -> Option<&'static RemoteNode> {
+    WEFT_REMOTES.get(aya_ebpf::maps::lpm_trie::Key::new(32, dst))
+}
+
+#[inline(always)]
+pub fn endpoint(ip: u32) -> Option<Endpoint> {
+    // SAFETY: entries are plain data copied out at once; a concurrent update
+    // can at worst hand us the old or the new value of one field set.
+    unsafe { WEFT_ENDPOINTS.get(&ip).copied() }
+}
+
+#[inline(always)]
+pub fn is_known_vtep(ip: u32) -> bool {
+    WEFT_NODES.get_ptr(&ip).is_some()
+}
+
+#[inline(always)]
+fn bump(map: &PerCpuArray<u64>, index: u32) {
+    if let Some(slot) = map.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Counts one dropped packet under `reason`.
+#[inline(always)]
+pub fn count_drop(reason: DropReason) {
+    bump(&WEFT_DROPS, reason.index());
+}
+
+/// Counts one forwarded packet under `reason`.
+#[inline(always)]
+pub fn count_fwd(reason: FwdReason) {
+    bump(&WEFT_FWDS, reason.index());
+}
+
+macro_rules! global {
+    ($(#[$m:meta])* $name:ident: $ty:ty = $default:expr, $getter:ident) => {
+        $(#[$m])*
+        #[unsafe(no_mangle)]
+        static $name: $ty = $default;
+
+        #[inline(always)]
+        pub fn $getter() -> $ty {
+            // SAFETY: reading a static; volatile so the loader's value is used.
+            unsafe { core::ptr::read_volatile(&$name) }
+        }
+    };
+}
+
+global!(
+    /// VNI, host order.
+    WEFT_VNI: u32 = 1, vni
+);
+global!(
+    /// VXLAN UDP port, host order.
+    WEFT_VXLAN_PORT: u16 = 8472, vxlan_port
+);
+global!(
+    /// This node's underlay IPv4, network order (bytes as on the wire).
+    WEFT_LOCAL_IP: [u8; 4] = [0; 4], local_ip
+);
+global!(
+    /// Underlay interface index.
+    WEFT_UNDERLAY_IFINDEX: u32 = 0, underlay_ifindex
+);
+global!(
+    /// This node's VTEP MAC: inner Ethernet source on encap.
+    WEFT_VTEP_MAC: [u8; 6] = [0; 6], vtep_mac
+);
+global!(
+    /// Underlay interface MAC: destination of decapsulated frames passed to the stack.
+    WEFT_UNDERLAY_MAC: [u8; 6] = [0; 6], underlay_mac
+);
+global!(
+    /// Cluster CIDR network address, network order.
+    WEFT_CLUSTER_NET: [u8; 4] = [0; 4], cluster_net
+);
+global!(
+    /// Cluster CIDR netmask, network order.
+    WEFT_CLUSTER_MASK: [u8; 4] = [0xff; 4], cluster_mask
+);
+
+/// Whether `ip` lies in the cluster CIDR.
+#[inline(always)]
+pub fn in_cluster(ip: [u8; 4]) -> bool {
+    let net = u32::from_ne_bytes(cluster_net());
+    let mask = u32::from_ne_bytes(cluster_mask());
+    u32::from_ne_bytes(ip) & mask == net
+}

@@ -1,0 +1,91 @@
+//! Header layouts and the one bounds-checked accessor every parser uses.
+//!
+//! Multi-byte fields are byte arrays in network order: packet data is not
+//! aligned, and arrays keep the byte order visible at every use.
+
+use core::mem::size_of;
+
+pub const ETH_HLEN: usize = 14;
+pub const IPV4_HLEN: usize = 20;
+pub const UDP_HLEN: usize = 8;
+pub const ETH_P_IP: [u8; 2] = [0x08, 0x00];
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Ethernet II header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    /// EtherType, network order.
+    pub proto: [u8; 2],
+}
+
+/// IPv4 header without options.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: [u8; 2],
+    pub id: [u8; 2],
+    /// Flags (DF = 0x40 in byte 0, MF = 0x20) and fragment offset.
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: [u8; 2],
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+impl Ipv4Hdr {
+    /// Header length in bytes (IHL × 4).
+    #[inline(always)]
+    pub fn header_len(&self) -> usize {
+        ((self.version_ihl & 0x0f) as usize) * 4
+    }
+
+    #[inline(always)]
+    pub fn is_valid(&self) -> bool {
+        self.version_ihl >> 4 == 4 && self.header_len() >= IPV4_HLEN
+    }
+
+    /// True for any fragment but the first-and-only (MF set or offset ≠ 0).
+    #[inline(always)]
+    pub fn is_fragment(&self) -> bool {
+        (self.frag_off[0] & 0x3f) != 0 || self.frag_off[1] != 0
+    }
+}
+
+/// UDP header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UdpHdr {
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub len: [u8; 2],
+    pub check: [u8; 2],
+}
+
+/// VXLAN header (RFC 7348): flags (I = 0x08), 24 reserved bits, VNI, 8 reserved bits.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct VxlanHdr {
+    pub flags: u8,
+    pub _reserved1: [u8; 3],
+    pub vni: [u8; 3],
+    pub _reserved2: u8,
+}
+
+/// The I flag: the VNI field is valid.
+pub const VXLAN_FLAG_I: u8 = 0x08;
+
+/// Pointer to a `T` at `off` bytes into `[start, end)`, or `Err` when it does
+/// not fit. The one place packet bounds are checked.
+#[inline(always)]
+pub fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*mut T, ()> {
+    if start + off + size_of::<T>() > end {
+        return Err(());
+    }
+    Ok((start + off) as *mut T)
+}

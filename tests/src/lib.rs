@@ -1,0 +1,572 @@
+//! Harness for weft's privileged end-to-end tests (and the demo/bench).
+//!
+//! A [`Lab`] owns everything it creates — network namespaces (their veths
+//! go with them), child processes, a private bpffs mount, a scratch
+//! directory — and removes all of it on drop, including when a test panics.
+//! Nothing is created in the caller's network namespace. Addresses come from
+//! 198.18.0.0/15: underlay 198.18.0.0/24, pods 198.19.0.0/16.
+
+use std::{
+    ffi::OsStr,
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+/// Underlay network of a lab.
+pub const UNDERLAY_PREFIX: &str = "198.18.0";
+/// Cluster CIDR used by labs.
+pub const CLUSTER_CIDR: &str = "198.19.0.0/16";
+
+/// Whether we can do privileged things (root). Privileged tests skip with a
+/// printed reason otherwise — unless `WEFT_REQUIRE_PRIVILEGED=1` (set by
+/// `cargo xtask test`), where skipping is a failure.
+pub fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("WEFT_REQUIRE_PRIVILEGED").is_some_and(|v| v == "1") {
+        panic!("{test}: needs root, and WEFT_REQUIRE_PRIVILEGED=1 forbids skipping");
+    }
+    eprintln!("SKIP {test}: needs root (run `cargo xtask test` as root)");
+    false
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn sh(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "`{program} {}` failed ({}): {}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command and returns its output whatever happened.
+pub fn try_sh(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {program}: {e}"))
+}
+
+/// Path of the `weft` binary next to the running test/xtask executable.
+pub fn weft_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("WEFT_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    for dir in exe.ancestors().skip(1).take(3) {
+        let cand = dir.join("weft");
+        if cand.is_file() {
+            return cand;
+        }
+    }
+    panic!(
+        "no `weft` binary near {}; build it first (`cargo build -p weft-agent`) or set WEFT_BIN",
+        exe.display()
+    );
+}
+
+/// A network namespace owned by a [`Lab`].
+#[derive(Clone, Debug)]
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Runs `program args…` inside the namespace (panics on failure).
+    pub fn sh(&self, program: &str, args: &[&str]) -> String {
+        let mut all = vec!["netns", "exec", &self.name, program];
+        all.extend_from_slice(args);
+        sh("ip", &all)
+    }
+
+    /// Like [`Netns::sh`] but returns the output whatever happened.
+    pub fn try_sh(&self, program: &str, args: &[&str]) -> Output {
+        let mut all = vec!["netns", "exec", &self.name, program];
+        all.extend_from_slice(args);
+        try_sh("ip", &all)
+    }
+
+    /// `ip ARGS` in the namespace.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        sh("ip", &all)
+    }
+
+    /// A command that runs in this namespace's network stack only (nsenter
+    /// keeps the mount namespace, so bpffs pins stay visible).
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.path().display()))
+            .arg(program);
+        c
+    }
+
+    /// Writes a sysctl inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) {
+        self.sh("sysctl", &["-qw", &format!("{key}={value}")]);
+    }
+}
+
+/// A child process killed (SIGTERM, then SIGKILL) when the lab goes away.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+static LAB_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Owner of everything a test creates.
+pub struct Lab {
+    pub prefix: String,
+    pub dir: PathBuf,
+    pub bpffs: PathBuf,
+    netns: Vec<Netns>,
+    procs: Vec<Proc>,
+    bpffs_mounted: bool,
+}
+
+impl Lab {
+    /// A new lab named `wf<pid><seq>`-something, unique on this machine.
+    pub fn new(tag: &str) -> Self {
+        let seq = LAB_SEQ.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("wf{}{}{tag}", std::process::id() % 100_000, seq);
+        let dir = std::env::temp_dir().join(format!("{prefix}.lab"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("lab dir");
+        Self {
+            bpffs: dir.join("bpffs"),
+            prefix,
+            dir,
+            netns: Vec::new(),
+            procs: Vec::new(),
+            bpffs_mounted: false,
+        }
+    }
+
+    /// A private bpffs instance for this lab's pins (never /sys/fs/bpf).
+    pub fn bpffs(&mut self) -> PathBuf {
+        if !self.bpffs_mounted {
+            std::fs::create_dir_all(&self.bpffs).expect("bpffs dir");
+            sh(
+                "mount",
+                &["-t", "bpf", "bpf", self.bpffs.to_str().expect("utf-8 path")],
+            );
+            self.bpffs_mounted = true;
+        }
+        self.bpffs.clone()
+    }
+
+    /// Creates a network namespace `<prefix>-<name>` with lo up and IPv6 off
+    /// (so no router solicitations or ND muddy packet counts).
+    pub fn netns(&mut self, name: &str) -> Netns {
+        let ns = Netns {
+            name: format!("{}-{name}", self.prefix),
+        };
+        sh("ip", &["netns", "add", &ns.name]);
+        self.netns.push(ns.clone());
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
+        ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
+        ns
+    }
+
+    /// Starts a process (built by `cmd`) whose output goes to `<dir>/<name>.log`.
+    pub fn spawn(&mut self, name: &str, mut cmd: Command) -> &mut Proc {
+        let log = self.dir.join(format!("{name}.log"));
+        let f = std::fs::File::create(&log).expect("log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().expect("dup log"))
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        self.procs.push(Proc {
+            name: name.into(),
+            child,
+            log,
+        });
+        self.procs.last_mut().expect("just pushed")
+    }
+
+    /// Stops the named process (SIGTERM, wait up to 5 s, then SIGKILL).
+    pub fn stop(&mut self, name: &str) {
+        if let Some(i) = self.procs.iter().position(|p| p.name == name) {
+            let mut p = self.procs.remove(i);
+            stop_child(&mut p.child);
+        }
+    }
+
+    /// The log of a process started with [`Lab::spawn`].
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+}
+
+fn stop_child(child: &mut Child) {
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            stop_child(&mut p.child);
+        }
+        // Deleting a namespace deletes its interfaces, and with them their
+        // XDP/TC attachments.
+        for ns in self.netns.iter().rev() {
+            let _ = try_sh("ip", &["netns", "del", &ns.name]);
+        }
+        if self.bpffs_mounted {
+            let _ = try_sh("umount", &["-l", self.bpffs.to_str().unwrap_or_default()]);
+        }
+        if std::env::var_os("WEFT_KEEP_LAB").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A node of a [`Cluster`]: its namespace, underlay address and pod CIDR.
+#[derive(Clone, Debug)]
+pub struct NodeInfo {
+    pub name: String,
+    pub ns: Netns,
+    pub underlay_ip: Ipv4Addr,
+    pub pod_cidr: String,
+    pub bpffs: PathBuf,
+    pub run_dir: PathBuf,
+}
+
+/// A pod attached to a node.
+#[derive(Clone, Debug)]
+pub struct PodInfo {
+    pub name: String,
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+    pub node: usize,
+}
+
+/// Nodes on one underlay bridge, each a namespace with interface `und0`.
+pub struct Underlay {
+    pub ns: Netns,
+}
+
+impl Underlay {
+    /// The underlay: a namespace holding bridge `br0`.
+    pub fn new(lab: &mut Lab) -> Self {
+        let ns = lab.netns("und");
+        ns.ip(&["link", "add", "br0", "type", "bridge"]);
+        ns.ip(&["link", "set", "br0", "up"]);
+        Self { ns }
+    }
+
+    /// Plugs `node` into the bridge with interface `und0` at 198.18.0.`host`/24.
+    ///
+    /// Transmit checksum offload is turned off on the bridge side, as on a real
+    /// NIC the checksum is filled in before the wire: XDP on the receiving veth
+    /// sees raw bytes, not the sender's "checksum later" promise.
+    pub fn plug(&self, node: &Netns, host: u8) -> Ipv4Addr {
+        let port = format!("p{host}");
+        node.ip(&[
+            "link",
+            "add",
+            "und0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            &self.ns.name,
+        ]);
+        self.ns.ip(&["link", "set", &port, "master", "br0", "up"]);
+        self.ns.sh("ethtool", &["-K", &port, "tx", "off"]);
+        let ip = Ipv4Addr::new(198, 18, 0, host);
+        node.ip(&["addr", "add", &format!("{ip}/24"), "dev", "und0"]);
+        node.ip(&["link", "set", "und0", "up"]);
+        ip
+    }
+}
+
+/// Settings of a weft cluster built in a lab.
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    pub nodes: usize,
+    pub pods_per_node: usize,
+    pub vni: u32,
+    pub port: u16,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        Self {
+            nodes: 3,
+            pods_per_node: 2,
+            vni: 1,
+            port: 8472,
+        }
+    }
+}
+
+/// A node that is not weft's (e.g. a flannel-style kernel vxlan node) but is
+/// listed in the registry.
+#[derive(Clone, Debug)]
+pub struct ForeignNode {
+    pub name: String,
+    pub underlay_ip: Ipv4Addr,
+    pub pod_cidr: String,
+    pub vtep_mac: String,
+}
+
+/// Nodes running the real `weft agent` (file registry), pods attached
+/// through the same code path as the CNI plugin.
+pub struct Cluster {
+    pub spec: ClusterSpec,
+    pub underlay: Underlay,
+    pub nodes: Vec<NodeInfo>,
+    pub pods: Vec<PodInfo>,
+    pub foreign: Vec<ForeignNode>,
+    pub nodes_file: PathBuf,
+}
+
+impl Cluster {
+    /// Builds the underlay and nodes, starts every agent and waits until each
+    /// is ready; then attaches `pods_per_node` pods to each node.
+    pub fn start(lab: &mut Lab, spec: ClusterSpec) -> Self {
+        let underlay = Underlay::new(lab);
+        let bpffs = lab.bpffs();
+        let mut nodes = Vec::new();
+        for i in 0..spec.nodes {
+            let ns = lab.netns(&format!("n{}", i + 1));
+            let ip = underlay.plug(&ns, (i + 1) as u8);
+            nodes.push(NodeInfo {
+                name: format!("node-{}", i + 1),
+                ns,
+                underlay_ip: ip,
+                pod_cidr: format!("198.19.{}.0/24", i + 1),
+                bpffs: bpffs.join(format!("node-{}", i + 1)),
+                run_dir: lab.dir.join(format!("node-{}", i + 1)),
+            });
+        }
+        let mut c = Self {
+            spec,
+            underlay,
+            nodes,
+            pods: Vec::new(),
+            foreign: Vec::new(),
+            nodes_file: lab.dir.join("nodes.toml"),
+        };
+        c.write_nodes_file();
+        for i in 0..c.nodes.len() {
+            c.start_agent(lab, i);
+        }
+        for i in 0..c.nodes.len() {
+            c.wait_ready(lab, i);
+        }
+        for i in 0..c.nodes.len() {
+            for j in 0..c.spec.pods_per_node {
+                c.add_pod(lab, i, j);
+            }
+        }
+        c
+    }
+
+    /// Rewrites the node registry file (agents pick it up live).
+    pub fn write_nodes_file(&self) {
+        let mut s = String::new();
+        for n in &self.nodes {
+            s += &format!(
+                "[[node]]\nname = \"{}\"\nunderlay_ip = \"{}\"\npod_cidr = \"{}\"\n\n",
+                n.name, n.underlay_ip, n.pod_cidr
+            );
+        }
+        for f in &self.foreign {
+            s += &format!(
+                "[[node]]\nname = \"{}\"\nunderlay_ip = \"{}\"\npod_cidr = \"{}\"\nvtep_mac = \"{}\"\n\n",
+                f.name, f.underlay_ip, f.pod_cidr, f.vtep_mac
+            );
+        }
+        let tmp = self.nodes_file.with_extension("tmp");
+        std::fs::write(&tmp, s).expect("write nodes file");
+        std::fs::rename(&tmp, &self.nodes_file).expect("rename nodes file");
+    }
+
+    pub fn agent_name(i: usize) -> String {
+        format!("agent-{}", i + 1)
+    }
+
+    /// Starts node `i`'s agent.
+    pub fn start_agent(&self, lab: &mut Lab, i: usize) {
+        let n = &self.nodes[i];
+        let mut cmd = n.ns.command(weft_bin());
+        cmd.args([
+            "agent",
+            "--node-name",
+            &n.name,
+            "--iface",
+            "und0",
+            "--cluster-cidr",
+            CLUSTER_CIDR,
+        ])
+        .arg("--nodes-file")
+        .arg(&self.nodes_file)
+        .args([
+            "--vni",
+            &self.spec.vni.to_string(),
+            "--port",
+            &self.spec.port.to_string(),
+        ])
+        .arg("--bpffs-dir")
+        .arg(&n.bpffs)
+        .arg("--run-dir")
+        .arg(&n.run_dir)
+        .env("WEFT_LOG", "info");
+        lab.spawn(&Self::agent_name(i), cmd);
+    }
+
+    /// Waits until node `i`'s agent has written its first sync.
+    pub fn wait_ready(&self, lab: &Lab, i: usize) {
+        let n = &self.nodes[i];
+        let env = n.run_dir.join("subnet.env");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !env.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "agent of {} not ready in 20 s; log:\n{}",
+                n.name,
+                lab.log(&Self::agent_name(i))
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `weft ARGS…` in node `i`'s namespace with its paths.
+    pub fn weft(&self, i: usize, args: &[&str]) -> Output {
+        let n = &self.nodes[i];
+        n.ns.command(weft_bin())
+            .args(args)
+            .env("WEFT_BPFFS_DIR", &n.bpffs)
+            .env("WEFT_RUN_DIR", &n.run_dir)
+            .output()
+            .expect("run weft")
+    }
+
+    /// Creates pod `j` on node `i` (namespace + `weft endpoint add`).
+    pub fn add_pod(&mut self, lab: &mut Lab, i: usize, j: usize) -> PodInfo {
+        let ns = lab.netns(&format!("n{}p{}", i + 1, j + 1));
+        let ip = Ipv4Addr::new(198, 19, (i + 1) as u8, (10 + j) as u8);
+        let out = self.weft(
+            i,
+            &[
+                "endpoint",
+                "add",
+                "--netns",
+                ns.path().to_str().expect("utf-8"),
+                "--id",
+                &ns.name,
+                "--ip",
+                &ip.to_string(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "endpoint add {ip} on node {}: {}",
+            i + 1,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pod = PodInfo {
+            name: ns.name.clone(),
+            ns,
+            ip,
+            node: i,
+        };
+        self.pods.push(pod.clone());
+        pod
+    }
+
+    /// `weft status --json` of node `i`.
+    pub fn status(&self, i: usize) -> serde_json::Value {
+        let out = self.weft(i, &["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "weft status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// A named counter of node `i` (forwards or drops).
+    pub fn counter(&self, i: usize, name: &str) -> u64 {
+        let s = self.status(i);
+        for list in ["forwards", "drops"] {
+            for pair in s["counters"][list].as_array().expect("counter list") {
+                if pair[0] == name {
+                    return pair[1].as_u64().expect("counter value");
+                }
+            }
+        }
+        panic!("no counter {name}");
+    }
+}
+
+/// `ping -c COUNT -W 1 -i 0.05 DST` from `ns`; true when every reply came.
+pub fn ping(ns: &Netns, dst: Ipv4Addr, count: u32) -> bool {
+    ns.try_sh(
+        "ping",
+        &[
+            "-c",
+            &count.to_string(),
+            "-W",
+            "1",
+            "-i",
+            "0.05",
+            "-q",
+            &dst.to_string(),
+        ],
+    )
+    .status
+    .success()
+}
