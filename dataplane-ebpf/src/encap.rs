@@ -64,7 +64,12 @@ pub fn encap_and_redirect(ctx: &TcContext, remote: &RemoteNode) -> i32 {
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
     fib.l4_protocol = IPPROTO_UDP;
-    fib.__bindgen_anon_1.tot_len = outer_len as u16;
+    // With tot_len set the kernel checks it against the route MTU; a GSO
+    // packet is segmented to fit later, so it is checked only when it is not
+    // GSO (tot_len 0: the kernel then lets GSO skbs through).
+    // SAFETY: ctx.skb.skb points at the program's __sk_buff.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    fib.__bindgen_anon_1.tot_len = if gso { 0 } else { outer_len as u16 };
     fib.ifindex = maps::underlay_ifindex();
     fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(local_ip);
     fib.__bindgen_anon_4.ipv4_dst = remote.underlay_ip;

@@ -1,1 +1,191 @@
-fn main() {}
+//! Developer entry points: `cargo xtask setup | build-ebpf | lint | test | demo`.
+
+mod demo;
+mod ebpf;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "weft developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the BPF toolchain and test tools (idempotent).
+    Setup,
+    /// Build the BPF object (with BTF) and print its path.
+    BuildEbpf {
+        /// Release profile (the default; what the agent embeds).
+        #[arg(long, conflicts_with = "debug")]
+        release: bool,
+        /// Debug profile.
+        #[arg(long)]
+        debug: bool,
+    },
+    /// cargo fmt --check and clippy -D warnings, host and BPF target.
+    Lint,
+    /// Set up, lint, then run every test; the privileged suite needs root.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Bring up a 3-node weft cluster in network namespaces on this machine.
+    Demo {
+        /// Tear down a demo cluster left by an earlier run.
+        #[arg(long)]
+        down: bool,
+    },
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask/ is in the workspace")
+        .to_path_buf()
+}
+
+fn stage(msg: &str) {
+    eprintln!("\n==> {msg}");
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace()).args(args);
+    c
+}
+
+fn run(mut cmd: Command, what: &str) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn lint() -> Result<()> {
+    stage("lint: cargo fmt --check");
+    run(
+        cargo(&["fmt", "--all", "--", "--check"]),
+        "cargo fmt --check (run `cargo fmt --all`)",
+    )?;
+    stage("lint: cargo clippy --workspace --all-targets -D warnings");
+    run(
+        cargo(&[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+        "clippy",
+    )?;
+    stage("lint: clippy on the BPF crate for bpfel-unknown-none");
+    let mut c = Command::new("rustup");
+    c.current_dir(workspace())
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--package",
+            ebpf::PACKAGE,
+            "--target",
+            ebpf::TARGET,
+            "-Z",
+            "build-std=core",
+            "--release",
+        ])
+        .arg("--target-dir")
+        .arg(workspace().join("target/ebpf-clippy"))
+        .args(["--", "-D", "warnings"]);
+    for var in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO",
+        "CARGO_TARGET_DIR",
+    ] {
+        c.env_remove(var);
+    }
+    run(c, "clippy (BPF target)")
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    stage("setup");
+    setup::setup()?;
+    lint()?;
+    stage("build: workspace (embeds the BPF object)");
+    run(
+        cargo(&["build", "--workspace", "--all-targets"]),
+        "cargo build",
+    )?;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("note: not root: privileged tests will be skipped (each prints SKIP)");
+    }
+    stage("test: unit tests (no privileges needed)");
+    let mut unit = cargo(&["test", "--workspace", "--exclude", "weft-tests"]);
+    unit.args(extra);
+    run(unit, "unit tests")?;
+    stage("test: privileged suite (real programs, real namespaces)");
+    let mut e2e = cargo(&["test", "-p", "weft-tests"]);
+    e2e.args(extra).args(["--", "--test-threads=1"]);
+    if root {
+        e2e.env("WEFT_REQUIRE_PRIVILEGED", "1");
+    }
+    run(e2e, "privileged tests")
+}
+
+fn main() -> Result<()> {
+    setup::cargo_bin_on_path();
+    match Cli::parse().command {
+        Cmd::Setup => setup::setup(),
+        Cmd::BuildEbpf { release: _, debug } => {
+            let profile = if debug {
+                ebpf::Profile::Debug
+            } else {
+                ebpf::Profile::Release
+            };
+            let object = ebpf::build(&workspace(), profile).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let bytes =
+                std::fs::read(&object).with_context(|| format!("reading {}", object.display()))?;
+            if !ebpf::has_btf_section(&bytes) {
+                bail!(
+                    "{} has no .BTF section; is bpf-linker too old?",
+                    object.display()
+                );
+            }
+            println!("{}", object.display());
+            Ok(())
+        }
+        Cmd::Lint => lint(),
+        Cmd::Test { args } => test(&args),
+        Cmd::Demo { down } => {
+            if down {
+                demo::down()
+            } else {
+                setup::setup()?;
+                stage("build: weft");
+                run(
+                    cargo(&["build", "-p", "weft-agent"]),
+                    "cargo build -p weft-agent",
+                )?;
+                demo::up(&workspace().join("target/debug/weft"))
+            }
+        }
+    }
+}

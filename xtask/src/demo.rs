@@ -1,0 +1,200 @@
+//! `cargo xtask demo`: a 3-node weft cluster in network namespaces on this
+//! machine, running the real agents; stays up until Ctrl-C or
+//! `cargo xtask demo --down`.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use weft_tests::{Cluster, ClusterSpec, Lab, Netns, ping};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn state_file() -> PathBuf {
+    PathBuf::from("/run/weft-demo.json")
+}
+
+fn say(msg: &str) {
+    eprintln!("==> demo: {msg}");
+}
+
+pub fn up(weft: &Path) -> Result<()> {
+    if let Ok(text) = std::fs::read_to_string(state_file()) {
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let pid = v["pid"].as_i64().unwrap_or(0) as i32;
+        // SAFETY: kill with signal 0 only checks the process exists.
+        if pid > 0 && unsafe { libc::kill(pid, 0) } == 0 {
+            anyhow::bail!(
+                "a demo is already running (pid {pid}); stop it with `cargo xtask demo --down`"
+            );
+        }
+        down()?;
+    }
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    // SAFETY: still single-threaded.
+    unsafe { std::env::set_var("WEFT_BIN", weft) };
+
+    let mut lab = Lab::new("demo");
+    std::fs::write(
+        state_file(),
+        serde_json::json!({"pid": std::process::id(), "prefix": lab.prefix, "dir": lab.dir})
+            .to_string(),
+    )
+    .context("writing /run/weft-demo.json")?;
+    say("creating the underlay, 3 nodes, their agents and 2 pods per node");
+    let cluster = Cluster::start(&mut lab, ClusterSpec::default());
+
+    println!(
+        "\nTopology (underlay bridge in netns {}):",
+        cluster.underlay.ns.name
+    );
+    for (i, n) in cluster.nodes.iter().enumerate() {
+        let pods: Vec<String> = cluster
+            .pods
+            .iter()
+            .filter(|p| p.node == i)
+            .map(|p| format!("{} ({})", p.ip, p.ns.name))
+            .collect();
+        println!(
+            "  {:<7} netns {:<14} underlay {:<11} pods {}  →  {}",
+            n.name,
+            n.ns.name,
+            n.underlay_ip,
+            n.pod_cidr,
+            pods.join(", ")
+        );
+    }
+
+    say("connectivity matrix (ping, 1 packet each)");
+    let mut rows: Vec<(String, Netns)> = cluster
+        .nodes
+        .iter()
+        .map(|n| (format!("{} host", n.name), n.ns.clone()))
+        .collect();
+    rows.extend(
+        cluster
+            .pods
+            .iter()
+            .map(|p| (p.ip.to_string(), p.ns.clone())),
+    );
+    print!("\n  {:<14}", "from \\ to");
+    for p in &cluster.pods {
+        print!(" {:>12}", p.ip.to_string());
+    }
+    println!();
+    let mut failures = 0;
+    for (label, ns) in &rows {
+        print!("  {label:<14}");
+        for p in &cluster.pods {
+            let ok = ping(ns, p.ip, 1);
+            failures += usize::from(!ok);
+            print!(" {:>12}", if ok { "ok" } else { "FAIL" });
+        }
+        println!();
+    }
+    println!(
+        "  ({} paths, {failures} failed)",
+        rows.len() * cluster.pods.len()
+    );
+
+    say("iperf3 TCP, 3 s, pod on node-1 → pod on node-2");
+    let server = cluster
+        .pods
+        .iter()
+        .find(|p| p.node == 1)
+        .expect("a pod on node-2")
+        .clone();
+    let client = cluster
+        .pods
+        .iter()
+        .find(|p| p.node == 0)
+        .expect("a pod on node-1")
+        .clone();
+    let mut cmd = server.ns.command("iperf3");
+    cmd.args(["-s", "-1"]);
+    lab.spawn("iperf3-server", cmd);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = client
+        .ns
+        .try_sh("iperf3", &["-c", &server.ip.to_string(), "-t", "3", "-J"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    match v["end"]["sum_received"]["bits_per_second"].as_f64() {
+        Some(bps) => println!("\n  {:.2} Gbit/s received", bps / 1e9),
+        None => println!(
+            "\n  iperf3 failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        ),
+    }
+
+    let n1 = &cluster.nodes[0];
+    println!(
+        "\nThe cluster is up. Try:\n  ip netns exec {pod} ping {ip}          # a pod pinging a pod on another node\n  ip netns exec {pod} bash                # a shell in a pod\n  nsenter --net=/run/netns/{node} {weft} status --bpffs-dir {bpffs} --run-dir {run}\n  ip netns exec {und} tcpdump -ni br0 udp port 8472    # VXLAN on the underlay\n\nCtrl-C here, or `cargo xtask demo --down` elsewhere, tears it all down.",
+        pod = client.ns.name,
+        ip = server.ip,
+        node = n1.ns.name,
+        weft = weft.display(),
+        bpffs = n1.bpffs.display(),
+        run = n1.run_dir.display(),
+        und = cluster.underlay.ns.name,
+    );
+    while !STOP.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    say("tearing down");
+    drop(cluster);
+    drop(lab);
+    let _ = std::fs::remove_file(state_file());
+    say("done: every namespace, process and pin the demo made is gone");
+    Ok(())
+}
+
+/// Stops a running demo, or cleans up after one that died.
+pub fn down() -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(state_file()) else {
+        say("no demo is running");
+        return Ok(());
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(&text).context("reading /run/weft-demo.json")?;
+    let pid = v["pid"].as_i64().unwrap_or(0) as i32;
+    // SAFETY: kill(2) with our own stored pid.
+    if pid > 0 && unsafe { libc::kill(pid, libc::SIGTERM) } == 0 {
+        say(&format!("asked the demo (pid {pid}) to tear down"));
+        for _ in 0..300 {
+            // SAFETY: as above; signal 0 checks existence.
+            if unsafe { libc::kill(pid, 0) } != 0 {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // The demo is gone without cleaning up: remove what it left by prefix.
+    let prefix = v["prefix"].as_str().unwrap_or_default().to_string();
+    if !prefix.is_empty() {
+        let list = weft_tests::try_sh("ip", &["netns", "list"]);
+        for line in String::from_utf8_lossy(&list.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            if name.starts_with(&format!("{prefix}-")) {
+                let _ = weft_tests::try_sh("ip", &["netns", "del", name]);
+            }
+        }
+    }
+    if let Some(dir) = v["dir"].as_str() {
+        let _ = weft_tests::try_sh("umount", &["-l", &format!("{dir}/bpffs")]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let _ = std::fs::remove_file(state_file());
+    say("cleaned up what the last demo left");
+    Ok(())
+}
