@@ -570,3 +570,35 @@ pub fn ping(ns: &Netns, dst: Ipv4Addr, count: u32) -> bool {
     .status
     .success()
 }
+
+pub mod pktgen;
+
+/// While alive, the calling *thread* is in `ns`'s network namespace (tests
+/// run each in their own thread, so others are unaffected).
+pub struct InNetns {
+    orig: std::fs::File,
+}
+
+impl InNetns {
+    pub fn enter(ns: &Netns) -> Self {
+        use std::os::fd::AsRawFd;
+        let orig = std::fs::File::open("/proc/thread-self/ns/net").expect("open own netns");
+        let target = std::fs::File::open(ns.path()).expect("open target netns");
+        // SAFETY: setns on fds we own.
+        assert_eq!(
+            unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns into {}",
+            ns.name
+        );
+        Self { orig }
+    }
+}
+
+impl Drop for InNetns {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: as above.
+        unsafe { libc::setns(self.orig.as_raw_fd(), libc::CLONE_NEWNET) };
+    }
+}

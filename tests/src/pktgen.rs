@@ -1,0 +1,120 @@
+//! Frame builders for packet tests, written independently of the BPF code
+//! (the "pktgen" half of Cilium's pktgen / setup / check).
+
+use std::net::Ipv4Addr;
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_8021Q: u16 = 0x8100;
+
+/// Ethernet II header followed by `payload`.
+pub fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + payload.len());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// RFC 1071 checksum over `bytes`.
+pub fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// IPv4 header fields a test may want to vary.
+#[derive(Clone, Debug)]
+pub struct Ipv4 {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub proto: u8,
+    pub ttl: u8,
+    pub id: u16,
+    /// Flags and fragment offset as on the wire (DF = 0x4000, MF = 0x2000).
+    pub frag: u16,
+    pub tos: u8,
+    /// Options (length a multiple of 4).
+    pub options: Vec<u8>,
+}
+
+impl Ipv4 {
+    pub fn new(src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> Self {
+        Self {
+            src,
+            dst,
+            proto,
+            ttl: 64,
+            id: 0x1234,
+            frag: 0x4000,
+            tos: 0,
+            options: Vec::new(),
+        }
+    }
+
+    /// Header (with a correct checksum) followed by `payload`.
+    pub fn build(&self, payload: &[u8]) -> Vec<u8> {
+        assert_eq!(self.options.len() % 4, 0, "IPv4 options pad to 4 bytes");
+        let hlen = 20 + self.options.len();
+        let mut h = vec![0u8; hlen];
+        h[0] = 0x40 | (hlen / 4) as u8;
+        h[1] = self.tos;
+        h[2..4].copy_from_slice(&((hlen + payload.len()) as u16).to_be_bytes());
+        h[4..6].copy_from_slice(&self.id.to_be_bytes());
+        h[6..8].copy_from_slice(&self.frag.to_be_bytes());
+        h[8] = self.ttl;
+        h[9] = self.proto;
+        h[12..16].copy_from_slice(&self.src.octets());
+        h[16..20].copy_from_slice(&self.dst.octets());
+        h[20..].copy_from_slice(&self.options);
+        let c = checksum(&h);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        h.extend_from_slice(payload);
+        h
+    }
+}
+
+/// UDP header (checksum 0) followed by `payload`.
+pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = Vec::with_capacity(8 + payload.len());
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    u
+}
+
+/// VXLAN header (I flag set) with `vni`, followed by the inner frame.
+pub fn vxlan(vni: u32, inner: &[u8]) -> Vec<u8> {
+    let mut v = vec![
+        0x08,
+        0,
+        0,
+        0,
+        (vni >> 16) as u8,
+        (vni >> 8) as u8,
+        vni as u8,
+        0,
+    ];
+    v.extend_from_slice(inner);
+    v
+}
+
+/// ICMP echo request with `payload`.
+pub fn icmp_echo(id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
+    let mut m = vec![8, 0, 0, 0];
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(payload);
+    let c = checksum(&m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
