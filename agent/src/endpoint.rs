@@ -175,8 +175,21 @@ fn wire(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointErro
     // GRO on the pod side gives its veth NAPI, which XDP redirects into it need.
     let xdp_ok = in_pod(&spec.netns, &["ethtool", "-K", &spec.ifname, "gro", "on"]).is_ok();
     let pod_mac = pod_mac(&spec.netns, &spec.ifname)?;
-    // The node side: a /32 route to the pod through its veth.
+    // The node side: a /32 route to the pod through its veth, and the pod's
+    // MAC as a permanent neighbour (no ARP on either side of the veth).
     ip::ip(&["route", "replace", &cidr, "dev", host, "scope", "link"])?;
+    let pod_mac_s = netdev::mac_to_string(&pod_mac);
+    ip::ip(&[
+        "neigh",
+        "replace",
+        &spec.ip.to_string(),
+        "lladdr",
+        &pod_mac_s,
+        "dev",
+        host,
+        "nud",
+        "permanent",
+    ])?;
     dataplane::attach_pod(&node.bpffs, host)?;
     let mut maps = Maps::open(&node.bpffs)?;
     let ep = Endpoint {

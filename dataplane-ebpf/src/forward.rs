@@ -3,7 +3,6 @@
 //! to the stack.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_redirect, bpf_redirect_peer},
     programs::TcContext,
 };
@@ -14,6 +13,11 @@ use crate::{
     maps::{self, count_drop, count_fwd},
     parse::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN, ETH_P_IP},
 };
+
+/// TC verdicts (linux/pkt_cls.h). Defined here as `i32` because the
+/// bindings' type differs between the BPF target and the host.
+pub const TC_ACT_OK: i32 = 0;
+pub const TC_ACT_SHOT: i32 = 2;
 
 /// Where the packet came from: decides how a same-node delivery is done.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -93,7 +97,7 @@ fn not_ours(origin: Origin) -> i32 {
     match origin {
         Origin::Pod => {
             count_fwd(FwdReason::Passthrough);
-            TC_ACT_OK as i32
+            TC_ACT_OK
         }
         Origin::Host => drop(DropReason::NoRoute),
     }
@@ -102,5 +106,5 @@ fn not_ours(origin: Origin) -> i32 {
 #[inline(always)]
 pub fn drop(reason: DropReason) -> i32 {
     count_drop(reason);
-    TC_ACT_SHOT as i32
+    TC_ACT_SHOT
 }

@@ -19,7 +19,7 @@ mod parse;
 
 mod programs {
     use aya_ebpf::{
-        bindings::{xdp_action, TC_ACT_SHOT},
+        bindings::xdp_action,
         macros::{classifier, xdp},
         programs::{TcContext, XdpContext},
     };
@@ -40,7 +40,7 @@ mod programs {
     pub fn weft_from_pod(ctx: TcContext) -> i32 {
         match forward::try_forward(&ctx, forward::Origin::Pod) {
             Ok(action) => action,
-            Err(()) => TC_ACT_SHOT as i32,
+            Err(()) => forward::TC_ACT_SHOT,
         }
     }
 
@@ -49,7 +49,7 @@ mod programs {
     pub fn weft_from_host(ctx: TcContext) -> i32 {
         match forward::try_forward(&ctx, forward::Origin::Host) {
             Ok(action) => action,
-            Err(()) => TC_ACT_SHOT as i32,
+            Err(()) => forward::TC_ACT_SHOT,
         }
     }
 

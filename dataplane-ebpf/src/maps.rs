@@ -40,12 +40,12 @@ pub fn remote(dst: [u8; 4]) -> Option<&'static RemoteNode> {
 pub fn endpoint(ip: u32) -> Option<Endpoint> {
     // SAFETY: entries are plain data copied out at once; a concurrent update
     // can at worst hand us the old or the new value of one field set.
-    unsafe { WEFT_ENDPOINTS.get(&ip).copied() }
+    unsafe { WEFT_ENDPOINTS.get(ip).copied() }
 }
 
 #[inline(always)]
 pub fn is_known_vtep(ip: u32) -> bool {
-    WEFT_NODES.get_ptr(&ip).is_some()
+    WEFT_NODES.get_ptr(ip).is_some()
 }
 
 #[inline(always)]

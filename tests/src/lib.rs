@@ -602,3 +602,91 @@ impl Drop for InNetns {
         unsafe { libc::setns(self.orig.as_raw_fd(), libc::CLONE_NEWNET) };
     }
 }
+
+/// A TCP and UDP echo server on `ip:port` inside a namespace, served by a
+/// thread of this process; stops when dropped.
+pub struct EchoServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EchoServer {
+    pub fn start(ns: &Netns, ip: Ipv4Addr, port: u16) -> Self {
+        use std::io::{Read, Write};
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let ns = ns.clone();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let _inside = InNetns::enter(&ns);
+            let tcp = std::net::TcpListener::bind((ip, port)).expect("bind TCP echo");
+            let udp = std::net::UdpSocket::bind((ip, port)).expect("bind UDP echo");
+            tcp.set_nonblocking(true).expect("nonblocking");
+            udp.set_read_timeout(Some(Duration::from_millis(10)))
+                .expect("timeout");
+            ready_tx.send(()).expect("ready");
+            let mut buf = [0u8; 2048];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((mut s, _)) = tcp.accept() {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                    if let Ok(n) = s.read(&mut buf) {
+                        let _ = s.write_all(&buf[..n]);
+                    }
+                }
+                if let Ok((n, from)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(&buf[..n], from);
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("echo server started");
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One TCP round trip from inside `from` to `ip:port`: true when the echo matches.
+pub fn tcp_roundtrip(from: &Netns, ip: Ipv4Addr, port: u16) -> bool {
+    use std::io::{Read, Write};
+    let _inside = InNetns::enter(from);
+    let Ok(mut s) =
+        std::net::TcpStream::connect_timeout(&(ip, port).into(), Duration::from_secs(2))
+    else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let msg = format!("weft tcp to {ip}");
+    if s.write_all(msg.as_bytes()).is_err() {
+        return false;
+    }
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf).is_ok() && buf == msg.as_bytes()
+}
+
+/// One UDP round trip (3 tries) from inside `from` to `ip:port`.
+pub fn udp_roundtrip(from: &Netns, ip: Ipv4Addr, port: u16) -> bool {
+    let _inside = InNetns::enter(from);
+    let Ok(s) = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(700)));
+    let msg = format!("weft udp to {ip}");
+    let mut buf = [0u8; 256];
+    (0..3).any(|_| {
+        s.send_to(msg.as_bytes(), (ip, port)).is_ok()
+            && matches!(s.recv_from(&mut buf), Ok((n, _)) if &buf[..n] == msg.as_bytes())
+    })
+}
