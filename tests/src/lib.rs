@@ -376,6 +376,13 @@ impl Cluster {
     /// Builds the underlay and nodes, starts every agent and waits until each
     /// is ready; then attaches `pods_per_node` pods to each node.
     pub fn start(lab: &mut Lab, spec: ClusterSpec) -> Self {
+        let mut c = Self::new(lab, spec);
+        c.launch(lab);
+        c
+    }
+
+    /// Builds the underlay and the nodes' namespaces; starts nothing.
+    pub fn new(lab: &mut Lab, spec: ClusterSpec) -> Self {
         let underlay = Underlay::new(lab);
         let bpffs = lab.bpffs();
         let mut nodes = Vec::new();
@@ -391,27 +398,30 @@ impl Cluster {
                 run_dir: lab.dir.join(format!("node-{}", i + 1)),
             });
         }
-        let mut c = Self {
+        Self {
             spec,
             underlay,
             nodes,
             pods: Vec::new(),
             foreign: Vec::new(),
             nodes_file: lab.dir.join("nodes.toml"),
-        };
-        c.write_nodes_file();
-        for i in 0..c.nodes.len() {
-            c.start_agent(lab, i);
         }
-        for i in 0..c.nodes.len() {
-            c.wait_ready(lab, i);
+    }
+
+    /// Writes the registry, starts every agent, waits for them, adds the pods.
+    pub fn launch(&mut self, lab: &mut Lab) {
+        self.write_nodes_file();
+        for i in 0..self.nodes.len() {
+            self.start_agent(lab, i);
         }
-        for i in 0..c.nodes.len() {
-            for j in 0..c.spec.pods_per_node {
-                c.add_pod(lab, i, j);
+        for i in 0..self.nodes.len() {
+            self.wait_ready(lab, i);
+        }
+        for i in 0..self.nodes.len() {
+            for j in 0..self.spec.pods_per_node {
+                self.add_pod(lab, i, j);
             }
         }
-        c
     }
 
     /// Rewrites the node registry file (agents pick it up live).

@@ -123,6 +123,41 @@ fn lint() -> Result<()> {
     run(c, "clippy (BPF target)")
 }
 
+/// Runs a `cargo test` command, echoing its output, and adds up its
+/// "test result:" lines into `total` (passed, failed, ignored).
+fn run_tests(mut cmd: Command, what: &str, total: &mut [u64; 3]) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for (i, key) in [" passed", " failed", " ignored"].iter().enumerate() {
+                let n = rest
+                    .split(';')
+                    .find(|part| part.ends_with(key))
+                    .and_then(|part| {
+                        part.trim()
+                            .trim_end_matches(key)
+                            .rsplit(' ')
+                            .next()
+                            .and_then(|n| n.parse::<u64>().ok())
+                    });
+                total[i] += n.unwrap_or(0);
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
 fn test(extra: &[String]) -> Result<()> {
     stage("setup");
     setup::setup()?;
@@ -137,17 +172,24 @@ fn test(extra: &[String]) -> Result<()> {
     if !root {
         eprintln!("note: not root: privileged tests will be skipped (each prints SKIP)");
     }
+    let mut total = [0u64; 3];
     stage("test: unit tests (no privileges needed)");
     let mut unit = cargo(&["test", "--workspace", "--exclude", "weft-tests"]);
     unit.args(extra);
-    run(unit, "unit tests")?;
+    let unit_result = run_tests(unit, "unit tests", &mut total);
     stage("test: privileged suite (real programs, real namespaces)");
     let mut e2e = cargo(&["test", "-p", "weft-tests"]);
     e2e.args(extra).args(["--", "--test-threads=1"]);
     if root {
         e2e.env("WEFT_REQUIRE_PRIVILEGED", "1");
     }
-    run(e2e, "privileged tests")
+    let e2e_result = run_tests(e2e, "privileged tests", &mut total);
+    stage("summary");
+    println!(
+        "{} passed, {} failed, {} skipped",
+        total[0], total[1], total[2]
+    );
+    unit_result.and(e2e_result)
 }
 
 fn main() -> Result<()> {
