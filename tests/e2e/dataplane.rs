@@ -334,3 +334,386 @@ fn flannel_vxlan_interop_custom_vni_and_port() {
         interop(4242, 4789);
     }
 }
+
+/// Packets of a classic pcap file (little-endian, Ethernet link type).
+fn pcap_packets(bytes: &[u8]) -> Vec<Vec<u8>> {
+    pcap_records(bytes).into_iter().map(|(_, p)| p).collect()
+}
+
+/// (original length, captured bytes) of each packet in a pcap file.
+fn pcap_records(bytes: &[u8]) -> Vec<(usize, Vec<u8>)> {
+    assert!(bytes.len() >= 24, "pcap too short: {} bytes", bytes.len());
+    assert_eq!(
+        &bytes[0..4],
+        &[0xd4, 0xc3, 0xb2, 0xa1],
+        "little-endian microsecond pcap"
+    );
+    assert_eq!(
+        u32::from_le_bytes(bytes[20..24].try_into().unwrap()),
+        1,
+        "Ethernet link type"
+    );
+    let mut out = Vec::new();
+    let mut off = 24;
+    while off + 16 <= bytes.len() {
+        let caplen = u32::from_le_bytes(bytes[off + 8..off + 12].try_into().unwrap()) as usize;
+        let origlen = u32::from_le_bytes(bytes[off + 12..off + 16].try_into().unwrap()) as usize;
+        off += 16;
+        if off + caplen > bytes.len() {
+            break;
+        }
+        out.push((origlen, bytes[off..off + caplen].to_vec()));
+        off += caplen;
+    }
+    out
+}
+
+fn ipv4_header_ok(h: &[u8]) -> bool {
+    let mut sum: u32 = h
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum == 0xffff
+}
+
+#[test]
+fn underlay_carries_flannel_format_vxlan() {
+    if !privileged("underlay_carries_flannel_format_vxlan") {
+        return;
+    }
+    let (vni, port) = (77u32, 4789u16);
+    let mut lab = Lab::new("wire");
+    let c = Cluster::start(
+        &mut lab,
+        ClusterSpec {
+            nodes: 2,
+            pods_per_node: 1,
+            vni,
+            port,
+        },
+    );
+    let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
+    let pcap = lab.dir.join("underlay.pcap");
+    let mut cmd = c.underlay.ns.command("tcpdump");
+    // On node-1's bridge port: a bridge device itself sees only its own frames.
+    cmd.args([
+        "-i",
+        "p1",
+        "-n",
+        "-U",
+        "--immediate-mode",
+        "-Z",
+        "root",
+        "-s",
+        "256",
+        "-w",
+    ])
+    .arg(&pcap)
+    .arg("udp");
+    lab.spawn("tcpdump", cmd);
+    wait_for("tcpdump to listen", Duration::from_secs(10), || {
+        lab.log("tcpdump").contains("listening").then_some(())
+    });
+    assert!(ping(&a.ns, b.ip, 5), "pod → pod across nodes");
+    let _echo = EchoServer::start(&b.ns, b.ip, ECHO_PORT);
+    assert!(udp_roundtrip(&a.ns, b.ip, ECHO_PORT), "UDP across nodes");
+    std::thread::sleep(Duration::from_millis(300));
+    lab.stop("tcpdump");
+    let packets = pcap_packets(&std::fs::read(&pcap).expect("pcap"));
+    assert!(
+        packets.len() >= 12,
+        "expected ≥ 12 VXLAN packets (5 pings each way + UDP), got {}",
+        packets.len()
+    );
+    let vteps = [[0x0e, 0x77, 198, 18, 0, 1], [0x0e, 0x77, 198, 18, 0, 2]];
+    for (n, p) in packets.iter().enumerate() {
+        let what = format!("captured packet {n}");
+        assert_eq!(&p[12..14], &[0x08, 0x00], "{what}: outer IPv4");
+        let ip = &p[14..34];
+        assert_eq!(ip[0], 0x45, "{what}: outer IPv4 without options");
+        assert!(ipv4_header_ok(ip), "{what}: outer IPv4 checksum");
+        assert_eq!(
+            ip[6] & 0x40,
+            0,
+            "{what}: DF clear, as the kernel vxlan default"
+        );
+        assert_eq!(ip[8], 64, "{what}: outer TTL");
+        assert_eq!(ip[9], 17, "{what}: UDP");
+        let udp = &p[34..42];
+        let sport = u16::from_be_bytes([udp[0], udp[1]]);
+        assert!(
+            (32768..61000).contains(&sport),
+            "{what}: source port {sport} from the flow hash range"
+        );
+        assert_eq!(
+            u16::from_be_bytes([udp[2], udp[3]]),
+            port,
+            "{what}: configured UDP port"
+        );
+        assert_eq!(&udp[6..8], &[0, 0], "{what}: outer UDP checksum 0");
+        let vx = &p[42..50];
+        assert_eq!(vx[0], 0x08, "{what}: VXLAN I flag");
+        assert_eq!(
+            u32::from_be_bytes([0, vx[4], vx[5], vx[6]]),
+            vni,
+            "{what}: VNI"
+        );
+        let inner = &p[50..];
+        assert!(
+            vteps.iter().any(|m| inner[0..6] == m[..]),
+            "{what}: inner destination is a VTEP MAC"
+        );
+        assert_eq!(&inner[12..14], &[0x08, 0x00], "{what}: inner IPv4");
+        let inner_proto = inner[23];
+        assert!(
+            inner_proto == 1 || inner_proto == 17,
+            "{what}: inner ICMP or UDP, got {inner_proto}"
+        );
+        if inner_proto == 17 {
+            let dport = u16::from_be_bytes([inner[36], inner[37]]);
+            assert_ne!(dport, port, "{what}: no double encapsulation");
+        }
+        let inner_dst = Ipv4Addr::new(inner[30], inner[31], inner[32], inner[33]);
+        assert!(
+            inner_dst == a.ip || inner_dst == b.ip,
+            "{what}: inner destination {inner_dst} is a pod"
+        );
+    }
+}
+
+#[test]
+fn iperf3_5_seconds_across_nodes() {
+    if !privileged("iperf3_5_seconds_across_nodes") {
+        return;
+    }
+    let mut lab = Lab::new("ip5");
+    let c = Cluster::start(
+        &mut lab,
+        ClusterSpec {
+            nodes: 2,
+            pods_per_node: 1,
+            ..Default::default()
+        },
+    );
+    let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
+    // Watch what leaves node-1: the stack hands the underlay device whole
+    // tunnel GSO packets (bigger than the MTU) when encap keeps GSO working.
+    let pcap = lab.dir.join("gso.pcap");
+    let mut cmd = c.nodes[0].ns.command("tcpdump");
+    cmd.args([
+        "-i",
+        "und0",
+        "-n",
+        "-U",
+        "--immediate-mode",
+        "-Z",
+        "root",
+        "-s",
+        "96",
+        "-c",
+        "400",
+        "-w",
+    ])
+    .arg(&pcap)
+    .args(["udp", "dst", "port", "8472"]);
+    lab.spawn("tcpdump", cmd);
+    wait_for("tcpdump to listen", Duration::from_secs(10), || {
+        lab.log("tcpdump").contains("listening").then_some(())
+    });
+    let gbps = iperf_gbps(&b.ns, b.ip, &a.ns, &mut lab, "iperf", 5, &[]);
+    println!("iperf3 pod→pod across nodes, 5 s: {gbps:.2} Gbit/s");
+    lab.stop("tcpdump");
+    let records = pcap_records(&std::fs::read(&pcap).expect("pcap"));
+    let gso = records
+        .iter()
+        .filter(|(len, p)| *len > 1514 && p.len() > 50 && p[42] == 0x08)
+        .count();
+    println!(
+        "{gso} of {} captured VXLAN packets on node-1's und0 were tunnel GSO packets (> 1514 bytes)",
+        records.len()
+    );
+    assert!(
+        gso > 0,
+        "no VXLAN packet above the MTU: encapsulation lost GSO ({} captured)",
+        records.len()
+    );
+    assert!(
+        c.counter(0, "encap") > 0 && c.counter(1, "decap_redirect") > 0,
+        "traffic went through the BPF paths"
+    );
+    assert_eq!(
+        total_drops(&c, 0) + total_drops(&c, 1),
+        0,
+        "drops: {} / {}",
+        c.status(0)["counters"],
+        c.status(1)["counters"]
+    );
+}
+
+#[test]
+fn full_size_packets_are_never_black_holed() {
+    if !privileged("full_size_packets_are_never_black_holed") {
+        return;
+    }
+    let mut lab = Lab::new("mtu");
+    let c = Cluster::start(
+        &mut lab,
+        ClusterSpec {
+            nodes: 2,
+            pods_per_node: 1,
+            ..Default::default()
+        },
+    );
+    let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
+    let link = a.ns.ip(&["link", "show", "eth0"]);
+    assert!(
+        link.contains("mtu 1450"),
+        "pod MTU is underlay 1500 - 50: {link}"
+    );
+    // 1450-byte IP packets with DF: the largest a pod can send, both paths.
+    for (label, from) in [("pod", &a.ns), ("host", &c.nodes[0].ns)] {
+        let out = from.try_sh(
+            "ping",
+            &[
+                "-M",
+                "do",
+                "-s",
+                "1422",
+                "-c",
+                "3",
+                "-i",
+                "0.1",
+                "-W",
+                "2",
+                &b.ip.to_string(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{label}: DF ping at 1450 bytes: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // One byte more is refused at the sender with an error, not lost silently.
+    let out = a.ns.try_sh(
+        "ping",
+        &[
+            "-M",
+            "do",
+            "-s",
+            "1423",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            &b.ip.to_string(),
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "a 1451-byte DF packet cannot leave a 1450-MTU pod"
+    );
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("message too long") || said.contains("mtu"),
+        "the sender is told why: {said}"
+    );
+    // Full-size TCP (DF set, MSS from the 1450 MTU) in bulk.
+    let gbps = iperf_gbps(&b.ns, b.ip, &a.ns, &mut lab, "iperf", 2, &[]);
+    assert!(gbps > 0.0);
+    assert_eq!(c.counter(0, "mtu"), 0, "no MTU drops on the sender");
+}
+
+#[test]
+fn vxlan_from_an_unknown_vtep_never_reaches_a_pod() {
+    if !privileged("vxlan_from_an_unknown_vtep_never_reaches_a_pod") {
+        return;
+    }
+    let mut lab = Lab::new("rog");
+    let c = Cluster::start(
+        &mut lab,
+        ClusterSpec {
+            nodes: 1,
+            pods_per_node: 1,
+            ..Default::default()
+        },
+    );
+    let pod = c.pods[0].clone();
+    // A host on the underlay that is not a node, speaking flannel's VXLAN at us.
+    let rogue = lab.netns("rogue");
+    c.underlay.plug(&rogue, 99);
+    rogue.ip(&[
+        "link",
+        "add",
+        "vx",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "local",
+        "198.18.0.99",
+        "dev",
+        "und0",
+        "dstport",
+        "8472",
+        "nolearning",
+    ]);
+    rogue.ip(&["link", "set", "vx", "up"]);
+    rogue.ip(&["addr", "add", "198.19.200.0/32", "dev", "vx"]);
+    rogue.ip(&[
+        "neigh",
+        "replace",
+        "198.19.1.0",
+        "lladdr",
+        "0e:77:c6:12:00:01",
+        "dev",
+        "vx",
+        "nud",
+        "permanent",
+    ]);
+    rogue.sh(
+        "bridge",
+        &[
+            "fdb",
+            "append",
+            "0e:77:c6:12:00:01",
+            "dev",
+            "vx",
+            "dst",
+            "198.18.0.1",
+        ],
+    );
+    rogue.ip(&[
+        "route",
+        "add",
+        "198.19.1.0/24",
+        "via",
+        "198.19.1.0",
+        "dev",
+        "vx",
+        "onlink",
+    ]);
+    let _echo = EchoServer::start(&pod.ns, pod.ip, ECHO_PORT);
+    assert!(
+        !ping(&rogue, pod.ip, 3),
+        "the rogue host must not reach the pod"
+    );
+    assert!(!udp_roundtrip(&rogue, pod.ip, ECHO_PORT), "nor over UDP");
+    let dropped = c.counter(0, "unknown_vtep");
+    assert!(
+        dropped >= 6,
+        "each rogue packet is dropped in XDP and counted (got {dropped})"
+    );
+    assert_eq!(
+        c.counter(0, "decap_redirect") + c.counter(0, "decap_pass"),
+        0,
+        "nothing was decapsulated"
+    );
+}

@@ -139,7 +139,7 @@ pub fn up(weft: &Path) -> Result<()> {
 
     let n1 = &cluster.nodes[0];
     println!(
-        "\nThe cluster is up. Try:\n  ip netns exec {pod} ping {ip}          # a pod pinging a pod on another node\n  ip netns exec {pod} bash                # a shell in a pod\n  nsenter --net=/run/netns/{node} {weft} status --bpffs-dir {bpffs} --run-dir {run}\n  ip netns exec {und} tcpdump -ni br0 udp port 8472    # VXLAN on the underlay\n\nCtrl-C here, or `cargo xtask demo --down` elsewhere, tears it all down.",
+        "\nThe cluster is up. Try:\n  ip netns exec {pod} ping {ip}          # a pod pinging a pod on another node\n  ip netns exec {pod} bash                # a shell in a pod\n  nsenter --net=/run/netns/{node} {weft} status --bpffs-dir {bpffs} --run-dir {run}\n  ip netns exec {und} tcpdump -ni p1 udp port 8472    # VXLAN on node-1's underlay link\n\nCtrl-C here, or `cargo xtask demo --down` elsewhere, tears it all down.",
         pod = client.ns.name,
         ip = server.ip,
         node = n1.ns.name,
