@@ -2,20 +2,23 @@
 //! the registry's view of the cluster.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    time::{Duration, SystemTime},
+    sync::atomic::Ordering,
+    time::Duration,
 };
 
 use weft_common::VXLAN_OVERHEAD;
 
 use crate::{
     cidr::Ipv4Cidr,
+    config::{AgentSettings, RegistryKind},
     dataplane::{self, Dataplane, DataplaneError, Globals, Maps},
     ip::{self, CmdError},
+    metrics::{AgentMetrics, Server},
     netdev::{self, NetdevError},
     node::{NodeConfig, NodeConfigError},
-    registry::{self, Node, RegistryError},
+    registry::{FileRegistry, Node, Registry, RegistryError, Snapshot},
     stats, sync,
 };
 
@@ -27,20 +30,55 @@ pub const HOST_IFACE: &str = "weft0";
 /// forwards or drops every packet, so nothing arrives here.
 pub const HOST_PEER: &str = "weft0p";
 
-/// Everything the agent needs to run.
+/// Everything the agent needs to run, with defaults applied.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub node_name: String,
     pub iface: Option<String>,
     pub iface_regex: Option<String>,
     pub public_ip: Option<Ipv4Addr>,
+    pub registry: RegistryKind,
     pub nodes_file: PathBuf,
+    pub kubeconfig: Option<PathBuf>,
     pub cluster_cidr: Ipv4Cidr,
     pub vni: u32,
     pub port: u16,
     pub bpffs_dir: PathBuf,
     pub run_dir: PathBuf,
+    pub metrics_addr: SocketAddr,
     pub stats_interval: Option<Duration>,
+}
+
+impl AgentConfig {
+    /// Applies the defaults to settings merged from flags and file.
+    pub fn from_settings(s: AgentSettings, hostname: impl FnOnce() -> String) -> Self {
+        Self {
+            node_name: s.node_name.unwrap_or_else(hostname),
+            iface: s.iface,
+            iface_regex: s.iface_regex,
+            public_ip: s.public_ip,
+            registry: s.registry.unwrap_or(RegistryKind::File),
+            nodes_file: s
+                .nodes_file
+                .unwrap_or_else(|| "/etc/weft/nodes.toml".into()),
+            kubeconfig: s.kubeconfig,
+            cluster_cidr: s
+                .cluster_cidr
+                .unwrap_or_else(|| Ipv4Cidr::new(Ipv4Addr::new(10, 244, 0, 0), 16)),
+            vni: s.vni.unwrap_or(1),
+            port: s.port.unwrap_or(8472),
+            bpffs_dir: s
+                .bpffs_dir
+                .unwrap_or_else(|| dataplane::DEFAULT_BPFFS_DIR.into()),
+            run_dir: s
+                .run_dir
+                .unwrap_or_else(|| crate::node::DEFAULT_RUN_DIR.into()),
+            metrics_addr: s
+                .metrics_addr
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9807))),
+            stats_interval: s.stats_interval.filter(|n| *n > 0).map(Duration::from_secs),
+        }
+    }
 }
 
 /// Errors that stop the agent from starting.
@@ -60,6 +98,15 @@ pub enum AgentError {
     Vni(u32),
     #[error("underlay MTU {0} is too small for VXLAN (needs at least {min})", min = 68 + VXLAN_OVERHEAD)]
     Mtu(u32),
+    #[error("--iface-regex `{0}` is not a valid regular expression: {1}")]
+    Regex(String, String),
+    #[error("the kube registry: {0}")]
+    Kube(String),
+    #[error("metrics endpoint on {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// The underlay interface, picked like flannel: --iface, else the first
@@ -78,18 +125,10 @@ pub fn underlay(cfg: &AgentConfig) -> Result<(netdev::Interface, Ipv4Addr), Netd
     Ok((iface, ip))
 }
 
-/// `--iface-regex`: a shell-style glob (`*`, `?`) over interface names that
-/// have an IPv4 address, in address-list order.
+/// `--iface-regex`: the first interface with an IPv4 address whose name
+/// matches, in address-list order (flannel's `--iface-regex`).
 fn pick_by_pattern(pattern: &str) -> Result<String, NetdevError> {
-    fn glob(p: &[u8], s: &[u8]) -> bool {
-        match (p.first(), s.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) => glob(&p[1..], s) || (!s.is_empty() && glob(p, &s[1..])),
-            (Some(b'?'), Some(_)) => glob(&p[1..], &s[1..]),
-            (Some(a), Some(b)) if a == b => glob(&p[1..], &s[1..]),
-            _ => false,
-        }
-    }
+    let re = regex::Regex::new(pattern).map_err(|_| NetdevError::NoMatch(pattern.into()))?;
     let addrs = netdev::addresses().map_err(|source| NetdevError::Io {
         name: "getifaddrs".into(),
         source,
@@ -97,7 +136,7 @@ fn pick_by_pattern(pattern: &str) -> Result<String, NetdevError> {
     addrs
         .into_iter()
         .map(|(n, _)| n)
-        .find(|n| glob(pattern.as_bytes(), n.as_bytes()))
+        .find(|n| n != "lo" && re.is_match(n))
         .ok_or_else(|| NetdevError::NoMatch(pattern.into()))
 }
 
@@ -150,14 +189,27 @@ fn setup_host_iface(
     Ok(())
 }
 
-fn mtime(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-fn log_problems(snap: &registry::Snapshot) {
-    for p in &snap.problems {
-        tracing::error!("node registry: {p}");
-    }
+/// Starts the configured registry; its snapshots arrive on the receiver.
+fn spawn_registry(
+    cfg: &AgentConfig,
+    local_ip: Ipv4Addr,
+) -> Result<tokio::sync::watch::Receiver<Option<Snapshot>>, AgentError> {
+    let registry: Box<dyn Registry> = match cfg.registry {
+        RegistryKind::File => Box::new(FileRegistry {
+            path: cfg.nodes_file.clone(),
+            cluster: cfg.cluster_cidr,
+            poll: Duration::from_millis(200),
+        }),
+        RegistryKind::Kube => {
+            let mut r =
+                crate::kube::KubeRegistry::new(cfg).map_err(|e| AgentError::Kube(e.to_string()))?;
+            r.own = Some((local_ip, netdev::vtep_mac_for(local_ip)));
+            Box::new(r)
+        }
+    };
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(registry.run(tx));
+    Ok(rx)
 }
 
 /// Runs the agent until SIGINT/SIGTERM. The dataplane stays attached after
@@ -166,36 +218,53 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     if !(1..=0xff_ffff).contains(&cfg.vni) {
         return Err(AgentError::Vni(cfg.vni));
     }
+    if let Some(re) = &cfg.iface_regex {
+        regex::Regex::new(re).map_err(|e| AgentError::Regex(re.clone(), e.to_string()))?;
+    }
     dataplane::ensure_bpffs(&cfg.bpffs_dir)?;
     let (iface, local_ip) = underlay(&cfg)?;
     if iface.mtu < 68 + VXLAN_OVERHEAD {
         return Err(AgentError::Mtu(iface.mtu));
     }
     let pod_mtu = iface.mtu - VXLAN_OVERHEAD;
-    tracing::info!(iface = %iface.name, %local_ip, mtu = iface.mtu, "underlay");
+    tracing::info!(iface = %iface.name, %local_ip, mtu = iface.mtu, registry = ?cfg.registry, "underlay");
+
+    let metrics = AgentMetrics::default();
+    let server = Server::new(&metrics, cfg.bpffs_dir.clone());
+    let listener_check =
+        std::net::TcpListener::bind(cfg.metrics_addr).map_err(|source| AgentError::Metrics {
+            addr: cfg.metrics_addr,
+            source,
+        })?;
+    drop(listener_check);
+    let ready = server.ready.clone();
+    let addr = cfg.metrics_addr;
+    tokio::spawn(async move {
+        if let Err(e) = server.serve(addr).await {
+            tracing::error!("metrics endpoint stopped: {e}");
+        }
+    });
+
+    let mut rx = spawn_registry(&cfg, local_ip)?;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
 
     // Wait until the registry lists this node: its pod CIDR comes from there.
-    let (me, mut snap, mut seen) = loop {
-        let seen = mtime(&cfg.nodes_file);
-        match registry::read_file(&cfg.nodes_file, &cfg.cluster_cidr) {
-            Ok(snap) => {
-                log_problems(&snap);
-                if let Some(me) = snap.nodes.iter().find(|n| n.name == cfg.node_name).cloned() {
-                    break (me, snap, seen);
-                }
-                tracing::error!(node = %cfg.node_name, file = %cfg.nodes_file.display(), "this node is not in the node registry; add it (name, underlay_ip, pod_cidr). Retrying");
+    let me = loop {
+        if let Some(snap) = rx.borrow_and_update().as_ref() {
+            if let Some(me) = snap.nodes.iter().find(|n| n.name == cfg.node_name) {
+                break me.clone();
             }
-            Err(e) => tracing::error!("{e}"),
+            tracing::error!(node = %cfg.node_name, "this node is not in the node registry yet; add it (name, underlay IP, pod CIDR). Waiting");
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = shutdown_signal() => return Ok(()),
+            changed = rx.changed() => if changed.is_err() { return Ok(()); },
+            _ = &mut shutdown => return Ok(()),
         }
     };
     if me.underlay_ip != local_ip {
-        tracing::warn!(registry = %me.underlay_ip, detected = %local_ip, "the registry's underlay_ip for this node differs from the interface address; using the interface address");
+        tracing::warn!(registry = %me.underlay_ip, detected = %local_ip, "the registry's underlay IP for this node differs from the interface address; using the interface address");
     }
-    let vtep_mac = me.vtep_mac;
 
     setup_host_iface(&cfg, &me.pod_cidr, pod_mtu, &iface.name)?;
     let globals = Globals {
@@ -203,7 +272,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         port: cfg.port,
         local_ip,
         underlay_ifindex: iface.index,
-        vtep_mac,
+        vtep_mac: me.vtep_mac,
         underlay_mac: iface.mac,
         cluster_cidr: cfg.cluster_cidr,
     };
@@ -211,19 +280,49 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let mode = dp.attach_xdp(&iface.name)?;
     dp.attach_host(HOST_IFACE)?;
     dp.pin_pod_program()?;
-    tracing::info!(?mode, pins = %cfg.bpffs_dir.display(), "dataplane attached");
+    let repointed = dp.repoint_pods()?;
+    tracing::info!(?mode, pins = %cfg.bpffs_dir.display(), pods = repointed, "dataplane attached");
 
     let mut maps = Maps::open(&cfg.bpffs_dir)?;
-    let c = sync::apply(
-        &mut maps,
-        &sync::desired(&with_local_ip(&snap.nodes, &me.name, local_ip), &me.name),
-    )?;
-    tracing::info!(
-        nodes = snap.nodes.len(),
-        upserts = c.upserts,
-        removals = c.removals,
-        "first sync written"
-    );
+    let apply = |snap: &Snapshot, maps: &mut Maps| {
+        metrics.reconciles.inc();
+        metrics.registry_problems.set(snap.problems.len() as i64);
+        metrics.known_nodes.set(snap.nodes.len() as i64);
+        if !snap.nodes.iter().any(|n| n.name == me.name) {
+            tracing::error!(node = %me.name, "this node is missing from the registry; keeping the current dataplane state");
+            return;
+        }
+        if let Some(n) = snap.nodes.iter().find(|n| n.name == me.name)
+            && n.pod_cidr != me.pod_cidr
+        {
+            tracing::error!(old = %me.pod_cidr, new = %n.pod_cidr, "this node's pod CIDR changed; restart the agent to apply it (pods keep their addresses until then)");
+        }
+        match sync::apply(
+            maps,
+            &sync::desired(&with_local_ip(&snap.nodes, &me.name, local_ip), &me.name),
+        ) {
+            Ok(c) => {
+                metrics.map_writes.inc_by((c.upserts + c.removals) as u64);
+                if c.upserts + c.removals > 0 {
+                    tracing::info!(
+                        nodes = snap.nodes.len(),
+                        upserts = c.upserts,
+                        removals = c.removals,
+                        "registry applied"
+                    );
+                }
+            }
+            Err(e) => {
+                metrics.reconcile_errors.inc();
+                tracing::error!("applying the registry: {e}");
+            }
+        }
+    };
+    let first = rx
+        .borrow_and_update()
+        .clone()
+        .expect("a snapshot arrived above");
+    apply(&first, &mut maps);
     NodeConfig {
         node: me.name.clone(),
         network: cfg.cluster_cidr,
@@ -233,37 +332,22 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         bpffs: cfg.bpffs_dir.clone(),
     }
     .write(&cfg.run_dir)?;
+    ready.store(true, Ordering::Relaxed);
     tracing::info!(run_dir = %cfg.run_dir.display(), "ready");
 
-    let mut poll = tokio::time::interval(Duration::from_millis(250));
     let mut stats_tick =
         tokio::time::interval(cfg.stats_interval.unwrap_or(Duration::from_secs(3600)));
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = poll.tick() => {
-                let now = mtime(&cfg.nodes_file);
-                if now == seen { continue; }
-                seen = now;
-                match registry::read_file(&cfg.nodes_file, &cfg.cluster_cidr) {
-                    Ok(next) => {
-                        log_problems(&next);
-                        if !next.nodes.iter().any(|n| n.name == me.name) {
-                            tracing::error!(node = %me.name, "this node disappeared from the registry; keeping the current dataplane state");
-                            continue;
-                        }
-                        if let Some(n) = next.nodes.iter().find(|n| n.name == me.name) && n.pod_cidr != me.pod_cidr {
-                            tracing::error!(old = %me.pod_cidr, new = %n.pod_cidr, "this node's pod CIDR changed; restart the agent to apply it");
-                        }
-                        snap = next;
-                        match sync::apply(&mut maps, &sync::desired(&with_local_ip(&snap.nodes, &me.name, local_ip), &me.name)) {
-                            Ok(c) => tracing::info!(nodes = snap.nodes.len(), upserts = c.upserts, removals = c.removals, "registry change applied"),
-                            Err(e) => tracing::error!("applying registry change: {e}"),
-                        }
-                    }
-                    Err(e) => tracing::error!("{e}"),
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    tracing::error!("the node registry stopped; keeping the current dataplane state");
+                    break;
+                }
+                let snap = rx.borrow_and_update().clone();
+                if let Some(snap) = snap {
+                    apply(&snap, &mut maps);
                 }
             }
             _ = stats_tick.tick(), if cfg.stats_interval.is_some() => {

@@ -201,6 +201,40 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Pin { path: pin, source })
     }
 
+    /// Points every pinned pod link at the freshly loaded pod program
+    /// (atomically, per link): after an upgrade, existing pods run the new
+    /// code without a moment of detachment. Returns how many were updated.
+    pub fn repoint_pods(&mut self) -> Result<usize, DataplaneError> {
+        let dir = self.pin_dir.join(PIN_PODS_DIR);
+        let entries = fs::read_dir(&dir).map_err(|source| DataplaneError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let name = names::PROG_FROM_POD;
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+        let mut n = 0;
+        for entry in entries.flatten() {
+            let pin = entry.path();
+            let Ok(pinned) = PinnedLink::from_pin(&pin) else {
+                continue;
+            };
+            let link = aya::programs::tc::SchedClassifierLink::try_from(FdLink::from(pinned))
+                .map_err(|source| DataplaneError::Link {
+                    path: pin.clone(),
+                    source,
+                })?;
+            match prog.attach_to_link(link) {
+                Ok(_) => n += 1,
+                // The pod's veth is gone (the link is defunct): drop the stale pin.
+                Err(e) => {
+                    tracing::info!(pin = %pin.display(), "removing the pin of a detached pod link: {e}");
+                    let _ = fs::remove_file(&pin);
+                }
+            }
+        }
+        Ok(n)
+    }
+
     /// The pod program, for tests that run it directly.
     pub fn program_mut<'a, T>(&'a mut self, name: &'static str) -> Result<&'a mut T, DataplaneError>
     where

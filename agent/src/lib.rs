@@ -3,9 +3,12 @@
 
 pub mod agent;
 pub mod cidr;
+pub mod config;
 pub mod dataplane;
 pub mod endpoint;
 pub mod ip;
+pub mod kube;
+pub mod metrics;
 pub mod netdev;
 pub mod node;
 pub mod registry;

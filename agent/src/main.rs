@@ -1,11 +1,11 @@
 //! `weft`: the node agent and its CLI.
 
-use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use weft_agent::{
     agent::{self, AgentConfig},
-    cidr::Ipv4Cidr,
+    config::AgentSettings,
     dataplane::DEFAULT_BPFFS_DIR,
     endpoint::{self, EndpointSpec},
     node::{DEFAULT_RUN_DIR, NodeConfig},
@@ -33,36 +33,14 @@ struct Paths {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent: load and attach the dataplane, keep maps in sync.
+    ///
+    /// Settings come from flags, then the config file, then defaults.
     Agent {
-        /// This node's name in the registry (default: the host name).
-        #[arg(long, env = "WEFT_NODE_NAME")]
-        node_name: Option<String>,
-        /// Underlay interface (default: the interface of the default route).
-        #[arg(long)]
-        iface: Option<String>,
-        /// Pick the first interface whose name matches this glob (`*`, `?`).
-        #[arg(long, conflicts_with = "iface")]
-        iface_regex: Option<String>,
-        /// Underlay address to use instead of the interface's first IPv4 address.
-        #[arg(long)]
-        public_ip: Option<Ipv4Addr>,
-        /// TOML file listing the cluster's nodes (the `file` registry).
-        #[arg(long, default_value = "/etc/weft/nodes.toml")]
-        nodes_file: PathBuf,
-        /// Cluster CIDR: every pod address lies in it.
-        #[arg(long, default_value = "10.244.0.0/16")]
-        cluster_cidr: Ipv4Cidr,
-        /// VXLAN network identifier (flannel's default is 1).
-        #[arg(long, default_value_t = 1)]
-        vni: u32,
-        /// VXLAN UDP port (flannel's default is 8472; IANA's is 4789).
-        #[arg(long, default_value_t = 8472)]
-        port: u16,
-        /// Print counters every N seconds (0: never).
-        #[arg(long, default_value_t = 0)]
-        stats_interval: u64,
+        /// TOML config file with the same settings as the flags (kebab-case keys).
+        #[arg(long, default_value = weft_agent::config::DEFAULT_CONFIG)]
+        config: PathBuf,
         #[command(flatten)]
-        paths: Paths,
+        settings: AgentSettings,
     },
     /// Show this node, known nodes, local endpoints and counters.
     Status {
@@ -139,31 +117,15 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Agent {
-            node_name,
-            iface,
-            iface_regex,
-            public_ip,
-            nodes_file,
-            cluster_cidr,
-            vni,
-            port,
-            stats_interval,
-            paths,
-        } => {
-            let cfg = AgentConfig {
-                node_name: node_name.unwrap_or_else(hostname),
-                iface,
-                iface_regex,
-                public_ip,
-                nodes_file,
-                cluster_cidr,
-                vni,
-                port,
-                bpffs_dir: paths.bpffs_dir,
-                run_dir: paths.run_dir,
-                stats_interval: (stats_interval > 0).then(|| Duration::from_secs(stats_interval)),
+        Command::Agent { config, settings } => {
+            let from_file = if config.exists() {
+                AgentSettings::from_file(&config)?
+            } else if config.as_os_str() != weft_agent::config::DEFAULT_CONFIG {
+                anyhow::bail!("config file {} does not exist", config.display());
+            } else {
+                AgentSettings::default()
             };
+            let cfg = AgentConfig::from_settings(settings.over(from_file), hostname);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -1,0 +1,172 @@
+//! Agent settings: flags override the TOML config file, which overrides the
+//! defaults (flannel's where a flannel user would look for them).
+//!
+//! ```toml
+//! # /etc/weft/agent.toml — every key optional, same names as the flags
+//! node-name = "node-1"
+//! iface = "eth0"              # or iface-regex = "^en", or neither: default route
+//! public-ip = "192.0.2.1"
+//! registry = "file"           # or "kube"
+//! nodes-file = "/etc/weft/nodes.toml"
+//! kubeconfig = "/etc/weft/kubeconfig"
+//! cluster-cidr = "10.244.0.0/16"
+//! vni = 1
+//! port = 8472
+//! bpffs-dir = "/sys/fs/bpf/weft"
+//! run-dir = "/run/weft"
+//! metrics-addr = "127.0.0.1:9807"
+//! stats-interval = 0
+//! ```
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::cidr::Ipv4Cidr;
+
+/// Default config file; read when it exists and `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/weft/agent.toml";
+
+/// Where the node registry comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistryKind {
+    /// A TOML file listing the nodes (no cluster needed).
+    File,
+    /// Node objects of the Kubernetes API.
+    Kube,
+}
+
+/// Every agent setting, each optional: from flags or from the file.
+#[derive(Clone, Debug, Default, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AgentSettings {
+    /// This node's name in the registry [default: the host name].
+    #[arg(long, env = "WEFT_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Underlay interface [default: the interface of the default route].
+    #[arg(long)]
+    pub iface: Option<String>,
+    /// Pick the first interface (with an IPv4 address) whose name matches this regex.
+    #[arg(long, conflicts_with = "iface")]
+    pub iface_regex: Option<String>,
+    /// Underlay address to use instead of the interface's first IPv4 address.
+    #[arg(long)]
+    pub public_ip: Option<Ipv4Addr>,
+    /// Node registry [default: file].
+    #[arg(long, value_enum)]
+    pub registry: Option<RegistryKind>,
+    /// TOML file of the `file` registry [default: /etc/weft/nodes.toml].
+    #[arg(long)]
+    pub nodes_file: Option<PathBuf>,
+    /// kubeconfig for the `kube` registry [default: in-cluster, then $KUBECONFIG].
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Cluster CIDR: every pod address lies in it [default: 10.244.0.0/16].
+    #[arg(long)]
+    pub cluster_cidr: Option<Ipv4Cidr>,
+    /// VXLAN network identifier [default: 1, as flannel].
+    #[arg(long)]
+    pub vni: Option<u32>,
+    /// VXLAN UDP port [default: 8472, as flannel; IANA's is 4789].
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// bpffs directory for pinned maps, programs and links [default: /sys/fs/bpf/weft].
+    #[arg(long, env = "WEFT_BPFFS_DIR")]
+    pub bpffs_dir: Option<PathBuf>,
+    /// Directory for subnet.env, read by the CNI plugin [default: /run/weft].
+    #[arg(long, env = "WEFT_RUN_DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Address of the /metrics, /healthz and /readyz endpoint [default: 127.0.0.1:9807].
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Print counters every N seconds; 0 never [default: 0].
+    #[arg(long)]
+    pub stats_interval: Option<u64>,
+}
+
+/// Errors reading the config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+}
+
+impl AgentSettings {
+    /// Reads a config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            message: e.message().to_string(),
+        })
+    }
+
+    /// `self` (flags) over `file`: a flag given wins, else the file's value.
+    pub fn over(self, file: Self) -> Self {
+        Self {
+            node_name: self.node_name.or(file.node_name),
+            iface: self.iface.or(file.iface),
+            iface_regex: self.iface_regex.or(file.iface_regex),
+            public_ip: self.public_ip.or(file.public_ip),
+            registry: self.registry.or(file.registry),
+            nodes_file: self.nodes_file.or(file.nodes_file),
+            kubeconfig: self.kubeconfig.or(file.kubeconfig),
+            cluster_cidr: self.cluster_cidr.or(file.cluster_cidr),
+            vni: self.vni.or(file.vni),
+            port: self.port.or(file.port),
+            bpffs_dir: self.bpffs_dir.or(file.bpffs_dir),
+            run_dir: self.run_dir.or(file.run_dir),
+            metrics_addr: self.metrics_addr.or(file.metrics_addr),
+            stats_interval: self.stats_interval.or(file.stats_interval),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_override_defaults() {
+        let file: AgentSettings = toml::from_str(
+            "vni = 7\nport = 4789\ncluster-cidr = \"198.19.0.0/16\"\nregistry = \"kube\"\n",
+        )
+        .unwrap();
+        let flags = AgentSettings {
+            vni: Some(9),
+            ..Default::default()
+        };
+        let s = flags.over(file);
+        assert_eq!(s.vni, Some(9));
+        assert_eq!(s.port, Some(4789));
+        assert_eq!(s.registry, Some(RegistryKind::Kube));
+        assert_eq!(s.cluster_cidr.unwrap().to_string(), "198.19.0.0/16");
+        assert_eq!(s.iface, None);
+    }
+
+    #[test]
+    fn bad_files_say_what_is_wrong() {
+        let e = toml::from_str::<AgentSettings>("vnii = 7\n")
+            .unwrap_err()
+            .message()
+            .to_string();
+        assert!(e.contains("vnii"), "{e}");
+        let e = toml::from_str::<AgentSettings>("cluster-cidr = \"10.0.0.1/8\"\n")
+            .unwrap_err()
+            .message()
+            .to_string();
+        assert!(e.contains("did you mean 10.0.0.0/8"), "{e}");
+    }
+}

@@ -1,0 +1,186 @@
+//! `/metrics` (Prometheus text format, via prometheus-client), `/healthz`
+//! and `/readyz` on one small HTTP port.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, counter::Counter, gauge::ConstGauge, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::dataplane::Maps;
+
+/// The agent's own counters, updated by the reconcile loop.
+#[derive(Clone, Debug, Default)]
+pub struct AgentMetrics {
+    pub reconciles: Counter,
+    pub reconcile_errors: Counter,
+    pub map_writes: Counter,
+    pub registry_problems: Gauge,
+    pub known_nodes: Gauge,
+}
+
+/// Reads the dataplane's counters and map sizes at each scrape.
+#[derive(Debug)]
+struct DataplaneCollector {
+    pin_dir: PathBuf,
+}
+
+impl Collector for DataplaneCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(maps) = Maps::open(&self.pin_dir) else {
+            return Ok(());
+        };
+        let c = crate::stats::read(&maps.drops, &maps.fwds);
+        for (name, help, values) in [
+            (
+                "weft_forwarded_packets",
+                "Packets the dataplane forwarded, by decision.",
+                &c.forwards,
+            ),
+            (
+                "weft_dropped_packets",
+                "Packets the dataplane dropped, by reason.",
+                &c.drops,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for (reason, value) in values {
+                let labels = [("reason", reason.as_str())];
+                ConstCounter::new(*value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let sizes = [
+            ("remote_cidrs", maps.remotes.keys().count()),
+            ("endpoints", maps.endpoints.keys().count()),
+            ("nodes", maps.nodes.keys().count()),
+        ];
+        let mut family = encoder.encode_descriptor(
+            "weft_map_entries",
+            "Entries in each dataplane map.",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (map, n) in sizes {
+            ConstGauge::new(n as i64).encode(family.encode_family(&[("map", map)])?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The metrics registry and readiness flag served over HTTP.
+#[derive(Clone)]
+pub struct Server {
+    registry: Arc<Mutex<Registry>>,
+    pub ready: Arc<AtomicBool>,
+}
+
+impl Server {
+    pub fn new(agent: &AgentMetrics, pin_dir: PathBuf) -> Self {
+        let mut r = Registry::default();
+        r.register(
+            "weft_reconciles",
+            "Snapshots of the node registry applied to the maps.",
+            agent.reconciles.clone(),
+        );
+        r.register(
+            "weft_reconcile_errors",
+            "Snapshots that could not be applied.",
+            agent.reconcile_errors.clone(),
+        );
+        r.register(
+            "weft_map_writes",
+            "Map entries written or removed by reconciles.",
+            agent.map_writes.clone(),
+        );
+        r.register(
+            "weft_registry_problems",
+            "Registry entries skipped as invalid.",
+            agent.registry_problems.clone(),
+        );
+        r.register(
+            "weft_known_nodes",
+            "Nodes in the last applied snapshot.",
+            agent.known_nodes.clone(),
+        );
+        r.register_collector(Box::new(DataplaneCollector { pin_dir }));
+        Self {
+            registry: Arc::new(Mutex::new(r)),
+            ready: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn respond(&self, path: &str) -> (u16, String) {
+        match path {
+            "/healthz" => (200, "ok\n".into()),
+            "/readyz" if self.ready.load(Ordering::Relaxed) => (200, "ready\n".into()),
+            "/readyz" => (503, "not ready: first sync not written yet\n".into()),
+            "/metrics" => {
+                let mut body = String::new();
+                let registry = self.registry.lock().expect("metrics registry lock");
+                match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                    Ok(()) => (200, body),
+                    Err(e) => (500, format!("encoding metrics: {e}\n")),
+                }
+            }
+            _ => (404, "not found; try /metrics, /healthz, /readyz\n".into()),
+        }
+    }
+
+    /// Serves until the task is dropped.
+    pub async fn serve(self, addr: SocketAddr) -> std::io::Result<()> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+        loop {
+            let (mut sock, _) = listener.accept().await?;
+            let this = self.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                let n = match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    sock.read(&mut buf),
+                )
+                .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+                let req = String::from_utf8_lossy(&buf[..n]);
+                let path = req.split_whitespace().nth(1).unwrap_or("/");
+                let (code, body) = this.respond(path);
+                let reason = match code {
+                    200 => "OK",
+                    404 => "Not Found",
+                    503 => "Service Unavailable",
+                    _ => "Internal Server Error",
+                };
+                let ctype = if path == "/metrics" {
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8"
+                } else {
+                    "text/plain"
+                };
+                let head = format!(
+                    "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(body.as_bytes()).await;
+            });
+        }
+    }
+}

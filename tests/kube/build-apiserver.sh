@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Builds kube-apiserver from Debian bookworm's `kubernetes` source package
+# (1.20.2, vendored) into $1 (default: target/kube), once: a second run finds
+# the binary and exits. Recipe and pitfalls: ../shared/notes/kube-apiserver.md.
+set -euo pipefail
+out="${1:-$(cd "$(dirname "$0")/../.." && pwd)/target/kube}"
+bin="$out/kube-apiserver-1.20.2"
+if [ -x "$bin" ]; then
+  echo "==> kube-apiserver: cached at $bin"
+  exit 0
+fi
+mkdir -p "$out"
+export DEBIAN_FRONTEND=noninteractive
+need=""
+for p in golang-go make rsync golang-github-modern-go-reflect2-dev etcd-server etcd-client openssl dpkg-dev; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need="$need $p"
+done
+if [ -n "$need" ]; then
+  echo "==> kube-apiserver: installing$need"
+  apt-get update -q >/dev/null
+  apt-get install -y -q --no-install-recommends $need >/dev/null
+fi
+# deb822 format, with the same Signed-By as the system's bookworm entry
+# (a one-line deb-src with a different Signed-By breaks every apt call).
+src_list=/etc/apt/sources.list.d/weft-bookworm-src.sources
+if ! apt-cache showsrc kubernetes 2>/dev/null | grep -q '^Version: 1.20.2'; then
+  echo "==> kube-apiserver: enabling deb-src for bookworm"
+  printf 'Types: deb-src\nURIs: http://deb.debian.org/debian\nSuites: bookworm\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' > "$src_list"
+  apt-get update -q >/dev/null || { rm -f "$src_list"; apt-get update -q >/dev/null; echo "deb-src for bookworm could not be enabled" >&2; exit 1; }
+fi
+work="$out/src"
+rm -rf "$work" && mkdir -p "$work"
+echo "==> kube-apiserver: fetching Debian's kubernetes 1.20.2 source"
+(cd "$work" && apt-get source --download-only kubernetes >/dev/null 2>&1)
+(cd "$work" && dpkg-source -x --skip-patches kubernetes_*.dsc tree >/dev/null)
+tree="$work/tree"
+# reflect2 1.0.1 (vendored) crashes under Go >= 1.18: use Debian's 1.0.2.
+rm -f "$tree"/vendor/github.com/modern-go/reflect2/*.go
+cp /usr/share/gocode/src/github.com/modern-go/reflect2/*.go "$tree/vendor/github.com/modern-go/reflect2/"
+mkdir -p "$tree/.go/src/k8s.io"
+ln -sfn "$tree" "$tree/.go/src/k8s.io/kubernetes"
+echo "==> kube-apiserver: building (about 3-4 minutes on 2 cores)"
+(cd "$tree/.go/src/k8s.io/kubernetes" && GOPATH="$tree/.go" CGO_ENABLED=0 GOPROXY=off GOFLAGS=-mod=vendor make WHAT=cmd/kube-apiserver >"$out/build.log" 2>&1) || { tail -30 "$out/build.log"; exit 1; }
+cp "$tree/_output/bin/kube-apiserver" "$bin"
+rm -rf "$work"
+echo "==> kube-apiserver: built $bin"
