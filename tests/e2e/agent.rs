@@ -1,0 +1,403 @@
+//! The agent's life cycle: restarts under load, live registry changes, bad
+//! input, config file, metrics and readiness, clean removal.
+
+use std::{
+    collections::HashSet,
+    io::{Read, Write},
+    net::Ipv4Addr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use weft_tests::{
+    Cluster, ClusterSpec, ForeignNode, InNetns, Lab, Netns, ping, privileged, wait_for, weft_bin,
+};
+
+/// GET `path` from the agent's HTTP port inside `ns`: (status code, body).
+fn http_get(ns: &Netns, addr: &str, path: &str) -> Option<(u16, String)> {
+    let _inside = InNetns::enter(ns);
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((
+        code,
+        text.split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string(),
+    ))
+}
+
+fn remote_cidrs(c: &Cluster, i: usize) -> Vec<String> {
+    c.status(i)["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            format!(
+                "{}@{}",
+                n["pod_cidr"].as_str().unwrap(),
+                n["underlay_ip"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+fn wait_log(lab: &Lab, name: &str, needle: &str) {
+    wait_for(
+        &format!("`{needle}` in {name}'s log"),
+        Duration::from_secs(20),
+        || lab.log(name).contains(needle).then_some(()),
+    );
+}
+
+#[test]
+fn restarting_the_agent_twice_under_load_loses_nothing() {
+    if !privileged("restarting_the_agent_twice_under_load_loses_nothing") {
+        return;
+    }
+    let mut lab = Lab::new("rst");
+    let c = Cluster::start(
+        &mut lab,
+        ClusterSpec {
+            nodes: 2,
+            pods_per_node: 1,
+            ..Default::default()
+        },
+    );
+    let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
+
+    // A counted UDP stream a → b, one datagram per millisecond.
+    let stop = Arc::new(AtomicBool::new(false));
+    let receiver = {
+        let (ns, ip, stop) = (b.ns.clone(), b.ip, stop.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || {
+            let _inside = InNetns::enter(&ns);
+            let sock = std::net::UdpSocket::bind((ip, 9100)).unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            tx.send(()).unwrap();
+            let mut got = HashSet::new();
+            let mut buf = [0u8; 64];
+            let mut quiet_since = None;
+            loop {
+                match sock.recv(&mut buf) {
+                    Ok(8) => {
+                        got.insert(u64::from_be_bytes(buf[..8].try_into().unwrap()));
+                        quiet_since = None;
+                    }
+                    _ if stop.load(Ordering::Relaxed) => {
+                        let t = *quiet_since.get_or_insert_with(Instant::now);
+                        if t.elapsed() > Duration::from_millis(500) {
+                            return got;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+        rx.recv().unwrap();
+        handle
+    };
+    let sender = {
+        let (ns, dst, stop) = (a.ns.clone(), b.ip, stop.clone());
+        std::thread::spawn(move || {
+            let _inside = InNetns::enter(&ns);
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            let start = Instant::now();
+            let mut seq = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if sock.send_to(&seq.to_be_bytes(), (dst, 9100)).is_ok() {
+                    seq += 1;
+                }
+                let next = start + Duration::from_millis(seq);
+                if let Some(d) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(d);
+                }
+            }
+            seq
+        })
+    };
+    // And a TCP bulk transfer over the same path.
+    let mut server = b.ns.command("iperf3");
+    server.args(["-s", "-1", "--forceflush", "-B", &b.ip.to_string()]);
+    lab.spawn("iperf-server", server);
+    wait_log(&lab, "iperf-server", "listening");
+    let (ans, bip) = (a.ns.clone(), b.ip);
+    let client = std::thread::spawn(move || {
+        ans.command("iperf3")
+            .args(["-c", &bip.to_string(), "-t", "9", "-b", "500M", "-J"])
+            .output()
+            .unwrap()
+    });
+
+    for round in 1..=2 {
+        std::thread::sleep(Duration::from_millis(1500));
+        lab.stop(&Cluster::agent_name(0));
+        std::thread::sleep(Duration::from_millis(300));
+        c.start_agent(&mut lab, 0);
+        wait_log(&lab, &Cluster::agent_name(0), "agent: ready");
+        assert!(
+            lab.log(&Cluster::agent_name(0)).contains("pods=1"),
+            "round {round}: the pod link was re-pointed: {}",
+            lab.log(&Cluster::agent_name(0))
+        );
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    let sent = sender.join().unwrap();
+    let got = receiver.join().unwrap();
+    let missing: Vec<u64> = (0..sent).filter(|s| !got.contains(s)).take(20).collect();
+    println!(
+        "UDP across two agent restarts: sent {sent}, received {}",
+        got.len()
+    );
+    assert!(sent > 3000, "the stream ran ({sent} datagrams)");
+    assert!(
+        missing.is_empty(),
+        "lost {} of {sent} datagrams, first: {missing:?}",
+        sent - got.len() as u64
+    );
+    let out = client.join().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    assert!(
+        v.get("error").is_none(),
+        "TCP across restarts: {}",
+        v["error"]
+    );
+    assert!(
+        v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0) > 0,
+        "TCP moved data"
+    );
+}
+
+#[test]
+fn registry_edits_apply_live_and_bad_input_never_wipes_the_dataplane() {
+    if !privileged("registry_edits_apply_live_and_bad_input_never_wipes_the_dataplane") {
+        return;
+    }
+    let mut lab = Lab::new("reg");
+    let mut c = Cluster::start(
+        &mut lab,
+        ClusterSpec {
+            nodes: 2,
+            pods_per_node: 1,
+            ..Default::default()
+        },
+    );
+    let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
+    let has = |c: &Cluster, entry: &str| remote_cidrs(c, 0).iter().any(|e| e == entry);
+
+    // A node joins: in node-1's maps within a second.
+    c.foreign.push(ForeignNode {
+        name: "node-9".into(),
+        underlay_ip: Ipv4Addr::new(198, 18, 0, 9),
+        pod_cidr: "198.19.9.0/24".into(),
+        vtep_mac: "0e:77:c6:12:00:09".into(),
+    });
+    c.write_nodes_file();
+    let t = Instant::now();
+    wait_for("node-9 in node-1's maps", Duration::from_secs(1), || {
+        has(&c, "198.19.9.0/24@198.18.0.9").then_some(())
+    });
+    println!(
+        "a node added to the file reached the map in {:?}",
+        t.elapsed()
+    );
+    // Re-CIDR'd: the old entry goes, the new one comes.
+    c.foreign[0].pod_cidr = "198.19.10.0/24".into();
+    c.write_nodes_file();
+    wait_for("node-9 re-CIDR'd", Duration::from_secs(1), || {
+        (has(&c, "198.19.10.0/24@198.18.0.9") && !has(&c, "198.19.9.0/24@198.18.0.9")).then_some(())
+    });
+
+    // Unparsable TOML: one clear error, the maps stay, traffic flows.
+    let good = std::fs::read_to_string(&c.nodes_file).unwrap();
+    std::fs::write(&c.nodes_file, "[[node]\nname = ").unwrap();
+    wait_log(&lab, "agent-1", "is not valid TOML");
+    assert!(
+        has(&c, "198.19.10.0/24@198.18.0.9") && has(&c, "198.19.2.0/24@198.18.0.2"),
+        "maps kept: {:?}",
+        remote_cidrs(&c, 0)
+    );
+    assert!(
+        ping(&a.ns, b.ip, 2),
+        "traffic still flows on the last good state"
+    );
+
+    // One bad entry (overlapping CIDR): it alone is skipped and named.
+    std::fs::write(&c.nodes_file, format!("{good}\n[[node]]\nname = \"bad\"\nunderlay_ip = \"198.18.0.50\"\npod_cidr = \"198.19.2.128/25\"\n")).unwrap();
+    wait_log(
+        &lab,
+        "agent-1",
+        "node `bad`: pod_cidr 198.19.2.128/25 overlaps node `node-2`",
+    );
+    assert!(ping(&a.ns, b.ip, 2), "the rest of the dataplane is intact");
+    assert!(
+        !remote_cidrs(&c, 0)
+            .iter()
+            .any(|e| e.contains("198.18.0.50")),
+        "the bad node is not in the maps"
+    );
+
+    // This node missing from the registry: logged, nothing flushed.
+    std::fs::write(
+        &c.nodes_file,
+        good.replace("name = \"node-1\"", "name = \"renamed\""),
+    )
+    .unwrap();
+    wait_log(&lab, "agent-1", "this node is missing from the registry");
+    assert!(ping(&a.ns, b.ip, 2), "traffic still flows");
+
+    // A node leaves: removed (a full list drops what it does not contain).
+    c.foreign.clear();
+    c.write_nodes_file();
+    wait_for("node-9 gone", Duration::from_secs(1), || {
+        (!has(&c, "198.19.10.0/24@198.18.0.9")).then_some(())
+    });
+    assert!(ping(&a.ns, b.ip, 2));
+}
+
+#[test]
+fn config_file_metrics_readiness_and_down() {
+    if !privileged("config_file_metrics_readiness_and_down") {
+        return;
+    }
+    let help = std::process::Command::new(weft_bin())
+        .args(["agent", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "--config",
+        "--node-name",
+        "--iface",
+        "--iface-regex",
+        "--public-ip",
+        "--registry",
+        "--nodes-file",
+        "--kubeconfig",
+        "--cluster-cidr",
+        "--vni",
+        "--port",
+        "--bpffs-dir",
+        "--run-dir",
+        "--metrics-addr",
+        "--stats-interval",
+    ] {
+        assert!(help.contains(flag), "`weft agent --help` documents {flag}");
+    }
+
+    let mut lab = Lab::new("cfg");
+    let mut c = Cluster::new(
+        &mut lab,
+        ClusterSpec {
+            nodes: 1,
+            pods_per_node: 0,
+            ..Default::default()
+        },
+    );
+    let n = c.nodes[0].clone();
+    c.nodes[0].name = "not-yet".into(); // the registry does not list this node at first
+    c.write_nodes_file();
+    // Everything from the config file; one flag overrides it.
+    let config = lab.dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node-name = \"node-1\"\niface-regex = \"^und\"\ncluster-cidr = \"198.19.0.0/16\"\nnodes-file = \"{}\"\nbpffs-dir = \"{}\"\nrun-dir = \"{}\"\nvni = 99\nmetrics-addr = \"127.0.0.1:9999\"\n",
+            c.nodes_file.display(),
+            n.bpffs.display(),
+            n.run_dir.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = n.ns.command(weft_bin());
+    cmd.args(["agent", "--config"])
+        .arg(&config)
+        .args(["--metrics-addr", "127.0.0.1:9808"]);
+    lab.spawn("agent", cmd);
+    let addr = "127.0.0.1:9808";
+    wait_for("/healthz", Duration::from_secs(10), || {
+        http_get(&n.ns, addr, "/healthz").filter(|(code, _)| *code == 200)
+    });
+    assert_eq!(
+        http_get(&n.ns, addr, "/readyz").map(|r| r.0),
+        Some(503),
+        "not ready before the first sync"
+    );
+    assert!(
+        http_get(&n.ns, "127.0.0.1:9999", "/healthz").is_none(),
+        "the flag overrides the file's metrics-addr"
+    );
+    wait_log(&lab, "agent", "this node is not in the node registry yet");
+    c.nodes[0].name = "node-1".into();
+    c.write_nodes_file();
+    wait_for("/readyz", Duration::from_secs(10), || {
+        http_get(&n.ns, addr, "/readyz").filter(|(code, _)| *code == 200)
+    });
+    assert!(
+        n.ns.ip(&["link", "show", "und0"]).contains("prog/xdp"),
+        "attached via the config file's iface-regex"
+    );
+    c.add_pod(&mut lab, 0, 0);
+    assert!(ping(&c.pods[0].ns, n.underlay_ip, 2));
+    let (code, metrics) = http_get(&n.ns, addr, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    for needle in [
+        "weft_forwarded_packets_total{reason=\"passthrough\"}",
+        "weft_dropped_packets_total{reason=\"unknown_vtep\"} 0",
+        "weft_map_entries{map=\"endpoints\"} 1",
+        "weft_reconciles_total",
+        "weft_known_nodes 1",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "/metrics has {needle}:\n{metrics}"
+        );
+    }
+
+    // `weft down` leaves the node as it was.
+    lab.stop("agent");
+    let out =
+        n.ns.command(weft_bin())
+            .arg("down")
+            .arg("--bpffs-dir")
+            .arg(&n.bpffs)
+            .arg("--run-dir")
+            .arg(&n.run_dir)
+            .output()
+            .unwrap();
+    assert!(
+        out.status.success(),
+        "weft down: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !n.ns.ip(&["link", "show", "und0"]).contains("xdp"),
+        "XDP detached"
+    );
+    assert!(
+        !n.ns.ip(&["link", "show"]).contains("weft0"),
+        "weft0 removed"
+    );
+    assert!(
+        !n.ns.ip(&["route", "show"]).contains("198.19.0.0/16"),
+        "cluster route removed"
+    );
+    assert!(!n.bpffs.exists(), "pins removed");
+    assert!(!n.run_dir.join("subnet.env").exists(), "subnet.env removed");
+    let links = n.ns.sh("bpftool", &["link", "show"]);
+    assert!(
+        !links.contains("tcx") && !links.contains("xdp"),
+        "no BPF links left: {links}"
+    );
+}
