@@ -47,6 +47,8 @@ pub struct AgentConfig {
     pub run_dir: PathBuf,
     pub metrics_addr: SocketAddr,
     pub stats_interval: Option<Duration>,
+    /// Compile the programs' debug logging in (when the agent logs at debug).
+    pub bpf_debug_log: bool,
 }
 
 impl AgentConfig {
@@ -77,6 +79,7 @@ impl AgentConfig {
                 .metrics_addr
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9807))),
             stats_interval: s.stats_interval.filter(|n| *n > 0).map(Duration::from_secs),
+            bpf_debug_log: false,
         }
     }
 }
@@ -275,8 +278,17 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         vtep_mac: me.vtep_mac,
         underlay_mac: iface.mac,
         cluster_cidr: cfg.cluster_cidr,
+        bpf_log_level: if cfg.bpf_debug_log {
+            aya_log::Level::Debug as u8
+        } else {
+            0
+        },
     };
     let mut dp = Dataplane::load(&globals, &cfg.bpffs_dir)?;
+    if cfg.bpf_debug_log {
+        dataplane::spawn_bpf_logger(&mut dp.ebpf)?;
+        tracing::debug!("BPF debug logging is on");
+    }
     let mode = dp.attach_xdp(&iface.name)?;
     dp.attach_host(HOST_IFACE)?;
     dp.pin_pod_program()?;
@@ -285,6 +297,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
 
     let mut maps = Maps::open(&cfg.bpffs_dir)?;
     let apply = |snap: &Snapshot, maps: &mut Maps| {
+        let started = std::time::Instant::now();
         metrics.reconciles.inc();
         metrics.registry_problems.set(snap.problems.len() as i64);
         metrics.known_nodes.set(snap.nodes.len() as i64);
@@ -304,10 +317,12 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             Ok(c) => {
                 metrics.map_writes.inc_by((c.upserts + c.removals) as u64);
                 if c.upserts + c.removals > 0 {
+                    let elapsed_us = started.elapsed().as_micros() as u64;
                     tracing::info!(
                         nodes = snap.nodes.len(),
                         upserts = c.upserts,
                         removals = c.removals,
+                        elapsed_us,
                         "registry applied"
                     );
                 }

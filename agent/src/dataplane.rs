@@ -88,12 +88,42 @@ pub struct Globals {
     pub vtep_mac: [u8; 6],
     pub underlay_mac: [u8; 6],
     pub cluster_cidr: Ipv4Cidr,
+    /// aya-log level compiled into the programs at load (0 = off; 4 = debug).
+    /// A load-time constant: the verifier prunes log calls above it.
+    pub bpf_log_level: u8,
 }
 
 /// A loaded dataplane: the programs and maps, pinned under `pin_dir`.
 pub struct Dataplane {
     pub ebpf: Ebpf,
     pub pin_dir: PathBuf,
+}
+
+/// Forwards the programs' aya-log records to the agent's log until dropped.
+pub fn spawn_bpf_logger(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
+    let logger = aya_log::EbpfLogger::init(ebpf).map_err(|e| DataplaneError::Io {
+        path: "AYA_LOGS".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    // SAFETY: the logger owns its ring buffer's fd and neither closes nor
+    // replaces it while the AsyncFd holds it.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| DataplaneError::Io {
+        path: "AYA_LOGS".into(),
+        source: e.into(),
+    })?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
 }
 
 impl Dataplane {
@@ -121,7 +151,8 @@ impl Dataplane {
             .override_global(names::GLOBAL_VTEP_MAC, &globals.vtep_mac, true)
             .override_global(names::GLOBAL_UNDERLAY_MAC, &globals.underlay_mac, true)
             .override_global(names::GLOBAL_CLUSTER_NET, &cluster_net, true)
-            .override_global(names::GLOBAL_CLUSTER_MASK, &cluster_mask, true);
+            .override_global(names::GLOBAL_CLUSTER_MASK, &cluster_mask, true)
+            .override_global(aya_log::LEVEL, &globals.bpf_log_level, false);
         let mut ebpf = loader.load(OBJECT)?;
         for name in [names::PROG_FROM_POD, names::PROG_FROM_HOST] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;

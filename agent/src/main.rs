@@ -126,7 +126,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 AgentSettings::default()
             };
-            let cfg = AgentConfig::from_settings(settings.over(from_file), hostname);
+            let mut cfg = AgentConfig::from_settings(settings.over(from_file), hostname);
+            // The programs log at debug level only when the agent does:
+            // otherwise the log calls are pruned at load time.
+            cfg.bpf_debug_log =
+                std::env::var("WEFT_LOG").is_ok_and(|v| v.contains("debug") || v.contains("trace"));
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -15,6 +15,7 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
+use aya_log_ebpf::debug;
 use weft_common::{DropReason, Endpoint, FwdReason, VXLAN_HLEN};
 
 use crate::{
@@ -31,9 +32,12 @@ fn pass() -> Result<u32, ()> {
     Ok(XDP_PASS)
 }
 
+/// Counts the drop; at debug log level (a load-time global: pruned by the
+/// verifier when off) also says why.
 #[inline(always)]
-fn drop(reason: DropReason) -> Result<u32, ()> {
+fn drop(ctx: &XdpContext, reason: DropReason) -> Result<u32, ()> {
     count_drop(reason);
+    debug!(ctx, "weft xdp: drop {}", reason.name());
     Ok(XDP_DROP)
 }
 
@@ -71,44 +75,44 @@ pub fn try_decap(ctx: &XdpContext) -> Result<u32, ()> {
 
     // From here on the packet claims to be ours.
     if !maps::is_known_vtep(u32::from_ne_bytes(ip.src)) {
-        return drop(DropReason::UnknownVtep);
+        return drop(ctx, DropReason::UnknownVtep);
     }
     let vx_off = udp_off + UDP_HLEN;
     let Ok(vx) = ptr_at::<VxlanHdr>(start, end, vx_off) else {
-        return drop(DropReason::Malformed);
+        return drop(ctx, DropReason::Malformed);
     };
     // SAFETY: as above.
     let vx = unsafe { *vx };
     let vni = maps::vni();
     if vx.flags & VXLAN_FLAG_I == 0 || vx.vni != [(vni >> 16) as u8, (vni >> 8) as u8, vni as u8] {
-        return drop(DropReason::WrongVni);
+        return drop(ctx, DropReason::WrongVni);
     }
     let inner_off = vx_off + VXLAN_HLEN;
     let Ok(inner_eth) = ptr_at::<EthHdr>(start, end, inner_off) else {
-        return drop(DropReason::Malformed);
+        return drop(ctx, DropReason::Malformed);
     };
     // SAFETY: as above.
     if unsafe { (*inner_eth).proto } != ETH_P_IP {
-        return drop(DropReason::InnerNotIpv4);
+        return drop(ctx, DropReason::InnerNotIpv4);
     }
     let Ok(inner_ip) = ptr_at::<Ipv4Hdr>(start, end, inner_off + ETH_HLEN) else {
-        return drop(DropReason::Malformed);
+        return drop(ctx, DropReason::Malformed);
     };
     // SAFETY: as above.
     let inner_ip = unsafe { *inner_ip };
     if !inner_ip.is_valid() {
-        return drop(DropReason::Malformed);
+        return drop(ctx, DropReason::Malformed);
     }
     let ep = maps::endpoint(u32::from_ne_bytes(inner_ip.dst));
 
     // Strip outer Ethernet, IPv4, UDP and VXLAN.
     // SAFETY: ctx is our xdp_md; inner_off ≤ 14 + 60 + 16.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, inner_off as i32) } != 0 {
-        return drop(DropReason::HelperFailed);
+        return drop(ctx, DropReason::HelperFailed);
     }
     let (start, end) = (ctx.data(), ctx.data_end());
     let Ok(eth) = ptr_at::<EthHdr>(start, end, 0) else {
-        return drop(DropReason::Malformed);
+        return drop(ctx, DropReason::Malformed);
     };
     match ep {
         Some(Endpoint {

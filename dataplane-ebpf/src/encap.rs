@@ -86,8 +86,8 @@ pub fn encap_and_redirect(ctx: &TcContext, remote: &RemoteNode) -> i32 {
         BPF_FIB_LKUP_RET_SUCCESS => true,
         BPF_FIB_LKUP_RET_NO_NEIGH => false,
         // FRAG_NEEDED: a non-GSO packet larger than the underlay MTU allows.
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => return drop(DropReason::Mtu),
-        _ => return drop(DropReason::FibLookupFailed),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return drop(ctx, DropReason::Mtu),
+        _ => return drop(ctx, DropReason::FibLookupFailed),
     };
 
     // SAFETY: ctx is our skb.
@@ -102,7 +102,7 @@ pub fn encap_and_redirect(ctx: &TcContext, remote: &RemoteNode) -> i32 {
         .adjust_room(VXLAN_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
         .is_err()
     {
-        return drop(DropReason::HelperFailed);
+        return drop(ctx, DropReason::HelperFailed);
     }
 
     let hdr = build_headers(
@@ -119,7 +119,7 @@ pub fn encap_and_redirect(ctx: &TcContext, remote: &RemoteNode) -> i32 {
         &maps::vtep_mac(),
     );
     if ctx.store(0, &hdr, 0).is_err() {
-        return drop(DropReason::HelperFailed);
+        return drop(ctx, DropReason::HelperFailed);
     }
 
     if resolved {

@@ -6,6 +6,7 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_redirect_peer},
     programs::TcContext,
 };
+use aya_log_ebpf::debug;
 use weft_common::{DropReason, FwdReason};
 
 use crate::{
@@ -34,23 +35,23 @@ pub fn try_forward(ctx: &TcContext, origin: Origin) -> Result<i32, ()> {
     let eth: *mut EthHdr = ptr_at(start, end, 0)?;
     // SAFETY: ptr_at checked the header lies inside the packet.
     if unsafe { (*eth).proto } != ETH_P_IP {
-        return Ok(not_ours(origin));
+        return Ok(not_ours(ctx, origin));
     }
     let ip: *mut Ipv4Hdr = match ptr_at(start, end, ETH_HLEN) {
         Ok(ip) => ip,
-        Err(()) => return Ok(drop(DropReason::Malformed)),
+        Err(()) => return Ok(drop(ctx, DropReason::Malformed)),
     };
     // SAFETY: as above.
     let hdr = unsafe { *ip };
     if !hdr.is_valid() {
-        return Ok(drop(DropReason::Malformed));
+        return Ok(drop(ctx, DropReason::Malformed));
     }
     if !maps::in_cluster(hdr.dst) {
-        return Ok(not_ours(origin));
+        return Ok(not_ours(ctx, origin));
     }
     if hdr.ttl <= 1 {
         // From a pod, the stack answers with ICMP time exceeded.
-        return Ok(not_ours(origin));
+        return Ok(not_ours(ctx, origin));
     }
 
     if let Some(ep) = maps::endpoint(u32::from_ne_bytes(hdr.dst)) {
@@ -73,13 +74,13 @@ pub fn try_forward(ctx: &TcContext, origin: Origin) -> Result<i32, ()> {
     }
 
     let Some(remote) = maps::remote(hdr.dst) else {
-        return Ok(drop(DropReason::NoRoute));
+        return Ok(drop(ctx, DropReason::NoRoute));
     };
     let remote = *remote;
     if remote.underlay_ip.to_ne_bytes() == maps::local_ip() {
         // Our own pod CIDR but no endpoint: the gateway address or a pod that
         // is gone; the stack answers (or sends ICMP unreachable).
-        return Ok(not_ours(origin));
+        return Ok(not_ours(ctx, origin));
     }
     // SAFETY: header bounds checked above.
     unsafe {
@@ -93,18 +94,21 @@ pub fn try_forward(ctx: &TcContext, origin: Origin) -> Result<i32, ()> {
 /// unchanged; on `weft0` there is nowhere else for it to go (the veth peer is
 /// a dead end), so it is dropped and counted.
 #[inline(always)]
-fn not_ours(origin: Origin) -> i32 {
+fn not_ours(ctx: &TcContext, origin: Origin) -> i32 {
     match origin {
         Origin::Pod => {
             count_fwd(FwdReason::Passthrough);
             TC_ACT_OK
         }
-        Origin::Host => drop(DropReason::NoRoute),
+        Origin::Host => drop(ctx, DropReason::NoRoute),
     }
 }
 
+/// Counts the drop; at debug log level (a load-time global: pruned by the
+/// verifier when off) also says why.
 #[inline(always)]
-pub fn drop(reason: DropReason) -> i32 {
+pub fn drop(ctx: &TcContext, reason: DropReason) -> i32 {
     count_drop(reason);
+    debug!(ctx, "weft tc: drop {}", reason.name());
     TC_ACT_SHOT
 }

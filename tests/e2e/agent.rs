@@ -401,3 +401,81 @@ fn config_file_metrics_readiness_and_down() {
         "no BPF links left: {links}"
     );
 }
+
+#[test]
+fn bpf_debug_logs_appear_at_debug_level_and_cost_nothing_when_off() {
+    if !privileged("bpf_debug_logs_appear_at_debug_level_and_cost_nothing_when_off") {
+        return;
+    }
+    let mut lab = Lab::new("log");
+    let mut c = Cluster::new(
+        &mut lab,
+        ClusterSpec {
+            nodes: 2,
+            pods_per_node: 0,
+            ..Default::default()
+        },
+    );
+    c.launch(&mut lab);
+    // Restart node-1's agent at debug level (the other stays at info).
+    lab.stop(&Cluster::agent_name(0));
+    let n = c.nodes[0].clone();
+    let mut cmd = n.ns.command(weft_bin());
+    cmd.args([
+        "agent",
+        "--node-name",
+        &n.name,
+        "--iface",
+        "und0",
+        "--cluster-cidr",
+        weft_tests::CLUSTER_CIDR,
+        "--nodes-file",
+    ])
+    .arg(&c.nodes_file)
+    .arg("--bpffs-dir")
+    .arg(&n.bpffs)
+    .arg("--run-dir")
+    .arg(&n.run_dir)
+    .env("WEFT_LOG", "info,weft_dataplane=debug,weft_agent=debug");
+    lab.spawn("debug-agent", cmd);
+    wait_log(&lab, "debug-agent", "agent: ready");
+    // Packets from the node to a cluster address nobody owns: dropped on weft0.
+    for (ns, agent) in [
+        (&c.nodes[0].ns, "debug-agent"),
+        (&c.nodes[1].ns, &Cluster::agent_name(1) as &str),
+    ] {
+        let _inside = InNetns::enter(ns);
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let _ = sock.send_to(b"x", "198.19.77.1:9");
+        drop(_inside);
+        std::thread::sleep(Duration::from_millis(300));
+        let log = lab.log(agent);
+        if agent == "debug-agent" {
+            assert!(
+                log.contains("weft tc: drop no_route"),
+                "the program's debug log reached the agent's log:\n{log}"
+            );
+        } else {
+            assert!(!log.contains("weft tc: drop"), "no BPF logs at info level");
+        }
+    }
+    // Off means absent: the verifier pruned the log calls, so node-2's
+    // programs (level 0) are smaller than node-1's (debug).
+    let xlated = |ns: &Netns| -> u64 {
+        let out = ns.sh("bpftool", &["-j", "net", "show"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let id = v[0]["xdp"][0]["id"]
+            .as_u64()
+            .expect("an XDP program on und0");
+        let prog: serde_json::Value =
+            serde_json::from_str(&ns.sh("bpftool", &["-j", "prog", "show", "id", &id.to_string()]))
+                .unwrap();
+        prog["bytes_xlated"].as_u64().unwrap()
+    };
+    let (debug, off) = (xlated(&c.nodes[0].ns), xlated(&c.nodes[1].ns));
+    println!("XDP program after verification: {debug} bytes with debug logging, {off} without");
+    assert!(
+        off < debug,
+        "logging off must remove the log code ({off} vs {debug} bytes)"
+    );
+}

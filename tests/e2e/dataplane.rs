@@ -255,6 +255,7 @@ fn interop(vni: u32, port: u16) {
             pods_per_node: 1,
             vni,
             port,
+            ..Default::default()
         },
     );
     let fl = flannel_node(&mut lab, &c, 2, vni, port);
@@ -393,6 +394,7 @@ fn underlay_carries_flannel_format_vxlan() {
             pods_per_node: 1,
             vni,
             port,
+            ..Default::default()
         },
     );
     let (a, b) = (c.pods[0].clone(), c.pods[1].clone());

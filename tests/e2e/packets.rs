@@ -86,6 +86,7 @@ impl Fixture {
             vtep_mac: LOCAL_VTEP,
             underlay_mac: und.mac,
             cluster_cidr: "198.19.0.0/16".parse().unwrap(),
+            bpf_log_level: 0,
         };
         let dp = Dataplane::load(&globals, &pins).expect("load dataplane");
         let mut maps = Maps::open(&pins).expect("open maps");

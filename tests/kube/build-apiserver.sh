@@ -10,6 +10,13 @@ if [ -x "$bin" ]; then
   exit 0
 fi
 mkdir -p "$out"
+# One build at a time: a second caller waits for the first, then finds the binary.
+exec 9>"$out/.build.lock"
+flock 9
+if [ -x "$bin" ]; then
+  echo "==> kube-apiserver: cached at $bin"
+  exit 0
+fi
 export DEBIAN_FRONTEND=noninteractive
 need=""
 for p in golang-go make rsync golang-github-modern-go-reflect2-dev etcd-server etcd-client openssl dpkg-dev; do

@@ -215,6 +215,14 @@ impl Lab {
         }
     }
 
+    /// The pid of a process started with [`Lab::spawn`].
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.procs
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.child.id())
+    }
+
     /// The log of a process started with [`Lab::spawn`].
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
@@ -338,6 +346,8 @@ pub struct ClusterSpec {
     pub pods_per_node: usize,
     pub vni: u32,
     pub port: u16,
+    /// Extra flags for every agent (e.g. `--registry kube`).
+    pub agent_args: Vec<String>,
 }
 
 impl Default for ClusterSpec {
@@ -347,6 +357,7 @@ impl Default for ClusterSpec {
             pods_per_node: 2,
             vni: 1,
             port: 8472,
+            agent_args: Vec::new(),
         }
     }
 }
@@ -473,6 +484,7 @@ impl Cluster {
         .arg(&n.bpffs)
         .arg("--run-dir")
         .arg(&n.run_dir)
+        .args(&self.spec.agent_args)
         .env("WEFT_LOG", "info");
         lab.spawn(&Self::agent_name(i), cmd);
     }
@@ -700,3 +712,4 @@ pub fn udp_roundtrip(from: &Netns, ip: Ipv4Addr, port: u16) -> bool {
             && matches!(s.recv_from(&mut buf), Ok((n, _)) if &buf[..n] == msg.as_bytes())
     })
 }
+pub mod kube;

@@ -2,6 +2,7 @@
 
 mod demo;
 mod ebpf;
+mod scale;
 mod setup;
 
 use std::{
@@ -39,6 +40,12 @@ enum Cmd {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// Measure the agent against a registry of many nodes (see docs/SCALE.md).
+    Scale {
+        /// Number of nodes in the registry.
+        #[arg(long, default_value_t = 5000)]
+        nodes: usize,
     },
     /// Bring up a 3-node weft cluster in network namespaces on this machine.
     Demo {
@@ -216,6 +223,17 @@ fn main() -> Result<()> {
         }
         Cmd::Lint => lint(),
         Cmd::Test { args } => test(&args),
+        Cmd::Scale { nodes } => {
+            setup::setup()?;
+            stage("build: weft (release)");
+            run(
+                cargo(&["build", "--release", "-p", "weft-agent"]),
+                "cargo build --release -p weft-agent",
+            )?;
+            let report = scale::run(&workspace().join("target/release/weft"), nodes)?;
+            println!("{report}");
+            Ok(())
+        }
         Cmd::Demo { down } => {
             if down {
                 demo::down()

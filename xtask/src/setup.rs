@@ -19,6 +19,8 @@ pub const PACKAGES: &[&str] = &[
     "sockperf",
     "bpftool",
     "util-linux",
+    "curl",
+    "openssl",
 ];
 
 fn step(msg: &str) {
@@ -136,6 +138,12 @@ pub fn setup() -> Result<()> {
             ])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }
+    step(
+        "kube-apiserver and etcd for the kube registry tests (built once from Debian's source, then cached)",
+    );
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/kube/build-apiserver.sh");
+    run(Command::new("bash").arg(script))?;
     step("done");
     Ok(())
 }

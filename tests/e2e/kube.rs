@@ -1,0 +1,302 @@
+//! The `kube` node registry against a real kube-apiserver and etcd.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::{
+    core::v1::Node,
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, PostParams},
+};
+use weft_tests::{
+    Cluster, ClusterSpec, InNetns, Lab, Netns,
+    kube::{ADMIN_TOKEN, AGENT_TOKEN, AGENT_USER, KubeApi, apiserver_bin},
+    ping, privileged, wait_for,
+};
+
+/// Runs `f` with an admin client on a runtime whose sockets live in `ns`.
+fn with_client<T: Send + 'static>(
+    ns: &Netns,
+    api: &KubeApi,
+    f: impl AsyncFnOnce(Client) -> T + Send + 'static,
+) -> T {
+    let ns = ns.clone();
+    let kubeconfig = api.kubeconfig("admin", ADMIN_TOKEN);
+    std::thread::spawn(move || {
+        let _inside = InNetns::enter(&ns);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let kc = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
+            let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .unwrap();
+            f(Client::try_from(config).unwrap()).await
+        })
+    })
+    .join()
+    .unwrap()
+}
+
+fn node(name: &str, cidr: Option<&str>, annotations: &[(&str, &str)]) -> Node {
+    let ann: serde_json::Map<String, serde_json::Value> = annotations
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
+        .collect();
+    let mut spec = serde_json::json!({});
+    if let Some(c) = cidr {
+        spec = serde_json::json!({"podCIDR": c, "podCIDRs": [c]});
+    }
+    serde_json::from_value(
+        serde_json::json!({"metadata": {"name": name, "annotations": ann}, "spec": spec}),
+    )
+    .unwrap()
+}
+
+fn create(ns: &Netns, api: &KubeApi, n: Node) {
+    with_client(ns, api, async move |c| {
+        Api::<Node>::all(c)
+            .create(&PostParams::default(), &n)
+            .await
+            .unwrap();
+    });
+}
+
+fn delete(ns: &Netns, api: &KubeApi, name: &str) {
+    let name = name.to_string();
+    with_client(ns, api, async move |c| {
+        Api::<Node>::all(c)
+            .delete(&name, &DeleteParams::default())
+            .await
+            .unwrap();
+    });
+}
+
+fn remote_cidrs(c: &Cluster, i: usize) -> Vec<String> {
+    c.status(i)["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            format!(
+                "{}@{}",
+                n["pod_cidr"].as_str().unwrap(),
+                n["underlay_ip"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+fn within_a_second(what: &str, f: impl Fn() -> bool) -> Duration {
+    let t = Instant::now();
+    wait_for(what, Duration::from_secs(1), || f().then_some(()));
+    t.elapsed()
+}
+
+#[test]
+fn nodes_from_the_kubernetes_api() {
+    if !privileged("nodes_from_the_kubernetes_api") {
+        return;
+    }
+    if apiserver_bin().is_none() {
+        if std::env::var_os("WEFT_REQUIRE_PRIVILEGED").is_some_and(|v| v == "1") {
+            panic!(
+                "kube-apiserver is not built; `cargo xtask setup` builds it (tests/kube/build-apiserver.sh)"
+            );
+        }
+        eprintln!(
+            "SKIP nodes_from_the_kubernetes_api: kube-apiserver not built (tests/kube/build-apiserver.sh)"
+        );
+        return;
+    }
+    let mut lab = Lab::new("kube");
+    let mut c = Cluster::new(
+        &mut lab,
+        ClusterSpec {
+            nodes: 2,
+            pods_per_node: 1,
+            ..Default::default()
+        },
+    );
+    let und = c.underlay.ns.clone();
+    let api = KubeApi::start(&mut lab, &und, "br0");
+
+    // RBAC exactly as deploy/rbac.yaml, bound to the agents' user.
+    let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac.yaml"))
+        .unwrap();
+    let role_yaml = rbac
+        .split("---")
+        .find(|d| d.contains("kind: ClusterRole\n"))
+        .unwrap()
+        .to_string();
+    with_client(&und, &api, async move |client| {
+        let rules = role_yaml.split("rules:").nth(1).unwrap();
+        assert!(
+            rules.contains("[\"get\", \"list\", \"watch\", \"patch\"]")
+                && rules.contains("[\"nodes\"]"),
+            "the manifest's rules"
+        );
+        let role: ClusterRole = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "weft-agent"},
+            "rules": [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]}]
+        }))
+        .unwrap();
+        Api::<ClusterRole>::all(client.clone())
+            .create(&PostParams::default(), &role)
+            .await
+            .unwrap();
+        let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "weft-agent"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "weft-agent"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": AGENT_USER}]
+        }))
+        .unwrap();
+        Api::<ClusterRoleBinding>::all(client)
+            .create(&PostParams::default(), &binding)
+            .await
+            .unwrap();
+    });
+    for (i, n) in c.nodes.iter().enumerate() {
+        let cidr = format!("198.19.{}.0/24", i + 1);
+        create(&und, &api, node(&n.name, Some(&cidr), &[]));
+    }
+    let kubeconfig = api.kubeconfig("agent", AGENT_TOKEN);
+    c.spec.agent_args = vec![
+        "--registry".into(),
+        "kube".into(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+    ];
+    c.launch(&mut lab);
+    let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
+    assert!(
+        ping(&a.ns, b.ip, 3),
+        "pods reach each other with nodes from the API"
+    );
+
+    // Each agent published its underlay IP and VTEP MAC on its own Node.
+    let annotations = with_client(&und, &api, async |client| {
+        let nodes = Api::<Node>::all(client)
+            .list(&Default::default())
+            .await
+            .unwrap();
+        nodes
+            .items
+            .iter()
+            .map(|n| {
+                (
+                    n.metadata.name.clone().unwrap(),
+                    n.metadata.annotations.clone().unwrap_or_default(),
+                )
+            })
+            .collect::<Vec<_>>()
+    });
+    for (name, ann) in &annotations {
+        let i: u8 = name.trim_start_matches("node-").parse().unwrap();
+        assert_eq!(
+            ann.get("weft.dev/underlay-ip").map(String::as_str),
+            Some(format!("198.18.0.{i}").as_str()),
+            "{name}'s annotation"
+        );
+        assert!(
+            ann.contains_key("weft.dev/vtep-mac"),
+            "{name} has a VTEP MAC annotation"
+        );
+    }
+
+    // Add, re-CIDR (delete + create, as podCIDR is immutable), delete.
+    let peer = [
+        ("weft.dev/underlay-ip", "198.18.0.9"),
+        ("weft.dev/vtep-mac", "0e:77:c6:12:00:09"),
+    ];
+    create(&und, &api, node("node-9", Some("198.19.9.0/24"), &peer));
+    let t = within_a_second("node-9 added", || {
+        remote_cidrs(&c, 0).contains(&"198.19.9.0/24@198.18.0.9".to_string())
+    });
+    println!("a Node created through the API reached the map in {t:?}");
+    delete(&und, &api, "node-9");
+    create(&und, &api, node("node-9", Some("198.19.10.0/24"), &peer));
+    within_a_second("node-9 re-CIDR'd", || {
+        let r = remote_cidrs(&c, 0);
+        r.contains(&"198.19.10.0/24@198.18.0.9".to_string())
+            && !r.contains(&"198.19.9.0/24@198.18.0.9".to_string())
+    });
+    // Bad objects: skipped with one line each naming the object.
+    create(
+        &und,
+        &api,
+        node("no-cidr", None, &[("weft.dev/underlay-ip", "198.18.0.20")]),
+    );
+    create(
+        &und,
+        &api,
+        node(
+            "bad-ip",
+            Some("198.19.21.0/24"),
+            &[("weft.dev/underlay-ip", "not-an-ip")],
+        ),
+    );
+    create(
+        &und,
+        &api,
+        node(
+            "overlap",
+            Some("198.19.2.0/25"),
+            &[("weft.dev/underlay-ip", "198.18.0.22")],
+        ),
+    );
+    wait_for("problems logged", Duration::from_secs(5), || {
+        let log = lab.log("agent-1");
+        (log.contains("Node no-cidr: no spec.podCIDR")
+            && log.contains("Node bad-ip: annotation weft.dev/underlay-ip=`not-an-ip`")
+            && log.contains("node `overlap`: pod_cidr 198.19.2.0/25 overlaps"))
+        .then_some(())
+    });
+    assert!(
+        ping(&a.ns, b.ip, 2),
+        "bad objects leave the dataplane intact"
+    );
+    delete(&und, &api, "node-9");
+    within_a_second("node-9 deleted", || {
+        !remote_cidrs(&c, 0).iter().any(|e| e.contains("198.18.0.9"))
+    });
+
+    // The API server goes away: forwarding goes on, no hot loop; it comes
+    // back: the agent converges (a node created meanwhile shows up).
+    api.stop_apiserver(&mut lab);
+    let before = lab.log("agent-1").lines().count();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        ping(&a.ns, b.ip, 3),
+        "forwarding on the last known state while the API is down"
+    );
+    let noise = lab.log("agent-1").lines().count() - before;
+    assert!(
+        noise < 30,
+        "backoff, not a hot loop: {noise} log lines in 3 s"
+    );
+    api.start_apiserver(&mut lab);
+    create(
+        &und,
+        &api,
+        node(
+            "node-11",
+            Some("198.19.11.0/24"),
+            &[("weft.dev/underlay-ip", "198.18.0.11")],
+        ),
+    );
+    wait_for(
+        "node-11 after the API server restart",
+        Duration::from_secs(30),
+        || {
+            remote_cidrs(&c, 0)
+                .contains(&"198.19.11.0/24@198.18.0.11".to_string())
+                .then_some(())
+        },
+    );
+    assert!(ping(&a.ns, b.ip, 2));
+}

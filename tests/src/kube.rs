@@ -1,0 +1,246 @@
+//! A real kube-apiserver and etcd for tests, inside a lab namespace.
+//!
+//! The binary is built from Debian's source by `tests/kube/build-apiserver.sh`
+//! (cached under `target/kube`). Both servers run in the given namespace
+//! (the underlay's), the API server on `198.18.0.254:6443`, so agents in
+//! node namespaces reach it over the underlay. Two tokens: `admin` (group
+//! system:masters) for the test, `agent` (user weft-agent, nothing granted
+//! until the test applies deploy/rbac.yaml's rules to it).
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use crate::{Lab, Netns, sh};
+
+pub const API_IP: &str = "198.18.0.254";
+pub const API_PORT: u16 = 6443;
+pub const ADMIN_TOKEN: &str = "weft-test-admin-token";
+pub const AGENT_TOKEN: &str = "weft-test-agent-token";
+/// The user the agent token authenticates as.
+pub const AGENT_USER: &str = "weft-agent";
+
+/// Where the cached kube-apiserver binary is, if it was built.
+pub fn apiserver_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("WEFT_KUBE_APISERVER") {
+        return Some(p.into());
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()?
+        .join("target/kube/kube-apiserver-1.20.2");
+    root.is_file().then_some(root)
+}
+
+/// Running etcd + kube-apiserver.
+pub struct KubeApi {
+    pub ns: Netns,
+    pub dir: PathBuf,
+    pub ca_pem: String,
+    bin: PathBuf,
+}
+
+impl KubeApi {
+    /// Starts etcd and the API server in `ns` (which gets 198.18.0.254 on
+    /// `dev`) and waits until /readyz answers.
+    pub fn start(lab: &mut Lab, ns: &Netns, dev: &str) -> Self {
+        let bin = apiserver_bin().expect(
+            "kube-apiserver not built: run tests/kube/build-apiserver.sh (cargo xtask setup does)",
+        );
+        let dir = lab.dir.join("kube");
+        std::fs::create_dir_all(&dir).unwrap();
+        ns.ip(&["addr", "add", &format!("{API_IP}/24"), "dev", dev]);
+        let p = |f: &str| dir.join(f).display().to_string();
+        let ossl = |args: &[&str]| {
+            sh("openssl", args);
+        };
+        ossl(&["genrsa", "-out", &p("ca.key"), "2048"]);
+        ossl(&[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            &p("ca.key"),
+            "-subj",
+            "/CN=weft-test-ca",
+            "-days",
+            "2",
+            "-out",
+            &p("ca.crt"),
+        ]);
+        ossl(&["genrsa", "-out", &p("server.key"), "2048"]);
+        ossl(&[
+            "req",
+            "-new",
+            "-key",
+            &p("server.key"),
+            "-subj",
+            "/CN=kube-apiserver",
+            "-out",
+            &p("server.csr"),
+        ]);
+        std::fs::write(
+            dir.join("san.ext"),
+            format!("subjectAltName=IP:{API_IP},IP:127.0.0.1,DNS:kubernetes\n"),
+        )
+        .unwrap();
+        ossl(&[
+            "x509",
+            "-req",
+            "-in",
+            &p("server.csr"),
+            "-CA",
+            &p("ca.crt"),
+            "-CAkey",
+            &p("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &p("san.ext"),
+            "-out",
+            &p("server.crt"),
+        ]);
+        ossl(&["genrsa", "-out", &p("sa.key"), "2048"]);
+        ossl(&["rsa", "-in", &p("sa.key"), "-pubout", "-out", &p("sa.pub")]);
+        std::fs::write(
+            dir.join("tokens.csv"),
+            format!("{ADMIN_TOKEN},admin,1,system:masters\n{AGENT_TOKEN},{AGENT_USER},2\n"),
+        )
+        .unwrap();
+        let ca_pem = std::fs::read_to_string(dir.join("ca.crt")).unwrap();
+        let api = Self {
+            ns: ns.clone(),
+            dir,
+            ca_pem,
+            bin,
+        };
+        api.start_etcd(lab);
+        api.start_apiserver(lab);
+        api
+    }
+
+    fn start_etcd(&self, lab: &mut Lab) {
+        let mut etcd = self.ns.command("etcd");
+        etcd.args(["--name", "weft-test", "--data-dir"])
+            .arg(self.dir.join("etcd"))
+            .args([
+                "--listen-client-urls",
+                "http://127.0.0.1:2379",
+                "--advertise-client-urls",
+                "http://127.0.0.1:2379",
+            ])
+            .args([
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+            ])
+            .args([
+                "--initial-cluster",
+                "weft-test=http://127.0.0.1:2380",
+                "--log-level",
+                "warn",
+            ]);
+        lab.spawn("etcd", etcd);
+    }
+
+    /// Starts (or restarts) the API server and waits for /readyz.
+    pub fn start_apiserver(&self, lab: &mut Lab) {
+        let d = |f: &str| format!("{}", self.dir.join(f).display());
+        let mut cmd = self.ns.command(&self.bin);
+        cmd.args([
+            "--etcd-servers=http://127.0.0.1:2379",
+            &format!("--bind-address={API_IP}"),
+            &format!("--advertise-address={API_IP}"),
+            &format!("--secure-port={API_PORT}"),
+            "--insecure-port=0",
+            &format!("--tls-cert-file={}", d("server.crt")),
+            &format!("--tls-private-key-file={}", d("server.key")),
+            &format!("--token-auth-file={}", d("tokens.csv")),
+            "--authorization-mode=RBAC",
+            &format!("--service-account-key-file={}", d("sa.pub")),
+            &format!("--service-account-signing-key-file={}", d("sa.key")),
+            "--service-account-issuer=https://kubernetes.default.svc",
+            "--service-cluster-ip-range=198.18.200.0/24",
+            "--endpoint-reconciler-type=none",
+        ]);
+        lab.spawn("kube-apiserver", cmd);
+        self.wait_ready(lab);
+    }
+
+    /// Stops the API server (etcd keeps the data).
+    pub fn stop_apiserver(&self, lab: &mut Lab) {
+        lab.stop("kube-apiserver");
+    }
+
+    fn wait_ready(&self, lab: &Lab) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = Command::new("nsenter")
+                .arg(format!("--net={}", self.ns.path().display()))
+                .args([
+                    "curl",
+                    "-sk",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "-H",
+                    &format!("Authorization: Bearer {ADMIN_TOKEN}"),
+                ])
+                .arg(format!("https://{API_IP}:{API_PORT}/readyz"))
+                .output();
+            if out.as_ref().is_ok_and(|o| o.stdout == b"200") {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "kube-apiserver not ready in 60 s:\n{}",
+                lab.log("kube-apiserver")
+                    .lines()
+                    .rev()
+                    .take(30)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Writes a kubeconfig for `token` and returns its path.
+    pub fn kubeconfig(&self, name: &str, token: &str) -> PathBuf {
+        use std::fmt::Write as _;
+        let b64 = base64(self.ca_pem.as_bytes());
+        let mut s = String::new();
+        let _ = write!(
+            s,
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: weft\n  cluster:\n    server: https://{API_IP}:{API_PORT}\n    certificate-authority-data: {b64}\nusers:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: c\n  context:\n    cluster: weft\n    user: u\ncurrent-context: c\n"
+        );
+        let path = self.dir.join(format!("{name}.kubeconfig"));
+        std::fs::write(&path, s).unwrap();
+        path
+    }
+}
+
+fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
