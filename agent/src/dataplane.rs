@@ -305,8 +305,14 @@ fn attach_tc(
         prog.attach_to_link(link).map_err(err)?;
         return Ok(());
     }
-    // clsact is needed only for the netlink fallback on kernels before 6.6.
-    let _ = aya::programs::tc::qdisc_add_clsact(iface);
+    // clsact is needed only for the netlink fallback on kernels before 6.6;
+    // with TCX no qdisc is added, leaving the ingress qdisc to others (e.g.
+    // the bandwidth CNI plugin).
+    let tcx = aya::util::KernelVersion::current()
+        .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
+    if !tcx {
+        let _ = aya::programs::tc::qdisc_add_clsact(iface);
+    }
     let id = prog.attach(iface, dir).map_err(err)?;
     let link = prog.take_link(id).map_err(err)?;
     let fd: FdLink = link.try_into().map_err(|source| DataplaneError::Link {

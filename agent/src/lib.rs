@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod cidr;
+pub mod cni;
 pub mod config;
 pub mod dataplane;
 pub mod endpoint;

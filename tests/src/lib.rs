@@ -78,6 +78,11 @@ pub fn weft_bin() -> PathBuf {
     );
 }
 
+/// Path of the `weft-cni` plugin binary, next to `weft`.
+pub fn cni_bin() -> PathBuf {
+    weft_bin().with_file_name("weft-cni")
+}
+
 /// A network namespace owned by a [`Lab`].
 #[derive(Clone, Debug)]
 pub struct Netns {
@@ -516,29 +521,77 @@ impl Cluster {
             .expect("run weft")
     }
 
-    /// Creates pod `j` on node `i` (namespace + `weft endpoint add`).
+    /// The network configuration the lab's CNI invocations use on node `i`.
+    pub fn cni_conf(&self, i: usize, version: &str) -> serde_json::Value {
+        let n = &self.nodes[i];
+        serde_json::json!({
+            "cniVersion": version,
+            "name": "weft",
+            "type": "weft",
+            "runDir": n.run_dir,
+            "dataDir": n.run_dir.join("ipam"),
+            "dns": {"nameservers": ["198.18.0.53"]},
+        })
+    }
+
+    /// Runs the CNI plugin on node `i` exactly as a runtime does: `CNI_*`
+    /// environment, configuration on stdin, inside the node's namespace.
+    pub fn cni(
+        &self,
+        i: usize,
+        command: &str,
+        container: &str,
+        netns: &str,
+        conf: &serde_json::Value,
+    ) -> Output {
+        use std::io::Write as _;
+        let mut child = self.nodes[i]
+            .ns
+            .command(cni_bin())
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container)
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", cni_bin().parent().expect("bin dir"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run weft-cni");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(conf.to_string().as_bytes())
+            .expect("write conf");
+        child.wait_with_output().expect("weft-cni output")
+    }
+
+    /// Creates pod `j` on node `i`: a namespace, then CNI ADD.
     pub fn add_pod(&mut self, lab: &mut Lab, i: usize, j: usize) -> PodInfo {
         let ns = lab.netns(&format!("n{}p{}", i + 1, j + 1));
-        let ip = Ipv4Addr::new(198, 19, (i + 1) as u8, (10 + j) as u8);
-        let out = self.weft(
+        let out = self.cni(
             i,
-            &[
-                "endpoint",
-                "add",
-                "--netns",
-                ns.path().to_str().expect("utf-8"),
-                "--id",
-                &ns.name,
-                "--ip",
-                &ip.to_string(),
-            ],
+            "ADD",
+            &ns.name,
+            ns.path().to_str().expect("utf-8"),
+            &self.cni_conf(i, "1.1.0"),
         );
         assert!(
             out.status.success(),
-            "endpoint add {ip} on node {}: {}",
+            "CNI ADD on node {}: {}{}",
             i + 1,
+            String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        let result: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("CNI result JSON");
+        let addr = result["ips"][0]["address"].as_str().expect("an address");
+        let ip: Ipv4Addr = addr
+            .split('/')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .expect("IPv4 address");
         let pod = PodInfo {
             name: ns.name.clone(),
             ns,

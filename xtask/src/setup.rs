@@ -21,6 +21,8 @@ pub const PACKAGES: &[&str] = &[
     "util-linux",
     "curl",
     "openssl",
+    "containernetworking-plugins",
+    "iptables",
 ];
 
 fn step(msg: &str) {

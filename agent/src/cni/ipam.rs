@@ -1,0 +1,236 @@
+//! IPAM over the node's pod CIDR, on disk so that a plugin crash or a node
+//! reboot never hands one address to two pods.
+//!
+//! Layout (like host-local's): `<dir>/<ip>` holds `<container id>\n<ifname>`
+//! for each allocated address; `<dir>/last_reserved_ip` remembers where the
+//! last allocation was, so addresses are reused round-robin rather than
+//! immediately; `<dir>/lock` is held (flock) for every change, so concurrent
+//! plugin invocations are safe. The network address, the gateway and the
+//! broadcast address are never handed out.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::Write as _,
+    net::Ipv4Addr,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use crate::cidr::Ipv4Cidr;
+
+/// IPAM errors.
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    #[error(
+        "no free address left in {0}: every address is allocated (release some with DEL or GC)"
+    )]
+    Exhausted(Ipv4Cidr),
+    #[error("IPAM store {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The allocator for one network on one node.
+pub struct Ipam {
+    dir: PathBuf,
+    subnet: Ipv4Cidr,
+    gateway: Ipv4Addr,
+}
+
+/// Held while the store is locked.
+pub struct Locked<'a> {
+    ipam: &'a Ipam,
+    _lock: File,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> IpamError + '_ {
+    move |source| IpamError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Ipam {
+    pub fn new(dir: PathBuf, subnet: Ipv4Cidr, gateway: Ipv4Addr) -> Self {
+        Self {
+            dir,
+            subnet,
+            gateway,
+        }
+    }
+
+    /// Takes the store's lock (blocking until other invocations are done).
+    pub fn lock(&self) -> Result<Locked<'_>, IpamError> {
+        fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        let path = self.dir.join("lock");
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        // SAFETY: flock on a file we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(IpamError::Io {
+                path,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(Locked {
+            ipam: self,
+            _lock: f,
+        })
+    }
+}
+
+impl Locked<'_> {
+    fn owner_of(&self, ip: Ipv4Addr) -> Option<(String, String)> {
+        let text = fs::read_to_string(self.ipam.dir.join(ip.to_string())).ok()?;
+        let mut lines = text.lines();
+        Some((
+            lines.next()?.to_string(),
+            lines.next().unwrap_or_default().to_string(),
+        ))
+    }
+
+    /// Every allocation: (address, container id, ifname).
+    pub fn allocations(&self) -> Result<Vec<(Ipv4Addr, String, String)>, IpamError> {
+        let dir = &self.ipam.dir;
+        let mut out = Vec::new();
+        for e in fs::read_dir(dir).map_err(io(dir))?.flatten() {
+            if let Ok(ip) = e.file_name().to_string_lossy().parse::<Ipv4Addr>() {
+                if let Some((id, ifname)) = self.owner_of(ip) {
+                    out.push((ip, id, ifname));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The address already held by (container, ifname), if any.
+    pub fn find(&self, id: &str, ifname: &str) -> Result<Option<Ipv4Addr>, IpamError> {
+        Ok(self
+            .allocations()?
+            .into_iter()
+            .find(|(_, i, f)| i == id && f == ifname)
+            .map(|(ip, _, _)| ip))
+    }
+
+    /// Allocates an address for (container, ifname); returns the one it
+    /// already holds if there is one (a retried ADD).
+    pub fn allocate(&self, id: &str, ifname: &str) -> Result<Ipv4Addr, IpamError> {
+        if let Some(ip) = self.find(id, ifname)? {
+            return Ok(ip);
+        }
+        let s = &self.ipam.subnet;
+        let first = u32::from(s.addr()) + 1;
+        let last = u32::from(s.broadcast()).saturating_sub(1);
+        if last < first {
+            return Err(IpamError::Exhausted(*s));
+        }
+        let marker = self.ipam.dir.join("last_reserved_ip");
+        let start = fs::read_to_string(&marker)
+            .ok()
+            .and_then(|t| t.trim().parse::<Ipv4Addr>().ok())
+            .map(u32::from)
+            .filter(|a| (first..=last).contains(a))
+            .map_or(first, |a| if a >= last { first } else { a + 1 });
+        let span = last - first + 1;
+        for k in 0..span {
+            let cand = Ipv4Addr::from(first + (start - first + k) % span);
+            if cand == self.ipam.gateway {
+                continue;
+            }
+            let path = self.ipam.dir.join(cand.to_string());
+            match OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    f.write_all(format!("{id}\n{ifname}\n").as_bytes())
+                        .map_err(io(&path))?;
+                    f.sync_all().map_err(io(&path))?;
+                    fs::write(&marker, cand.to_string()).map_err(io(&marker))?;
+                    return Ok(cand);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(IpamError::Io { path, source: e }),
+            }
+        }
+        Err(IpamError::Exhausted(*s))
+    }
+
+    /// Releases what (container, ifname) holds; fine if it holds nothing.
+    pub fn release(&self, id: &str, ifname: &str) -> Result<Option<Ipv4Addr>, IpamError> {
+        let ip = self.find(id, ifname)?;
+        if let Some(ip) = ip {
+            let path = self.ipam.dir.join(ip.to_string());
+            fs::remove_file(&path).map_err(io(&path))?;
+        }
+        Ok(ip)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ipam(tag: &str, cidr: &str) -> Ipam {
+        let dir = std::env::temp_dir().join(format!("weft-ipam-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let c: Ipv4Cidr = cidr.parse().unwrap();
+        Ipam::new(dir, c, c.nth(1).unwrap())
+    }
+
+    #[test]
+    fn allocates_round_robin_skipping_reserved() {
+        let i = ipam("rr", "198.19.1.0/29"); // .1 gateway, .7 broadcast: .2-.6 usable
+        let l = i.lock().unwrap();
+        let got: Vec<String> = (0..5)
+            .map(|n| l.allocate(&format!("c{n}"), "eth0").unwrap().to_string())
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "198.19.1.2",
+                "198.19.1.3",
+                "198.19.1.4",
+                "198.19.1.5",
+                "198.19.1.6"
+            ]
+        );
+        assert!(matches!(
+            l.allocate("c9", "eth0"),
+            Err(IpamError::Exhausted(_))
+        ));
+        assert_eq!(
+            l.allocate("c2", "eth0").unwrap().to_string(),
+            "198.19.1.4",
+            "a retried ADD gets the same address"
+        );
+        assert_eq!(
+            l.release("c1", "eth0")
+                .unwrap()
+                .map(|a| a.to_string())
+                .as_deref(),
+            Some("198.19.1.3")
+        );
+        assert_eq!(
+            l.release("c1", "eth0").unwrap(),
+            None,
+            "release is idempotent"
+        );
+        assert_eq!(
+            l.allocate("c7", "eth0").unwrap().to_string(),
+            "198.19.1.3",
+            "the only free one"
+        );
+        l.release("c7", "eth0").unwrap(); // frees .3 (the last one handed out)
+        l.release("c4", "eth0").unwrap(); // frees .6
+        // Round robin: the search goes on after .3, so .6 comes before the
+        // just-freed .3.
+        assert_eq!(l.allocate("c8", "eth0").unwrap().to_string(), "198.19.1.6");
+        assert_eq!(l.allocate("c9", "eth0").unwrap().to_string(), "198.19.1.3");
+        fs::remove_dir_all(&i.dir).unwrap();
+    }
+}

@@ -1,0 +1,508 @@
+//! The CNI plugin (`weft-cni`, `"type": "weft"` in a conflist): CNI spec
+//! 1.1.0, also answering 0.3.x, 0.4.0 and 1.0.0 callers.
+//!
+//! ADD wires the pod through [`crate::endpoint`] (the path the tests and the
+//! demo use too) with an address from [`ipam`]; DEL undoes it idempotently;
+//! CHECK reports drift; STATUS says whether the agent has configured the
+//! node; GC releases what the runtime no longer knows; VERSION lists the
+//! versions. Errors are the spec's JSON on stdout with a non-zero exit.
+//!
+//! Network configuration keys beyond the standard ones:
+//! - `runDir`: where the agent's `subnet.env` is (default `/run/weft`);
+//! - `dataDir`: IPAM store root (default `/var/lib/weft/ipam`; the network
+//!   name is appended).
+
+pub mod ipam;
+
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::{
+    dataplane::{Maps, ip_key},
+    endpoint::{self, EndpointSpec},
+    netdev,
+    node::NodeConfig,
+};
+
+/// Versions this plugin answers.
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+/// The version it speaks natively.
+pub const VERSION: &str = "1.1.0";
+
+/// Well-known error codes (CNI spec, "Error codes").
+pub mod code {
+    pub const INCOMPATIBLE_VERSION: u32 = 1;
+    pub const UNSUPPORTED_FIELD: u32 = 2;
+    pub const UNKNOWN_CONTAINER: u32 = 3;
+    pub const INVALID_ENV: u32 = 4;
+    pub const IO: u32 = 5;
+    pub const DECODE: u32 = 6;
+    pub const INVALID_CONFIG: u32 = 7;
+    pub const TRY_AGAIN_LATER: u32 = 11;
+    pub const NOT_AVAILABLE: u32 = 50;
+    /// Plugin-specific: the node's pod CIDR has no free address.
+    pub const POOL_EXHAUSTED: u32 = 100;
+    /// Plugin-specific: CHECK found the pod's networking not as ADD left it.
+    pub const DRIFT: u32 = 101;
+}
+
+/// A CNI error: printed as the spec's error JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CniError {
+    pub code: u32,
+    pub msg: String,
+    pub details: String,
+}
+
+impl CniError {
+    fn new(code: u32, msg: impl Into<String>, details: impl Into<String>) -> Self {
+        Self {
+            code,
+            msg: msg.into(),
+            details: details.into(),
+        }
+    }
+
+    pub fn to_json(&self, version: &str) -> Value {
+        json!({"cniVersion": version, "code": self.code, "msg": self.msg, "details": self.details})
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Attachment {
+    #[serde(rename = "containerID")]
+    container_id: String,
+    ifname: String,
+}
+
+/// The network configuration on stdin.
+#[derive(Debug, Deserialize)]
+struct NetConf {
+    #[serde(rename = "cniVersion")]
+    cni_version: String,
+    name: String,
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    dns: Option<Value>,
+    #[serde(rename = "runDir")]
+    run_dir: Option<PathBuf>,
+    #[serde(rename = "dataDir")]
+    data_dir: Option<PathBuf>,
+    #[serde(rename = "prevResult")]
+    prev_result: Option<Value>,
+    #[serde(rename = "cni.dev/valid-attachments")]
+    valid_attachments: Option<Vec<Attachment>>,
+}
+
+impl NetConf {
+    fn run_dir(&self) -> PathBuf {
+        self.run_dir
+            .clone()
+            .unwrap_or_else(|| crate::node::DEFAULT_RUN_DIR.into())
+    }
+
+    fn ipam(&self, node: &NodeConfig) -> ipam::Ipam {
+        let root = self
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| "/var/lib/weft/ipam".into());
+        ipam::Ipam::new(root.join(&self.name), node.subnet, node.gateway)
+    }
+}
+
+/// One invocation: the CNI_* environment and stdin.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub env: HashMap<String, String>,
+    pub stdin: String,
+}
+
+/// Runs one invocation; `Ok` is what to print (possibly nothing).
+pub fn run(inv: &Invocation) -> Result<Option<Value>, (CniError, String)> {
+    let command = inv.env.get("CNI_COMMAND").cloned().unwrap_or_default();
+    if command == "VERSION" {
+        let asked = serde_json::from_str::<Value>(&inv.stdin)
+            .ok()
+            .and_then(|v| v["cniVersion"].as_str().map(String::from))
+            .unwrap_or_else(|| VERSION.into());
+        return Ok(Some(
+            json!({"cniVersion": asked, "supportedVersions": SUPPORTED_VERSIONS}),
+        ));
+    }
+    let conf: NetConf = serde_json::from_str(&inv.stdin).map_err(|e| {
+        (
+            CniError::new(
+                code::DECODE,
+                "the network configuration on stdin is not valid JSON for weft",
+                e.to_string(),
+            ),
+            VERSION.to_string(),
+        )
+    })?;
+    let version = conf.cni_version.clone();
+    let fail = |e: CniError| (e, version.clone());
+    if !SUPPORTED_VERSIONS.contains(&version.as_str()) {
+        return Err(fail(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!("CNI version {version} is not supported"),
+            format!("supported: {}", SUPPORTED_VERSIONS.join(", ")),
+        )));
+    }
+    if conf.kind != "weft" {
+        return Err(fail(CniError::new(
+            code::INVALID_CONFIG,
+            format!(
+                "this is the weft plugin, but the configuration's type is `{}`",
+                conf.kind
+            ),
+            "",
+        )));
+    }
+    let env = |k: &str| inv.env.get(k).filter(|v| !v.is_empty()).cloned();
+    let need = |k: &str| {
+        env(k).ok_or_else(|| {
+            fail(CniError::new(
+                code::INVALID_ENV,
+                format!("{k} is not set"),
+                format!("CNI_COMMAND={command} needs {k}"),
+            ))
+        })
+    };
+    match command.as_str() {
+        "ADD" => add(
+            &conf,
+            &need("CNI_CONTAINERID")?,
+            &need("CNI_IFNAME")?,
+            &need("CNI_NETNS")?,
+        )
+        .map(Some)
+        .map_err(fail),
+        "DEL" => del(&conf, &need("CNI_CONTAINERID")?, &need("CNI_IFNAME")?)
+            .map(|()| None)
+            .map_err(fail),
+        "CHECK" => check(
+            &conf,
+            &need("CNI_CONTAINERID")?,
+            &need("CNI_IFNAME")?,
+            &need("CNI_NETNS")?,
+        )
+        .map(|()| None)
+        .map_err(fail),
+        "STATUS" => status(&conf).map(|()| None).map_err(fail),
+        "GC" => gc(&conf).map(|()| None).map_err(fail),
+        "" => Err(fail(CniError::new(
+            code::INVALID_ENV,
+            "CNI_COMMAND is not set",
+            "run by a container runtime: CNI_COMMAND=ADD|DEL|CHECK|STATUS|GC|VERSION",
+        ))),
+        other => Err(fail(CniError::new(
+            code::INVALID_ENV,
+            format!("unknown CNI_COMMAND `{other}`"),
+            "expected ADD, DEL, CHECK, STATUS, GC or VERSION",
+        ))),
+    }
+}
+
+fn node_config(conf: &NetConf) -> Result<NodeConfig, CniError> {
+    NodeConfig::read(&conf.run_dir()).map_err(|e| {
+        CniError::new(
+            code::TRY_AGAIN_LATER,
+            "the weft agent has not configured this node yet",
+            e.to_string(),
+        )
+    })
+}
+
+fn ipam_err(e: ipam::IpamError) -> CniError {
+    match e {
+        ipam::IpamError::Exhausted(_) => CniError::new(
+            code::POOL_EXHAUSTED,
+            "no free pod address on this node",
+            e.to_string(),
+        ),
+        ipam::IpamError::Io { .. } => {
+            CniError::new(code::IO, "the IPAM store could not be used", e.to_string())
+        }
+    }
+}
+
+fn add(conf: &NetConf, id: &str, ifname: &str, netns: &str) -> Result<Value, CniError> {
+    let node = node_config(conf)?;
+    if !Path::new(netns).exists() {
+        return Err(CniError::new(
+            code::UNKNOWN_CONTAINER,
+            format!("network namespace {netns} does not exist"),
+            "the container may be gone",
+        ));
+    }
+    let ipam = conf.ipam(&node);
+    let ip = ipam
+        .lock()
+        .and_then(|l| l.allocate(id, ifname))
+        .map_err(ipam_err)?;
+    let spec = EndpointSpec {
+        netns: netns.into(),
+        ifname: ifname.into(),
+        host_ifname: endpoint::host_ifname(id, ifname),
+        ip,
+    };
+    let attached = match endpoint::add(&spec, &node) {
+        Ok(a) => a,
+        Err(e) => {
+            // Nothing half-built stays: endpoint::add cleaned its part; give the address back.
+            let _ = ipam.lock().and_then(|l| l.release(id, ifname));
+            return Err(CniError::new(
+                code::IO,
+                format!("setting up {ifname} in {netns}"),
+                e.to_string(),
+            ));
+        }
+    };
+    Ok(result(
+        &conf.cni_version,
+        conf.dns.clone(),
+        &attached,
+        ifname,
+        netns,
+        ip,
+        node.gateway,
+    ))
+}
+
+/// The ADD result in the caller's version.
+fn result(
+    version: &str,
+    dns: Option<Value>,
+    a: &endpoint::Attached,
+    ifname: &str,
+    netns: &str,
+    ip: Ipv4Addr,
+    gw: Ipv4Addr,
+) -> Value {
+    let mut ipc = json!({"address": format!("{ip}/32"), "gateway": gw.to_string(), "interface": 1});
+    if version.starts_with("0.") {
+        ipc["version"] = json!("4");
+    }
+    json!({
+        "cniVersion": version,
+        "interfaces": [
+            {"name": a.host_ifname, "mac": netdev::mac_to_string(&a.host_mac)},
+            {"name": ifname, "mac": netdev::mac_to_string(&a.pod_mac), "sandbox": netns},
+        ],
+        "ips": [ipc],
+        "routes": [{"dst": "0.0.0.0/0", "gw": gw.to_string()}],
+        "dns": dns.unwrap_or_else(|| json!({})),
+    })
+}
+
+fn del(conf: &NetConf, id: &str, ifname: &str) -> Result<(), CniError> {
+    let host = endpoint::host_ifname(id, ifname);
+    match node_config(conf) {
+        Ok(node) => {
+            let ip = conf
+                .ipam(&node)
+                .lock()
+                .and_then(|l| l.release(id, ifname))
+                .map_err(ipam_err)?;
+            endpoint::del(&host, ip, &node)
+                .map_err(|e| CniError::new(code::IO, format!("removing {host}"), e.to_string()))
+        }
+        // No agent configuration (e.g. weft removed): still remove the veth.
+        Err(_) => {
+            if netdev::index(&host).is_some() {
+                crate::ip::ip(&["link", "del", &host]).map_err(|e| {
+                    CniError::new(code::IO, format!("removing {host}"), e.to_string())
+                })?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn check(conf: &NetConf, id: &str, ifname: &str, netns: &str) -> Result<(), CniError> {
+    let node = node_config(conf)?;
+    let drift = |what: String| {
+        CniError::new(
+            code::DRIFT,
+            "the pod's networking is not as ADD left it",
+            what,
+        )
+    };
+    let host = endpoint::host_ifname(id, ifname);
+    let ip = conf
+        .ipam(&node)
+        .lock()
+        .and_then(|l| l.find(id, ifname))
+        .map_err(ipam_err)?
+        .ok_or_else(|| drift(format!("no address is allocated to {id}/{ifname}")))?;
+    if let Some(prev) = &conf.prev_result {
+        let want = format!("{ip}/32");
+        if !prev["ips"]
+            .as_array()
+            .is_some_and(|ips| ips.iter().any(|i| i["address"] == want.as_str()))
+        {
+            return Err(drift(format!("prevResult does not list {want}")));
+        }
+    }
+    let host_if = netdev::get(&host).map_err(|e| drift(format!("host-side veth: {e}")))?;
+    let in_pod = |args: &[&str]| {
+        let mut all = vec![format!("--net={netns}")];
+        all.extend(args.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        crate::ip::run("nsenter", &refs)
+    };
+    let addrs = in_pod(&["ip", "-o", "-4", "addr", "show", "dev", ifname])
+        .map_err(|e| drift(format!("{ifname} in {netns}: {e}")))?;
+    if !addrs.contains(&format!("{ip}/32")) {
+        return Err(drift(format!(
+            "{ifname} does not have {ip}/32: {}",
+            addrs.trim()
+        )));
+    }
+    let routes =
+        in_pod(&["ip", "-4", "route", "show", "default"]).map_err(|e| drift(e.to_string()))?;
+    if !routes.contains(&format!("via {}", node.gateway)) {
+        return Err(drift(format!(
+            "no default route via {} in the pod: {}",
+            node.gateway,
+            routes.trim()
+        )));
+    }
+    let maps = Maps::open(&node.bpffs).map_err(|e| {
+        CniError::new(
+            code::NOT_AVAILABLE,
+            "the dataplane is not loaded",
+            e.to_string(),
+        )
+    })?;
+    match maps.endpoints.get(&ip_key(ip), 0) {
+        Ok(ep) if ep.ifindex == host_if.index => Ok(()),
+        Ok(ep) => Err(drift(format!(
+            "the dataplane sends {ip} to ifindex {}, not {host} ({})",
+            ep.ifindex, host_if.index
+        ))),
+        Err(_) => Err(drift(format!("the dataplane has no endpoint for {ip}"))),
+    }
+}
+
+fn status(conf: &NetConf) -> Result<(), CniError> {
+    let node = NodeConfig::read(&conf.run_dir()).map_err(|e| {
+        CniError::new(
+            code::NOT_AVAILABLE,
+            "weft is not ready on this node",
+            e.to_string(),
+        )
+    })?;
+    Maps::open(&node.bpffs).map_err(|e| {
+        CniError::new(
+            code::NOT_AVAILABLE,
+            "weft's dataplane is not loaded on this node",
+            e.to_string(),
+        )
+    })?;
+    Ok(())
+}
+
+fn gc(conf: &NetConf) -> Result<(), CniError> {
+    let node = node_config(conf)?;
+    let valid = conf.valid_attachments.as_deref().unwrap_or_default();
+    let ipam = conf.ipam(&node);
+    let locked = ipam.lock().map_err(ipam_err)?;
+    for (ip, id, ifname) in locked.allocations().map_err(ipam_err)? {
+        if valid
+            .iter()
+            .any(|a| a.container_id == id && a.ifname == ifname)
+        {
+            continue;
+        }
+        locked.release(&id, &ifname).map_err(ipam_err)?;
+        let _ = endpoint::del(&endpoint::host_ifname(&id, &ifname), Some(ip), &node);
+    }
+    Ok(())
+}
+
+/// The plugin's `main`: reads the environment and stdin, prints the result
+/// or the error JSON, returns the exit code.
+pub fn main() -> i32 {
+    let mut stdin = String::new();
+    let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut stdin);
+    let inv = Invocation {
+        env: std::env::vars()
+            .filter(|(k, _)| k.starts_with("CNI_"))
+            .collect(),
+        stdin,
+    };
+    match run(&inv) {
+        Ok(Some(v)) => {
+            println!("{v}");
+            0
+        }
+        Ok(None) => 0,
+        Err((e, version)) => {
+            println!("{}", e.to_json(&version));
+            1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inv(cmd: &str, stdin: &str) -> Invocation {
+        Invocation {
+            env: [("CNI_COMMAND".to_string(), cmd.to_string())]
+                .into_iter()
+                .collect(),
+            stdin: stdin.into(),
+        }
+    }
+
+    #[test]
+    fn version_and_input_errors() {
+        let v = run(&inv("VERSION", r#"{"cniVersion":"1.0.0"}"#))
+            .unwrap()
+            .unwrap();
+        assert_eq!(v["cniVersion"], "1.0.0");
+        assert!(
+            v["supportedVersions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x == "1.1.0")
+        );
+        let (e, _) = run(&inv("ADD", "{not json")).unwrap_err();
+        assert_eq!(e.code, code::DECODE);
+        let (e, _) = run(&inv(
+            "ADD",
+            r#"{"cniVersion":"9.9.9","name":"n","type":"weft"}"#,
+        ))
+        .unwrap_err();
+        assert_eq!(e.code, code::INCOMPATIBLE_VERSION);
+        let (e, v) = run(&inv(
+            "ADD",
+            r#"{"cniVersion":"1.0.0","name":"n","type":"weft"}"#,
+        ))
+        .unwrap_err();
+        assert_eq!((e.code, v.as_str()), (code::INVALID_ENV, "1.0.0"), "{e:?}");
+        assert!(e.msg.contains("CNI_CONTAINERID"));
+        let (e, _) = run(&inv(
+            "BOGUS",
+            r#"{"cniVersion":"1.0.0","name":"n","type":"weft"}"#,
+        ))
+        .unwrap_err();
+        assert_eq!(e.code, code::INVALID_ENV);
+        let j = CniError::new(7, "m", "d").to_json("1.1.0");
+        assert_eq!(
+            j,
+            json!({"cniVersion": "1.1.0", "code": 7, "msg": "m", "details": "d"})
+        );
+    }
+}
