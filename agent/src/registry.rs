@@ -181,6 +181,63 @@ pub fn validate(nodes: Vec<Node>, cluster: &Ipv4Cidr, problems: &mut Vec<String>
     kept
 }
 
+/// A boxed future, for object-safe async trait methods.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// A source of the cluster's nodes (the `file` registry, the `kube` registry,
+/// later others). An implementation publishes the *full* current set of nodes
+/// whenever it changes; the agent diffs each snapshot into the maps, so a
+/// registry never has to describe deletions.
+pub trait Registry: Send + 'static {
+    /// Runs until the process ends, publishing snapshots on `tx`. On errors
+    /// it keeps the last snapshot published (the dataplane keeps forwarding
+    /// on it), logs, and retries with backoff.
+    fn run(self: Box<Self>, tx: tokio::sync::watch::Sender<Option<Snapshot>>) -> BoxFuture<()>;
+}
+
+/// The `file` registry: a TOML file, re-read when it changes.
+pub struct FileRegistry {
+    pub path: std::path::PathBuf,
+    pub cluster: Ipv4Cidr,
+    pub poll: std::time::Duration,
+}
+
+impl Registry for FileRegistry {
+    fn run(self: Box<Self>, tx: tokio::sync::watch::Sender<Option<Snapshot>>) -> BoxFuture<()> {
+        Box::pin(async move {
+            let stamp = |p: &Path| {
+                use std::os::unix::fs::MetadataExt as _;
+                std::fs::metadata(p)
+                    .ok()
+                    .map(|m| (m.mtime(), m.mtime_nsec(), m.ino(), m.len()))
+            };
+            let mut seen = None;
+            let mut first = true;
+            let mut last_problems: Vec<String> = Vec::new();
+            loop {
+                let now = stamp(&self.path);
+                if first || now != seen {
+                    first = false;
+                    seen = now;
+                    match read_file(&self.path, &self.cluster) {
+                        Ok(snap) => {
+                            if snap.problems != last_problems {
+                                for p in &snap.problems {
+                                    tracing::error!("node registry: {p}");
+                                }
+                                last_problems = snap.problems.clone();
+                            }
+                            tx.send_replace(Some(snap));
+                        }
+                        Err(e) => tracing::error!("{e}"),
+                    }
+                }
+                tokio::time::sleep(self.poll).await;
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,62 +336,5 @@ mod tests {
         assert!(!e.is_empty());
         let e = parse_file("[[node]]\nname = \"a\"\nbogus = 1\n", &cluster()).unwrap_err();
         assert!(e.contains("bogus") || e.contains("unknown"), "{e}");
-    }
-}
-
-/// A boxed future, for object-safe async trait methods.
-pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
-
-/// A source of the cluster's nodes (the `file` registry, the `kube` registry,
-/// later others). An implementation publishes the *full* current set of nodes
-/// whenever it changes; the agent diffs each snapshot into the maps, so a
-/// registry never has to describe deletions.
-pub trait Registry: Send + 'static {
-    /// Runs until the process ends, publishing snapshots on `tx`. On errors
-    /// it keeps the last snapshot published (the dataplane keeps forwarding
-    /// on it), logs, and retries with backoff.
-    fn run(self: Box<Self>, tx: tokio::sync::watch::Sender<Option<Snapshot>>) -> BoxFuture<()>;
-}
-
-/// The `file` registry: a TOML file, re-read when it changes.
-pub struct FileRegistry {
-    pub path: std::path::PathBuf,
-    pub cluster: Ipv4Cidr,
-    pub poll: std::time::Duration,
-}
-
-impl Registry for FileRegistry {
-    fn run(self: Box<Self>, tx: tokio::sync::watch::Sender<Option<Snapshot>>) -> BoxFuture<()> {
-        Box::pin(async move {
-            let stamp = |p: &Path| {
-                use std::os::unix::fs::MetadataExt as _;
-                std::fs::metadata(p)
-                    .ok()
-                    .map(|m| (m.mtime(), m.mtime_nsec(), m.ino(), m.len()))
-            };
-            let mut seen = None;
-            let mut first = true;
-            let mut last_problems: Vec<String> = Vec::new();
-            loop {
-                let now = stamp(&self.path);
-                if first || now != seen {
-                    first = false;
-                    seen = now;
-                    match read_file(&self.path, &self.cluster) {
-                        Ok(snap) => {
-                            if snap.problems != last_problems {
-                                for p in &snap.problems {
-                                    tracing::error!("node registry: {p}");
-                                }
-                                last_problems = snap.problems.clone();
-                            }
-                            tx.send_replace(Some(snap));
-                        }
-                        Err(e) => tracing::error!("{e}"),
-                    }
-                }
-                tokio::time::sleep(self.poll).await;
-            }
-        })
     }
 }

@@ -100,10 +100,10 @@ impl Locked<'_> {
         let dir = &self.ipam.dir;
         let mut out = Vec::new();
         for e in fs::read_dir(dir).map_err(io(dir))?.flatten() {
-            if let Ok(ip) = e.file_name().to_string_lossy().parse::<Ipv4Addr>() {
-                if let Some((id, ifname)) = self.owner_of(ip) {
-                    out.push((ip, id, ifname));
-                }
+            if let Ok(ip) = e.file_name().to_string_lossy().parse::<Ipv4Addr>()
+                && let Some((id, ifname)) = self.owner_of(ip)
+            {
+                out.push((ip, id, ifname));
             }
         }
         out.sort();
