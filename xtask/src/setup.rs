@@ -23,6 +23,9 @@ pub const PACKAGES: &[&str] = &[
     "openssl",
     "containernetworking-plugins",
     "iptables",
+    "podman",
+    "runc",
+    "busybox-static",
 ];
 
 fn step(msg: &str) {
