@@ -104,65 +104,35 @@ fn connectivity_matrix_3_nodes_2_pods() {
     }
 }
 
-/// A node set up exactly as flannel's vxlan backend does it: `flannel.1`
-/// (nolearning), its address the subnet's network address, a permanent
-/// neighbour and an FDB entry per remote node, an onlink route, and the
-/// `cni0` bridge with veth pods.
+/// A flannel-style node (see `weft_tests::FlannelNode`) with one pod on cni0.
 struct FlannelNode {
     ns: Netns,
     pod: Netns,
     pod_ip: Ipv4Addr,
     vtep_mac: String,
+    inner: weft_tests::FlannelNode,
 }
 
 fn flannel_node(lab: &mut Lab, c: &Cluster, host: u8, vni: u32, port: u16) -> FlannelNode {
     let ns = lab.netns(&format!("fl{host}"));
     let ip = c.underlay.plug(&ns, host);
-    let subnet = format!("198.19.{host}");
-    ns.sysctl("net.ipv4.ip_forward", "1");
-    ns.ip(&[
-        "link",
-        "add",
-        "flannel.1",
-        "type",
-        "vxlan",
-        "id",
-        &vni.to_string(),
-        "local",
-        &ip.to_string(),
-        "dev",
-        "und0",
-        "dstport",
-        &port.to_string(),
-        "nolearning",
-    ]);
-    ns.ip(&["link", "set", "flannel.1", "mtu", "1450", "up"]);
-    ns.ip(&["addr", "add", &format!("{subnet}.0/32"), "dev", "flannel.1"]);
-    ns.ip(&["link", "add", "cni0", "type", "bridge"]);
-    ns.ip(&["addr", "add", &format!("{subnet}.1/24"), "dev", "cni0"]);
-    ns.ip(&["link", "set", "cni0", "mtu", "1450", "up"]);
-    let pod = lab.netns(&format!("fl{host}p1"));
-    ns.ip(&[
-        "link", "add", "vethfl", "mtu", "1450", "type", "veth", "peer", "name", "eth0", "mtu",
-        "1450", "netns", &pod.name,
-    ]);
-    ns.ip(&["link", "set", "vethfl", "master", "cni0", "up"]);
+    let inner = weft_tests::FlannelNode::new(&ns, ip, host, vni, port);
     let pod_ip = Ipv4Addr::new(198, 19, host, 10);
-    pod.ip(&["addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"]);
-    pod.ip(&["link", "set", "eth0", "up"]);
-    pod.ip(&["route", "add", "default", "via", &format!("{subnet}.1")]);
-    let link = ns.ip(&["-o", "link", "show", "flannel.1"]);
-    let vtep_mac = link
-        .split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .expect("flannel.1 MAC")
-        .to_string();
+    let pod = weft_tests::bridge_pod(
+        lab,
+        &ns,
+        "cni0",
+        &format!("fl{host}p1"),
+        pod_ip,
+        Ipv4Addr::new(198, 19, host, 1),
+        1450,
+    );
     FlannelNode {
         ns,
         pod,
         pod_ip,
-        vtep_mac,
+        vtep_mac: inner.vtep_mac.clone(),
+        inner,
     }
 }
 
@@ -173,40 +143,8 @@ fn flannel_add_remote(
     remote_cidr_net: &str,
     remote_vtep: &str,
 ) {
-    f.ns.ip(&[
-        "neigh",
-        "replace",
-        remote_cidr_net,
-        "lladdr",
-        remote_vtep,
-        "dev",
-        "flannel.1",
-        "nud",
-        "permanent",
-    ]);
-    f.ns.sh(
-        "bridge",
-        &[
-            "fdb",
-            "append",
-            remote_vtep,
-            "dev",
-            "flannel.1",
-            "dst",
-            &remote_ip.to_string(),
-        ],
-    );
-    let cidr = format!("{remote_cidr_net}/24");
-    f.ns.ip(&[
-        "route",
-        "add",
-        &cidr,
-        "via",
-        remote_cidr_net,
-        "dev",
-        "flannel.1",
-        "onlink",
-    ]);
+    let subnet: u8 = remote_cidr_net.split('.').nth(2).unwrap().parse().unwrap();
+    f.inner.add_remote(remote_ip, subnet, remote_vtep);
 }
 
 fn iperf_gbps(

@@ -4,18 +4,11 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
 use anyhow::{Context, Result};
 use weft_tests::{Cluster, ClusterSpec, Lab, Netns, ping};
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
 
 fn state_file() -> PathBuf {
     PathBuf::from("/run/weft-demo.json")
@@ -37,11 +30,7 @@ pub fn up(weft: &Path) -> Result<()> {
         }
         down()?;
     }
-    // SAFETY: installing a handler that only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+    crate::install_stop_handler();
     // SAFETY: still single-threaded.
     unsafe { std::env::set_var("WEFT_BIN", weft) };
 
@@ -148,7 +137,7 @@ pub fn up(weft: &Path) -> Result<()> {
         run = n1.run_dir.display(),
         und = cluster.underlay.ns.name,
     );
-    while !STOP.load(Ordering::SeqCst) {
+    while !crate::stopped() {
         std::thread::sleep(Duration::from_millis(200));
     }
     say("tearing down");

@@ -1,9 +1,11 @@
 //! Developer entry points: `cargo xtask setup | build-ebpf | lint | test | demo`.
 
+mod bench;
 mod demo;
 mod ebpf;
 mod scale;
 mod setup;
+mod udpfwd;
 
 use std::{
     path::{Path, PathBuf},
@@ -47,12 +49,68 @@ enum Cmd {
         #[arg(long, default_value_t = 5000)]
         nodes: usize,
     },
+    /// Measure weft side by side with kernel vxlan, userspace UDP, host-gw and the underlay.
+    Bench {
+        /// Repeats of each figure (median and spread are reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds per figure.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        /// About a minute: 1 run, 2 s per figure.
+        #[arg(long)]
+        quick: bool,
+        /// Comma-separated modes [default: all].
+        #[arg(long, value_delimiter = ',')]
+        modes: Option<Vec<String>>,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write the ratio chart (SVG) here.
+        #[arg(long, default_value = "target/bench-ratios.svg")]
+        svg: PathBuf,
+        /// Regenerate docs/BENCHMARKS.md (and docs/bench-ratios.svg) from this run.
+        #[arg(long)]
+        docs: bool,
+    },
+    /// (internal) The userspace TUN↔UDP reference forwarder the bench runs.
+    #[command(hide = true)]
+    UdpForwarder {
+        #[arg(long)]
+        tun: String,
+        #[arg(long)]
+        listen: std::net::SocketAddrV4,
+        /// SUBNET/PREFIX=PEER_IP:PORT, repeatable.
+        #[arg(long)]
+        route: Vec<String>,
+    },
     /// Bring up a 3-node weft cluster in network namespaces on this machine.
     Demo {
         /// Tear down a demo cluster left by an earlier run.
         #[arg(long)]
         down: bool,
     },
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// SIGINT/SIGTERM set a flag that long-running tasks check, so they return
+/// normally and their labs clean up.
+pub fn install_stop_handler() {
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
+/// Whether SIGINT/SIGTERM arrived.
+pub fn stopped() -> bool {
+    STOP.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 fn workspace() -> PathBuf {
@@ -233,6 +291,72 @@ fn main() -> Result<()> {
             let report = scale::run(&workspace().join("target/release/weft"), nodes)?;
             println!("{report}");
             Ok(())
+        }
+        Cmd::Bench {
+            runs,
+            seconds,
+            quick,
+            modes,
+            json,
+            svg,
+            docs,
+        } => {
+            setup::setup()?;
+            stage("build: weft and weft-cni (release)");
+            run(
+                cargo(&["build", "--release", "-p", "weft-agent"]),
+                "cargo build --release -p weft-agent",
+            )?;
+            // SAFETY: single-threaded here.
+            unsafe { std::env::set_var("WEFT_BIN", workspace().join("target/release/weft")) };
+            install_stop_handler();
+            let (runs, seconds) = if quick { (1, 2) } else { (runs, seconds) };
+            let opts = bench::Opts {
+                runs,
+                secs: seconds,
+                modes: modes
+                    .unwrap_or_else(|| bench::MODES.iter().map(|m| m.to_string()).collect()),
+                json,
+                svg,
+                docs: docs.then(|| workspace().join("docs")),
+                xtask: std::env::current_exe()?,
+            };
+            let result = bench::run(&opts)?;
+            println!("\n{}", bench::table(&result));
+            let chart = bench::svg(&result);
+            std::fs::write(workspace().join(&opts.svg), &chart)
+                .with_context(|| format!("writing {}", opts.svg.display()))?;
+            println!("chart: {}", opts.svg.display());
+            if let Some(path) = &opts.json {
+                std::fs::write(path, serde_json::to_string_pretty(&result)?)?;
+                println!("JSON: {}", path.display());
+            }
+            if let Some(dir) = &opts.docs {
+                std::fs::write(dir.join("bench-ratios.svg"), &chart)?;
+                std::fs::write(
+                    dir.join("BENCHMARKS.md"),
+                    bench::docs(&result, runs, seconds),
+                )?;
+                std::fs::write(
+                    dir.join("bench-results.json"),
+                    serde_json::to_string_pretty(&result)?,
+                )?;
+                println!("docs: {}", dir.join("BENCHMARKS.md").display());
+            }
+            Ok(())
+        }
+        Cmd::UdpForwarder { tun, listen, route } => {
+            let routes = route
+                .iter()
+                .map(|r| {
+                    let (net, peer) = r.split_once('=').context("--route SUBNET/PREFIX=IP:PORT")?;
+                    let (addr, prefix) = net
+                        .split_once('/')
+                        .context("--route SUBNET/PREFIX=IP:PORT")?;
+                    Ok((addr.parse()?, prefix.parse()?, peer.parse()?))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            udpfwd::run(&tun, listen, &routes)
         }
         Cmd::Demo { down } => {
             if down {

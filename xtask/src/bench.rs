@@ -1,0 +1,633 @@
+//! `cargo xtask bench`: weft side by side with what it replaces, in one run,
+//! on the same 2-node topology (two node namespaces on a veth underlay
+//! through a bridge, one pod each; traffic pod on node-1 → pod on node-2).
+//!
+//! Modes: `weft` (agents, CNI plugin, BPF dataplane); `kernel-vxlan`
+//! (flannel's vxlan backend: flannel.1, FDB, neighbour, onlink route, cni0
+//! bridge + veth pods); `udp-userspace` (flannel's `udp` backend design:
+//! TUN ↔ UDP in a userspace process, a reference written for the bench, see
+//! udpfwd.rs); `host-gw` (routes via the other node, no encapsulation);
+//! `underlay` (node to node, no pods: the ceiling).
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use weft_tests::{Cluster, ClusterSpec, FlannelNode, Lab, Netns, Underlay, bridge_pod, wait_for};
+
+pub const MODES: &[&str] = &[
+    "weft",
+    "kernel-vxlan",
+    "udp-userspace",
+    "host-gw",
+    "underlay",
+];
+pub const FIGURES: &[(&str, &str, bool)] = &[
+    // (name, unit/description, higher is better)
+    ("tcp1_gbps", "TCP, 1 stream (Gbit/s)", true),
+    ("tcp4_gbps", "TCP, 4 streams (Gbit/s)", true),
+    ("udp64_kpps", "UDP 64-byte, received (kpps)", true),
+    ("udp64_loss_pct", "UDP 64-byte, loss (%)", false),
+    ("rr_p50_us", "TCP request/response p50 (µs)", false),
+    ("rr_p99_us", "TCP request/response p99 (µs)", false),
+    (
+        "cpu_s_per_gb",
+        "CPU seconds per GB moved, TCP 1 stream",
+        false,
+    ),
+];
+
+pub struct Opts {
+    pub runs: usize,
+    pub secs: u32,
+    pub modes: Vec<String>,
+    pub json: Option<PathBuf>,
+    pub svg: PathBuf,
+    pub docs: Option<PathBuf>,
+    pub xtask: PathBuf,
+}
+
+/// The measured path: a client namespace, a server namespace and address.
+struct Path2 {
+    client: Netns,
+    server: Netns,
+    server_ip: Ipv4Addr,
+}
+
+fn say(msg: &str) {
+    eprintln!("==> bench: {msg}");
+}
+
+fn two_nodes(lab: &mut Lab) -> (Underlay, Netns, Netns) {
+    let und = Underlay::new(lab);
+    let a = lab.netns("n1");
+    let b = lab.netns("n2");
+    und.plug(&a, 1);
+    und.plug(&b, 2);
+    (und, a, b)
+}
+
+fn build(mode: &str, lab: &mut Lab, xtask: &Path) -> Result<Path2> {
+    Ok(match mode {
+        "weft" => {
+            let c = Cluster::start(
+                lab,
+                ClusterSpec {
+                    nodes: 2,
+                    pods_per_node: 1,
+                    ..Default::default()
+                },
+            );
+            // The lab owns every namespace and process the cluster made.
+            Path2 {
+                client: c.pods[0].ns.clone(),
+                server: c.pods[1].ns.clone(),
+                server_ip: c.pods[1].ip,
+            }
+        }
+        "kernel-vxlan" => {
+            let (_u, a, b) = two_nodes(lab);
+            let fa = FlannelNode::new(&a, Ipv4Addr::new(198, 18, 0, 1), 1, 1, 8472);
+            let fb = FlannelNode::new(&b, Ipv4Addr::new(198, 18, 0, 2), 2, 1, 8472);
+            fa.add_remote(Ipv4Addr::new(198, 18, 0, 2), 2, &fb.vtep_mac);
+            fb.add_remote(Ipv4Addr::new(198, 18, 0, 1), 1, &fa.vtep_mac);
+            let pa = bridge_pod(
+                lab,
+                &a,
+                "cni0",
+                "p1",
+                Ipv4Addr::new(198, 19, 1, 10),
+                Ipv4Addr::new(198, 19, 1, 1),
+                1450,
+            );
+            let pb = bridge_pod(
+                lab,
+                &b,
+                "cni0",
+                "p2",
+                Ipv4Addr::new(198, 19, 2, 10),
+                Ipv4Addr::new(198, 19, 2, 1),
+                1450,
+            );
+            Path2 {
+                client: pa,
+                server: pb,
+                server_ip: Ipv4Addr::new(198, 19, 2, 10),
+            }
+        }
+        "udp-userspace" | "host-gw" => {
+            let (_u, a, b) = two_nodes(lab);
+            let mtu = if mode == "host-gw" { 1500 } else { 1472 };
+            for (ns, i) in [(&a, 1u8), (&b, 2u8)] {
+                ns.sysctl("net.ipv4.ip_forward", "1");
+                ns.ip(&["link", "add", "cni0", "type", "bridge"]);
+                ns.ip(&["addr", "add", &format!("198.19.{i}.1/24"), "dev", "cni0"]);
+                ns.ip(&["link", "set", "cni0", "mtu", &mtu.to_string(), "up"]);
+            }
+            let pa = bridge_pod(
+                lab,
+                &a,
+                "cni0",
+                "p1",
+                Ipv4Addr::new(198, 19, 1, 10),
+                Ipv4Addr::new(198, 19, 1, 1),
+                mtu,
+            );
+            let pb = bridge_pod(
+                lab,
+                &b,
+                "cni0",
+                "p2",
+                Ipv4Addr::new(198, 19, 2, 10),
+                Ipv4Addr::new(198, 19, 2, 1),
+                mtu,
+            );
+            if mode == "host-gw" {
+                a.ip(&["route", "add", "198.19.2.0/24", "via", "198.18.0.2"]);
+                b.ip(&["route", "add", "198.19.1.0/24", "via", "198.18.0.1"]);
+            } else {
+                for (ns, me, other) in [(&a, 1u8, 2u8), (&b, 2u8, 1u8)] {
+                    let mut cmd = ns.command(xtask);
+                    cmd.args([
+                        "udp-forwarder",
+                        "--tun",
+                        "flannel0",
+                        "--listen",
+                        &format!("198.18.0.{me}:8285"),
+                        "--route",
+                        &format!("198.19.{other}.0/24=198.18.0.{other}:8285"),
+                    ]);
+                    let name = format!("udpfwd-{me}");
+                    lab.spawn(&name, cmd);
+                    wait_for("the UDP forwarder", Duration::from_secs(10), || {
+                        lab.log(&name).contains("ready").then_some(())
+                    });
+                    ns.ip(&["link", "set", "flannel0", "mtu", "1472", "up"]);
+                    ns.ip(&[
+                        "addr",
+                        "add",
+                        &format!("198.19.{me}.0/16"),
+                        "dev",
+                        "flannel0",
+                    ]);
+                }
+            }
+            Path2 {
+                client: pa,
+                server: pb,
+                server_ip: Ipv4Addr::new(198, 19, 2, 10),
+            }
+        }
+        "underlay" => {
+            let (_u, a, b) = two_nodes(lab);
+            Path2 {
+                client: a,
+                server: b,
+                server_ip: Ipv4Addr::new(198, 18, 0, 2),
+            }
+        }
+        other => bail!("unknown mode `{other}`; modes: {}", MODES.join(", ")),
+    })
+}
+
+/// Busy CPU time of the whole machine so far, in seconds.
+fn cpu_busy_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| f.get(i))
+        .sum::<f64>();
+    busy / 100.0 // USER_HZ
+}
+
+fn iperf(p: &Path2, secs: u32, extra: &[&str]) -> Result<Value> {
+    let mut args = vec![
+        "-c".to_string(),
+        p.server_ip.to_string(),
+        "-t".into(),
+        secs.to_string(),
+        "-J".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let out = p.client.command("iperf3").args(&args).output()?;
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("iperf3 JSON: {}", String::from_utf8_lossy(&out.stderr)))?;
+    if let Some(e) = v.get("error") {
+        bail!("iperf3 {extra:?}: {e}");
+    }
+    Ok(v)
+}
+
+fn sockperf_percentiles(text: &str) -> (Option<f64>, Option<f64>) {
+    let pick = |p: &str| {
+        text.lines()
+            .find(|l| l.contains(&format!("percentile {p}")))
+            .and_then(|l| l.rsplit('=').next())
+            .and_then(|v| v.trim().parse().ok())
+    };
+    (pick("50.000"), pick("99.000"))
+}
+
+/// One run of every figure on `p`.
+fn measure(p: &Path2, secs: u32) -> Result<BTreeMap<String, f64>> {
+    let mut m = BTreeMap::new();
+    let before = cpu_busy_s();
+    let v = iperf(p, secs, &[])?;
+    let cpu = cpu_busy_s() - before;
+    let bytes = v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+    m.insert(
+        "tcp1_gbps".into(),
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1e9,
+    );
+    m.insert(
+        "cpu_s_per_gb".into(),
+        if bytes > 0.0 {
+            cpu / (bytes / 1e9)
+        } else {
+            f64::NAN
+        },
+    );
+    let v = iperf(p, secs, &["-P", "4"])?;
+    m.insert(
+        "tcp4_gbps".into(),
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1e9,
+    );
+    let v = iperf(p, secs, &["-u", "-l", "64", "-b", "0"])?;
+    let sum = &v["end"]["sum"];
+    let sent = sum["packets"].as_f64().unwrap_or(0.0);
+    let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
+    let seconds = sum["seconds"]
+        .as_f64()
+        .filter(|s| *s > 0.0)
+        .unwrap_or(f64::from(secs));
+    m.insert("udp64_kpps".into(), (sent - lost) / seconds / 1e3);
+    m.insert(
+        "udp64_loss_pct".into(),
+        if sent > 0.0 {
+            lost / sent * 100.0
+        } else {
+            f64::NAN
+        },
+    );
+    let out = p
+        .client
+        .command("sockperf")
+        .args([
+            "ping-pong",
+            "--tcp",
+            "-i",
+            &p.server_ip.to_string(),
+            "-p",
+            "11111",
+            "-t",
+            &secs.to_string(),
+        ])
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (p50, p99) = sockperf_percentiles(&text);
+    m.insert("rr_p50_us".into(), p50.unwrap_or(f64::NAN));
+    m.insert("rr_p99_us".into(), p99.unwrap_or(f64::NAN));
+    Ok(m)
+}
+
+fn stats(xs: &[f64]) -> Value {
+    let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return json!({"median": null, "min": null, "max": null});
+    }
+    let median = if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    json!({"median": median, "min": v[0], "max": v[v.len() - 1]})
+}
+
+pub fn run(o: &Opts) -> Result<Value> {
+    let mut modes = serde_json::Map::new();
+    for mode in &o.modes {
+        say(&format!("mode {mode}: building the topology"));
+        let mut lab = Lab::new("bench");
+        let p = build(mode, &mut lab, &o.xtask)?;
+        let mut srv = p.server.command("iperf3");
+        srv.args(["-s", "--forceflush", "-B", &p.server_ip.to_string()]);
+        lab.spawn("iperf3-server", srv);
+        let mut sp = p.server.command("sockperf");
+        sp.args([
+            "server",
+            "--tcp",
+            "-i",
+            &p.server_ip.to_string(),
+            "-p",
+            "11111",
+        ]);
+        lab.spawn("sockperf-server", sp);
+        wait_for("iperf3 server", Duration::from_secs(10), || {
+            lab.log("iperf3-server").contains("listening").then_some(())
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let mut runs: Vec<BTreeMap<String, f64>> = Vec::new();
+        for r in 0..o.runs {
+            if crate::stopped() {
+                bail!("interrupted; the lab is removed");
+            }
+            say(&format!(
+                "mode {mode}: run {}/{} ({} s per figure)",
+                r + 1,
+                o.runs,
+                o.secs
+            ));
+            runs.push(measure(&p, o.secs).with_context(|| format!("mode {mode}"))?);
+        }
+        let figs: serde_json::Map<String, Value> = FIGURES
+            .iter()
+            .map(|(f, _, _)| {
+                (
+                    f.to_string(),
+                    stats(
+                        &runs
+                            .iter()
+                            .map(|r| r.get(*f).copied().unwrap_or(f64::NAN))
+                            .collect::<Vec<_>>(),
+                    ),
+                )
+            })
+            .collect();
+        modes.insert(mode.clone(), Value::Object(figs));
+        drop(lab);
+    }
+    let mut ratios = serde_json::Map::new();
+    if modes.contains_key("weft") {
+        for base in ["kernel-vxlan", "udp-userspace", "underlay", "host-gw"] {
+            if !modes.contains_key(base) {
+                continue;
+            }
+            let r: serde_json::Map<String, Value> = FIGURES
+                .iter()
+                .filter_map(|(f, _, _)| {
+                    let w = modes["weft"][f]["median"].as_f64()?;
+                    let b = modes[base][f]["median"].as_f64().filter(|b| *b != 0.0)?;
+                    Some((f.to_string(), json!(w / b)))
+                })
+                .collect();
+            ratios.insert(format!("weft/{base}"), Value::Object(r));
+        }
+    }
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let date = String::from_utf8_lossy(
+        &std::process::Command::new("date")
+            .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+            .output()?
+            .stdout,
+    )
+    .trim()
+    .to_string();
+    Ok(json!({
+        "date": date,
+        "machine": {
+            "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+            "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "cpu": cpu_model,
+        },
+        "runs": o.runs,
+        "seconds_per_figure": o.secs,
+        "modes": modes,
+        "ratios": ratios,
+    }))
+}
+
+fn fmt(v: &Value) -> String {
+    match v.as_f64() {
+        Some(x) if x >= 100.0 => format!("{x:.0}"),
+        Some(x) if x >= 10.0 => format!("{x:.1}"),
+        Some(x) => format!("{x:.2}"),
+        None => "—".into(),
+    }
+}
+
+/// The results table (Markdown, also readable on a terminal).
+pub fn table(r: &Value) -> String {
+    let modes: Vec<&String> = r["modes"]
+        .as_object()
+        .map(|m| m.keys().collect())
+        .unwrap_or_default();
+    let order: Vec<&String> = MODES
+        .iter()
+        .filter_map(|m| modes.iter().find(|x| x.as_str() == *m).copied())
+        .collect();
+    let mut s = String::new();
+    let _ = write!(s, "| figure |");
+    for m in &order {
+        let _ = write!(s, " {m} |");
+    }
+    let ratio_keys: Vec<String> = r["ratios"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    for k in &ratio_keys {
+        let _ = write!(s, " {k} |");
+    }
+    let _ = write!(s, "\n|---|");
+    for _ in 0..order.len() + ratio_keys.len() {
+        let _ = write!(s, "---:|");
+    }
+    s.push('\n');
+    for (f, desc, _) in FIGURES {
+        let _ = write!(s, "| {desc} |");
+        for m in &order {
+            let c = &r["modes"][m.as_str()][*f];
+            let _ = write!(
+                s,
+                " {} ({}–{}) |",
+                fmt(&c["median"]),
+                fmt(&c["min"]),
+                fmt(&c["max"])
+            );
+        }
+        for k in &ratio_keys {
+            let _ = write!(s, " {}× |", fmt(&r["ratios"][k][*f]));
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// A bar chart of the ratios (SVG): one group per figure, one bar per baseline.
+pub fn svg(r: &Value) -> String {
+    let keys: Vec<String> = r["ratios"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    let colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd"];
+    let (w, h, left, top, bottom) = (900.0, 420.0, 60.0, 40.0, 90.0);
+    let plot_h = h - top - bottom;
+    let max = keys
+        .iter()
+        .flat_map(|k| {
+            FIGURES
+                .iter()
+                .filter_map(move |(f, _, _)| r["ratios"][k][*f].as_f64())
+        })
+        .fold(1.5f64, f64::max)
+        .min(20.0);
+    let y = |v: f64| top + plot_h * (1.0 - v.min(max) / max);
+    let group_w = (w - left - 20.0) / FIGURES.len() as f64;
+    let bar_w = (group_w - 16.0) / keys.len().max(1) as f64;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{left}\" y=\"20\" font-size=\"14\">weft relative to each baseline (median of runs; above 1 = weft higher)</text>\n"
+    );
+    let _ = writeln!(
+        s,
+        "<line x1=\"{left}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"black\" stroke-dasharray=\"4\"/>\n<text x=\"10\" y=\"{0}\">1.0×</text>",
+        y(1.0),
+        w - 20.0
+    );
+    for (gi, (f, _, higher_better)) in FIGURES.iter().enumerate() {
+        let gx = left + gi as f64 * group_w + 8.0;
+        for (ki, k) in keys.iter().enumerate() {
+            if let Some(v) = r["ratios"][k][*f].as_f64() {
+                let x = gx + ki as f64 * bar_w;
+                let _ = writeln!(
+                    s,
+                    "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"9\" text-anchor=\"middle\">{v:.2}</text>",
+                    y(v),
+                    bar_w - 2.0,
+                    (top + plot_h - y(v)).max(0.0),
+                    colors[ki % 4],
+                    x + bar_w / 2.0,
+                    y(v) - 3.0
+                );
+            }
+        }
+        let label = format!(
+            "{f}{}",
+            if *higher_better {
+                ""
+            } else {
+                " (lower=better)"
+            }
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"9\">{label}</text>",
+            gx + group_w / 2.0 - 8.0,
+            h - bottom + 16.0
+        );
+    }
+    for (ki, k) in keys.iter().enumerate() {
+        let x = left + ki as f64 * 200.0;
+        let _ = writeln!(
+            s,
+            "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{k}</text>",
+            h - 40.0,
+            colors[ki % 4],
+            x + 16.0,
+            h - 30.0
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// docs/BENCHMARKS.md, generated from a run.
+pub fn docs(r: &Value, runs: usize, secs: u32) -> String {
+    let m = &r["machine"];
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "# Benchmarks\n\n<!-- Generated by `cargo xtask bench --docs` from a real run; do not edit by hand. -->\n"
+    );
+    let _ = writeln!(
+        s,
+        "## How to run\n\n```sh\ncargo xtask bench                 # all modes, 3 runs × 5 s per figure\ncargo xtask bench --quick         # about a minute: 1 run × 2 s\ncargo xtask bench --modes weft,kernel-vxlan --json out.json\ncargo xtask bench --docs          # regenerate this page, docs/bench-ratios.svg and docs/bench-results.json\n```\n"
+    );
+    let _ = writeln!(
+        s,
+        "## This run\n\n{}, {} runs × {} s per figure, on {} ({} cores, kernel {}).\n",
+        r["date"].as_str().unwrap_or(""),
+        runs,
+        secs,
+        m["cpu"].as_str().unwrap_or("?"),
+        m["cores"],
+        m["kernel"].as_str().unwrap_or("?")
+    );
+    let _ = writeln!(
+        s,
+        "Each cell: median (min–max). Ratios are weft's median over the baseline's.\n\n{}",
+        table(r)
+    );
+    let _ = writeln!(s, "![ratios](bench-ratios.svg)\n");
+    let _ = writeln!(s, "{}", METHOD);
+    s
+}
+
+const METHOD: &str = r#"## What is measured, and how
+
+Every mode is the same 2-node topology built from scratch in network
+namespaces: two node namespaces, each with a veth (`und0`) into a bridge
+in a third namespace (the underlay), one pod per node; traffic goes from
+the pod on node-1 to the pod on node-2 (in `underlay` mode, node to
+node). Transmit checksum offload is off on the bridge's ports in every
+mode (a NIC computes checksums on the wire; see docs/DATAPLANE.md), so
+all modes pay the same software checksum.
+
+- `weft`: the real agents (file registry), pods through the CNI plugin,
+  the BPF dataplane (TC encap, XDP decap and redirect).
+- `kernel-vxlan`: flannel's vxlan backend as flanneld sets it up:
+  `flannel.1` (nolearning, MTU 1450), permanent neighbour, FDB entry,
+  onlink route, `cni0` bridge with veth pods.
+- `udp-userspace`: flannel's `udp` backend design (TUN `flannel0`, MTU
+  1472, a userspace process per node moving packets between the TUN device
+  and a UDP socket, one thread). A reference written for this benchmark
+  (`xtask/src/udpfwd.rs`), not a product backend.
+- `host-gw`: pods on `cni0`, routed via the other node, no encapsulation.
+- `underlay`: node to node on the underlay: the ceiling of this machine.
+
+Figures: iperf3 TCP with 1 and 4 streams (received Gbit/s); iperf3 UDP
+with 64-byte payloads at unlimited rate (received kpps and loss);
+sockperf TCP ping-pong (p50 and p99 round-trip latency, µs); CPU seconds
+per GB during the 1-stream TCP test (whole machine, from /proc/stat: it
+includes iperf3 itself on both ends, identically in every mode).
+
+Caveats: this is one 2-core VM with both "nodes" on it, so sender and
+receiver compete for the same two cores, and the underlay is veth, not a
+NIC. Kernel vxlan over veth never segments: a 64 KiB GSO packet crosses
+the veth pair whole and is decapsulated whole. weft's XDP on the receiving
+veth makes the kernel segment GSO packets before XDP (veth clears
+`NETIF_F_GSO_SOFTWARE` on the peer of an XDP device), so here weft pays
+per-packet costs the kernel path does not; on a real NIC both paths see
+MTU-sized frames on receive.
+"#;
