@@ -12,7 +12,7 @@ use weft_common::VXLAN_OVERHEAD;
 
 use crate::{
     cidr::Ipv4Cidr,
-    config::{AgentSettings, RegistryKind},
+    config::{AgentSettings, DecapMode, RegistryKind},
     dataplane::{self, Dataplane, DataplaneError, Globals, Maps},
     ip::{self, CmdError},
     metrics::{AgentMetrics, Server},
@@ -49,6 +49,7 @@ pub struct AgentConfig {
     pub stats_interval: Option<Duration>,
     /// Compile the programs' debug logging in (when the agent logs at debug).
     pub bpf_debug_log: bool,
+    pub decap: DecapMode,
 }
 
 impl AgentConfig {
@@ -80,6 +81,7 @@ impl AgentConfig {
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9807))),
             stats_interval: s.stats_interval.filter(|n| *n > 0).map(Duration::from_secs),
             bpf_debug_log: false,
+            decap: s.decap.unwrap_or(DecapMode::XdpRedirect),
         }
     }
 }
@@ -270,6 +272,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     }
 
     setup_host_iface(&cfg, &me.pod_cidr, pod_mtu, &iface.name)?;
+    let decap_xdp_redirect = cfg.decap == DecapMode::XdpRedirect;
     let globals = Globals {
         vni: cfg.vni,
         port: cfg.port,
@@ -283,6 +286,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         } else {
             0
         },
+        decap_xdp_redirect,
     };
     let mut dp = Dataplane::load(&globals, &cfg.bpffs_dir)?;
     if cfg.bpf_debug_log {
@@ -291,9 +295,10 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     }
     let mode = dp.attach_xdp(&iface.name)?;
     dp.attach_host(HOST_IFACE)?;
+    dp.set_underlay_tc(&iface.name, !decap_xdp_redirect)?;
     dp.pin_pod_program()?;
     let repointed = dp.repoint_pods()?;
-    tracing::info!(?mode, pins = %cfg.bpffs_dir.display(), pods = repointed, "dataplane attached");
+    tracing::info!(?mode, decap = ?cfg.decap, pins = %cfg.bpffs_dir.display(), pods = repointed, "dataplane attached");
 
     let mut maps = Maps::open(&cfg.bpffs_dir)?;
     let apply = |snap: &Snapshot, maps: &mut Maps| {

@@ -16,6 +16,7 @@
 //! run-dir = "/run/weft"
 //! metrics-addr = "127.0.0.1:9807"
 //! stats-interval = 0
+//! decap = "xdp-redirect"     # or "tc"
 //! ```
 
 use std::{
@@ -38,6 +39,19 @@ pub enum RegistryKind {
     File,
     /// Node objects of the Kubernetes API.
     Kube,
+}
+
+/// How decapsulated frames reach local pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DecapMode {
+    /// XDP redirects straight into the pod's veth (the default).
+    XdpRedirect,
+    /// XDP passes the frame up the underlay's receive path and a TC program
+    /// there redirects it into the pod. Measured slower on this project's
+    /// veth underlay (docs/BENCHMARKS.md); kept for underlays whose driver
+    /// cannot take XDP redirects.
+    Tc,
 }
 
 /// Every agent setting, each optional: from flags or from the file.
@@ -86,6 +100,9 @@ pub struct AgentSettings {
     /// Print counters every N seconds; 0 never [default: 0].
     #[arg(long)]
     pub stats_interval: Option<u64>,
+    /// How decapsulated frames reach local pods [default: xdp-redirect].
+    #[arg(long, value_enum, env = "WEFT_DECAP")]
+    pub decap: Option<DecapMode>,
 }
 
 /// Errors reading the config file.
@@ -130,6 +147,7 @@ impl AgentSettings {
             run_dir: self.run_dir.or(file.run_dir),
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
             stats_interval: self.stats_interval.or(file.stats_interval),
+            decap: self.decap.or(file.decap),
         }
     }
 }

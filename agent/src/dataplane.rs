@@ -37,6 +37,8 @@ pub const PIN_PROG_FROM_POD: &str = "prog_from_pod";
 pub const PIN_LINK_XDP: &str = "link_xdp";
 /// Pin of the `weft0` egress link.
 pub const PIN_LINK_HOST: &str = "link_host";
+/// Pin of the underlay TC ingress link (`tc` decap delivery only).
+pub const PIN_LINK_UNDERLAY: &str = "link_und";
 /// Directory of per-pod TC links.
 pub const PIN_PODS_DIR: &str = "pods";
 
@@ -88,6 +90,8 @@ pub struct Globals {
     pub vtep_mac: [u8; 6],
     pub underlay_mac: [u8; 6],
     pub cluster_cidr: Ipv4Cidr,
+    /// Deliver decapsulated frames by XDP redirect (else: pass up, TC redirects).
+    pub decap_xdp_redirect: bool,
     /// aya-log level compiled into the programs at load (0 = off; 4 = debug).
     /// A load-time constant: the verifier prunes log calls above it.
     pub bpf_log_level: u8,
@@ -137,6 +141,7 @@ impl Dataplane {
         let local_ip = globals.local_ip.octets();
         let cluster_net = globals.cluster_cidr.addr().octets();
         let cluster_mask = globals.cluster_cidr.netmask().octets();
+        let decap_xdp_redirect = u32::from(globals.decap_xdp_redirect);
         let mut loader = EbpfLoader::new();
         loader
             .default_map_pin_directory(pin_dir)
@@ -152,9 +157,14 @@ impl Dataplane {
             .override_global(names::GLOBAL_UNDERLAY_MAC, &globals.underlay_mac, true)
             .override_global(names::GLOBAL_CLUSTER_NET, &cluster_net, true)
             .override_global(names::GLOBAL_CLUSTER_MASK, &cluster_mask, true)
+            .override_global(names::GLOBAL_DECAP_XDP_REDIRECT, &decap_xdp_redirect, true)
             .override_global(aya_log::LEVEL, &globals.bpf_log_level, false);
         let mut ebpf = loader.load(OBJECT)?;
-        for name in [names::PROG_FROM_POD, names::PROG_FROM_HOST] {
+        for name in [
+            names::PROG_FROM_POD,
+            names::PROG_FROM_HOST,
+            names::PROG_FROM_UNDERLAY,
+        ] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
@@ -219,6 +229,24 @@ impl Dataplane {
             names::PROG_FROM_HOST,
             iface,
             TcAttachType::Egress,
+            &pin,
+        )
+    }
+
+    /// Attaches (or, with `attach == false`, detaches) the underlay's TC
+    /// ingress program that delivers decapsulated frames in `tc` mode.
+    pub fn set_underlay_tc(&mut self, iface: &str, attach: bool) -> Result<(), DataplaneError> {
+        let pin = self.pin_dir.join(PIN_LINK_UNDERLAY);
+        if !attach {
+            // Removing the pin detaches the link (nothing else holds it).
+            let _ = fs::remove_file(&pin);
+            return Ok(());
+        }
+        attach_tc(
+            program(&mut self.ebpf, names::PROG_FROM_UNDERLAY)?,
+            names::PROG_FROM_UNDERLAY,
+            iface,
+            TcAttachType::Ingress,
             &pin,
         )
     }

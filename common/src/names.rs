@@ -9,6 +9,9 @@ pub const PROG_FROM_POD: &str = "weft_from_pod";
 /// TC egress program on the `weft0` host device: traffic from the node itself
 /// to remote pods.
 pub const PROG_FROM_HOST: &str = "weft_from_host";
+/// TC ingress program on the underlay interface: delivers decapsulated
+/// frames into local pods (the `tc` decap delivery mode).
+pub const PROG_FROM_UNDERLAY: &str = "weft_from_und";
 
 /// LPM trie: remote pod CIDR → [`crate::RemoteNode`].
 pub const REMOTE_CIDRS: &str = "WEFT_REMOTES";
@@ -37,5 +40,8 @@ pub const GLOBAL_UNDERLAY_MAC: &str = "WEFT_UNDERLAY_MAC";
 /// Load-time global: cluster CIDR network address (network order) and prefix
 /// length; traffic outside it is never touched.
 pub const GLOBAL_CLUSTER_NET: &str = "WEFT_CLUSTER_NET";
+/// Load-time global: decap delivery, 1 = XDP redirect into the pod's veth, 0
+/// = pass up and let the underlay's TC program redirect (host order).
+pub const GLOBAL_DECAP_XDP_REDIRECT: &str = "WEFT_DECAP_XDP_REDIRECT";
 /// Load-time global: cluster CIDR netmask (network order).
 pub const GLOBAL_CLUSTER_MASK: &str = "WEFT_CLUSTER_MASK";

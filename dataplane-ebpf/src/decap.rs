@@ -4,11 +4,18 @@
 //! else passes unchanged. Ours must come from a known node and carry our VNI,
 //! or it is dropped here and counted — it never reaches a pod.
 //!
-//! Delivery: for a local pod whose veth can take XDP frames (the pod side has
-//! NAPI; see drivers/net/veth.c `veth_xdp_xmit`), the inner frame is
-//! redirected straight into the pod's host-side veth. Anything else (the node
-//! itself, or a pod without NAPI) is passed to the stack with the inner frame
-//! addressed to the underlay interface, and routing delivers it.
+//! Delivery, in one of two modes (load-time global):
+//! - XDP redirect: for a local pod whose veth can take XDP frames (the pod
+//!   side has NAPI; see drivers/net/veth.c `veth_xdp_xmit`), the inner frame
+//!   is redirected straight into the pod's host-side veth.
+//! - pass: the inner frame goes up the underlay's receive path (where GRO
+//!   merges it and the checksum state the driver gave it stands), and the
+//!   underlay's TC program (`weft_from_und`) redirects it into the pod with
+//!   `bpf_redirect_peer`. Faster on a veth underlay, where an XDP redirect
+//!   loses both.
+//!
+//! Anything else (the node itself, a pod without NAPI) is passed to the
+//! stack with the inner frame addressed to the underlay interface.
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
@@ -120,7 +127,7 @@ pub fn try_decap(ctx: &XdpContext) -> Result<u32, ()> {
             pod_mac,
             host_mac,
             flags,
-        }) if flags & Endpoint::FLAG_XDP_REDIRECT != 0 => {
+        }) if flags & Endpoint::FLAG_XDP_REDIRECT != 0 && maps::decap_xdp_redirect() != 0 => {
             // SAFETY: bounds checked just above.
             unsafe {
                 (*eth).dst = pod_mac;

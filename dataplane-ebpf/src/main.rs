@@ -53,6 +53,12 @@ mod programs {
         }
     }
 
+    /// TC ingress on the underlay: decapsulated frames into local pods.
+    #[classifier]
+    pub fn weft_from_und(ctx: TcContext) -> i32 {
+        forward::try_deliver_from_underlay(&ctx).unwrap_or(forward::TC_ACT_OK)
+    }
+
     #[cfg(target_arch = "bpf")]
     #[panic_handler]
     fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {

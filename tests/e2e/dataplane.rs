@@ -657,3 +657,42 @@ fn vxlan_from_an_unknown_vtep_never_reaches_a_pod() {
         "nothing was decapsulated"
     );
 }
+
+#[test]
+fn tc_decap_delivery_also_connects_pods() {
+    if !privileged("tc_decap_delivery_also_connects_pods") {
+        return;
+    }
+    let mut lab = Lab::new("tcd");
+    let c = Cluster::start(
+        &mut lab,
+        ClusterSpec {
+            nodes: 2,
+            pods_per_node: 1,
+            agent_args: vec!["--decap".into(), "tc".into()],
+            ..Default::default()
+        },
+    );
+    let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
+    let _servers = [
+        EchoServer::start(&a.ns, a.ip, ECHO_PORT),
+        EchoServer::start(&b.ns, b.ip, ECHO_PORT),
+    ];
+    for (from, to) in [(&a.ns, b.ip), (&b.ns, a.ip)] {
+        let failed = reach(from, to);
+        assert!(failed.is_empty(), "→ {to}: {failed:?}");
+    }
+    for i in 0..2 {
+        assert!(
+            c.counter(i, "decap_peer") > 0,
+            "node {} delivered through the underlay's TC program",
+            i + 1
+        );
+        assert_eq!(
+            c.counter(i, "decap_redirect"),
+            0,
+            "no XDP redirects in tc mode"
+        );
+        assert_eq!(total_drops(&c, i), 0);
+    }
+}

@@ -28,6 +28,8 @@ pub const MODES: &[&str] = &[
     "host-gw",
     "underlay",
 ];
+/// Modes run only when named with --modes: weft with the `tc` decap delivery.
+pub const EXTRA_MODES: &[&str] = &["weft-tc"];
 pub const FIGURES: &[(&str, &str, bool)] = &[
     // (name, unit/description, higher is better)
     ("tcp1_gbps", "TCP, 1 stream (Gbit/s)", true),
@@ -75,12 +77,17 @@ fn two_nodes(lab: &mut Lab) -> (Underlay, Netns, Netns) {
 
 fn build(mode: &str, lab: &mut Lab, xtask: &Path) -> Result<Path2> {
     Ok(match mode {
-        "weft" => {
+        "weft" | "weft-tc" => {
+            // `weft` is the agent's default (XDP redirect decap delivery);
+            // `weft-tc` delivers through the underlay's TC program.
+            let decap = if mode == "weft" { "xdp-redirect" } else { "tc" };
+            let agent_args = vec!["--decap".to_string(), decap.to_string()];
             let c = Cluster::start(
                 lab,
                 ClusterSpec {
                     nodes: 2,
                     pods_per_node: 1,
+                    agent_args,
                     ..Default::default()
                 },
             );
@@ -384,7 +391,13 @@ pub fn run(o: &Opts) -> Result<Value> {
     }
     let mut ratios = serde_json::Map::new();
     if modes.contains_key("weft") {
-        for base in ["kernel-vxlan", "udp-userspace", "underlay", "host-gw"] {
+        for base in [
+            "kernel-vxlan",
+            "udp-userspace",
+            "underlay",
+            "host-gw",
+            "weft-tc",
+        ] {
             if !modes.contains_key(base) {
                 continue;
             }
@@ -446,6 +459,7 @@ pub fn table(r: &Value) -> String {
         .unwrap_or_default();
     let order: Vec<&String> = MODES
         .iter()
+        .chain(EXTRA_MODES)
         .filter_map(|m| modes.iter().find(|x| x.as_str() == *m).copied())
         .collect();
     let mut s = String::new();
@@ -624,10 +638,8 @@ includes iperf3 itself on both ends, identically in every mode).
 
 Caveats: this is one 2-core VM with both "nodes" on it, so sender and
 receiver compete for the same two cores, and the underlay is veth, not a
-NIC. Kernel vxlan over veth never segments: a 64 KiB GSO packet crosses
-the veth pair whole and is decapsulated whole. weft's XDP on the receiving
-veth makes the kernel segment GSO packets before XDP (veth clears
-`NETIF_F_GSO_SOFTWARE` on the peer of an XDP device), so here weft pays
-per-packet costs the kernel path does not; on a real NIC both paths see
-MTU-sized frames on receive.
+NIC. On a veth underlay XDP costs weft a copy of every received packet
+(the veth driver copies GSO segments into page-pool memory before XDP can
+run) that a NIC with native XDP would not; the profile and what it means
+for the targets are in docs/PERFORMANCE.md.
 "#;

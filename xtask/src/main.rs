@@ -72,6 +72,10 @@ enum Cmd {
         /// Regenerate docs/BENCHMARKS.md (and docs/bench-ratios.svg) from this run.
         #[arg(long)]
         docs: bool,
+        /// Do not measure: render the table, chart and (with --docs) the docs
+        /// from a results JSON an earlier run wrote.
+        #[arg(long)]
+        render: Option<PathBuf>,
     },
     /// (internal) The userspace TUN↔UDP reference forwarder the bench runs.
     #[command(hide = true)]
@@ -300,7 +304,28 @@ fn main() -> Result<()> {
             json,
             svg,
             docs,
+            render,
         } => {
+            if let Some(path) = render {
+                let result: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+                let runs = result["runs"].as_u64().unwrap_or(0) as usize;
+                let secs = result["seconds_per_figure"].as_u64().unwrap_or(0) as u32;
+                println!("{}", bench::table(&result));
+                let chart = bench::svg(&result);
+                std::fs::write(workspace().join(&svg), &chart)?;
+                if docs {
+                    let dir = workspace().join("docs");
+                    std::fs::write(dir.join("bench-ratios.svg"), &chart)?;
+                    std::fs::write(dir.join("BENCHMARKS.md"), bench::docs(&result, runs, secs))?;
+                    println!(
+                        "docs: {} (from {})",
+                        dir.join("BENCHMARKS.md").display(),
+                        path.display()
+                    );
+                }
+                return Ok(());
+            }
             setup::setup()?;
             stage("build: weft and weft-cni (release)");
             run(
