@@ -35,21 +35,6 @@ fn http_get(ns: &Netns, addr: &str, path: &str) -> Option<(u16, String)> {
     ))
 }
 
-fn remote_cidrs(c: &Cluster, i: usize) -> Vec<String> {
-    c.status(i)["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| {
-            format!(
-                "{}@{}",
-                n["pod_cidr"].as_str().unwrap(),
-                n["underlay_ip"].as_str().unwrap()
-            )
-        })
-        .collect()
-}
-
 fn wait_log(lab: &Lab, name: &str, needle: &str) {
     wait_for(
         &format!("`{needle}` in {name}'s log"),
@@ -194,7 +179,7 @@ fn registry_edits_apply_live_and_bad_input_never_wipes_the_dataplane() {
         },
     );
     let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
-    let has = |c: &Cluster, entry: &str| remote_cidrs(c, 0).iter().any(|e| e == entry);
+    let has = |c: &Cluster, entry: &str| c.remote_nodes(0).iter().any(|e| e == entry);
 
     // A node joins: in node-1's maps within a second.
     c.foreign.push(ForeignNode {
@@ -226,7 +211,7 @@ fn registry_edits_apply_live_and_bad_input_never_wipes_the_dataplane() {
     assert!(
         has(&c, "198.19.10.0/24@198.18.0.9") && has(&c, "198.19.2.0/24@198.18.0.2"),
         "maps kept: {:?}",
-        remote_cidrs(&c, 0)
+        c.remote_nodes(0)
     );
     assert!(
         ping(&a.ns, b.ip, 2),
@@ -242,9 +227,7 @@ fn registry_edits_apply_live_and_bad_input_never_wipes_the_dataplane() {
     );
     assert!(ping(&a.ns, b.ip, 2), "the rest of the dataplane is intact");
     assert!(
-        !remote_cidrs(&c, 0)
-            .iter()
-            .any(|e| e.contains("198.18.0.50")),
+        !c.remote_nodes(0).iter().any(|e| e.contains("198.18.0.50")),
         "the bad node is not in the maps"
     );
 
@@ -419,24 +402,8 @@ fn bpf_debug_logs_appear_at_debug_level_and_cost_nothing_when_off() {
     c.launch(&mut lab);
     // Restart node-1's agent at debug level (the other stays at info).
     lab.stop(&Cluster::agent_name(0));
-    let n = c.nodes[0].clone();
-    let mut cmd = n.ns.command(weft_bin());
-    cmd.args([
-        "agent",
-        "--node-name",
-        &n.name,
-        "--iface",
-        "und0",
-        "--cluster-cidr",
-        weft_tests::CLUSTER_CIDR,
-        "--nodes-file",
-    ])
-    .arg(&c.nodes_file)
-    .arg("--bpffs-dir")
-    .arg(&n.bpffs)
-    .arg("--run-dir")
-    .arg(&n.run_dir)
-    .env("WEFT_LOG", "info,weft_dataplane=debug,weft_agent=debug");
+    let mut cmd = c.agent_command(0);
+    cmd.env("WEFT_LOG", "info,weft_dataplane=debug,weft_agent=debug");
     lab.spawn("debug-agent", cmd);
     wait_log(&lab, "debug-agent", "agent: ready");
     // Packets from the node to a cluster address nobody owns: dropped on weft0.

@@ -451,28 +451,8 @@ fn chained_with_debian_portmap_and_bandwidth() {
         json!({"type": "bandwidth", "capabilities": {"bandwidth": true}, "runtimeConfig": {"bandwidth": {"ingressRate": 100_000_000, "ingressBurst": 1_000_000, "egressRate": 100_000_000, "egressBurst": 1_000_000}}}),
     ];
     let run_plugin = |conf: &Value, command: &str| {
-        use std::io::Write as _;
-        let kind = conf["type"].as_str().unwrap();
-        let mut child = c.nodes[0]
-            .ns
-            .command(plugins.join(kind))
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", "web")
-            .env("CNI_NETNS", &netns)
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", plugins)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(conf.to_string().as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
+        let plugin = plugins.join(conf["type"].as_str().unwrap());
+        weft_tests::run_cni_plugin(&c.nodes[0].ns, &plugin, command, "web", &netns, conf)
     };
     for link in &chain {
         let mut conf = link.clone();

@@ -76,21 +76,6 @@ fn delete(ns: &Netns, api: &KubeApi, name: &str) {
     });
 }
 
-fn remote_cidrs(c: &Cluster, i: usize) -> Vec<String> {
-    c.status(i)["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| {
-            format!(
-                "{}@{}",
-                n["pod_cidr"].as_str().unwrap(),
-                n["underlay_ip"].as_str().unwrap()
-            )
-        })
-        .collect()
-}
-
 fn within_a_second(what: &str, f: impl Fn() -> bool) -> Duration {
     let t = Instant::now();
     wait_for(what, Duration::from_secs(1), || f().then_some(()));
@@ -215,13 +200,14 @@ fn nodes_from_the_kubernetes_api() {
     ];
     create(&und, &api, node("node-9", Some("198.19.9.0/24"), &peer));
     let t = within_a_second("node-9 added", || {
-        remote_cidrs(&c, 0).contains(&"198.19.9.0/24@198.18.0.9".to_string())
+        c.remote_nodes(0)
+            .contains(&"198.19.9.0/24@198.18.0.9".to_string())
     });
     println!("a Node created through the API reached the map in {t:?}");
     delete(&und, &api, "node-9");
     create(&und, &api, node("node-9", Some("198.19.10.0/24"), &peer));
     within_a_second("node-9 re-CIDR'd", || {
-        let r = remote_cidrs(&c, 0);
+        let r = c.remote_nodes(0);
         r.contains(&"198.19.10.0/24@198.18.0.9".to_string())
             && !r.contains(&"198.19.9.0/24@198.18.0.9".to_string())
     });
@@ -262,7 +248,7 @@ fn nodes_from_the_kubernetes_api() {
     );
     delete(&und, &api, "node-9");
     within_a_second("node-9 deleted", || {
-        !remote_cidrs(&c, 0).iter().any(|e| e.contains("198.18.0.9"))
+        !c.remote_nodes(0).iter().any(|e| e.contains("198.18.0.9"))
     });
 
     // The API server goes away: forwarding goes on, no hot loop; it comes
@@ -293,7 +279,7 @@ fn nodes_from_the_kubernetes_api() {
         "node-11 after the API server restart",
         Duration::from_secs(30),
         || {
-            remote_cidrs(&c, 0)
+            c.remote_nodes(0)
                 .contains(&"198.19.11.0/24@198.18.0.11".to_string())
                 .then_some(())
         },

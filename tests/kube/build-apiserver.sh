@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Builds kube-apiserver from Debian bookworm's `kubernetes` source package
-# (1.20.2, vendored) into $1 (default: target/kube), once: a second run finds
-# the binary and exits. Recipe and pitfalls: ../shared/notes/kube-apiserver.md.
+# (1.20.2, vendored) into $1 (default: ${WEFT_CACHE_DIR:-/var/cache/weft}/kube,
+# outside the checkout so every clone on the machine shares it), once: a
+# second run finds the binary and exits. Recipe and pitfalls:
+# ../shared/notes/kube-apiserver.md.
 set -euo pipefail
-out="${1:-$(cd "$(dirname "$0")/../.." && pwd)/target/kube}"
+out="${1:-${WEFT_CACHE_DIR:-/var/cache/weft}/kube}"
 bin="$out/kube-apiserver-1.20.2"
 if [ -x "$bin" ]; then
   echo "==> kube-apiserver: cached at $bin"

@@ -1,17 +1,13 @@
 //! A real kube-apiserver and etcd for tests, inside a lab namespace.
 //!
 //! The binary is built from Debian's source by `tests/kube/build-apiserver.sh`
-//! (cached under `target/kube`). Both servers run in the given namespace
+//! (cached under `$WEFT_CACHE_DIR/kube`, default `/var/cache/weft/kube`). Both servers run in the given namespace
 //! (the underlay's), the API server on `198.18.0.254:6443`, so agents in
 //! node namespaces reach it over the underlay. Two tokens: `admin` (group
 //! system:masters) for the test, `agent` (user weft-agent, nothing granted
 //! until the test applies deploy/rbac.yaml's rules to it).
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{path::PathBuf, process::Command, time::Duration};
 
 use crate::{Lab, Netns, sh};
 
@@ -27,10 +23,10 @@ pub fn apiserver_bin() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("WEFT_KUBE_APISERVER") {
         return Some(p.into());
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()?
-        .join("target/kube/kube-apiserver-1.20.2");
-    root.is_file().then_some(root)
+    let cache = std::env::var_os("WEFT_CACHE_DIR")
+        .map_or_else(|| PathBuf::from("/var/cache/weft"), PathBuf::from);
+    let bin = cache.join("kube/kube-apiserver-1.20.2");
+    bin.is_file().then_some(bin)
 }
 
 /// Running etcd + kube-apiserver.

@@ -78,6 +78,39 @@ pub fn weft_bin() -> PathBuf {
     );
 }
 
+/// Runs CNI plugin `plugin` inside `ns` the way a runtime does (CNI_* from
+/// the arguments, CNI_IFNAME=eth0, CNI_PATH = the plugin's directory,
+/// `conf` on stdin).
+pub fn run_cni_plugin(
+    ns: &Netns,
+    plugin: &std::path::Path,
+    command: &str,
+    container: &str,
+    netns: &str,
+    conf: &serde_json::Value,
+) -> Output {
+    use std::io::Write as _;
+    let mut child = ns
+        .command(plugin)
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container)
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", plugin.parent().expect("plugin dir"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {}: {e}", plugin.display()));
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(conf.to_string().as_bytes())
+        .expect("write conf");
+    child.wait_with_output().expect("plugin output")
+}
+
 /// Path of the `weft-cni` plugin binary, next to `weft`.
 pub fn cni_bin() -> PathBuf {
     weft_bin().with_file_name("weft-cni")
@@ -464,8 +497,8 @@ impl Cluster {
         format!("agent-{}", i + 1)
     }
 
-    /// Starts node `i`'s agent.
-    pub fn start_agent(&self, lab: &mut Lab, i: usize) {
+    /// The command that runs node `i`'s agent (in its namespace).
+    pub fn agent_command(&self, i: usize) -> Command {
         let n = &self.nodes[i];
         let mut cmd = n.ns.command(weft_bin());
         cmd.args([
@@ -491,7 +524,12 @@ impl Cluster {
         .arg(&n.run_dir)
         .args(&self.spec.agent_args)
         .env("WEFT_LOG", "info");
-        lab.spawn(&Self::agent_name(i), cmd);
+        cmd
+    }
+
+    /// Starts node `i`'s agent.
+    pub fn start_agent(&self, lab: &mut Lab, i: usize) {
+        lab.spawn(&Self::agent_name(i), self.agent_command(i));
     }
 
     /// Waits until node `i`'s agent has written its first sync.
@@ -534,8 +572,8 @@ impl Cluster {
         })
     }
 
-    /// Runs the CNI plugin on node `i` exactly as a runtime does: `CNI_*`
-    /// environment, configuration on stdin, inside the node's namespace.
+    /// Runs the weft CNI plugin on node `i` exactly as a runtime does:
+    /// `CNI_*` environment, configuration on stdin, inside the node's namespace.
     pub fn cni(
         &self,
         i: usize,
@@ -544,27 +582,14 @@ impl Cluster {
         netns: &str,
         conf: &serde_json::Value,
     ) -> Output {
-        use std::io::Write as _;
-        let mut child = self.nodes[i]
-            .ns
-            .command(cni_bin())
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", container)
-            .env("CNI_NETNS", netns)
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", cni_bin().parent().expect("bin dir"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run weft-cni");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(conf.to_string().as_bytes())
-            .expect("write conf");
-        child.wait_with_output().expect("weft-cni output")
+        run_cni_plugin(
+            &self.nodes[i].ns,
+            &cni_bin(),
+            command,
+            container,
+            netns,
+            conf,
+        )
     }
 
     /// Creates pod `j` on node `i`: a namespace, then CNI ADD.
@@ -611,6 +636,22 @@ impl Cluster {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// Node `i`'s map of pod CIDRs, as `CIDR@underlay-ip` strings.
+    pub fn remote_nodes(&self, i: usize) -> Vec<String> {
+        self.status(i)["nodes"]
+            .as_array()
+            .expect("nodes list")
+            .iter()
+            .map(|n| {
+                format!(
+                    "{}@{}",
+                    n["pod_cidr"].as_str().unwrap_or_default(),
+                    n["underlay_ip"].as_str().unwrap_or_default()
+                )
+            })
+            .collect()
     }
 
     /// A named counter of node `i` (forwards or drops).

@@ -97,6 +97,19 @@ pub fn check_toolchain() -> Result<(), BuildError> {
     Ok(())
 }
 
+/// Whether the nightly toolchain has the rust-src component.
+pub fn has_rust_src() -> bool {
+    Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.starts_with("rust-src"))
+        })
+        .unwrap_or(false)
+}
+
 /// Builds the BPF object with BTF and returns its path.
 ///
 /// Uses its own target directory so it can run from inside another cargo

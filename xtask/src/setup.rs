@@ -107,16 +107,7 @@ pub fn setup() -> Result<()> {
             "minimal",
         ]))?;
     }
-    let has_src = Command::new("rustup")
-        .args(["component", "list", "--installed", "--toolchain", "nightly"])
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .any(|l| l.starts_with("rust-src"))
-        })
-        .unwrap_or(false);
-    if has_src {
+    if crate::ebpf::has_rust_src() {
         step("rust-src for nightly: present");
     } else {
         step("adding rust-src to nightly");
