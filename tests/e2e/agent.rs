@@ -369,7 +369,10 @@ fn config_file_metrics_readiness_and_down() {
         "XDP detached"
     );
     assert!(
-        !n.ns.ip(&["link", "show"]).contains("weft0"),
+        n.ns.try_sh("ip", &["link", "show", "dev", "weft0"])
+            .status
+            .code()
+            != Some(0),
         "weft0 removed"
     );
     assert!(

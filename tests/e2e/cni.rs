@@ -57,12 +57,18 @@ fn ipam_files(c: &Cluster) -> Vec<String> {
     v
 }
 
+/// Pod host-side veths on node-1: `weft` + 10 hex digits (not weft0/weft0p).
 fn host_veths(c: &Cluster) -> usize {
     c.nodes[0]
         .ns
         .ip(&["-o", "link", "show"])
         .lines()
-        .filter(|l| l.contains(": weft") && !l.contains("weft0"))
+        .filter_map(|l| l.split(": ").nth(1)?.split('@').next())
+        .filter(|name| {
+            name.len() == 14
+                && name.starts_with("weft")
+                && name[4..].chars().all(|c| c.is_ascii_hexdigit())
+        })
         .count()
 }
 
