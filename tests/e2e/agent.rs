@@ -49,14 +49,7 @@ fn restarting_the_agent_twice_under_load_loses_nothing() {
         return;
     }
     let mut lab = Lab::new("rst");
-    let c = Cluster::start(
-        &mut lab,
-        ClusterSpec {
-            nodes: 2,
-            pods_per_node: 1,
-            ..Default::default()
-        },
-    );
+    let c = Cluster::start(&mut lab, ClusterSpec::pair());
     let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
 
     // A counted UDP stream a → b, one datagram per millisecond.
@@ -170,14 +163,7 @@ fn registry_edits_apply_live_and_bad_input_never_wipes_the_dataplane() {
         return;
     }
     let mut lab = Lab::new("reg");
-    let mut c = Cluster::start(
-        &mut lab,
-        ClusterSpec {
-            nodes: 2,
-            pods_per_node: 1,
-            ..Default::default()
-        },
-    );
+    let mut c = Cluster::start(&mut lab, ClusterSpec::pair());
     let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
     let has = |c: &Cluster, entry: &str| c.remote_nodes(0).iter().any(|e| e == entry);
 

@@ -430,14 +430,7 @@ fn iperf3_5_seconds_across_nodes() {
         return;
     }
     let mut lab = Lab::new("ip5");
-    let c = Cluster::start(
-        &mut lab,
-        ClusterSpec {
-            nodes: 2,
-            pods_per_node: 1,
-            ..Default::default()
-        },
-    );
+    let c = Cluster::start(&mut lab, ClusterSpec::pair());
     let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
     // Watch what leaves node-1: the stack hands the underlay device whole
     // tunnel GSO packets (bigger than the MTU) when encap keeps GSO working.
@@ -499,14 +492,7 @@ fn full_size_packets_are_never_black_holed() {
         return;
     }
     let mut lab = Lab::new("mtu");
-    let c = Cluster::start(
-        &mut lab,
-        ClusterSpec {
-            nodes: 2,
-            pods_per_node: 1,
-            ..Default::default()
-        },
-    );
+    let c = Cluster::start(&mut lab, ClusterSpec::pair());
     let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
     let link = a.ns.ip(&["link", "show", "eth0"]);
     assert!(

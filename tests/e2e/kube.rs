@@ -99,14 +99,7 @@ fn nodes_from_the_kubernetes_api() {
         return;
     }
     let mut lab = Lab::new("kube");
-    let mut c = Cluster::new(
-        &mut lab,
-        ClusterSpec {
-            nodes: 2,
-            pods_per_node: 1,
-            ..Default::default()
-        },
-    );
+    let mut c = Cluster::new(&mut lab, ClusterSpec::pair());
     let und = c.underlay.ns.clone();
     let api = KubeApi::start(&mut lab, &und, "br0");
 

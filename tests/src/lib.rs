@@ -388,6 +388,17 @@ pub struct ClusterSpec {
     pub agent_args: Vec<String>,
 }
 
+impl ClusterSpec {
+    /// Two nodes with one pod each: the smallest cluster with a cross-node path.
+    pub fn pair() -> Self {
+        Self {
+            nodes: 2,
+            pods_per_node: 1,
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for ClusterSpec {
     fn default() -> Self {
         Self {

@@ -75,6 +75,26 @@ fn two_nodes(lab: &mut Lab) -> (Underlay, Netns, Netns) {
     (und, a, b)
 }
 
+/// One pod on each node's `cni0` (198.19.N.10, gateway .1), as flannel's CNI.
+fn pods_on_cni0(lab: &mut Lab, a: &Netns, b: &Netns, mtu: u32) -> Path2 {
+    let [pa, pb] = [(a, 1u8), (b, 2u8)].map(|(node, i)| {
+        bridge_pod(
+            lab,
+            node,
+            "cni0",
+            &format!("p{i}"),
+            Ipv4Addr::new(198, 19, i, 10),
+            Ipv4Addr::new(198, 19, i, 1),
+            mtu,
+        )
+    });
+    Path2 {
+        client: pa,
+        server: pb,
+        server_ip: Ipv4Addr::new(198, 19, 2, 10),
+    }
+}
+
 fn build(mode: &str, lab: &mut Lab, xtask: &Path) -> Result<Path2> {
     Ok(match mode {
         "weft" | "weft-tc" => {
@@ -104,29 +124,7 @@ fn build(mode: &str, lab: &mut Lab, xtask: &Path) -> Result<Path2> {
             let fb = FlannelNode::new(&b, Ipv4Addr::new(198, 18, 0, 2), 2, 1, 8472);
             fa.add_remote(Ipv4Addr::new(198, 18, 0, 2), 2, &fb.vtep_mac);
             fb.add_remote(Ipv4Addr::new(198, 18, 0, 1), 1, &fa.vtep_mac);
-            let pa = bridge_pod(
-                lab,
-                &a,
-                "cni0",
-                "p1",
-                Ipv4Addr::new(198, 19, 1, 10),
-                Ipv4Addr::new(198, 19, 1, 1),
-                1450,
-            );
-            let pb = bridge_pod(
-                lab,
-                &b,
-                "cni0",
-                "p2",
-                Ipv4Addr::new(198, 19, 2, 10),
-                Ipv4Addr::new(198, 19, 2, 1),
-                1450,
-            );
-            Path2 {
-                client: pa,
-                server: pb,
-                server_ip: Ipv4Addr::new(198, 19, 2, 10),
-            }
+            pods_on_cni0(lab, &a, &b, 1450)
         }
         "udp-userspace" | "host-gw" => {
             let (_u, a, b) = two_nodes(lab);
@@ -137,24 +135,7 @@ fn build(mode: &str, lab: &mut Lab, xtask: &Path) -> Result<Path2> {
                 ns.ip(&["addr", "add", &format!("198.19.{i}.1/24"), "dev", "cni0"]);
                 ns.ip(&["link", "set", "cni0", "mtu", &mtu.to_string(), "up"]);
             }
-            let pa = bridge_pod(
-                lab,
-                &a,
-                "cni0",
-                "p1",
-                Ipv4Addr::new(198, 19, 1, 10),
-                Ipv4Addr::new(198, 19, 1, 1),
-                mtu,
-            );
-            let pb = bridge_pod(
-                lab,
-                &b,
-                "cni0",
-                "p2",
-                Ipv4Addr::new(198, 19, 2, 10),
-                Ipv4Addr::new(198, 19, 2, 1),
-                mtu,
-            );
+            let path = pods_on_cni0(lab, &a, &b, mtu);
             if mode == "host-gw" {
                 a.ip(&["route", "add", "198.19.2.0/24", "via", "198.18.0.2"]);
                 b.ip(&["route", "add", "198.19.1.0/24", "via", "198.18.0.1"]);
@@ -185,11 +166,7 @@ fn build(mode: &str, lab: &mut Lab, xtask: &Path) -> Result<Path2> {
                     ]);
                 }
             }
-            Path2 {
-                client: pa,
-                server: pb,
-                server_ip: Ipv4Addr::new(198, 19, 2, 10),
-            }
+            path
         }
         "underlay" => {
             let (_u, a, b) = two_nodes(lab);
