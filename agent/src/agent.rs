@@ -268,7 +268,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         }
     };
     if me.underlay_ip != local_ip {
-        tracing::warn!(registry = %me.underlay_ip, detected = %local_ip, "the registry's underlay IP for this node differs from the interface address; using the interface address");
+        tracing::warn!(registry = %me.underlay_ip, detected = %local_ip, "the registry's underlay IP for this node differs from this node's address (the interface's, or --public-ip); using this node's");
     }
 
     setup_host_iface(&cfg, &me.pod_cidr, pod_mtu, &iface.name)?;

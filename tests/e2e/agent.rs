@@ -435,3 +435,71 @@ fn bpf_debug_logs_appear_at_debug_level_and_cost_nothing_when_off() {
         "logging off must remove the log code ({off} vs {debug} bytes)"
     );
 }
+
+#[test]
+fn underlay_from_the_default_route_and_public_ip_override() {
+    if !privileged("underlay_from_the_default_route_and_public_ip_override") {
+        return;
+    }
+    let mut lab = Lab::new("dfr");
+    let c = Cluster::new(
+        &mut lab,
+        ClusterSpec {
+            nodes: 1,
+            pods_per_node: 0,
+            ..Default::default()
+        },
+    );
+    c.write_nodes_file();
+    let n = c.nodes[0].clone();
+    // A second interface first in the address list, so "the first interface" would be wrong.
+    n.ns.ip(&[
+        "link", "add", "aaa0", "type", "veth", "peer", "name", "aaa1",
+    ]);
+    n.ns.ip(&["addr", "add", "198.18.9.1/24", "dev", "aaa0"]);
+    n.ns.ip(&["link", "set", "aaa0", "up"]);
+    n.ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "198.18.0.254",
+        "dev",
+        "und0",
+    ]);
+    for (name, extra, want) in [
+        ("agent-default", vec![], "iface=und0 local_ip=198.18.0.1"),
+        (
+            "agent-public",
+            vec!["--public-ip", "198.18.0.77"],
+            "iface=und0 local_ip=198.18.0.77",
+        ),
+    ] {
+        let mut cmd = n.ns.command(weft_bin());
+        cmd.args([
+            "agent",
+            "--node-name",
+            &n.name,
+            "--cluster-cidr",
+            weft_tests::CLUSTER_CIDR,
+            "--nodes-file",
+        ])
+        .arg(&c.nodes_file)
+        .arg("--bpffs-dir")
+        .arg(&n.bpffs)
+        .arg("--run-dir")
+        .arg(&n.run_dir)
+        .args(&extra);
+        lab.spawn(name, cmd);
+        wait_log(&lab, name, "agent: ready");
+        let log = lab.log(name);
+        assert!(log.contains(want), "{name}: {want}:\n{log}");
+        if name == "agent-public" {
+            assert!(
+                log.contains("differs from this node's address"),
+                "the mismatch with the registry is logged:\n{log}"
+            );
+        }
+        lab.stop(name);
+    }
+}
