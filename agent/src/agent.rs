@@ -236,16 +236,14 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
 
     let metrics = AgentMetrics::default();
     let server = Server::new(&metrics, cfg.bpffs_dir.clone());
-    let listener_check =
+    let listener =
         std::net::TcpListener::bind(cfg.metrics_addr).map_err(|source| AgentError::Metrics {
             addr: cfg.metrics_addr,
             source,
         })?;
-    drop(listener_check);
     let ready = server.ready.clone();
-    let addr = cfg.metrics_addr;
     tokio::spawn(async move {
-        if let Err(e) = server.serve(addr).await {
+        if let Err(e) = server.serve(listener).await {
             tracing::error!("metrics endpoint stopped: {e}");
         }
     });

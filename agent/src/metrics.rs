@@ -2,7 +2,6 @@
 //! and `/readyz` on one small HTTP port.
 
 use std::{
-    net::SocketAddr,
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -142,10 +141,12 @@ impl Server {
         }
     }
 
-    /// Serves until the task is dropped.
-    pub async fn serve(self, addr: SocketAddr) -> std::io::Result<()> {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+    /// Serves on `listener` (bound by the caller, so a busy port is an
+    /// error at start-up) until the task is dropped.
+    pub async fn serve(self, listener: std::net::TcpListener) -> std::io::Result<()> {
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
         loop {
             let (mut sock, _) = listener.accept().await?;
             let this = self.clone();

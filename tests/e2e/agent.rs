@@ -266,14 +266,7 @@ fn config_file_metrics_readiness_and_down() {
     }
 
     let mut lab = Lab::new("cfg");
-    let mut c = Cluster::new(
-        &mut lab,
-        ClusterSpec {
-            nodes: 1,
-            pods_per_node: 0,
-            ..Default::default()
-        },
-    );
+    let mut c = Cluster::new(&mut lab, ClusterSpec::nodes_only(1));
     let n = c.nodes[0].clone();
     c.nodes[0].name = "not-yet".into(); // the registry does not list this node at first
     c.write_nodes_file();
@@ -380,14 +373,7 @@ fn bpf_debug_logs_appear_at_debug_level_and_cost_nothing_when_off() {
         return;
     }
     let mut lab = Lab::new("log");
-    let mut c = Cluster::new(
-        &mut lab,
-        ClusterSpec {
-            nodes: 2,
-            pods_per_node: 0,
-            ..Default::default()
-        },
-    );
+    let mut c = Cluster::new(&mut lab, ClusterSpec::nodes_only(2));
     c.launch(&mut lab);
     // Restart node-1's agent at debug level (the other stays at info).
     lab.stop(&Cluster::agent_name(0));
@@ -442,14 +428,7 @@ fn underlay_from_the_default_route_and_public_ip_override() {
         return;
     }
     let mut lab = Lab::new("dfr");
-    let c = Cluster::new(
-        &mut lab,
-        ClusterSpec {
-            nodes: 1,
-            pods_per_node: 0,
-            ..Default::default()
-        },
-    );
+    let c = Cluster::new(&mut lab, ClusterSpec::nodes_only(1));
     c.write_nodes_file();
     let n = c.nodes[0].clone();
     // A second interface first in the address list, so "the first interface" would be wrong.

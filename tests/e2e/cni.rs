@@ -7,14 +7,7 @@ use serde_json::{Value, json};
 use weft_tests::{Cluster, ClusterSpec, EchoServer, Lab, Netns, ping, privileged, tcp_roundtrip};
 
 fn one_node(lab: &mut Lab, cidr: &str) -> Cluster {
-    let mut c = Cluster::new(
-        lab,
-        ClusterSpec {
-            nodes: 1,
-            pods_per_node: 0,
-            ..Default::default()
-        },
-    );
+    let mut c = Cluster::new(lab, ClusterSpec::nodes_only(1));
     c.nodes[0].pod_cidr = cidr.into();
     c.launch(lab);
     c
@@ -380,14 +373,7 @@ fn status_and_gc() {
         return;
     }
     let mut lab = Lab::new("gc");
-    let mut c = Cluster::new(
-        &mut lab,
-        ClusterSpec {
-            nodes: 1,
-            pods_per_node: 0,
-            ..Default::default()
-        },
-    );
+    let mut c = Cluster::new(&mut lab, ClusterSpec::nodes_only(1));
     let conf = c.cni_conf(0, "1.1.0");
     spec_error(&c.cni(0, "STATUS", "", "", &conf), 50, "1.1.0");
     c.launch(&mut lab);
@@ -435,14 +421,7 @@ fn chained_with_debian_portmap_and_bandwidth() {
         "containernetworking-plugins is installed by `cargo xtask setup`"
     );
     let mut lab = Lab::new("chn");
-    let c = Cluster::start(
-        &mut lab,
-        ClusterSpec {
-            nodes: 2,
-            pods_per_node: 0,
-            ..Default::default()
-        },
-    );
+    let c = Cluster::start(&mut lab, ClusterSpec::nodes_only(2));
     let pod = lab.netns("web");
     let netns = pod.path().display().to_string();
     // The conflist a runtime would run: weft, then portmap, then bandwidth

@@ -95,14 +95,7 @@ fn podman_containers_on_two_nodes_reach_each_other() {
         panic!("podman is missing: `cargo xtask setup` installs it");
     }
     let mut lab = Lab::new("pod");
-    let c = Cluster::start(
-        &mut lab,
-        ClusterSpec {
-            nodes: 2,
-            pods_per_node: 0,
-            ..Default::default()
-        },
-    );
+    let c = Cluster::start(&mut lab, ClusterSpec::nodes_only(2));
     // An image built here from Debian's static busybox: no registry.
     let rootfs = lab.dir.join("rootfs");
     std::fs::create_dir_all(rootfs.join("bin")).unwrap();

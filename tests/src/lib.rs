@@ -397,6 +397,15 @@ impl ClusterSpec {
             ..Self::default()
         }
     }
+
+    /// `nodes` nodes and no pods (tests add their own).
+    pub fn nodes_only(nodes: usize) -> Self {
+        Self {
+            nodes,
+            pods_per_node: 0,
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for ClusterSpec {

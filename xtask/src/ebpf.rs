@@ -72,16 +72,7 @@ pub fn check_toolchain() -> Result<(), BuildError> {
             fix: "`rustup toolchain install nightly`",
         });
     }
-    let rust_src = Command::new("rustup")
-        .args(["component", "list", "--installed", "--toolchain", "nightly"])
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .any(|l| l.starts_with("rust-src"))
-        })
-        .unwrap_or(false);
-    if !rust_src {
+    if !has_rust_src() {
         return Err(BuildError::Missing {
             what: "rust-src for nightly",
             fix: "`rustup component add rust-src --toolchain nightly`",

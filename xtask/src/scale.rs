@@ -59,14 +59,7 @@ pub fn run(weft: &Path, count: usize) -> Result<String> {
     // SAFETY: single-threaded here.
     unsafe { std::env::set_var("WEFT_BIN", weft) };
     let mut lab = Lab::new("scale");
-    let c = Cluster::new(
-        &mut lab,
-        ClusterSpec {
-            nodes: 1,
-            pods_per_node: 0,
-            ..Default::default()
-        },
-    );
+    let c = Cluster::new(&mut lab, ClusterSpec::nodes_only(1));
     std::fs::write(&c.nodes_file, nodes_file(count, None)).context("write nodes file")?;
     let started = Instant::now();
     c.start_agent(&mut lab, 0);
