@@ -81,7 +81,7 @@ impl AgentConfig {
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9807))),
             stats_interval: s.stats_interval.filter(|n| *n > 0).map(Duration::from_secs),
             bpf_debug_log: false,
-            decap: s.decap.unwrap_or(DecapMode::XdpRedirect),
+            decap: s.decap.unwrap_or(DecapMode::Auto),
         }
     }
 }
@@ -143,6 +143,31 @@ fn pick_by_pattern(pattern: &str) -> Result<String, NetdevError> {
         .map(|(n, _)| n)
         .find(|n| n != "lo" && re.is_match(n))
         .ok_or_else(|| NetdevError::NoMatch(pattern.into()))
+}
+
+/// Attaches the decap program where `mode` says, detaching the other one
+/// (left pinned by a run in the other mode). Returns what is attached, for
+/// the log: "xdp (Driver)", "tc (underlay driver veth)", ...
+fn attach_decap(dp: &mut Dataplane, mode: DecapMode, iface: &str) -> Result<String, AgentError> {
+    let driver = netdev::driver(iface).unwrap_or_default();
+    let xdp = match mode {
+        DecapMode::Xdp => dp.attach_xdp(iface, false)?,
+        // XDP on a veth makes its peer segment every GSO skb and the driver
+        // copy each frame (drivers/net/veth.c): TC keeps the skb whole.
+        DecapMode::Auto if driver == "veth" => None,
+        DecapMode::Auto => dp.attach_xdp(iface, true)?,
+        DecapMode::Tc => None,
+    };
+    dp.set_underlay_tc(iface, xdp.is_none())?;
+    Ok(match xdp {
+        Some(m) => {
+            format!("xdp ({m:?})")
+        }
+        None => {
+            dp.detach_xdp();
+            format!("tc (underlay driver {driver:?})")
+        }
+    })
 }
 
 /// Sets up `weft0`: a device holding the gateway address, with the cluster
@@ -270,7 +295,6 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     }
 
     setup_host_iface(&cfg, &me.pod_cidr, pod_mtu, &iface.name)?;
-    let decap_xdp_redirect = cfg.decap == DecapMode::XdpRedirect;
     let globals = Globals {
         vni: cfg.vni,
         port: cfg.port,
@@ -284,19 +308,17 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         } else {
             0
         },
-        decap_xdp_redirect,
     };
     let mut dp = Dataplane::load(&globals, &cfg.bpffs_dir)?;
     if cfg.bpf_debug_log {
         dataplane::spawn_bpf_logger(&mut dp.ebpf)?;
         tracing::debug!("BPF debug logging is on");
     }
-    let mode = dp.attach_xdp(&iface.name)?;
+    let decap = attach_decap(&mut dp, cfg.decap, &iface.name)?;
     dp.attach_host(HOST_IFACE)?;
-    dp.set_underlay_tc(&iface.name, !decap_xdp_redirect)?;
     dp.pin_pod_program()?;
     let repointed = dp.repoint_pods()?;
-    tracing::info!(?mode, decap = ?cfg.decap, pins = %cfg.bpffs_dir.display(), pods = repointed, "dataplane attached");
+    tracing::info!(decap = %decap, pins = %cfg.bpffs_dir.display(), pods = repointed, "dataplane attached");
 
     let mut maps = Maps::open(&cfg.bpffs_dir)?;
     let apply = |snap: &Snapshot, maps: &mut Maps| {

@@ -16,7 +16,7 @@
 //! run-dir = "/run/weft"
 //! metrics-addr = "127.0.0.1:9807"
 //! stats-interval = 0
-//! decap = "xdp-redirect"     # or "tc"
+//! decap = "auto"             # or "xdp", "tc"
 //! ```
 
 use std::{
@@ -41,16 +41,22 @@ pub enum RegistryKind {
     Kube,
 }
 
-/// How decapsulated frames reach local pods.
+/// Where VXLAN from other nodes is decapsulated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum DecapMode {
-    /// XDP redirects straight into the pod's veth (the default).
-    XdpRedirect,
-    /// XDP passes the frame up the underlay's receive path and a TC program
-    /// there redirects it into the pod. Measured slower on this project's
-    /// veth underlay (docs/BENCHMARKS.md); kept for underlays whose driver
-    /// cannot take XDP redirects.
+    /// `tc` when the underlay is a veth (or has no native XDP), else `xdp`
+    /// (the default).
+    Auto,
+    /// XDP on the underlay; frames for pods are redirected into their veths.
+    /// Best with a NIC driver that runs XDP natively.
+    #[serde(alias = "xdp-redirect")]
+    #[value(alias = "xdp-redirect")]
+    Xdp,
+    /// TC ingress on the underlay; frames for pods enter them with
+    /// `bpf_redirect_peer`. Keeps GSO: on a veth underlay (nested or
+    /// container-based clusters) XDP would make the peer segment and the
+    /// driver copy every frame.
     Tc,
 }
 
@@ -100,7 +106,7 @@ pub struct AgentSettings {
     /// Print counters every N seconds; 0 never [default: 0].
     #[arg(long)]
     pub stats_interval: Option<u64>,
-    /// How decapsulated frames reach local pods [default: xdp-redirect].
+    /// Where VXLAN is decapsulated: XDP or TC [default: auto].
     #[arg(long, value_enum, env = "WEFT_DECAP")]
     pub decap: Option<DecapMode>,
 }

@@ -4,7 +4,8 @@
 //! Layout of the pin directory (default `/sys/fs/bpf/weft`):
 //! - `WEFT_*`: the maps (see `weft_common::names`),
 //! - `prog_from_pod`: the TC program the CNI attaches to pod veths,
-//! - `link_xdp`, `link_host`: the underlay XDP link and the `weft0` egress link,
+//! - `link_xdp` or `link_und`: the underlay's XDP or TC ingress link (decap),
+//! - `link_host`: the `weft0` egress link,
 //! - `pods/<ifname>`: one TC link per pod veth.
 
 use std::{
@@ -37,7 +38,7 @@ pub const PIN_PROG_FROM_POD: &str = "prog_from_pod";
 pub const PIN_LINK_XDP: &str = "link_xdp";
 /// Pin of the `weft0` egress link.
 pub const PIN_LINK_HOST: &str = "link_host";
-/// Pin of the underlay TC ingress link (`tc` decap delivery only).
+/// Pin of the underlay TC ingress link (`tc` decap only).
 pub const PIN_LINK_UNDERLAY: &str = "link_und";
 /// Directory of per-pod TC links.
 pub const PIN_PODS_DIR: &str = "pods";
@@ -90,8 +91,6 @@ pub struct Globals {
     pub vtep_mac: [u8; 6],
     pub underlay_mac: [u8; 6],
     pub cluster_cidr: Ipv4Cidr,
-    /// Deliver decapsulated frames by XDP redirect (else: pass up, TC redirects).
-    pub decap_xdp_redirect: bool,
     /// aya-log level compiled into the programs at load (0 = off; 4 = debug).
     /// A load-time constant: the verifier prunes log calls above it.
     pub bpf_log_level: u8,
@@ -141,7 +140,6 @@ impl Dataplane {
         let local_ip = globals.local_ip.octets();
         let cluster_net = globals.cluster_cidr.addr().octets();
         let cluster_mask = globals.cluster_cidr.netmask().octets();
-        let decap_xdp_redirect = u32::from(globals.decap_xdp_redirect);
         let mut loader = EbpfLoader::new();
         loader
             .default_map_pin_directory(pin_dir)
@@ -157,7 +155,6 @@ impl Dataplane {
             .override_global(names::GLOBAL_UNDERLAY_MAC, &globals.underlay_mac, true)
             .override_global(names::GLOBAL_CLUSTER_NET, &cluster_net, true)
             .override_global(names::GLOBAL_CLUSTER_MASK, &cluster_mask, true)
-            .override_global(names::GLOBAL_DECAP_XDP_REDIRECT, &decap_xdp_redirect, true)
             .override_global(aya_log::LEVEL, &globals.bpf_log_level, false);
         let mut ebpf = loader.load(OBJECT)?;
         for name in [
@@ -181,9 +178,14 @@ impl Dataplane {
     }
 
     /// Attaches XDP decap to the underlay interface, natively when the driver
-    /// supports it, else in generic (skb) mode with a warning. Replaces a
-    /// program already attached through a pinned link atomically.
-    pub fn attach_xdp(&mut self, iface: &str) -> Result<XdpMode, DataplaneError> {
+    /// supports it; else, unless `native_only`, in generic (skb) mode with a
+    /// warning. Replaces a program already attached through a pinned link
+    /// atomically. With `native_only` and no native XDP, returns `Ok(None)`.
+    pub fn attach_xdp(
+        &mut self,
+        iface: &str,
+        native_only: bool,
+    ) -> Result<Option<XdpMode>, DataplaneError> {
         let pin = self.pin_dir.join(PIN_LINK_XDP);
         let name = names::PROG_XDP_DECAP;
         let xdp: &mut Xdp = program(&mut self.ebpf, name)?;
@@ -197,12 +199,16 @@ impl Dataplane {
                 })?;
             xdp.attach_to_link(link)
                 .map_err(|source| DataplaneError::Program { name, source })?;
-            return Ok(XdpMode::Default);
+            return Ok(Some(XdpMode::Default));
         }
         let (id, mode) = match xdp.attach(iface, XdpMode::Driver) {
             Ok(id) => (id, XdpMode::Driver),
+            Err(e) if native_only => {
+                tracing::info!(%iface, error = %e, "no native XDP on the underlay");
+                return Ok(None);
+            }
             Err(e) => {
-                tracing::warn!(%iface, error = %e, "native XDP not available; falling back to generic (skb) XDP, which is slower");
+                tracing::warn!(%iface, error = %e, "native XDP not available; falling back to generic (skb) XDP, which is slower (`--decap tc` avoids it)");
                 let id = xdp
                     .attach(iface, XdpMode::Skb)
                     .map_err(|source| DataplaneError::Program { name, source })?;
@@ -218,7 +224,13 @@ impl Dataplane {
         })?;
         fd.pin(&pin)
             .map_err(|source| DataplaneError::Pin { path: pin, source })?;
-        Ok(mode)
+        Ok(Some(mode))
+    }
+
+    /// Detaches XDP decap from the underlay (after a switch to `tc`).
+    pub fn detach_xdp(&mut self) {
+        // Removing the pin detaches the link: nothing else holds it.
+        let _ = fs::remove_file(self.pin_dir.join(PIN_LINK_XDP));
     }
 
     /// Attaches the host program to `iface` (weft0) egress, pinned.
@@ -234,7 +246,7 @@ impl Dataplane {
     }
 
     /// Attaches (or, with `attach == false`, detaches) the underlay's TC
-    /// ingress program that delivers decapsulated frames in `tc` mode.
+    /// ingress program: VXLAN decap in `tc` mode.
     pub fn set_underlay_tc(&mut self, iface: &str, attach: bool) -> Result<(), DataplaneError> {
         let pin = self.pin_dir.join(PIN_LINK_UNDERLAY);
         if !attach {

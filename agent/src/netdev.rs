@@ -136,6 +136,49 @@ fn mac_and_mtu(name: &str) -> io::Result<([u8; 6], u32)> {
     result
 }
 
+/// The kernel driver behind `name` (`ethtool -i`'s "driver"), e.g. `veth`,
+/// `virtio_net`, `mlx5_core`; `None` when the device does not say.
+pub fn driver(name: &str) -> Option<String> {
+    /// `struct ethtool_drvinfo` (linux/ethtool.h).
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 32 * 4 + 12 + 4 * 5],
+    }
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 32 * 4 + 12 + 4 * 5],
+    };
+    // SAFETY: plain socket(2) call.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: zeroed ifreq is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req
+        .ifr_name
+        .iter_mut()
+        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *dst = src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
+    // SAFETY: fd is a socket; ifr_data points at a drvinfo that outlives the call.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCETHTOOL, &mut req) };
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd) };
+    if rc < 0 {
+        return None;
+    }
+    let len = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
+    let driver = String::from_utf8_lossy(&info.driver[..len]).into_owned();
+    (!driver.is_empty()).then_some(driver)
+}
+
 /// The interface of the IPv4 default route, as flannel picks its underlay.
 pub fn default_route_interface() -> Result<String, NetdevError> {
     let table = fs::read_to_string("/proc/self/net/route").map_err(|source| NetdevError::Io {

@@ -40,8 +40,5 @@ pub const GLOBAL_UNDERLAY_MAC: &str = "WEFT_UNDERLAY_MAC";
 /// Load-time global: cluster CIDR network address (network order) and prefix
 /// length; traffic outside it is never touched.
 pub const GLOBAL_CLUSTER_NET: &str = "WEFT_CLUSTER_NET";
-/// Load-time global: decap delivery, 1 = XDP redirect into the pod's veth, 0
-/// = pass up and let the underlay's TC program redirect (host order).
-pub const GLOBAL_DECAP_XDP_REDIRECT: &str = "WEFT_DECAP_XDP_REDIRECT";
 /// Load-time global: cluster CIDR netmask (network order).
 pub const GLOBAL_CLUSTER_MASK: &str = "WEFT_CLUSTER_MASK";

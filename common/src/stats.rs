@@ -67,8 +67,8 @@ counter_enum! {
         /// Encapsulated but the underlay neighbour was unresolved: sent with
         /// `bpf_redirect_neigh`.
         EncapNeigh = 5 => "encap_neigh",
-        /// Decapsulated in XDP, passed up (and GRO-merged), then delivered
-        /// into the pod by the underlay's TC program (`bpf_redirect_peer`).
+        /// Decapsulated in the underlay's TC program (`tc` decap mode) and
+        /// delivered into the pod with `bpf_redirect_peer`.
         DecapPeer = 6 => "decap_peer",
     }
 }

@@ -1,125 +1,158 @@
-//! VXLAN decapsulation in XDP on the underlay interface.
+//! VXLAN decapsulation on the underlay, in XDP or in TC.
 //!
 //! Only VXLAN addressed to this node on our UDP port is touched; everything
 //! else passes unchanged. Ours must come from a known node and carry our VNI,
-//! or it is dropped here and counted — it never reaches a pod.
+//! or it is dropped here and counted — it never reaches a pod. Both hooks
+//! share that check ([`classify`]) and differ in how they strip and deliver:
 //!
-//! Delivery, in one of two modes (load-time global):
-//! - XDP redirect: for a local pod whose veth can take XDP frames (the pod
-//!   side has NAPI; see drivers/net/veth.c `veth_xdp_xmit`), the inner frame
-//!   is redirected straight into the pod's host-side veth.
-//! - pass: the inner frame goes up the underlay's receive path (where GRO
-//!   merges it and the checksum state the driver gave it stands), and the
-//!   underlay's TC program (`weft_from_und`) redirects it into the pod with
-//!   `bpf_redirect_peer`. Faster on a veth underlay, where an XDP redirect
-//!   loses both.
+//! - XDP ([`xdp`]): the outer headers go with `bpf_xdp_adjust_head` and the
+//!   inner frame is redirected straight into the pod's host-side veth (the
+//!   pod side needs NAPI; see drivers/net/veth.c `veth_xdp_xmit`). Best on a
+//!   NIC with native XDP, which hands XDP one wire frame at a time anyway.
+//! - TC ([`tc`]): the outer headers go with `bpf_skb_adjust_room` and the
+//!   inner frame enters the pod with `bpf_redirect_peer`. The skb keeps its
+//!   GSO and checksum state, so a 64 KiB GSO skb from a veth underlay is
+//!   decapsulated once, not as 45 wire frames: XDP on a veth forces its peer
+//!   to segment and copies every frame (drivers/net/veth.c
+//!   `veth_xdp_rcv_skb`, `skb_pp_cow_data`).
 //!
-//! Anything else (the node itself, a pod without NAPI) is passed to the
-//! stack with the inner frame addressed to the underlay interface.
+//! Anything for the node itself (or, in XDP, a pod without NAPI) is passed to
+//! the stack with the inner frame addressed to the underlay interface.
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS},
-    helpers::{bpf_redirect, bpf_xdp_adjust_head},
-    programs::XdpContext,
+    bindings::{
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        xdp_action::{XDP_DROP, XDP_PASS},
+        BPF_F_ADJ_ROOM_FIXED_GSO,
+    },
+    helpers::{bpf_redirect, bpf_redirect_peer, bpf_xdp_adjust_head},
+    programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
 use weft_common::{DropReason, Endpoint, FwdReason, VXLAN_HLEN};
 
 use crate::{
+    forward::{self, TC_ACT_OK},
     maps::{self, count_drop, count_fwd},
     parse::{
-        ptr_at, EthHdr, Ipv4Hdr, UdpHdr, VxlanHdr, ETH_HLEN, ETH_P_IP, IPPROTO_UDP, UDP_HLEN,
-        VXLAN_FLAG_I,
+        ptr_at, EthHdr, Ipv4Hdr, UdpHdr, VxlanHdr, ETH_HLEN, ETH_P_IP, IPPROTO_UDP, IPV4_HLEN,
+        UDP_HLEN, VXLAN_FLAG_I,
     },
 };
 
-#[inline(always)]
-fn pass() -> Result<u32, ()> {
-    count_fwd(FwdReason::Passthrough);
-    Ok(XDP_PASS)
+/// What the underlay received, as far as weft is concerned.
+pub enum Vxlan {
+    /// Not VXLAN for this node: leave it alone.
+    NotOurs,
+    /// Claims to be ours but must not reach a pod.
+    Drop(DropReason),
+    /// Ours: the inner Ethernet frame starts at `inner_off`; its IPv4
+    /// destination is `inner_dst` (network order, as a map key).
+    Ours { inner_off: usize, inner_dst: u32 },
 }
 
-/// Counts the drop; at debug log level (a load-time global: pruned by the
-/// verifier when off) also says why.
-#[inline(always)]
-fn drop(ctx: &XdpContext, reason: DropReason) -> Result<u32, ()> {
-    count_drop(reason);
-    debug!(ctx, "weft xdp: drop {}", reason.name());
-    Ok(XDP_DROP)
-}
+/// The most header bytes [`classify`] reads: outer Ethernet, IPv4 with the
+/// longest options, UDP, VXLAN, inner Ethernet and IPv4.
+pub const MAX_HEADERS: usize = ETH_HLEN + 60 + UDP_HLEN + VXLAN_HLEN + ETH_HLEN + IPV4_HLEN;
 
+/// Checks the packet in `[start, end)` against the rules above.
 #[inline(always)]
-pub fn try_decap(ctx: &XdpContext) -> Result<u32, ()> {
-    let (start, end) = (ctx.data(), ctx.data_end());
+pub fn classify(start: usize, end: usize) -> Vxlan {
     let Ok(eth) = ptr_at::<EthHdr>(start, end, 0) else {
-        return pass();
+        return Vxlan::NotOurs;
     };
     // SAFETY: ptr_at checked bounds.
     if unsafe { (*eth).proto } != ETH_P_IP {
-        return pass();
+        return Vxlan::NotOurs;
     }
     let Ok(ip) = ptr_at::<Ipv4Hdr>(start, end, ETH_HLEN) else {
-        return pass();
+        return Vxlan::NotOurs;
     };
     // SAFETY: as above.
     let ip = unsafe { *ip };
     if !ip.is_valid() || ip.proto != IPPROTO_UDP || ip.dst != maps::local_ip() || ip.is_fragment() {
         // Not VXLAN for us (fragments are left to the stack to reassemble).
-        return pass();
+        return Vxlan::NotOurs;
     }
     let ihl = ip.header_len();
     if ihl > 60 {
-        return pass();
+        return Vxlan::NotOurs;
     }
     let udp_off = ETH_HLEN + ihl;
     let Ok(udp) = ptr_at::<UdpHdr>(start, end, udp_off) else {
-        return pass();
+        return Vxlan::NotOurs;
     };
     // SAFETY: as above.
     if u16::from_be_bytes(unsafe { (*udp).dport }) != maps::vxlan_port() {
-        return pass();
+        return Vxlan::NotOurs;
     }
 
     // From here on the packet claims to be ours.
     if !maps::is_known_vtep(u32::from_ne_bytes(ip.src)) {
-        return drop(ctx, DropReason::UnknownVtep);
+        return Vxlan::Drop(DropReason::UnknownVtep);
     }
     let vx_off = udp_off + UDP_HLEN;
     let Ok(vx) = ptr_at::<VxlanHdr>(start, end, vx_off) else {
-        return drop(ctx, DropReason::Malformed);
+        return Vxlan::Drop(DropReason::Malformed);
     };
     // SAFETY: as above.
     let vx = unsafe { *vx };
     let vni = maps::vni();
     if vx.flags & VXLAN_FLAG_I == 0 || vx.vni != [(vni >> 16) as u8, (vni >> 8) as u8, vni as u8] {
-        return drop(ctx, DropReason::WrongVni);
+        return Vxlan::Drop(DropReason::WrongVni);
     }
     let inner_off = vx_off + VXLAN_HLEN;
     let Ok(inner_eth) = ptr_at::<EthHdr>(start, end, inner_off) else {
-        return drop(ctx, DropReason::Malformed);
+        return Vxlan::Drop(DropReason::Malformed);
     };
     // SAFETY: as above.
     if unsafe { (*inner_eth).proto } != ETH_P_IP {
-        return drop(ctx, DropReason::InnerNotIpv4);
+        return Vxlan::Drop(DropReason::InnerNotIpv4);
     }
     let Ok(inner_ip) = ptr_at::<Ipv4Hdr>(start, end, inner_off + ETH_HLEN) else {
-        return drop(ctx, DropReason::Malformed);
+        return Vxlan::Drop(DropReason::Malformed);
     };
     // SAFETY: as above.
     let inner_ip = unsafe { *inner_ip };
     if !inner_ip.is_valid() {
-        return drop(ctx, DropReason::Malformed);
+        return Vxlan::Drop(DropReason::Malformed);
     }
-    let ep = maps::endpoint(u32::from_ne_bytes(inner_ip.dst));
+    Vxlan::Ours {
+        inner_off,
+        inner_dst: u32::from_ne_bytes(inner_ip.dst),
+    }
+}
+
+/// XDP on the underlay: strip, then redirect into a local pod or pass up.
+#[inline(always)]
+pub fn xdp(ctx: &XdpContext) -> Result<u32, ()> {
+    let (inner_off, inner_dst) = match classify(ctx.data(), ctx.data_end()) {
+        Vxlan::NotOurs => {
+            count_fwd(FwdReason::Passthrough);
+            return Ok(XDP_PASS);
+        }
+        Vxlan::Drop(reason) => {
+            count_drop(reason);
+            debug!(ctx, "weft xdp: drop {}", reason.name());
+            return Ok(XDP_DROP);
+        }
+        Vxlan::Ours {
+            inner_off,
+            inner_dst,
+        } => (inner_off, inner_dst),
+    };
+    let ep = maps::endpoint(inner_dst);
 
     // Strip outer Ethernet, IPv4, UDP and VXLAN.
     // SAFETY: ctx is our xdp_md; inner_off ≤ 14 + 60 + 16.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, inner_off as i32) } != 0 {
-        return drop(ctx, DropReason::HelperFailed);
+        count_drop(DropReason::HelperFailed);
+        return Ok(XDP_DROP);
     }
     let (start, end) = (ctx.data(), ctx.data_end());
     let Ok(eth) = ptr_at::<EthHdr>(start, end, 0) else {
-        return drop(ctx, DropReason::Malformed);
+        count_drop(DropReason::Malformed);
+        return Ok(XDP_DROP);
     };
     match ep {
         Some(Endpoint {
@@ -127,7 +160,7 @@ pub fn try_decap(ctx: &XdpContext) -> Result<u32, ()> {
             pod_mac,
             host_mac,
             flags,
-        }) if flags & Endpoint::FLAG_XDP_REDIRECT != 0 && maps::decap_xdp_redirect() != 0 => {
+        }) if flags & Endpoint::FLAG_XDP_REDIRECT != 0 => {
             // SAFETY: bounds checked just above.
             unsafe {
                 (*eth).dst = pod_mac;
@@ -142,6 +175,64 @@ pub fn try_decap(ctx: &XdpContext) -> Result<u32, ()> {
             unsafe { (*eth).dst = maps::underlay_mac() };
             count_fwd(FwdReason::DecapPass);
             Ok(XDP_PASS)
+        }
+    }
+}
+
+/// TC ingress on the underlay: strip in place (GSO and checksum state kept),
+/// then `bpf_redirect_peer` into a local pod or continue up the stack.
+#[inline(always)]
+pub fn tc(ctx: &TcContext) -> Result<i32, ()> {
+    // A NIC may leave headers in page fragments: make the ones we read
+    // linear (a no-op when they already are).
+    let want = core::cmp::min(ctx.len() as usize, MAX_HEADERS);
+    if ctx.data() + want > ctx.data_end() && ctx.pull_data(want as u32).is_err() {
+        return Ok(TC_ACT_OK);
+    }
+    let (inner_off, inner_dst) = match classify(ctx.data(), ctx.data_end()) {
+        Vxlan::NotOurs => {
+            count_fwd(FwdReason::Passthrough);
+            return Ok(TC_ACT_OK);
+        }
+        Vxlan::Drop(reason) => return Ok(forward::drop(ctx, reason)),
+        Vxlan::Ours {
+            inner_off,
+            inner_dst,
+        } => (inner_off, inner_dst),
+    };
+    // Remove outer IPv4, UDP, VXLAN and the inner Ethernet header right after
+    // the outer Ethernet header, which stays (EtherType IPv4 either way) and
+    // is rewritten below. `inner_off` bytes in all. FIXED_GSO: gso_size is
+    // already the inner MSS.
+    if ctx
+        .adjust_room(
+            -(inner_off as i32),
+            BPF_ADJ_ROOM_MAC,
+            BPF_F_ADJ_ROOM_FIXED_GSO as u64,
+        )
+        .is_err()
+    {
+        return Ok(forward::drop(ctx, DropReason::HelperFailed));
+    }
+    let Ok(eth) = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0) else {
+        return Ok(forward::drop(ctx, DropReason::Malformed));
+    };
+    match maps::endpoint(inner_dst) {
+        Some(ep) => {
+            // SAFETY: bounds checked just above; TC makes the data writable.
+            unsafe {
+                (*eth).dst = ep.pod_mac;
+                (*eth).src = ep.host_mac;
+            }
+            count_fwd(FwdReason::DecapPeer);
+            // SAFETY: plain helper call.
+            Ok(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
+        }
+        None => {
+            // SAFETY: as above.
+            unsafe { (*eth).dst = maps::underlay_mac() };
+            count_fwd(FwdReason::DecapPass);
+            Ok(TC_ACT_OK)
         }
     }
 }

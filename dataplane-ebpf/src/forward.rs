@@ -90,35 +90,6 @@ pub fn try_forward(ctx: &TcContext, origin: Origin) -> Result<i32, ()> {
     Ok(encap::encap_and_redirect(ctx, &remote))
 }
 
-/// TC ingress on the underlay: a decapsulated frame XDP passed up, addressed
-/// to a local pod, goes straight into the pod. Everything else continues up
-/// the stack untouched (and uncounted: XDP counted it already).
-#[inline(always)]
-pub fn try_deliver_from_underlay(ctx: &TcContext) -> Result<i32, ()> {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    let eth: *mut EthHdr = ptr_at(start, end, 0)?;
-    // SAFETY: bounds checked by ptr_at.
-    if unsafe { (*eth).proto } != ETH_P_IP {
-        return Ok(TC_ACT_OK);
-    }
-    let Ok(ip) = ptr_at::<Ipv4Hdr>(start, end, ETH_HLEN) else {
-        return Ok(TC_ACT_OK);
-    };
-    // SAFETY: as above.
-    let dst = unsafe { (*ip).dst };
-    let Some(ep) = maps::endpoint(u32::from_ne_bytes(dst)) else {
-        return Ok(TC_ACT_OK);
-    };
-    // SAFETY: as above; TC makes the data writable.
-    unsafe {
-        (*eth).dst = ep.pod_mac;
-        (*eth).src = ep.host_mac;
-    }
-    count_fwd(FwdReason::DecapPeer);
-    // SAFETY: plain helper call.
-    Ok(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
-}
-
 /// A packet weft does not forward. From a pod it goes to the stack
 /// unchanged; on `weft0` there is nowhere else for it to go (the veth peer is
 /// a dead end), so it is dropped and counted.

@@ -4,7 +4,8 @@
 //! - [`parse`]: bounds-checked header access and header layouts,
 //! - [`forward`]: the TC path for traffic leaving a pod or the node
 //!   (same-node short-cut or VXLAN encapsulation, [`encap`]),
-//! - [`decap`]: the XDP path for VXLAN arriving on the underlay,
+//! - [`decap`]: VXLAN arriving on the underlay, in XDP or (on underlays
+//!   where that is faster) TC,
 //! - [`csum`]: IPv4 header checksums,
 //! - [`maps`]: maps, per-CPU counters and load-time globals.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -29,7 +30,7 @@ mod programs {
     /// XDP on the underlay interface: decapsulate VXLAN for this node.
     #[xdp]
     pub fn weft_xdp_decap(ctx: XdpContext) -> u32 {
-        match decap::try_decap(&ctx) {
+        match decap::xdp(&ctx) {
             Ok(action) => action,
             Err(()) => xdp_action::XDP_ABORTED,
         }
@@ -53,10 +54,14 @@ mod programs {
         }
     }
 
-    /// TC ingress on the underlay: decapsulated frames into local pods.
+    /// TC ingress on the underlay: decapsulate VXLAN for this node (the
+    /// `tc` decap mode, instead of XDP).
     #[classifier]
     pub fn weft_from_und(ctx: TcContext) -> i32 {
-        forward::try_deliver_from_underlay(&ctx).unwrap_or(forward::TC_ACT_OK)
+        match decap::tc(&ctx) {
+            Ok(action) => action,
+            Err(()) => forward::TC_ACT_SHOT,
+        }
     }
 
     #[cfg(target_arch = "bpf")]

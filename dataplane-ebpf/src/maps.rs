@@ -107,11 +107,6 @@ global!(
     WEFT_UNDERLAY_MAC: [u8; 6] = [0; 6], underlay_mac
 );
 global!(
-    /// Decap delivery: 1 = XDP redirect into pod veths, 0 = pass up to the
-    /// underlay's TC program.
-    WEFT_DECAP_XDP_REDIRECT: u32 = 1, decap_xdp_redirect
-);
-global!(
     /// Cluster CIDR network address, network order.
     WEFT_CLUSTER_NET: [u8; 4] = [0; 4], cluster_net
 );

@@ -87,7 +87,6 @@ impl Fixture {
             underlay_mac: und.mac,
             cluster_cidr: "198.19.0.0/16".parse().unwrap(),
             bpf_log_level: 0,
-            decap_xdp_redirect: true,
         };
         let dp = Dataplane::load(&globals, &pins).expect("load dataplane");
         let mut maps = Maps::open(&pins).expect("open maps");

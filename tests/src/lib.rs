@@ -338,22 +338,38 @@ pub struct PodInfo {
 /// Nodes on one underlay bridge, each a namespace with interface `und0`.
 pub struct Underlay {
     pub ns: Netns,
+    pub kind: UnderlayKind,
+}
+
+/// How the underlay's bridge ports treat offloads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UnderlayKind {
+    /// veth defaults: a GSO skb crosses the bridge whole, with its
+    /// "checksum later" state (what a nested or container-based cluster has).
+    #[default]
+    Veth,
+    /// Transmit checksum (and so segmentation) off on the bridge side, as on
+    /// a real NIC the checksum is filled in and frames are wire-sized before
+    /// the wire: XDP on the receiving veth sees raw bytes, not the sender's
+    /// "checksum later" promise. Needed for `--decap xdp` on veths.
+    NicLike,
 }
 
 impl Underlay {
     /// The underlay: a namespace holding bridge `br0`.
     pub fn new(lab: &mut Lab) -> Self {
+        Self::with_kind(lab, UnderlayKind::default())
+    }
+
+    /// An underlay whose ports behave as `kind` says.
+    pub fn with_kind(lab: &mut Lab, kind: UnderlayKind) -> Self {
         let ns = lab.netns("und");
         ns.ip(&["link", "add", "br0", "type", "bridge"]);
         ns.ip(&["link", "set", "br0", "up"]);
-        Self { ns }
+        Self { ns, kind }
     }
 
     /// Plugs `node` into the bridge with interface `und0` at 198.18.0.`host`/24.
-    ///
-    /// Transmit checksum offload is turned off on the bridge side, as on a real
-    /// NIC the checksum is filled in before the wire: XDP on the receiving veth
-    /// sees raw bytes, not the sender's "checksum later" promise.
     pub fn plug(&self, node: &Netns, host: u8) -> Ipv4Addr {
         let port = format!("p{host}");
         node.ip(&[
@@ -369,7 +385,9 @@ impl Underlay {
             &self.ns.name,
         ]);
         self.ns.ip(&["link", "set", &port, "master", "br0", "up"]);
-        self.ns.sh("ethtool", &["-K", &port, "tx", "off"]);
+        if self.kind == UnderlayKind::NicLike {
+            self.ns.sh("ethtool", &["-K", &port, "tx", "off"]);
+        }
         let ip = Ipv4Addr::new(198, 18, 0, host);
         node.ip(&["addr", "add", &format!("{ip}/24"), "dev", "und0"]);
         node.ip(&["link", "set", "und0", "up"]);
@@ -386,6 +404,7 @@ pub struct ClusterSpec {
     pub port: u16,
     /// Extra flags for every agent (e.g. `--registry kube`).
     pub agent_args: Vec<String>,
+    pub underlay: UnderlayKind,
 }
 
 impl ClusterSpec {
@@ -396,6 +415,14 @@ impl ClusterSpec {
             pods_per_node: 1,
             ..Self::default()
         }
+    }
+
+    /// Decapsulation in XDP (`--decap xdp`) on a NIC-like underlay, which
+    /// XDP redirects into pods need (see [`UnderlayKind::NicLike`]).
+    pub fn xdp_decap(mut self) -> Self {
+        self.agent_args.extend(["--decap".into(), "xdp".into()]);
+        self.underlay = UnderlayKind::NicLike;
+        self
     }
 
     /// `nodes` nodes and no pods (tests add their own).
@@ -416,6 +443,7 @@ impl Default for ClusterSpec {
             vni: 1,
             port: 8472,
             agent_args: Vec::new(),
+            underlay: UnderlayKind::default(),
         }
     }
 }
@@ -452,7 +480,7 @@ impl Cluster {
 
     /// Builds the underlay and the nodes' namespaces; starts nothing.
     pub fn new(lab: &mut Lab, spec: ClusterSpec) -> Self {
-        let underlay = Underlay::new(lab);
+        let underlay = Underlay::with_kind(lab, spec.underlay);
         let bpffs = lab.bpffs();
         let mut nodes = Vec::new();
         for i in 0..spec.nodes {
