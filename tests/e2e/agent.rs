@@ -13,7 +13,8 @@ use std::{
 };
 
 use weft_tests::{
-    Cluster, ClusterSpec, ForeignNode, InNetns, Lab, Netns, ping, privileged, wait_for, weft_bin,
+    Cluster, ClusterSpec, ForeignNode, InNetns, Lab, Netns, UnderlayKind, ping, privileged,
+    wait_for, weft_bin,
 };
 
 /// GET `path` from the agent's HTTP port inside `ns`: (status code, body).
@@ -158,6 +159,56 @@ fn restarting_the_agent_twice_under_load_loses_nothing() {
 }
 
 #[test]
+fn restarting_in_the_other_decap_mode_swaps_xdp_and_tc() {
+    if !privileged("restarting_in_the_other_decap_mode_swaps_xdp_and_tc") {
+        return;
+    }
+    let mut lab = Lab::new("swp");
+    // NIC-like: both modes deliver correctly on it.
+    let mut c = Cluster::start(
+        &mut lab,
+        ClusterSpec {
+            underlay: UnderlayKind::NicLike,
+            agent_args: vec!["--decap".into(), "tc".into()],
+            ..ClusterSpec::pair()
+        },
+    );
+    let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
+    let n = c.nodes[1].clone();
+    let attached = |n: &weft_tests::NodeInfo| {
+        (
+            n.bpffs.join("link_xdp").exists(),
+            n.ns.ip(&["link", "show", "und0"]).contains("prog/xdp"),
+            n.bpffs.join("link_und").exists(),
+        )
+    };
+    assert_eq!(attached(&n), (false, false, true), "tc: TC link only");
+    assert!(ping(&a.ns, b.ip, 2));
+    for (mode, want) in [("xdp", (true, true, false)), ("tc", (false, false, true))] {
+        lab.stop(&Cluster::agent_name(1));
+        c.spec.agent_args = vec!["--decap".into(), mode.into()];
+        c.start_agent(&mut lab, 1);
+        wait_log(&lab, &Cluster::agent_name(1), "agent: ready");
+        assert_eq!(
+            attached(&n),
+            want,
+            "after a restart with --decap {mode}: (XDP pin, XDP on und0, TC pin)"
+        );
+        let name = if mode == "xdp" {
+            "decap_redirect"
+        } else {
+            "decap_peer"
+        };
+        let before = c.counter(1, name);
+        assert!(
+            ping(&a.ns, b.ip, 2),
+            "pods connected after switching to {mode}"
+        );
+        assert!(c.counter(1, name) > before, "{mode}: delivered as {name}");
+    }
+}
+
+#[test]
 fn registry_edits_apply_live_and_bad_input_never_wipes_the_dataplane() {
     if !privileged("registry_edits_apply_live_and_bad_input_never_wipes_the_dataplane") {
         return;
@@ -275,7 +326,7 @@ fn config_file_metrics_readiness_and_down() {
     std::fs::write(
         &config,
         format!(
-            "node-name = \"node-1\"\niface-regex = \"^und\"\ncluster-cidr = \"198.19.0.0/16\"\nnodes-file = \"{}\"\nbpffs-dir = \"{}\"\nrun-dir = \"{}\"\nvni = 99\nmetrics-addr = \"127.0.0.1:9999\"\n",
+            "node-name = \"node-1\"\niface-regex = \"^und\"\ncluster-cidr = \"198.19.0.0/16\"\nnodes-file = \"{}\"\nbpffs-dir = \"{}\"\nrun-dir = \"{}\"\nvni = 99\nmetrics-addr = \"127.0.0.1:9999\"\ndecap = \"xdp\"\n",
             c.nodes_file.display(),
             n.bpffs.display(),
             n.run_dir.display()
@@ -308,7 +359,7 @@ fn config_file_metrics_readiness_and_down() {
     });
     assert!(
         n.ns.ip(&["link", "show", "und0"]).contains("prog/xdp"),
-        "attached via the config file's iface-regex"
+        "XDP (the file's decap) attached via the file's iface-regex"
     );
     c.add_pod(&mut lab, 0, 0);
     assert!(ping(&c.pods[0].ns, n.underlay_ip, 2));
@@ -373,7 +424,7 @@ fn bpf_debug_logs_appear_at_debug_level_and_cost_nothing_when_off() {
         return;
     }
     let mut lab = Lab::new("log");
-    let mut c = Cluster::new(&mut lab, ClusterSpec::nodes_only(2));
+    let mut c = Cluster::new(&mut lab, ClusterSpec::nodes_only(2).xdp_decap());
     c.launch(&mut lab);
     // Restart node-1's agent at debug level (the other stays at info).
     lab.stop(&Cluster::agent_name(0));

@@ -87,7 +87,16 @@ fn connectivity_matrix_3_nodes_2_pods() {
         failures.join("\n")
     );
     for i in 0..c.nodes.len() {
-        // The default decap on a veth underlay is TC (`--decap auto`).
+        // `--decap auto` (the default) picks TC on a veth underlay.
+        let n = &c.nodes[i];
+        let link = n.ns.ip(&["link", "show", "und0"]);
+        assert!(
+            n.bpffs.join("link_und").exists()
+                && !n.bpffs.join("link_xdp").exists()
+                && !link.contains("prog/xdp"),
+            "{}: TC decap link pinned on und0, no XDP: {link}",
+            n.name
+        );
         for counter in ["encap", "decap_peer", "local"] {
             assert!(
                 c.counter(i, counter) > 0,

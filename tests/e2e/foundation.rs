@@ -132,6 +132,10 @@ fn agent_attaches_and_counts_exactly_the_packets_sent() {
         "n1",
         "--iface",
         "und0",
+        // XDP, not the TC decap `auto` picks on a veth: this test counts
+        // what passes through XDP.
+        "--decap",
+        "xdp",
         "--cluster-cidr",
         "198.19.0.0/16",
         "--nodes-file",

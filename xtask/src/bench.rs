@@ -19,7 +19,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
-use weft_tests::{Cluster, ClusterSpec, FlannelNode, Lab, Netns, Underlay, bridge_pod, wait_for};
+use weft_tests::{
+    Cluster, ClusterSpec, FlannelNode, Lab, Netns, Underlay, UnderlayKind, bridge_pod, wait_for,
+};
 
 pub const MODES: &[&str] = &[
     "weft",
@@ -28,8 +30,9 @@ pub const MODES: &[&str] = &[
     "host-gw",
     "underlay",
 ];
-/// Modes run only when named with --modes: weft with the `tc` decap delivery.
-pub const EXTRA_MODES: &[&str] = &["weft-tc"];
+/// Modes run only when named with --modes: weft with XDP decap (needs
+/// `--underlay nic-like`: see [`UnderlayKind::NicLike`]).
+pub const EXTRA_MODES: &[&str] = &["weft-xdp"];
 pub const FIGURES: &[(&str, &str, bool)] = &[
     // (name, unit/description, higher is better)
     ("tcp1_gbps", "TCP, 1 stream (Gbit/s)", true),
@@ -53,6 +56,7 @@ pub struct Opts {
     pub svg: PathBuf,
     pub docs: Option<PathBuf>,
     pub xtask: PathBuf,
+    pub underlay: UnderlayKind,
 }
 
 /// The measured path: a client namespace, a server namespace and address.
@@ -66,8 +70,8 @@ fn say(msg: &str) {
     eprintln!("==> bench: {msg}");
 }
 
-fn two_nodes(lab: &mut Lab) -> (Underlay, Netns, Netns) {
-    let und = Underlay::new(lab);
+fn two_nodes(lab: &mut Lab, kind: UnderlayKind) -> (Underlay, Netns, Netns) {
+    let und = Underlay::with_kind(lab, kind);
     let a = lab.netns("n1");
     let b = lab.netns("n2");
     und.plug(&a, 1);
@@ -95,22 +99,19 @@ fn pods_on_cni0(lab: &mut Lab, a: &Netns, b: &Netns, mtu: u32) -> Path2 {
     }
 }
 
-fn build(mode: &str, lab: &mut Lab, xtask: &Path) -> Result<Path2> {
+fn build(mode: &str, lab: &mut Lab, xtask: &Path, kind: UnderlayKind) -> Result<Path2> {
     Ok(match mode {
-        "weft" | "weft-tc" => {
-            // `weft` is the agent's default (XDP redirect decap delivery);
-            // `weft-tc` delivers through the underlay's TC program.
-            let decap = if mode == "weft" { "xdp-redirect" } else { "tc" };
-            let agent_args = vec!["--decap".to_string(), decap.to_string()];
-            let c = Cluster::start(
-                lab,
-                ClusterSpec {
-                    nodes: 2,
-                    pods_per_node: 1,
-                    agent_args,
-                    ..Default::default()
-                },
-            );
+        "weft" | "weft-xdp" => {
+            // `weft` runs the agent's defaults (`--decap auto`: TC on a veth
+            // underlay); `weft-xdp` forces XDP decap.
+            let mut spec = ClusterSpec {
+                underlay: kind,
+                ..ClusterSpec::pair()
+            };
+            if mode == "weft-xdp" {
+                spec.agent_args = vec!["--decap".into(), "xdp".into()];
+            }
+            let c = Cluster::start(lab, spec);
             // The lab owns every namespace and process the cluster made.
             Path2 {
                 client: c.pods[0].ns.clone(),
@@ -119,7 +120,7 @@ fn build(mode: &str, lab: &mut Lab, xtask: &Path) -> Result<Path2> {
             }
         }
         "kernel-vxlan" => {
-            let (_u, a, b) = two_nodes(lab);
+            let (_u, a, b) = two_nodes(lab, kind);
             let fa = FlannelNode::new(&a, Ipv4Addr::new(198, 18, 0, 1), 1, 1, 8472);
             let fb = FlannelNode::new(&b, Ipv4Addr::new(198, 18, 0, 2), 2, 1, 8472);
             fa.add_remote(Ipv4Addr::new(198, 18, 0, 2), 2, &fb.vtep_mac);
@@ -127,7 +128,7 @@ fn build(mode: &str, lab: &mut Lab, xtask: &Path) -> Result<Path2> {
             pods_on_cni0(lab, &a, &b, 1450)
         }
         "udp-userspace" | "host-gw" => {
-            let (_u, a, b) = two_nodes(lab);
+            let (_u, a, b) = two_nodes(lab, kind);
             let mtu = if mode == "host-gw" { 1500 } else { 1472 };
             for (ns, i) in [(&a, 1u8), (&b, 2u8)] {
                 ns.sysctl("net.ipv4.ip_forward", "1");
@@ -169,7 +170,7 @@ fn build(mode: &str, lab: &mut Lab, xtask: &Path) -> Result<Path2> {
             path
         }
         "underlay" => {
-            let (_u, a, b) = two_nodes(lab);
+            let (_u, a, b) = two_nodes(lab, kind);
             Path2 {
                 client: a,
                 server: b,
@@ -314,11 +315,17 @@ fn stats(xs: &[f64]) -> Value {
 }
 
 pub fn run(o: &Opts) -> Result<Value> {
+    if o.underlay == UnderlayKind::Veth && o.modes.iter().any(|m| m == "weft-xdp") {
+        bail!(
+            "mode weft-xdp needs `--underlay nic-like`: an XDP redirect drops the sender's \
+             checksum-offload state, which a veth underlay with offloads on carries to the receiver"
+        );
+    }
     let mut modes = serde_json::Map::new();
     for mode in &o.modes {
         say(&format!("mode {mode}: building the topology"));
         let mut lab = Lab::new("bench");
-        let p = build(mode, &mut lab, &o.xtask)?;
+        let p = build(mode, &mut lab, &o.xtask, o.underlay)?;
         let mut srv = p.server.command("iperf3");
         srv.args(["-s", "--forceflush", "-B", &p.server_ip.to_string()]);
         lab.spawn("iperf3-server", srv);
@@ -373,7 +380,7 @@ pub fn run(o: &Opts) -> Result<Value> {
             "udp-userspace",
             "underlay",
             "host-gw",
-            "weft-tc",
+            "weft-xdp",
         ] {
             if !modes.contains_key(base) {
                 continue;
@@ -414,9 +421,18 @@ pub fn run(o: &Opts) -> Result<Value> {
         },
         "runs": o.runs,
         "seconds_per_figure": o.secs,
+        "underlay": underlay_name(o.underlay),
         "modes": modes,
         "ratios": ratios,
     }))
+}
+
+/// The `--underlay` value naming `kind`.
+pub fn underlay_name(kind: UnderlayKind) -> &'static str {
+    match kind {
+        UnderlayKind::Veth => "veth",
+        UnderlayKind::NicLike => "nic-like",
+    }
 }
 
 fn fmt(v: &Value) -> String {

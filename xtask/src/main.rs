@@ -63,6 +63,11 @@ enum Cmd {
         /// Comma-separated modes [default: all].
         #[arg(long, value_delimiter = ',')]
         modes: Option<Vec<String>>,
+        /// The underlay's bridge ports: `veth` (offloads on: GSO skbs cross
+        /// whole) or `nic-like` (transmit checksum and segmentation done in
+        /// software at the port, as a NIC does in hardware; XDP decap needs it).
+        #[arg(long, default_value = "veth", value_parser = ["veth", "nic-like"])]
+        underlay: String,
         /// Write the results as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -301,6 +306,7 @@ fn main() -> Result<()> {
             seconds,
             quick,
             modes,
+            underlay,
             json,
             svg,
             docs,
@@ -345,6 +351,11 @@ fn main() -> Result<()> {
                 svg,
                 docs: docs.then(|| workspace().join("docs")),
                 xtask: std::env::current_exe()?,
+                underlay: if underlay == "nic-like" {
+                    weft_tests::UnderlayKind::NicLike
+                } else {
+                    weft_tests::UnderlayKind::Veth
+                },
             };
             let result = bench::run(&opts)?;
             println!("\n{}", bench::table(&result));
