@@ -583,10 +583,11 @@ pub fn docs(r: &Value, runs: usize, secs: u32) -> String {
     );
     let _ = writeln!(
         s,
-        "## This run\n\n{}, {} runs × {} s per figure, on {} ({} cores, kernel {}).\n",
+        "## This run\n\n{}, {} runs × {} s per figure, `{}` underlay, on {} ({} cores, kernel {}).\n",
         r["date"].as_str().unwrap_or(""),
         runs,
         secs,
+        r["underlay"].as_str().unwrap_or("nic-like"),
         m["cpu"].as_str().unwrap_or("?"),
         m["cores"],
         m["kernel"].as_str().unwrap_or("?")
@@ -607,12 +608,24 @@ Every mode is the same 2-node topology built from scratch in network
 namespaces: two node namespaces, each with a veth (`und0`) into a bridge
 in a third namespace (the underlay), one pod per node; traffic goes from
 the pod on node-1 to the pod on node-2 (in `underlay` mode, node to
-node). Transmit checksum offload is off on the bridge's ports in every
-mode (a NIC computes checksums on the wire; see docs/DATAPLANE.md), so
-all modes pay the same software checksum.
+node). All modes of one run share the underlay's settings (`--underlay`,
+recorded in the JSON as `underlay`):
 
-- `weft`: the real agents (file registry), pods through the CNI plugin,
-  the BPF dataplane (TC encap, XDP decap and redirect).
+- `veth` (default): the bridge ports keep veth's offloads, so a 64 KiB GSO
+  skb crosses the underlay whole in every mode — what a kind-style, nested
+  or container-based cluster has.
+- `nic-like`: transmit checksum off on the bridge ports, so the bridge
+  checksums and segments in software what a NIC would do in hardware, and
+  receivers get wire-sized frames. XDP decap on a veth needs this (see
+  docs/DATAPLANE.md, "XDP or TC").
+
+Modes:
+
+- `weft`: the real agents with their defaults (file registry; `--decap
+  auto`, which picks TC decap on a veth underlay), pods through the CNI
+  plugin, the BPF dataplane.
+- `weft-xdp` (only when named, and only with `--underlay nic-like`): the same
+  with `--decap xdp`.
 - `kernel-vxlan`: flannel's vxlan backend as flanneld sets it up:
   `flannel.1` (nolearning, MTU 1450), permanent neighbour, FDB entry,
   onlink route, `cni0` bridge with veth pods.
@@ -631,8 +644,6 @@ includes iperf3 itself on both ends, identically in every mode).
 
 Caveats: this is one 2-core VM with both "nodes" on it, so sender and
 receiver compete for the same two cores, and the underlay is veth, not a
-NIC. On a veth underlay XDP costs weft a copy of every received packet
-(the veth driver copies GSO segments into page-pool memory before XDP can
-run) that a NIC with native XDP would not; the profile and what it means
-for the targets are in docs/PERFORMANCE.md.
+NIC; runs vary by 10–20 % from one to the next. Profiles and what they
+mean for the targets: docs/PERFORMANCE.md.
 "#;
