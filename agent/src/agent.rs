@@ -147,7 +147,7 @@ fn pick_by_pattern(pattern: &str) -> Result<String, NetdevError> {
 
 /// Attaches the decap program where `mode` says, detaching the other one
 /// (left pinned by a run in the other mode). Returns what is attached, for
-/// the log: "xdp (Driver)", "tc (underlay driver veth)", ...
+/// the log: `xdp (Driver)`, `tc (underlay driver "veth")`, ...
 fn attach_decap(dp: &mut Dataplane, mode: DecapMode, iface: &str) -> Result<String, AgentError> {
     let driver = netdev::driver(iface).unwrap_or_default();
     let xdp = match mode {

@@ -187,6 +187,8 @@ pub fn tc(ctx: &TcContext) -> Result<i32, ()> {
     // linear (a no-op when they already are).
     let want = core::cmp::min(ctx.len() as usize, MAX_HEADERS);
     if ctx.data() + want > ctx.data_end() && ctx.pull_data(want as u32).is_err() {
+        // Out of memory: leave the packet to the stack, as anything not ours.
+        count_fwd(FwdReason::Passthrough);
         return Ok(TC_ACT_OK);
     }
     let (inner_off, inner_dst) = match classify(ctx.data(), ctx.data_end()) {
