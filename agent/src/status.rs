@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::{
     cidr::Ipv4Cidr,
-    dataplane::{DataplaneError, Maps, ip_from_key},
+    dataplane::{self, DataplaneError, Maps, ip_from_key},
     netdev::mac_to_string,
     node::NodeConfig,
     stats::{self, Counters},
@@ -15,6 +15,8 @@ use crate::{
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub node: Option<NodeConfig>,
+    /// Where VXLAN is decapsulated: `xdp`, `tc`, or `none` (not attached).
+    pub decap: &'static str,
     pub nodes: Vec<NodeRow>,
     pub endpoints: Vec<EndpointRow>,
     pub counters: Counters,
@@ -76,8 +78,16 @@ pub fn collect(bpffs: &Path, run_dir: &Path) -> Result<Status, DataplaneError> {
         })
         .collect();
     endpoints.sort_by(|a, b| a.ip.cmp(&b.ip));
+    let decap = if bpffs.join(dataplane::PIN_LINK_XDP).exists() {
+        "xdp"
+    } else if bpffs.join(dataplane::PIN_LINK_UNDERLAY).exists() {
+        "tc"
+    } else {
+        "none"
+    };
     Ok(Status {
         node,
+        decap,
         nodes,
         endpoints,
         counters: stats::read(&maps.drops, &maps.fwds),
@@ -113,6 +123,7 @@ pub fn format(s: &Status) -> String {
             );
         }
     }
+    let _ = writeln!(out, "decap: {}", s.decap);
     let _ = writeln!(out, "\nnodes ({}):", s.nodes.len());
     let _ = writeln!(
         out,
