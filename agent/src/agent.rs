@@ -434,6 +434,16 @@ pub fn down(bpffs_dir: &Path, run_dir: &Path) -> Vec<String> {
             Err(e) => done.push(format!("could not remove {}: {e}", bpffs_dir.display())),
         }
     }
+    if !dataplane::has_tcx() {
+        // Netlink filters are not pinned: find weft's (its own priority and
+        // handle) on the underlay's ingress. weft0 and pod veths take theirs
+        // with them when deleted.
+        for iface in netdev::names() {
+            if dataplane::detach_nl(&iface, aya::programs::TcAttachType::Ingress) {
+                done.push(format!("removed weft's TC filter from {iface} ingress"));
+            }
+        }
+    }
     if netdev::index(HOST_IFACE).is_some() && ip::ip(&["link", "del", HOST_IFACE]).is_ok() {
         done.push(format!("deleted {HOST_IFACE} and its routes"));
     }

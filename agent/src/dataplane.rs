@@ -19,7 +19,8 @@ use aya::{
     maps::{HashMap, LpmTrie, MapData, PerCpuArray},
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode,
-        links::{FdLink, PinnedLink},
+        links::{FdLink, Link as _, PinnedLink},
+        tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
     },
 };
 use weft_common::{Endpoint, RemoteNode, Vtep, names};
@@ -252,6 +253,9 @@ impl Dataplane {
         if !attach {
             // Removing the pin detaches the link (nothing else holds it).
             let _ = fs::remove_file(&pin);
+            if !has_tcx() {
+                detach_nl(iface, TcAttachType::Ingress);
+            }
             return Ok(());
         }
         attach_tc(
@@ -276,6 +280,9 @@ impl Dataplane {
     /// (atomically, per link): after an upgrade, existing pods run the new
     /// code without a moment of detachment. Returns how many were updated.
     pub fn repoint_pods(&mut self) -> Result<usize, DataplaneError> {
+        if !has_tcx() {
+            return self.repoint_pods_nl();
+        }
         let dir = self.pin_dir.join(PIN_PODS_DIR);
         let entries = fs::read_dir(&dir).map_err(|source| DataplaneError::Io {
             path: dir.clone(),
@@ -306,6 +313,31 @@ impl Dataplane {
         Ok(n)
     }
 
+    /// [`Self::repoint_pods`] before TCX: pods' filters are found through the
+    /// endpoints map (each entry names the pod's host-side veth).
+    fn repoint_pods_nl(&mut self) -> Result<usize, DataplaneError> {
+        let ifindexes: Vec<u32> = Maps::open(&self.pin_dir)?
+            .endpoints
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, ep)| ep.ifindex)
+            .collect();
+        let name = names::PROG_FROM_POD;
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+        let mut n = 0;
+        for ifindex in ifindexes {
+            let Some(iface) = crate::netdev::name(ifindex) else {
+                continue; // the pod is gone; the CNI DEL removes its entry
+            };
+            let pin = self.pin_dir.join(PIN_PODS_DIR).join(&iface);
+            match attach_tc(prog, name, &iface, TcAttachType::Ingress, &pin) {
+                Ok(()) => n += 1,
+                Err(e) => tracing::warn!(%iface, "could not re-point the pod's filter: {e}"),
+            }
+        }
+        Ok(n)
+    }
+
     /// The pod program, for tests that run it directly.
     pub fn program_mut<'a, T>(&'a mut self, name: &'static str) -> Result<&'a mut T, DataplaneError>
     where
@@ -325,8 +357,33 @@ where
         .map_err(|source| DataplaneError::Program { name, source })
 }
 
-/// Attaches `prog` to `iface` and pins the link at `pin`; if `pin` already
-/// holds a link, the program behind it is replaced atomically instead.
+/// Netlink (pre-TCX) filters weft owns have this priority and handle ("weft"
+/// in ASCII), one per device and direction, so a restart or `weft down` can
+/// find them again: netlink filters are not BPF links and cannot be pinned.
+pub const NL_PRIORITY: u16 = 0x7765;
+pub const NL_HANDLE: (u16, u16) = (0x7765, 0x6674);
+
+/// Whether this kernel has TCX links (6.6+); before, TC programs are
+/// attached as netlink `cls_bpf` filters under a `clsact` qdisc.
+pub fn has_tcx() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+}
+
+fn nl_link(iface: &str, dir: TcAttachType) -> std::io::Result<SchedClassifierLink> {
+    SchedClassifierLink::attached(
+        iface,
+        dir,
+        NL_PRIORITY,
+        TcHandle::new(NL_HANDLE.0, NL_HANDLE.1),
+        None,
+    )
+}
+
+/// Attaches `prog` to `iface`. With TCX the link is pinned at `pin`, and if
+/// `pin` already holds a link, the program behind it is replaced atomically
+/// instead. Without TCX (before 6.6) the program goes in as weft's netlink
+/// filter ([`NL_PRIORITY`], [`NL_HANDLE`]), replacing weft's filter already
+/// there (also atomic); it stays attached when the agent exits, like a pin.
 fn attach_tc(
     prog: &mut SchedClassifier,
     name: &'static str,
@@ -335,6 +392,30 @@ fn attach_tc(
     pin: &Path,
 ) -> Result<(), DataplaneError> {
     let err = |source| DataplaneError::Program { name, source };
+    if !has_tcx() {
+        // clsact is needed only for the netlink path; with TCX no qdisc is
+        // added, leaving the ingress qdisc to others (e.g. the bandwidth
+        // CNI plugin).
+        let _ = aya::programs::tc::qdisc_add_clsact(iface);
+        let options = || {
+            TcAttachOptions::Netlink(NlOptions {
+                priority: NL_PRIORITY,
+                handle: TcHandle::new(NL_HANDLE.0, NL_HANDLE.1),
+                ..Default::default()
+            })
+        };
+        let id = match prog.attach_with_options(iface, dir, options()) {
+            Ok(id) => id,
+            // weft's filter is there (an earlier agent): replace its program.
+            Err(_) => {
+                let link = nl_link(iface, dir).map_err(|e| err(TcError::IoError(e).into()))?;
+                prog.attach_to_link(link).map_err(err)?
+            }
+        };
+        // Owned by the device from now on: do not detach when dropped.
+        std::mem::forget(prog.take_link(id).map_err(err)?);
+        return Ok(());
+    }
     if let Ok(pinned) = PinnedLink::from_pin(pin) {
         let link = aya::programs::tc::SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(
             |source| DataplaneError::Link {
@@ -344,14 +425,6 @@ fn attach_tc(
         )?;
         prog.attach_to_link(link).map_err(err)?;
         return Ok(());
-    }
-    // clsact is needed only for the netlink fallback on kernels before 6.6;
-    // with TCX no qdisc is added, leaving the ingress qdisc to others (e.g.
-    // the bandwidth CNI plugin).
-    let tcx = aya::util::KernelVersion::current()
-        .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
-    if !tcx {
-        let _ = aya::programs::tc::qdisc_add_clsact(iface);
     }
     let id = prog.attach(iface, dir).map_err(err)?;
     let link = prog.take_link(id).map_err(err)?;
@@ -364,6 +437,12 @@ fn attach_tc(
         source,
     })?;
     Ok(())
+}
+
+/// Removes weft's netlink filter (pre-TCX kernels) from `iface` in `dir`,
+/// if there is one. Returns whether one was removed.
+pub fn detach_nl(iface: &str, dir: TcAttachType) -> bool {
+    nl_link(iface, dir).is_ok_and(|link| link.detach().is_ok())
 }
 
 /// Attaches the pinned pod program to a pod's host-side veth (ingress) and

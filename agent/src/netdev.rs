@@ -179,6 +179,32 @@ pub fn driver(name: &str) -> Option<String> {
     (!driver.is_empty()).then_some(driver)
 }
 
+/// Every interface name in this network namespace (from /proc/self/net/dev,
+/// which, unlike /sys/class/net, follows the caller's namespace).
+pub fn names() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/net/dev")
+        .unwrap_or_default()
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
+/// The name of interface `index` in this network namespace.
+pub fn name(index: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf has IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success buf holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}
+
 /// The interface of the IPv4 default route, as flannel picks its underlay.
 pub fn default_route_interface() -> Result<String, NetdevError> {
     let table = fs::read_to_string("/proc/self/net/route").map_err(|source| NetdevError::Io {

@@ -80,7 +80,10 @@ pub fn collect(bpffs: &Path, run_dir: &Path) -> Result<Status, DataplaneError> {
     endpoints.sort_by(|a, b| a.ip.cmp(&b.ip));
     let decap = if bpffs.join(dataplane::PIN_LINK_XDP).exists() {
         "xdp"
-    } else if bpffs.join(dataplane::PIN_LINK_UNDERLAY).exists() {
+    } else if bpffs.join(dataplane::PIN_LINK_UNDERLAY).exists()
+        || (!dataplane::has_tcx() && node.is_some())
+    {
+        // Before TCX the TC filter is not pinned: configured and not XDP.
         "tc"
     } else {
         "none"

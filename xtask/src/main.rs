@@ -43,6 +43,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Run weft on Debian's 6.1 kernel in an emulated QEMU guest (both decap
+    /// modes, restart, down); also part of `test`.
+    VmCheck,
     /// Measure the agent against a registry of many nodes (see docs/SCALE.md).
     Scale {
         /// Number of nodes in the registry.
@@ -258,12 +261,30 @@ fn test(extra: &[String]) -> Result<()> {
         e2e.env("WEFT_REQUIRE_PRIVILEGED", "1");
     }
     let e2e_result = run_tests(e2e, "privileged tests", &mut total);
+    let vm_result = if root {
+        stage("test: another kernel (Debian's 6.1 LTS in an emulated QEMU guest)");
+        let r = vm_check(&workspace().join("target/debug/weft"));
+        total[if r.is_ok() { 0 } else { 1 }] += 1;
+        r
+    } else {
+        println!("SKIP vm-check: needs root");
+        total[2] += 1;
+        Ok(())
+    };
     stage("summary");
     println!(
         "{} passed, {} failed, {} skipped",
         total[0], total[1], total[2]
     );
-    unit_result.and(e2e_result)
+    unit_result.and(e2e_result).and(vm_result)
+}
+
+/// Runs `tests/vm/run.sh`: weft in a QEMU guest on Debian's 6.1 kernel
+/// (netlink TC attachments, no TCX), both decap modes.
+fn vm_check(weft: &std::path::Path) -> Result<()> {
+    let mut cmd = Command::new(workspace().join("tests/vm/run.sh"));
+    cmd.env("WEFT_BIN", weft);
+    run(cmd, "tests/vm/run.sh")
 }
 
 fn main() -> Result<()> {
@@ -290,6 +311,15 @@ fn main() -> Result<()> {
         }
         Cmd::Lint => lint(),
         Cmd::Test { args } => test(&args),
+        Cmd::VmCheck => {
+            setup::setup()?;
+            stage("build: weft (release)");
+            run(
+                cargo(&["build", "--release", "-p", "weft-agent"]),
+                "cargo build --release -p weft-agent",
+            )?;
+            vm_check(&workspace().join("target/release/weft"))
+        }
         Cmd::Scale { nodes } => {
             setup::setup()?;
             stage("build: weft (release)");

@@ -26,6 +26,9 @@ pub const PACKAGES: &[&str] = &[
     "podman",
     "runc",
     "busybox-static",
+    "qemu-system-x86",
+    "cpio",
+    "binutils",
 ];
 
 fn step(msg: &str) {

@@ -1,0 +1,64 @@
+#!/bin/sh
+# /init of the guest `tests/vm/run.sh` boots: two weft nodes (network
+# namespaces joined by a veth pair, 198.18.0.0/24) with one pod each, on the
+# guest's own kernel. Prints GUEST lines for the runner to check, then powers
+# off. The decap mode comes from the kernel command line (weftmode=tc|xdp).
+# Busybox's sh prefers its own applets: host binaries are called by path.
+export PATH=/usr/sbin:/usr/bin:/bin
+IP=/usr/sbin/ip; NS=/usr/bin/nsenter; WEFT=/usr/bin/weft
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /run; mount -t tmpfs tmp /tmp; mkdir -p /bpf; mount -t bpf bpf /bpf
+for m in veth llc stp bridge sch_ingress cls_bpf; do insmod /mods/$m.ko; done
+echo "GUEST kernel $(cat /proc/sys/kernel/osrelease)"
+mkdir -p /run/netns /var; ln -s /run /var/run
+for n in n1 n2 p1 p2; do $IP netns add $n; done
+$IP link add u1 netns n1 type veth peer name u2 netns n2
+for i in 1 2; do
+  $NS --net=/run/netns/n$i $IP addr add 198.18.0.$i/24 dev u$i
+  $NS --net=/run/netns/n$i $IP link set u$i up
+  $NS --net=/run/netns/n$i $IP link set lo up
+done
+MODE=$(sed -n 's/.*weftmode=\([a-z]*\).*/\1/p' /proc/cmdline)
+if [ "$MODE" = xdp ]; then
+  # An XDP redirect loses the sender's checksum-offload state: checksum in
+  # software, as a NIC would on the wire (docs/DATAPLANE.md).
+  for i in 1 2; do $NS --net=/run/netns/n$i /usr/sbin/ethtool -K u$i tx off >/dev/null; done
+fi
+cat > /tmp/nodes.toml <<T
+[[node]]
+name = "node-1"
+underlay_ip = "198.18.0.1"
+pod_cidr = "198.19.1.0/24"
+[[node]]
+name = "node-2"
+underlay_ip = "198.18.0.2"
+pod_cidr = "198.19.2.0/24"
+T
+agent() { # node-index log
+  $NS --net=/run/netns/n$1 $WEFT agent --node-name node-$1 --iface u$1 --cluster-cidr 198.19.0.0/16 \
+    --nodes-file /tmp/nodes.toml --bpffs-dir /bpf/n$1 --run-dir /tmp/run$1 --decap $MODE \
+    --metrics-addr 127.0.0.1:980$1 > $2 2>&1 &
+  echo $! > $2.pid
+  for t in $(seq 1 120); do grep -q "agent: ready" $2 && break; sleep 0.5; done
+  grep -E "dataplane attached|ERROR" $2 | sed "s/^/GUEST node-$1: /"
+}
+agent 1 /tmp/a1.log; agent 2 /tmp/a2.log
+for i in 1 2; do
+  $NS --net=/run/netns/n$i $WEFT endpoint add --netns /run/netns/p$i --id pod$i --ip 198.19.$i.10 \
+    --run-dir /tmp/run$i > /dev/null 2>&1 || echo "GUEST endpoint add FAILED on node-$i"
+done
+$NS --net=/run/netns/p1 ping -c 3 -W 2 198.19.2.10 > /dev/null 2>&1 && echo "GUEST ping ok" || echo "GUEST ping FAILED"
+$NS --net=/run/netns/p2 /usr/bin/iperf3 -s -1 -B 198.19.2.10 > /dev/null 2>&1 &
+sleep 1
+$NS --net=/run/netns/p1 /usr/bin/iperf3 -c 198.19.2.10 -t 3 > /tmp/iperf.log 2>&1 \
+  && echo "GUEST iperf3 $(grep receiver /tmp/iperf.log)" || echo "GUEST iperf3 FAILED"
+$NS --net=/run/netns/n2 $WEFT status --bpffs-dir /bpf/n2 --run-dir /tmp/run2 | grep -E "^decap|forwarded|dropped" | sed 's/^/GUEST /'
+# Restart node-2's agent: attachments stay; the new agent replaces their programs.
+kill $(cat /tmp/a2.log.pid); sleep 1
+agent 2 /tmp/a2b.log
+$NS --net=/run/netns/p1 ping -c 3 -W 2 198.19.2.10 > /dev/null 2>&1 && echo "GUEST ping after restart ok" || echo "GUEST ping after restart FAILED"
+kill $(cat /tmp/a2b.log.pid); sleep 1
+$NS --net=/run/netns/n2 $WEFT down --bpffs-dir /bpf/n2 --run-dir /tmp/run2 > /dev/null 2>&1
+echo "GUEST after down: tc filters on u2 $($NS --net=/run/netns/n2 /usr/sbin/tc filter show dev u2 ingress | grep -c bpf), xdp $($NS --net=/run/netns/n2 $IP link show u2 | grep -c xdp)"
+echo "GUEST done"
+poweroff -f

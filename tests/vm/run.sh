@@ -1,0 +1,65 @@
+#!/bin/bash
+# Runs weft on another kernel in an emulated QEMU guest (TCG: correctness,
+# never speed) and checks it: `cargo xtask vm-check` calls this after a
+# release build. Debian's 6.1 LTS cloud kernel by default (KERNEL_PKG to
+# pick another linux-image package). Needs qemu-system-x86 and cpio
+# (installed if missing). Everything is cached under $WEFT_CACHE_DIR/vm.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+weft=${WEFT_BIN:-$here/../../target/release/weft}
+cache=${WEFT_CACHE_DIR:-/var/cache/weft}/vm
+pkg=${KERNEL_PKG:-$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image/ {print $2; exit}')}
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v cpio >/dev/null || need+=(cpio)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "==> vm-check: installing ${need[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" >/dev/null
+fi
+mkdir -p "$cache"
+if [ ! -d "$cache/$pkg" ]; then
+  echo "==> vm-check: fetching $pkg"
+  (cd "$cache" && apt-get download "$pkg" >/dev/null 2>&1 && dpkg-deb -x "$pkg"_*.deb "$pkg.tmp" && mv "$pkg.tmp" "$pkg" && rm -f "$pkg"_*.deb)
+fi
+kdir=$cache/$pkg
+kver=$(ls "$kdir/lib/modules")
+work=$(mktemp -d /tmp/weft-vm.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+r=$work/root
+mkdir -p $r/{bin,usr/bin,usr/sbin,proc,sys,dev,run,tmp,mods}
+cp /usr/bin/busybox $r/bin/
+for a in sh ln mount mkdir cat echo sleep poweroff insmod ping grep seq sed kill; do ln -sf busybox $r/bin/$a; done
+copy() { # binary destination: with the libraries it links
+  cp "$1" "$r$2"
+  for l in $(ldd "$1" | grep -o '/[^ ]*'); do mkdir -p "$r$(dirname "$l")"; cp -L "$l" "$r$l"; done
+}
+if command -v strip >/dev/null; then strip -o "$work/weft" "$weft"; weft=$work/weft; fi  # a debug build is ~170 MB
+copy /usr/sbin/ip /usr/sbin/ip; copy /usr/sbin/tc /usr/sbin/tc; copy /usr/sbin/ethtool /usr/sbin/ethtool
+copy /usr/bin/nsenter /usr/bin/nsenter; copy /usr/bin/iperf3 /usr/bin/iperf3; copy "$weft" /usr/bin/weft
+for m in drivers/net/veth net/802/stp net/llc/llc net/bridge/bridge net/sched/sch_ingress net/sched/cls_bpf; do
+  cp "$kdir/lib/modules/$kver/kernel/$m.ko" $r/mods/
+done
+install -m 755 "$here/guest-init.sh" $r/init
+(cd $r && find . | cpio -o -H newc 2>/dev/null | gzip -1 > $work/initrd.gz)
+fail=0
+for mode in tc xdp; do
+  echo "==> vm-check: kernel $kver, --decap $mode (emulated; about a minute)"
+  timeout 600 qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m 1536 -nographic -no-reboot \
+    -kernel "$kdir/boot/vmlinuz-$kver" -initrd $work/initrd.gz \
+    -append "console=ttyS0 quiet panic=-1 weftmode=$mode" -serial file:$work/serial-$mode.log \
+    -display none -monitor none >/dev/null 2>&1 || true
+  out=$(grep -a '^GUEST' $work/serial-$mode.log | tr -d '\r' || true)
+  echo "$out" | sed 's/^GUEST /    /'
+  check() { echo "$out" | grep -Eq "$1" || { echo "    FAIL: expected /$1/"; fail=1; }; }
+  check "node-1: .*dataplane attached decap=$mode"
+  check "node-2: .*dataplane attached decap=$mode"
+  check "^GUEST ping ok"
+  check "^GUEST iperf3 .*receiver"
+  check "^GUEST decap: $mode"
+  check "^GUEST dropped: +malformed=0 unknown_vtep=0 wrong_vni=0 no_route=0 mtu=0 helper_failed=0 fib_lookup_failed=0 inner_not_ipv4=0"
+  check "node-2: .*dataplane attached .*pods=1"
+  check "^GUEST ping after restart ok"
+  check "^GUEST after down: tc filters on u2 0, xdp 0"
+  check "^GUEST done"
+done
+[ $fail = 0 ] && echo "==> vm-check: ok on $kver" || { echo "==> vm-check: FAILED on $kver"; exit 1; }
