@@ -279,6 +279,24 @@ fn test(extra: &[String]) -> Result<()> {
     unit_result.and(e2e_result).and(vm_result)
 }
 
+/// The `weft` binary (with `weft-cni` beside it) for demo and bench: built
+/// now (release or debug), or the one `WEFT_BIN` names (the tests set it, to
+/// run the demo and bench without a cargo build inside `cargo test`).
+fn weft_binary(release: bool) -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("WEFT_BIN") {
+        stage(&format!("using WEFT_BIN={}", bin.to_string_lossy()));
+        return Ok(bin.into());
+    }
+    let (args, dir): (&[&str], _) = if release {
+        (&["build", "--release", "-p", "weft-agent"], "release")
+    } else {
+        (&["build", "-p", "weft-agent"], "debug")
+    };
+    stage(&format!("build: weft and weft-cni ({dir})"));
+    run(cargo(args), &format!("cargo {}", args.join(" ")))?;
+    Ok(workspace().join("target").join(dir).join("weft"))
+}
+
 /// Runs `tests/vm/run.sh`: weft in a QEMU guest on Debian's 6.1 kernel
 /// (netlink TC attachments, no TCX), both decap modes.
 fn vm_check(weft: &std::path::Path) -> Result<()> {
@@ -363,13 +381,9 @@ fn main() -> Result<()> {
                 return Ok(());
             }
             setup::setup()?;
-            stage("build: weft and weft-cni (release)");
-            run(
-                cargo(&["build", "--release", "-p", "weft-agent"]),
-                "cargo build --release -p weft-agent",
-            )?;
+            let weft = weft_binary(true)?;
             // SAFETY: single-threaded here.
-            unsafe { std::env::set_var("WEFT_BIN", workspace().join("target/release/weft")) };
+            unsafe { std::env::set_var("WEFT_BIN", weft) };
             install_stop_handler();
             let (runs, seconds) = if quick { (1, 2) } else { (runs, seconds) };
             let opts = bench::Opts {
@@ -429,12 +443,7 @@ fn main() -> Result<()> {
                 demo::down()
             } else {
                 setup::setup()?;
-                stage("build: weft");
-                run(
-                    cargo(&["build", "-p", "weft-agent"]),
-                    "cargo build -p weft-agent",
-                )?;
-                demo::up(&workspace().join("target/debug/weft"))
+                demo::up(&weft_binary(false)?)
             }
         }
     }

@@ -1,0 +1,177 @@
+//! The README's main job and its proof, run as a user runs them:
+//! `cargo xtask demo` (up, then `--down`) and `cargo xtask bench` (a quick
+//! run's JSON; an interrupted run). Both must leave no namespace behind.
+//! The xtask binary is the one `cargo build --workspace` made; `WEFT_BIN`
+//! points it at the already-built `weft`, so nothing is compiled here.
+
+use std::{collections::BTreeSet, path::PathBuf, process::Command, time::Duration};
+
+use weft_tests::{Lab, privileged, sh, wait_for, weft_bin};
+
+fn xtask() -> PathBuf {
+    let bin = weft_bin().with_file_name("xtask");
+    assert!(bin.is_file(), "no xtask binary at {}", bin.display());
+    bin
+}
+
+fn xtask_cmd(args: &[&str]) -> Command {
+    let mut cmd = Command::new(xtask());
+    cmd.args(args).env("WEFT_BIN", weft_bin());
+    cmd
+}
+
+fn namespaces() -> BTreeSet<String> {
+    sh("ip", &["netns", "list"])
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Runs `cargo xtask demo --down` when dropped, so a failing test leaves no
+/// demo behind either.
+struct DemoDown;
+
+impl Drop for DemoDown {
+    fn drop(&mut self) {
+        let _ = xtask_cmd(&["demo", "--down"]).output();
+    }
+}
+
+#[test]
+fn demo_comes_up_connected_and_down_leaves_nothing() {
+    if !privileged("demo_comes_up_connected_and_down_leaves_nothing") {
+        return;
+    }
+    let before = namespaces();
+    let mut lab = Lab::new("cmd");
+    let _down = DemoDown;
+    lab.spawn("demo", xtask_cmd(&["demo"]));
+    wait_for("the demo to be up", Duration::from_secs(180), || {
+        let log = lab.log("demo");
+        assert!(!log.contains("Error"), "demo failed:\n{log}");
+        log.contains("Ctrl-C").then_some(())
+    });
+    let log = lab.log("demo");
+    assert!(
+        log.contains("(54 paths, 0 failed)"),
+        "full connectivity matrix:\n{log}"
+    );
+    assert!(log.contains("Gbit/s"), "an iperf3 figure:\n{log}");
+    assert!(
+        namespaces().len() > before.len(),
+        "the demo's namespaces exist while it is up"
+    );
+    let out = xtask_cmd(&["demo", "--down"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "demo --down: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the demo to exit", Duration::from_secs(30), || {
+        lab.log("demo").contains("demo: done").then_some(())
+    });
+    wait_for(
+        "the demo's namespaces to go",
+        Duration::from_secs(30),
+        || (namespaces() == before).then_some(()),
+    );
+    assert!(
+        !std::path::Path::new("/run/weft-demo.json").exists(),
+        "demo state removed"
+    );
+}
+
+#[test]
+fn bench_json_has_every_figure_and_an_interrupted_bench_leaves_nothing() {
+    if !privileged("bench_json_has_every_figure_and_an_interrupted_bench_leaves_nothing") {
+        return;
+    }
+    let before = namespaces();
+    let mut lab = Lab::new("cmd");
+    let json = lab.dir.join("bench.json");
+    let svg = lab.dir.join("bench.svg");
+    let out = xtask_cmd(&[
+        "bench",
+        "--quick",
+        "--modes",
+        "weft,underlay",
+        "--json",
+        json.to_str().unwrap(),
+        "--svg",
+        svg.to_str().unwrap(),
+    ])
+    .output()
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("weft/underlay"),
+        "ratio column in the table:\n{text}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for mode in ["weft", "underlay"] {
+        for fig in [
+            "tcp1_gbps",
+            "tcp4_gbps",
+            "udp64_kpps",
+            "rr_p50_us",
+            "rr_p99_us",
+            "cpu_s_per_gb",
+        ] {
+            let f = &v["modes"][mode][fig];
+            for k in ["median", "min", "max"] {
+                assert!(
+                    f[k].as_f64().is_some_and(|x| x > 0.0),
+                    "{mode}.{fig}.{k} is a positive number: {f}"
+                );
+            }
+        }
+    }
+    assert!(v["ratios"]["weft/underlay"]["tcp1_gbps"].as_f64().is_some());
+    assert!(
+        v["machine"]["kernel"]
+            .as_str()
+            .is_some_and(|k| !k.is_empty())
+    );
+    assert!(v["machine"]["cores"].as_u64().is_some_and(|c| c > 0));
+    assert!(v["date"].as_str().is_some_and(|d| d.starts_with("20")));
+    assert_eq!(v["underlay"], "veth");
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
+    assert_eq!(namespaces(), before, "a finished bench leaves no namespace");
+
+    // Interrupted in the middle of a mode: it stops and removes everything.
+    lab.spawn(
+        "bench",
+        xtask_cmd(&[
+            "bench",
+            "--modes",
+            "underlay",
+            "--runs",
+            "3",
+            "--seconds",
+            "5",
+        ]),
+    );
+    wait_for("the bench to measure", Duration::from_secs(60), || {
+        lab.log("bench").contains("run 1/3").then_some(())
+    });
+    assert!(namespaces().len() > before.len(), "the bench's lab is up");
+    let pid = lab.pid("bench").unwrap();
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    wait_for("the bench to stop", Duration::from_secs(60), || {
+        let log = lab.log("bench");
+        (log.contains("interrupted") || log.contains("Error")).then_some(())
+    });
+    wait_for(
+        "the bench's namespaces to go",
+        Duration::from_secs(30),
+        || (namespaces() == before).then_some(()),
+    );
+}
