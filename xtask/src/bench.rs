@@ -598,7 +598,56 @@ pub fn docs(r: &Value, runs: usize, secs: u32) -> String {
         table(r)
     );
     let _ = writeln!(s, "![ratios](bench-ratios.svg)\n");
+    let _ = writeln!(s, "{}", targets(r));
     let _ = writeln!(s, "{}", METHOD);
+    s
+}
+
+/// The project's targets (issue #6) against this run's medians.
+pub fn targets(r: &Value) -> String {
+    let med = |mode: &str, fig: &str| r["modes"][mode][fig]["median"].as_f64();
+    let ratio = |base: &str, fig: &str| Some(med("weft", fig)? / med(base, fig)?);
+    let row = |name: &str,
+               value: Option<f64>,
+               want: &dyn Fn(f64) -> bool,
+               shown: &dyn Fn(f64) -> String| match value {
+        Some(v) => format!(
+            "| {name} | {} | {} |\n",
+            shown(v),
+            if want(v) { "yes" } else { "no" }
+        ),
+        None => format!("| {name} | not measured in this run | — |\n"),
+    };
+    let times = |v: f64| format!("{v:.2} ×");
+    let mut s = String::from(
+        "## Targets against this run\n\nComputed from the medians above; why and where the time goes: docs/PERFORMANCE.md.\n\n| target | measured | met |\n|---|---|---|\n",
+    );
+    s += &row(
+        "weft ≥ 1.3 × kernel-vxlan, TCP 1 stream",
+        ratio("kernel-vxlan", "tcp1_gbps"),
+        &|v| v >= 1.3,
+        &times,
+    );
+    s += &row(
+        "weft ≥ 1.3 × kernel-vxlan, 64-byte UDP pps",
+        ratio("kernel-vxlan", "udp64_kpps"),
+        &|v| v >= 1.3,
+        &times,
+    );
+    let rr = med("weft", "rr_p50_us").zip(med("kernel-vxlan", "rr_p50_us"));
+    s += &match rr {
+        Some((w, k)) => format!(
+            "| weft TCP_RR p50 below kernel-vxlan's | {w:.1} vs {k:.1} µs | {} |\n",
+            if w < k { "yes" } else { "no" }
+        ),
+        None => "| weft TCP_RR p50 below kernel-vxlan's | not measured in this run | — |\n".into(),
+    };
+    s += &row(
+        "weft ≥ 0.9 × underlay, TCP 1 stream",
+        ratio("underlay", "tcp1_gbps"),
+        &|v| v >= 0.9,
+        &times,
+    );
     s
 }
 
