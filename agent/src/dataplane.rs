@@ -20,7 +20,7 @@ use aya::{
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, Link as _, PinnedLink},
-        tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
+        tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
 };
 use weft_common::{Endpoint, RemoteNode, Vtep, names};
@@ -397,20 +397,19 @@ fn attach_tc(
         // added, leaving the ingress qdisc to others (e.g. the bandwidth
         // CNI plugin).
         let _ = aya::programs::tc::qdisc_add_clsact(iface);
-        let options = || {
-            TcAttachOptions::Netlink(NlOptions {
-                priority: NL_PRIORITY,
-                handle: TcHandle::new(NL_HANDLE.0, NL_HANDLE.1),
-                ..Default::default()
-            })
-        };
-        let id = match prog.attach_with_options(iface, dir, options()) {
+        let options = TcAttachOptions::Netlink(NlOptions {
+            priority: NL_PRIORITY,
+            handle: TcHandle::new(NL_HANDLE.0, NL_HANDLE.1),
+            ..Default::default()
+        });
+        let id = match prog.attach_with_options(iface, dir, options) {
             Ok(id) => id,
             // weft's filter is there (an earlier agent): replace its program.
-            Err(_) => {
-                let link = nl_link(iface, dir).map_err(|e| err(TcError::IoError(e).into()))?;
-                prog.attach_to_link(link).map_err(err)?
-            }
+            // If that fails too, the first error is the one that says why.
+            Err(created) => nl_link(iface, dir)
+                .ok()
+                .and_then(|link| prog.attach_to_link(link).ok())
+                .ok_or_else(|| err(created))?,
         };
         // Owned by the device from now on: do not detach when dropped.
         std::mem::forget(prog.take_link(id).map_err(err)?);

@@ -279,7 +279,8 @@ fn test(extra: &[String]) -> Result<()> {
     unit_result.and(e2e_result).and(vm_result)
 }
 
-/// The `weft` binary (with `weft-cni` beside it) for demo and bench: built
+/// The `weft` binary (with `weft-cni` beside it) for demo, bench, scale and
+/// vm-check: built
 /// now (release or debug), or the one `WEFT_BIN` names (the tests set it, to
 /// run the demo and bench without a cargo build inside `cargo test`).
 fn weft_binary(release: bool) -> Result<PathBuf> {
@@ -331,21 +332,11 @@ fn main() -> Result<()> {
         Cmd::Test { args } => test(&args),
         Cmd::VmCheck => {
             setup::setup()?;
-            stage("build: weft (release)");
-            run(
-                cargo(&["build", "--release", "-p", "weft-agent"]),
-                "cargo build --release -p weft-agent",
-            )?;
-            vm_check(&workspace().join("target/release/weft"))
+            vm_check(&weft_binary(true)?)
         }
         Cmd::Scale { nodes } => {
             setup::setup()?;
-            stage("build: weft (release)");
-            run(
-                cargo(&["build", "--release", "-p", "weft-agent"]),
-                "cargo build --release -p weft-agent",
-            )?;
-            let report = scale::run(&workspace().join("target/release/weft"), nodes)?;
+            let report = scale::run(&weft_binary(true)?, nodes)?;
             println!("{report}");
             Ok(())
         }
