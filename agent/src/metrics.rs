@@ -151,16 +151,25 @@ impl Server {
             let (mut sock, _) = listener.accept().await?;
             let this = self.clone();
             tokio::spawn(async move {
+                // Read until the end of the request head: a client may send
+                // it in several segments.
                 let mut buf = vec![0u8; 2048];
-                let n = match tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    sock.read(&mut buf),
-                )
-                .await
-                {
-                    Ok(Ok(n)) => n,
-                    _ => return,
+                let mut n = 0;
+                let head = async {
+                    while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut buf[n..]).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => n += k,
+                        }
+                    }
                 };
+                if tokio::time::timeout(std::time::Duration::from_secs(5), head)
+                    .await
+                    .is_err()
+                    || n == 0
+                {
+                    return;
+                }
                 let req = String::from_utf8_lossy(&buf[..n]);
                 let path = req.split_whitespace().nth(1).unwrap_or("/");
                 let (code, body) = this.respond(path);

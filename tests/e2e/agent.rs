@@ -23,7 +23,8 @@ fn http_get(ns: &Netns, addr: &str, path: &str) -> Option<(u16, String)> {
     let mut s =
         std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     let code = text.split_whitespace().nth(1)?.parse().ok()?;
@@ -347,6 +348,19 @@ fn config_file_metrics_readiness_and_down() {
         Some(503),
         "not ready before the first sync"
     );
+    {
+        // A request head that arrives in two segments is read whole.
+        let _inside = InNetns::enter(&n.ns);
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        s.write_all(b"GET /heal").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        s.write_all(b"thz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200"), "split request: {text}");
+    }
     assert!(
         http_get(&n.ns, "127.0.0.1:9999", "/healthz").is_none(),
         "the flag overrides the file's metrics-addr"
