@@ -123,6 +123,15 @@ pub fn classify(start: usize, end: usize) -> Vxlan {
     }
 }
 
+/// Counts the drop; at debug log level (a load-time global: pruned by the
+/// verifier when off) also says why. The XDP twin of `forward::drop`.
+#[inline(always)]
+fn xdp_drop(ctx: &XdpContext, reason: DropReason) -> u32 {
+    count_drop(reason);
+    debug!(ctx, "weft xdp: drop {}", reason.name());
+    XDP_DROP
+}
+
 /// XDP on the underlay: strip, then redirect into a local pod or pass up.
 #[inline(always)]
 pub fn xdp(ctx: &XdpContext) -> Result<u32, ()> {
@@ -131,11 +140,7 @@ pub fn xdp(ctx: &XdpContext) -> Result<u32, ()> {
             count_fwd(FwdReason::Passthrough);
             return Ok(XDP_PASS);
         }
-        Vxlan::Drop(reason) => {
-            count_drop(reason);
-            debug!(ctx, "weft xdp: drop {}", reason.name());
-            return Ok(XDP_DROP);
-        }
+        Vxlan::Drop(reason) => return Ok(xdp_drop(ctx, reason)),
         Vxlan::Ours {
             inner_off,
             inner_dst,
@@ -146,13 +151,11 @@ pub fn xdp(ctx: &XdpContext) -> Result<u32, ()> {
     // Strip outer Ethernet, IPv4, UDP and VXLAN.
     // SAFETY: ctx is our xdp_md; inner_off ≤ 14 + 60 + 16.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, inner_off as i32) } != 0 {
-        count_drop(DropReason::HelperFailed);
-        return Ok(XDP_DROP);
+        return Ok(xdp_drop(ctx, DropReason::HelperFailed));
     }
     let (start, end) = (ctx.data(), ctx.data_end());
     let Ok(eth) = ptr_at::<EthHdr>(start, end, 0) else {
-        count_drop(DropReason::Malformed);
-        return Ok(XDP_DROP);
+        return Ok(xdp_drop(ctx, DropReason::Malformed));
     };
     match ep {
         Some(Endpoint {

@@ -427,12 +427,23 @@ pub fn run(o: &Opts) -> Result<Value> {
     }))
 }
 
+/// `--underlay` values and the underlays they name.
+pub const UNDERLAYS: [(&str, UnderlayKind); 2] = [
+    ("veth", UnderlayKind::Veth),
+    ("nic-like", UnderlayKind::NicLike),
+];
+
 /// The `--underlay` value naming `kind`.
 pub fn underlay_name(kind: UnderlayKind) -> &'static str {
-    match kind {
-        UnderlayKind::Veth => "veth",
-        UnderlayKind::NicLike => "nic-like",
-    }
+    UNDERLAYS
+        .iter()
+        .find(|(_, k)| *k == kind)
+        .map_or("veth", |(n, _)| n)
+}
+
+/// The underlay an `--underlay` value names.
+pub fn underlay_kind(name: &str) -> Option<UnderlayKind> {
+    UNDERLAYS.iter().find(|(n, _)| *n == name).map(|(_, k)| *k)
 }
 
 fn fmt(v: &Value) -> String {

@@ -386,11 +386,7 @@ fn main() -> Result<()> {
                 svg,
                 docs: docs.then(|| workspace().join("docs")),
                 xtask: std::env::current_exe()?,
-                underlay: if underlay == "nic-like" {
-                    weft_tests::UnderlayKind::NicLike
-                } else {
-                    weft_tests::UnderlayKind::Veth
-                },
+                underlay: bench::underlay_kind(&underlay).context("--underlay")?,
             };
             let result = bench::run(&opts)?;
             println!("\n{}", bench::table(&result));
