@@ -190,7 +190,8 @@ fn wire(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointErro
         "nud",
         "permanent",
     ])?;
-    dataplane::attach_pod(&node.bpffs, host)?;
+    // The endpoint goes in before the program: `weft_from_pod` drops IPv4
+    // whose source is not the endpoint's address on this veth.
     let mut maps = Maps::open(&node.bpffs)?;
     let ep = Endpoint {
         ifindex: host_if.index,
@@ -208,6 +209,10 @@ fn wire(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointErro
             name: weft_common::names::ENDPOINTS,
             source,
         })?;
+    if let Err(e) = dataplane::attach_pod(&node.bpffs, host) {
+        let _ = maps.endpoints.remove(&ip_key(spec.ip));
+        return Err(e.into());
+    }
     Ok(Attached {
         host_ifname: host.into(),
         host_mac: host_if.mac,

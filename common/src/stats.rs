@@ -47,6 +47,9 @@ counter_enum! {
         FibLookupFailed = 6 => "fib_lookup_failed",
         /// Inner frame is not IPv4 (weft carries IPv4 pods only).
         InnerNotIpv4 = 7 => "inner_not_ipv4",
+        /// IPv4 from a pod whose source address is not that pod's own (another
+        /// pod's, or none weft assigned): spoofed, as Cilium's source IP check.
+        SpoofedSource = 8 => "spoofed_source",
     }
 }
 

@@ -46,6 +46,9 @@ pub fn try_forward(ctx: &TcContext, origin: Origin) -> Result<i32, ()> {
     if !hdr.is_valid() {
         return Ok(drop(ctx, DropReason::Malformed));
     }
+    if origin == Origin::Pod && !from_its_pod(ctx, hdr.src) {
+        return Ok(drop(ctx, DropReason::SpoofedSource));
+    }
     if !maps::in_cluster(hdr.dst) {
         return Ok(not_ours(ctx, origin));
     }
@@ -88,6 +91,16 @@ pub fn try_forward(ctx: &TcContext, origin: Origin) -> Result<i32, ()> {
         (*ip).check = csum::after_ttl_decrement(hdr.check);
     }
     Ok(encap::encap_and_redirect(ctx, &remote))
+}
+
+/// Whether `src` is the address weft gave the pod behind the veth this packet
+/// arrived on. Anything else a pod sends over IPv4 (another pod's address, one
+/// it made up) is dropped wherever it is going, so no pod can be another.
+#[inline(always)]
+fn from_its_pod(ctx: &TcContext, src: [u8; 4]) -> bool {
+    // SAFETY: ctx.skb.skb points at the program's __sk_buff.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    matches!(maps::endpoint(u32::from_ne_bytes(src)), Some(ep) if ep.ifindex == ifindex)
 }
 
 /// A packet weft does not forward. From a pod it goes to the stack

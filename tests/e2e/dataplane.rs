@@ -688,3 +688,62 @@ fn xdp_decap_connects_pods() {
         assert_eq!(total_drops(&c, i), 0);
     }
 }
+
+#[test]
+fn a_pod_cannot_send_as_another_address() {
+    if !privileged("a_pod_cannot_send_as_another_address") {
+        return;
+    }
+    let mut lab = Lab::new("spf");
+    let c = Cluster::start(
+        &mut lab,
+        ClusterSpec {
+            nodes: 2,
+            pods_per_node: 2,
+            ..Default::default()
+        },
+    );
+    let on = |node: usize| -> Vec<_> { c.pods.iter().filter(|p| p.node == node).collect() };
+    let (a, neighbour, b) = (on(0)[0].clone(), on(0)[1].clone(), on(1)[0].clone());
+    assert!(ping(&a.ns, b.ip, 1), "honest source reaches the remote pod");
+    let unassigned = Ipv4Addr::from(u32::from(a.ip) + 150);
+    for (case, fake) in [
+        ("its neighbour's address", neighbour.ip),
+        ("an address weft never gave out", unassigned),
+    ] {
+        a.ns.ip(&["addr", "add", &format!("{fake}/32"), "dev", "eth0"]);
+        // (Not to the neighbour with its own address: that stays inside pod a.)
+        for dst in [b.ip, neighbour.ip].into_iter().filter(|d| *d != fake) {
+            let before = c.counter(0, "spoofed_source");
+            let got_through = a.ns.try_sh(
+                "ping",
+                &[
+                    "-c",
+                    "2",
+                    "-W",
+                    "1",
+                    "-i",
+                    "0.05",
+                    "-q",
+                    "-I",
+                    &fake.to_string(),
+                    &dst.to_string(),
+                ],
+            )
+            .status
+            .success();
+            assert!(!got_through, "{case} → {dst} must not get through");
+            let dropped = c.counter(0, "spoofed_source") - before;
+            assert!(
+                dropped >= 2,
+                "{case} → {dst}: each echo is dropped as spoofed_source (got {dropped})"
+            );
+        }
+        a.ns.ip(&["addr", "del", &format!("{fake}/32"), "dev", "eth0"]);
+    }
+    assert!(ping(&a.ns, b.ip, 1), "the pod's own address still works");
+    assert!(
+        ping(&neighbour.ns, b.ip, 1),
+        "and its neighbour's, on its own veth"
+    );
+}

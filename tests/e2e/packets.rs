@@ -34,7 +34,6 @@ const POD: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 10);
 const POD_NO_XDP: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 11);
 const POD_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x0a];
 const HOST_VETH_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x0a];
-const POD_IFINDEX: u32 = 4242;
 const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 20);
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 1);
 
@@ -46,6 +45,9 @@ struct Fixture {
     dp: Dataplane,
     maps: Maps,
     und: netdev::Interface,
+    /// Host-side veth of the fixture's pods (a real device: `weft_from_pod`
+    /// checks a pod's source against the veth a packet arrives on).
+    pod_ifindex: u32,
     vni: u32,
     port: u16,
     _lab: Lab,
@@ -75,9 +77,13 @@ impl Fixture {
         // bpf_fib_lookup answers FWD_DISABLED without forwarding on the device
         // (the agent turns it on for the node).
         ns.sysctl("net.ipv4.ip_forward", "1");
+        ns.ip(&[
+            "link", "add", "pod0", "type", "veth", "peer", "name", "pod0p",
+        ]);
         let pins = lab.bpffs().join("t");
         let inside = InNetns::enter(&ns);
         let und = netdev::get("und0").expect("und0");
+        let pod_ifindex = netdev::index("pod0").expect("pod0");
         let globals = Globals {
             vni,
             port,
@@ -118,7 +124,7 @@ impl Fixture {
             .unwrap();
         maps.nodes.insert(ip_key(PEER), Vtep::default(), 0).unwrap();
         let ep = |flags| Endpoint {
-            ifindex: POD_IFINDEX,
+            ifindex: pod_ifindex,
             pod_mac: POD_MAC,
             host_mac: HOST_VETH_MAC,
             flags,
@@ -133,6 +139,7 @@ impl Fixture {
             dp,
             maps,
             und,
+            pod_ifindex,
             vni,
             port,
             _lab: lab,
@@ -160,9 +167,27 @@ impl Fixture {
         }
     }
 
+    /// Runs `weft_from_pod` on a frame arriving on the pods' veth.
     fn tc(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.tc_on(self.pod_ifindex, frame)
+    }
+
+    /// Runs `weft_from_pod` on a frame arriving on device `ifindex`.
+    fn tc_on(&mut self, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
         let prog: &mut SchedClassifier = self.dp.program_mut(names::PROG_FROM_POD).unwrap();
-        run(|o| prog.test_run(o), frame)
+        // struct __sk_buff up to `ifindex` (offset 40): the device the
+        // program runs on; every other field zero.
+        let mut ctx = [0u8; 44];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        run(
+            |o| {
+                prog.test_run(TestRunOptions {
+                    ctx_in: Some(&ctx),
+                    ..o
+                })
+            },
+            frame,
+        )
     }
 
     /// A VXLAN frame from `src` carrying `inner` (an Ethernet frame).
@@ -685,4 +710,73 @@ fn tc_encap_and_local_cases() {
         assert_eq!(action, TC_ACT_SHOT, "{case}");
         assert_deltas(case, &before, &fx.counters(), &[(reason, 1)], &[]);
     }
+}
+
+#[test]
+fn tc_from_pod_drops_spoofed_sources() {
+    if !privileged("tc_from_pod_drops_spoofed_sources") {
+        return;
+    }
+    let mut fx = Fixture::new("pks", 1, 8472);
+    let from = |src: Ipv4Addr, dst: Ipv4Addr| {
+        pktgen::eth(
+            HOST_VETH_MAC,
+            [2, 0xcc, 0, 0, 0, 3],
+            pktgen::ETH_P_IP,
+            &Ipv4::new(src, dst, 17).build(&pktgen::udp(1, 2, b"x")),
+        )
+    };
+    let und = fx.und.index;
+    let pods = fx.pod_ifindex;
+    // (case, device it arrives on, frame): every one would be forwarded or
+    // passed with an honest source.
+    for (case, ifindex, frame) in [
+        (
+            "a local pod's address on another veth",
+            und,
+            from(POD, REMOTE_POD),
+        ),
+        (
+            "an address no pod has, to a remote pod",
+            pods,
+            from(Ipv4Addr::new(198, 19, 1, 77), REMOTE_POD),
+        ),
+        (
+            "a remote pod's address, to a local pod",
+            pods,
+            from(REMOTE_POD, POD),
+        ),
+        (
+            "a remote pod's address, out of the cluster",
+            pods,
+            from(REMOTE_POD, PEER),
+        ),
+        (
+            "the gateway's address, to the gateway",
+            pods,
+            from(GATEWAY, GATEWAY),
+        ),
+    ] {
+        let before = fx.counters();
+        let (action, _) = fx.tc_on(ifindex, &frame);
+        assert_eq!(action, TC_ACT_SHOT, "{case}");
+        assert_deltas(
+            case,
+            &before,
+            &fx.counters(),
+            &[(DropReason::SpoofedSource, 1)],
+            &[],
+        );
+    }
+    // The same frame from its own veth is encapsulated; ARP is not checked.
+    let before = fx.counters();
+    let (action, _) = fx.tc_on(pods, &from(POD, REMOTE_POD));
+    assert_eq!(action, TC_ACT_REDIRECT, "honest source");
+    assert_deltas(
+        "honest source",
+        &before,
+        &fx.counters(),
+        &[],
+        &[(FwdReason::Encap, 1)],
+    );
 }
