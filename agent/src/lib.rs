@@ -12,6 +12,7 @@ pub mod kube;
 pub mod metrics;
 pub mod netdev;
 pub mod node;
+pub mod profile;
 pub mod registry;
 pub mod stats;
 pub mod status;

@@ -9,7 +9,7 @@ use weft_agent::{
     dataplane::DEFAULT_BPFFS_DIR,
     endpoint::{self, EndpointSpec},
     node::{DEFAULT_RUN_DIR, NodeConfig},
-    status,
+    profile, status,
 };
 
 /// weft: a Kubernetes pod network with a VXLAN dataplane in eBPF.
@@ -54,6 +54,17 @@ enum Command {
     Down {
         #[command(flatten)]
         paths: Paths,
+    },
+    /// Measure the CPU time weft's BPF programs take on this machine over a
+    /// window of live traffic (kernel run-time statistics, on only while
+    /// this runs).
+    Profile {
+        /// Length of the window, in seconds.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Machine-readable JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Attach or detach a pod by hand (the CNI plugin does the same).
     #[command(subcommand)]
@@ -143,6 +154,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
                 print!("{}", status::format(&s));
+            }
+        }
+        Command::Profile { seconds, json } => {
+            let window = std::time::Duration::try_from_secs_f64(seconds).map_err(|_| {
+                anyhow::anyhow!("--seconds {seconds}: give a number of seconds, e.g. 5")
+            })?;
+            let p = profile::profile(window)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            } else {
+                print!("{}", profile::format(&p));
             }
         }
         Command::Down { paths } => {

@@ -55,6 +55,17 @@ pub enum Vxlan {
 /// longest options, UDP, VXLAN, inner Ethernet and IPv4.
 pub const MAX_HEADERS: usize = ETH_HLEN + 60 + UDP_HLEN + VXLAN_HLEN + ETH_HLEN + IPV4_HLEN;
 
+/// [`MAX_HEADERS`] for a packet without outer IPv4 options (nearly all).
+pub const MIN_HEADERS: usize = MAX_HEADERS - (60 - IPV4_HLEN);
+
+/// Makes the first `len` bytes of the packet (or all of it, if shorter)
+/// linear; a no-op when they are. False only when the kernel is out of memory.
+#[inline(always)]
+fn linear(ctx: &TcContext, len: usize) -> bool {
+    let want = core::cmp::min(ctx.len() as usize, len);
+    ctx.data() + want <= ctx.data_end() || ctx.pull_data(want as u32).is_ok()
+}
+
 /// Checks the packet in `[start, end)` against the rules above.
 #[inline(always)]
 pub fn classify(start: usize, end: usize) -> Vxlan {
@@ -187,9 +198,15 @@ pub fn xdp(ctx: &XdpContext) -> Result<u32, ()> {
 #[inline(always)]
 pub fn tc(ctx: &TcContext) -> Result<i32, ()> {
     // A NIC may leave headers in page fragments: make the ones we read
-    // linear (a no-op when they already are).
-    let want = core::cmp::min(ctx.len() as usize, MAX_HEADERS);
-    if ctx.data() + want > ctx.data_end() && ctx.pull_data(want as u32).is_err() {
+    // linear. Only as many as this packet has: pulling more would copy
+    // payload out of the fragments of every GSO skb (a veth delivers the
+    // headers, and only they, in the linear part).
+    let outer_opts = match ptr_at::<Ipv4Hdr>(ctx.data(), ctx.data_end(), ETH_HLEN) {
+        // SAFETY: ptr_at checked bounds.
+        Ok(ip) => unsafe { (*ip).header_len() }.saturating_sub(IPV4_HLEN),
+        Err(()) => 0,
+    };
+    if !linear(ctx, MIN_HEADERS) || (outer_opts > 0 && !linear(ctx, MIN_HEADERS + outer_opts)) {
         // Out of memory: leave the packet to the stack, as anything not ours.
         count_fwd(FwdReason::Passthrough);
         return Ok(TC_ACT_OK);

@@ -12,7 +12,7 @@
 //! from the inner flow hash, outer UDP checksum 0, TTL 64, DF clear (the
 //! vxlan default `df unset`), inner destination MAC = the remote VTEP MAC.
 
-use core::mem::size_of;
+use core::mem::{size_of, MaybeUninit};
 
 use aya_ebpf::{
     bindings::{
@@ -32,6 +32,7 @@ use crate::{
     forward::drop,
     maps::{self, count_fwd},
     parse::{ETH_HLEN, IPPROTO_UDP, VXLAN_FLAG_I},
+    zeroed::Zeroed,
 };
 
 const AF_INET: u8 = 2;
@@ -60,8 +61,9 @@ pub fn encap_and_redirect(ctx: &TcContext, remote: &RemoteNode) -> i32 {
     let inner_len = ctx.len() as usize - ETH_HLEN;
     let outer_len = inner_len + VXLAN_ENCAP_LEN;
 
-    // SAFETY: zeroed plain-data struct.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    let mut fib = MaybeUninit::uninit();
+    // SAFETY: all-zero is a valid bpf_fib_lookup (64 bytes).
+    let fib: &mut FibParams = unsafe { Zeroed::init(&mut fib) };
     fib.family = AF_INET;
     fib.l4_protocol = IPPROTO_UDP;
     // With tot_len set the kernel checks it against the route MTU; a GSO
@@ -77,7 +79,7 @@ pub fn encap_and_redirect(ctx: &TcContext, remote: &RemoteNode) -> i32 {
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.as_ptr(),
-            &mut fib,
+            fib,
             size_of::<FibParams>() as i32,
             BPF_FIB_LOOKUP_OUTPUT,
         )
@@ -105,7 +107,11 @@ pub fn encap_and_redirect(ctx: &TcContext, remote: &RemoteNode) -> i32 {
         return drop(ctx, DropReason::HelperFailed);
     }
 
-    let hdr = build_headers(
+    let mut hdr = MaybeUninit::uninit();
+    // SAFETY: all-zero is a valid byte array (64 bytes).
+    let hdr: &mut [u8; HDR_LEN] = unsafe { Zeroed::init(&mut hdr) };
+    write_headers(
+        hdr,
         &fib.dmac,
         &fib.smac,
         local_ip,
@@ -118,7 +124,7 @@ pub fn encap_and_redirect(ctx: &TcContext, remote: &RemoteNode) -> i32 {
         &remote.vtep_mac,
         &maps::vtep_mac(),
     );
-    if ctx.store(0, &hdr, 0).is_err() {
+    if ctx.store(0, hdr, 0).is_err() {
         return drop(ctx, DropReason::HelperFailed);
     }
 
@@ -134,10 +140,12 @@ pub fn encap_and_redirect(ctx: &TcContext, remote: &RemoteNode) -> i32 {
     }
 }
 
-/// The 64 bytes in front of the inner IPv4 header.
+/// The 64 bytes in front of the inner IPv4 header, written into `h`, which
+/// is all zero (the fields left zero stay so).
 #[expect(clippy::too_many_arguments, reason = "one flat header, one call site")]
 #[inline(always)]
-fn build_headers(
+fn write_headers(
+    h: &mut [u8; HDR_LEN],
     outer_dmac: &[u8; 6],
     outer_smac: &[u8; 6],
     src: [u8; 4],
@@ -149,26 +157,25 @@ fn build_headers(
     port: u16,
     inner_dmac: &[u8; 6],
     inner_smac: &[u8; 6],
-) -> [u8; HDR_LEN] {
-    let mut h = [0u8; HDR_LEN];
+) {
     // Outer Ethernet.
     h[0..6].copy_from_slice(outer_dmac);
     h[6..12].copy_from_slice(outer_smac);
     h[12] = 0x08;
     h[13] = 0x00;
-    // Outer IPv4: no options, DF clear, checksum over the 20 bytes below.
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&outer_len.to_be_bytes());
-    ip[4..6].copy_from_slice(&ip_id.to_be_bytes());
-    ip[8] = OUTER_TTL;
-    ip[9] = IPPROTO_UDP;
-    ip[12..16].copy_from_slice(&src);
-    ip[16..20].copy_from_slice(&dst);
-    let check = csum::ipv4_header(&ip);
-    ip[10] = check[0];
-    ip[11] = check[1];
-    h[14..34].copy_from_slice(&ip);
+    // Outer IPv4 at 14..34: no options, DF clear, checksum over the 20
+    // bytes with the checksum field still zero.
+    h[14] = 0x45;
+    h[16..18].copy_from_slice(&outer_len.to_be_bytes());
+    h[18..20].copy_from_slice(&ip_id.to_be_bytes());
+    h[22] = OUTER_TTL;
+    h[23] = IPPROTO_UDP;
+    h[26..30].copy_from_slice(&src);
+    h[30..34].copy_from_slice(&dst);
+    let ip: &[u8; 20] = h[14..34].try_into().unwrap_or(&[0; 20]);
+    let check = csum::ipv4_header(ip);
+    h[24] = check[0];
+    h[25] = check[1];
     // UDP: checksum 0 (allowed for IPv4, as the kernel vxlan default).
     h[34..36].copy_from_slice(&sport.to_be_bytes());
     h[36..38].copy_from_slice(&port.to_be_bytes());
@@ -183,5 +190,4 @@ fn build_headers(
     h[56..62].copy_from_slice(inner_smac);
     h[62] = 0x08;
     h[63] = 0x00;
-    h
 }

@@ -7,7 +7,8 @@
 //! - [`decap`]: VXLAN arriving on the underlay, in XDP or (on underlays
 //!   where that is faster) TC,
 //! - [`csum`]: IPv4 header checksums,
-//! - [`maps`]: maps, per-CPU counters and load-time globals.
+//! - [`maps`]: maps, per-CPU counters and load-time globals,
+//! - [`zeroed`]: zero-filled stack buffers without a `memset` loop.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -17,6 +18,7 @@ mod encap;
 mod forward;
 mod maps;
 mod parse;
+mod zeroed;
 
 mod programs {
     use aya_ebpf::{

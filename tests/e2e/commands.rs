@@ -134,6 +134,32 @@ fn bench_json_has_every_figure_and_an_interrupted_bench_leaves_nothing() {
         }
     }
     assert!(v["ratios"]["weft/underlay"]["tcp1_gbps"].as_f64().is_some());
+    // `weft profile` (kernel run-time statistics) under each load: both
+    // programs of the path ran and took time; no profile for the baseline.
+    for load in ["tcp1", "udp64"] {
+        let p = &v["bpf_profile"]["weft"][load];
+        for prog in ["weft_from_pod", "weft_from_und"] {
+            let row = p["programs"]
+                .as_array()
+                .and_then(|rows| rows.iter().find(|r| r["name"] == prog))
+                .unwrap_or_else(|| panic!("{load}: no {prog} in the profile: {p}"));
+            assert!(
+                row["runs"].as_u64().is_some_and(|n| n > 100)
+                    && row["ns_per_run"].as_f64().is_some_and(|ns| ns > 0.0),
+                "{load}: {prog} ran, and took time: {row}"
+            );
+        }
+        assert!(
+            p["total_cpu_pct"]
+                .as_f64()
+                .is_some_and(|x| x > 0.0 && x < 100.0)
+        );
+    }
+    assert!(v["bpf_profile"].get("underlay").is_none());
+    assert!(
+        text.contains("weft's BPF programs took"),
+        "the profile is printed:\n{text}"
+    );
     assert!(
         v["machine"]["kernel"]
             .as_str()

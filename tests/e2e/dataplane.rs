@@ -715,23 +715,24 @@ fn a_pod_cannot_send_as_another_address() {
         // (Not to the neighbour with its own address: that stays inside pod a.)
         for dst in [b.ip, neighbour.ip].into_iter().filter(|d| *d != fake) {
             let before = c.counter(0, "spoofed_source");
-            let got_through = a.ns.try_sh(
-                "ping",
-                &[
-                    "-c",
-                    "2",
-                    "-W",
-                    "1",
-                    "-i",
-                    "0.05",
-                    "-q",
-                    "-I",
-                    &fake.to_string(),
-                    &dst.to_string(),
-                ],
-            )
-            .status
-            .success();
+            let got_through =
+                a.ns.try_sh(
+                    "ping",
+                    &[
+                        "-c",
+                        "2",
+                        "-W",
+                        "1",
+                        "-i",
+                        "0.05",
+                        "-q",
+                        "-I",
+                        &fake.to_string(),
+                        &dst.to_string(),
+                    ],
+                )
+                .status
+                .success();
             assert!(!got_through, "{case} → {dst} must not get through");
             let dropped = c.counter(0, "spoofed_source") - before;
             assert!(

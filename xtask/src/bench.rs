@@ -21,6 +21,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use weft_tests::{
     Cluster, ClusterSpec, FlannelNode, Lab, Netns, Underlay, UnderlayKind, bridge_pod, wait_for,
+    weft_bin,
 };
 
 pub const MODES: &[&str] = &[
@@ -300,6 +301,91 @@ fn measure(p: &Path2, secs: u32) -> Result<BTreeMap<String, f64>> {
     Ok(m)
 }
 
+/// Load for the BPF profile: (name, iperf3 arguments).
+const PROFILED: &[(&str, &[&str])] = &[("tcp1", &[]), ("udp64", &["-u", "-l", "64", "-b", "0"])];
+
+/// What weft's BPF programs cost during one TCP stream and during 64-byte
+/// UDP: `weft profile` (the kernel's per-program run count and run time)
+/// over a window inside an iperf3 run. An extra pass after the measured runs:
+/// counting adds two clock reads per program run, so no figure above is
+/// taken with it on.
+fn bpf_profile(p: &Path2, secs: u32) -> Result<Value> {
+    let window = secs.max(2) - 1;
+    let mut out = serde_json::Map::new();
+    for (load, extra) in PROFILED {
+        let client = p
+            .client
+            .command("iperf3")
+            .args([
+                "-c",
+                &p.server_ip.to_string(),
+                "-t",
+                &(window + 2).to_string(),
+                "-J",
+            ])
+            .args(*extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("iperf3 for the BPF profile")?;
+        std::thread::sleep(Duration::from_secs(1));
+        let prof = std::process::Command::new(weft_bin())
+            .args(["profile", "--json", "--seconds", &window.to_string()])
+            .output()
+            .context("running `weft profile`")?;
+        let iperf = client.wait_with_output()?;
+        if !prof.status.success() {
+            bail!(
+                "weft profile ({load}): {}",
+                String::from_utf8_lossy(&prof.stderr).trim()
+            );
+        }
+        if !iperf.status.success() {
+            bail!(
+                "iperf3 during the BPF profile ({load}): {}",
+                String::from_utf8_lossy(&iperf.stdout)
+            );
+        }
+        let v: Value = serde_json::from_slice(&prof.stdout).context("weft profile JSON")?;
+        out.insert(load.to_string(), v);
+    }
+    Ok(Value::Object(out))
+}
+
+/// One line per profiled load: weft's programs' share of all CPU time and
+/// each program's time per run.
+pub fn profile_lines(r: &Value) -> String {
+    let mut s = String::new();
+    let Some(modes) = r["bpf_profile"].as_object() else {
+        return s;
+    };
+    for (mode, loads) in modes {
+        for (load, _) in PROFILED {
+            let p = &loads[*load];
+            let per: Vec<String> = p["programs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|row| {
+                    Some(format!(
+                        "{} {:.0} ns × {:.0}/s",
+                        row["name"].as_str()?,
+                        row["ns_per_run"].as_f64()?,
+                        row["runs_per_s"].as_f64()?
+                    ))
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "- `{mode}`, {load}: weft's BPF programs took {:.2} % of all CPU time ({})",
+                p["total_cpu_pct"].as_f64().unwrap_or(f64::NAN),
+                per.join("; ")
+            );
+        }
+    }
+    s
+}
+
 fn stats(xs: &[f64]) -> Value {
     let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
     v.sort_by(f64::total_cmp);
@@ -322,6 +408,7 @@ pub fn run(o: &Opts) -> Result<Value> {
         );
     }
     let mut modes = serde_json::Map::new();
+    let mut profiles = serde_json::Map::new();
     for mode in &o.modes {
         say(&format!("mode {mode}: building the topology"));
         let mut lab = Lab::new("bench");
@@ -371,6 +458,15 @@ pub fn run(o: &Opts) -> Result<Value> {
             })
             .collect();
         modes.insert(mode.clone(), Value::Object(figs));
+        if mode.starts_with("weft") {
+            say(&format!(
+                "mode {mode}: BPF profile (weft profile, extra pass)"
+            ));
+            profiles.insert(
+                mode.clone(),
+                bpf_profile(&p, o.secs).with_context(|| format!("mode {mode}"))?,
+            );
+        }
         drop(lab);
     }
     let mut ratios = serde_json::Map::new();
@@ -424,6 +520,7 @@ pub fn run(o: &Opts) -> Result<Value> {
         "underlay": underlay_name(o.underlay),
         "modes": modes,
         "ratios": ratios,
+        "bpf_profile": profiles,
     }))
 }
 
@@ -610,6 +707,13 @@ pub fn docs(r: &Value, runs: usize, secs: u32) -> String {
     );
     let _ = writeln!(s, "![ratios](bench-ratios.svg)\n");
     let _ = writeln!(s, "{}", targets(r));
+    let prof = profile_lines(r);
+    if !prof.is_empty() {
+        let _ = writeln!(
+            s,
+            "## weft's BPF programs in this run\n\nMeasured by `weft profile` (the kernel's run count and run time per program, BPF_ENABLE_STATS) during an extra iperf3 pass per load, after the figures above; both nodes' copies summed; time per run × runs per second:\n\n{prof}"
+        );
+    }
     let _ = writeln!(s, "{}", METHOD);
     s
 }

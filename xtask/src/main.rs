@@ -391,6 +391,7 @@ fn main() -> Result<()> {
             let result = bench::run(&opts)?;
             println!("\n{}", bench::table(&result));
             println!("{}", bench::targets(&result));
+            print!("{}", bench::profile_lines(&result));
             let chart = bench::svg(&result);
             std::fs::write(workspace().join(&opts.svg), &chart)
                 .with_context(|| format!("writing {}", opts.svg.display()))?;
