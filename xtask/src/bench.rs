@@ -58,6 +58,8 @@ pub struct Opts {
     pub docs: Option<PathBuf>,
     pub xtask: PathBuf,
     pub underlay: UnderlayKind,
+    /// Client on CPU 0, server on CPU 1 (iperf3 `-A`, `taskset` for sockperf).
+    pub pin: bool,
 }
 
 /// The measured path: a client namespace, a server namespace and address.
@@ -201,7 +203,22 @@ fn cpu_busy_s() -> f64 {
     busy / 100.0 // USER_HZ
 }
 
-fn iperf(p: &Path2, secs: u32, extra: &[&str]) -> Result<Value> {
+/// iperf3's own placement flag: the client on CPU 0, the server on CPU 1.
+const PIN_IPERF: [&str; 2] = ["-A", "0,1"];
+
+/// `program` in `ns`, on `cpu` when pinning (`--no-pin` leaves placement to
+/// the scheduler).
+fn on_cpu(ns: &Netns, pin: bool, cpu: &str, program: &str) -> std::process::Command {
+    if pin {
+        let mut c = ns.command("taskset");
+        c.args(["-c", cpu, program]);
+        c
+    } else {
+        ns.command(program)
+    }
+}
+
+fn iperf(p: &Path2, pin: bool, secs: u32, extra: &[&str]) -> Result<Value> {
     let mut args = vec![
         "-c".to_string(),
         p.server_ip.to_string(),
@@ -209,6 +226,9 @@ fn iperf(p: &Path2, secs: u32, extra: &[&str]) -> Result<Value> {
         secs.to_string(),
         "-J".into(),
     ];
+    if pin {
+        args.extend(PIN_IPERF.iter().map(|s| s.to_string()));
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     let out = p.client.command("iperf3").args(&args).output()?;
     let v: Value = serde_json::from_slice(&out.stdout)
@@ -230,10 +250,10 @@ fn sockperf_percentiles(text: &str) -> (Option<f64>, Option<f64>) {
 }
 
 /// One run of every figure on `p`.
-fn measure(p: &Path2, secs: u32) -> Result<BTreeMap<String, f64>> {
+fn measure(p: &Path2, pin: bool, secs: u32) -> Result<BTreeMap<String, f64>> {
     let mut m = BTreeMap::new();
     let before = cpu_busy_s();
-    let v = iperf(p, secs, &[])?;
+    let v = iperf(p, pin, secs, &[])?;
     let cpu = cpu_busy_s() - before;
     let bytes = v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
     m.insert(
@@ -251,7 +271,7 @@ fn measure(p: &Path2, secs: u32) -> Result<BTreeMap<String, f64>> {
             f64::NAN
         },
     );
-    let v = iperf(p, secs, &["-P", "4"])?;
+    let v = iperf(p, pin, secs, &["-P", "4"])?;
     m.insert(
         "tcp4_gbps".into(),
         v["end"]["sum_received"]["bits_per_second"]
@@ -259,7 +279,7 @@ fn measure(p: &Path2, secs: u32) -> Result<BTreeMap<String, f64>> {
             .unwrap_or(0.0)
             / 1e9,
     );
-    let v = iperf(p, secs, &["-u", "-l", "64", "-b", "0"])?;
+    let v = iperf(p, pin, secs, &["-u", "-l", "64", "-b", "0"])?;
     let sum = &v["end"]["sum"];
     let sent = sum["packets"].as_f64().unwrap_or(0.0);
     let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
@@ -276,9 +296,7 @@ fn measure(p: &Path2, secs: u32) -> Result<BTreeMap<String, f64>> {
             f64::NAN
         },
     );
-    let out = p
-        .client
-        .command("sockperf")
+    let out = on_cpu(&p.client, pin, "0", "sockperf")
         .args([
             "ping-pong",
             "--tcp",
@@ -309,7 +327,7 @@ const PROFILED: &[(&str, &[&str])] = &[("tcp1", &[]), ("udp64", &["-u", "-l", "6
 /// over a window inside an iperf3 run. An extra pass after the measured runs:
 /// counting adds two clock reads per program run, so no figure above is
 /// taken with it on.
-fn bpf_profile(p: &Path2, secs: u32) -> Result<Value> {
+fn bpf_profile(p: &Path2, pin: bool, secs: u32) -> Result<Value> {
     let window = secs.max(2) - 1;
     let mut out = serde_json::Map::new();
     for (load, extra) in PROFILED {
@@ -323,6 +341,7 @@ fn bpf_profile(p: &Path2, secs: u32) -> Result<Value> {
                 &(window + 2).to_string(),
                 "-J",
             ])
+            .args(if pin { &PIN_IPERF[..] } else { &[] })
             .args(*extra)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -416,7 +435,7 @@ pub fn run(o: &Opts) -> Result<Value> {
         let mut srv = p.server.command("iperf3");
         srv.args(["-s", "--forceflush", "-B", &p.server_ip.to_string()]);
         lab.spawn("iperf3-server", srv);
-        let mut sp = p.server.command("sockperf");
+        let mut sp = on_cpu(&p.server, o.pin, "1", "sockperf");
         sp.args([
             "server",
             "--tcp",
@@ -441,7 +460,7 @@ pub fn run(o: &Opts) -> Result<Value> {
                 o.runs,
                 o.secs
             ));
-            runs.push(measure(&p, o.secs).with_context(|| format!("mode {mode}"))?);
+            runs.push(measure(&p, o.pin, o.secs).with_context(|| format!("mode {mode}"))?);
         }
         let figs: serde_json::Map<String, Value> = FIGURES
             .iter()
@@ -464,7 +483,7 @@ pub fn run(o: &Opts) -> Result<Value> {
             ));
             profiles.insert(
                 mode.clone(),
-                bpf_profile(&p, o.secs).with_context(|| format!("mode {mode}"))?,
+                bpf_profile(&p, o.pin, o.secs).with_context(|| format!("mode {mode}"))?,
             );
         }
         drop(lab);
@@ -518,6 +537,7 @@ pub fn run(o: &Opts) -> Result<Value> {
         "runs": o.runs,
         "seconds_per_figure": o.secs,
         "underlay": underlay_name(o.underlay),
+        "pinned": o.pin,
         "modes": modes,
         "ratios": ratios,
         "bpf_profile": profiles,
@@ -691,11 +711,16 @@ pub fn docs(r: &Value, runs: usize, secs: u32) -> String {
     );
     let _ = writeln!(
         s,
-        "## This run\n\n{}, {} runs × {} s per figure, `{}` underlay, on {} ({} cores, kernel {}).\n",
+        "## This run\n\n{}, {} runs × {} s per figure, `{}` underlay, {}, on {} ({} cores, kernel {}).\n",
         r["date"].as_str().unwrap_or(""),
         runs,
         secs,
         r["underlay"].as_str().unwrap_or("nic-like"),
+        if r["pinned"].as_bool() == Some(true) {
+            "client on CPU 0 and server on CPU 1"
+        } else {
+            "client and server placed by the scheduler (`--no-pin`)"
+        },
         m["cpu"].as_str().unwrap_or("?"),
         m["cores"],
         m["kernel"].as_str().unwrap_or("?")
@@ -799,6 +824,14 @@ Modes:
   (`xtask/src/udpfwd.rs`), not a product backend.
 - `host-gw`: pods on `cni0`, routed via the other node, no encapsulation.
 - `underlay`: node to node on the underlay: the ceiling of this machine.
+
+Placement: by default the client (iperf3, sockperf) runs on CPU 0 and the
+server on CPU 1 (iperf3 `-A 0,1`; `taskset` for sockperf), in every mode
+alike: on a veth path the sender's CPU also carries the whole forwarding
+path (each veth hands the skb to the backlog of the CPU that sent it), so
+this is "one CPU per end". Left to the scheduler (`--no-pin`), the two
+sometimes share a CPU, and one-stream TCP then varies by up to a third from
+run to run in every mode.
 
 Figures: iperf3 TCP with 1 and 4 streams (received Gbit/s); iperf3 UDP
 with 64-byte payloads at unlimited rate (received kpps and loss);

@@ -71,6 +71,10 @@ enum Cmd {
         /// software at the port, as a NIC does in hardware; XDP decap needs it).
         #[arg(long, default_value = "veth", value_parser = ["veth", "nic-like"])]
         underlay: String,
+        /// Let the scheduler place the client and server instead of pinning
+        /// the client to CPU 0 and the server to CPU 1 (needs 2 cores).
+        #[arg(long)]
+        no_pin: bool,
         /// Write the results as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -346,6 +350,7 @@ fn main() -> Result<()> {
             quick,
             modes,
             underlay,
+            no_pin,
             json,
             svg,
             docs,
@@ -387,6 +392,7 @@ fn main() -> Result<()> {
                 docs: docs.then(|| workspace().join("docs")),
                 xtask: std::env::current_exe()?,
                 underlay: bench::underlay_kind(&underlay).context("--underlay")?,
+                pin: !no_pin && std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2),
             };
             let result = bench::run(&opts)?;
             println!("\n{}", bench::table(&result));
