@@ -168,6 +168,9 @@ fn bench_json_has_every_figure_and_an_interrupted_bench_leaves_nothing() {
     assert!(v["machine"]["cores"].as_u64().is_some_and(|c| c > 0));
     assert!(v["date"].as_str().is_some_and(|d| d.starts_with("20")));
     assert_eq!(v["underlay"], "veth");
+    // Client and server pinned apart by default, where there are two CPUs.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(v["pinned"], cores >= 2);
     assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
     assert_eq!(namespaces(), before, "a finished bench leaves no namespace");
 
@@ -185,7 +188,7 @@ fn bench_json_has_every_figure_and_an_interrupted_bench_leaves_nothing() {
         ]),
     );
     wait_for("the bench to measure", Duration::from_secs(60), || {
-        lab.log("bench").contains("run 1/3").then_some(())
+        lab.log("bench").contains("run 1/3: mode underlay").then_some(())
     });
     assert!(namespaces().len() > before.len(), "the bench's lab is up");
     let pid = lab.pid("bench").unwrap();

@@ -419,6 +419,27 @@ fn stats(xs: &[f64]) -> Value {
     json!({"median": median, "min": v[0], "max": v[v.len() - 1]})
 }
 
+/// Starts the iperf3 and sockperf servers of `p` (owned by `lab`).
+fn serve(lab: &mut Lab, p: &Path2, pin: bool) {
+    let mut srv = p.server.command("iperf3");
+    srv.args(["-s", "--forceflush", "-B", &p.server_ip.to_string()]);
+    lab.spawn("iperf3-server", srv);
+    let mut sp = on_cpu(&p.server, pin, "1", "sockperf");
+    sp.args([
+        "server",
+        "--tcp",
+        "-i",
+        &p.server_ip.to_string(),
+        "-p",
+        "11111",
+    ]);
+    lab.spawn("sockperf-server", sp);
+    wait_for("iperf3 server", Duration::from_secs(10), || {
+        lab.log("iperf3-server").contains("listening").then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+}
+
 pub fn run(o: &Opts) -> Result<Value> {
     if o.underlay == UnderlayKind::Veth && o.modes.iter().any(|m| m == "weft-xdp") {
         bail!(
@@ -426,49 +447,43 @@ pub fn run(o: &Opts) -> Result<Value> {
              checksum-offload state, which a veth underlay with offloads on carries to the receiver"
         );
     }
-    let mut modes = serde_json::Map::new();
-    let mut profiles = serde_json::Map::new();
+    // Every topology is built first and the modes take turns within each
+    // run: this VM's speed drifts over minutes, and measuring one mode's
+    // runs back to back would hand that drift to the ratios.
+    let mut labs: Vec<(String, Lab, Path2)> = Vec::new();
     for mode in &o.modes {
         say(&format!("mode {mode}: building the topology"));
         let mut lab = Lab::new("bench");
         let p = build(mode, &mut lab, &o.xtask, o.underlay)?;
-        let mut srv = p.server.command("iperf3");
-        srv.args(["-s", "--forceflush", "-B", &p.server_ip.to_string()]);
-        lab.spawn("iperf3-server", srv);
-        let mut sp = on_cpu(&p.server, o.pin, "1", "sockperf");
-        sp.args([
-            "server",
-            "--tcp",
-            "-i",
-            &p.server_ip.to_string(),
-            "-p",
-            "11111",
-        ]);
-        lab.spawn("sockperf-server", sp);
-        wait_for("iperf3 server", Duration::from_secs(10), || {
-            lab.log("iperf3-server").contains("listening").then_some(())
-        });
-        std::thread::sleep(Duration::from_millis(300));
-        let mut runs: Vec<BTreeMap<String, f64>> = Vec::new();
-        for r in 0..o.runs {
+        serve(&mut lab, &p, o.pin);
+        labs.push((mode.clone(), lab, p));
+    }
+    let mut runs: BTreeMap<&str, Vec<BTreeMap<String, f64>>> = BTreeMap::new();
+    for r in 0..o.runs {
+        for (mode, _, p) in &labs {
             if crate::stopped() {
-                bail!("interrupted; the lab is removed");
+                bail!("interrupted; the labs are removed");
             }
             say(&format!(
-                "mode {mode}: run {}/{} ({} s per figure)",
+                "run {}/{}: mode {mode} ({} s per figure)",
                 r + 1,
                 o.runs,
                 o.secs
             ));
-            runs.push(measure(&p, o.pin, o.secs).with_context(|| format!("mode {mode}"))?);
+            let m = measure(p, o.pin, o.secs).with_context(|| format!("mode {mode}"))?;
+            runs.entry(mode).or_default().push(m);
         }
+    }
+    let mut modes = serde_json::Map::new();
+    let mut profiles = serde_json::Map::new();
+    for (mode, _, p) in &labs {
         let figs: serde_json::Map<String, Value> = FIGURES
             .iter()
             .map(|(f, _, _)| {
                 (
                     f.to_string(),
                     stats(
-                        &runs
+                        &runs[mode.as_str()]
                             .iter()
                             .map(|r| r.get(*f).copied().unwrap_or(f64::NAN))
                             .collect::<Vec<_>>(),
@@ -483,11 +498,11 @@ pub fn run(o: &Opts) -> Result<Value> {
             ));
             profiles.insert(
                 mode.clone(),
-                bpf_profile(&p, o.pin, o.secs).with_context(|| format!("mode {mode}"))?,
+                bpf_profile(p, o.pin, o.secs).with_context(|| format!("mode {mode}"))?,
             );
         }
-        drop(lab);
     }
+    drop(labs);
     let mut ratios = serde_json::Map::new();
     if modes.contains_key("weft") {
         for base in [
