@@ -812,8 +812,11 @@ Every mode is the same 2-node topology built from scratch in network
 namespaces: two node namespaces, each with a veth (`und0`) into a bridge
 in a third namespace (the underlay), one pod per node; traffic goes from
 the pod on node-1 to the pod on node-2 (in `underlay` mode, node to
-node). All modes of one run share the underlay's settings (`--underlay`,
-recorded in the JSON as `underlay`):
+node). Every mode's topology is built before the first measurement and
+the modes take turns within each run (run 1 of every mode, then run 2 of
+every mode, ...), so a slow drift in the machine's speed is spread over all
+modes instead of landing on whichever ran last. All modes of one run share
+the underlay's settings (`--underlay`, recorded in the JSON as `underlay`):
 
 - `veth` (default): the bridge ports keep veth's offloads, so a 64 KiB GSO
   skb crosses the underlay whole in every mode — what a kind-style, nested
