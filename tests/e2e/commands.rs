@@ -188,7 +188,9 @@ fn bench_json_has_every_figure_and_an_interrupted_bench_leaves_nothing() {
         ]),
     );
     wait_for("the bench to measure", Duration::from_secs(60), || {
-        lab.log("bench").contains("run 1/3: mode underlay").then_some(())
+        lab.log("bench")
+            .contains("run 1/3: mode underlay")
+            .then_some(())
     });
     assert!(namespaces().len() > before.len(), "the bench's lab is up");
     let pid = lab.pid("bench").unwrap();
