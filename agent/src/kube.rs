@@ -1,8 +1,10 @@
 //! The `kube` registry: Node objects of the Kubernetes API.
 //!
 //! Shaped like kube-rs's reflector: a watcher (list, then watch; re-list on
-//! every reconnect) feeds a store of nodes, and every change publishes the
-//! full set. On a (re)list, nodes the list does not contain are dropped —
+//! every reconnect) feeds a store of what weft reads from each Node, and
+//! every change to that publishes the full set; updates that leave it as it
+//! was (status heartbeats, labels, taints: many a second in a large cluster)
+//! publish nothing. On a (re)list, nodes the list does not contain are dropped —
 //! delete events can be lost while disconnected. While the API server is
 //! unreachable the watcher backs off and the last published set stands, so
 //! the dataplane keeps forwarding.
@@ -127,11 +129,16 @@ pub fn convert(n: &KNode) -> Result<Node, String> {
     })
 }
 
-fn snapshot(store: &BTreeMap<String, KNode>, cluster: &Ipv4Cidr) -> Snapshot {
+/// What weft reads from one Node object: the node, or the problem with it.
+/// Events that leave this unchanged (status heartbeats, labels, taints) are
+/// ignored: with thousands of nodes they arrive many times a second.
+type Seen = Result<Node, String>;
+
+fn snapshot(store: &BTreeMap<String, Seen>, cluster: &Ipv4Cidr) -> Snapshot {
     let mut problems = Vec::new();
     let nodes = store
         .values()
-        .filter_map(|n| convert(n).map_err(|p| problems.push(p)).ok())
+        .filter_map(|n| n.clone().map_err(|p| problems.push(p)).ok())
         .collect();
     let nodes = validate(nodes, cluster, &mut problems);
     Snapshot { nodes, problems }
@@ -161,10 +168,14 @@ impl KubeRegistry {
         }
     }
 
+    /// Whether `n` is this node's Node and lacks (or has stale) annotations.
     fn wants_annotations(&self, n: &KNode) -> bool {
         let Some((ip, mac)) = self.own else {
             return false;
         };
+        if n.metadata.name.as_deref() != Some(self.node_name.as_str()) {
+            return false;
+        }
         let a = n.metadata.annotations.clone().unwrap_or_default();
         a.get(ANNOTATION_UNDERLAY_IP) != Some(&ip.to_string())
             || a.get(ANNOTATION_VTEP_MAC) != Some(&netdev::mac_to_string(&mac))
@@ -186,22 +197,24 @@ impl Registry for KubeRegistry {
                 }
             };
             let api: Api<KNode> = Api::all(client);
-            let mut store: BTreeMap<String, KNode> = BTreeMap::new();
-            let mut listing: Option<BTreeMap<String, KNode>> = None;
+            let mut store: BTreeMap<String, Seen> = BTreeMap::new();
+            let mut listing: Option<BTreeMap<String, Seen>> = None;
             let mut last_problems: Vec<String> = Vec::new();
             // The watcher re-lists after every disconnect and backs off on errors.
             let mut events = watcher(api.clone(), watcher::Config::default())
                 .default_backoff()
                 .boxed();
             while let Some(ev) = events.next().await {
+                let mut publish = false;
                 let changed = match ev {
                     Ok(watcher::Event::Init) => {
                         listing = Some(BTreeMap::new());
                         false
                     }
                     Ok(watcher::Event::InitApply(n)) => {
+                        publish = self.wants_annotations(&n);
                         if let (Some(l), Some(name)) = (listing.as_mut(), n.metadata.name.clone()) {
-                            l.insert(name, n);
+                            l.insert(name, convert(&n));
                         }
                         false
                     }
@@ -212,17 +225,20 @@ impl Registry for KubeRegistry {
                         true
                     }
                     Ok(watcher::Event::Apply(n)) => {
-                        if let Some(name) = n.metadata.name.clone() {
-                            store.insert(name, n);
+                        publish = self.wants_annotations(&n);
+                        match n.metadata.name.clone() {
+                            Some(name) => {
+                                let seen = convert(&n);
+                                store.insert(name, seen.clone()) != Some(seen)
+                            }
+                            None => false,
                         }
-                        true
                     }
-                    Ok(watcher::Event::Delete(n)) => {
-                        if let Some(name) = &n.metadata.name {
-                            store.remove(name);
-                        }
-                        true
-                    }
+                    Ok(watcher::Event::Delete(n)) => n
+                        .metadata
+                        .name
+                        .as_ref()
+                        .is_some_and(|name| store.remove(name).is_some()),
                     Err(e) => {
                         tracing::warn!(
                             "watching Node objects: {e}; keeping the last known state and retrying"
@@ -230,14 +246,11 @@ impl Registry for KubeRegistry {
                         false
                     }
                 };
+                if publish {
+                    self.publish_own(&api).await;
+                }
                 if !changed {
                     continue;
-                }
-                if store
-                    .get(&self.node_name)
-                    .is_some_and(|n| self.wants_annotations(n))
-                {
-                    self.publish_own(&api).await;
                 }
                 let snap = snapshot(&store, &self.cluster);
                 if snap.problems != last_problems {

@@ -8,7 +8,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client,
-    api::{DeleteParams, PostParams},
+    api::{DeleteParams, Patch, PatchParams, PostParams},
 };
 use weft_tests::{
     Cluster, ClusterSpec, InNetns, Lab, Netns,
@@ -74,6 +74,37 @@ fn delete(ns: &Netns, api: &KubeApi, name: &str) {
             .await
             .unwrap();
     });
+}
+
+/// Merge-patches `metadata.<field>.<key> = value` on Node `name`.
+fn patch_meta(ns: &Netns, api: &KubeApi, name: &str, field: &str, key: &str, value: &str) {
+    let (name, patch) = (
+        name.to_string(),
+        serde_json::json!({"metadata": {field: {key: value}}}),
+    );
+    with_client(ns, api, async move |c| {
+        Api::<Node>::all(c)
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    });
+}
+
+fn label(ns: &Netns, api: &KubeApi, name: &str, value: &str) {
+    patch_meta(ns, api, name, "labels", "weft-test", value);
+}
+
+fn annotate(ns: &Netns, api: &KubeApi, name: &str, key: &str, value: &str) {
+    patch_meta(ns, api, name, "annotations", key, value);
+}
+
+/// A counter from the agent's /metrics in `ns` (the default address).
+fn metric(ns: &Netns, name: &str) -> u64 {
+    let text = ns.sh("curl", &["-s", "http://127.0.0.1:9807/metrics"]);
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}")) as u64
 }
 
 fn within_a_second(what: &str, f: impl Fn() -> bool) -> Duration {
@@ -243,6 +274,24 @@ fn nodes_from_the_kubernetes_api() {
     within_a_second("node-9 deleted", || {
         !c.remote_nodes(0).iter().any(|e| e.contains("198.18.0.9"))
     });
+
+    // Updates that change nothing weft reads (labels here; kubelet status
+    // heartbeats alike) are not applied again: with thousands of Nodes they
+    // come many times a second.
+    let reconciles = || metric(&c.nodes[0].ns, "weft_reconciles_total");
+    let before = reconciles();
+    for i in 0..5 {
+        label(&und, &api, "node-2", &format!("v{i}"));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(reconciles(), before, "label updates applied nothing");
+    // ...while one that does (a new underlay address) still is.
+    annotate(&und, &api, "overlap", "weft.dev/underlay-ip", "198.18.0.23");
+    wait_for(
+        "the changed annotation applied",
+        Duration::from_secs(5),
+        || (reconciles() > before).then_some(()),
+    );
 
     // The API server goes away: forwarding goes on, no hot loop; it comes
     // back: the agent converges (a node created meanwhile shows up).

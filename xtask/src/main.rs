@@ -51,6 +51,10 @@ enum Cmd {
         /// Number of nodes in the registry.
         #[arg(long, default_value_t = 5000)]
         nodes: usize,
+        /// Where the nodes come from: `file`, or `kube` (Node objects in a
+        /// real kube-apiserver and etcd started for the run).
+        #[arg(long, default_value = "file", value_parser = ["file", "kube"])]
+        registry: String,
     },
     /// Measure weft side by side with kernel vxlan, userspace UDP, host-gw and the underlay.
     Bench {
@@ -338,9 +342,9 @@ fn main() -> Result<()> {
             setup::setup()?;
             vm_check(&weft_binary(true)?)
         }
-        Cmd::Scale { nodes } => {
+        Cmd::Scale { nodes, registry } => {
             setup::setup()?;
-            let report = scale::run(&weft_binary(true)?, nodes)?;
+            let report = scale::run(&weft_binary(true)?, nodes, &registry)?;
             println!("{report}");
             Ok(())
         }

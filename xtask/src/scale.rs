@@ -1,5 +1,6 @@
 //! `cargo xtask scale`: the agent against a registry of N nodes (default
-//! 5,000, `file` registry): time from a full list to maps written, the
+//! 5,000; the `file` registry, or with `--registry kube` Node objects in a
+//! real kube-apiserver and etcd): time from a full list to maps written, the
 //! agent's memory, and the time for one node change to reach the map.
 
 use std::{
@@ -9,7 +10,11 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use weft_tests::{Cluster, ClusterSpec, Lab, wait_for};
+use weft_tests::{
+    Cluster, ClusterSpec, Lab, Netns,
+    kube::{ADMIN_TOKEN, API_IP, API_PORT, KubeApi},
+    wait_for,
+};
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -23,17 +28,9 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn nodes_file(n: usize, changed: Option<usize>) -> String {
-    // Node 0 is the real node (198.18.0.1, 198.19.0.0/29); the others are
-    // registry entries only: underlay 198.18.{64+i/256}.{i%256}, pods /29s of 198.19.0.0/16.
     let mut s = String::with_capacity(n * 100);
     for i in 0..n {
-        let ip = if i == 0 {
-            "198.18.0.1".to_string()
-        } else {
-            format!("198.18.{}.{}", 64 + i / 256, i % 256)
-        };
-        let block = if Some(i) == changed { n + i } else { i };
-        let cidr = format!("198.19.{}.{}/29", block * 8 / 256, block * 8 % 256);
+        let (ip, cidr) = node_addrs(i, n, changed);
         let _ = write!(
             s,
             "[[node]]\nname = \"node-{}\"\nunderlay_ip = \"{ip}\"\npod_cidr = \"{cidr}\"\n\n",
@@ -55,9 +52,98 @@ fn applied_us(log: &str, nth: usize) -> Option<u64> {
         .ok()
 }
 
-pub fn run(weft: &Path, count: usize) -> Result<String> {
+/// Node `i` of the registry: (underlay IP, pod CIDR). Node 0 is the real
+/// node (198.18.0.1, 198.19.0.0/29); the others are registry entries only:
+/// underlay 198.18.{64+i/256}.{i%256}, pods /29s of 198.19.0.0/16. `changed`
+/// moves that node to a /29 no other node has.
+fn node_addrs(i: usize, n: usize, changed: Option<usize>) -> (String, String) {
+    let ip = if i == 0 {
+        "198.18.0.1".to_string()
+    } else {
+        format!("198.18.{}.{}", 64 + i / 256, i % 256)
+    };
+    let block = if Some(i) == changed { n + i } else { i };
+    (
+        ip,
+        format!("198.19.{}.{}/29", block * 8 / 256, block * 8 % 256),
+    )
+}
+
+/// The Node object of registry entry `i` (`name`), as JSON.
+fn node_json(name: &str, i: usize, n: usize, changed: Option<usize>) -> String {
+    let (ip, cidr) = node_addrs(i, n, changed);
+    // Node 0 is the real one: its agent publishes its own annotations.
+    let annotations = if i == 0 {
+        serde_json::json!({})
+    } else {
+        serde_json::json!({
+            "weft.dev/underlay-ip": ip,
+            "weft.dev/vtep-mac": format!("0e:77:c6:12:{:02x}:{:02x}", i / 256, i % 256),
+        })
+    };
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+    })
+    .to_string()
+}
+
+/// One curl config block: a request to the API server as admin.
+fn curl_block(method: &str, path: &str, body: Option<&str>) -> String {
+    let quote = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let mut b = format!(
+        "url = \"https://{API_IP}:{API_PORT}{path}\"\nrequest = \"{method}\"\ninsecure\nsilent\noutput = \"/dev/null\"\nwrite-out = \"%{{http_code}}\\n\"\nheader = \"Authorization: Bearer {ADMIN_TOKEN}\"\n"
+    );
+    if let Some(body) = body {
+        let kind = if method == "PATCH" {
+            "application/merge-patch+json"
+        } else {
+            "application/json"
+        };
+        b += &format!("header = \"Content-Type: {kind}\"\n");
+        b += &format!("data-binary = \"{}\"\n", quote(body));
+    }
+    b
+}
+
+/// Runs the curl config `blocks` in `ns` (32 requests in flight) and fails
+/// unless every status is 2xx.
+fn curl_all(ns: &Netns, dir: &Path, blocks: &[String]) -> Result<()> {
+    let cfg = dir.join("requests.curlrc");
+    std::fs::write(&cfg, blocks.join("next\n"))?;
+    let out = ns
+        .command("curl")
+        .args(["--parallel", "--parallel-max", "32", "-K"])
+        .arg(&cfg)
+        .output()
+        .context("curl")?;
+    let codes = String::from_utf8_lossy(&out.stdout);
+    let bad: Vec<&str> = codes.lines().filter(|c| !c.starts_with('2')).collect();
+    if codes.lines().count() != blocks.len() || !bad.is_empty() {
+        anyhow::bail!(
+            "API requests: {} of {} answered, failures {:?}: {}",
+            codes.lines().count(),
+            blocks.len(),
+            &bad[..bad.len().min(5)],
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+pub fn run(weft: &Path, count: usize, registry: &str) -> Result<String> {
     // SAFETY: single-threaded here.
     unsafe { std::env::set_var("WEFT_BIN", weft) };
+    match registry {
+        "file" => run_file(count),
+        "kube" => run_kube(count),
+        other => anyhow::bail!("unknown registry `{other}`; use file or kube"),
+    }
+}
+
+fn run_file(count: usize) -> Result<String> {
     let mut lab = Lab::new("scale");
     let c = Cluster::new(&mut lab, ClusterSpec::nodes_only(1));
     std::fs::write(&c.nodes_file, nodes_file(count, None)).context("write nodes file")?;
@@ -91,44 +177,221 @@ pub fn run(weft: &Path, count: usize) -> Result<String> {
     let change_apply = applied_us(&lab.log(&agent), 1).unwrap_or(0);
     let rss_after = rss_kib(pid);
 
+    Ok(report(&Figures {
+        registry: "file",
+        count,
+        entries,
+        setup: None,
+        to_ready,
+        first_apply_us: first_apply,
+        rss,
+        change: "one node re-CIDR'd: file written → visible in the map",
+        change_wall,
+        change_apply: format!(
+            "| of which: re-read + diff + 2 map writes | {:.1} ms |",
+            change_apply as f64 / 1e3
+        ),
+        rss_after,
+    }))
+}
+
+struct Figures {
+    registry: &'static str,
+    count: usize,
+    entries: usize,
+    /// What it took to fill the registry, if worth saying.
+    setup: Option<String>,
+    to_ready: Duration,
+    first_apply_us: u64,
+    rss: u64,
+    change: &'static str,
+    change_wall: Duration,
+    change_apply: String,
+    rss_after: u64,
+}
+
+fn report(f: &Figures) -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "registry: file, {count} nodes ({entries} in the LPM map); machine: {} cores, kernel {}",
+        "registry: {}, {} nodes ({} in the LPM map); machine: {} cores, kernel {}",
+        f.registry,
+        f.count,
+        f.entries,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         kernel.trim()
     );
+    if let Some(s) = &f.setup {
+        let _ = writeln!(out, "{s}");
+    }
     let _ = writeln!(out, "| figure | value |\n| --- | --- |");
     let _ = writeln!(
         out,
         "| agent start → ready (parse, load, attach, first full sync) | {:.0} ms |",
-        to_ready.as_secs_f64() * 1e3
+        f.to_ready.as_secs_f64() * 1e3
     );
     let _ = writeln!(
         out,
-        "| first full sync: diff + {count} map writes | {:.1} ms |",
-        first_apply as f64 / 1e3
+        "| first full sync: diff + {} map writes | {:.1} ms |",
+        f.count,
+        f.first_apply_us as f64 / 1e3
     );
     let _ = writeln!(
         out,
         "| agent RSS after the first sync | {:.1} MiB |",
-        rss as f64 / 1024.0
+        f.rss as f64 / 1024.0
     );
     let _ = writeln!(
         out,
-        "| one node re-CIDR'd: file written → visible in the map | {:.0} ms |",
-        change_wall.as_secs_f64() * 1e3
+        "| {} | {:.0} ms |",
+        f.change,
+        f.change_wall.as_secs_f64() * 1e3
     );
-    let _ = writeln!(
-        out,
-        "| of which: re-read + diff + 2 map writes | {:.1} ms |",
-        change_apply as f64 / 1e3
-    );
+    let _ = writeln!(out, "{}", f.change_apply);
     let _ = writeln!(
         out,
         "| agent RSS after the change | {:.1} MiB |",
-        rss_after as f64 / 1024.0
+        f.rss_after as f64 / 1024.0
     );
-    Ok(out)
+    out
+}
+
+fn run_kube(count: usize) -> Result<String> {
+    let mut lab = Lab::new("scale");
+    let mut c = Cluster::new(&mut lab, ClusterSpec::nodes_only(1));
+    let und = c.underlay.ns.clone();
+    let api = KubeApi::start(&mut lab, &und, "br0");
+    let name = |i: usize| {
+        if i == 0 {
+            c.nodes[0].name.clone()
+        } else {
+            format!("scale-{i}")
+        }
+    };
+    let t = Instant::now();
+    let blocks: Vec<String> = (0..count)
+        .map(|i| {
+            curl_block(
+                "POST",
+                "/api/v1/nodes",
+                Some(&node_json(&name(i), i, count, None)),
+            )
+        })
+        .collect();
+    curl_all(&und, &lab.dir, &blocks)?;
+    let created = t.elapsed();
+
+    // The agent authenticates as admin here: RBAC is the kube test's business.
+    c.spec.agent_args = vec![
+        "--registry".into(),
+        "kube".into(),
+        "--kubeconfig".into(),
+        api.kubeconfig("admin", ADMIN_TOKEN).display().to_string(),
+    ];
+    let started = Instant::now();
+    c.start_agent(&mut lab, 0);
+    let agent = Cluster::agent_name(0);
+    wait_for("agent ready", Duration::from_secs(120), || {
+        lab.log(&agent).contains("agent: ready").then_some(())
+    });
+    let to_ready = started.elapsed();
+    let first_apply = applied_us(&lab.log(&agent), 0).context("no apply logged")?;
+    let pid = lab.pid(&agent).context("agent pid")?;
+    let rss = rss_kib(pid);
+    let entries = c.status(0)["nodes"].as_array().map_or(0, Vec::len);
+
+    // One node's pod CIDR changes: podCIDR is immutable, so the Node is
+    // deleted and created again with the new one (two watch events).
+    let target = count / 2;
+    let (_, new_cidr) = node_addrs(target, count, Some(target));
+    let applies_before = lab.log(&agent).matches("registry applied").count();
+    let t = Instant::now();
+    curl_all(
+        &und,
+        &lab.dir,
+        &[curl_block(
+            "DELETE",
+            &format!("/api/v1/nodes/{}", name(target)),
+            None,
+        )],
+    )?;
+    curl_all(
+        &und,
+        &lab.dir,
+        &[curl_block(
+            "POST",
+            "/api/v1/nodes",
+            Some(&node_json(&name(target), target, count, Some(target))),
+        )],
+    )?;
+    wait_for("the change in the map", Duration::from_secs(30), || {
+        c.status(0)["nodes"]
+            .as_array()
+            .is_some_and(|v| v.iter().any(|n| n["pod_cidr"] == new_cidr.as_str()))
+            .then_some(())
+    });
+    let change_wall = t.elapsed();
+    let log = lab.log(&agent);
+    let change_applies: Vec<u64> = (applies_before..)
+        .map_while(|k| applied_us(&log, k))
+        .collect();
+    let rss_after = rss_kib(pid);
+
+    // Updates that change nothing weft reads, as kubelets' status updates
+    // do all the time: a label on 500 Nodes.
+    let reconciles = || -> Result<u64> {
+        let text = c.nodes[0]
+            .ns
+            .command("curl")
+            .args(["-s", "http://127.0.0.1:9807/metrics"])
+            .output()?
+            .stdout;
+        String::from_utf8_lossy(&text)
+            .lines()
+            .find_map(|l| l.strip_prefix("weft_reconciles_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+            .context("weft_reconciles_total in /metrics")
+    };
+    let before = reconciles()?;
+    let labelled = count.min(500);
+    let blocks: Vec<String> = (1..=labelled)
+        .map(|i| {
+            curl_block(
+                "PATCH",
+                &format!("/api/v1/nodes/{}", name(i)),
+                Some(r#"{"metadata":{"labels":{"weft-scale":"touched"}}}"#),
+            )
+        })
+        .collect();
+    curl_all(&und, &lab.dir, &blocks)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let label_applies = reconciles()? - before;
+    Ok(report(&Figures {
+        registry: "kube",
+        count,
+        entries,
+        setup: Some(format!(
+            "({count} Node objects created through the API in {:.1} s, 32 requests in flight, before the agent starts)",
+            created.as_secs_f64()
+        )),
+        to_ready,
+        first_apply_us: first_apply,
+        rss,
+        change: "one node re-CIDR'd: Node deleted and created again → visible in the map",
+        change_wall,
+        change_apply: format!(
+            "| of which: {} applies (diff + map writes) | {} |",
+            change_applies.len(),
+            change_applies
+                .iter()
+                .map(|us| format!("{:.1} ms", *us as f64 / 1e3))
+                .collect::<Vec<_>>()
+                .join(" + ")
+        ),
+        rss_after,
+    }) + &format!(
+        "| label changed on {labelled} Nodes (nothing weft reads) → snapshots applied | {label_applies} |\n"
+    ))
 }
