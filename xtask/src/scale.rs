@@ -115,7 +115,7 @@ fn curl_all(ns: &Netns, dir: &Path, blocks: &[String]) -> Result<()> {
     std::fs::write(&cfg, blocks.join("next\n"))?;
     let out = ns
         .command("curl")
-        .args(["--parallel", "--parallel-max", "32", "-K"])
+        .args(["-s", "--parallel", "--parallel-max", "32", "-K"])
         .arg(&cfg)
         .output()
         .context("curl")?;
@@ -143,12 +143,19 @@ pub fn run(weft: &Path, count: usize, registry: &str) -> Result<String> {
     }
 }
 
-fn run_file(count: usize) -> Result<String> {
-    let mut lab = Lab::new("scale");
-    let c = Cluster::new(&mut lab, ClusterSpec::nodes_only(1));
-    std::fs::write(&c.nodes_file, nodes_file(count, None)).context("write nodes file")?;
+/// Node 0's agent, started and through its first full sync.
+struct Started {
+    agent: String,
+    pid: u32,
+    to_ready: Duration,
+    first_apply: u64,
+    rss: u64,
+    entries: usize,
+}
+
+fn start(lab: &mut Lab, c: &Cluster) -> Result<Started> {
     let started = Instant::now();
-    c.start_agent(&mut lab, 0);
+    c.start_agent(lab, 0);
     let agent = Cluster::agent_name(0);
     wait_for("agent ready", Duration::from_secs(120), || {
         lab.log(&agent).contains("agent: ready").then_some(())
@@ -156,23 +163,45 @@ fn run_file(count: usize) -> Result<String> {
     let to_ready = started.elapsed();
     let first_apply = applied_us(&lab.log(&agent), 0).context("no apply logged")?;
     let pid = lab.pid(&agent).context("agent pid")?;
-    let rss = rss_kib(pid);
-    let entries = c.status(0)["nodes"].as_array().map_or(0, Vec::len);
+    Ok(Started {
+        rss: rss_kib(pid),
+        entries: c.status(0)["nodes"].as_array().map_or(0, Vec::len),
+        agent,
+        pid,
+        to_ready,
+        first_apply,
+    })
+}
 
-    // One node's pod CIDR changes.
-    let target = count / 2;
-    let new_cidr = {
-        let block = count + target;
-        format!("198.19.{}.{}/29", block * 8 / 256, block * 8 % 256)
-    };
-    let t = Instant::now();
-    std::fs::write(&c.nodes_file, nodes_file(count, Some(target)))?;
+/// Waits until node 0's map has `cidr`.
+fn wait_for_cidr(c: &Cluster, cidr: &str) {
     wait_for("the change in the map", Duration::from_secs(30), || {
         c.status(0)["nodes"]
             .as_array()
-            .is_some_and(|v| v.iter().any(|n| n["pod_cidr"] == new_cidr.as_str()))
+            .is_some_and(|v| v.iter().any(|n| n["pod_cidr"] == cidr))
             .then_some(())
     });
+}
+
+fn run_file(count: usize) -> Result<String> {
+    let mut lab = Lab::new("scale");
+    let c = Cluster::new(&mut lab, ClusterSpec::nodes_only(1));
+    std::fs::write(&c.nodes_file, nodes_file(count, None)).context("write nodes file")?;
+    let Started {
+        agent,
+        pid,
+        to_ready,
+        first_apply,
+        rss,
+        entries,
+    } = start(&mut lab, &c)?;
+
+    // One node's pod CIDR changes.
+    let target = count / 2;
+    let (_, new_cidr) = node_addrs(target, count, Some(target));
+    let t = Instant::now();
+    std::fs::write(&c.nodes_file, nodes_file(count, Some(target)))?;
+    wait_for_cidr(&c, &new_cidr);
     let change_wall = t.elapsed();
     let change_apply = applied_us(&lab.log(&agent), 1).unwrap_or(0);
     let rss_after = rss_kib(pid);
@@ -289,17 +318,14 @@ fn run_kube(count: usize) -> Result<String> {
         "--kubeconfig".into(),
         api.kubeconfig("admin", ADMIN_TOKEN).display().to_string(),
     ];
-    let started = Instant::now();
-    c.start_agent(&mut lab, 0);
-    let agent = Cluster::agent_name(0);
-    wait_for("agent ready", Duration::from_secs(120), || {
-        lab.log(&agent).contains("agent: ready").then_some(())
-    });
-    let to_ready = started.elapsed();
-    let first_apply = applied_us(&lab.log(&agent), 0).context("no apply logged")?;
-    let pid = lab.pid(&agent).context("agent pid")?;
-    let rss = rss_kib(pid);
-    let entries = c.status(0)["nodes"].as_array().map_or(0, Vec::len);
+    let Started {
+        agent,
+        pid,
+        to_ready,
+        first_apply,
+        rss,
+        entries,
+    } = start(&mut lab, &c)?;
 
     // One node's pod CIDR changes: podCIDR is immutable, so the Node is
     // deleted and created again with the new one (two watch events).
@@ -325,12 +351,7 @@ fn run_kube(count: usize) -> Result<String> {
             Some(&node_json(&name(target), target, count, Some(target))),
         )],
     )?;
-    wait_for("the change in the map", Duration::from_secs(30), || {
-        c.status(0)["nodes"]
-            .as_array()
-            .is_some_and(|v| v.iter().any(|n| n["pod_cidr"] == new_cidr.as_str()))
-            .then_some(())
-    });
+    wait_for_cidr(&c, &new_cidr);
     let change_wall = t.elapsed();
     let log = lab.log(&agent);
     let change_applies: Vec<u64> = (applies_before..)
@@ -355,7 +376,7 @@ fn run_kube(count: usize) -> Result<String> {
             .context("weft_reconciles_total in /metrics")
     };
     let before = reconciles()?;
-    let labelled = count.min(500);
+    let labelled = count.saturating_sub(1).min(500);
     let blocks: Vec<String> = (1..=labelled)
         .map(|i| {
             curl_block(
