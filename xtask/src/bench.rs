@@ -218,19 +218,26 @@ fn on_cpu(ns: &Netns, pin: bool, cpu: &str, program: &str) -> std::process::Comm
     }
 }
 
+/// iperf3 arguments for 64-byte UDP at unlimited rate.
+const UDP64: &[&str] = &["-u", "-l", "64", "-b", "0"];
+
+/// An iperf3 client on `p` for `secs` seconds, JSON output.
+fn iperf_command(p: &Path2, pin: bool, secs: u32, extra: &[&str]) -> std::process::Command {
+    let mut c = p.client.command("iperf3");
+    c.args([
+        "-c",
+        &p.server_ip.to_string(),
+        "-t",
+        &secs.to_string(),
+        "-J",
+    ])
+    .args(if pin { &PIN_IPERF[..] } else { &[] })
+    .args(extra);
+    c
+}
+
 fn iperf(p: &Path2, pin: bool, secs: u32, extra: &[&str]) -> Result<Value> {
-    let mut args = vec![
-        "-c".to_string(),
-        p.server_ip.to_string(),
-        "-t".into(),
-        secs.to_string(),
-        "-J".into(),
-    ];
-    if pin {
-        args.extend(PIN_IPERF.iter().map(|s| s.to_string()));
-    }
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let out = p.client.command("iperf3").args(&args).output()?;
+    let out = iperf_command(p, pin, secs, extra).output()?;
     let v: Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("iperf3 JSON: {}", String::from_utf8_lossy(&out.stderr)))?;
     if let Some(e) = v.get("error") {
@@ -279,7 +286,7 @@ fn measure(p: &Path2, pin: bool, secs: u32) -> Result<BTreeMap<String, f64>> {
             .unwrap_or(0.0)
             / 1e9,
     );
-    let v = iperf(p, pin, secs, &["-u", "-l", "64", "-b", "0"])?;
+    let v = iperf(p, pin, secs, UDP64)?;
     let sum = &v["end"]["sum"];
     let sent = sum["packets"].as_f64().unwrap_or(0.0);
     let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
@@ -320,7 +327,7 @@ fn measure(p: &Path2, pin: bool, secs: u32) -> Result<BTreeMap<String, f64>> {
 }
 
 /// Load for the BPF profile: (name, iperf3 arguments).
-const PROFILED: &[(&str, &[&str])] = &[("tcp1", &[]), ("udp64", &["-u", "-l", "64", "-b", "0"])];
+const PROFILED: &[(&str, &[&str])] = &[("tcp1", &[]), ("udp64", UDP64)];
 
 /// What weft's BPF programs cost during one TCP stream and during 64-byte
 /// UDP: `weft profile` (the kernel's per-program run count and run time)
@@ -331,18 +338,7 @@ fn bpf_profile(p: &Path2, pin: bool, secs: u32) -> Result<Value> {
     let window = secs.max(2) - 1;
     let mut out = serde_json::Map::new();
     for (load, extra) in PROFILED {
-        let client = p
-            .client
-            .command("iperf3")
-            .args([
-                "-c",
-                &p.server_ip.to_string(),
-                "-t",
-                &(window + 2).to_string(),
-                "-J",
-            ])
-            .args(if pin { &PIN_IPERF[..] } else { &[] })
-            .args(*extra)
+        let client = iperf_command(p, pin, window + 2, extra)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
