@@ -187,14 +187,8 @@ fn run_file(count: usize) -> Result<String> {
     let mut lab = Lab::new("scale");
     let c = Cluster::new(&mut lab, ClusterSpec::nodes_only(1));
     std::fs::write(&c.nodes_file, nodes_file(count, None)).context("write nodes file")?;
-    let Started {
-        agent,
-        pid,
-        to_ready,
-        first_apply,
-        rss,
-        entries,
-    } = start(&mut lab, &c)?;
+    let st = start(&mut lab, &c)?;
+    let (agent, pid) = (&st.agent, st.pid);
 
     // One node's pod CIDR changes.
     let target = count / 2;
@@ -203,17 +197,17 @@ fn run_file(count: usize) -> Result<String> {
     std::fs::write(&c.nodes_file, nodes_file(count, Some(target)))?;
     wait_for_cidr(&c, &new_cidr);
     let change_wall = t.elapsed();
-    let change_apply = applied_us(&lab.log(&agent), 1).unwrap_or(0);
+    let change_apply = applied_us(&lab.log(agent), 1).unwrap_or(0);
     let rss_after = rss_kib(pid);
 
     Ok(report(&Figures {
         registry: "file",
         count,
-        entries,
+        entries: st.entries,
         setup: None,
-        to_ready,
-        first_apply_us: first_apply,
-        rss,
+        to_ready: st.to_ready,
+        first_apply_us: st.first_apply,
+        rss: st.rss,
         change: "one node re-CIDR'd: file written → visible in the map",
         change_wall,
         change_apply: format!(
@@ -318,20 +312,14 @@ fn run_kube(count: usize) -> Result<String> {
         "--kubeconfig".into(),
         api.kubeconfig("admin", ADMIN_TOKEN).display().to_string(),
     ];
-    let Started {
-        agent,
-        pid,
-        to_ready,
-        first_apply,
-        rss,
-        entries,
-    } = start(&mut lab, &c)?;
+    let st = start(&mut lab, &c)?;
+    let (agent, pid) = (&st.agent, st.pid);
 
     // One node's pod CIDR changes: podCIDR is immutable, so the Node is
     // deleted and created again with the new one (two watch events).
     let target = count / 2;
     let (_, new_cidr) = node_addrs(target, count, Some(target));
-    let applies_before = lab.log(&agent).matches("registry applied").count();
+    let applies_before = lab.log(agent).matches("registry applied").count();
     let t = Instant::now();
     curl_all(
         &und,
@@ -353,7 +341,7 @@ fn run_kube(count: usize) -> Result<String> {
     )?;
     wait_for_cidr(&c, &new_cidr);
     let change_wall = t.elapsed();
-    let log = lab.log(&agent);
+    let log = lab.log(agent);
     let change_applies: Vec<u64> = (applies_before..)
         .map_while(|k| applied_us(&log, k))
         .collect();
@@ -392,14 +380,14 @@ fn run_kube(count: usize) -> Result<String> {
     Ok(report(&Figures {
         registry: "kube",
         count,
-        entries,
+        entries: st.entries,
         setup: Some(format!(
             "({count} Node objects created through the API in {:.1} s, 32 requests in flight, before the agent starts)",
             created.as_secs_f64()
         )),
-        to_ready,
-        first_apply_us: first_apply,
-        rss,
+        to_ready: st.to_ready,
+        first_apply_us: st.first_apply,
+        rss: st.rss,
         change: "one node re-CIDR'd: Node deleted and created again → visible in the map",
         change_wall,
         change_apply: format!(
