@@ -201,12 +201,17 @@ pub fn tc(ctx: &TcContext) -> Result<i32, ()> {
     // linear. Only as many as this packet has: pulling more would copy
     // payload out of the fragments of every GSO skb (a veth delivers the
     // headers, and only they, in the linear part).
-    let outer_opts = match ptr_at::<Ipv4Hdr>(ctx.data(), ctx.data_end(), ETH_HLEN) {
-        // SAFETY: ptr_at checked bounds.
-        Ok(ip) => unsafe { (*ip).header_len() }.saturating_sub(IPV4_HLEN),
-        Err(()) => 0,
+    // The outer IHL is read once those are linear (a NIC may have left even
+    // the outer IPv4 header in a fragment).
+    let linear_ok = linear(ctx, MIN_HEADERS) && {
+        let outer_opts = match ptr_at::<Ipv4Hdr>(ctx.data(), ctx.data_end(), ETH_HLEN) {
+            // SAFETY: ptr_at checked bounds.
+            Ok(ip) => unsafe { (*ip).header_len() }.saturating_sub(IPV4_HLEN),
+            Err(()) => 0,
+        };
+        outer_opts == 0 || linear(ctx, MIN_HEADERS + outer_opts)
     };
-    if !linear(ctx, MIN_HEADERS) || (outer_opts > 0 && !linear(ctx, MIN_HEADERS + outer_opts)) {
+    if !linear_ok {
         // Out of memory: leave the packet to the stack, as anything not ours.
         count_fwd(FwdReason::Passthrough);
         return Ok(TC_ACT_OK);
