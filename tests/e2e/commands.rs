@@ -96,6 +96,8 @@ fn bench_json_has_every_figure_and_an_interrupted_bench_leaves_nothing() {
         "--quick",
         "--modes",
         "weft,underlay",
+        "--cc",
+        "reno",
         "--json",
         json.to_str().unwrap(),
         "--svg",
@@ -168,11 +170,27 @@ fn bench_json_has_every_figure_and_an_interrupted_bench_leaves_nothing() {
     assert!(v["machine"]["cores"].as_u64().is_some_and(|c| c > 0));
     assert!(v["date"].as_str().is_some_and(|d| d.starts_with("20")));
     assert_eq!(v["underlay"], "veth");
+    // `--cc` reaches iperf3 (reno: built into every kernel, and no
+    // machine's default): the JSON records what its sender ran with.
+    assert_eq!(v["tcp_congestion_control"], "reno");
+    assert_eq!(v["tcp_congestion_control_chosen"], true);
     // Client and server pinned apart by default, where there are two CPUs.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert_eq!(v["pinned"], cores >= 2);
     assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
     assert_eq!(namespaces(), before, "a finished bench leaves no namespace");
+
+    // A congestion control the kernel does not offer is refused up front,
+    // naming the ones it does.
+    let out = xtask_cmd(&["bench", "--quick", "--cc", "no-such-cc"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--cc no-such-cc") && err.contains("reno"),
+        "bench --cc no-such-cc: {err}"
+    );
+    assert_eq!(namespaces(), before, "a refused bench builds nothing");
 
     // Interrupted in the middle of a mode: it stops and removes everything.
     lab.spawn(

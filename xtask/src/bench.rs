@@ -60,6 +60,9 @@ pub struct Opts {
     pub underlay: UnderlayKind,
     /// Client on CPU 0, server on CPU 1 (iperf3 `-A`, `taskset` for sockperf).
     pub pin: bool,
+    /// TCP congestion control for the iperf3 tests (iperf3 `-C`); `None`
+    /// leaves the machine's default.
+    pub cc: Option<String>,
 }
 
 /// The measured path: a client namespace, a server namespace and address.
@@ -221,8 +224,9 @@ fn on_cpu(ns: &Netns, pin: bool, cpu: &str, program: &str) -> std::process::Comm
 /// iperf3 arguments for 64-byte UDP at unlimited rate.
 const UDP64: &[&str] = &["-u", "-l", "64", "-b", "0"];
 
-/// An iperf3 client on `p` for `secs` seconds, JSON output.
-fn iperf_command(p: &Path2, pin: bool, secs: u32, extra: &[&str]) -> std::process::Command {
+/// An iperf3 client on `p` for `secs` seconds, JSON output, placed and with
+/// the congestion control `o` asks for.
+fn iperf_command(p: &Path2, o: &Opts, secs: u32, extra: &[&str]) -> std::process::Command {
     let mut c = p.client.command("iperf3");
     c.args([
         "-c",
@@ -231,13 +235,16 @@ fn iperf_command(p: &Path2, pin: bool, secs: u32, extra: &[&str]) -> std::proces
         &secs.to_string(),
         "-J",
     ])
-    .args(if pin { &PIN_IPERF[..] } else { &[] })
+    .args(if o.pin { &PIN_IPERF[..] } else { &[] })
     .args(extra);
+    if let Some(cc) = &o.cc {
+        c.args(["-C", cc]);
+    }
     c
 }
 
-fn iperf(p: &Path2, pin: bool, secs: u32, extra: &[&str]) -> Result<Value> {
-    let out = iperf_command(p, pin, secs, extra).output()?;
+fn iperf(p: &Path2, o: &Opts, extra: &[&str]) -> Result<Value> {
+    let out = iperf_command(p, o, o.secs, extra).output()?;
     let v: Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("iperf3 JSON: {}", String::from_utf8_lossy(&out.stderr)))?;
     if let Some(e) = v.get("error") {
@@ -256,12 +263,14 @@ fn sockperf_percentiles(text: &str) -> (Option<f64>, Option<f64>) {
     (pick("50.000"), pick("99.000"))
 }
 
-/// One run of every figure on `p`.
-fn measure(p: &Path2, pin: bool, secs: u32) -> Result<BTreeMap<String, f64>> {
+/// One run of every figure on `p`, and the congestion control the TCP
+/// sender used (iperf3's `sender_tcp_congestion`).
+fn measure(p: &Path2, o: &Opts) -> Result<(BTreeMap<String, f64>, Option<String>)> {
     let mut m = BTreeMap::new();
     let before = cpu_busy_s();
-    let v = iperf(p, pin, secs, &[])?;
+    let v = iperf(p, o, &[])?;
     let cpu = cpu_busy_s() - before;
+    let cc = v["end"]["sender_tcp_congestion"].as_str().map(str::to_string);
     let bytes = v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
     m.insert(
         "tcp1_gbps".into(),
@@ -278,7 +287,7 @@ fn measure(p: &Path2, pin: bool, secs: u32) -> Result<BTreeMap<String, f64>> {
             f64::NAN
         },
     );
-    let v = iperf(p, pin, secs, &["-P", "4"])?;
+    let v = iperf(p, o, &["-P", "4"])?;
     m.insert(
         "tcp4_gbps".into(),
         v["end"]["sum_received"]["bits_per_second"]
@@ -286,14 +295,14 @@ fn measure(p: &Path2, pin: bool, secs: u32) -> Result<BTreeMap<String, f64>> {
             .unwrap_or(0.0)
             / 1e9,
     );
-    let v = iperf(p, pin, secs, UDP64)?;
+    let v = iperf(p, o, UDP64)?;
     let sum = &v["end"]["sum"];
     let sent = sum["packets"].as_f64().unwrap_or(0.0);
     let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
     let seconds = sum["seconds"]
         .as_f64()
         .filter(|s| *s > 0.0)
-        .unwrap_or(f64::from(secs));
+        .unwrap_or(f64::from(o.secs));
     m.insert("udp64_kpps".into(), (sent - lost) / seconds / 1e3);
     m.insert(
         "udp64_loss_pct".into(),
@@ -303,7 +312,7 @@ fn measure(p: &Path2, pin: bool, secs: u32) -> Result<BTreeMap<String, f64>> {
             f64::NAN
         },
     );
-    let out = on_cpu(&p.client, pin, "0", "sockperf")
+    let out = on_cpu(&p.client, o.pin, "0", "sockperf")
         .args([
             "ping-pong",
             "--tcp",
@@ -312,7 +321,7 @@ fn measure(p: &Path2, pin: bool, secs: u32) -> Result<BTreeMap<String, f64>> {
             "-p",
             "11111",
             "-t",
-            &secs.to_string(),
+            &o.secs.to_string(),
         ])
         .output()?;
     let text = format!(
@@ -323,7 +332,7 @@ fn measure(p: &Path2, pin: bool, secs: u32) -> Result<BTreeMap<String, f64>> {
     let (p50, p99) = sockperf_percentiles(&text);
     m.insert("rr_p50_us".into(), p50.unwrap_or(f64::NAN));
     m.insert("rr_p99_us".into(), p99.unwrap_or(f64::NAN));
-    Ok(m)
+    Ok((m, cc))
 }
 
 /// Load for the BPF profile: (name, iperf3 arguments).
@@ -334,11 +343,11 @@ const PROFILED: &[(&str, &[&str])] = &[("tcp1", &[]), ("udp64", UDP64)];
 /// over a window inside an iperf3 run. An extra pass after the measured runs:
 /// counting adds two clock reads per program run, so no figure above is
 /// taken with it on.
-fn bpf_profile(p: &Path2, pin: bool, secs: u32) -> Result<Value> {
-    let window = secs.max(2) - 1;
+fn bpf_profile(p: &Path2, o: &Opts) -> Result<Value> {
+    let window = o.secs.max(2) - 1;
     let mut out = serde_json::Map::new();
     for (load, extra) in PROFILED {
-        let client = iperf_command(p, pin, window + 2, extra)
+        let client = iperf_command(p, o, window + 2, extra)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -436,12 +445,30 @@ fn serve(lab: &mut Lab, p: &Path2, pin: bool) {
     std::thread::sleep(Duration::from_millis(300));
 }
 
+/// A congestion control the kernel offers, or an error listing those it does.
+fn check_cc(cc: &str) -> Result<()> {
+    let available = std::fs::read_to_string(CC_AVAILABLE).unwrap_or_default();
+    if available.split_whitespace().any(|c| c == cc) {
+        return Ok(());
+    }
+    bail!(
+        "--cc {cc}: this kernel offers only `{}` ({CC_AVAILABLE}); load another with \
+         `modprobe tcp_{cc}` or pick one of those",
+        available.trim()
+    )
+}
+
+const CC_AVAILABLE: &str = "/proc/sys/net/ipv4/tcp_available_congestion_control";
+
 pub fn run(o: &Opts) -> Result<Value> {
     if o.underlay == UnderlayKind::Veth && o.modes.iter().any(|m| m == "weft-xdp") {
         bail!(
             "mode weft-xdp needs `--underlay nic-like`: an XDP redirect drops the sender's \
              checksum-offload state, which a veth underlay with offloads on carries to the receiver"
         );
+    }
+    if let Some(cc) = &o.cc {
+        check_cc(cc)?;
     }
     // Every topology is built first and the modes take turns within each
     // run: this VM's speed drifts over minutes, and measuring one mode's
@@ -454,6 +481,10 @@ pub fn run(o: &Opts) -> Result<Value> {
         serve(&mut lab, &p, o.pin);
         labs.push((mode.clone(), lab, p));
     }
+    // The congestion control iperf3's senders ran with, as iperf3 reports
+    // it: `--cc`, or the machine's default (bbr paces, and on this VM caps one
+    // stream well below what cubic reaches: docs/PERFORMANCE.md).
+    let mut cc_used = std::collections::BTreeSet::new();
     let mut runs: BTreeMap<&str, Vec<BTreeMap<String, f64>>> = BTreeMap::new();
     for r in 0..o.runs {
         for (mode, _, p) in &labs {
@@ -466,7 +497,8 @@ pub fn run(o: &Opts) -> Result<Value> {
                 o.runs,
                 o.secs
             ));
-            let m = measure(p, o.pin, o.secs).with_context(|| format!("mode {mode}"))?;
+            let (m, cc) = measure(p, o).with_context(|| format!("mode {mode}"))?;
+            cc_used.extend(cc);
             runs.entry(mode).or_default().push(m);
         }
     }
@@ -494,7 +526,7 @@ pub fn run(o: &Opts) -> Result<Value> {
             ));
             profiles.insert(
                 mode.clone(),
-                bpf_profile(p, o.pin, o.secs).with_context(|| format!("mode {mode}"))?,
+                bpf_profile(p, o).with_context(|| format!("mode {mode}"))?,
             );
         }
     }
@@ -549,6 +581,8 @@ pub fn run(o: &Opts) -> Result<Value> {
         "seconds_per_figure": o.secs,
         "underlay": underlay_name(o.underlay),
         "pinned": o.pin,
+        "tcp_congestion_control": cc_used.into_iter().collect::<Vec<_>>().join(","),
+        "tcp_congestion_control_chosen": o.cc.is_some(),
         "modes": modes,
         "ratios": ratios,
         "bpf_profile": profiles,
@@ -722,7 +756,7 @@ pub fn docs(r: &Value, runs: usize, secs: u32) -> String {
     );
     let _ = writeln!(
         s,
-        "## This run\n\n{}, {} runs × {} s per figure, `{}` underlay, {}, on {} ({} cores, kernel {}).\n",
+        "## This run\n\n{}, {} runs × {} s per figure, `{}` underlay, {}, TCP congestion control {}, on {} ({} cores, kernel {}).\n",
         r["date"].as_str().unwrap_or(""),
         runs,
         secs,
@@ -731,6 +765,14 @@ pub fn docs(r: &Value, runs: usize, secs: u32) -> String {
             "client on CPU 0 and server on CPU 1"
         } else {
             "client and server placed by the scheduler (`--no-pin`)"
+        },
+        match (
+            r["tcp_congestion_control"].as_str(),
+            r["tcp_congestion_control_chosen"].as_bool()
+        ) {
+            (Some(cc), Some(true)) if !cc.is_empty() => format!("`{cc}` (`--cc`)"),
+            (Some(cc), _) if !cc.is_empty() => format!("`{cc}` (the machine's default)"),
+            _ => "not recorded".to_string(),
         },
         m["cpu"].as_str().unwrap_or("?"),
         m["cores"],

@@ -79,6 +79,10 @@ enum Cmd {
         /// the client to CPU 0 and the server to CPU 1 (needs 2 cores).
         #[arg(long)]
         no_pin: bool,
+        /// TCP congestion control for the iperf3 tests (iperf3 `-C`), e.g.
+        /// `cubic`; by default the machine's (recorded in the results).
+        #[arg(long)]
+        cc: Option<String>,
         /// Write the results as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -355,6 +359,7 @@ fn main() -> Result<()> {
             modes,
             underlay,
             no_pin,
+            cc,
             json,
             svg,
             docs,
@@ -397,6 +402,7 @@ fn main() -> Result<()> {
                 xtask: std::env::current_exe()?,
                 underlay: bench::underlay_kind(&underlay).context("--underlay")?,
                 pin: !no_pin && std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2),
+                cc,
             };
             let result = bench::run(&opts)?;
             println!("\n{}", bench::table(&result));
