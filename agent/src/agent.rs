@@ -316,7 +316,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     }
     let decap = attach_decap(&mut dp, cfg.decap, &iface.name)?;
     dp.attach_host(HOST_IFACE)?;
-    dp.pin_pod_program()?;
+    dp.pin_pod_programs()?;
     let repointed = dp.repoint_pods()?;
     tracing::info!(decap = %decap, pins = %cfg.bpffs_dir.display(), pods = repointed, "dataplane attached");
 
@@ -436,11 +436,14 @@ pub fn down(bpffs_dir: &Path, run_dir: &Path) -> Vec<String> {
     }
     if !dataplane::has_tcx() {
         // Netlink filters are not pinned: find weft's (its own priority and
-        // handle) on the underlay's ingress. weft0 and pod veths take theirs
-        // with them when deleted.
+        // handle) on the underlay's ingress and pod veths' both sides. weft0
+        // takes its own with it when deleted.
+        use aya::programs::TcAttachType::{Egress, Ingress};
         for iface in netdev::names() {
-            if dataplane::detach_nl(&iface, aya::programs::TcAttachType::Ingress) {
-                done.push(format!("removed weft's TC filter from {iface} ingress"));
+            for (dir, name) in [(Ingress, "ingress"), (Egress, "egress")] {
+                if dataplane::detach_nl(&iface, dir) {
+                    done.push(format!("removed weft's TC filter from {iface} {name}"));
+                }
             }
         }
     }

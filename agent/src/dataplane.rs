@@ -3,10 +3,12 @@
 //!
 //! Layout of the pin directory (default `/sys/fs/bpf/weft`):
 //! - `WEFT_*`: the maps (see `weft_common::names`),
-//! - `prog_from_pod`: the TC program the CNI attaches to pod veths,
+//! - `prog_from_pod`, `prog_to_pod`: the TC programs the CNI attaches to pod
+//!   veths (ingress: from the pod; egress: what the stack delivers to it),
 //! - `link_xdp` or `link_und`: the underlay's XDP or TC ingress link (decap),
 //! - `link_host`: the `weft0` egress link,
-//! - `pods/<ifname>`: one TC link per pod veth.
+//! - `pods/<ifname>`, `pods_to/<ifname>`: each pod veth's ingress and egress
+//!   TC links.
 
 use std::{
     fs,
@@ -23,7 +25,7 @@ use aya::{
         tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
 };
-use weft_common::{Endpoint, RemoteNode, Vtep, names};
+use weft_common::{Endpoint, FlowKey, FlowState, RemoteNode, Vtep, names};
 
 use crate::cidr::Ipv4Cidr;
 
@@ -33,16 +35,36 @@ pub static OBJECT: &[u8] =
 
 /// Default pin directory.
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/weft";
-/// Pin of the pod program, relative to the pin directory.
+/// Pin of the pod veths' ingress program, relative to the pin directory.
 pub const PIN_PROG_FROM_POD: &str = "prog_from_pod";
+/// Pin of the pod veths' egress program, relative to the pin directory.
+pub const PIN_PROG_TO_POD: &str = "prog_to_pod";
 /// Pin of the underlay XDP link.
 pub const PIN_LINK_XDP: &str = "link_xdp";
 /// Pin of the `weft0` egress link.
 pub const PIN_LINK_HOST: &str = "link_host";
 /// Pin of the underlay TC ingress link (`tc` decap only).
 pub const PIN_LINK_UNDERLAY: &str = "link_und";
-/// Directory of per-pod TC links.
+/// Directory of per-pod TC ingress links.
 pub const PIN_PODS_DIR: &str = "pods";
+/// Directory of per-pod TC egress links.
+pub const PIN_PODS_TO_DIR: &str = "pods_to";
+
+/// A pod veth's two TC programs: (program, its pin, link directory, direction).
+const POD_PROGRAMS: [(&str, &str, &str, TcAttachType); 2] = [
+    (
+        names::PROG_FROM_POD,
+        PIN_PROG_FROM_POD,
+        PIN_PODS_DIR,
+        TcAttachType::Ingress,
+    ),
+    (
+        names::PROG_TO_POD,
+        PIN_PROG_TO_POD,
+        PIN_PODS_TO_DIR,
+        TcAttachType::Egress,
+    ),
+];
 
 /// Errors loading, pinning or attaching the dataplane.
 #[derive(Debug, thiserror::Error)]
@@ -134,10 +156,12 @@ impl Dataplane {
     /// Loads the object with `globals`. Maps are pinned in (and, when already
     /// there, re-used from) `pin_dir`, so their contents survive a restart.
     pub fn load(globals: &Globals, pin_dir: &Path) -> Result<Self, DataplaneError> {
-        fs::create_dir_all(pin_dir.join(PIN_PODS_DIR)).map_err(|source| DataplaneError::Io {
-            path: pin_dir.to_path_buf(),
-            source,
-        })?;
+        for dir in [PIN_PODS_DIR, PIN_PODS_TO_DIR] {
+            fs::create_dir_all(pin_dir.join(dir)).map_err(|source| DataplaneError::Io {
+                path: pin_dir.to_path_buf(),
+                source,
+            })?;
+        }
         let local_ip = globals.local_ip.octets();
         let cluster_net = globals.cluster_cidr.addr().octets();
         let cluster_mask = globals.cluster_cidr.netmask().octets();
@@ -160,6 +184,7 @@ impl Dataplane {
         let mut ebpf = loader.load(OBJECT)?;
         for name in [
             names::PROG_FROM_POD,
+            names::PROG_TO_POD,
             names::PROG_FROM_HOST,
             names::PROG_FROM_UNDERLAY,
         ] {
@@ -267,75 +292,69 @@ impl Dataplane {
         )
     }
 
-    /// Pins the pod program so the CNI plugin can attach it to new pods.
-    pub fn pin_pod_program(&mut self) -> Result<(), DataplaneError> {
-        let pin = self.pin_dir.join(PIN_PROG_FROM_POD);
-        let _ = fs::remove_file(&pin);
-        let prog: &mut SchedClassifier = program(&mut self.ebpf, names::PROG_FROM_POD)?;
-        prog.pin(&pin)
-            .map_err(|source| DataplaneError::Pin { path: pin, source })
+    /// Pins the pod programs so the CNI plugin can attach them to new pods.
+    pub fn pin_pod_programs(&mut self) -> Result<(), DataplaneError> {
+        for (name, pin, _, _) in POD_PROGRAMS {
+            let pin = self.pin_dir.join(pin);
+            let _ = fs::remove_file(&pin);
+            let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+            prog.pin(&pin)
+                .map_err(|source| DataplaneError::Pin { path: pin, source })?;
+        }
+        Ok(())
     }
 
-    /// Points every pinned pod link at the freshly loaded pod program
+    /// Points every pod veth's links at the freshly loaded pod programs
     /// (atomically, per link): after an upgrade, existing pods run the new
-    /// code without a moment of detachment. Returns how many were updated.
+    /// code without a moment of detachment; a link the older version did not
+    /// have (the egress one) is attached. Returns how many pods were updated.
     pub fn repoint_pods(&mut self) -> Result<usize, DataplaneError> {
-        if !has_tcx() {
-            return self.repoint_pods_nl();
+        let ifaces = if has_tcx() {
+            self.pinned_pod_ifaces()?
+        } else {
+            // Netlink filters are not pinned: the endpoints map names every
+            // pod's host-side veth.
+            Maps::open(&self.pin_dir)?
+                .endpoints
+                .iter()
+                .filter_map(Result::ok)
+                // A pod that is gone: the CNI DEL removes its entry.
+                .filter_map(|(_, ep)| crate::netdev::name(ep.ifindex))
+                .collect()
+        };
+        let mut updated = vec![true; ifaces.len()];
+        for (name, _, dir, direction) in POD_PROGRAMS {
+            let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+            for (iface, ok) in ifaces.iter().zip(&mut updated) {
+                let pin = self.pin_dir.join(dir).join(iface);
+                if let Err(e) = attach_tc(prog, name, iface, direction, &pin) {
+                    tracing::warn!(%iface, "could not re-point the pod's {name} link: {e}");
+                    *ok = false;
+                }
+            }
         }
+        Ok(updated.into_iter().filter(|ok| *ok).count())
+    }
+
+    /// The pod veths with a live pinned ingress link (TCX); the pins of links
+    /// whose veth is gone are removed.
+    fn pinned_pod_ifaces(&self) -> Result<Vec<String>, DataplaneError> {
         let dir = self.pin_dir.join(PIN_PODS_DIR);
         let entries = fs::read_dir(&dir).map_err(|source| DataplaneError::Io {
             path: dir.clone(),
             source,
         })?;
-        let name = names::PROG_FROM_POD;
-        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
-        let mut n = 0;
+        let mut ifaces = Vec::new();
         for entry in entries.flatten() {
-            let pin = entry.path();
-            let Ok(pinned) = PinnedLink::from_pin(&pin) else {
-                continue;
-            };
-            let link = aya::programs::tc::SchedClassifierLink::try_from(FdLink::from(pinned))
-                .map_err(|source| DataplaneError::Link {
-                    path: pin.clone(),
-                    source,
-                })?;
-            match prog.attach_to_link(link) {
-                Ok(_) => n += 1,
-                // The pod's veth is gone (the link is defunct): drop the stale pin.
-                Err(e) => {
-                    tracing::info!(pin = %pin.display(), "removing the pin of a detached pod link: {e}");
-                    let _ = fs::remove_file(&pin);
-                }
+            let iface = entry.file_name().to_string_lossy().into_owned();
+            if crate::netdev::index(&iface).is_some() {
+                ifaces.push(iface);
+            } else {
+                tracing::info!(%iface, "removing the pins of a pod whose veth is gone");
+                detach_pod(&self.pin_dir, &iface);
             }
         }
-        Ok(n)
-    }
-
-    /// [`Self::repoint_pods`] before TCX: pods' filters are found through the
-    /// endpoints map (each entry names the pod's host-side veth).
-    fn repoint_pods_nl(&mut self) -> Result<usize, DataplaneError> {
-        let ifindexes: Vec<u32> = Maps::open(&self.pin_dir)?
-            .endpoints
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(_, ep)| ep.ifindex)
-            .collect();
-        let name = names::PROG_FROM_POD;
-        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
-        let mut n = 0;
-        for ifindex in ifindexes {
-            let Some(iface) = crate::netdev::name(ifindex) else {
-                continue; // the pod is gone; the CNI DEL removes its entry
-            };
-            let pin = self.pin_dir.join(PIN_PODS_DIR).join(&iface);
-            match attach_tc(prog, name, &iface, TcAttachType::Ingress, &pin) {
-                Ok(()) => n += 1,
-                Err(e) => tracing::warn!(%iface, "could not re-point the pod's filter: {e}"),
-            }
-        }
-        Ok(n)
+        Ok(ifaces)
     }
 
     /// The pod program, for tests that run it directly.
@@ -444,20 +463,35 @@ pub fn detach_nl(iface: &str, dir: TcAttachType) -> bool {
     nl_link(iface, dir).is_ok_and(|link| link.detach().is_ok())
 }
 
-/// Attaches the pinned pod program to a pod's host-side veth (ingress) and
-/// pins the link under `pods/<iface>`. Used by the CNI plugin.
+/// Attaches the pinned pod programs to a pod's host-side veth (ingress and
+/// egress) and pins the links under `pods/<iface>` and `pods_to/<iface>`.
+/// Used by the CNI plugin. On failure nothing stays attached.
 pub fn attach_pod(pin_dir: &Path, iface: &str) -> Result<(), DataplaneError> {
-    let name = names::PROG_FROM_POD;
-    let mut prog = SchedClassifier::from_pin(pin_dir.join(PIN_PROG_FROM_POD))
-        .map_err(|source| DataplaneError::Program { name, source })?;
-    let pin = pin_dir.join(PIN_PODS_DIR).join(iface);
-    let _ = fs::remove_file(&pin);
-    attach_tc(&mut prog, name, iface, TcAttachType::Ingress, &pin)
+    for (name, prog_pin, dir, direction) in POD_PROGRAMS {
+        let attached = SchedClassifier::from_pin(pin_dir.join(prog_pin))
+            .map_err(|source| DataplaneError::Program { name, source })
+            .and_then(|mut prog| {
+                let pin = pin_dir.join(dir).join(iface);
+                let _ = fs::remove_file(&pin);
+                attach_tc(&mut prog, name, iface, direction, &pin)
+            });
+        if let Err(e) = attached {
+            detach_pod(pin_dir, iface);
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
-/// Removes a pod's link pin (the link itself goes with the veth).
+/// Removes a pod's link pins (with TCX that detaches them; netlink filters
+/// go with the veth).
 pub fn detach_pod(pin_dir: &Path, iface: &str) {
-    let _ = fs::remove_file(pin_dir.join(PIN_PODS_DIR).join(iface));
+    for (_, _, dir, direction) in POD_PROGRAMS {
+        let _ = fs::remove_file(pin_dir.join(dir).join(iface));
+        if !has_tcx() {
+            detach_nl(iface, direction);
+        }
+    }
 }
 
 /// The dataplane's maps, opened from their pins (by the agent, the CNI
@@ -489,6 +523,17 @@ impl Maps {
             fwds: open(pin_dir, names::FWD_STATS, aya::maps::Map::PerCpuArray)?,
         })
     }
+}
+
+/// The map of flows whose replies take the stack (see
+/// dataplane-ebpf/src/flows.rs), opened from its pin. Not part of [`Maps`]:
+/// the CNI plugin has no use for it.
+pub fn stack_flows(pin_dir: &Path) -> Result<HashMap<MapData, FlowKey, FlowState>, DataplaneError> {
+    let name = names::STACK_FLOWS;
+    let data = MapData::from_pin(pin_dir.join(name))
+        .map_err(|source| DataplaneError::Map { name, source })?;
+    HashMap::try_from(aya::maps::Map::LruHashMap(data))
+        .map_err(|source| DataplaneError::Map { name, source })
 }
 
 /// An IPv4 address as the maps store it (network order bytes in a `u32`).

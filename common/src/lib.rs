@@ -65,6 +65,57 @@ pub struct Vtep {
     pub flags: u32,
 }
 
+/// Key of [`names::STACK_FLOWS`]: one direction of a TCP, UDP or SCTP flow,
+/// exactly as its packets carry it. All fields network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub struct FlowKey {
+    /// IPv4 source.
+    pub saddr: u32,
+    /// IPv4 destination.
+    pub daddr: u32,
+    /// Source port, bytes as on the wire.
+    pub sport: [u8; 2],
+    /// Destination port, bytes as on the wire.
+    pub dport: [u8; 2],
+    /// IP protocol number (6, 17 or 132).
+    pub proto: u8,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    /// The other direction of the same flow.
+    pub const fn reversed(&self) -> Self {
+        Self {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Value of [`names::STACK_FLOWS`]: until when the entry holds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowState {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC, ns, host order) after which the
+    /// entry is stale and ignored.
+    pub expires_ns: u64,
+    /// [`FlowState::CLOSING`] (host order).
+    pub flags: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+}
+
+impl FlowState {
+    /// A TCP FIN or RST was seen: the entry lives out a TIME_WAIT, no longer.
+    pub const CLOSING: u32 = 1;
+}
+
 /// VXLAN header length (RFC 7348).
 pub const VXLAN_HLEN: usize = 8;
 /// Bytes VXLAN over IPv4 adds in front of the inner frame: outer Ethernet is
@@ -80,8 +131,12 @@ mod pod {
     unsafe impl aya::Pod for super::RemoteNode {}
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::Vtep {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowState {}
 }
 
 const _: () = assert!(core::mem::size_of::<RemoteNode>() == 12);
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 20);
 const _: () = assert!(core::mem::size_of::<Vtep>() == 4);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 16);

@@ -6,6 +6,9 @@
 pub const PROG_XDP_DECAP: &str = "weft_xdp_decap";
 /// TC ingress program on each pod's host-side veth: traffic *from* the pod.
 pub const PROG_FROM_POD: &str = "weft_from_pod";
+/// TC egress program on each pod's host-side veth: traffic the node's stack
+/// delivers *to* the pod (it notes the flow, so replies return the same way).
+pub const PROG_TO_POD: &str = "weft_to_pod";
 /// TC egress program on the `weft0` host device: traffic from the node itself
 /// to remote pods.
 pub const PROG_FROM_HOST: &str = "weft_from_host";
@@ -19,6 +22,10 @@ pub const REMOTE_CIDRS: &str = "WEFT_REMOTES";
 pub const ENDPOINTS: &str = "WEFT_ENDPOINTS";
 /// Hash: peer underlay IPv4 → [`crate::Vtep`]; VXLAN from anyone else is dropped.
 pub const NODES: &str = "WEFT_NODES";
+/// LRU hash: [`crate::FlowKey`] of a reply → [`crate::FlowState`]. Replies
+/// of flows the node's stack forwarded (and so may have NATed: kube-proxy
+/// Services, hostPorts) take the stack back instead of a fast path.
+pub const STACK_FLOWS: &str = "WEFT_STACKFLOWS";
 /// Per-CPU array of drop counters indexed by [`crate::DropReason`].
 pub const DROP_STATS: &str = "WEFT_DROPS";
 /// Per-CPU array of forward counters indexed by [`crate::FwdReason`].

@@ -73,5 +73,9 @@ counter_enum! {
         /// Decapsulated in the underlay's TC program (`tc` decap mode) and
         /// delivered into the pod with `bpf_redirect_peer`.
         DecapPeer = 6 => "decap_peer",
+        /// Handed to the node's stack instead of a fast path: a reply of a
+        /// flow the stack forwarded (which may be NATed: kube-proxy Services,
+        /// hostPorts), an IPv4 fragment, or an ICMP error.
+        ToStack = 7 => "to_stack",
     }
 }

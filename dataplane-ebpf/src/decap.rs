@@ -32,6 +32,7 @@ use aya_log_ebpf::debug;
 use weft_common::{DropReason, Endpoint, FwdReason, VXLAN_HLEN};
 
 use crate::{
+    flows,
     forward::{self, TC_ACT_OK},
     maps::{self, count_drop, count_fwd},
     parse::{
@@ -46,9 +47,9 @@ pub enum Vxlan {
     NotOurs,
     /// Claims to be ours but must not reach a pod.
     Drop(DropReason),
-    /// Ours: the inner Ethernet frame starts at `inner_off`; its IPv4
-    /// destination is `inner_dst` (network order, as a map key).
-    Ours { inner_off: usize, inner_dst: u32 },
+    /// Ours: the inner Ethernet frame starts at `inner_off`; `inner_ip` is
+    /// its IPv4 header (without options).
+    Ours { inner_off: usize, inner_ip: Ipv4Hdr },
 }
 
 /// The most header bytes [`classify`] reads: outer Ethernet, IPv4 with the
@@ -130,7 +131,7 @@ pub fn classify(start: usize, end: usize) -> Vxlan {
     }
     Vxlan::Ours {
         inner_off,
-        inner_dst: u32::from_ne_bytes(inner_ip.dst),
+        inner_ip,
     }
 }
 
@@ -146,7 +147,7 @@ fn xdp_drop(ctx: &XdpContext, reason: DropReason) -> u32 {
 /// XDP on the underlay: strip, then redirect into a local pod or pass up.
 #[inline(always)]
 pub fn xdp(ctx: &XdpContext) -> Result<u32, ()> {
-    let (inner_off, inner_dst) = match classify(ctx.data(), ctx.data_end()) {
+    let (inner_off, inner_ip) = match classify(ctx.data(), ctx.data_end()) {
         Vxlan::NotOurs => {
             count_fwd(FwdReason::Passthrough);
             return Ok(XDP_PASS);
@@ -154,10 +155,13 @@ pub fn xdp(ctx: &XdpContext) -> Result<u32, ()> {
         Vxlan::Drop(reason) => return Ok(xdp_drop(ctx, reason)),
         Vxlan::Ours {
             inner_off,
-            inner_dst,
-        } => (inner_off, inner_dst),
+            inner_ip,
+        } => (inner_off, inner_ip),
     };
-    let ep = maps::endpoint(inner_dst);
+    // A local pod, unless the stack must see the packet (flows.rs).
+    let ep = maps::endpoint(u32::from_ne_bytes(inner_ip.dst));
+    let to_stack = ep.is_some()
+        && flows::must_take_stack(ctx.data(), ctx.data_end(), inner_off + ETH_HLEN, &inner_ip);
 
     // Strip outer Ethernet, IPv4, UDP and VXLAN.
     // SAFETY: ctx is our xdp_md; inner_off ≤ 14 + 60 + 16.
@@ -174,7 +178,7 @@ pub fn xdp(ctx: &XdpContext) -> Result<u32, ()> {
             pod_mac,
             host_mac,
             flags,
-        }) if flags & Endpoint::FLAG_XDP_REDIRECT != 0 => {
+        }) if flags & Endpoint::FLAG_XDP_REDIRECT != 0 && !to_stack => {
             // SAFETY: bounds checked just above.
             unsafe {
                 (*eth).dst = pod_mac;
@@ -187,7 +191,11 @@ pub fn xdp(ctx: &XdpContext) -> Result<u32, ()> {
         _ => {
             // SAFETY: bounds checked just above.
             unsafe { (*eth).dst = maps::underlay_mac() };
-            count_fwd(FwdReason::DecapPass);
+            count_fwd(if to_stack {
+                FwdReason::ToStack
+            } else {
+                FwdReason::DecapPass
+            });
             Ok(XDP_PASS)
         }
     }
@@ -216,7 +224,7 @@ pub fn tc(ctx: &TcContext) -> Result<i32, ()> {
         count_fwd(FwdReason::Passthrough);
         return Ok(TC_ACT_OK);
     }
-    let (inner_off, inner_dst) = match classify(ctx.data(), ctx.data_end()) {
+    let (inner_off, inner_ip) = match classify(ctx.data(), ctx.data_end()) {
         Vxlan::NotOurs => {
             count_fwd(FwdReason::Passthrough);
             return Ok(TC_ACT_OK);
@@ -224,9 +232,17 @@ pub fn tc(ctx: &TcContext) -> Result<i32, ()> {
         Vxlan::Drop(reason) => return Ok(forward::drop(ctx, reason)),
         Vxlan::Ours {
             inner_off,
-            inner_dst,
-        } => (inner_off, inner_dst),
+            inner_ip,
+        } => (inner_off, inner_ip),
     };
+    // A local pod, unless the stack must see the packet (flows.rs). That
+    // reads the start of the inner L4 header, which must be linear too (a
+    // no-op unless the inner IPv4 header has options).
+    let inner_ip_off = inner_off + ETH_HLEN;
+    let ep = maps::endpoint(u32::from_ne_bytes(inner_ip.dst));
+    let to_stack = ep.is_some()
+        && linear(ctx, inner_ip_off + inner_ip.header_len() + flows::L4_PEEK)
+        && flows::must_take_stack(ctx.data(), ctx.data_end(), inner_ip_off, &inner_ip);
     // Remove outer IPv4, UDP, VXLAN and the inner Ethernet header right after
     // the outer Ethernet header, which stays (EtherType IPv4 either way) and
     // is rewritten below. `inner_off` bytes in all. FIXED_GSO: gso_size is
@@ -244,8 +260,8 @@ pub fn tc(ctx: &TcContext) -> Result<i32, ()> {
     let Ok(eth) = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0) else {
         return Ok(forward::drop(ctx, DropReason::Malformed));
     };
-    match maps::endpoint(inner_dst) {
-        Some(ep) => {
+    match ep {
+        Some(ep) if !to_stack => {
             // SAFETY: bounds checked just above; TC makes the data writable.
             unsafe {
                 (*eth).dst = ep.pod_mac;
@@ -255,10 +271,14 @@ pub fn tc(ctx: &TcContext) -> Result<i32, ()> {
             // SAFETY: plain helper call.
             Ok(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
         }
-        None => {
+        _ => {
             // SAFETY: as above.
             unsafe { (*eth).dst = maps::underlay_mac() };
-            count_fwd(FwdReason::DecapPass);
+            count_fwd(if to_stack {
+                FwdReason::ToStack
+            } else {
+                FwdReason::DecapPass
+            });
             Ok(TC_ACT_OK)
         }
     }

@@ -10,7 +10,7 @@ use aya_log_ebpf::debug;
 use weft_common::{DropReason, FwdReason};
 
 use crate::{
-    csum, encap,
+    csum, encap, flows,
     maps::{self, count_drop, count_fwd},
     parse::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN, ETH_P_IP},
 };
@@ -56,6 +56,18 @@ pub fn try_forward(ctx: &TcContext, origin: Origin) -> Result<i32, ()> {
         // From a pod, the stack answers with ICMP time exceeded.
         return Ok(not_ours(ctx, origin));
     }
+    match origin {
+        // Replies of flows the stack forwarded (it may have NATed them) go
+        // back through it, as do fragments and ICMP errors (flows.rs).
+        Origin::Pod if flows::must_take_stack(start, end, ETH_HLEN, &hdr) => {
+            count_fwd(FwdReason::ToStack);
+            return Ok(TC_ACT_OK);
+        }
+        // The stack forwarded this from a pod: its replies must return the
+        // same way.
+        Origin::Host if is_pod(hdr.src) => flows::record_reply(start, end, ETH_HLEN, &hdr),
+        _ => {}
+    }
 
     if let Some(ep) = maps::endpoint(u32::from_ne_bytes(hdr.dst)) {
         // SAFETY: header bounds checked above; TC makes the data writable.
@@ -91,6 +103,35 @@ pub fn try_forward(ctx: &TcContext, origin: Origin) -> Result<i32, ()> {
         (*ip).check = csum::after_ttl_decrement(hdr.check);
     }
     Ok(encap::encap_and_redirect(ctx, &remote))
+}
+
+/// `weft_to_pod`: the node's stack is delivering this packet to a pod (the
+/// fast paths never pass here), so the pod's replies must go back through
+/// the stack, which may have NATed it (flows.rs). Always lets it through.
+#[inline(always)]
+pub fn note_stack_delivery(ctx: &TcContext) -> i32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if let Ok(eth) = ptr_at::<EthHdr>(start, end, 0) {
+        // SAFETY: ptr_at checked bounds.
+        if unsafe { (*eth).proto } == ETH_P_IP {
+            if let Ok(ip) = ptr_at::<Ipv4Hdr>(start, end, ETH_HLEN) {
+                // SAFETY: as above.
+                let hdr = unsafe { *ip };
+                if hdr.is_valid() && is_pod(hdr.src) {
+                    flows::record_reply(start, end, ETH_HLEN, &hdr);
+                }
+            }
+        }
+    }
+    TC_ACT_OK
+}
+
+/// Whether `ip` is a pod's: one of this node's endpoints or in another node's
+/// pod CIDR (not this node's gateway or a free address of its CIDR).
+#[inline(always)]
+fn is_pod(ip: [u8; 4]) -> bool {
+    maps::endpoint(u32::from_ne_bytes(ip)).is_some()
+        || maps::remote(ip).is_some_and(|r| r.underlay_ip.to_ne_bytes() != maps::local_ip())
 }
 
 /// Whether `src` is the address weft gave the pod behind the veth this packet

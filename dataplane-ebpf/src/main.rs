@@ -6,6 +6,8 @@
 //!   (same-node short-cut or VXLAN encapsulation, [`encap`]),
 //! - [`decap`]: VXLAN arriving on the underlay, in XDP or (on underlays
 //!   where that is faster) TC,
+//! - [`flows`]: replies of flows the node's stack forwarded (NAT) go back
+//!   through it,
 //! - [`csum`]: IPv4 header checksums,
 //! - [`maps`]: maps, per-CPU counters and load-time globals,
 //! - [`zeroed`]: zero-filled stack buffers without a `memset` loop.
@@ -15,6 +17,7 @@
 mod csum;
 mod decap;
 mod encap;
+mod flows;
 mod forward;
 mod maps;
 mod parse;
@@ -45,6 +48,13 @@ mod programs {
             Ok(action) => action,
             Err(()) => forward::TC_ACT_SHOT,
         }
+    }
+
+    /// TC egress on a pod's host-side veth: what the node's stack delivers
+    /// to the pod (the fast paths go around it). Notes the flow; never drops.
+    #[classifier]
+    pub fn weft_to_pod(ctx: TcContext) -> i32 {
+        forward::note_stack_delivery(&ctx)
     }
 
     /// TC egress on `weft0`: traffic from the node itself to remote pods.

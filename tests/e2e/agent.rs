@@ -119,16 +119,31 @@ fn restarting_the_agent_twice_under_load_loses_nothing() {
             .unwrap()
     });
 
+    let egress_pins = c.nodes[0].bpffs.join("pods_to");
+    let egress_links = || std::fs::read_dir(&egress_pins).unwrap().count();
     for round in 1..=2 {
         std::thread::sleep(Duration::from_millis(1500));
         lab.stop(&Cluster::agent_name(0));
+        if round == 1 {
+            // As if the pod had been attached by a version without the
+            // egress program: removing its pin detaches that link.
+            for pin in std::fs::read_dir(&egress_pins).unwrap().flatten() {
+                std::fs::remove_file(pin.path()).unwrap();
+            }
+            assert_eq!(egress_links(), 0);
+        }
         std::thread::sleep(Duration::from_millis(300));
         c.start_agent(&mut lab, 0);
         wait_log(&lab, &Cluster::agent_name(0), "agent: ready");
         assert!(
             lab.log(&Cluster::agent_name(0)).contains("pods=1"),
-            "round {round}: the pod link was re-pointed: {}",
+            "round {round}: the pod links were re-pointed: {}",
             lab.log(&Cluster::agent_name(0))
+        );
+        assert_eq!(
+            egress_links(),
+            1,
+            "round {round}: the pod's egress link is there"
         );
     }
     std::thread::sleep(Duration::from_millis(1500));

@@ -69,6 +69,16 @@ fn endpoints(c: &Cluster) -> usize {
     c.status(0)["endpoints"].as_array().unwrap().len()
 }
 
+/// Pinned TC links of node-1's pods, ingress and egress.
+fn pod_links(c: &Cluster) -> (usize, usize) {
+    let count = |dir| {
+        std::fs::read_dir(c.nodes[0].bpffs.join(dir))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    (count("pods"), count("pods_to"))
+}
+
 #[test]
 fn add_check_del_round_trips_in_every_version() {
     if !privileged("add_check_del_round_trips_in_every_version") {
@@ -119,6 +129,11 @@ fn add_check_del_round_trips_in_every_version() {
             pod.ip(&["-o", "link", "show", "eth0"]).contains("mtu 1450"),
             "pod MTU from the node config"
         );
+        assert_eq!(
+            pod_links(&c),
+            (1, 1),
+            "both of the pod veth's links are pinned"
+        );
         assert!(
             ping(&pod, Ipv4Addr::new(198, 18, 0, 1), 1),
             "the pod reaches its node"
@@ -157,6 +172,7 @@ fn add_check_del_round_trips_in_every_version() {
         );
         assert_eq!(host_veths(&c), 0, "host veth removed");
         assert_eq!(endpoints(&c), 0, "endpoint entry removed");
+        assert_eq!(pod_links(&c), (0, 0), "link pins removed");
     }
 }
 
@@ -223,6 +239,7 @@ fn thirty_concurrent_adds_then_dels() {
     );
     assert_eq!(host_veths(&c), 0, "no leaked veth");
     assert_eq!(endpoints(&c), 0, "no leaked endpoint");
+    assert_eq!(pod_links(&c), (0, 0), "no leaked link pin");
 }
 
 trait Eth0 {

@@ -10,7 +10,7 @@ use weft_agent::{
     netdev,
     stats::{self, Counters},
 };
-use weft_common::{DropReason, Endpoint, FwdReason, RemoteNode, Vtep, names};
+use weft_common::{DropReason, Endpoint, FlowKey, FlowState, FwdReason, RemoteNode, Vtep, names};
 use weft_tests::{
     InNetns, Lab,
     pktgen::{self, Ipv4},
@@ -48,6 +48,8 @@ struct Fixture {
     /// Host-side veth of the fixture's pods (a real device: `weft_from_pod`
     /// checks a pod's source against the veth a packet arrives on).
     pod_ifindex: u32,
+    /// The pin directory (maps outside [`Maps`] are opened from it).
+    pins: std::path::PathBuf,
     vni: u32,
     port: u16,
     _lab: Lab,
@@ -140,6 +142,7 @@ impl Fixture {
             maps,
             und,
             pod_ifindex,
+            pins,
             vni,
             port,
             _lab: lab,
@@ -165,6 +168,12 @@ impl Fixture {
                 run(|o| prog.test_run(o), frame)
             }
         }
+    }
+
+    /// Runs the TC program `name` on `frame` (no `__sk_buff` context).
+    fn tc_prog(&mut self, name: &'static str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &mut SchedClassifier = self.dp.program_mut(name).unwrap();
+        run(|o| prog.test_run(o), frame)
     }
 
     /// Runs `weft_from_pod` on a frame arriving on the pods' veth.
@@ -779,4 +788,260 @@ fn tc_from_pod_drops_spoofed_sources() {
         &[],
         &[(FwdReason::Encap, 1)],
     );
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    // SAFETY: clock_gettime writes the timespec we pass.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) },
+        0
+    );
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The key of one direction of a flow, as the map stores it.
+fn flow_key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        saddr: ip_key(src),
+        daddr: ip_key(dst),
+        sport: sport.to_be_bytes(),
+        dport: dport.to_be_bytes(),
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+/// Replies of flows the node's stack forwarded (kube-proxy's DNAT, hostPorts)
+/// go back through the stack: the egress programs that see stack-forwarded
+/// packets record the reply's tuple, and the fast paths hand such replies,
+/// fragments and ICMP errors to the stack.
+#[test]
+fn stack_forwarded_flows_return_through_the_stack() {
+    if !privileged("stack_forwarded_flows_return_through_the_stack") {
+        return;
+    }
+    const SEC: u64 = 1_000_000_000;
+    let mut fx = Fixture::new("pks", 1, 8472);
+    let flows = weft_agent::dataplane::stack_flows(&fx.pins).expect("open the stack flows map");
+    let expiry_in = |key: &FlowKey| -> (u64, u32) {
+        let st: FlowState = flows.get(key, 0).expect("the flow is recorded");
+        (st.expires_ns.saturating_sub(monotonic_ns()), st.flags)
+    };
+    let pod_mac = [0x02, 0xcc, 0, 0, 0, 1];
+    let from_pod = |ip: Vec<u8>| pktgen::eth(HOST_VETH_MAC, pod_mac, pktgen::ETH_P_IP, &ip);
+    let tcp = |src, sport, dst, dport, flags| {
+        Ipv4::new(src, dst, 6).build(&pktgen::tcp(sport, dport, flags, b"x"))
+    };
+
+    // pktgen: the stack delivers a TCP SYN from a remote pod to the local pod
+    // (say after a hostPort DNAT), through the pod veth's egress.
+    // check: weft_to_pod lets it through, counts nothing, records the reply.
+    let syn = tcp(REMOTE_POD, 40000, POD, 8080, pktgen::TCP_SYN);
+    let frame = pktgen::eth(POD_MAC, HOST_VETH_MAC, pktgen::ETH_P_IP, &syn);
+    let before = fx.counters();
+    let (action, out) = fx.tc_prog(names::PROG_TO_POD, &frame);
+    assert_eq!((action, &out), (TC_ACT_OK, &frame), "weft_to_pod passes");
+    assert_deltas("weft_to_pod", &before, &fx.counters(), &[], &[]);
+    let reply = flow_key(POD, 8080, REMOTE_POD, 40000, 6);
+    let (left, flags) = expiry_in(&reply);
+    assert!(
+        (4 * 24 * 3600 * SEC..5 * 24 * 3600 * SEC + SEC).contains(&left) && flags == 0,
+        "a TCP flow lives five days after its last packet: {left} ns, flags {flags}"
+    );
+
+    // The pod's reply goes to the stack (TC_ACT_OK, untouched) instead of
+    // being encapsulated; another flow of the same pod is not affected.
+    let synack = from_pod(tcp(
+        POD,
+        8080,
+        REMOTE_POD,
+        40000,
+        pktgen::TCP_SYN | pktgen::TCP_ACK,
+    ));
+    let before = fx.counters();
+    let (action, out) = fx.tc(&synack);
+    assert_eq!((action, &out), (TC_ACT_OK, &synack), "reply to the stack");
+    assert_deltas(
+        "reply",
+        &before,
+        &fx.counters(),
+        &[],
+        &[(FwdReason::ToStack, 1)],
+    );
+    let other = from_pod(tcp(POD, 8081, REMOTE_POD, 40000, pktgen::TCP_ACK));
+    let before = fx.counters();
+    assert_eq!(
+        fx.tc(&other).0,
+        TC_ACT_REDIRECT,
+        "another flow is encapsulated"
+    );
+    assert_deltas(
+        "other flow",
+        &before,
+        &fx.counters(),
+        &[],
+        &[(FwdReason::Encap, 1)],
+    );
+
+    // FIN: the entry lives out a TIME_WAIT from the last packet; a new SYN
+    // on the same tuple starts it over.
+    let fin = tcp(
+        REMOTE_POD,
+        40000,
+        POD,
+        8080,
+        pktgen::TCP_FIN | pktgen::TCP_ACK,
+    );
+    fx.tc_prog(
+        names::PROG_TO_POD,
+        &pktgen::eth(POD_MAC, HOST_VETH_MAC, pktgen::ETH_P_IP, &fin),
+    );
+    let (left, flags) = expiry_in(&reply);
+    assert!(
+        (100 * SEC..=120 * SEC).contains(&left) && flags == FlowState::CLOSING,
+        "closing: {left} ns, flags {flags}"
+    );
+    fx.tc(&synack);
+    assert_eq!(
+        expiry_in(&reply).1,
+        FlowState::CLOSING,
+        "a reply keeps it closing"
+    );
+    fx.tc_prog(names::PROG_TO_POD, &frame);
+    let (left, flags) = expiry_in(&reply);
+    assert!(
+        left > 4 * 24 * 3600 * SEC && flags == 0,
+        "a new SYN starts the flow over: {left} ns, flags {flags}"
+    );
+
+    // pktgen: the stack forwards a pod's UDP query to a remote pod (say a
+    // Service DNAT'd to a backend on another node), out of weft0.
+    // check: encapsulated as before, and the reply recorded (UDP: 3 minutes).
+    let query = Ipv4::new(POD, REMOTE_POD, 17).build(&pktgen::udp(33000, 53, b"query"));
+    let frame = pktgen::eth(HOST_VETH_MAC, HOST_VETH_MAC, pktgen::ETH_P_IP, &query);
+    let before = fx.counters();
+    let (action, _) = fx.tc_prog(names::PROG_FROM_HOST, &frame);
+    assert_eq!(action, TC_ACT_REDIRECT, "weft_from_host encapsulates");
+    assert_deltas(
+        "weft0",
+        &before,
+        &fx.counters(),
+        &[],
+        &[(FwdReason::Encap, 1)],
+    );
+    let answer_key = flow_key(REMOTE_POD, 53, POD, 33000, 17);
+    let (left, _) = expiry_in(&answer_key);
+    assert!(
+        (170 * SEC..=180 * SEC).contains(&left),
+        "UDP: three minutes, {left} ns"
+    );
+    // The node's own traffic (from the gateway address) is not recorded: its
+    // replies go to the stack anyway.
+    let own = Ipv4::new(GATEWAY, REMOTE_POD, 17).build(&pktgen::udp(33001, 53, b"query"));
+    fx.tc_prog(
+        names::PROG_FROM_HOST,
+        &pktgen::eth(HOST_VETH_MAC, HOST_VETH_MAC, pktgen::ETH_P_IP, &own),
+    );
+    assert!(
+        flows
+            .get(&flow_key(REMOTE_POD, 53, GATEWAY, 33001, 17), 0)
+            .is_err(),
+        "the node's own flow is not recorded"
+    );
+
+    // The answer arrives in VXLAN: both decap hooks pass it up the stack
+    // (underlay MAC, as for the node itself) instead of into the pod.
+    let answer = Ipv4::new(REMOTE_POD, POD, 17).build(&pktgen::udp(53, 33000, b"answer"));
+    let inner = pktgen::eth(LOCAL_VTEP, PEER_VTEP, pktgen::ETH_P_IP, &answer);
+    for hook in [Hook::Xdp, Hook::Tc] {
+        let (_, pass, _) = hook.verdicts();
+        let frame = fx.vxlan_frame(PEER, fx.vni, fx.port, &inner);
+        let before = fx.counters();
+        let (action, out) = fx.decap(hook, &frame);
+        assert_eq!(action, pass, "{hook:?}: the answer goes to the stack");
+        let mut want = inner.clone();
+        want[0..6].copy_from_slice(&fx.und.mac);
+        if hook == Hook::Tc {
+            want[6..12].copy_from_slice(&frame[6..12]);
+        }
+        assert_eq!(out, want, "{hook:?}: decapsulated frame");
+        assert_deltas(
+            &format!("{hook:?} answer"),
+            &before,
+            &fx.counters(),
+            &[],
+            &[(FwdReason::ToStack, 1)],
+        );
+    }
+
+    // A stale entry (expired) is ignored: the fast path again.
+    let stale = flow_key(POD, 9000, REMOTE_POD, 9001, 6);
+    let mut flows = flows;
+    flows
+        .insert(
+            stale,
+            FlowState {
+                expires_ns: 1,
+                ..Default::default()
+            },
+            0,
+        )
+        .unwrap();
+    let (action, _) = fx.tc(&from_pod(tcp(POD, 9000, REMOTE_POD, 9001, pktgen::TCP_ACK)));
+    assert_eq!(action, TC_ACT_REDIRECT, "an expired entry is ignored");
+
+    // Fragments (the stack reassembles them for NAT) and ICMP errors (NAT
+    // rewrites the header they quote) take the stack from a pod and from the
+    // underlay; an echo request does not.
+    let fragment = Ipv4 {
+        frag: 0x2000, // MF
+        ..Ipv4::new(POD, REMOTE_POD, 17)
+    }
+    .build(&pktgen::udp(1, 2, &[0; 64]));
+    let unreachable = Ipv4::new(POD, REMOTE_POD, 1).build(&pktgen::icmp_error(3, 3, &query[..28]));
+    for (case, ip) in [("fragment", &fragment), ("ICMP error", &unreachable)] {
+        let before = fx.counters();
+        assert_eq!(
+            fx.tc(&from_pod(ip.clone())).0,
+            TC_ACT_OK,
+            "{case} from a pod"
+        );
+        assert_deltas(
+            case,
+            &before,
+            &fx.counters(),
+            &[],
+            &[(FwdReason::ToStack, 1)],
+        );
+    }
+    let echo = Ipv4::new(POD, REMOTE_POD, 1).build(&pktgen::icmp_echo(1, 1, b"x"));
+    assert_eq!(
+        fx.tc(&from_pod(echo)).0,
+        TC_ACT_REDIRECT,
+        "echo is encapsulated"
+    );
+    let inbound_fragment = Ipv4 {
+        frag: 0x2000,
+        ..Ipv4::new(REMOTE_POD, POD, 17)
+    }
+    .build(&pktgen::udp(2, 1, &[0; 64]));
+    for hook in [Hook::Xdp, Hook::Tc] {
+        let inner = pktgen::eth(LOCAL_VTEP, PEER_VTEP, pktgen::ETH_P_IP, &inbound_fragment);
+        let frame = fx.vxlan_frame(PEER, fx.vni, fx.port, &inner);
+        let before = fx.counters();
+        assert_eq!(
+            fx.decap(hook, &frame).0,
+            hook.verdicts().1,
+            "{hook:?} fragment"
+        );
+        assert_deltas(
+            "fragment",
+            &before,
+            &fx.counters(),
+            &[],
+            &[(FwdReason::ToStack, 1)],
+        );
+    }
 }

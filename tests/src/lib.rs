@@ -840,7 +840,9 @@ pub fn tcp_roundtrip(from: &Netns, ip: Ipv4Addr, port: u16) -> bool {
     s.read_exact(&mut buf).is_ok() && buf == msg.as_bytes()
 }
 
-/// One UDP round trip (3 tries) from inside `from` to `ip:port`.
+/// One UDP round trip (3 tries) from inside `from` to `ip:port`: true when
+/// the echo comes back from `ip:port` itself (a reply from any other address,
+/// e.g. a Service backend whose reply missed its reverse NAT, does not count).
 pub fn udp_roundtrip(from: &Netns, ip: Ipv4Addr, port: u16) -> bool {
     let _inside = InNetns::enter(from);
     let Ok(s) = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
@@ -851,7 +853,8 @@ pub fn udp_roundtrip(from: &Netns, ip: Ipv4Addr, port: u16) -> bool {
     let mut buf = [0u8; 256];
     (0..3).any(|_| {
         s.send_to(msg.as_bytes(), (ip, port)).is_ok()
-            && matches!(s.recv_from(&mut buf), Ok((n, _)) if &buf[..n] == msg.as_bytes())
+            && matches!(s.recv_from(&mut buf),
+                Ok((n, peer)) if &buf[..n] == msg.as_bytes() && peer == (ip, port).into())
     })
 }
 pub mod kube;

@@ -118,3 +118,33 @@ pub fn icmp_echo(id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
     m[2..4].copy_from_slice(&c.to_be_bytes());
     m
 }
+
+/// TCP flag bits (the header's byte 13).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// TCP header without options (checksum 0: the programs never check it)
+/// with `flags`, followed by `payload`.
+pub fn tcp(sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[4..8].copy_from_slice(&1000u32.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = flags;
+    t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    t.extend_from_slice(payload);
+    t
+}
+
+/// An ICMP error (`icmp_type`, `code`) quoting `quoted` (the offending
+/// packet's IPv4 header and first bytes).
+pub fn icmp_error(icmp_type: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut m = vec![icmp_type, code, 0, 0, 0, 0, 0, 0];
+    m.extend_from_slice(quoted);
+    let c = checksum(&m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}

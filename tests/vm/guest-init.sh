@@ -57,8 +57,13 @@ $NS --net=/run/netns/n2 $WEFT status --bpffs-dir /bpf/n2 --run-dir /tmp/run2 | g
 kill $(cat /tmp/a2.log.pid); sleep 1
 agent 2 /tmp/a2b.log
 $NS --net=/run/netns/p1 ping -c 3 -W 2 198.19.2.10 > /dev/null 2>&1 && echo "GUEST ping after restart ok" || echo "GUEST ping after restart FAILED"
+# The pod's host-side veth carries weft's filter on both sides (ingress: from
+# the pod; egress: what the stack delivers to it).
+PV=$($NS --net=/run/netns/n2 $IP -o link show | sed -n 's/^[0-9]*: \(weft[0-9a-f]\{10\}\)[@:].*/\1/p')
+podf() { $NS --net=/run/netns/n2 /usr/sbin/tc filter show dev "$PV" $1 | grep -c "bpf.* handle"; }
+echo "GUEST pod veth filters: ingress $(podf ingress), egress $(podf egress)"
 kill $(cat /tmp/a2b.log.pid); sleep 1
 $NS --net=/run/netns/n2 $WEFT down --bpffs-dir /bpf/n2 --run-dir /tmp/run2 > /dev/null 2>&1
-echo "GUEST after down: tc filters on u2 $($NS --net=/run/netns/n2 /usr/sbin/tc filter show dev u2 ingress | grep -c bpf), xdp $($NS --net=/run/netns/n2 $IP link show u2 | grep -c xdp)"
+echo "GUEST after down: tc filters on u2 $($NS --net=/run/netns/n2 /usr/sbin/tc filter show dev u2 ingress | grep -c bpf), xdp $($NS --net=/run/netns/n2 $IP link show u2 | grep -c xdp), pod veth $(podf ingress) $(podf egress)"
 echo "GUEST done"
 poweroff -f

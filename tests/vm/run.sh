@@ -59,7 +59,8 @@ for mode in tc xdp; do
   check "^GUEST dropped: +malformed=0 unknown_vtep=0 wrong_vni=0 no_route=0 mtu=0 helper_failed=0 fib_lookup_failed=0 inner_not_ipv4=0"
   check "node-2: .*dataplane attached .*pods=1"
   check "^GUEST ping after restart ok"
-  check "^GUEST after down: tc filters on u2 0, xdp 0"
+  check "^GUEST pod veth filters: ingress 1, egress 1"
+  check "^GUEST after down: tc filters on u2 0, xdp 0, pod veth 0 0"
   check "^GUEST done"
 done
 [ $fail = 0 ] && echo "==> vm-check: ok on $kver" || { echo "==> vm-check: FAILED on $kver"; exit 1; }

@@ -270,7 +270,9 @@ fn measure(p: &Path2, o: &Opts) -> Result<(BTreeMap<String, f64>, Option<String>
     let before = cpu_busy_s();
     let v = iperf(p, o, &[])?;
     let cpu = cpu_busy_s() - before;
-    let cc = v["end"]["sender_tcp_congestion"].as_str().map(str::to_string);
+    let cc = v["end"]["sender_tcp_congestion"]
+        .as_str()
+        .map(str::to_string);
     let bytes = v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
     m.insert(
         "tcp1_gbps".into(),

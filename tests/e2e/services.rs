@@ -1,0 +1,200 @@
+//! Services and hostPorts through weft's dataplane, NATed by the node's own
+//! kernel as kube-proxy (iptables mode) and the portmap CNI plugin program
+//! it: a DNAT rule in the node's `nat` table, conntrack doing the rest.
+//!
+//! The client speaks to the Service address; the node's stack rewrites the
+//! destination to a backend pod; the backend's reply must come back through
+//! the same node's conntrack to get the Service address back as its source.
+//! weft's fast paths would otherwise carry it straight to the client, which
+//! would drop it (a TCP SYN-ACK from an address it never called; a UDP
+//! answer from the wrong source). The round trips below check the reply's
+//! source address, so any such shortcut fails them.
+
+use std::net::Ipv4Addr;
+
+use weft_tests::{
+    Cluster, ClusterSpec, EchoServer, Lab, Netns, privileged, tcp_roundtrip, udp_roundtrip,
+};
+
+const ECHO_PORT: u16 = 7000;
+/// A "ClusterIP" from the test block, outside the underlay's /24 and the
+/// cluster CIDR, like a Service CIDR.
+const SERVICE: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 10);
+const SERVICE_PORT: u16 = 80;
+const HOST_PORT: u16 = 8080;
+
+/// kube-proxy's shape of a Service: DNAT of `SERVICE:80` (TCP and UDP) to
+/// `backend:7000`, in PREROUTING for pods and OUTPUT for the node itself.
+fn point_service_at(node: &Netns, backend: Ipv4Addr) {
+    node.sh("iptables", &["-t", "nat", "-F"]);
+    for chain in ["PREROUTING", "OUTPUT"] {
+        for proto in ["tcp", "udp"] {
+            node.sh(
+                "iptables",
+                &[
+                    "-t",
+                    "nat",
+                    "-A",
+                    chain,
+                    "-d",
+                    &SERVICE.to_string(),
+                    "-p",
+                    proto,
+                    "--dport",
+                    &SERVICE_PORT.to_string(),
+                    "-j",
+                    "DNAT",
+                    "--to-destination",
+                    &format!("{backend}:{ECHO_PORT}"),
+                ],
+            );
+        }
+    }
+}
+
+/// portmap's shape of a hostPort: DNAT of `node_ip:8080` to `pod:7000`.
+fn host_port(node: &Netns, node_ip: Ipv4Addr, pod: Ipv4Addr) {
+    for proto in ["tcp", "udp"] {
+        node.sh(
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-d",
+                &node_ip.to_string(),
+                "-p",
+                proto,
+                "--dport",
+                &HOST_PORT.to_string(),
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &format!("{pod}:{ECHO_PORT}"),
+            ],
+        );
+    }
+}
+
+/// TCP and UDP round trips from `from` to `ip:port`; the protocols that failed.
+fn round_trips(from: &Netns, ip: Ipv4Addr, port: u16) -> Vec<&'static str> {
+    let mut failed = Vec::new();
+    if !tcp_roundtrip(from, ip, port) {
+        failed.push("tcp");
+    }
+    if !udp_roundtrip(from, ip, port) {
+        failed.push("udp");
+    }
+    failed
+}
+
+#[test]
+fn services_and_host_ports_nated_by_the_node_work_across_the_fast_paths() {
+    if !privileged("services_and_host_ports_nated_by_the_node_work_across_the_fast_paths") {
+        return;
+    }
+    let mut lab = Lab::new("svc");
+    let c = Cluster::start(
+        &mut lab,
+        ClusterSpec {
+            nodes: 2,
+            pods_per_node: 2,
+            ..ClusterSpec::default()
+        },
+    );
+    let on = |node: usize| -> Vec<_> { c.pods.iter().filter(|p| p.node == node).collect() };
+    let (local, remote) = (on(0), on(1));
+    let (client, local_backend, remote_backend) = (local[0], local[1], remote[0]);
+    let _servers: Vec<EchoServer> = c
+        .pods
+        .iter()
+        .map(|p| EchoServer::start(&p.ns, p.ip, ECHO_PORT))
+        .collect();
+    let node = &c.nodes[0].ns;
+    let to_stack = |i: usize| c.counter(i, "to_stack");
+
+    let mut failures = Vec::new();
+    let mut check = |case: &str, failed: Vec<&str>| {
+        if !failed.is_empty() {
+            failures.push(format!("{case}: {failed:?}"));
+        }
+    };
+    // A pod calls a Service whose backend runs on another node: the reply
+    // arrives in VXLAN and must go up node-1's stack, not into the pod.
+    point_service_at(node, remote_backend.ip);
+    let before = to_stack(0);
+    check(
+        "pod → Service → backend on another node",
+        round_trips(&client.ns, SERVICE, SERVICE_PORT),
+    );
+    let handed_to_stack = to_stack(0) > before;
+    // ... whose backend runs on the same node: the backend's reply leaves
+    // through its own veth and must not be short-cut into the client.
+    point_service_at(node, local_backend.ip);
+    check(
+        "pod → Service → backend on the same node",
+        round_trips(&client.ns, SERVICE, SERVICE_PORT),
+    );
+    // The node itself calls the Service (kube-proxy's OUTPUT rule). The
+    // Service address must be routable before the DNAT (a real node has a
+    // default route; the lab's nodes have only the underlay's /24).
+    point_service_at(node, remote_backend.ip);
+    node.ip(&["route", "add", &format!("{SERVICE}/32"), "dev", "und0"]);
+    check(
+        "node → Service → backend on another node",
+        round_trips(node, SERVICE, SERVICE_PORT),
+    );
+    // A pod on another node calls a hostPort on node-1: the DNAT is node-1's,
+    // so the local pod's reply must go back through node-1's stack.
+    node.sh("iptables", &["-t", "nat", "-F"]);
+    host_port(node, c.nodes[0].underlay_ip, local_backend.ip);
+    check(
+        "pod on another node → hostPort → pod",
+        round_trips(&remote[1].ns, c.nodes[0].underlay_ip, HOST_PORT),
+    );
+
+    // Pod to pod flows keep the fast paths both ways: nothing of them goes
+    // to either node's stack.
+    let before = [to_stack(0), to_stack(1)];
+    check(
+        "pod → pod on another node (direct)",
+        round_trips(&client.ns, remote_backend.ip, ECHO_PORT),
+    );
+    check(
+        "pod → pod on the same node (direct)",
+        round_trips(&client.ns, local_backend.ip, ECHO_PORT),
+    );
+    let direct_detoured = [to_stack(0), to_stack(1)] != before;
+    assert!(failures.is_empty(), "failed:\n{}", failures.join("\n"));
+    assert!(
+        handed_to_stack,
+        "the remote backend's replies were handed to node-1's stack"
+    );
+    assert!(
+        !direct_detoured,
+        "direct pod to pod traffic takes no detour through the stack"
+    );
+}
+
+#[test]
+fn service_replies_take_the_stack_with_xdp_decap_too() {
+    if !privileged("service_replies_take_the_stack_with_xdp_decap_too") {
+        return;
+    }
+    let mut lab = Lab::new("svx");
+    let c = Cluster::start(&mut lab, ClusterSpec::pair().xdp_decap());
+    let (client, backend) = (&c.pods[0], &c.pods[1]);
+    let _server = EchoServer::start(&backend.ns, backend.ip, ECHO_PORT);
+    point_service_at(&c.nodes[0].ns, backend.ip);
+    let before = c.counter(0, "to_stack");
+    let failed = round_trips(&client.ns, SERVICE, SERVICE_PORT);
+    assert!(
+        failed.is_empty(),
+        "pod → Service → remote backend: {failed:?}"
+    );
+    assert!(
+        c.counter(0, "to_stack") > before,
+        "XDP decap passed the replies to the stack"
+    );
+}
