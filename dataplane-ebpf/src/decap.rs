@@ -16,8 +16,10 @@
 //!   to segment and copies every frame (drivers/net/veth.c
 //!   `veth_xdp_rcv_skb`, `skb_pp_cow_data`).
 //!
-//! Anything for the node itself (or, in XDP, a pod without NAPI) is passed to
-//! the stack with the inner frame addressed to the underlay interface.
+//! Anything for the node itself (or, in XDP, a pod without NAPI), and what
+//! must take the stack (a reply of a flow the stack NATed, a fragment, an
+//! ICMP error: [`crate::flows`]) is passed to the stack with the inner frame
+//! addressed to the underlay interface.
 
 use aya_ebpf::{
     bindings::{
