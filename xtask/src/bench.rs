@@ -754,7 +754,7 @@ pub fn docs(r: &Value, runs: usize, secs: u32) -> String {
     );
     let _ = writeln!(
         s,
-        "## How to run\n\n```sh\ncargo xtask bench                 # all modes, 3 runs × 5 s per figure\ncargo xtask bench --quick         # about a minute: 1 run × 2 s\ncargo xtask bench --modes weft,kernel-vxlan --json out.json\ncargo xtask bench --docs          # regenerate this page, docs/bench-ratios.svg and docs/bench-results.json\n```\n"
+        "## How to run\n\n```sh\ncargo xtask bench                 # all modes, 3 runs × 5 s per figure\ncargo xtask bench --quick         # about a minute: 1 run × 2 s\ncargo xtask bench --modes weft,kernel-vxlan --json out.json\ncargo xtask bench --cc cubic       # TCP with cubic instead of the machine's default congestion control\ncargo xtask bench --docs          # regenerate this page, docs/bench-ratios.svg and docs/bench-results.json\n```\n"
     );
     let _ = writeln!(
         s,
@@ -890,6 +890,14 @@ path (each veth hands the skb to the backlog of the CPU that sent it), so
 this is "one CPU per end". Left to the scheduler (`--no-pin`), the two
 sometimes share a CPU, and one-stream TCP then varies by up to a third from
 run to run in every mode.
+
+Congestion control: iperf3's TCP runs with the machine's default unless
+`--cc` names another; the sender's choice, as iperf3 reports it, is in
+"This run" and in the JSON (`tcp_congestion_control`). It matters for one
+stream: bbr paces its sender (with hrtimers, there being no fq qdisc), which
+on this VM holds one stream below what the path can carry in every mode,
+while cubic sends as fast as the sender's CPU allows (docs/PERFORMANCE.md
+has both).
 
 Figures: iperf3 TCP with 1 and 4 streams (received Gbit/s); iperf3 UDP
 with 64-byte payloads at unlimited rate (received kpps and loss);
