@@ -50,6 +50,9 @@ counter_enum! {
         /// IPv4 from a pod whose source address is not that pod's own (another
         /// pod's, or none weft assigned): spoofed, as Cilium's source IP check.
         SpoofedSource = 8 => "spoofed_source",
+        /// VXLAN whose inner destination is neither a pod on this node nor in
+        /// this node's pod CIDR: nothing a node should forward for others.
+        NotLocal = 9 => "not_local",
     }
 }
 

@@ -1,8 +1,10 @@
 //! VXLAN decapsulation on the underlay, in XDP or in TC.
 //!
 //! Only VXLAN addressed to this node on our UDP port is touched; everything
-//! else passes unchanged. Ours must come from a known node and carry our VNI,
-//! or it is dropped here and counted — it never reaches a pod. Both hooks
+//! else passes unchanged. Ours must come from a known node, carry our VNI and
+//! be for this node (a local pod, or an address of this node's pod CIDR), or
+//! it is dropped here and counted — it never reaches a pod, and the node
+//! never forwards it on. Both hooks
 //! share that check ([`classify`]) and differ in how they strip and deliver:
 //!
 //! - XDP ([`xdp`]): the outer headers go with `bpf_xdp_adjust_head` and the
@@ -160,8 +162,12 @@ pub fn xdp(ctx: &XdpContext) -> Result<u32, ()> {
             inner_ip,
         } => (inner_off, inner_ip),
     };
-    // A local pod, unless the stack must see the packet (flows.rs).
+    // A local pod, unless the stack must see the packet (flows.rs); else
+    // this node (its pod CIDR), or nothing of ours.
     let ep = maps::endpoint(u32::from_ne_bytes(inner_ip.dst));
+    if ep.is_none() && !maps::in_local_cidr(inner_ip.dst) {
+        return Ok(xdp_drop(ctx, DropReason::NotLocal));
+    }
     let to_stack = ep.is_some()
         && flows::must_take_stack(ctx.data(), ctx.data_end(), inner_off + ETH_HLEN, &inner_ip);
 
@@ -242,6 +248,9 @@ pub fn tc(ctx: &TcContext) -> Result<i32, ()> {
     // no-op unless the inner IPv4 header has options).
     let inner_ip_off = inner_off + ETH_HLEN;
     let ep = maps::endpoint(u32::from_ne_bytes(inner_ip.dst));
+    if ep.is_none() && !maps::in_local_cidr(inner_ip.dst) {
+        return Ok(forward::drop(ctx, DropReason::NotLocal));
+    }
     let to_stack = ep.is_some()
         && linear(ctx, inner_ip_off + inner_ip.header_len() + flows::L4_PEEK)
         && flows::must_take_stack(ctx.data(), ctx.data_end(), inner_ip_off, &inner_ip);

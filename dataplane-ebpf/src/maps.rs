@@ -36,6 +36,13 @@ pub fn remote(dst: [u8; 4]) -> Option<&'static RemoteNode> {
     WEFT_REMOTES.get(aya_ebpf::maps::lpm_trie::Key::new(32, dst))
 }
 
+/// Whether `ip` lies in this node's own pod CIDR (its entry in the remotes
+/// map carries our underlay address).
+#[inline(always)]
+pub fn in_local_cidr(ip: [u8; 4]) -> bool {
+    remote(ip).is_some_and(|r| r.underlay_ip.to_ne_bytes() == local_ip())
+}
+
 #[inline(always)]
 pub fn endpoint(ip: u32) -> Option<Endpoint> {
     // SAFETY: entries are plain data copied out at once; a concurrent update

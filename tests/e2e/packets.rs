@@ -366,6 +366,29 @@ fn decap_cases(hook: Hook) {
         );
     }
 
+    // decap → an address that is not this node's (another node's pod, or
+    // outside the cluster): dropped, never forwarded on.
+    for (case, dst) in [
+        ("inner destination on another node", REMOTE_POD),
+        (
+            "inner destination outside the cluster",
+            Ipv4Addr::new(198, 18, 200, 1),
+        ),
+    ] {
+        let inner = inner_frame(dst);
+        let frame = fx.vxlan_frame(PEER, vni, port, &inner);
+        let before = fx.counters();
+        let (action, _) = fx.decap(hook, &frame);
+        assert_eq!(action, drop, "{case}");
+        assert_deltas(
+            case,
+            &before,
+            &fx.counters(),
+            &[(DropReason::NotLocal, 1)],
+            &[],
+        );
+    }
+
     // Outer IPv4 with options (IHL 6): still ours, still decapsulated.
     let outer_ip = Ipv4 {
         frag: 0,
