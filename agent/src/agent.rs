@@ -50,6 +50,8 @@ pub struct AgentConfig {
     /// Compile the programs' debug logging in (when the agent logs at debug).
     pub bpf_debug_log: bool,
     pub decap: DecapMode,
+    /// Masquerade pods' traffic leaving the cluster CIDR (crate::masq).
+    pub ip_masq: bool,
 }
 
 impl AgentConfig {
@@ -82,6 +84,7 @@ impl AgentConfig {
             stats_interval: s.stats_interval.filter(|n| *n > 0).map(Duration::from_secs),
             bpf_debug_log: false,
             decap: s.decap.unwrap_or(DecapMode::Auto),
+            ip_masq: s.ip_masq.unwrap_or(true),
         }
     }
 }
@@ -219,6 +222,26 @@ fn setup_host_iface(
     Ok(())
 }
 
+/// Masquerades pods' traffic leaving the cluster (or, with it off, removes
+/// rules an earlier run installed). A failure is logged, not fatal: pods
+/// still reach each other, only the way out is missing.
+fn set_up_masquerade(cfg: &AgentConfig) {
+    if !cfg.ip_masq {
+        if crate::masq::remove() {
+            tracing::info!("--ip-masq=false: removed the masquerade rules of an earlier run");
+        }
+        return;
+    }
+    match crate::masq::install(&cfg.cluster_cidr) {
+        Ok(()) => {
+            tracing::info!(cluster = %cfg.cluster_cidr, chain = crate::masq::CHAIN, "masquerading pods' traffic leaving the cluster")
+        }
+        Err(e) => tracing::error!(
+            "could not install the masquerade rules ({e}): pods cannot reach addresses outside the cluster; install iptables (with iptables-restore) or pass --ip-masq=false if something else masquerades"
+        ),
+    }
+}
+
 /// Starts the configured registry; its snapshots arrive on the receiver.
 fn spawn_registry(
     cfg: &AgentConfig,
@@ -295,6 +318,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     }
 
     setup_host_iface(&cfg, &me.pod_cidr, pod_mtu, &iface.name)?;
+    set_up_masquerade(&cfg);
     let globals = Globals {
         vni: cfg.vni,
         port: cfg.port,
@@ -446,6 +470,12 @@ pub fn down(bpffs_dir: &Path, run_dir: &Path) -> Vec<String> {
                 }
             }
         }
+    }
+    if crate::masq::remove() {
+        done.push(format!(
+            "removed the masquerade rules (nat table, chain {})",
+            crate::masq::CHAIN
+        ));
     }
     if netdev::index(HOST_IFACE).is_some() && ip::ip(&["link", "del", HOST_IFACE]).is_ok() {
         done.push(format!("deleted {HOST_IFACE} and its routes"));

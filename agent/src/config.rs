@@ -17,6 +17,7 @@
 //! metrics-addr = "127.0.0.1:9807"
 //! stats-interval = 0
 //! decap = "auto"             # or "xdp", "tc"
+//! ip-masq = true             # masquerade pods' traffic leaving the cluster
 //! ```
 
 use std::{
@@ -109,6 +110,11 @@ pub struct AgentSettings {
     /// Where VXLAN is decapsulated: XDP or TC [default: auto].
     #[arg(long, value_enum, env = "WEFT_DECAP")]
     pub decap: Option<DecapMode>,
+    /// Masquerade pods' traffic leaving the cluster CIDR behind the node's
+    /// address, as flannel's --ip-masq (iptables, nat table); `--ip-masq=false`
+    /// to leave that to something else [default: true].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub ip_masq: Option<bool>,
 }
 
 /// Errors reading the config file.
@@ -154,6 +160,7 @@ impl AgentSettings {
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
             stats_interval: self.stats_interval.or(file.stats_interval),
             decap: self.decap.or(file.decap),
+            ip_masq: self.ip_masq.or(file.ip_masq),
         }
     }
 }
@@ -165,7 +172,7 @@ mod tests {
     #[test]
     fn flags_override_file_override_defaults() {
         let file: AgentSettings = toml::from_str(
-            "vni = 7\nport = 4789\ncluster-cidr = \"198.19.0.0/16\"\nregistry = \"kube\"\n",
+            "vni = 7\nport = 4789\ncluster-cidr = \"198.19.0.0/16\"\nregistry = \"kube\"\nip-masq = false\n",
         )
         .unwrap();
         let flags = AgentSettings {
@@ -178,6 +185,7 @@ mod tests {
         assert_eq!(s.registry, Some(RegistryKind::Kube));
         assert_eq!(s.cluster_cidr.unwrap().to_string(), "198.19.0.0/16");
         assert_eq!(s.iface, None);
+        assert_eq!(s.ip_masq, Some(false));
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod endpoint;
 pub mod ip;
 pub mod kube;
+pub mod masq;
 pub mod metrics;
 pub mod netdev;
 pub mod node;

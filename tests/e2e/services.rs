@@ -1,6 +1,7 @@
-//! Services and hostPorts through weft's dataplane, NATed by the node's own
-//! kernel as kube-proxy (iptables mode) and the portmap CNI plugin program
-//! it: a DNAT rule in the node's `nat` table, conntrack doing the rest.
+//! Traffic the node's own kernel NATs, through weft's dataplane: Services
+//! and hostPorts as kube-proxy (iptables mode) and the portmap CNI plugin
+//! program them (a DNAT rule in the node's `nat` table, conntrack doing the
+//! rest), and weft's own masquerade of pods' traffic leaving the cluster.
 //!
 //! The client speaks to the Service address; the node's stack rewrites the
 //! destination to a backend pod; the backend's reply must come back through
@@ -10,10 +11,11 @@
 //! answer from the wrong source). The round trips below check the reply's
 //! source address, so any such shortcut fails them.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, time::Duration};
 
 use weft_tests::{
     Cluster, ClusterSpec, EchoServer, Lab, Netns, privileged, tcp_roundtrip, udp_roundtrip,
+    wait_for,
 };
 
 const ECHO_PORT: u16 = 7000;
@@ -23,32 +25,43 @@ const SERVICE: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 10);
 const SERVICE_PORT: u16 = 80;
 const HOST_PORT: u16 = 8080;
 
-/// kube-proxy's shape of a Service: DNAT of `SERVICE:80` (TCP and UDP) to
-/// `backend:7000`, in PREROUTING for pods and OUTPUT for the node itself.
+/// kube-proxy's shape of a Service: its own chain in the `nat` table,
+/// jumped to from PREROUTING (pods) and OUTPUT (the node itself), with a DNAT
+/// of `SERVICE:80` (TCP and UDP) to `backend:7000`. Only that chain is
+/// rewritten: weft's own rules (masquerade) stay, as they would next to
+/// kube-proxy.
 fn point_service_at(node: &Netns, backend: Ipv4Addr) {
-    node.sh("iptables", &["-t", "nat", "-F"]);
-    for chain in ["PREROUTING", "OUTPUT"] {
-        for proto in ["tcp", "udp"] {
-            node.sh(
-                "iptables",
-                &[
-                    "-t",
-                    "nat",
-                    "-A",
-                    chain,
-                    "-d",
-                    &SERVICE.to_string(),
-                    "-p",
-                    proto,
-                    "--dport",
-                    &SERVICE_PORT.to_string(),
-                    "-j",
-                    "DNAT",
-                    "--to-destination",
-                    &format!("{backend}:{ECHO_PORT}"),
-                ],
-            );
+    const CHAIN: &str = "TEST-SERVICES";
+    if node
+        .try_sh("iptables", &["-t", "nat", "-N", CHAIN])
+        .status
+        .success()
+    {
+        for hook in ["PREROUTING", "OUTPUT"] {
+            node.sh("iptables", &["-t", "nat", "-I", hook, "-j", CHAIN]);
         }
+    }
+    node.sh("iptables", &["-t", "nat", "-F", CHAIN]);
+    for proto in ["tcp", "udp"] {
+        node.sh(
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                CHAIN,
+                "-d",
+                &SERVICE.to_string(),
+                "-p",
+                proto,
+                "--dport",
+                &SERVICE_PORT.to_string(),
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &format!("{backend}:{ECHO_PORT}"),
+            ],
+        );
     }
 }
 
@@ -60,7 +73,7 @@ fn host_port(node: &Netns, node_ip: Ipv4Addr, pod: Ipv4Addr) {
             &[
                 "-t",
                 "nat",
-                "-A",
+                "-I",
                 "PREROUTING",
                 "-d",
                 &node_ip.to_string(),
@@ -94,12 +107,22 @@ fn services_and_host_ports_nated_by_the_node_work_across_the_fast_paths() {
     if !privileged("services_and_host_ports_nated_by_the_node_work_across_the_fast_paths") {
         return;
     }
-    let mut lab = Lab::new("svc");
+    // With weft's masquerade (the default) and without it: masquerading
+    // changes which packets carry pod addresses (a pod calling another
+    // node's hostPort arrives from that node's address), so each exercises
+    // the replies' way back differently.
+    nat_scenarios("svc", &[]);
+    nat_scenarios("svn", &["--ip-masq=false"]);
+}
+
+fn nat_scenarios(tag: &str, agent_args: &[&str]) {
+    let mut lab = Lab::new(tag);
     let c = Cluster::start(
         &mut lab,
         ClusterSpec {
             nodes: 2,
             pods_per_node: 2,
+            agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
             ..ClusterSpec::default()
         },
     );
@@ -147,7 +170,6 @@ fn services_and_host_ports_nated_by_the_node_work_across_the_fast_paths() {
     );
     // A pod on another node calls a hostPort on node-1: the DNAT is node-1's,
     // so the local pod's reply must go back through node-1's stack.
-    node.sh("iptables", &["-t", "nat", "-F"]);
     host_port(node, c.nodes[0].underlay_ip, local_backend.ip);
     check(
         "pod on another node → hostPort → pod",
@@ -166,7 +188,11 @@ fn services_and_host_ports_nated_by_the_node_work_across_the_fast_paths() {
         round_trips(&client.ns, local_backend.ip, ECHO_PORT),
     );
     let direct_detoured = [to_stack(0), to_stack(1)] != before;
-    assert!(failures.is_empty(), "failed:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "agent flags {agent_args:?}: failed:\n{}",
+        failures.join("\n")
+    );
     assert!(
         handed_to_stack,
         "the remote backend's replies were handed to node-1's stack"
@@ -197,4 +223,66 @@ fn service_replies_take_the_stack_with_xdp_decap_too() {
         c.counter(0, "to_stack") > before,
         "XDP decap passed the replies to the stack"
     );
+}
+
+/// Restarts node `i`'s agent with `extra` flags and waits until it is ready.
+fn restart_agent(lab: &mut Lab, c: &Cluster, i: usize, extra: &[&str]) {
+    let name = Cluster::agent_name(i);
+    lab.stop(&name);
+    let mut cmd = c.agent_command(i);
+    cmd.args(extra);
+    lab.spawn(&name, cmd);
+    wait_for("the agent to be ready", Duration::from_secs(20), || {
+        lab.log(&name).contains("agent: ready").then_some(())
+    });
+}
+
+fn masquerade_rules(node: &Netns) -> bool {
+    node.sh("iptables", &["-t", "nat", "-S"])
+        .contains(weft_agent::masq::CHAIN)
+}
+
+#[test]
+fn pods_reach_the_outside_behind_their_nodes_address() {
+    if !privileged("pods_reach_the_outside_behind_their_nodes_address") {
+        return;
+    }
+    let mut lab = Lab::new("msq");
+    let c = Cluster::start(&mut lab, ClusterSpec::pair());
+    // A host outside the cluster, on the underlay, with no route to the pods:
+    // only an answer to the node's own address can come back.
+    let outside = lab.netns("out");
+    let outside_ip = c.underlay.plug(&outside, 200);
+    let _echo = EchoServer::start(&outside, outside_ip, ECHO_PORT);
+    let (pod, node) = (&c.pods[0], &c.nodes[0].ns);
+
+    assert!(masquerade_rules(node), "installed by default (--ip-masq)");
+    let failed = round_trips(&pod.ns, outside_ip, ECHO_PORT);
+    assert!(failed.is_empty(), "pod → outside host: {failed:?}");
+    // Pod to pod is not masqueraded (and takes the fast path anyway).
+    let _pod_echo = EchoServer::start(&c.pods[1].ns, c.pods[1].ip, ECHO_PORT);
+    assert!(round_trips(&pod.ns, c.pods[1].ip, ECHO_PORT).is_empty());
+
+    // --ip-masq=false removes the rules an earlier run installed, and with
+    // them the way out.
+    restart_agent(&mut lab, &c, 0, &["--ip-masq=false"]);
+    assert!(!masquerade_rules(node), "removed with --ip-masq=false");
+    assert_eq!(
+        round_trips(&pod.ns, outside_ip, ECHO_PORT),
+        ["tcp", "udp"],
+        "without masquerade the outside host cannot answer the pod"
+    );
+
+    // Back on, then `weft down` removes them again.
+    restart_agent(&mut lab, &c, 0, &[]);
+    assert!(masquerade_rules(node), "installed again");
+    assert!(round_trips(&pod.ns, outside_ip, ECHO_PORT).is_empty());
+    lab.stop(&Cluster::agent_name(0));
+    let out = c.weft(0, &["down"]);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("masquerade"),
+        "weft down: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!masquerade_rules(node), "removed by weft down");
 }

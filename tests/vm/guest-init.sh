@@ -3,6 +3,7 @@
 # namespaces joined by a veth pair, 198.18.0.0/24) with one pod each, on the
 # guest's own kernel. Prints GUEST lines for the runner to check, then powers
 # off. The decap mode comes from the kernel command line (weftmode=tc|xdp).
+# The guest has no iptables: masquerading is off (--ip-masq=false).
 # Busybox's sh prefers its own applets: host binaries are called by path.
 export PATH=/usr/sbin:/usr/bin:/bin
 IP=/usr/sbin/ip; NS=/usr/bin/nsenter; WEFT=/usr/bin/weft
@@ -37,7 +38,7 @@ T
 agent() { # node-index log
   $NS --net=/run/netns/n$1 $WEFT agent --node-name node-$1 --iface u$1 --cluster-cidr 198.19.0.0/16 \
     --nodes-file /tmp/nodes.toml --bpffs-dir /bpf/n$1 --run-dir /tmp/run$1 --decap $MODE \
-    --metrics-addr 127.0.0.1:980$1 > $2 2>&1 &
+    --metrics-addr 127.0.0.1:980$1 --ip-masq=false > $2 2>&1 &
   echo $! > $2.pid
   for t in $(seq 1 120); do grep -q "agent: ready" $2 && break; sleep 0.5; done
   grep -E "dataplane attached|ERROR" $2 | sed "s/^/GUEST node-$1: /"

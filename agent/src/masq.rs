@@ -1,0 +1,134 @@
+//! Masquerading pods' traffic that leaves the cluster, as flannel's
+//! `--ip-masq`: without it a pod's packets reach the outside world with the
+//! pod's address, which nothing out there routes back.
+//!
+//! Rules live in the `nat` table in weft's own chain, jumped to from
+//! POSTROUTING; only traffic the node's stack forwards passes there (pod to
+//! pod traffic takes the BPF fast paths). Pod to pod (cluster CIDR to cluster
+//! CIDR) and multicast return untouched; the rest from the cluster CIDR is
+//! masqueraded behind the address of the interface it leaves by.
+//!
+//! As flannel does, the reverse too: what leaves for other nodes' pods
+//! (through `weft0`) from an address outside the cluster CIDR — the node
+//! itself calling a Service whose backend runs elsewhere, after kube-proxy's
+//! DNAT kept the node's own source — is masqueraded behind `weft0`'s address,
+//! the node's gateway. Otherwise the backend's answer, addressed outside the
+//! cluster, would be masqueraded on *its* node and arrive from an address
+//! this node's conntrack does not expect.
+
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+};
+
+use crate::{cidr::Ipv4Cidr, ip::CmdError};
+
+/// weft's chain in the `nat` table.
+pub const CHAIN: &str = "WEFT-POSTRTG";
+/// The comment on POSTROUTING's jump into [`CHAIN`], so it can be found again.
+const COMMENT: &str = "weft: masquerade pods leaving the cluster";
+
+fn iptables(args: &[&str]) -> Result<String, CmdError> {
+    crate::ip::run("iptables", args)
+}
+
+/// The jump from POSTROUTING, as `iptables` arguments after the verb.
+fn jump() -> [&'static str; 8] {
+    [
+        "POSTROUTING",
+        "-m",
+        "comment",
+        "--comment",
+        COMMENT,
+        "-j",
+        CHAIN,
+        "-w",
+    ]
+}
+
+/// The chain's rules for `cluster`, in `iptables-restore` syntax: declaring
+/// the chain replaces its rules in one transaction (no moment without them).
+pub fn ruleset(cluster: &Ipv4Cidr) -> String {
+    let host = crate::agent::HOST_IFACE;
+    format!(
+        "*nat\n:{CHAIN} - [0:0]\n\
+         -A {CHAIN} -s {cluster} -d {cluster} -j RETURN\n\
+         -A {CHAIN} ! -s {cluster} -d {cluster} -o {host} -j MASQUERADE --random-fully\n\
+         -A {CHAIN} -s {cluster} -d 224.0.0.0/4 -j RETURN\n\
+         -A {CHAIN} -s {cluster} -j MASQUERADE --random-fully\n\
+         COMMIT\n"
+    )
+}
+
+/// Installs (or updates) the rules for `cluster`. Idempotent.
+pub fn install(cluster: &Ipv4Cidr) -> Result<(), CmdError> {
+    let cmd = "iptables-restore --noflush -w";
+    let spawned = Command::new("iptables-restore")
+        .args(["--noflush", "-w"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = spawned.map_err(|source| CmdError::Spawn {
+        cmd: cmd.into(),
+        source,
+    })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(ruleset(cluster).as_bytes());
+    }
+    let out = child.wait_with_output().map_err(|source| CmdError::Spawn {
+        cmd: cmd.into(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(CmdError::Failed {
+            cmd: cmd.into(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    let mut check = vec!["-t", "nat", "-C"];
+    check.extend(jump());
+    if iptables(&check).is_err() {
+        let mut add = vec!["-t", "nat", "-A"];
+        add.extend(jump());
+        iptables(&add)?;
+    }
+    Ok(())
+}
+
+/// Removes the jump and the chain, if there. Returns whether anything was.
+pub fn remove() -> bool {
+    let mut del = vec!["-t", "nat", "-D"];
+    del.extend(jump());
+    let mut removed = false;
+    while iptables(&del).is_ok() {
+        removed = true;
+    }
+    if iptables(&["-t", "nat", "-F", CHAIN, "-w"]).is_ok() {
+        removed = true;
+        let _ = iptables(&["-t", "nat", "-X", CHAIN, "-w"]);
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ruleset_returns_cluster_traffic_and_masquerades_the_rest() {
+        let r = ruleset(&"10.244.0.0/16".parse().unwrap());
+        assert!(r.starts_with("*nat\n:WEFT-POSTRTG - [0:0]\n"), "{r}");
+        let rules: Vec<&str> = r.lines().filter(|l| l.starts_with("-A")).collect();
+        assert_eq!(
+            rules,
+            [
+                "-A WEFT-POSTRTG -s 10.244.0.0/16 -d 10.244.0.0/16 -j RETURN",
+                "-A WEFT-POSTRTG ! -s 10.244.0.0/16 -d 10.244.0.0/16 -o weft0 -j MASQUERADE --random-fully",
+                "-A WEFT-POSTRTG -s 10.244.0.0/16 -d 224.0.0.0/4 -j RETURN",
+                "-A WEFT-POSTRTG -s 10.244.0.0/16 -j MASQUERADE --random-fully",
+            ]
+        );
+        assert!(r.ends_with("COMMIT\n"));
+    }
+}
