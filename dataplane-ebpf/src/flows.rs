@@ -21,9 +21,10 @@
 //!
 //! Entries expire as conntrack's would: five days after the last packet of a
 //! TCP or SCTP flow, two minutes (a TIME_WAIT) after the last packet once a
-//! TCP FIN or RST was seen, three minutes after the last UDP packet. The map is an LRU: under more live stack-forwarded
-//! flows than it holds, the oldest are evicted, and their replies would take
-//! the fast path un-NATed (sized well above a node's usual Service flows).
+//! TCP FIN or RST was seen, three minutes after the last UDP packet. The map
+//! is an LRU: under more live stack-forwarded flows than it holds, the oldest
+//! are evicted, and their replies would take the fast path un-NATed (sized
+//! well above a node's usual Service flows).
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::LruHashMap};
 use weft_common::{FlowKey, FlowState};
