@@ -1,7 +1,8 @@
 //! Traffic the node's own kernel NATs, through weft's dataplane: Services
 //! and hostPorts as kube-proxy (iptables mode) and the portmap CNI plugin
 //! program them (a DNAT rule in the node's `nat` table, conntrack doing the
-//! rest), and weft's own masquerade of pods' traffic leaving the cluster.
+//! rest), then Services programmed by a real kube-proxy from a real API
+//! server, and weft's own masquerade of pods' traffic leaving the cluster.
 //!
 //! The client speaks to the Service address; the node's stack rewrites the
 //! destination to a backend pod; the backend's reply must come back through
@@ -13,9 +14,10 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
+use serde_json::json;
 use weft_tests::{
-    Cluster, ClusterSpec, EchoServer, Lab, Netns, privileged, tcp_roundtrip, udp_roundtrip,
-    wait_for,
+    CLUSTER_CIDR, Cluster, ClusterSpec, EchoServer, Lab, Netns, kube::KubeApi, privileged,
+    tcp_roundtrip, udp_roundtrip, wait_for,
 };
 
 const ECHO_PORT: u16 = 7000;
@@ -285,4 +287,135 @@ fn pods_reach_the_outside_behind_their_nodes_address() {
         String::from_utf8_lossy(&out.stdout)
     );
     assert!(!masquerade_rules(node), "removed by weft down");
+}
+
+/// The Service the kube-proxy test creates: a ClusterIP from the API server's
+/// service range (198.18.200.0/24), TCP and UDP port 80 → 7000.
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 10);
+
+/// Points the `echo` Service's Endpoints at `backend` and waits until node
+/// `node`'s kube-proxy (log `proxy_log`) has written the DNAT to it.
+fn endpoints_at(
+    api: &KubeApi,
+    node: &Netns,
+    backend: Ipv4Addr,
+    create: bool,
+    proxy_log: &dyn Fn() -> String,
+) {
+    let subsets = json!([{
+        "addresses": [{"ip": backend.to_string()}],
+        "ports": [
+            {"name": "tcp", "port": ECHO_PORT, "protocol": "TCP"},
+            {"name": "udp", "port": ECHO_PORT, "protocol": "UDP"},
+        ],
+    }]);
+    if create {
+        api.request(
+            "POST",
+            "/api/v1/namespaces/default/endpoints",
+            &json!({"apiVersion": "v1", "kind": "Endpoints",
+                    "metadata": {"name": "echo"}, "subsets": subsets}),
+        );
+    } else {
+        api.request(
+            "PATCH",
+            "/api/v1/namespaces/default/endpoints/echo",
+            &json!({"subsets": subsets}),
+        );
+    }
+    let want = format!("--to-destination {backend}:{ECHO_PORT}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !node.sh("iptables", &["-t", "nat", "-S"]).contains(&want) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "kube-proxy did not program {backend} in 30 s; its log:\n{}",
+            proxy_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_real_kube_proxy_serves_services_across_the_fast_paths() {
+    if !privileged("a_real_kube_proxy_serves_services_across_the_fast_paths") {
+        return;
+    }
+    let mut lab = Lab::new("kpx");
+    let c = Cluster::start(
+        &mut lab,
+        ClusterSpec {
+            nodes: 2,
+            pods_per_node: 2,
+            ..ClusterSpec::default()
+        },
+    );
+    let on = |node: usize| -> Vec<_> { c.pods.iter().filter(|p| p.node == node).collect() };
+    let (local, remote) = (on(0), on(1));
+    let (client, local_backend, remote_backend) = (local[0], local[1], remote[0]);
+    let _servers: Vec<EchoServer> = c
+        .pods
+        .iter()
+        .map(|p| EchoServer::start(&p.ns, p.ip, ECHO_PORT))
+        .collect();
+    let und = c.underlay.ns.clone();
+    let api = KubeApi::start(&mut lab, &und, "br0");
+    let node = &c.nodes[0].ns;
+    api.start_proxy(
+        &mut lab,
+        node,
+        "node-1",
+        c.nodes[0].underlay_ip,
+        CLUSTER_CIDR,
+    );
+    api.request(
+        "POST",
+        "/api/v1/namespaces/default/services",
+        &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"},
+        "spec": {"clusterIP": CLUSTER_IP.to_string(), "ports": [
+            {"name": "tcp", "protocol": "TCP", "port": 80, "targetPort": ECHO_PORT},
+            {"name": "udp", "protocol": "UDP", "port": 80, "targetPort": ECHO_PORT},
+        ]}}),
+    );
+    // As on a real node, the service range is routable before kube-proxy's
+    // DNAT (the lab's nodes have no default route).
+    node.ip(&["route", "add", "198.18.200.0/24", "dev", "und0"]);
+
+    let mut failures = Vec::new();
+    let mut check = |case: &str, failed: Vec<&str>| {
+        if !failed.is_empty() {
+            failures.push(format!("{case}: {failed:?}"));
+        }
+    };
+    let before = c.counter(0, "to_stack");
+    let proxy_log = || lab.log("kube-proxy-node-1");
+    endpoints_at(&api, node, remote_backend.ip, true, &proxy_log);
+    check(
+        "pod → ClusterIP → backend on another node",
+        round_trips(&client.ns, CLUSTER_IP, 80),
+    );
+    check(
+        "node → ClusterIP → backend on another node",
+        round_trips(node, CLUSTER_IP, 80),
+    );
+    let handed_to_stack = c.counter(0, "to_stack") > before;
+    endpoints_at(&api, node, local_backend.ip, false, &proxy_log);
+    check(
+        "pod → ClusterIP → backend on the same node",
+        round_trips(&client.ns, CLUSTER_IP, 80),
+    );
+    assert!(
+        failures.is_empty(),
+        "through kube-proxy's rules:\n{}\nkube-proxy log (tail):\n{}",
+        failures.join("\n"),
+        proxy_log()
+            .lines()
+            .rev()
+            .take(15)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        handed_to_stack,
+        "the remote backend's replies were handed to node-1's stack"
+    );
 }

@@ -23,9 +23,19 @@ pub fn apiserver_bin() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("WEFT_KUBE_APISERVER") {
         return Some(p.into());
     }
+    cached("kube-apiserver")
+}
+
+/// Where the cached kube-proxy binary is, if it was built.
+pub fn proxy_bin() -> Option<PathBuf> {
+    cached("kube-proxy")
+}
+
+/// `$WEFT_CACHE_DIR/kube/<name>-1.20.2`, built by tests/kube/build-apiserver.sh.
+fn cached(name: &str) -> Option<PathBuf> {
     let cache = std::env::var_os("WEFT_CACHE_DIR")
         .map_or_else(|| PathBuf::from("/var/cache/weft"), PathBuf::from);
-    let bin = cache.join("kube/kube-apiserver-1.20.2");
+    let bin = cache.join(format!("kube/{name}-1.20.2"));
     bin.is_file().then_some(bin)
 }
 
@@ -203,6 +213,71 @@ impl KubeApi {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// One request to the API server as admin (curl from the server's
+    /// namespace): `method` on `path` with a JSON `body` (merge patch for
+    /// PATCH). Panics unless it answers 2xx; returns the answer's JSON.
+    pub fn request(&self, method: &str, path: &str, body: &serde_json::Value) -> serde_json::Value {
+        let content_type = if method == "PATCH" {
+            "application/merge-patch+json"
+        } else {
+            "application/json"
+        };
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", self.ns.path().display()))
+            .args(["curl", "-sk", "-w", "\n%{http_code}", "-X", method])
+            .args(["-H", &format!("Authorization: Bearer {ADMIN_TOKEN}")])
+            .args(["-H", &format!("Content-Type: {content_type}")])
+            .args(["--data-binary", &body.to_string()])
+            .arg(format!("https://{API_IP}:{API_PORT}{path}"))
+            .output()
+            .expect("run curl");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (answer, code) = text.trim_end().rsplit_once('\n').unwrap_or(("", "000"));
+        assert!(
+            code.starts_with('2'),
+            "{method} {path}: HTTP {code}: {answer}"
+        );
+        serde_json::from_str(answer).unwrap_or_default()
+    }
+
+    /// Starts a real kube-proxy (iptables mode) in `node`'s namespace, as
+    /// node `name`, watching this API server as admin. It touches only what
+    /// is the namespace's own: its conntrack-table sizes are left alone.
+    pub fn start_proxy(
+        &self,
+        lab: &mut Lab,
+        node: &Netns,
+        name: &str,
+        node_ip: std::net::Ipv4Addr,
+        cluster_cidr: &str,
+    ) {
+        let bin = proxy_bin().expect(
+            "kube-proxy not built: run tests/kube/build-apiserver.sh (cargo xtask setup does)",
+        );
+        let kubeconfig = self.kubeconfig("kube-proxy", ADMIN_TOKEN);
+        let mut cmd = node.command(bin);
+        cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .args([
+                "--proxy-mode=iptables",
+                &format!("--hostname-override={name}"),
+                // Its node's address (else it waits for a Node object).
+                &format!("--bind-address={node_ip}"),
+                &format!("--cluster-cidr={cluster_cidr}"),
+                // Endpoints, not EndpointSlices: no controller manager here
+                // turns the one into the other.
+                "--feature-gates=EndpointSliceProxying=false",
+                // conntrack sizes and timeouts are the machine's (init_net).
+                "--conntrack-max-per-core=0",
+                "--conntrack-tcp-timeout-established=0",
+                "--conntrack-tcp-timeout-close-wait=0",
+                "--metrics-bind-address=127.0.0.1:10249",
+                "--healthz-bind-address=127.0.0.1:10256",
+                "--oom-score-adj=0",
+                "--v=2",
+            ]);
+        lab.spawn(&format!("kube-proxy-{name}"), cmd);
     }
 
     /// Writes a kubeconfig for `token` and returns its path.

@@ -138,7 +138,7 @@ pub fn setup() -> Result<()> {
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }
     step(
-        "kube-apiserver and etcd for the kube registry tests (built once from Debian's source, then cached)",
+        "kube-apiserver, kube-proxy and etcd for the Kubernetes tests (built once from Debian's source, then cached)",
     );
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/kube/build-apiserver.sh");
