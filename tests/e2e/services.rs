@@ -16,7 +16,7 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use serde_json::json;
 use weft_tests::{
-    CLUSTER_CIDR, Cluster, ClusterSpec, EchoServer, Lab, Netns, kube::KubeApi, privileged,
+    CLUSTER_CIDR, Cluster, ClusterSpec, EchoServer, Lab, Netns, PodInfo, kube::KubeApi, privileged,
     tcp_roundtrip, udp_roundtrip, wait_for,
 };
 
@@ -117,25 +117,49 @@ fn services_and_host_ports_nated_by_the_node_work_across_the_fast_paths() {
     nat_scenarios("svn", &["--ip-masq=false"]);
 }
 
+/// Two nodes with two pods each, an echo server in every pod; node-1's
+/// first pod is the client, its second and node-2's first the backends.
+struct TwoByTwo {
+    c: Cluster,
+    _servers: Vec<EchoServer>,
+}
+
+impl TwoByTwo {
+    fn start(lab: &mut Lab, agent_args: &[&str]) -> Self {
+        let c = Cluster::start(
+            lab,
+            ClusterSpec {
+                nodes: 2,
+                pods_per_node: 2,
+                agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
+                ..ClusterSpec::default()
+            },
+        );
+        let _servers = c
+            .pods
+            .iter()
+            .map(|p| EchoServer::start(&p.ns, p.ip, ECHO_PORT))
+            .collect();
+        Self { c, _servers }
+    }
+
+    fn on(&self, node: usize) -> Vec<&PodInfo> {
+        self.c.pods.iter().filter(|p| p.node == node).collect()
+    }
+
+    /// (client, backend on the same node, backend on the other node).
+    fn roles(&self) -> (&PodInfo, &PodInfo, &PodInfo) {
+        let (local, remote) = (self.on(0), self.on(1));
+        (local[0], local[1], remote[0])
+    }
+}
+
 fn nat_scenarios(tag: &str, agent_args: &[&str]) {
     let mut lab = Lab::new(tag);
-    let c = Cluster::start(
-        &mut lab,
-        ClusterSpec {
-            nodes: 2,
-            pods_per_node: 2,
-            agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
-            ..ClusterSpec::default()
-        },
-    );
-    let on = |node: usize| -> Vec<_> { c.pods.iter().filter(|p| p.node == node).collect() };
-    let (local, remote) = (on(0), on(1));
-    let (client, local_backend, remote_backend) = (local[0], local[1], remote[0]);
-    let _servers: Vec<EchoServer> = c
-        .pods
-        .iter()
-        .map(|p| EchoServer::start(&p.ns, p.ip, ECHO_PORT))
-        .collect();
+    let t = TwoByTwo::start(&mut lab, agent_args);
+    let c = &t.c;
+    let (client, local_backend, remote_backend) = t.roles();
+    let remote = t.on(1);
     let node = &c.nodes[0].ns;
     let to_stack = |i: usize| c.counter(i, "to_stack");
 
@@ -341,22 +365,9 @@ fn a_real_kube_proxy_serves_services_across_the_fast_paths() {
         return;
     }
     let mut lab = Lab::new("kpx");
-    let c = Cluster::start(
-        &mut lab,
-        ClusterSpec {
-            nodes: 2,
-            pods_per_node: 2,
-            ..ClusterSpec::default()
-        },
-    );
-    let on = |node: usize| -> Vec<_> { c.pods.iter().filter(|p| p.node == node).collect() };
-    let (local, remote) = (on(0), on(1));
-    let (client, local_backend, remote_backend) = (local[0], local[1], remote[0]);
-    let _servers: Vec<EchoServer> = c
-        .pods
-        .iter()
-        .map(|p| EchoServer::start(&p.ns, p.ip, ECHO_PORT))
-        .collect();
+    let t = TwoByTwo::start(&mut lab, &[]);
+    let c = &t.c;
+    let (client, local_backend, remote_backend) = t.roles();
     let und = c.underlay.ns.clone();
     let api = KubeApi::start(&mut lab, &und, "br0");
     let node = &c.nodes[0].ns;
