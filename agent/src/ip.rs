@@ -2,7 +2,12 @@
 //! route set-up. The dataplane itself never depends on these; they shape the
 //! kernel's view (devices, routes) around it.
 
-use std::{fs, io, path::Path, process::Command};
+use std::{
+    fs,
+    io::{self, Write},
+    path::Path,
+    process::{Command, Stdio},
+};
 
 /// A command that failed, with what it printed.
 #[derive(Debug, thiserror::Error)]
@@ -22,14 +27,37 @@ pub fn ip(args: &[&str]) -> Result<String, CmdError> {
 
 /// Runs `PROGRAM ARGS…` and returns its stdout.
 pub fn run(program: &str, args: &[&str]) -> Result<String, CmdError> {
+    run_with_input(program, args, None)
+}
+
+/// Runs `PROGRAM ARGS…` with `input` on its stdin (none: stdin closed) and
+/// returns its stdout.
+pub fn run_with_input(
+    program: &str,
+    args: &[&str],
+    input: Option<&str>,
+) -> Result<String, CmdError> {
     let cmd = format!("{program} {}", args.join(" "));
-    let out = Command::new(program)
+    let spawn_err = |source| CmdError::Spawn {
+        cmd: cmd.clone(),
+        source,
+    };
+    let mut child = Command::new(program)
         .args(args)
-        .output()
-        .map_err(|source| CmdError::Spawn {
-            cmd: cmd.clone(),
-            source,
-        })?;
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        // A write error shows as the program's own failure below.
+        let _ = stdin.write_all(text.as_bytes());
+    }
+    let out = child.wait_with_output().map_err(spawn_err)?;
     if !out.status.success() {
         return Err(CmdError::Failed {
             cmd,

@@ -16,11 +16,6 @@
 //! cluster, would be masqueraded on *its* node and arrive from an address
 //! this node's conntrack does not expect.
 
-use std::{
-    io::Write,
-    process::{Command, Stdio},
-};
-
 use crate::{cidr::Ipv4Cidr, ip::CmdError};
 
 /// weft's chain in the `nat` table.
@@ -62,30 +57,11 @@ pub fn ruleset(cluster: &Ipv4Cidr) -> String {
 
 /// Installs (or updates) the rules for `cluster`. Idempotent.
 pub fn install(cluster: &Ipv4Cidr) -> Result<(), CmdError> {
-    let cmd = "iptables-restore --noflush -w";
-    let spawned = Command::new("iptables-restore")
-        .args(["--noflush", "-w"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = spawned.map_err(|source| CmdError::Spawn {
-        cmd: cmd.into(),
-        source,
-    })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(ruleset(cluster).as_bytes());
-    }
-    let out = child.wait_with_output().map_err(|source| CmdError::Spawn {
-        cmd: cmd.into(),
-        source,
-    })?;
-    if !out.status.success() {
-        return Err(CmdError::Failed {
-            cmd: cmd.into(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
+    crate::ip::run_with_input(
+        "iptables-restore",
+        &["--noflush", "-w"],
+        Some(&ruleset(cluster)),
+    )?;
     let mut check = vec!["-t", "nat", "-C"];
     check.extend(jump());
     if iptables(&check).is_err() {

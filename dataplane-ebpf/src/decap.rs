@@ -52,8 +52,13 @@ pub enum Vxlan {
     /// Claims to be ours but must not reach a pod.
     Drop(DropReason),
     /// Ours: the inner Ethernet frame starts at `inner_off`; `inner_ip` is
-    /// its IPv4 header (without options).
-    Ours { inner_off: usize, inner_ip: Ipv4Hdr },
+    /// its IPv4 header (without options); `ep` the local pod it is for, or
+    /// `None` for this node itself (an address of its pod CIDR).
+    Ours {
+        inner_off: usize,
+        inner_ip: Ipv4Hdr,
+        ep: Option<Endpoint>,
+    },
 }
 
 /// The most header bytes [`classify`] reads: outer Ethernet, IPv4 with the
@@ -133,9 +138,26 @@ pub fn classify(start: usize, end: usize) -> Vxlan {
     if !inner_ip.is_valid() {
         return Vxlan::Drop(DropReason::Malformed);
     }
+    // For a local pod or this node (its pod CIDR); nothing is forwarded on.
+    let ep = maps::endpoint(u32::from_ne_bytes(inner_ip.dst));
+    if ep.is_none() && !maps::in_local_cidr(inner_ip.dst) {
+        return Vxlan::Drop(DropReason::NotLocal);
+    }
     Vxlan::Ours {
         inner_off,
         inner_ip,
+        ep,
+    }
+}
+
+/// The counter of a decapsulated frame passed to the stack: it had to go
+/// there (flows.rs), or it was for the node itself.
+#[inline(always)]
+fn passed(to_stack: bool) -> FwdReason {
+    if to_stack {
+        FwdReason::ToStack
+    } else {
+        FwdReason::DecapPass
     }
 }
 
@@ -151,7 +173,7 @@ fn xdp_drop(ctx: &XdpContext, reason: DropReason) -> u32 {
 /// XDP on the underlay: strip, then redirect into a local pod or pass up.
 #[inline(always)]
 pub fn xdp(ctx: &XdpContext) -> Result<u32, ()> {
-    let (inner_off, inner_ip) = match classify(ctx.data(), ctx.data_end()) {
+    let (inner_off, inner_ip, ep) = match classify(ctx.data(), ctx.data_end()) {
         Vxlan::NotOurs => {
             count_fwd(FwdReason::Passthrough);
             return Ok(XDP_PASS);
@@ -160,14 +182,10 @@ pub fn xdp(ctx: &XdpContext) -> Result<u32, ()> {
         Vxlan::Ours {
             inner_off,
             inner_ip,
-        } => (inner_off, inner_ip),
+            ep,
+        } => (inner_off, inner_ip, ep),
     };
-    // A local pod, unless the stack must see the packet (flows.rs); else
-    // this node (its pod CIDR), or nothing of ours.
-    let ep = maps::endpoint(u32::from_ne_bytes(inner_ip.dst));
-    if ep.is_none() && !maps::in_local_cidr(inner_ip.dst) {
-        return Ok(xdp_drop(ctx, DropReason::NotLocal));
-    }
+    // A local pod, unless the stack must see the packet (flows.rs).
     let to_stack = ep.is_some()
         && flows::must_take_stack(ctx.data(), ctx.data_end(), inner_off + ETH_HLEN, &inner_ip);
 
@@ -199,11 +217,7 @@ pub fn xdp(ctx: &XdpContext) -> Result<u32, ()> {
         _ => {
             // SAFETY: bounds checked just above.
             unsafe { (*eth).dst = maps::underlay_mac() };
-            count_fwd(if to_stack {
-                FwdReason::ToStack
-            } else {
-                FwdReason::DecapPass
-            });
+            count_fwd(passed(to_stack));
             Ok(XDP_PASS)
         }
     }
@@ -232,7 +246,7 @@ pub fn tc(ctx: &TcContext) -> Result<i32, ()> {
         count_fwd(FwdReason::Passthrough);
         return Ok(TC_ACT_OK);
     }
-    let (inner_off, inner_ip) = match classify(ctx.data(), ctx.data_end()) {
+    let (inner_off, inner_ip, ep) = match classify(ctx.data(), ctx.data_end()) {
         Vxlan::NotOurs => {
             count_fwd(FwdReason::Passthrough);
             return Ok(TC_ACT_OK);
@@ -241,16 +255,13 @@ pub fn tc(ctx: &TcContext) -> Result<i32, ()> {
         Vxlan::Ours {
             inner_off,
             inner_ip,
-        } => (inner_off, inner_ip),
+            ep,
+        } => (inner_off, inner_ip, ep),
     };
     // A local pod, unless the stack must see the packet (flows.rs). That
     // reads the start of the inner L4 header, which must be linear too (a
     // no-op unless the inner IPv4 header has options).
     let inner_ip_off = inner_off + ETH_HLEN;
-    let ep = maps::endpoint(u32::from_ne_bytes(inner_ip.dst));
-    if ep.is_none() && !maps::in_local_cidr(inner_ip.dst) {
-        return Ok(forward::drop(ctx, DropReason::NotLocal));
-    }
     let to_stack = ep.is_some()
         && linear(ctx, inner_ip_off + inner_ip.header_len() + flows::L4_PEEK)
         && flows::must_take_stack(ctx.data(), ctx.data_end(), inner_ip_off, &inner_ip);
@@ -285,11 +296,7 @@ pub fn tc(ctx: &TcContext) -> Result<i32, ()> {
         _ => {
             // SAFETY: as above.
             unsafe { (*eth).dst = maps::underlay_mac() };
-            count_fwd(if to_stack {
-                FwdReason::ToStack
-            } else {
-                FwdReason::DecapPass
-            });
+            count_fwd(passed(to_stack));
             Ok(TC_ACT_OK)
         }
     }

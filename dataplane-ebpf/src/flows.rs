@@ -29,16 +29,11 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::LruHashMap};
 use weft_common::{FlowKey, FlowState};
 
-use crate::parse::{ptr_at, Ipv4Hdr};
+use crate::parse::{ptr_at, Ipv4Hdr, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 /// Reply tuple → until when it takes the stack.
 #[map]
 static WEFT_STACKFLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::pinned(131072, 0);
-
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_SCTP: u8 = 132;
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;

@@ -92,7 +92,7 @@ pub fn try_forward(ctx: &TcContext, origin: Origin) -> Result<i32, ()> {
         return Ok(drop(ctx, DropReason::NoRoute));
     };
     let remote = *remote;
-    if remote.underlay_ip.to_ne_bytes() == maps::local_ip() {
+    if maps::is_own(&remote) {
         // Our own pod CIDR but no endpoint: the gateway address or a pod that
         // is gone; the stack answers (or sends ICMP unreachable).
         return Ok(not_ours(ctx, origin));
@@ -131,7 +131,7 @@ pub fn note_stack_delivery(ctx: &TcContext) -> i32 {
 #[inline(always)]
 fn is_pod(ip: [u8; 4]) -> bool {
     maps::endpoint(u32::from_ne_bytes(ip)).is_some()
-        || maps::remote(ip).is_some_and(|r| r.underlay_ip.to_ne_bytes() != maps::local_ip())
+        || maps::remote(ip).is_some_and(|r| !maps::is_own(r))
 }
 
 /// Whether `src` is the address weft gave the pod behind the veth this packet

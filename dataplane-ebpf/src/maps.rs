@@ -36,11 +36,17 @@ pub fn remote(dst: [u8; 4]) -> Option<&'static RemoteNode> {
     WEFT_REMOTES.get(aya_ebpf::maps::lpm_trie::Key::new(32, dst))
 }
 
-/// Whether `ip` lies in this node's own pod CIDR (its entry in the remotes
-/// map carries our underlay address).
+/// Whether a remotes-map entry is this node's own pod CIDR (it carries our
+/// underlay address) rather than another node's.
+#[inline(always)]
+pub fn is_own(r: &RemoteNode) -> bool {
+    r.underlay_ip.to_ne_bytes() == local_ip()
+}
+
+/// Whether `ip` lies in this node's own pod CIDR.
 #[inline(always)]
 pub fn in_local_cidr(ip: [u8; 4]) -> bool {
-    remote(ip).is_some_and(|r| r.underlay_ip.to_ne_bytes() == local_ip())
+    remote(ip).is_some_and(is_own)
 }
 
 #[inline(always)]

@@ -9,7 +9,10 @@ pub const ETH_HLEN: usize = 14;
 pub const IPV4_HLEN: usize = 20;
 pub const UDP_HLEN: usize = 8;
 pub const ETH_P_IP: [u8; 2] = [0x08, 0x00];
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
 
 /// Ethernet II header.
 #[repr(C)]

@@ -27,6 +27,32 @@ const SERVICE: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 10);
 const SERVICE_PORT: u16 = 80;
 const HOST_PORT: u16 = 8080;
 
+/// DNAT rules, one for TCP and one for UDP, sending `dst:port` to
+/// `to:7000`, added to `chain` of the `nat` table (`-A`, or `-I` first).
+fn dnat(node: &Netns, verb: &str, chain: &str, dst: Ipv4Addr, port: u16, to: Ipv4Addr) {
+    for proto in ["tcp", "udp"] {
+        node.sh(
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                verb,
+                chain,
+                "-d",
+                &dst.to_string(),
+                "-p",
+                proto,
+                "--dport",
+                &port.to_string(),
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &format!("{to}:{ECHO_PORT}"),
+            ],
+        );
+    }
+}
+
 /// kube-proxy's shape of a Service: its own chain in the `nat` table,
 /// jumped to from PREROUTING (pods) and OUTPUT (the node itself), with a DNAT
 /// of `SERVICE:80` (TCP and UDP) to `backend:7000`. Only that chain is
@@ -44,52 +70,12 @@ fn point_service_at(node: &Netns, backend: Ipv4Addr) {
         }
     }
     node.sh("iptables", &["-t", "nat", "-F", CHAIN]);
-    for proto in ["tcp", "udp"] {
-        node.sh(
-            "iptables",
-            &[
-                "-t",
-                "nat",
-                "-A",
-                CHAIN,
-                "-d",
-                &SERVICE.to_string(),
-                "-p",
-                proto,
-                "--dport",
-                &SERVICE_PORT.to_string(),
-                "-j",
-                "DNAT",
-                "--to-destination",
-                &format!("{backend}:{ECHO_PORT}"),
-            ],
-        );
-    }
+    dnat(node, "-A", CHAIN, SERVICE, SERVICE_PORT, backend);
 }
 
 /// portmap's shape of a hostPort: DNAT of `node_ip:8080` to `pod:7000`.
 fn host_port(node: &Netns, node_ip: Ipv4Addr, pod: Ipv4Addr) {
-    for proto in ["tcp", "udp"] {
-        node.sh(
-            "iptables",
-            &[
-                "-t",
-                "nat",
-                "-I",
-                "PREROUTING",
-                "-d",
-                &node_ip.to_string(),
-                "-p",
-                proto,
-                "--dport",
-                &HOST_PORT.to_string(),
-                "-j",
-                "DNAT",
-                "--to-destination",
-                &format!("{pod}:{ECHO_PORT}"),
-            ],
-        );
-    }
+    dnat(node, "-I", "PREROUTING", node_ip, HOST_PORT, pod);
 }
 
 /// TCP and UDP round trips from `from` to `ip:port`; the protocols that failed.

@@ -184,19 +184,9 @@ impl KubeApi {
     fn wait_ready(&self, lab: &Lab) {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let out = Command::new("nsenter")
-                .arg(format!("--net={}", self.ns.path().display()))
-                .args([
-                    "curl",
-                    "-sk",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "-H",
-                    &format!("Authorization: Bearer {ADMIN_TOKEN}"),
-                ])
-                .arg(format!("https://{API_IP}:{API_PORT}/readyz"))
+            let out = self
+                .curl("/readyz")
+                .args(["-o", "/dev/null", "-w", "%{http_code}"])
                 .output();
             if out.as_ref().is_ok_and(|o| o.stdout == b"200") {
                 return;
@@ -224,13 +214,11 @@ impl KubeApi {
         } else {
             "application/json"
         };
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", self.ns.path().display()))
-            .args(["curl", "-sk", "-w", "\n%{http_code}", "-X", method])
-            .args(["-H", &format!("Authorization: Bearer {ADMIN_TOKEN}")])
+        let out = self
+            .curl(path)
+            .args(["-w", "\n%{http_code}", "-X", method])
             .args(["-H", &format!("Content-Type: {content_type}")])
             .args(["--data-binary", &body.to_string()])
-            .arg(format!("https://{API_IP}:{API_PORT}{path}"))
             .output()
             .expect("run curl");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -240,6 +228,16 @@ impl KubeApi {
             "{method} {path}: HTTP {code}: {answer}"
         );
         serde_json::from_str(answer).unwrap_or_default()
+    }
+
+    /// curl for `path` on the API server as admin, from the server's namespace.
+    fn curl(&self, path: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.ns.path().display()))
+            .args(["curl", "-sk", "-H"])
+            .arg(format!("Authorization: Bearer {ADMIN_TOKEN}"))
+            .arg(format!("https://{API_IP}:{API_PORT}{path}"));
+        cmd
     }
 
     /// Starts a real kube-proxy (iptables mode) in `node`'s namespace, as
