@@ -12,8 +12,12 @@ use std::{
 /// A command that failed, with what it printed.
 #[derive(Debug, thiserror::Error)]
 pub enum CmdError {
-    #[error("could not run `{cmd}`: {source} (is iproute2 installed?)")]
-    Spawn { cmd: String, source: io::Error },
+    #[error("could not run `{cmd}`: {source} (is `{program}` installed, and on PATH?)")]
+    Spawn {
+        program: String,
+        cmd: String,
+        source: io::Error,
+    },
     #[error("`{cmd}` failed: {stderr}")]
     Failed { cmd: String, stderr: String },
     #[error("writing {path}: {source}")]
@@ -39,6 +43,7 @@ pub fn run_with_input(
 ) -> Result<String, CmdError> {
     let cmd = format!("{program} {}", args.join(" "));
     let spawn_err = |source| CmdError::Spawn {
+        program: program.to_string(),
         cmd: cmd.clone(),
         source,
     };

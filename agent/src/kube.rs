@@ -145,8 +145,10 @@ fn snapshot(store: &BTreeMap<String, Seen>, cluster: &Ipv4Cidr) -> Snapshot {
 }
 
 impl KubeRegistry {
-    async fn publish_own(&self, api: &Api<KNode>) {
-        let Some((ip, mac)) = self.own else { return };
+    /// Publishes this node's underlay IP and VTEP MAC on its Node; the
+    /// patched object when that worked.
+    async fn publish_own(&self, api: &Api<KNode>) -> Option<KNode> {
+        let (ip, mac) = self.own?;
         let patch = serde_json::json!({"metadata": {"annotations": {
             ANNOTATION_UNDERLAY_IP: ip.to_string(),
             ANNOTATION_VTEP_MAC: netdev::mac_to_string(&mac),
@@ -159,13 +161,25 @@ impl KubeRegistry {
             )
             .await
         {
-            Ok(_) => {
-                tracing::info!(node = %self.node_name, %ip, "published underlay IP and VTEP MAC on this Node")
+            Ok(patched) => {
+                tracing::info!(node = %self.node_name, %ip, "published underlay IP and VTEP MAC on this Node");
+                Some(patched)
             }
             Err(e) => {
-                tracing::warn!(node = %self.node_name, "could not annotate this Node (will retry on its next update): {e}")
+                tracing::warn!(node = %self.node_name, "could not annotate this Node (will retry on its next update): {e}");
+                None
             }
         }
+    }
+
+    /// `n`, annotated first when it is this node's Node and lacks (or has
+    /// stale) annotations: then the patched object, so the registry does not
+    /// report this node as unannotated until the patch's own event arrives.
+    async fn annotated(&self, api: &Api<KNode>, n: KNode) -> KNode {
+        if !self.wants_annotations(&n) {
+            return n;
+        }
+        self.publish_own(api).await.unwrap_or(n)
     }
 
     /// Whether `n` is this node's Node and lacks (or has stale) annotations.
@@ -205,14 +219,13 @@ impl Registry for KubeRegistry {
                 .default_backoff()
                 .boxed();
             while let Some(ev) = events.next().await {
-                let mut publish = false;
                 let changed = match ev {
                     Ok(watcher::Event::Init) => {
                         listing = Some(BTreeMap::new());
                         false
                     }
                     Ok(watcher::Event::InitApply(n)) => {
-                        publish = self.wants_annotations(&n);
+                        let n = self.annotated(&api, n).await;
                         if let (Some(l), Some(name)) = (listing.as_mut(), n.metadata.name.clone()) {
                             l.insert(name, convert(&n));
                         }
@@ -225,7 +238,7 @@ impl Registry for KubeRegistry {
                         true
                     }
                     Ok(watcher::Event::Apply(n)) => {
-                        publish = self.wants_annotations(&n);
+                        let n = self.annotated(&api, n).await;
                         match n.metadata.name.clone() {
                             Some(name) => {
                                 let seen = convert(&n);
@@ -246,9 +259,6 @@ impl Registry for KubeRegistry {
                         false
                     }
                 };
-                if publish {
-                    self.publish_own(&api).await;
-                }
                 if !changed {
                     continue;
                 }

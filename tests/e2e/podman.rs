@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use weft_tests::{Cluster, ClusterSpec, Lab, NodeInfo, privileged, sh, try_sh};
+use weft_tests::{Cluster, ClusterSpec, Lab, NodeInfo, privileged, try_sh};
 
 /// podman for one node: its own storage, runroot, containers.conf and
 /// conflist, run inside the node's namespace (so the plugin runs there).
@@ -96,24 +96,7 @@ fn podman_containers_on_two_nodes_reach_each_other() {
     }
     let mut lab = Lab::new("pod");
     let c = Cluster::start(&mut lab, ClusterSpec::nodes_only(2));
-    // An image built here from Debian's static busybox: no registry.
-    let rootfs = lab.dir.join("rootfs");
-    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-    for applet in ["sh", "ping", "sleep", "ip", "cat"] {
-        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
-    }
-    let image = lab.dir.join("image.tar");
-    sh(
-        "tar",
-        &[
-            "-C",
-            rootfs.to_str().unwrap(),
-            "-cf",
-            image.to_str().unwrap(),
-            ".",
-        ],
-    );
+    let image = weft_tests::busybox_image(&lab);
 
     let engines: Vec<Podman> = c
         .nodes

@@ -171,6 +171,9 @@ impl KubeApi {
             "--service-account-issuer=https://kubernetes.default.svc",
             "--service-cluster-ip-range=198.18.200.0/24",
             "--endpoint-reconciler-type=none",
+            // As kubeadm and every installer: kube-proxy's DaemonSet and
+            // weft's are privileged.
+            "--allow-privileged=true",
         ]);
         lab.spawn("kube-apiserver", cmd);
         self.wait_ready(lab);

@@ -111,6 +111,32 @@ pub fn run_cni_plugin(
     child.wait_with_output().expect("plugin output")
 }
 
+/// A container image (a root filesystem tar for `podman import`) made here
+/// from Debian's static busybox, no registry involved: `sh`, `ping`,
+/// `sleep`, `ip`, `cat`. Written to `<lab>/busybox.tar`.
+pub fn busybox_image(lab: &Lab) -> PathBuf {
+    let rootfs = lab.dir.join("busybox-rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).expect("rootfs dir");
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
+        .expect("/bin/busybox (Debian's busybox-static; `cargo xtask setup` installs it)");
+    for applet in ["sh", "ping", "sleep", "ip", "cat"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))
+            .expect("applet link");
+    }
+    let image = lab.dir.join("busybox.tar");
+    sh(
+        "tar",
+        &[
+            "-C",
+            rootfs.to_str().expect("utf-8 path"),
+            "-cf",
+            image.to_str().expect("utf-8 path"),
+            ".",
+        ],
+    );
+    image
+}
+
 /// Path of the `weft-cni` plugin binary, next to `weft`.
 pub fn cni_bin() -> PathBuf {
     weft_bin().with_file_name("weft-cni")

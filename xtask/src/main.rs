@@ -1,8 +1,9 @@
-//! Developer entry points: `cargo xtask setup | build-ebpf | lint | test | demo`.
+//! Developer entry points: `cargo xtask setup | build-ebpf | lint | test | demo | bench | image`.
 
 mod bench;
 mod demo;
 mod ebpf;
+mod image;
 mod scale;
 mod setup;
 mod udpfwd;
@@ -107,6 +108,13 @@ enum Cmd {
         /// SUBNET/PREFIX=PEER_IP:PORT, repeatable.
         #[arg(long)]
         route: Vec<String>,
+    },
+    /// Build the agent's container image (Debian base, weft, weft-cni) as an
+    /// OCI archive, for deploy/weft.yaml.
+    Image {
+        /// Where to write the archive.
+        #[arg(long, default_value = "target/weft-image.tar")]
+        output: PathBuf,
     },
     /// Bring up a 3-node weft cluster in network namespaces on this machine.
     Demo {
@@ -261,6 +269,12 @@ fn test(extra: &[String]) -> Result<()> {
     if !root {
         eprintln!("note: not root: privileged tests will be skipped (each prints SKIP)");
     }
+    // The agent's container image, from the binaries under test, for
+    // tests/e2e/daemonset.rs.
+    let image = workspace().join("target/weft-image.tar");
+    if root {
+        image::build(&workspace().join("target/debug/weft"), &image)?;
+    }
     let mut total = [0u64; 3];
     stage("test: unit tests (no privileges needed)");
     let mut unit = cargo(&["test", "--workspace", "--exclude", "weft-tests"]);
@@ -270,7 +284,8 @@ fn test(extra: &[String]) -> Result<()> {
     let mut e2e = cargo(&["test", "-p", "weft-tests"]);
     e2e.args(extra).args(["--", "--test-threads=1"]);
     if root {
-        e2e.env("WEFT_REQUIRE_PRIVILEGED", "1");
+        e2e.env("WEFT_REQUIRE_PRIVILEGED", "1")
+            .env("WEFT_IMAGE", &image);
     }
     let e2e_result = run_tests(e2e, "privileged tests", &mut total);
     let vm_result = if root {
@@ -442,6 +457,13 @@ fn main() -> Result<()> {
                 })
                 .collect::<Result<Vec<_>>>()?;
             udpfwd::run(&tun, listen, &routes)
+        }
+        Cmd::Image { output } => {
+            setup::setup()?;
+            let out = workspace().join(output);
+            image::build(&weft_binary(true)?, &out)?;
+            println!("{} ({})", out.display(), image::tag());
+            Ok(())
         }
         Cmd::Demo { down } => {
             if down {
