@@ -75,9 +75,23 @@ fn base(codename: &str) -> Result<PathBuf> {
     Ok(tar)
 }
 
-/// podman with a private storage under `dir`.
+/// podman with a private storage, runtime directory and network
+/// configuration under `dir` (the machine's own are left alone).
 fn podman(dir: &Path) -> Command {
+    let conf = dir.join("containers.conf");
+    if !conf.exists() {
+        let _ = std::fs::create_dir_all(dir);
+        let _ = std::fs::write(
+            &conf,
+            format!(
+                "[engine]\ntmp_dir = \"{}\"\nevents_logger = \"file\"\n[network]\nnetwork_config_dir = \"{}\"\n",
+                dir.join("tmp").display(),
+                dir.join("net.d").display()
+            ),
+        );
+    }
     let mut cmd = Command::new("podman");
+    cmd.env("CONTAINERS_CONF", conf);
     cmd.arg("--root")
         .arg(dir.join("root"))
         .arg("--runroot")
