@@ -91,7 +91,10 @@ struct KubeletNode {
 }
 
 impl KubeletNode {
-    fn new(lab: &Lab, node: &NodeInfo) -> Self {
+    /// `bpffs`: whether the node has bpffs mounted at /sys/fs/bpf (systemd
+    /// mounts it); without, /sys/fs/bpf is a plain directory on a shared
+    /// mount, and the agent must mount bpffs there for the node.
+    fn new(lab: &Lab, node: &NodeInfo, bpffs: bool) -> Self {
         let dir = lab.dir.join(format!("kubelet-{}", node.name));
         let ns_dir = dir.join("ns");
         std::fs::create_dir_all(&ns_dir).unwrap();
@@ -118,11 +121,19 @@ impl KubeletNode {
         );
         // The node's own host paths: what hostPath volumes and the CNI
         // plugin write goes here, and dies with the namespace.
-        let setup = "for d in /run /opt /etc/cni /var/lib; do mount -t tmpfs -o mode=0755 weft-node $d; done
-            mount -t bpf bpf /sys/fs/bpf
+        let bpf = if bpffs {
+            "mount -t bpf bpf /sys/fs/bpf"
+        } else {
+            "if mountpoint -q /sys/fs/bpf; then umount /sys/fs/bpf; fi
+            mount --bind /sys/fs/bpf /sys/fs/bpf; mount --make-rshared /sys/fs/bpf"
+        };
+        let setup = format!(
+            "for d in /run /opt /etc/cni /var/lib; do mount -t tmpfs -o mode=0755 weft-node $d; done
+            {bpf}
             mkdir -p /opt/cni/bin /etc/cni/net.d
-            cp /usr/lib/cni/portmap /opt/cni/bin/";
-        k.check(k.run("sh", &["-ec", setup]), "node mount namespace");
+            cp /usr/lib/cni/portmap /opt/cni/bin/"
+        );
+        k.check(k.run("sh", &["-ec", &setup]), "node mount namespace");
         std::fs::write(
             dir.join("containers.conf"),
             // Equal soft and hard nofile limits: podman 4.3 swaps them for
@@ -397,7 +408,13 @@ fn the_daemonset_runs_weft_on_every_node() {
     std::fs::write(sa_dir.join("namespace"), "kube-system").unwrap();
 
     let busybox = busybox_image(&lab);
-    let nodes: Vec<KubeletNode> = c.nodes.iter().map(|n| KubeletNode::new(&lab, n)).collect();
+    // node-2 has no bpffs at /sys/fs/bpf until its agent mounts one.
+    let nodes: Vec<KubeletNode> = c
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| KubeletNode::new(&lab, n, i == 0))
+        .collect();
     let urls = probe_urls(template);
     let start = |k: &KubeletNode| {
         k.play(&[config.clone(), daemon_pod(template, &k.node.name, &sa_dir)]);
@@ -502,27 +519,42 @@ fn the_daemonset_runs_weft_on_every_node() {
         "weft status lists node-2: {status}"
     );
 
-    // A rolling update: node-1's agent pod goes away (pins stay in the
-    // node's bpffs through the hostPath), traffic keeps flowing, and the
-    // new pod takes over the same dataplane.
-    nodes[0].check(
-        nodes[0].podman(&["pod", "rm", "--force", "--time", "10", "weft-node-1"]),
+    // The bpffs node-2's agent mounted is the node's (Bidirectional
+    // propagation), with the pins in it.
+    let fs = nodes[1].check(
+        nodes[1].run("stat", &["-f", "-c", "%T", "/sys/fs/bpf/weft"]),
+        "stat of node-2's /sys/fs/bpf/weft",
+    );
+    assert_eq!(fs.trim(), "bpf_fs", "node-2's pins are on its own bpffs");
+
+    // A rolling update, on the node whose bpffs the agent mounted: its
+    // agent pod goes away (the pins stay in the node's bpffs through the
+    // hostPath), traffic keeps flowing, and the new pod takes over the same
+    // dataplane.
+    nodes[1].check(
+        nodes[1].podman(&["pod", "rm", "--force", "--time", "10", "weft-node-2"]),
         "podman pod rm (the old agent pod)",
     );
     assert_ne!(
-        nodes[0].http_status(&urls[0]),
+        nodes[1].http_status(&urls[0]),
         "200",
         "the old agent is gone"
     );
     assert!(
-        ping(&nodes[0], "app-1", b),
-        "traffic crosses while node-1 has no agent"
+        ping(&nodes[1], "app-2", a),
+        "traffic crosses while node-2 has no agent"
     );
-    start(&nodes[0]);
-    wait_ready(&nodes[0]);
+    assert!(ping(&nodes[0], "app-1", b));
+    start(&nodes[1]);
+    wait_ready(&nodes[1]);
     assert!(
-        ping(&nodes[0], "app-1", b),
+        nodes[1].agent_log().contains("pods=1"),
+        "the new agent re-pointed the existing pod:\n{}",
+        nodes[1].agent_log()
+    );
+    assert!(
+        ping(&nodes[1], "app-2", a),
         "and after the new agent started"
     );
-    assert!(ping(&nodes[1], "app-2", a));
+    assert!(ping(&nodes[0], "app-1", b));
 }
