@@ -557,4 +557,44 @@ fn the_daemonset_runs_weft_on_every_node() {
         "and after the new agent started"
     );
     assert!(ping(&nodes[0], "app-1", b));
+
+    // Uninstalling, as deploy/README.md says: with the agent's pod gone,
+    // `weft down` from the image with the same host paths removes the
+    // dataplane from the node.
+    let k = &nodes[0];
+    k.check(
+        k.podman(&["pod", "rm", "--force", "--time", "10", "weft-node-1"]),
+        "podman pod rm",
+    );
+    let down = k.check(
+        k.podman(&[
+            "run",
+            "--rm",
+            "--privileged",
+            "--network",
+            "host",
+            "-v",
+            "/sys/fs/bpf:/sys/fs/bpf",
+            "-v",
+            "/run/weft:/run/weft",
+            image_name,
+            "down",
+        ]),
+        "weft down from the image",
+    );
+    assert!(down.contains("removed pins"), "weft down: {down}");
+    assert!(
+        !k.run("ip", &["link", "show", "weft0"]).status.success(),
+        "weft0 is gone"
+    );
+    assert!(
+        !k.run("test", &["-e", "/sys/fs/bpf/weft"]).status.success(),
+        "the pins are gone"
+    );
+    assert!(
+        !k.run("iptables", &["-t", "nat", "-S", "WEFT-POSTRTG"])
+            .status
+            .success(),
+        "the masquerade chain is gone"
+    );
 }
