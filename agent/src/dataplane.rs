@@ -82,6 +82,10 @@ pub enum DataplaneError {
         "BPF program `{0}` is missing from the object (stale build? run `cargo xtask build-ebpf`)"
     )]
     MissingProgram(&'static str),
+    #[error("BPF map `{0}` is missing from the object (stale build? run `cargo xtask build-ebpf`)")]
+    MissingMap(&'static str),
+    #[error("reading the BPF object's map definitions: {0}")]
+    Layout(String),
     #[error("map `{name}`: {source}")]
     Map {
         name: &'static str,
@@ -97,11 +101,104 @@ pub enum DataplaneError {
         path: PathBuf,
         source: aya::programs::links::LinkError,
     },
+    #[error(
+        "{path} was pinned by a weft whose map layout differs ({pinned}; this version: {wanted}). It holds the pods' endpoints, which this version cannot carry over: go back to the earlier version, or drain the node, run `weft down`, start this version and re-create the node's pods"
+    )]
+    PinnedLayout {
+        path: PathBuf,
+        pinned: MapLayout,
+        wanted: MapLayout,
+    },
     #[error("{path}: {source}. Is bpffs mounted at /sys/fs/bpf (`mount -t bpf bpf /sys/fs/bpf`)?")]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// What must match for a pinned map to be reused by the programs of this
+/// build: the kernel checks program accesses against the map it gets, not
+/// against what the program was compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+impl std::fmt::Display for MapLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "type {}, key {} B, value {} B, {} entries, flags {:#x}",
+            self.map_type, self.key_size, self.value_size, self.max_entries, self.flags
+        )
+    }
+}
+
+/// Maps whose contents the agent rebuilds (the registry, counters, recorded
+/// flows): a pin of another layout is replaced by an empty map. The
+/// endpoints map is the CNI plugin's record of the node's pods and is not.
+const REBUILT_MAPS: [&str; 5] = [
+    names::REMOTE_CIDRS,
+    names::NODES,
+    names::STACK_FLOWS,
+    names::DROP_STATS,
+    names::FWD_STATS,
+];
+
+/// Compares each pinned map under `pin_dir` with this build's definition.
+/// A rebuilt map of another layout (say an older version's counters, with
+/// fewer reasons) is unpinned, so loading creates it anew — the programs
+/// still attached keep the old one until they are replaced. Returns the
+/// replaced maps' names; an endpoints map of another layout is an error.
+pub fn replace_stale_pins(pin_dir: &Path) -> Result<Vec<&'static str>, DataplaneError> {
+    let object =
+        aya_obj::Object::parse(OBJECT).map_err(|e| DataplaneError::Layout(e.to_string()))?;
+    let mut replaced = Vec::new();
+    for name in REBUILT_MAPS.iter().copied().chain([names::ENDPOINTS]) {
+        let def = object
+            .maps
+            .get(name)
+            .ok_or(DataplaneError::MissingMap(name))?;
+        let wanted = MapLayout {
+            map_type: def.map_type(),
+            key_size: def.key_size(),
+            value_size: def.value_size(),
+            max_entries: def.max_entries(),
+            flags: def.map_flags(),
+        };
+        let path = pin_dir.join(name);
+        let Ok(info) = aya::maps::MapInfo::from_pin(&path) else {
+            continue;
+        };
+        let pinned = MapLayout {
+            map_type: info.map_type().map_or(u32::MAX, |t| t as u32),
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+            flags: info.map_flags(),
+        };
+        if pinned == wanted {
+            continue;
+        }
+        if name == names::ENDPOINTS {
+            return Err(DataplaneError::PinnedLayout {
+                path,
+                pinned,
+                wanted,
+            });
+        }
+        fs::remove_file(&path).map_err(|source| DataplaneError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        tracing::warn!(map = name, %pinned, %wanted, "a pinned map had another version's layout; replaced it with an empty one");
+        replaced.push(name);
+    }
+    Ok(replaced)
 }
 
 /// Per-node constants written into the programs at load time.
@@ -165,6 +262,7 @@ impl Dataplane {
         let local_ip = globals.local_ip.octets();
         let cluster_net = globals.cluster_cidr.addr().octets();
         let cluster_mask = globals.cluster_cidr.netmask().octets();
+        replace_stale_pins(pin_dir)?;
         let mut loader = EbpfLoader::new();
         loader
             .default_map_pin_directory(pin_dir)

@@ -562,3 +562,90 @@ fn underlay_from_the_default_route_and_public_ip_override() {
         lab.stop(name);
     }
 }
+
+#[test]
+fn pinned_maps_of_another_layout_are_replaced_or_refused() {
+    if !privileged("pinned_maps_of_another_layout_are_replaced_or_refused") {
+        return;
+    }
+    let mut lab = Lab::new("lay");
+    let c = Cluster::start(&mut lab, ClusterSpec::pair());
+    let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
+    let n = c.nodes[0].clone();
+    let agent = Cluster::agent_name(0);
+    // Pins an empty map `name` of the given shape in node-1's pin directory,
+    // in place of the agent's (whose programs still hold the old one).
+    let pin_other = |name: &str, shape: &[&str]| {
+        let path = n.bpffs.join(name);
+        std::fs::remove_file(&path).unwrap();
+        let mut args = vec!["map", "create", path.to_str().unwrap()];
+        args.extend_from_slice(shape);
+        args.extend_from_slice(&["name", name]);
+        weft_tests::sh("bpftool", &args);
+    };
+    let max_entries = |name: &str| {
+        let out = weft_tests::sh(
+            "bpftool",
+            &[
+                "-j",
+                "map",
+                "show",
+                "pinned",
+                n.bpffs.join(name).to_str().unwrap(),
+            ],
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["max_entries"].as_u64().unwrap()
+    };
+
+    // An older version's counters, with fewer reasons (as before
+    // `not_local` and `to_stack` existed): replaced, not reused with the
+    // new reasons silently uncounted.
+    lab.stop(&agent);
+    pin_other(
+        "WEFT_DROPS",
+        &[
+            "type",
+            "percpu_array",
+            "key",
+            "4",
+            "value",
+            "8",
+            "entries",
+            "2",
+        ],
+    );
+    c.start_agent(&mut lab, 0);
+    wait_log(&lab, &agent, "agent: ready");
+    assert!(
+        lab.log(&agent).contains("another version's layout"),
+        "the replacement is logged:\n{}",
+        lab.log(&agent)
+    );
+    assert_eq!(
+        max_entries("WEFT_DROPS"),
+        u64::from(weft_common::DropReason::COUNT),
+        "the pin has this build's reasons"
+    );
+    assert!(ping(&a.ns, b.ip, 2), "pods connected after the replacement");
+    assert!(ping(&b.ns, a.ip, 2));
+
+    // The endpoints map of another layout cannot be carried over: the
+    // agent refuses, says what to do, and leaves the running dataplane be.
+    lab.stop(&agent);
+    pin_other(
+        "WEFT_ENDPOINTS",
+        &["type", "hash", "key", "4", "value", "4", "entries", "16"],
+    );
+    c.start_agent(&mut lab, 0);
+    wait_log(&lab, &agent, "weft down");
+    let log = lab.log(&agent);
+    assert!(
+        log.contains("WEFT_ENDPOINTS") && log.contains("holds the pods' endpoints"),
+        "{log}"
+    );
+    assert!(
+        ping(&a.ns, b.ip, 2),
+        "the programs attached before keep forwarding"
+    );
+}
