@@ -8,10 +8,12 @@
 //! service-account token (TokenRequest) where in-cluster clients look for it,
 //! probes the readiness and liveness URLs itself, and hands the pod to podman
 //! (`podman kube play`, runc) running in the node's network namespace. Each
-//! node also gets its own mount namespace with an empty /run, /opt, /etc/cni,
-//! /var/lib and bpffs, so the template's hostPath volumes land on the test's
-//! node, never on this machine. The image is `cargo xtask image`'s OCI
-//! archive (`cargo xtask test` builds it from the binaries under test).
+//! node also gets its own mount namespace with an empty /run, /opt, /etc/cni
+//! and /var/lib, so the template's hostPath volumes land on the test's node,
+//! never on this machine; node-1 has a fresh bpffs at /sys/fs/bpf, node-2
+//! none (its agent must mount one, for the node). The image is
+//! `cargo xtask image`'s OCI archive (`cargo xtask test` builds one from the
+//! binaries under test).
 
 use std::{
     net::Ipv4Addr,

@@ -270,8 +270,8 @@ fn test(extra: &[String]) -> Result<()> {
         eprintln!("note: not root: privileged tests will be skipped (each prints SKIP)");
     }
     // The agent's container image, from the binaries under test, for
-    // tests/e2e/daemonset.rs.
-    let image = workspace().join("target/weft-image.tar");
+    // tests/e2e/daemonset.rs (beside, not over, `cargo xtask image`'s).
+    let image = workspace().join("target/weft-image-test.tar");
     if root {
         image::build(&workspace().join("target/debug/weft"), &image)?;
     }
