@@ -162,16 +162,8 @@ impl KubeletNode {
     }
 
     fn podman(&self, args: &[&str]) -> Output {
-        let root = self.dir.join("storage").display().to_string();
-        let runroot = self.dir.join("runroot").display().to_string();
-        let mut all = vec![
-            "--root",
-            &root,
-            "--runroot",
-            &runroot,
-            "--storage-driver",
-            "vfs",
-        ];
+        let store = weft_tests::podman_store_args(&self.dir);
+        let mut all: Vec<&str> = store.iter().map(String::as_str).collect();
         all.extend_from_slice(args);
         self.run("podman", &all)
     }

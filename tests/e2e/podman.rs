@@ -58,21 +58,12 @@ impl Podman {
     }
 
     fn run(&self, args: &[&str]) -> std::process::Output {
-        let root = self.dir.join("root").display().to_string();
-        let runroot = self.dir.join("runroot").display().to_string();
         // nsenter, not `ip netns exec`: the latter remounts /sys, hiding the
         // cgroup mounts the OCI runtime needs.
         self.node
             .ns
             .command("podman")
-            .args([
-                "--root",
-                &root,
-                "--runroot",
-                &runroot,
-                "--storage-driver",
-                "vfs",
-            ])
+            .args(weft_tests::podman_store_args(&self.dir))
             .args(args)
             .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
             .output()

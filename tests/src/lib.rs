@@ -137,6 +137,20 @@ pub fn busybox_image(lab: &Lab) -> PathBuf {
     image
 }
 
+/// podman's flags for a private store under `dir` (images, containers,
+/// runtime state; vfs works on any filesystem): nothing of the machine's
+/// own podman is used.
+pub fn podman_store_args(dir: &std::path::Path) -> Vec<String> {
+    vec![
+        "--root".into(),
+        dir.join("storage").display().to_string(),
+        "--runroot".into(),
+        dir.join("runroot").display().to_string(),
+        "--storage-driver".into(),
+        "vfs".into(),
+    ]
+}
+
 /// Path of the `weft-cni` plugin binary, next to `weft`.
 pub fn cni_bin() -> PathBuf {
     weft_bin().with_file_name("weft-cni")
