@@ -152,13 +152,12 @@ const REBUILT_MAPS: [&str; 5] = [
 /// Compares each pinned map under `pin_dir` with this build's definition.
 /// A rebuilt map of another layout (say an older version's counters, with
 /// fewer reasons) is unpinned, so loading creates it anew — the programs
-/// still attached keep the old one until they are replaced. Returns the
-/// replaced maps' names; an endpoints map of another layout is an error.
-pub fn replace_stale_pins(pin_dir: &Path) -> Result<Vec<&'static str>, DataplaneError> {
+/// still attached keep the old one until they are replaced. An endpoints
+/// map of another layout is an error, found before anything is unpinned.
+pub fn replace_stale_pins(pin_dir: &Path) -> Result<(), DataplaneError> {
     let object =
         aya_obj::Object::parse(OBJECT).map_err(|e| DataplaneError::Layout(e.to_string()))?;
-    let mut replaced = Vec::new();
-    for name in REBUILT_MAPS.iter().copied().chain([names::ENDPOINTS]) {
+    for name in [names::ENDPOINTS].into_iter().chain(REBUILT_MAPS) {
         let def = object
             .maps
             .get(name)
@@ -196,9 +195,8 @@ pub fn replace_stale_pins(pin_dir: &Path) -> Result<Vec<&'static str>, Dataplane
             source,
         })?;
         tracing::warn!(map = name, %pinned, %wanted, "a pinned map had another version's layout; replaced it with an empty one");
-        replaced.push(name);
     }
-    Ok(replaced)
+    Ok(())
 }
 
 /// Per-node constants written into the programs at load time.

@@ -631,11 +631,25 @@ fn pinned_maps_of_another_layout_are_replaced_or_refused() {
     assert!(ping(&b.ns, a.ip, 2));
 
     // The endpoints map of another layout cannot be carried over: the
-    // agent refuses, says what to do, and leaves the running dataplane be.
+    // agent refuses, says what to do, and leaves the running dataplane (and
+    // every pin, even one it would otherwise replace) be.
     lab.stop(&agent);
     pin_other(
         "WEFT_ENDPOINTS",
         &["type", "hash", "key", "4", "value", "4", "entries", "16"],
+    );
+    pin_other(
+        "WEFT_DROPS",
+        &[
+            "type",
+            "percpu_array",
+            "key",
+            "4",
+            "value",
+            "8",
+            "entries",
+            "2",
+        ],
     );
     c.start_agent(&mut lab, 0);
     wait_log(&lab, &agent, "weft down");
@@ -648,4 +662,5 @@ fn pinned_maps_of_another_layout_are_replaced_or_refused() {
         ping(&a.ns, b.ip, 2),
         "the programs attached before keep forwarding"
     );
+    assert_eq!(max_entries("WEFT_DROPS"), 2, "nothing was unpinned");
 }
