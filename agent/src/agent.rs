@@ -233,8 +233,8 @@ fn set_up_masquerade(cfg: &AgentConfig) {
         return;
     }
     match crate::masq::install(&cfg.cluster_cidr) {
-        Ok(()) => {
-            tracing::info!(cluster = %cfg.cluster_cidr, chain = crate::masq::CHAIN, "masquerading pods' traffic leaving the cluster")
+        Ok(backend) => {
+            tracing::info!(cluster = %cfg.cluster_cidr, chain = crate::masq::CHAIN, iptables = ?backend, "masquerading pods' traffic leaving the cluster")
         }
         Err(e) => tracing::error!(
             "could not install the masquerade rules ({e}): pods cannot reach addresses outside the cluster; install iptables (with iptables-restore) or pass --ip-masq=false if something else masquerades"

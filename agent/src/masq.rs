@@ -15,6 +15,14 @@
 //! the node's gateway. Otherwise the backend's answer, addressed outside the
 //! cluster, would be masqueraded on *its* node and arrive from an address
 //! this node's conntrack does not expect.
+//!
+//! The rules go where the node's other rules are: a node whose kube-proxy
+//! uses iptables-legacy gets weft's there too (the kernel runs both, and NAT
+//! is decided by whichever table binds a connection first). As
+//! kubernetes-sigs/iptables-wrappers decides for kube-proxy's own image:
+//! legacy when `iptables-legacy-save` lists more rules than
+//! `iptables-nft-save`, else the system's `iptables` (nft on current
+//! distributions, and the only choice where the variants are not installed).
 
 use crate::{cidr::Ipv4Cidr, ip::CmdError};
 
@@ -23,8 +31,70 @@ pub const CHAIN: &str = "WEFT-POSTRTG";
 /// The comment on POSTROUTING's jump into [`CHAIN`], so it can be found again.
 const COMMENT: &str = "weft: masquerade pods leaving the cluster";
 
-fn iptables(args: &[&str]) -> Result<String, CmdError> {
-    crate::ip::run("iptables", args)
+/// An iptables flavour: its command and its restore command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The system's `iptables`.
+    Default,
+    /// `iptables-legacy`.
+    Legacy,
+}
+
+impl Backend {
+    /// The node's: see the module documentation.
+    pub fn detect() -> Self {
+        // Rules other than weft's own, as `-A` lines of a save.
+        let rules = |save: &str| {
+            crate::ip::run(save, &[]).map_or(0, |out| {
+                out.lines()
+                    .filter(|l| l.starts_with("-A") && !l.contains(CHAIN))
+                    .count()
+            })
+        };
+        if rules("iptables-legacy-save") > rules("iptables-nft-save") {
+            Self::Legacy
+        } else {
+            Self::Default
+        }
+    }
+
+    fn other(self) -> Self {
+        match self {
+            Self::Default => Self::Legacy,
+            Self::Legacy => Self::Default,
+        }
+    }
+
+    fn iptables(self, args: &[&str]) -> Result<String, CmdError> {
+        let program = match self {
+            Self::Default => "iptables",
+            Self::Legacy => "iptables-legacy",
+        };
+        crate::ip::run(program, args)
+    }
+
+    fn restore(self, input: &str) -> Result<String, CmdError> {
+        let program = match self {
+            Self::Default => "iptables-restore",
+            Self::Legacy => "iptables-legacy-restore",
+        };
+        crate::ip::run_with_input(program, &["--noflush", "-w"], Some(input))
+    }
+
+    /// Removes the jump and the chain, if there. Returns whether anything was.
+    fn remove(self) -> bool {
+        let mut del = vec!["-t", "nat", "-D"];
+        del.extend(jump());
+        let mut removed = false;
+        while self.iptables(&del).is_ok() {
+            removed = true;
+        }
+        if self.iptables(&["-t", "nat", "-F", CHAIN, "-w"]).is_ok() {
+            removed = true;
+            let _ = self.iptables(&["-t", "nat", "-X", CHAIN, "-w"]);
+        }
+        removed
+    }
 }
 
 /// The jump from POSTROUTING, as `iptables` arguments after the verb.
@@ -55,36 +125,28 @@ pub fn ruleset(cluster: &Ipv4Cidr) -> String {
     )
 }
 
-/// Installs (or updates) the rules for `cluster`. Idempotent.
-pub fn install(cluster: &Ipv4Cidr) -> Result<(), CmdError> {
-    crate::ip::run_with_input(
-        "iptables-restore",
-        &["--noflush", "-w"],
-        Some(&ruleset(cluster)),
-    )?;
+/// Installs (or updates) the rules for `cluster` in the node's iptables
+/// flavour, removing any an earlier run left in the other. Idempotent.
+/// Returns the flavour used.
+pub fn install(cluster: &Ipv4Cidr) -> Result<Backend, CmdError> {
+    let backend = Backend::detect();
+    backend.other().remove();
+    backend.restore(&ruleset(cluster))?;
     let mut check = vec!["-t", "nat", "-C"];
     check.extend(jump());
-    if iptables(&check).is_err() {
+    if backend.iptables(&check).is_err() {
         let mut add = vec!["-t", "nat", "-A"];
         add.extend(jump());
-        iptables(&add)?;
+        backend.iptables(&add)?;
     }
-    Ok(())
+    Ok(backend)
 }
 
-/// Removes the jump and the chain, if there. Returns whether anything was.
+/// Removes the jump and the chain from both flavours, if there. Returns
+/// whether anything was.
 pub fn remove() -> bool {
-    let mut del = vec!["-t", "nat", "-D"];
-    del.extend(jump());
-    let mut removed = false;
-    while iptables(&del).is_ok() {
-        removed = true;
-    }
-    if iptables(&["-t", "nat", "-F", CHAIN, "-w"]).is_ok() {
-        removed = true;
-        let _ = iptables(&["-t", "nat", "-X", CHAIN, "-w"]);
-    }
-    removed
+    // Both run: `|` does not short-circuit.
+    Backend::Default.remove() | Backend::Legacy.remove()
 }
 
 #[cfg(test)]

@@ -416,3 +416,64 @@ fn a_real_kube_proxy_serves_services_across_the_fast_paths() {
         "the remote backend's replies were handed to node-1's stack"
     );
 }
+
+#[test]
+fn masquerade_goes_where_kube_proxys_rules_are() {
+    if !privileged("masquerade_goes_where_kube_proxys_rules_are") {
+        return;
+    }
+    let mut lab = Lab::new("mlg");
+    let c = Cluster::start(&mut lab, ClusterSpec::pair());
+    let outside = lab.netns("out");
+    let outside_ip = c.underlay.plug(&outside, 200);
+    let _echo = EchoServer::start(&outside, outside_ip, ECHO_PORT);
+    let (pod, node) = (&c.pods[0], &c.nodes[0].ns);
+    let in_table = |iptables: &str| {
+        node.sh(iptables, &["-t", "nat", "-S"])
+            .contains(weft_agent::masq::CHAIN)
+    };
+    assert!(in_table("iptables") && !in_table("iptables-legacy"));
+
+    // kube-proxy on this node uses iptables-legacy (its nat rules, as it
+    // lays them out): the agent's rules follow on its next start, and the
+    // ones it had in the other flavour go.
+    for rule in [
+        vec!["-N", "KUBE-SERVICES"],
+        vec!["-N", "KUBE-POSTROUTING"],
+        vec!["-A", "PREROUTING", "-j", "KUBE-SERVICES"],
+        vec!["-A", "OUTPUT", "-j", "KUBE-SERVICES"],
+        vec!["-A", "POSTROUTING", "-j", "KUBE-POSTROUTING"],
+        vec![
+            "-A",
+            "KUBE-POSTROUTING",
+            "-m",
+            "mark",
+            "!",
+            "--mark",
+            "0x4000/0x4000",
+            "-j",
+            "RETURN",
+        ],
+    ] {
+        let mut args = vec!["-t", "nat"];
+        args.extend(rule);
+        node.sh("iptables-legacy", &args);
+    }
+    restart_agent(&mut lab, &c, 0, &[]);
+    assert!(
+        in_table("iptables-legacy") && !in_table("iptables"),
+        "the rules moved to iptables-legacy:\n{}",
+        lab.log(&Cluster::agent_name(0))
+    );
+    assert!(
+        round_trips(&pod.ns, outside_ip, ECHO_PORT).is_empty(),
+        "pod → outside host, masqueraded by the legacy rules"
+    );
+    lab.stop(&Cluster::agent_name(0));
+    let out = c.weft(0, &["down"]);
+    assert!(out.status.success());
+    assert!(
+        !in_table("iptables-legacy") && !in_table("iptables"),
+        "weft down removes them from either flavour"
+    );
+}
