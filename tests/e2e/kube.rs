@@ -134,33 +134,26 @@ fn nodes_from_the_kubernetes_api() {
     let und = c.underlay.ns.clone();
     let api = KubeApi::start(&mut lab, &und, "br0");
 
-    // RBAC exactly as deploy/rbac.yaml, bound to the agents' user.
+    // deploy/rbac.yaml's ClusterRole as it is, bound to the agents' user
+    // (the daemonset test binds it to the ServiceAccount, as the file does).
     let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac.yaml"))
         .unwrap();
-    let role_yaml = rbac
-        .split("---")
-        .find(|d| d.contains("kind: ClusterRole\n"))
-        .unwrap()
-        .to_string();
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&rbac).unwrap();
+    let role: ClusterRole = serde_json::from_value(
+        docs.into_iter()
+            .find(|d| d["kind"] == "ClusterRole")
+            .expect("a ClusterRole in deploy/rbac.yaml"),
+    )
+    .unwrap();
+    let role_name = role.metadata.name.clone().unwrap();
     with_client(&und, &api, async move |client| {
-        let rules = role_yaml.split("rules:").nth(1).unwrap();
-        assert!(
-            rules.contains("[\"get\", \"list\", \"watch\", \"patch\"]")
-                && rules.contains("[\"nodes\"]"),
-            "the manifest's rules"
-        );
-        let role: ClusterRole = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "weft-agent"},
-            "rules": [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]}]
-        }))
-        .unwrap();
         Api::<ClusterRole>::all(client.clone())
             .create(&PostParams::default(), &role)
             .await
             .unwrap();
         let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "weft-agent"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "weft-agent"},
+            "metadata": {"name": "weft-agent-test-user"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role_name},
             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": AGENT_USER}]
         }))
         .unwrap();
