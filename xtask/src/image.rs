@@ -103,6 +103,12 @@ fn podman(dir: &Path) -> Command {
 /// Builds the image from `weft` (with `weft-cni` beside it) and writes it
 /// as an OCI archive to `out`. Debug symbols are stripped from the copies.
 pub fn build(weft: &Path, out: &Path) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "building the image needs root (mmdebstrap --mode=root, podman import): run `sudo cargo xtask image`"
+        );
+    }
     let codename = codename()?;
     let base = base(&codename)?;
     let work = workspace().join("target/image");
