@@ -601,20 +601,18 @@ fn pinned_maps_of_another_layout_are_replaced_or_refused() {
     // An older version's counters, with fewer reasons (as before
     // `not_local` and `to_stack` existed): replaced, not reused with the
     // new reasons silently uncounted.
+    const OLD_DROPS: &[&str] = &[
+        "type",
+        "percpu_array",
+        "key",
+        "4",
+        "value",
+        "8",
+        "entries",
+        "2",
+    ];
     lab.stop(&agent);
-    pin_other(
-        "WEFT_DROPS",
-        &[
-            "type",
-            "percpu_array",
-            "key",
-            "4",
-            "value",
-            "8",
-            "entries",
-            "2",
-        ],
-    );
+    pin_other("WEFT_DROPS", OLD_DROPS);
     c.start_agent(&mut lab, 0);
     wait_log(&lab, &agent, "agent: ready");
     assert!(
@@ -638,19 +636,7 @@ fn pinned_maps_of_another_layout_are_replaced_or_refused() {
         "WEFT_ENDPOINTS",
         &["type", "hash", "key", "4", "value", "4", "entries", "16"],
     );
-    pin_other(
-        "WEFT_DROPS",
-        &[
-            "type",
-            "percpu_array",
-            "key",
-            "4",
-            "value",
-            "8",
-            "entries",
-            "2",
-        ],
-    );
+    pin_other("WEFT_DROPS", OLD_DROPS);
     c.start_agent(&mut lab, 0);
     wait_log(&lab, &agent, "weft down");
     let log = lab.log(&agent);
