@@ -249,9 +249,25 @@ fn restart_agent(lab: &mut Lab, c: &Cluster, i: usize, extra: &[&str]) {
     });
 }
 
-fn masquerade_rules(node: &Netns) -> bool {
-    node.sh("iptables", &["-t", "nat", "-S"])
+/// Whether weft's masquerade chain is in `node`'s nat table, as `iptables`
+/// (the system's, or a flavour such as `iptables-legacy`) lists it.
+fn masquerade_rules_in(node: &Netns, iptables: &str) -> bool {
+    node.sh(iptables, &["-t", "nat", "-S"])
         .contains(weft_agent::masq::CHAIN)
+}
+
+fn masquerade_rules(node: &Netns) -> bool {
+    masquerade_rules_in(node, "iptables")
+}
+
+/// A host outside the cluster, on the underlay, with no route to the pods
+/// (only an answer to a node's own address can come back), echoing on
+/// [`ECHO_PORT`]: its address and server.
+fn outside_host(lab: &mut Lab, c: &Cluster) -> (Ipv4Addr, EchoServer) {
+    let outside = lab.netns("out");
+    let ip = c.underlay.plug(&outside, 200);
+    let echo = EchoServer::start(&outside, ip, ECHO_PORT);
+    (ip, echo)
 }
 
 #[test]
@@ -261,11 +277,7 @@ fn pods_reach_the_outside_behind_their_nodes_address() {
     }
     let mut lab = Lab::new("msq");
     let c = Cluster::start(&mut lab, ClusterSpec::pair());
-    // A host outside the cluster, on the underlay, with no route to the pods:
-    // only an answer to the node's own address can come back.
-    let outside = lab.netns("out");
-    let outside_ip = c.underlay.plug(&outside, 200);
-    let _echo = EchoServer::start(&outside, outside_ip, ECHO_PORT);
+    let (outside_ip, _echo) = outside_host(&mut lab, &c);
     let (pod, node) = (&c.pods[0], &c.nodes[0].ns);
 
     assert!(masquerade_rules(node), "installed by default (--ip-masq)");
@@ -424,14 +436,9 @@ fn masquerade_goes_where_kube_proxys_rules_are() {
     }
     let mut lab = Lab::new("mlg");
     let c = Cluster::start(&mut lab, ClusterSpec::pair());
-    let outside = lab.netns("out");
-    let outside_ip = c.underlay.plug(&outside, 200);
-    let _echo = EchoServer::start(&outside, outside_ip, ECHO_PORT);
+    let (outside_ip, _echo) = outside_host(&mut lab, &c);
     let (pod, node) = (&c.pods[0], &c.nodes[0].ns);
-    let in_table = |iptables: &str| {
-        node.sh(iptables, &["-t", "nat", "-S"])
-            .contains(weft_agent::masq::CHAIN)
-    };
+    let in_table = |iptables: &str| masquerade_rules_in(node, iptables);
     assert!(in_table("iptables") && !in_table("iptables-legacy"));
 
     // kube-proxy on this node uses iptables-legacy (its nat rules, as it
