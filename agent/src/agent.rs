@@ -341,6 +341,23 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let decap = attach_decap(&mut dp, cfg.decap, &iface.name)?;
     dp.attach_host(HOST_IFACE)?;
     dp.pin_pod_programs()?;
+    // Before re-pointing: the pods' links then run programs whose endpoints
+    // map knows them (it may be new: replaced, or its pin lost).
+    match crate::endpoint::restore(&cfg.bpffs_dir, &me.pod_cidr) {
+        Ok(r) if r.restored > 0 => {
+            tracing::warn!(
+                restored = r.restored,
+                present = r.present,
+                "the endpoints map was missing pods (new, replaced or its pin lost); restored them from the node's routes"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(
+                "could not restore the node's pods into the endpoints map: {e}. Pods without an entry cannot send until they are re-created"
+            );
+        }
+    }
     let repointed = dp.repoint_pods()?;
     tracing::info!(decap = %decap, pins = %cfg.bpffs_dir.display(), pods = repointed, "dataplane attached");
 

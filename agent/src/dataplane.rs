@@ -101,14 +101,6 @@ pub enum DataplaneError {
         path: PathBuf,
         source: aya::programs::links::LinkError,
     },
-    #[error(
-        "{path} was pinned by a weft whose map layout differs ({pinned}; this version: {wanted}). It holds the pods' endpoints, which this version cannot carry over: go back to the earlier version, or drain the node, run `weft down`, start this version and re-create the node's pods"
-    )]
-    PinnedLayout {
-        path: PathBuf,
-        pinned: MapLayout,
-        wanted: MapLayout,
-    },
     #[error("{path}: {source}. Is bpffs mounted at /sys/fs/bpf (`mount -t bpf bpf /sys/fs/bpf`)?")]
     Io {
         path: PathBuf,
@@ -138,10 +130,12 @@ impl std::fmt::Display for MapLayout {
     }
 }
 
-/// Maps whose contents the agent rebuilds (the registry, counters, recorded
-/// flows): a pin of another layout is replaced by an empty map. The
-/// endpoints map is the CNI plugin's record of the node's pods and is not.
-const REBUILT_MAPS: [&str; 5] = [
+/// The pinned maps. Each is rebuilt when it is replaced: the registry's by
+/// the next sync, the counters and recorded flows start empty, and the
+/// endpoints (the CNI plugin's record of the node's pods) are restored from
+/// the pods' routes and neighbours ([`crate::endpoint::restore`]).
+const PINNED_MAPS: [&str; 6] = [
+    names::ENDPOINTS,
     names::REMOTE_CIDRS,
     names::NODES,
     names::STACK_FLOWS,
@@ -150,14 +144,14 @@ const REBUILT_MAPS: [&str; 5] = [
 ];
 
 /// Compares each pinned map under `pin_dir` with this build's definition.
-/// A rebuilt map of another layout (say an older version's counters, with
-/// fewer reasons) is unpinned, so loading creates it anew — the programs
-/// still attached keep the old one until they are replaced. An endpoints
-/// map of another layout is an error, found before anything is unpinned.
+/// A map of another layout (say an older version's counters, with fewer
+/// reasons) is unpinned, so loading creates it anew — the programs still
+/// attached keep the old one until they are replaced, so pods keep
+/// forwarding meanwhile.
 pub fn replace_stale_pins(pin_dir: &Path) -> Result<(), DataplaneError> {
     let object =
         aya_obj::Object::parse(OBJECT).map_err(|e| DataplaneError::Layout(e.to_string()))?;
-    for name in [names::ENDPOINTS].into_iter().chain(REBUILT_MAPS) {
+    for name in PINNED_MAPS {
         let def = object
             .maps
             .get(name)
@@ -183,18 +177,15 @@ pub fn replace_stale_pins(pin_dir: &Path) -> Result<(), DataplaneError> {
         if pinned == wanted {
             continue;
         }
-        if name == names::ENDPOINTS {
-            return Err(DataplaneError::PinnedLayout {
-                path,
-                pinned,
-                wanted,
-            });
-        }
         fs::remove_file(&path).map_err(|source| DataplaneError::Io {
             path: path.clone(),
             source,
         })?;
-        tracing::warn!(map = name, %pinned, %wanted, "a pinned map had another version's layout; replaced it with an empty one");
+        if name == names::ENDPOINTS {
+            tracing::warn!(map = name, %pinned, %wanted, "the pinned endpoints map had another version's layout; replaced it, the node's pods are restored from their routes");
+        } else {
+            tracing::warn!(map = name, %pinned, %wanted, "a pinned map had another version's layout; replaced it with an empty one");
+        }
     }
     Ok(())
 }
@@ -577,6 +568,16 @@ pub fn attach_pod(pin_dir: &Path, iface: &str) -> Result<(), DataplaneError> {
         }
     }
     Ok(())
+}
+
+/// Whether `iface` has weft's pod programs: with TCX, whether its ingress
+/// link is pinned; with netlink filters (not pinned) always `false`, so the
+/// caller attaches (which replaces weft's filter in place).
+pub fn pod_attached(pin_dir: &Path, iface: &str) -> bool {
+    has_tcx()
+        && POD_PROGRAMS
+            .iter()
+            .all(|(_, _, dir, _)| pin_dir.join(dir).join(iface).exists())
 }
 
 /// Removes a pod's link pins (with TCX that detaches them; netlink filters

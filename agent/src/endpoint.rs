@@ -10,6 +10,7 @@ use std::{
 use weft_common::Endpoint;
 
 use crate::{
+    cidr::Ipv4Cidr,
     dataplane::{self, DataplaneError, Maps, ip_key},
     ip::{self, CmdError},
     netdev,
@@ -29,6 +30,8 @@ pub enum EndpointError {
     Dataplane(#[from] DataplaneError),
     #[error("could not read the pod interface's MAC: {0}")]
     Mac(String),
+    #[error("could not read the node's {what} (`ip -j {what} show`): {detail}")]
+    KernelState { what: &'static str, detail: String },
 }
 
 /// One pod attachment.
@@ -250,6 +253,131 @@ pub fn del(
     Ok(())
 }
 
+/// A pod as the node's kernel shows it: the /32 route and the permanent
+/// neighbour [`add`] put on its host-side veth.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub ip: Ipv4Addr,
+    pub host_ifname: String,
+    pub pod_mac: [u8; 6],
+}
+
+/// What [`restore`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Pods whose entry was missing and was put back.
+    pub restored: usize,
+    /// Pods whose entry was already there.
+    pub present: usize,
+}
+
+/// Whether `name` is a host-side veth name from [`host_ifname`].
+fn is_pod_ifname(name: &str) -> bool {
+    name.len() == 14 && name.starts_with("weft") && name[4..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The node's pods in `subnet`, from `ip -j route show` and `ip -j neigh
+/// show nud permanent` output: a pod is an address with both a /32 route
+/// and a permanent neighbour on the same weft host-side veth.
+pub fn pods_in(
+    routes: &str,
+    neighbours: &str,
+    subnet: &Ipv4Cidr,
+) -> Result<Vec<Found>, EndpointError> {
+    fn parse(what: &'static str, json: &str) -> Result<Vec<serde_json::Value>, EndpointError> {
+        serde_json::from_str(json).map_err(|e| EndpointError::KernelState {
+            what,
+            detail: e.to_string(),
+        })
+    }
+    let str_of = |v: &serde_json::Value, k: &str| v[k].as_str().map(str::to_owned);
+    let routes: Vec<(Ipv4Addr, String)> = parse("route", routes)?
+        .iter()
+        .filter_map(|r| Some((str_of(r, "dst")?.parse().ok()?, str_of(r, "dev")?)))
+        .collect();
+    let mut found: Vec<Found> = parse("neigh", neighbours)?
+        .iter()
+        .filter_map(|n| {
+            let ip: Ipv4Addr = str_of(n, "dst")?.parse().ok()?;
+            let dev = str_of(n, "dev")?;
+            let permanent = n["state"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s == "PERMANENT"));
+            (permanent
+                && is_pod_ifname(&dev)
+                && subnet.contains(ip)
+                && routes.iter().any(|(dst, d)| *dst == ip && *d == dev))
+            .then(|| {
+                Some(Found {
+                    ip,
+                    pod_mac: netdev::parse_mac(&str_of(n, "lladdr")?)?,
+                    host_ifname: dev,
+                })
+            })
+            .flatten()
+        })
+        .collect();
+    found.sort_by_key(|f| f.ip);
+    Ok(found)
+}
+
+/// Puts back the endpoint entry (and the pod programs) of every pod on
+/// this node whose entry is missing from the endpoints map: after the map
+/// was replaced (another version's layout) or its pin lost (bpffs
+/// remounted), the node's routes and neighbours still say where each pod
+/// is. Entries already there are left as they are. The XDP-redirect flag
+/// is not known from here and stays off: XDP decap hands those pods'
+/// packets to the stack, which delivers them by the pod's route.
+pub fn restore(pin_dir: &Path, subnet: &Ipv4Cidr) -> Result<Restored, EndpointError> {
+    let kernel = |what: &'static str, args: &[&str]| {
+        ip::ip(args).map_err(|e| EndpointError::KernelState {
+            what,
+            detail: e.to_string(),
+        })
+    };
+    let routes = kernel("route", &["-j", "route", "show"])?;
+    let neighbours = kernel("neigh", &["-j", "neigh", "show", "nud", "permanent"])?;
+    let mut maps = Maps::open(pin_dir)?;
+    let mut done = Restored::default();
+    for pod in pods_in(&routes, &neighbours, subnet)? {
+        if maps.endpoints.get(&ip_key(pod.ip), 0).is_ok() {
+            done.present += 1;
+            continue;
+        }
+        let host_if = match netdev::get(&pod.host_ifname) {
+            Ok(i) => i,
+            // Gone since the listing (a DEL in between): nothing to restore.
+            Err(e) => {
+                tracing::info!(pod = %pod.ip, iface = %pod.host_ifname, "not restored: {e}");
+                continue;
+            }
+        };
+        let ep = Endpoint {
+            ifindex: host_if.index,
+            pod_mac: pod.pod_mac,
+            host_mac: host_if.mac,
+            flags: 0,
+        };
+        maps.endpoints
+            .insert(ip_key(pod.ip), ep, 0)
+            .map_err(|source| DataplaneError::Map {
+                name: weft_common::names::ENDPOINTS,
+                source,
+            })?;
+        if !dataplane::pod_attached(pin_dir, &pod.host_ifname)
+            && let Err(e) = dataplane::attach_pod(pin_dir, &pod.host_ifname)
+        {
+            // Say a DEL removed the veth meanwhile; the others still count.
+            let _ = maps.endpoints.remove(&ip_key(pod.ip));
+            tracing::warn!(pod = %pod.ip, iface = %pod.host_ifname, "not restored: {e}");
+            continue;
+        }
+        tracing::info!(pod = %pod.ip, iface = %pod.host_ifname, "restored the pod's endpoint from its route and neighbour");
+        done.restored += 1;
+    }
+    Ok(done)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,5 +389,43 @@ mod tests {
         assert_ne!(a, host_ifname("abc", "eth1"));
         assert_ne!(a, host_ifname("abd", "eth0"));
         assert!(a.len() < 16, "{a}");
+        assert!(is_pod_ifname(&a), "{a}");
+        assert!(!is_pod_ifname("weft0"));
+    }
+
+    #[test]
+    fn pods_are_found_from_routes_and_permanent_neighbours() {
+        let subnet: Ipv4Cidr = "198.19.1.0/24".parse().unwrap();
+        let routes = r#"[
+            {"dst":"default","gateway":"198.18.0.254","dev":"und0"},
+            {"dst":"198.19.1.5","dev":"weft00000000a5","scope":"link","flags":[]},
+            {"dst":"198.19.1.6","dev":"weft00000000a6","scope":"link","flags":[]},
+            {"dst":"198.19.1.7","dev":"weft00000000a7","scope":"link","flags":[]},
+            {"dst":"198.19.2.8","dev":"weft00000000a8","scope":"link","flags":[]},
+            {"dst":"198.19.1.9","dev":"eth9","scope":"link","flags":[]}
+        ]"#;
+        let neigh = r#"[
+            {"dst":"198.19.1.5","dev":"weft00000000a5","lladdr":"02:00:00:00:00:05","state":["PERMANENT"]},
+            {"dst":"198.19.1.6","dev":"weft00000000a6","lladdr":"02:00:00:00:00:06","state":["REACHABLE"]},
+            {"dst":"198.19.1.7","dev":"weft00000000ff","lladdr":"02:00:00:00:00:07","state":["PERMANENT"]},
+            {"dst":"198.19.2.8","dev":"weft00000000a8","lladdr":"02:00:00:00:00:08","state":["PERMANENT"]},
+            {"dst":"198.19.1.9","dev":"eth9","lladdr":"02:00:00:00:00:09","state":["PERMANENT"]}
+        ]"#;
+        // Only .5 is a pod: .6's neighbour is not permanent, .7's is on
+        // another device than its route, .8 is outside the subnet, .9 is
+        // not behind a weft veth.
+        assert_eq!(
+            pods_in(routes, neigh, &subnet).unwrap(),
+            vec![Found {
+                ip: "198.19.1.5".parse().unwrap(),
+                host_ifname: "weft00000000a5".into(),
+                pod_mac: [2, 0, 0, 0, 0, 5],
+            }]
+        );
+        assert!(pods_in("[]", "[]", &subnet).unwrap().is_empty());
+        assert!(matches!(
+            pods_in("not json", "[]", &subnet),
+            Err(EndpointError::KernelState { what: "route", .. })
+        ));
     }
 }

@@ -564,8 +564,8 @@ fn underlay_from_the_default_route_and_public_ip_override() {
 }
 
 #[test]
-fn pinned_maps_of_another_layout_are_replaced_or_refused() {
-    if !privileged("pinned_maps_of_another_layout_are_replaced_or_refused") {
+fn pinned_maps_of_another_layout_are_replaced_and_pods_restored() {
+    if !privileged("pinned_maps_of_another_layout_are_replaced_and_pods_restored") {
         return;
     }
     let mut lab = Lab::new("lay");
@@ -628,25 +628,101 @@ fn pinned_maps_of_another_layout_are_replaced_or_refused() {
     assert!(ping(&a.ns, b.ip, 2), "pods connected after the replacement");
     assert!(ping(&b.ns, a.ip, 2));
 
-    // The endpoints map of another layout cannot be carried over: the
-    // agent refuses, says what to do, and leaves the running dataplane (and
-    // every pin, even one it would otherwise replace) be.
+    // The endpoints map of another layout (the CNI plugin's record of the
+    // pods) is replaced too, and the node's pod is put back into it from its
+    // route and neighbour: the re-pointed pod programs drop everything a pod
+    // sends without its entry (as spoofed), so the pings need it.
     lab.stop(&agent);
     pin_other(
         "WEFT_ENDPOINTS",
         &["type", "hash", "key", "4", "value", "4", "entries", "16"],
     );
-    pin_other("WEFT_DROPS", OLD_DROPS);
     c.start_agent(&mut lab, 0);
-    wait_log(&lab, &agent, "weft down");
+    wait_log(&lab, &agent, "agent: ready");
     let log = lab.log(&agent);
     assert!(
-        log.contains("WEFT_ENDPOINTS") && log.contains("holds the pods' endpoints"),
+        log.contains("pinned endpoints map had another version's layout")
+            && log.contains("restored the pod's endpoint"),
         "{log}"
     );
-    assert!(
-        ping(&a.ns, b.ip, 2),
-        "the programs attached before keep forwarding"
+    assert_eq!(
+        max_entries("WEFT_ENDPOINTS"),
+        16384,
+        "the pin has this build's layout (dataplane-ebpf/src/maps.rs)"
     );
-    assert_eq!(max_entries("WEFT_DROPS"), 2, "nothing was unpinned");
+    assert_eq!(local_endpoints(&c, 0), vec![a.ip.to_string()]);
+    assert!(ping(&a.ns, b.ip, 2), "the restored pod sends");
+    assert!(ping(&b.ns, a.ip, 2), "and receives");
+}
+
+/// The IPs in node `i`'s endpoints map.
+fn local_endpoints(c: &Cluster, i: usize) -> Vec<String> {
+    c.status(i)["endpoints"]
+        .as_array()
+        .expect("endpoints list")
+        .iter()
+        .map(|e| e["ip"].as_str().expect("ip").to_string())
+        .collect()
+}
+
+#[test]
+fn pods_survive_weft_down_and_a_new_agent() {
+    if !privileged("pods_survive_weft_down_and_a_new_agent") {
+        return;
+    }
+    // `weft down` removes every pin (maps and links) and weft0, as does a
+    // node whose bpffs is lost, but not the pods: their veths, routes and
+    // neighbours stay. The next agent puts them back in the dataplane.
+    let mut lab = Lab::new("down");
+    let c = Cluster::start(&mut lab, ClusterSpec::pair());
+    let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
+    let n = c.nodes[0].clone();
+    let agent = Cluster::agent_name(0);
+    let host_if = weft_agent::endpoint::host_ifname(&a.name, "eth0");
+    lab.stop(&agent);
+    let out =
+        n.ns.command(weft_bin())
+            .arg("down")
+            .arg("--bpffs-dir")
+            .arg(&n.bpffs)
+            .arg("--run-dir")
+            .arg(&n.run_dir)
+            .output()
+            .unwrap();
+    assert!(
+        out.status.success(),
+        "weft down: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!n.bpffs.exists(), "every pin removed");
+    assert!(!ping(&a.ns, b.ip, 1), "no dataplane on node 1");
+
+    c.start_agent(&mut lab, 0);
+    wait_log(&lab, &agent, "agent: ready");
+    assert!(
+        lab.log(&agent)
+            .contains("restored them from the node's routes"),
+        "{}",
+        lab.log(&agent)
+    );
+    assert_eq!(local_endpoints(&c, 0), vec![a.ip.to_string()]);
+    if weft_agent::dataplane::has_tcx() {
+        assert!(
+            n.bpffs.join("pods").join(&host_if).exists(),
+            "the pod's program is attached again (its link pinned)"
+        );
+    }
+    let spoofed_before = c.counter(0, "spoofed_source");
+    assert!(ping(&a.ns, b.ip, 2), "the pod sends again");
+    assert!(ping(&b.ns, a.ip, 2), "and receives");
+    assert_eq!(
+        c.counter(0, "spoofed_source"),
+        spoofed_before,
+        "its packets pass weft_from_pod's source check"
+    );
+    // A pod created after the restart sits next to the restored one.
+    let mut c = c;
+    let p = c.add_pod(&mut lab, 0, 1);
+    assert!(ping(&p.ns, a.ip, 2), "new pod to restored pod, same node");
+    assert!(ping(&p.ns, b.ip, 2), "new pod to remote pod");
 }
