@@ -66,5 +66,11 @@ echo "GUEST pod veth filters: ingress $(podf ingress), egress $(podf egress)"
 kill $(cat /tmp/a2b.log.pid); sleep 1
 $NS --net=/run/netns/n2 $WEFT down --bpffs-dir /bpf/n2 --run-dir /tmp/run2 > /dev/null 2>&1
 echo "GUEST after down: tc filters on u2 $($NS --net=/run/netns/n2 /usr/sbin/tc filter show dev u2 ingress | grep -c bpf), xdp $($NS --net=/run/netns/n2 $IP link show u2 | grep -c xdp), pod veth $(podf ingress) $(podf egress)"
+# The pods outlive `weft down`: the next agent puts them back in the
+# dataplane from their routes and neighbours (netlink filters here).
+agent 2 /tmp/a2c.log
+grep -q "restored them from the node's routes" /tmp/a2c.log && R=restored || R="not restored"
+$NS --net=/run/netns/p1 ping -c 3 -W 2 198.19.2.10 > /dev/null 2>&1 && P="ping ok" || P="ping FAILED"
+echo "GUEST after down, a new agent: $R, $P, pod veth filters $(podf ingress) $(podf egress)"
 echo "GUEST done"
 poweroff -f

@@ -1,26 +1,66 @@
 #!/bin/bash
 # Runs weft on another kernel in an emulated QEMU guest (TCG: correctness,
 # never speed) and checks it: `cargo xtask vm-check` calls this after a
-# release build. Debian's 6.1 LTS cloud kernel by default (KERNEL_PKG to
-# pick another linux-image package). Needs qemu-system-x86 and cpio
-# (installed if missing). Everything is cached under $WEFT_CACHE_DIR/vm.
+# release build. WEFT_VM_KERNEL picks the kernel:
+#   debian-6.1   Debian's 6.1 LTS cloud kernel (the default; KERNEL_PKG to
+#                pick another Debian linux-image package), from apt;
+#   ubuntu-5.15  Ubuntu 22.04's 5.15 generic kernel (the newest in
+#                jammy-updates), from $UBUNTU_MIRROR (archive.ubuntu.com).
+# Needs qemu-system-x86 and cpio (installed if missing), and curl and xz for
+# Ubuntu's. Everything is cached under $WEFT_CACHE_DIR/vm. Exits 3 when the
+# kernel cannot be downloaded (nothing about weft was checked).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 weft=${WEFT_BIN:-$here/../../target/release/weft}
 cache=${WEFT_CACHE_DIR:-/var/cache/weft}/vm
-pkg=${KERNEL_PKG:-$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image/ {print $2; exit}')}
+kernel=${WEFT_VM_KERNEL:-debian-6.1}
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v cpio >/dev/null || need+=(cpio)
+command -v curl >/dev/null || need+=(curl)
+command -v xz >/dev/null || need+=(xz-utils)
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> vm-check: installing ${need[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" >/dev/null
 fi
 mkdir -p "$cache"
-if [ ! -d "$cache/$pkg" ]; then
-  echo "==> vm-check: fetching $pkg"
-  (cd "$cache" && apt-get download "$pkg" >/dev/null 2>&1 && dpkg-deb -x "$pkg"_*.deb "$pkg.tmp" && mv "$pkg.tmp" "$pkg" && rm -f "$pkg"_*.deb)
-fi
+unreachable() { echo "==> vm-check: could not download $1 (network or mirror down?); nothing was checked on $kernel" >&2; exit 3; }
+case $kernel in
+debian-6.1)
+  pkg=${KERNEL_PKG:-$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image/ {print $2; exit}')}
+  if [ ! -d "$cache/$pkg" ]; then
+    echo "==> vm-check: fetching $pkg"
+    (cd "$cache" && apt-get download "$pkg" >/dev/null 2>&1 && dpkg-deb -x "$pkg"_*.deb "$pkg.tmp" && mv "$pkg.tmp" "$pkg" && rm -f "$pkg"_*.deb) || unreachable "$pkg"
+  fi
+  ;;
+ubuntu-5.15)
+  # The kernel image and the modules package (veth, bridge, sch_ingress and
+  # cls_bpf are there, not in -extra), unpacked together. A cached one is
+  # used as it is: no network needed once fetched.
+  pkg=$(cd "$cache" && ls -d ubuntu-linux-5.15.0-*-generic 2>/dev/null | sort -V | tail -1 || true)
+  if [ -z "$pkg" ]; then
+    mirror=${UBUNTU_MIRROR:-http://archive.ubuntu.com/ubuntu}
+    index=$(curl -fsS --retry 3 "$mirror/dists/jammy-updates/main/binary-amd64/Packages.xz" | xz -dc) || unreachable "the jammy-updates package index"
+    ver=$(sed -n 's/^Package: linux-image-unsigned-\(5\.15\.0-[0-9]*-generic\)$/\1/p' <<<"$index" | sort -V | tail -1)
+    [ -n "$ver" ] || unreachable "a linux-image-unsigned-5.15.0-*-generic entry"
+    pkg=ubuntu-linux-$ver
+    echo "==> vm-check: fetching Ubuntu's linux $ver"
+    rm -rf "$cache/$pkg.tmp"
+    for p in linux-image-unsigned-$ver linux-modules-$ver; do
+      file=$(awk -v RS= -v p="Package: $p" 'index($0, p "\n") == 1' <<<"$index" | sed -n 's/^Filename: //p')
+      [ -n "$file" ] || unreachable "$p (not in the index)"
+      curl -fsS --retry 3 -o "$cache/$p.deb" "$mirror/$file" || unreachable "$p"
+      dpkg-deb -x "$cache/$p.deb" "$cache/$pkg.tmp"
+      rm -f "$cache/$p.deb"
+    done
+    mv "$cache/$pkg.tmp" "$cache/$pkg"
+  fi
+  ;;
+*)
+  echo "WEFT_VM_KERNEL=$kernel: expected debian-6.1 or ubuntu-5.15" >&2
+  exit 2
+  ;;
+esac
 kdir=$cache/$pkg
 kver=$(ls "$kdir/lib/modules")
 work=$(mktemp -d /tmp/weft-vm.XXXXXX)
@@ -61,6 +101,7 @@ for mode in tc xdp; do
   check "^GUEST ping after restart ok"
   check "^GUEST pod veth filters: ingress 1, egress 1"
   check "^GUEST after down: tc filters on u2 0, xdp 0, pod veth 0 0"
+  check "^GUEST after down, a new agent: restored, ping ok, pod veth filters 1 1"
   check "^GUEST done"
 done
 [ $fail = 0 ] && echo "==> vm-check: ok on $kver" || { echo "==> vm-check: FAILED on $kver"; exit 1; }
