@@ -680,15 +680,7 @@ fn pods_survive_weft_down_and_a_new_agent() {
     let agent = Cluster::agent_name(0);
     let host_if = weft_agent::endpoint::host_ifname(&a.name, "eth0");
     lab.stop(&agent);
-    let out =
-        n.ns.command(weft_bin())
-            .arg("down")
-            .arg("--bpffs-dir")
-            .arg(&n.bpffs)
-            .arg("--run-dir")
-            .arg(&n.run_dir)
-            .output()
-            .unwrap();
+    let out = c.weft(0, &["down"]);
     assert!(
         out.status.success(),
         "weft down: {}",
