@@ -13,7 +13,7 @@ use weft_common::VXLAN_OVERHEAD;
 use crate::{
     cidr::Ipv4Cidr,
     config::{AgentSettings, DecapMode, RegistryKind},
-    dataplane::{self, Dataplane, DataplaneError, Globals, Maps},
+    dataplane::{self, Dataplane, DataplaneError, Globals, Hook, Maps},
     ip::{self, CmdError},
     metrics::{AgentMetrics, Server},
     netdev::{self, NetdevError},
@@ -151,7 +151,11 @@ fn pick_by_pattern(pattern: &str) -> Result<String, NetdevError> {
 /// Attaches the decap program where `mode` says, detaching the other one
 /// (left pinned by a run in the other mode). Returns what is attached, for
 /// the log: `xdp (Driver)`, `tc (underlay driver "veth")`, ...
-fn attach_decap(dp: &mut Dataplane, mode: DecapMode, iface: &str) -> Result<String, AgentError> {
+fn attach_decap(
+    dp: &mut Dataplane,
+    mode: DecapMode,
+    iface: &str,
+) -> Result<(Hook, String), AgentError> {
     let driver = netdev::driver(iface).unwrap_or_default();
     let xdp = match mode {
         DecapMode::Xdp => dp.attach_xdp(iface, false)?,
@@ -163,14 +167,101 @@ fn attach_decap(dp: &mut Dataplane, mode: DecapMode, iface: &str) -> Result<Stri
     };
     dp.set_underlay_tc(iface, xdp.is_none())?;
     Ok(match xdp {
-        Some(m) => {
-            format!("xdp ({m:?})")
-        }
+        Some(m) => (Hook::UnderlayXdp, format!("xdp ({m:?})")),
         None => {
             dp.detach_xdp();
-            format!("tc (underlay driver {driver:?})")
+            (Hook::UnderlayTc, format!("tc (underlay driver {driver:?})"))
         }
     })
+}
+
+/// How often the agent checks that its programs are still attached.
+const HOOK_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What the hook check needs to know, and what it said last (so that a
+/// lasting problem is logged once, not every few seconds).
+struct Keeper {
+    underlay: String,
+    underlay_index: u32,
+    decap: Hook,
+    subnet: Ipv4Cidr,
+    pod_mtu: u32,
+    last_problem: Option<String>,
+    /// Set (for `/healthz`) when only a restart can help.
+    unhealthy: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Keeper {
+    /// Puts back what something else removed: `weft0` (with its address and
+    /// routes), the decap program on the underlay, the host program on
+    /// `weft0`. Flannel's vxlan device cannot lose its hooks this way; weft's
+    /// programs can (`tc qdisc del dev X clsact` before 6.6, `bpftool link
+    /// detach`), and a node whose decap is gone drops every packet for its
+    /// pods without a word.
+    fn check(&mut self, dp: &mut Dataplane, cfg: &AgentConfig, metrics: &AgentMetrics) {
+        let repaired = |what: &str| {
+            metrics
+                .repairs
+                .get_or_create(&vec![("hook".into(), what.into())])
+                .inc();
+        };
+        let mut problem = None;
+        let mut needs_restart = false;
+        match netdev::index(&self.underlay) {
+            Some(i) if i == self.underlay_index => {
+                if netdev::index(HOST_IFACE).is_none() {
+                    tracing::warn!(
+                        "{HOST_IFACE} is gone (deleted by something else?); creating it again"
+                    );
+                    match setup_host_iface(cfg, &self.subnet, self.pod_mtu, &self.underlay) {
+                        Ok(()) => repaired("weft0"),
+                        Err(e) => problem = Some(format!("re-creating {HOST_IFACE}: {e}")),
+                    }
+                }
+                for (hook, iface) in [
+                    (self.decap, self.underlay.as_str()),
+                    (Hook::Host, HOST_IFACE),
+                ] {
+                    match dp.ensure(hook, iface) {
+                        Ok(true) => {
+                            tracing::warn!(hook = hook.name(), %iface, "weft's program was no longer attached (removed by something else?); attached it again");
+                            repaired(hook.name());
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            problem = Some(format!(
+                                "checking the {} program on {iface}: {e}",
+                                hook.name()
+                            ))
+                        }
+                    }
+                }
+            }
+            Some(i) => {
+                needs_restart = true;
+                problem = Some(format!(
+                    "the underlay interface {} was re-created (index {} → {i}); the dataplane was loaded for the old one: restart the agent",
+                    self.underlay, self.underlay_index
+                ))
+            }
+            None => {
+                needs_restart = true;
+                problem = Some(format!(
+                    "the underlay interface {} is gone; pods on this node are cut off from other nodes until it is back and the agent restarted",
+                    self.underlay
+                ))
+            }
+        }
+        *self.unhealthy.lock().expect("health lock") = problem.clone().filter(|_| needs_restart);
+        if problem != self.last_problem {
+            if let Some(p) = &problem {
+                tracing::error!("{p}");
+            } else {
+                tracing::info!("the dataplane's hooks are all in place again");
+            }
+            self.last_problem = problem;
+        }
+    }
 }
 
 /// Sets up `weft0`: a device holding the gateway address, with the cluster
@@ -290,6 +381,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             source,
         })?;
     let ready = server.ready.clone();
+    let unhealthy = server.unhealthy.clone();
     tokio::spawn(async move {
         if let Err(e) = server.serve(listener).await {
             tracing::error!("metrics endpoint stopped: {e}");
@@ -338,7 +430,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         dataplane::spawn_bpf_logger(&mut dp.ebpf)?;
         tracing::debug!("BPF debug logging is on");
     }
-    let decap = attach_decap(&mut dp, cfg.decap, &iface.name)?;
+    let (decap_hook, decap) = attach_decap(&mut dp, cfg.decap, &iface.name)?;
     dp.attach_host(HOST_IFACE)?;
     dp.pin_pod_programs()?;
     // Before re-pointing: the pods' links then run programs whose endpoints
@@ -418,6 +510,17 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
 
     let mut stats_tick =
         tokio::time::interval(cfg.stats_interval.unwrap_or(Duration::from_secs(3600)));
+    let mut keeper = Keeper {
+        underlay: iface.name.clone(),
+        underlay_index: iface.index,
+        decap: decap_hook,
+        subnet: me.pod_cidr,
+        pod_mtu,
+        last_problem: None,
+        unhealthy,
+    };
+    let mut hook_tick = tokio::time::interval(HOOK_CHECK_INTERVAL);
+    hook_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -431,6 +534,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                     apply(&snap, &mut maps);
                 }
             }
+            _ = hook_tick.tick() => keeper.check(&mut dp, &cfg, &metrics),
             _ = stats_tick.tick(), if cfg.stats_interval.is_some() => {
                 let c = stats::read(&maps.drops, &maps.fwds);
                 println!("{}", crate::status::format_counters(&c));

@@ -310,9 +310,14 @@ impl Dataplane {
                         source,
                     }
                 })?;
-            xdp.attach_to_link(link)
-                .map_err(|source| DataplaneError::Program { name, source })?;
-            return Ok(Some(XdpMode::Default));
+            match xdp.attach_to_link(link) {
+                Ok(_) => return Ok(Some(XdpMode::Default)),
+                // Its device is gone (see attach_tc): replace it.
+                Err(e) => {
+                    tracing::info!(%iface, pin = %pin.display(), "the pinned XDP link cannot be updated ({e}); attaching anew");
+                    let _ = fs::remove_file(&pin);
+                }
+            }
         }
         let (id, mode) = match xdp.attach(iface, XdpMode::Driver) {
             Ok(id) => (id, XdpMode::Driver),
@@ -338,6 +343,53 @@ impl Dataplane {
         fd.pin(&pin)
             .map_err(|source| DataplaneError::Pin { path: pin, source })?;
         Ok(Some(mode))
+    }
+
+    /// Checks that weft's program is still at `hook` on `iface` and, if it
+    /// is not, attaches it again; returns whether it had to. Programs go
+    /// missing when something else removes them: `tc qdisc del dev X
+    /// clsact` takes netlink filters (kernels before 6.6) with it, `bpftool
+    /// link detach` ends a link, and a deleted device ends every link on it.
+    pub fn ensure(&mut self, hook: Hook, iface: &str) -> Result<bool, DataplaneError> {
+        let name = hook.program();
+        let err = |source| DataplaneError::Program { name, source };
+        let pin = self.pin_dir.join(hook.pin());
+        let dir = match hook {
+            Hook::UnderlayXdp => {
+                let xdp: &mut Xdp = program(&mut self.ebpf, name)?;
+                let ours = xdp.info().map_err(err)?.id();
+                if crate::netdev::xdp_prog_id(iface) == Some(ours) {
+                    return Ok(false);
+                }
+                // The link of a program that is not attached is defunct.
+                let _ = fs::remove_file(&pin);
+                self.attach_xdp(iface, false)?;
+                return Ok(true);
+            }
+            Hook::UnderlayTc => TcAttachType::Ingress,
+            Hook::Host => TcAttachType::Egress,
+        };
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+        if has_tcx() {
+            let ours = prog.info().map_err(err)?.id();
+            let (_, attached) = SchedClassifier::query_tcx(iface, dir).map_err(err)?;
+            if attached.iter().any(|p| p.id() == ours) {
+                return Ok(false);
+            }
+            let _ = fs::remove_file(&pin);
+            attach_tc(prog, name, iface, dir, &pin)?;
+            return Ok(true);
+        }
+        // Netlink filters cannot be listed through aya, but adding weft's
+        // anew fails (NLM_F_EXCL) exactly while it is there.
+        let _ = aya::programs::tc::qdisc_add_clsact(iface);
+        match prog.attach_with_options(iface, dir, nl_options()) {
+            Ok(id) => {
+                std::mem::forget(prog.take_link(id).map_err(err)?);
+                Ok(true)
+            }
+            Err(_) => Ok(false),
+        }
     }
 
     /// Detaches XDP decap from the underlay (after a switch to `tc`).
@@ -469,6 +521,54 @@ where
 pub const NL_PRIORITY: u16 = 0x7765;
 pub const NL_HANDLE: (u16, u16) = (0x7765, 0x6674);
 
+/// weft's netlink filter: its own priority and handle.
+fn nl_options() -> TcAttachOptions {
+    TcAttachOptions::Netlink(NlOptions {
+        priority: NL_PRIORITY,
+        handle: TcHandle::new(NL_HANDLE.0, NL_HANDLE.1),
+        ..Default::default()
+    })
+}
+
+/// The node-level attachment points the agent keeps (the pods' are the CNI
+/// plugin's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// XDP decap on the underlay.
+    UnderlayXdp,
+    /// TC ingress decap on the underlay.
+    UnderlayTc,
+    /// TC egress on `weft0`.
+    Host,
+}
+
+impl Hook {
+    /// As in logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::UnderlayXdp => "underlay_xdp",
+            Hook::UnderlayTc => "underlay_tc",
+            Hook::Host => "host",
+        }
+    }
+
+    fn program(self) -> &'static str {
+        match self {
+            Hook::UnderlayXdp => names::PROG_XDP_DECAP,
+            Hook::UnderlayTc => names::PROG_FROM_UNDERLAY,
+            Hook::Host => names::PROG_FROM_HOST,
+        }
+    }
+
+    fn pin(self) -> &'static str {
+        match self {
+            Hook::UnderlayXdp => PIN_LINK_XDP,
+            Hook::UnderlayTc => PIN_LINK_UNDERLAY,
+            Hook::Host => PIN_LINK_HOST,
+        }
+    }
+}
+
 /// Whether this kernel has TCX links (6.6+); before, TC programs are
 /// attached as netlink `cls_bpf` filters under a `clsact` qdisc.
 pub fn has_tcx() -> bool {
@@ -503,12 +603,7 @@ fn attach_tc(
         // added, leaving the ingress qdisc to others (e.g. the bandwidth
         // CNI plugin).
         let _ = aya::programs::tc::qdisc_add_clsact(iface);
-        let options = TcAttachOptions::Netlink(NlOptions {
-            priority: NL_PRIORITY,
-            handle: TcHandle::new(NL_HANDLE.0, NL_HANDLE.1),
-            ..Default::default()
-        });
-        let id = match prog.attach_with_options(iface, dir, options) {
+        let id = match prog.attach_with_options(iface, dir, nl_options()) {
             Ok(id) => id,
             // weft's filter is there (an earlier agent): replace its program.
             // If that fails too, the first error is the one that says why.
@@ -528,8 +623,15 @@ fn attach_tc(
                 source,
             },
         )?;
-        prog.attach_to_link(link).map_err(err)?;
-        return Ok(());
+        match prog.attach_to_link(link) {
+            Ok(_) => return Ok(()),
+            // A link whose device is gone (deleted, or deleted and made
+            // again under the same name) cannot be updated: replace it.
+            Err(e) => {
+                tracing::info!(%iface, pin = %pin.display(), "the pinned link cannot be updated ({e}); attaching anew");
+                let _ = fs::remove_file(pin);
+            }
+        }
     }
     let id = prog.attach(iface, dir).map_err(err)?;
     let link = prog.take_link(id).map_err(err)?;

@@ -12,7 +12,9 @@ use std::{
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{counter::ConstCounter, counter::Counter, gauge::ConstGauge, gauge::Gauge},
+    metrics::{
+        counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge, gauge::Gauge,
+    },
     registry::Registry,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,6 +29,8 @@ pub struct AgentMetrics {
     pub map_writes: Counter,
     pub registry_problems: Gauge,
     pub known_nodes: Gauge,
+    /// Programs (or `weft0`) found missing and put back, by hook.
+    pub repairs: Family<Vec<(String, String)>, Counter>,
 }
 
 /// Reads the dataplane's counters and map sizes at each scrape.
@@ -82,11 +86,14 @@ impl Collector for DataplaneCollector {
     }
 }
 
-/// The metrics registry and readiness flag served over HTTP.
+/// The metrics registry, readiness flag and health served over HTTP.
 #[derive(Clone)]
 pub struct Server {
     registry: Arc<Mutex<Registry>>,
     pub ready: Arc<AtomicBool>,
+    /// Why the agent needs a restart, if it does: `/healthz` then answers
+    /// 503 with this, so a liveness probe restarts it.
+    pub unhealthy: Arc<Mutex<Option<String>>>,
 }
 
 impl Server {
@@ -117,16 +124,25 @@ impl Server {
             "Nodes in the last applied snapshot.",
             agent.known_nodes.clone(),
         );
+        r.register(
+            "weft_dataplane_repairs",
+            "Times a program of the agent's (or weft0) was found gone and put back, by hook.",
+            agent.repairs.clone(),
+        );
         r.register_collector(Box::new(DataplaneCollector { pin_dir }));
         Self {
             registry: Arc::new(Mutex::new(r)),
             ready: Arc::new(AtomicBool::new(false)),
+            unhealthy: Arc::new(Mutex::new(None)),
         }
     }
 
     fn respond(&self, path: &str) -> (u16, String) {
         match path {
-            "/healthz" => (200, "ok\n".into()),
+            "/healthz" => match self.unhealthy.lock().expect("health lock").as_ref() {
+                Some(why) => (503, format!("unhealthy: {why}\n")),
+                None => (200, "ok\n".into()),
+            },
             "/readyz" if self.ready.load(Ordering::Relaxed) => (200, "ready\n".into()),
             "/readyz" => (503, "not ready: first sync not written yet\n".into()),
             "/metrics" => {

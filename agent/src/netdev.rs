@@ -42,6 +42,24 @@ pub fn index(name: &str) -> Option<u32> {
     (i != 0).then_some(i)
 }
 
+/// The id of the XDP program attached to `name` (any mode), from `ip -j
+/// link show`; `None` when there is none or it cannot be read.
+pub fn xdp_prog_id(name: &str) -> Option<u32> {
+    let out = crate::ip::ip(&["-j", "link", "show", "dev", name]).ok()?;
+    xdp_prog_id_in(&out)
+}
+
+fn xdp_prog_id_in(json: &str) -> Option<u32> {
+    let links: serde_json::Value = serde_json::from_str(json).ok()?;
+    let xdp = &links.get(0)?["xdp"];
+    // One program: `"xdp": {"mode": M, "prog": {"id": N, ...}}`; several
+    // (one per mode): `"xdp": {"mode": 4, "attached": [{"mode": M, "prog": ...}]}`.
+    xdp["prog"]["id"]
+        .as_u64()
+        .or_else(|| xdp["attached"].get(0)?["prog"]["id"].as_u64())
+        .and_then(|id| u32::try_from(id).ok())
+}
+
 /// Reads `name`'s index, MAC, MTU and first IPv4 address.
 pub fn get(name: &str) -> Result<Interface, NetdevError> {
     let index = index(name).ok_or_else(|| NetdevError::NotFound(name.into()))?;
@@ -256,6 +274,27 @@ pub fn vtep_mac_for(ip: Ipv4Addr) -> [u8; 6] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn xdp_program_ids_from_ip_json() {
+        assert_eq!(
+            xdp_prog_id_in(
+                r#"[{"ifname":"und0","xdp":{"mode":1,"prog":{"id":42,"name":"weft_xdp_decap"}}}]"#
+            ),
+            Some(42)
+        );
+        assert_eq!(
+            xdp_prog_id_in(
+                r#"[{"ifname":"und0","xdp":{"mode":4,"attached":[{"mode":2,"prog":{"id":7}}]}}]"#
+            ),
+            Some(7)
+        );
+        assert_eq!(
+            xdp_prog_id_in(r#"[{"ifname":"und0","flags":["UP"]}]"#),
+            None
+        );
+        assert_eq!(xdp_prog_id_in("not json"), None);
+    }
 
     #[test]
     fn mac_round_trip() {

@@ -718,3 +718,120 @@ fn pods_survive_weft_down_and_a_new_agent() {
     assert!(ping(&p.ns, a.ip, 2), "new pod to restored pod, same node");
     assert!(ping(&p.ns, b.ip, 2), "new pod to remote pod");
 }
+
+#[test]
+fn programs_removed_by_others_are_put_back() {
+    if !privileged("programs_removed_by_others_are_put_back") {
+        return;
+    }
+    let repairs = |n: &weft_tests::NodeInfo, hook: &str| -> u64 {
+        let (_, metrics) = http_get(&n.ns, "127.0.0.1:9807", "/metrics").expect("metrics");
+        let needle = format!("weft_dataplane_repairs_total{{hook=\"{hook}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&needle))
+            .map_or(0, |v| v.trim().parse().expect("a count"))
+    };
+    // Ends the link pinned at `pin` as `bpftool link detach` does: the pin
+    // stays, the program is off the device.
+    let detach = |n: &weft_tests::NodeInfo, pin: &str| {
+        let out = weft_tests::sh(
+            "bpftool",
+            &[
+                "-j",
+                "link",
+                "show",
+                "pinned",
+                n.bpffs.join(pin).to_str().unwrap(),
+            ],
+        );
+        let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"]
+            .as_u64()
+            .unwrap()
+            .to_string();
+        weft_tests::sh("bpftool", &["link", "detach", "id", &id]);
+    };
+    for (lab_name, spec, decap_pin, decap_hook) in [
+        ("keep", ClusterSpec::pair(), "link_und", "underlay_tc"),
+        (
+            "keepx",
+            ClusterSpec::pair().xdp_decap(),
+            "link_xdp",
+            "underlay_xdp",
+        ),
+    ] {
+        let mut lab = Lab::new(lab_name);
+        let c = Cluster::start(&mut lab, spec);
+        let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
+        let n = c.nodes[0].clone();
+        let agent = Cluster::agent_name(0);
+        // A check has run (the first at once, then every 5 s): with nothing
+        // removed it puts nothing back.
+        std::thread::sleep(Duration::from_secs(6));
+        assert!(
+            !lab.log(&agent).contains("attached it again"),
+            "{}",
+            lab.log(&agent)
+        );
+        assert_eq!(repairs(&n, decap_hook), 0);
+
+        // The decap program: without it, node-1 drops every VXLAN packet.
+        detach(&n, decap_pin);
+        wait_for(
+            &format!("{decap_hook} put back"),
+            Duration::from_secs(15),
+            || (repairs(&n, decap_hook) == 1).then_some(()),
+        );
+        assert!(ping(&b.ns, a.ip, 2), "decap works again");
+        assert!(ping(&a.ns, b.ip, 2));
+
+        // weft0's program (node → remote pods), then weft0 itself.
+        detach(&n, "link_host");
+        wait_for("host put back", Duration::from_secs(15), || {
+            (repairs(&n, "host") == 1).then_some(())
+        });
+        n.ns.ip(&["link", "del", "weft0"]);
+        wait_for("weft0 put back", Duration::from_secs(15), || {
+            (repairs(&n, "weft0") == 1 && repairs(&n, "host") == 2).then_some(())
+        });
+        assert!(
+            ping(&n.ns, b.ip, 2),
+            "node-1 reaches the remote pod through weft0 again"
+        );
+        assert!(ping(&a.ns, b.ip, 2), "and its pod still does");
+        let log = lab.log(&agent);
+        assert!(
+            log.contains("no longer attached") && log.contains("weft0 is gone"),
+            "{log}"
+        );
+
+        // The underlay re-created (same name and address, new index): the
+        // programs were loaded for the old one, so the agent says it must
+        // restart, through /healthz (a liveness probe restarts it) and its
+        // log; the next agent takes over the new device.
+        n.ns.ip(&["link", "del", "und0"]);
+        c.underlay.plug(&n.ns, 1);
+        let body = wait_for("/healthz failing", Duration::from_secs(15), || {
+            http_get(&n.ns, "127.0.0.1:9807", "/healthz")
+                .filter(|(code, _)| *code == 503)
+                .map(|(_, body)| body)
+        });
+        assert!(body.contains("und0 was re-created"), "{body}");
+        assert!(lab.log(&agent).contains("und0 was re-created"));
+        lab.stop(&agent);
+        // weft0 gone while no agent runs, too: its pinned link is defunct.
+        n.ns.ip(&["link", "del", "weft0"]);
+        c.start_agent(&mut lab, 0);
+        wait_log(&lab, &agent, "agent: ready");
+        assert_eq!(
+            http_get(&n.ns, "127.0.0.1:9807", "/healthz").map(|(code, _)| code),
+            Some(200)
+        );
+        assert!(ping(&a.ns, b.ip, 2), "pod to pod over the new underlay");
+        assert!(ping(&b.ns, a.ip, 2));
+        assert!(
+            ping(&n.ns, b.ip, 2),
+            "node to remote pod over the new weft0"
+        );
+    }
+}
