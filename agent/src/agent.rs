@@ -183,6 +183,9 @@ const HOOK_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 struct Keeper {
     underlay: String,
     underlay_index: u32,
+    /// The address VXLAN leaves from, when it is the interface's own (not
+    /// `--public-ip`): the programs carry it as a load-time constant.
+    local_ip: Option<Ipv4Addr>,
     decap: Hook,
     subnet: Ipv4Cidr,
     pod_mtu: u32,
@@ -207,8 +210,21 @@ impl Keeper {
         };
         let mut problem = None;
         let mut needs_restart = false;
+        let has_local_ip = |ip: Ipv4Addr| {
+            netdev::addresses()
+                .map(|all| all.iter().any(|(n, a)| *n == self.underlay && *a == ip))
+                // Unreadable: say nothing rather than something wrong.
+                .unwrap_or(true)
+        };
         match netdev::index(&self.underlay) {
             Some(i) if i == self.underlay_index => {
+                if let Some(ip) = self.local_ip.filter(|ip| !has_local_ip(*ip)) {
+                    needs_restart = true;
+                    problem = Some(format!(
+                        "the underlay interface {} no longer has {ip}, the address this node's VXLAN leaves from (a load-time constant of the programs, and this node's address in the registry): restart the agent once the address is final",
+                        self.underlay
+                    ));
+                }
                 if netdev::index(HOST_IFACE).is_none() {
                     tracing::warn!(
                         "{HOST_IFACE} is gone (deleted by something else?); creating it again"
@@ -513,6 +529,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let mut keeper = Keeper {
         underlay: iface.name.clone(),
         underlay_index: iface.index,
+        local_ip: cfg.public_ip.is_none().then_some(local_ip),
         decap: decap_hook,
         subnet: me.pod_cidr,
         pod_mtu,

@@ -805,6 +805,24 @@ fn programs_removed_by_others_are_put_back() {
             "{log}"
         );
 
+        // The underlay's address changed: VXLAN would leave from an address
+        // the node no longer has. /healthz says so until it is back.
+        let healthz = || http_get(&n.ns, "127.0.0.1:9807", "/healthz");
+        n.ns.ip(&["addr", "del", "198.18.0.1/24", "dev", "und0"]);
+        n.ns.ip(&["addr", "add", "198.18.0.11/24", "dev", "und0"]);
+        let body = wait_for("/healthz failing", Duration::from_secs(15), || {
+            healthz()
+                .filter(|(code, _)| *code == 503)
+                .map(|(_, body)| body)
+        });
+        assert!(body.contains("no longer has 198.18.0.1"), "{body}");
+        n.ns.ip(&["addr", "del", "198.18.0.11/24", "dev", "und0"]);
+        n.ns.ip(&["addr", "add", "198.18.0.1/24", "dev", "und0"]);
+        wait_for("/healthz passing", Duration::from_secs(15), || {
+            healthz().filter(|(code, _)| *code == 200)
+        });
+        assert!(ping(&a.ns, b.ip, 2), "pod to pod with the address back");
+
         // The underlay re-created (same name and address, new index): the
         // programs were loaded for the old one, so the agent says it must
         // restart, through /healthz (a liveness probe restarts it) and its
@@ -812,7 +830,7 @@ fn programs_removed_by_others_are_put_back() {
         n.ns.ip(&["link", "del", "und0"]);
         c.underlay.plug(&n.ns, 1);
         let body = wait_for("/healthz failing", Duration::from_secs(15), || {
-            http_get(&n.ns, "127.0.0.1:9807", "/healthz")
+            healthz()
                 .filter(|(code, _)| *code == 503)
                 .map(|(_, body)| body)
         });
@@ -823,10 +841,7 @@ fn programs_removed_by_others_are_put_back() {
         n.ns.ip(&["link", "del", "weft0"]);
         c.start_agent(&mut lab, 0);
         wait_log(&lab, &agent, "agent: ready");
-        assert_eq!(
-            http_get(&n.ns, "127.0.0.1:9807", "/healthz").map(|(code, _)| code),
-            Some(200)
-        );
+        assert_eq!(healthz().map(|(code, _)| code), Some(200));
         assert!(ping(&a.ns, b.ip, 2), "pod to pod over the new underlay");
         assert!(ping(&b.ns, a.ip, 2));
         assert!(
