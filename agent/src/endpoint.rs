@@ -177,6 +177,10 @@ fn wire(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointErro
     )?;
     // GRO on the pod side gives its veth NAPI, which XDP redirects into it need.
     let xdp_ok = in_pod(&spec.netns, &["ethtool", "-K", &spec.ifname, "gro", "on"]).is_ok();
+    // The veth's alias says what it is, to people (`ip link`) and to
+    // [`restore`], which cannot see the pod's side.
+    let alias = if xdp_ok { ALIAS_XDP } else { ALIAS };
+    ip::ip(&["link", "set", "dev", host, "alias", alias])?;
     let pod_mac = pod_mac(&spec.netns, &spec.ifname)?;
     // The node side: a /32 route to the pod through its veth, and the pod's
     // MAC as a permanent neighbour (no ARP on either side of the veth).
@@ -253,6 +257,12 @@ pub fn del(
     Ok(())
 }
 
+/// The alias of a pod's host-side veth.
+pub const ALIAS: &str = "weft pod";
+/// The same, when the pod's side has NAPI (GRO on), so that XDP decap can
+/// redirect into it ([`Endpoint::FLAG_XDP_REDIRECT`]).
+pub const ALIAS_XDP: &str = "weft pod, xdp-redirect";
+
 /// A pod as the node's kernel shows it: the /32 route and the permanent
 /// neighbour [`add`] put on its host-side veth.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -326,8 +336,9 @@ pub fn pods_in(
 /// was replaced (another version's layout) or its pin lost (bpffs
 /// remounted), the node's routes and neighbours still say where each pod
 /// is. Entries already there are left as they are. The XDP-redirect flag
-/// is not known from here and stays off: XDP decap hands those pods'
-/// packets to the stack, which delivers them by the pod's route.
+/// comes from the veth's alias ([`ALIAS_XDP`]); a veth without one (made
+/// by a version before the alias) gets it off: XDP decap then hands that
+/// pod's packets to the stack, which delivers them by the pod's route.
 pub fn restore(pin_dir: &Path, subnet: &Ipv4Cidr) -> Result<Restored, EndpointError> {
     let kernel = |what: &'static str, args: &[&str]| {
         ip::ip(args).map_err(|e| EndpointError::KernelState {
@@ -352,11 +363,19 @@ pub fn restore(pin_dir: &Path, subnet: &Ipv4Cidr) -> Result<Restored, EndpointEr
                 continue;
             }
         };
+        let alias = ip::ip(&["-j", "link", "show", "dev", &pod.host_ifname])
+            .ok()
+            .and_then(|out| serde_json::from_str::<serde_json::Value>(&out).ok())
+            .and_then(|v| v[0]["ifalias"].as_str().map(str::to_owned));
         let ep = Endpoint {
             ifindex: host_if.index,
             pod_mac: pod.pod_mac,
             host_mac: host_if.mac,
-            flags: 0,
+            flags: if alias.as_deref() == Some(ALIAS_XDP) {
+                Endpoint::FLAG_XDP_REDIRECT
+            } else {
+                0
+            },
         };
         maps.endpoints
             .insert(ip_key(pod.ip), ep, 0)

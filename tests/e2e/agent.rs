@@ -679,6 +679,16 @@ fn pods_survive_weft_down_and_a_new_agent() {
     let n = c.nodes[0].clone();
     let agent = Cluster::agent_name(0);
     let host_if = weft_agent::endpoint::host_ifname(&a.name, "eth0");
+    let before = c.status(0)["endpoints"].clone();
+    assert_eq!(
+        before[0]["xdp_redirect"], true,
+        "the CNI turned GRO on in the pod: {before}"
+    );
+    assert!(
+        n.ns.ip(&["link", "show", &host_if])
+            .contains("alias weft pod, xdp-redirect"),
+        "the veth says what it is"
+    );
     lab.stop(&agent);
     let out = c.weft(0, &["down"]);
     assert!(
@@ -697,7 +707,11 @@ fn pods_survive_weft_down_and_a_new_agent() {
         "{}",
         lab.log(&agent)
     );
-    assert_eq!(local_endpoints(&c, 0), vec![a.ip.to_string()]);
+    assert_eq!(
+        c.status(0)["endpoints"],
+        before,
+        "the entry is restored as the CNI made it (interface, MAC, XDP flag)"
+    );
     if weft_agent::dataplane::has_tcx() {
         assert!(
             n.bpffs.join("pods").join(&host_if).exists(),
