@@ -201,7 +201,13 @@ impl Keeper {
     /// programs can (`tc qdisc del dev X clsact` before 6.6, `bpftool link
     /// detach`), and a node whose decap is gone drops every packet for its
     /// pods without a word.
-    fn check(&mut self, dp: &mut Dataplane, cfg: &AgentConfig, metrics: &AgentMetrics) {
+    fn check(
+        &mut self,
+        dp: &mut Dataplane,
+        maps: &Maps,
+        cfg: &AgentConfig,
+        metrics: &AgentMetrics,
+    ) {
         let repaired = |what: &str| {
             metrics
                 .repairs
@@ -252,6 +258,7 @@ impl Keeper {
                         }
                     }
                 }
+                self.check_pods(dp, maps, &repaired);
             }
             Some(i) => {
                 needs_restart = true;
@@ -276,6 +283,34 @@ impl Keeper {
                 tracing::info!("the dataplane's hooks are all in place again");
             }
             self.last_problem = problem;
+        }
+    }
+
+    /// The same for every pod in the endpoints map: both of its veth's
+    /// programs. A pod whose ADD or DEL is under way may look half-wired for
+    /// a moment: with TCX, a pod is checked only once the plugin has pinned
+    /// its links (so the two never attach at once), and errors (its veth
+    /// just went) are not problems.
+    fn check_pods(&self, dp: &mut Dataplane, maps: &Maps, repaired: &dyn Fn(&str)) {
+        let tcx = dataplane::has_tcx();
+        let ifaces: Vec<String> = maps
+            .endpoints
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(_, ep)| netdev::name(ep.ifindex))
+            .filter(|iface| !tcx || dataplane::pod_attached(&dp.pin_dir, iface))
+            .collect();
+        for iface in ifaces {
+            for hook in [Hook::PodIngress, Hook::PodEgress] {
+                match dp.ensure(hook, &iface) {
+                    Ok(true) => {
+                        tracing::warn!(hook = hook.name(), %iface, "weft's program was no longer attached to the pod's veth (removed by something else?); attached it again");
+                        repaired(hook.name());
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::debug!(hook = hook.name(), %iface, "not checked: {e}"),
+                }
+            }
         }
     }
 }
@@ -551,7 +586,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                     apply(&snap, &mut maps);
                 }
             }
-            _ = hook_tick.tick() => keeper.check(&mut dp, &cfg, &metrics),
+            _ = hook_tick.tick() => keeper.check(&mut dp, &maps, &cfg, &metrics),
             _ = stats_tick.tick(), if cfg.stats_interval.is_some() => {
                 let c = stats::read(&maps.drops, &maps.fwds);
                 println!("{}", crate::status::format_counters(&c));

@@ -353,7 +353,7 @@ impl Dataplane {
     pub fn ensure(&mut self, hook: Hook, iface: &str) -> Result<bool, DataplaneError> {
         let name = hook.program();
         let err = |source| DataplaneError::Program { name, source };
-        let pin = self.pin_dir.join(hook.pin());
+        let pin = hook.pin(&self.pin_dir, iface);
         let dir = match hook {
             Hook::UnderlayXdp => {
                 let xdp: &mut Xdp = program(&mut self.ebpf, name)?;
@@ -366,8 +366,8 @@ impl Dataplane {
                 self.attach_xdp(iface, false)?;
                 return Ok(true);
             }
-            Hook::UnderlayTc => TcAttachType::Ingress,
-            Hook::Host => TcAttachType::Egress,
+            Hook::UnderlayTc | Hook::PodIngress => TcAttachType::Ingress,
+            Hook::Host | Hook::PodEgress => TcAttachType::Egress,
         };
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
         if has_tcx() {
@@ -540,6 +540,10 @@ pub enum Hook {
     UnderlayTc,
     /// TC egress on `weft0`.
     Host,
+    /// TC ingress on a pod's host-side veth (what the pod sends).
+    PodIngress,
+    /// TC egress on a pod's host-side veth (what the stack delivers to it).
+    PodEgress,
 }
 
 impl Hook {
@@ -549,6 +553,8 @@ impl Hook {
             Hook::UnderlayXdp => "underlay_xdp",
             Hook::UnderlayTc => "underlay_tc",
             Hook::Host => "host",
+            Hook::PodIngress => "pod_ingress",
+            Hook::PodEgress => "pod_egress",
         }
     }
 
@@ -557,14 +563,19 @@ impl Hook {
             Hook::UnderlayXdp => names::PROG_XDP_DECAP,
             Hook::UnderlayTc => names::PROG_FROM_UNDERLAY,
             Hook::Host => names::PROG_FROM_HOST,
+            Hook::PodIngress => names::PROG_FROM_POD,
+            Hook::PodEgress => names::PROG_TO_POD,
         }
     }
 
-    fn pin(self) -> &'static str {
+    /// Where the hook's link is pinned (TCX and XDP) on `iface`.
+    fn pin(self, pin_dir: &Path, iface: &str) -> PathBuf {
         match self {
-            Hook::UnderlayXdp => PIN_LINK_XDP,
-            Hook::UnderlayTc => PIN_LINK_UNDERLAY,
-            Hook::Host => PIN_LINK_HOST,
+            Hook::UnderlayXdp => pin_dir.join(PIN_LINK_XDP),
+            Hook::UnderlayTc => pin_dir.join(PIN_LINK_UNDERLAY),
+            Hook::Host => pin_dir.join(PIN_LINK_HOST),
+            Hook::PodIngress => pin_dir.join(PIN_PODS_DIR).join(iface),
+            Hook::PodEgress => pin_dir.join(PIN_PODS_TO_DIR).join(iface),
         }
     }
 }

@@ -799,6 +799,18 @@ fn programs_removed_by_others_are_put_back() {
         assert!(ping(&b.ns, a.ip, 2), "decap works again");
         assert!(ping(&a.ns, b.ip, 2));
 
+        // A pod's programs (what it sends, what the stack delivers to it).
+        let host_if = weft_agent::endpoint::host_ifname(&a.name, "eth0");
+        detach(&n, &format!("pods/{host_if}"));
+        detach(&n, &format!("pods_to/{host_if}"));
+        wait_for(
+            "the pod's programs put back",
+            Duration::from_secs(15),
+            || (repairs(&n, "pod_ingress") == 1 && repairs(&n, "pod_egress") == 1).then_some(()),
+        );
+        assert!(ping(&a.ns, b.ip, 2), "the pod sends through weft again");
+        assert_eq!(c.counter(0, "spoofed_source"), 0);
+
         // weft0's program (node → remote pods), then weft0 itself.
         detach(&n, "link_host");
         wait_for("host put back", Duration::from_secs(15), || {

@@ -69,12 +69,13 @@ echo "GUEST pod veth filters: ingress $(podf ingress), egress $(podf egress)"
 N2="$NS --net=/run/netns/n2"
 $N2 /usr/sbin/tc qdisc del dev u2 clsact 2>/dev/null
 $N2 /usr/sbin/tc qdisc del dev weft0 clsact
+$N2 /usr/sbin/tc qdisc del dev "$PV" clsact
 sleep 7
 if [ "$MODE" = xdp ]; then D=$($N2 $IP link show u2 | grep -c prog/xdp); else D=$($N2 /usr/sbin/tc filter show dev u2 ingress | grep -c "bpf.* handle"); fi
 H=$($N2 /usr/sbin/tc filter show dev weft0 egress | grep -c "bpf.* handle")
 $NS --net=/run/netns/p1 ping -c 2 -W 2 198.19.2.10 > /dev/null 2>&1 && P="pod ping ok" || P="pod ping FAILED"
 $N2 ping -c 2 -W 2 198.19.1.10 > /dev/null 2>&1 && P="$P, node ping ok" || P="$P, node ping FAILED"
-echo "GUEST after clsact removed: decap $D, host $H, $P, repairs logged $(grep -c 'attached it again' /tmp/a2b.log)"
+echo "GUEST after clsact removed: decap $D, host $H, pod $(podf ingress) $(podf egress), $P, repairs logged $(grep -c 'attached it again' /tmp/a2b.log)"
 kill $(cat /tmp/a2b.log.pid); sleep 1
 $N2 $WEFT down --bpffs-dir /bpf/n2 --run-dir /tmp/run2 > /dev/null 2>&1
 echo "GUEST after down: tc filters on u2 $($NS --net=/run/netns/n2 /usr/sbin/tc filter show dev u2 ingress | grep -c bpf), xdp $($NS --net=/run/netns/n2 $IP link show u2 | grep -c xdp), pod veth $(podf ingress) $(podf egress)"

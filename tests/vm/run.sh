@@ -100,8 +100,8 @@ for mode in tc xdp; do
   check "node-2: .*dataplane attached .*pods=1"
   check "^GUEST ping after restart ok"
   check "^GUEST pod veth filters: ingress 1, egress 1"
-  [ $mode = tc ] && repairs=2 || repairs=1
-  check "^GUEST after clsact removed: decap 1, host 1, pod ping ok, node ping ok, repairs logged $repairs"
+  [ $mode = tc ] && repairs=4 || repairs=3
+  check "^GUEST after clsact removed: decap 1, host 1, pod 1 1, pod ping ok, node ping ok, repairs logged $repairs"
   check "^GUEST after down: tc filters on u2 0, xdp 0, pod veth 0 0"
   check "^GUEST after down, a new agent: restored, ping ok, pod veth filters 1 1"
   check "^GUEST done"
