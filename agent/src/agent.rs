@@ -197,10 +197,12 @@ struct Keeper {
 impl Keeper {
     /// Puts back what something else removed: `weft0` (with its address and
     /// routes), the decap program on the underlay, the host program on
-    /// `weft0`. Flannel's vxlan device cannot lose its hooks this way; weft's
-    /// programs can (`tc qdisc del dev X clsact` before 6.6, `bpftool link
-    /// detach`), and a node whose decap is gone drops every packet for its
-    /// pods without a word.
+    /// `weft0`, the pods' programs. Flannel's vxlan device cannot lose its
+    /// hooks this way; weft's programs can (`tc qdisc del dev X clsact`
+    /// before 6.6, `bpftool link detach`), and a node whose decap is gone
+    /// drops every packet for its pods without a word. What only a restart
+    /// can mend (the underlay's index or address, load-time constants) is
+    /// reported through `/healthz`.
     fn check(
         &mut self,
         dp: &mut Dataplane,
@@ -214,8 +216,9 @@ impl Keeper {
                 .get_or_create(&vec![("hook".into(), what.into())])
                 .inc();
         };
-        let mut problem = None;
-        let mut needs_restart = false;
+        // What is wrong now, and of that what needs a restart.
+        let mut problems = Vec::new();
+        let mut restart = Vec::new();
         let has_local_ip = |ip: Ipv4Addr| {
             netdev::addresses()
                 .map(|all| all.iter().any(|(n, a)| *n == self.underlay && *a == ip))
@@ -225,8 +228,7 @@ impl Keeper {
         match netdev::index(&self.underlay) {
             Some(i) if i == self.underlay_index => {
                 if let Some(ip) = self.local_ip.filter(|ip| !has_local_ip(*ip)) {
-                    needs_restart = true;
-                    problem = Some(format!(
+                    restart.push(format!(
                         "the underlay interface {} no longer has {ip}, the address this node's VXLAN leaves from (a load-time constant of the programs, and this node's address in the registry): restart the agent once the address is final",
                         self.underlay
                     ));
@@ -237,7 +239,7 @@ impl Keeper {
                     );
                     match setup_host_iface(cfg, &self.subnet, self.pod_mtu, &self.underlay) {
                         Ok(()) => repaired("weft0"),
-                        Err(e) => problem = Some(format!("re-creating {HOST_IFACE}: {e}")),
+                        Err(e) => problems.push(format!("re-creating {HOST_IFACE}: {e}")),
                     }
                 }
                 for (hook, iface) in [
@@ -250,32 +252,27 @@ impl Keeper {
                             repaired(hook.name());
                         }
                         Ok(false) => {}
-                        Err(e) => {
-                            problem = Some(format!(
-                                "checking the {} program on {iface}: {e}",
-                                hook.name()
-                            ))
-                        }
+                        Err(e) => problems.push(format!(
+                            "checking the {} program on {iface}: {e}",
+                            hook.name()
+                        )),
                     }
                 }
                 self.check_pods(dp, maps, &repaired);
             }
-            Some(i) => {
-                needs_restart = true;
-                problem = Some(format!(
-                    "the underlay interface {} was re-created (index {} → {i}); the dataplane was loaded for the old one: restart the agent",
-                    self.underlay, self.underlay_index
-                ))
-            }
-            None => {
-                needs_restart = true;
-                problem = Some(format!(
-                    "the underlay interface {} is gone; pods on this node are cut off from other nodes until it is back and the agent restarted",
-                    self.underlay
-                ))
-            }
+            Some(i) => restart.push(format!(
+                "the underlay interface {} was re-created (index {} → {i}); the dataplane was loaded for the old one: restart the agent",
+                self.underlay, self.underlay_index
+            )),
+            None => restart.push(format!(
+                "the underlay interface {} is gone; pods on this node are cut off from other nodes until it is back and the agent restarted",
+                self.underlay
+            )),
         }
-        *self.unhealthy.lock().expect("health lock") = problem.clone().filter(|_| needs_restart);
+        *self.unhealthy.lock().expect("health lock") =
+            (!restart.is_empty()).then(|| restart.join("; "));
+        problems.extend(restart);
+        let problem = (!problems.is_empty()).then(|| problems.join("; "));
         if problem != self.last_problem {
             if let Some(p) = &problem {
                 tracing::error!("{p}");
