@@ -530,8 +530,8 @@ fn nl_options() -> TcAttachOptions {
     })
 }
 
-/// The node-level attachment points the agent keeps (the pods' are the CNI
-/// plugin's).
+/// The attachment points the agent keeps in place: the node's, and each
+/// pod's (which the CNI plugin made).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
     /// XDP decap on the underlay.
