@@ -200,6 +200,28 @@ fn wire(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointErro
     // The endpoint goes in before the program: `weft_from_pod` drops IPv4
     // whose source is not the endpoint's address on this veth.
     let mut maps = Maps::open(&node.bpffs)?;
+    put_endpoint(&mut maps, spec.ip, &host_if, pod_mac, xdp_ok)?;
+    if let Err(e) = dataplane::attach_pod(&node.bpffs, host) {
+        let _ = maps.endpoints.remove(&ip_key(spec.ip));
+        return Err(e.into());
+    }
+    Ok(Attached {
+        host_ifname: host.into(),
+        host_mac: host_if.mac,
+        pod_mac,
+        host_ifindex: host_if.index,
+    })
+}
+
+/// Writes pod `ip`'s entry: behind `host_if`, with MAC `pod_mac`, and
+/// whether XDP decap may redirect into its veth.
+fn put_endpoint(
+    maps: &mut Maps,
+    ip: Ipv4Addr,
+    host_if: &netdev::Interface,
+    pod_mac: [u8; 6],
+    xdp_ok: bool,
+) -> Result<(), EndpointError> {
     let ep = Endpoint {
         ifindex: host_if.index,
         pod_mac,
@@ -211,21 +233,12 @@ fn wire(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointErro
         },
     };
     maps.endpoints
-        .insert(ip_key(spec.ip), ep, 0)
+        .insert(ip_key(ip), ep, 0)
         .map_err(|source| DataplaneError::Map {
             name: weft_common::names::ENDPOINTS,
             source,
         })?;
-    if let Err(e) = dataplane::attach_pod(&node.bpffs, host) {
-        let _ = maps.endpoints.remove(&ip_key(spec.ip));
-        return Err(e.into());
-    }
-    Ok(Attached {
-        host_ifname: host.into(),
-        host_mac: host_if.mac,
-        pod_mac,
-        host_ifindex: host_if.index,
-    })
+    Ok(())
 }
 
 fn pod_mac(netns: &Path, ifname: &str) -> Result<[u8; 6], EndpointError> {
@@ -367,22 +380,8 @@ pub fn restore(pin_dir: &Path, subnet: &Ipv4Cidr) -> Result<Restored, EndpointEr
             .ok()
             .and_then(|out| serde_json::from_str::<serde_json::Value>(&out).ok())
             .and_then(|v| v[0]["ifalias"].as_str().map(str::to_owned));
-        let ep = Endpoint {
-            ifindex: host_if.index,
-            pod_mac: pod.pod_mac,
-            host_mac: host_if.mac,
-            flags: if alias.as_deref() == Some(ALIAS_XDP) {
-                Endpoint::FLAG_XDP_REDIRECT
-            } else {
-                0
-            },
-        };
-        maps.endpoints
-            .insert(ip_key(pod.ip), ep, 0)
-            .map_err(|source| DataplaneError::Map {
-                name: weft_common::names::ENDPOINTS,
-                source,
-            })?;
+        let xdp_ok = alias.as_deref() == Some(ALIAS_XDP);
+        put_endpoint(&mut maps, pod.ip, &host_if, pod.pod_mac, xdp_ok)?;
         if !dataplane::pod_attached(pin_dir, &pod.host_ifname)
             && let Err(e) = dataplane::attach_pod(pin_dir, &pod.host_ifname)
         {
