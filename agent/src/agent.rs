@@ -181,6 +181,8 @@ const HOOK_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// What the hook check needs to know, and what it said last (so that a
 /// lasting problem is logged once, not every few seconds).
 struct Keeper {
+    /// What the programs were loaded with.
+    globals: Globals,
     underlay: String,
     underlay_index: u32,
     /// The address VXLAN leaves from, when it is the interface's own (not
@@ -200,9 +202,11 @@ impl Keeper {
     /// `weft0`, the pods' programs. Flannel's vxlan device cannot lose its
     /// hooks this way; weft's programs can (`tc qdisc del dev X clsact`
     /// before 6.6, `bpftool link detach`), and a node whose decap is gone
-    /// drops every packet for its pods without a word. What only a restart
-    /// can mend (the underlay's index or address, load-time constants) is
-    /// reported through `/healthz`.
+    /// drops every packet for its pods without a word. A re-created
+    /// underlay gets the programs loaded anew; what only a restart can mend
+    /// (the underlay gone, or its address, a load-time constant and the
+    /// node's address in the registry, changed) is reported through
+    /// `/healthz`.
     fn check(
         &mut self,
         dp: &mut Dataplane,
@@ -260,10 +264,19 @@ impl Keeper {
                 }
                 self.check_pods(dp, maps, &repaired);
             }
-            Some(i) => restart.push(format!(
-                "the underlay interface {} was re-created (index {} → {i}); the dataplane was loaded for the old one: restart the agent",
-                self.underlay, self.underlay_index
-            )),
+            // Deleted and made again: its index and MAC are load-time
+            // constants of the programs, so they are loaded anew for it.
+            Some(i) => match self.reload(dp, cfg) {
+                Ok(()) => {
+                    tracing::warn!(iface = %self.underlay, old = self.underlay_index, new = i, "the underlay interface was re-created; reloaded the dataplane for it");
+                    self.underlay_index = i;
+                    repaired("underlay");
+                }
+                Err(e) => restart.push(format!(
+                    "the underlay interface {} was re-created (index {} → {i}) and reloading the dataplane for it failed: {e}; restart the agent",
+                    self.underlay, self.underlay_index
+                )),
+            },
             None => restart.push(format!(
                 "the underlay interface {} is gone; pods on this node are cut off from other nodes until it is back and the agent restarted",
                 self.underlay
@@ -281,6 +294,24 @@ impl Keeper {
             }
             self.last_problem = problem;
         }
+    }
+
+    /// Loads the programs again for the underlay as it is now (a new index
+    /// and MAC), over the same pins, and swaps them in.
+    fn reload(&mut self, dp: &mut Dataplane, cfg: &AgentConfig) -> Result<(), AgentError> {
+        let iface = netdev::get(&self.underlay)?;
+        // rp_filter on the new device, as at start.
+        setup_host_iface(cfg, &self.subnet, self.pod_mtu, &self.underlay)?;
+        let globals = Globals {
+            underlay_ifindex: iface.index,
+            underlay_mac: iface.mac,
+            ..self.globals.clone()
+        };
+        let (new, decap) = bring_up(cfg, &globals, &self.underlay, &self.subnet)?;
+        *dp = new;
+        self.globals = globals;
+        self.decap = decap;
+        Ok(())
     }
 
     /// The same for every pod in the endpoints map: both of its veth's
@@ -310,6 +341,46 @@ impl Keeper {
             }
         }
     }
+}
+
+/// Loads the programs with `globals` over the pinned maps and puts them in
+/// place: decap on `underlay`, `weft0`'s, the pod programs (with the node's
+/// pods restored into the endpoints map first, then their links re-pointed).
+/// At start, and again when the underlay is re-created.
+fn bring_up(
+    cfg: &AgentConfig,
+    globals: &Globals,
+    underlay: &str,
+    pod_cidr: &Ipv4Cidr,
+) -> Result<(Dataplane, Hook), AgentError> {
+    let mut dp = Dataplane::load(globals, &cfg.bpffs_dir)?;
+    if cfg.bpf_debug_log {
+        dataplane::spawn_bpf_logger(&mut dp.ebpf)?;
+        tracing::debug!("BPF debug logging is on");
+    }
+    let (decap_hook, decap) = attach_decap(&mut dp, cfg.decap, underlay)?;
+    dp.attach_host(HOST_IFACE)?;
+    dp.pin_pod_programs()?;
+    // Before re-pointing: the pods' links then run programs whose endpoints
+    // map knows them (it may be new: replaced, or its pin lost).
+    match crate::endpoint::restore(&cfg.bpffs_dir, pod_cidr) {
+        Ok(r) if r.restored > 0 => {
+            tracing::warn!(
+                restored = r.restored,
+                present = r.present,
+                "the endpoints map was missing pods (new, replaced or its pin lost); restored them from the node's routes"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(
+                "could not restore the node's pods into the endpoints map: {e}. Pods without an entry cannot send until they are re-created"
+            );
+        }
+    }
+    let repointed = dp.repoint_pods()?;
+    tracing::info!(decap = %decap, pins = %cfg.bpffs_dir.display(), pods = repointed, "dataplane attached");
+    Ok((dp, decap_hook))
 }
 
 /// Sets up `weft0`: a device holding the gateway address, with the cluster
@@ -473,33 +544,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             0
         },
     };
-    let mut dp = Dataplane::load(&globals, &cfg.bpffs_dir)?;
-    if cfg.bpf_debug_log {
-        dataplane::spawn_bpf_logger(&mut dp.ebpf)?;
-        tracing::debug!("BPF debug logging is on");
-    }
-    let (decap_hook, decap) = attach_decap(&mut dp, cfg.decap, &iface.name)?;
-    dp.attach_host(HOST_IFACE)?;
-    dp.pin_pod_programs()?;
-    // Before re-pointing: the pods' links then run programs whose endpoints
-    // map knows them (it may be new: replaced, or its pin lost).
-    match crate::endpoint::restore(&cfg.bpffs_dir, &me.pod_cidr) {
-        Ok(r) if r.restored > 0 => {
-            tracing::warn!(
-                restored = r.restored,
-                present = r.present,
-                "the endpoints map was missing pods (new, replaced or its pin lost); restored them from the node's routes"
-            );
-        }
-        Ok(_) => {}
-        Err(e) => {
-            tracing::error!(
-                "could not restore the node's pods into the endpoints map: {e}. Pods without an entry cannot send until they are re-created"
-            );
-        }
-    }
-    let repointed = dp.repoint_pods()?;
-    tracing::info!(decap = %decap, pins = %cfg.bpffs_dir.display(), pods = repointed, "dataplane attached");
+    let (mut dp, decap_hook) = bring_up(&cfg, &globals, &iface.name, &me.pod_cidr)?;
 
     let mut maps = Maps::open(&cfg.bpffs_dir)?;
     let apply = |snap: &Snapshot, maps: &mut Maps| {
@@ -559,6 +604,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let mut stats_tick =
         tokio::time::interval(cfg.stats_interval.unwrap_or(Duration::from_secs(3600)));
     let mut keeper = Keeper {
+        globals,
         underlay: iface.name.clone(),
         underlay_index: iface.index,
         local_ip: cfg.public_ip.is_none().then_some(local_ip),

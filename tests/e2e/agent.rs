@@ -849,19 +849,28 @@ fn programs_removed_by_others_are_put_back() {
         });
         assert!(ping(&a.ns, b.ip, 2), "pod to pod with the address back");
 
-        // The underlay re-created (same name and address, new index): the
-        // programs were loaded for the old one, so the agent says it must
-        // restart, through /healthz (a liveness probe restarts it) and its
-        // log; the next agent takes over the new device.
+        // The underlay re-created (same name and address, new index and
+        // MAC): load-time constants of the programs, so the agent loads them
+        // anew for it, over the same pins, without a restart.
         n.ns.ip(&["link", "del", "und0"]);
         c.underlay.plug(&n.ns, 1);
-        let body = wait_for("/healthz failing", Duration::from_secs(15), || {
-            healthz()
-                .filter(|(code, _)| *code == 503)
-                .map(|(_, body)| body)
+        wait_for("the dataplane reloaded", Duration::from_secs(15), || {
+            (repairs(&n, "underlay") == 1).then_some(())
         });
-        assert!(body.contains("und0 was re-created"), "{body}");
-        assert!(lab.log(&agent).contains("und0 was re-created"));
+        assert!(
+            lab.log(&agent)
+                .contains("the underlay interface was re-created; reloaded"),
+            "{}",
+            lab.log(&agent)
+        );
+        wait_for("/healthz passing", Duration::from_secs(15), || {
+            healthz().filter(|(code, _)| *code == 200)
+        });
+        assert!(ping(&a.ns, b.ip, 2), "pod to pod over the new underlay");
+        assert!(ping(&b.ns, a.ip, 2));
+        assert!(ping(&n.ns, b.ip, 2), "node to remote pod");
+        assert_eq!(c.counter(0, "spoofed_source"), 0);
+
         lab.stop(&agent);
         // weft0 gone while no agent runs, too: its pinned link is defunct.
         n.ns.ip(&["link", "del", "weft0"]);
