@@ -250,16 +250,11 @@ impl Keeper {
                     (self.decap, self.underlay.as_str()),
                     (Hook::Host, HOST_IFACE),
                 ] {
-                    match dp.ensure(hook, iface) {
-                        Ok(true) => {
-                            tracing::warn!(hook = hook.name(), %iface, "weft's program was no longer attached (removed by something else?); attached it again");
-                            repaired(hook.name());
-                        }
-                        Ok(false) => {}
-                        Err(e) => problems.push(format!(
+                    if let Err(e) = ensure_hook(dp, hook, iface, &repaired) {
+                        problems.push(format!(
                             "checking the {} program on {iface}: {e}",
                             hook.name()
-                        )),
+                        ));
                     }
                 }
                 self.check_pods(dp, maps, &repaired);
@@ -330,17 +325,26 @@ impl Keeper {
             .collect();
         for iface in ifaces {
             for hook in [Hook::PodIngress, Hook::PodEgress] {
-                match dp.ensure(hook, &iface) {
-                    Ok(true) => {
-                        tracing::warn!(hook = hook.name(), %iface, "weft's program was no longer attached to the pod's veth (removed by something else?); attached it again");
-                        repaired(hook.name());
-                    }
-                    Ok(false) => {}
-                    Err(e) => tracing::debug!(hook = hook.name(), %iface, "not checked: {e}"),
+                if let Err(e) = ensure_hook(dp, hook, &iface, repaired) {
+                    tracing::debug!(hook = hook.name(), %iface, "not checked: {e}");
                 }
             }
         }
     }
+}
+
+/// [`Dataplane::ensure`], with a warning and a count when it had to attach.
+fn ensure_hook(
+    dp: &mut Dataplane,
+    hook: Hook,
+    iface: &str,
+    repaired: &dyn Fn(&str),
+) -> Result<(), DataplaneError> {
+    if dp.ensure(hook, iface)? {
+        tracing::warn!(hook = hook.name(), %iface, "weft's program was no longer attached (removed by something else?); attached it again");
+        repaired(hook.name());
+    }
+    Ok(())
 }
 
 /// Loads the programs with `globals` over the pinned maps and puts them in

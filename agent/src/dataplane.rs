@@ -353,7 +353,8 @@ impl Dataplane {
     pub fn ensure(&mut self, hook: Hook, iface: &str) -> Result<bool, DataplaneError> {
         let name = hook.program();
         let err = |source| DataplaneError::Program { name, source };
-        let pin = hook.pin(&self.pin_dir, iface);
+        // Attaching replaces a pinned link that is defunct (attach_tc,
+        // attach_xdp): what a removed program leaves behind.
         let dir = match hook {
             Hook::UnderlayXdp => {
                 let xdp: &mut Xdp = program(&mut self.ebpf, name)?;
@@ -361,8 +362,6 @@ impl Dataplane {
                 if crate::netdev::xdp_prog_id(iface) == Some(ours) {
                     return Ok(false);
                 }
-                // The link of a program that is not attached is defunct.
-                let _ = fs::remove_file(&pin);
                 self.attach_xdp(iface, false)?;
                 return Ok(true);
             }
@@ -376,8 +375,7 @@ impl Dataplane {
             if attached.iter().any(|p| p.id() == ours) {
                 return Ok(false);
             }
-            let _ = fs::remove_file(&pin);
-            attach_tc(prog, name, iface, dir, &pin)?;
+            attach_tc(prog, name, iface, dir, &hook.pin(&self.pin_dir, iface))?;
             return Ok(true);
         }
         // Netlink filters cannot be listed through aya, but adding weft's

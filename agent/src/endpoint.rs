@@ -376,11 +376,7 @@ pub fn restore(pin_dir: &Path, subnet: &Ipv4Cidr) -> Result<Restored, EndpointEr
                 continue;
             }
         };
-        let alias = ip::ip(&["-j", "link", "show", "dev", &pod.host_ifname])
-            .ok()
-            .and_then(|out| serde_json::from_str::<serde_json::Value>(&out).ok())
-            .and_then(|v| v[0]["ifalias"].as_str().map(str::to_owned));
-        let xdp_ok = alias.as_deref() == Some(ALIAS_XDP);
+        let xdp_ok = netdev::alias(&pod.host_ifname).as_deref() == Some(ALIAS_XDP);
         put_endpoint(&mut maps, pod.ip, &host_if, pod.pod_mac, xdp_ok)?;
         if !dataplane::pod_attached(pin_dir, &pod.host_ifname)
             && let Err(e) = dataplane::attach_pod(pin_dir, &pod.host_ifname)

@@ -42,16 +42,29 @@ pub fn index(name: &str) -> Option<u32> {
     (i != 0).then_some(i)
 }
 
+/// `name` as `ip -j link show` describes it; `None` when it cannot be read.
+fn link_json(name: &str) -> Option<serde_json::Value> {
+    first_link(&crate::ip::ip(&["-j", "link", "show", "dev", name]).ok()?)
+}
+
+fn first_link(json: &str) -> Option<serde_json::Value> {
+    let mut links: serde_json::Value = serde_json::from_str(json).ok()?;
+    Some(links.get_mut(0)?.take())
+}
+
+/// `name`'s alias (`ip link set dev NAME alias ...`), if it has one.
+pub fn alias(name: &str) -> Option<String> {
+    link_json(name)?["ifalias"].as_str().map(str::to_owned)
+}
+
 /// The id of the XDP program attached to `name` (any mode), from `ip -j
 /// link show`; `None` when there is none or it cannot be read.
 pub fn xdp_prog_id(name: &str) -> Option<u32> {
-    let out = crate::ip::ip(&["-j", "link", "show", "dev", name]).ok()?;
-    xdp_prog_id_in(&out)
+    xdp_prog_id_in(&link_json(name)?)
 }
 
-fn xdp_prog_id_in(json: &str) -> Option<u32> {
-    let links: serde_json::Value = serde_json::from_str(json).ok()?;
-    let xdp = &links.get(0)?["xdp"];
+fn xdp_prog_id_in(link: &serde_json::Value) -> Option<u32> {
+    let xdp = &link["xdp"];
     // One program: `"xdp": {"mode": M, "prog": {"id": N, ...}}`; several
     // (one per mode): `"xdp": {"mode": 4, "attached": [{"mode": M, "prog": ...}]}`.
     xdp["prog"]["id"]
@@ -277,23 +290,17 @@ mod tests {
 
     #[test]
     fn xdp_program_ids_from_ip_json() {
+        let id = |json: &str| first_link(json).and_then(|l| xdp_prog_id_in(&l));
         assert_eq!(
-            xdp_prog_id_in(
-                r#"[{"ifname":"und0","xdp":{"mode":1,"prog":{"id":42,"name":"weft_xdp_decap"}}}]"#
-            ),
+            id(r#"[{"ifname":"und0","xdp":{"mode":1,"prog":{"id":42,"name":"weft_xdp_decap"}}}]"#),
             Some(42)
         );
         assert_eq!(
-            xdp_prog_id_in(
-                r#"[{"ifname":"und0","xdp":{"mode":4,"attached":[{"mode":2,"prog":{"id":7}}]}}]"#
-            ),
+            id(r#"[{"ifname":"und0","xdp":{"mode":4,"attached":[{"mode":2,"prog":{"id":7}}]}}]"#),
             Some(7)
         );
-        assert_eq!(
-            xdp_prog_id_in(r#"[{"ifname":"und0","flags":["UP"]}]"#),
-            None
-        );
-        assert_eq!(xdp_prog_id_in("not json"), None);
+        assert_eq!(id(r#"[{"ifname":"und0","flags":["UP"]}]"#), None);
+        assert_eq!(id("not json"), None);
     }
 
     #[test]
