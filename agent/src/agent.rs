@@ -176,7 +176,7 @@ fn attach_decap(
 }
 
 /// How often the agent checks that its programs are still attached.
-const HOOK_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+pub const HOOK_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What the hook check needs to know, and what it said last (so that a
 /// lasting problem is logged once, not every few seconds).
@@ -210,7 +210,7 @@ impl Keeper {
     fn check(
         &mut self,
         dp: &mut Dataplane,
-        maps: &Maps,
+        maps: &mut Maps,
         cfg: &AgentConfig,
         metrics: &AgentMetrics,
     ) {
@@ -258,6 +258,13 @@ impl Keeper {
                     }
                 }
                 self.check_pods(dp, maps, &repaired);
+                for c in crate::endpoint::sync_shaping(maps) {
+                    if c.shaped {
+                        tracing::info!(pod = %c.ip, iface = %c.host_ifname, "a qdisc shapes the pod's veth (the bandwidth plugin?); its traffic now takes the node's stack, where the qdisc applies");
+                    } else {
+                        tracing::info!(pod = %c.ip, iface = %c.host_ifname, "the pod's veth is no longer shaped; its traffic is back on the fast paths");
+                    }
+                }
             }
             // Deleted and made again: its index and MAC are load-time
             // constants of the programs, so they are loaded anew for it.
@@ -633,7 +640,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                     apply(&snap, &mut maps);
                 }
             }
-            _ = hook_tick.tick() => keeper.check(&mut dp, &maps, &cfg, &metrics),
+            _ = hook_tick.tick() => keeper.check(&mut dp, &mut maps, &cfg, &metrics),
             _ = stats_tick.tick(), if cfg.stats_interval.is_some() => {
                 let c = stats::read(&maps.drops, &maps.fwds);
                 println!("{}", crate::status::format_counters(&c));

@@ -45,6 +45,12 @@ pub struct EndpointSpec {
     pub host_ifname: String,
     /// The pod's address.
     pub ip: Ipv4Addr,
+    /// Whether its veth is about to be shaped (the runtime passed bandwidth
+    /// limits, which a `bandwidth` plugin after weft applies as qdiscs on the
+    /// veth): its traffic then takes the node's stack from the first packet
+    /// ([`Endpoint::FLAG_SHAPED`]). Without it the agent still finds the
+    /// qdiscs, within [`crate::agent::HOOK_CHECK_INTERVAL`].
+    pub shaped: bool,
 }
 
 /// What was set up.
@@ -200,7 +206,13 @@ fn wire(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointErro
     // The endpoint goes in before the program: `weft_from_pod` drops IPv4
     // whose source is not the endpoint's address on this veth.
     let mut maps = Maps::open(&node.bpffs)?;
-    put_endpoint(&mut maps, spec.ip, &host_if, pod_mac, xdp_ok)?;
+    put_endpoint(
+        &mut maps,
+        spec.ip,
+        &host_if,
+        pod_mac,
+        flags(xdp_ok, spec.shaped),
+    )?;
     if let Err(e) = dataplane::attach_pod(&node.bpffs, host) {
         let _ = maps.endpoints.remove(&ip_key(spec.ip));
         return Err(e.into());
@@ -213,24 +225,32 @@ fn wire(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointErro
     })
 }
 
-/// Writes pod `ip`'s entry: behind `host_if`, with MAC `pod_mac`, and
-/// whether XDP decap may redirect into its veth.
+/// An entry's flags: whether XDP decap may redirect into the pod's veth,
+/// and whether the veth is shaped.
+fn flags(xdp_ok: bool, shaped: bool) -> u32 {
+    let mut flags = 0;
+    if xdp_ok {
+        flags |= Endpoint::FLAG_XDP_REDIRECT;
+    }
+    if shaped {
+        flags |= Endpoint::FLAG_SHAPED;
+    }
+    flags
+}
+
+/// Writes pod `ip`'s entry: behind `host_if`, with MAC `pod_mac`.
 fn put_endpoint(
     maps: &mut Maps,
     ip: Ipv4Addr,
     host_if: &netdev::Interface,
     pod_mac: [u8; 6],
-    xdp_ok: bool,
+    flags: u32,
 ) -> Result<(), EndpointError> {
     let ep = Endpoint {
         ifindex: host_if.index,
         pod_mac,
         host_mac: host_if.mac,
-        flags: if xdp_ok {
-            Endpoint::FLAG_XDP_REDIRECT
-        } else {
-            0
-        },
+        flags,
     };
     maps.endpoints
         .insert(ip_key(ip), ep, 0)
@@ -362,6 +382,7 @@ pub fn restore(pin_dir: &Path, subnet: &Ipv4Cidr) -> Result<Restored, EndpointEr
     let routes = kernel("route", &["-j", "route", "show"])?;
     let neighbours = kernel("neigh", &["-j", "neigh", "show", "nud", "permanent"])?;
     let mut maps = Maps::open(pin_dir)?;
+    let shaped = netdev::shaped_interfaces().unwrap_or_default();
     let mut done = Restored::default();
     for pod in pods_in(&routes, &neighbours, subnet)? {
         if maps.endpoints.get(&ip_key(pod.ip), 0).is_ok() {
@@ -377,7 +398,8 @@ pub fn restore(pin_dir: &Path, subnet: &Ipv4Cidr) -> Result<Restored, EndpointEr
             }
         };
         let xdp_ok = netdev::alias(&pod.host_ifname).as_deref() == Some(ALIAS_XDP);
-        put_endpoint(&mut maps, pod.ip, &host_if, pod.pod_mac, xdp_ok)?;
+        let flags = flags(xdp_ok, shaped.contains(&pod.host_ifname));
+        put_endpoint(&mut maps, pod.ip, &host_if, pod.pod_mac, flags)?;
         if !dataplane::pod_attached(pin_dir, &pod.host_ifname)
             && let Err(e) = dataplane::attach_pod(pin_dir, &pod.host_ifname)
         {
@@ -391,6 +413,51 @@ pub fn restore(pin_dir: &Path, subnet: &Ipv4Cidr) -> Result<Restored, EndpointEr
     }
     Ok(done)
 }
+
+/// A pod whose veth became shaped or unshaped, as [`sync_shaping`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShapingChange {
+    pub ip: Ipv4Addr,
+    pub host_ifname: String,
+    pub shaped: bool,
+}
+
+/// Makes every entry's [`Endpoint::FLAG_SHAPED`] say whether its veth has a
+/// qdisc other than its own ([`netdev::shaped_interfaces`]): the `bandwidth`
+/// plugin's limits (or an operator's `tc qdisc add`) then apply, since the
+/// pod's traffic takes the stack, and once they are removed the pod is back
+/// on the fast paths. Returns what changed; nothing when the qdiscs cannot
+/// be read.
+pub fn sync_shaping(maps: &mut Maps) -> Vec<ShapingChange> {
+    let Some(shaped) = netdev::shaped_interfaces() else {
+        return Vec::new();
+    };
+    let entries: Vec<(u32, Endpoint)> = maps.endpoints.iter().filter_map(Result::ok).collect();
+    let mut changes = Vec::new();
+    for (key, mut ep) in entries {
+        let Some(host_ifname) = netdev::name(ep.ifindex) else {
+            continue;
+        };
+        let now = shaped.contains(&host_ifname);
+        if now == ep.shaped() {
+            continue;
+        }
+        ep.flags ^= Endpoint::FLAG_SHAPED;
+        // Only over an entry that is still there (BPF_EXIST): a DEL since
+        // the listing must not be undone.
+        if maps.endpoints.insert(key, ep, BPF_EXIST).is_ok() {
+            changes.push(ShapingChange {
+                ip: dataplane::ip_from_key(key),
+                host_ifname,
+                shaped: now,
+            });
+        }
+    }
+    changes
+}
+
+/// `BPF_EXIST` (linux/bpf.h): update an element only if it exists.
+const BPF_EXIST: u64 = 2;
 
 #[cfg(test)]
 mod tests {

@@ -185,6 +185,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 host_ifname: endpoint::host_ifname(&id, &ifname),
                 ifname,
                 ip,
+                shaped: false,
             };
             let a = endpoint::add(&spec, &node)?;
             println!(

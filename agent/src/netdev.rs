@@ -73,6 +73,26 @@ fn xdp_prog_id_in(link: &serde_json::Value) -> Option<u32> {
         .and_then(|id| u32::try_from(id).ok())
 }
 
+/// The interfaces with a qdisc other than `noqueue` (a veth's own) and
+/// `clsact` (weft's, where TCX is missing): something shapes or filters
+/// their traffic, e.g. the `bandwidth` CNI plugin (`tbf` at the root for
+/// what goes into the pod, `ingress` with a filter to an `ifb` for what comes
+/// out of it). From `tc -j qdisc show`; `None` when it cannot be read.
+pub fn shaped_interfaces() -> Option<std::collections::BTreeSet<String>> {
+    shaped_in(&crate::ip::run("tc", &["-j", "qdisc", "show"]).ok()?)
+}
+
+fn shaped_in(json: &str) -> Option<std::collections::BTreeSet<String>> {
+    let qdiscs: Vec<serde_json::Value> = serde_json::from_str(json).ok()?;
+    Some(
+        qdiscs
+            .iter()
+            .filter(|q| !matches!(q["kind"].as_str(), Some("noqueue" | "clsact") | None))
+            .filter_map(|q| q["dev"].as_str().map(str::to_owned))
+            .collect(),
+    )
+}
+
 /// Reads `name`'s index, MAC, MTU and first IPv4 address.
 pub fn get(name: &str) -> Result<Interface, NetdevError> {
     let index = index(name).ok_or_else(|| NetdevError::NotFound(name.into()))?;
@@ -287,6 +307,28 @@ pub fn vtep_mac_for(ip: Ipv4Addr) -> [u8; 6] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shaped_interfaces_from_tc_json() {
+        // `tc -j qdisc show` after the bandwidth plugin shaped one pod both
+        // ways (tbf at the root, ingress), with weft's clsact (no TCX) on
+        // another and a veth's default elsewhere.
+        let json = r#"[
+            {"kind":"noqueue","handle":"0:","dev":"lo","root":true,"refcnt":2,"options":{}},
+            {"kind":"tbf","handle":"1:","dev":"weft00000000a1","root":true,"refcnt":2,"options":{"rate":12500000,"burst":125000,"lat":25000}},
+            {"kind":"ingress","handle":"ffff:","dev":"weft00000000a1","parent":"ffff:fff1","options":{}},
+            {"kind":"noqueue","handle":"0:","dev":"weft00000000a2","root":true,"refcnt":2,"options":{}},
+            {"kind":"clsact","handle":"ffff:","dev":"weft00000000a2","parent":"ffff:fff1","options":{}},
+            {"kind":"ingress","handle":"ffff:","dev":"weft00000000a3","parent":"ffff:fff1","options":{}},
+            {"kind":"tbf","handle":"1:","dev":"bwp1234","root":true,"refcnt":2,"options":{}}
+        ]"#;
+        let shaped = shaped_in(json).unwrap();
+        assert_eq!(
+            shaped.into_iter().collect::<Vec<_>>(),
+            ["bwp1234", "weft00000000a1", "weft00000000a3"]
+        );
+        assert_eq!(shaped_in("not json"), None);
+    }
 
     #[test]
     fn xdp_program_ids_from_ip_json() {

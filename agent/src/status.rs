@@ -37,6 +37,8 @@ pub struct EndpointRow {
     pub ifindex: u32,
     pub pod_mac: String,
     pub xdp_redirect: bool,
+    /// A qdisc shapes the pod's veth: its traffic takes the node's stack.
+    pub shaped: bool,
 }
 
 /// Reads the state from the pins in `bpffs` and the node config in `run_dir`.
@@ -75,6 +77,7 @@ pub fn collect(bpffs: &Path, run_dir: &Path) -> Result<Status, DataplaneError> {
             ifindex: e.ifindex,
             pod_mac: mac_to_string(&e.pod_mac),
             xdp_redirect: e.flags & weft_common::Endpoint::FLAG_XDP_REDIRECT != 0,
+            shaped: e.shaped(),
         })
         .collect();
     endpoints.sort_by(|a, b| a.ip.cmp(&b.ip));
@@ -144,8 +147,16 @@ pub fn format(s: &Status) -> String {
     for e in &s.endpoints {
         let _ = writeln!(
             out,
-            "  {:<16} ifindex {:<5} mac {} xdp-redirect {}",
-            e.ip, e.ifindex, e.pod_mac, e.xdp_redirect
+            "  {:<16} ifindex {:<5} mac {} xdp-redirect {}{}",
+            e.ip,
+            e.ifindex,
+            e.pod_mac,
+            e.xdp_redirect,
+            if e.shaped {
+                " shaped (through the stack)"
+            } else {
+                ""
+            }
         );
     }
     let _ = writeln!(out, "\ncounters:\n{}", format_counters(&s.counters));

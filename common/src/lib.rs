@@ -54,6 +54,19 @@ impl Endpoint {
     /// host-side veth: drivers/net/veth.c drops `ndo_xdp_xmit` frames when the
     /// receiving peer has no NAPI.
     pub const FLAG_XDP_REDIRECT: u32 = 1;
+    /// A qdisc other than weft's shapes the pod's host-side veth (the
+    /// `bandwidth` CNI plugin's token bucket and ingress filter, or an
+    /// operator's): the pod's traffic takes the node's stack both ways, so
+    /// that the qdisc and the tc filters after weft's program see it. The
+    /// fast paths (`bpf_redirect_peer`, XDP redirect, the redirect into the
+    /// underlay) would bypass them.
+    pub const FLAG_SHAPED: u32 = 2;
+
+    /// Whether [`Endpoint::FLAG_SHAPED`] is set.
+    #[inline(always)]
+    pub fn shaped(&self) -> bool {
+        self.flags & Self::FLAG_SHAPED != 0
+    }
 }
 
 /// Value of [`names::NODES`] (keyed by underlay IPv4 address, network order):

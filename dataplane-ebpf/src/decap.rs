@@ -18,9 +18,10 @@
 //!   to segment and copies every frame (drivers/net/veth.c
 //!   `veth_xdp_rcv_skb`, `skb_pp_cow_data`).
 //!
-//! Anything for the node itself (or, in XDP, a pod without NAPI), and what
-//! must take the stack (a reply of a flow the stack NATed, a fragment, an
-//! ICMP error: [`crate::flows`]) is passed to the stack with the inner frame
+//! Anything for the node itself (or, in XDP, a pod without NAPI), for a pod
+//! whose veth is shaped ([`Endpoint::FLAG_SHAPED`]: the stack delivers it
+//! through the veth's qdisc), and what must take the stack (a reply of a flow
+//! the stack NATed, a fragment, an ICMP error: [`crate::flows`]) is passed to the stack with the inner frame
 //! addressed to the underlay interface.
 
 use aya_ebpf::{
@@ -185,9 +186,12 @@ pub fn xdp(ctx: &XdpContext) -> Result<u32, ()> {
             ep,
         } => (inner_off, inner_ip, ep),
     };
-    // A local pod, unless the stack must see the packet (flows.rs).
-    let to_stack = ep.is_some()
-        && flows::must_take_stack(ctx.data(), ctx.data_end(), inner_off + ETH_HLEN, &inner_ip);
+    // A local pod, unless the stack must see the packet (its veth is shaped,
+    // or flows.rs).
+    let to_stack = ep.is_some_and(|ep| {
+        ep.shaped()
+            || flows::must_take_stack(ctx.data(), ctx.data_end(), inner_off + ETH_HLEN, &inner_ip)
+    });
 
     // Strip outer Ethernet, IPv4, UDP and VXLAN.
     // SAFETY: ctx is our xdp_md; inner_off ≤ 14 + 60 + 16.
@@ -258,13 +262,15 @@ pub fn tc(ctx: &TcContext) -> Result<i32, ()> {
             ep,
         } => (inner_off, inner_ip, ep),
     };
-    // A local pod, unless the stack must see the packet (flows.rs). That
-    // reads the start of the inner L4 header, which must be linear too (a
-    // no-op unless the inner IPv4 header has options).
+    // A local pod, unless the stack must see the packet (its veth is shaped,
+    // or flows.rs). flows.rs reads the start of the inner L4 header, which
+    // must be linear too (a no-op unless the inner IPv4 header has options).
     let inner_ip_off = inner_off + ETH_HLEN;
-    let to_stack = ep.is_some()
-        && linear(ctx, inner_ip_off + inner_ip.header_len() + flows::L4_PEEK)
-        && flows::must_take_stack(ctx.data(), ctx.data_end(), inner_ip_off, &inner_ip);
+    let to_stack = ep.is_some_and(|ep| {
+        ep.shaped()
+            || (linear(ctx, inner_ip_off + inner_ip.header_len() + flows::L4_PEEK)
+                && flows::must_take_stack(ctx.data(), ctx.data_end(), inner_ip_off, &inner_ip))
+    });
     // Remove outer IPv4, UDP, VXLAN and the inner Ethernet header right after
     // the outer Ethernet header, which stays (EtherType IPv4 either way) and
     // is rewritten below. `inner_off` bytes in all. FIXED_GSO: gso_size is

@@ -7,7 +7,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
-use weft_common::{DropReason, FwdReason};
+use weft_common::{DropReason, Endpoint, FwdReason};
 
 use crate::{
     csum, encap, flows,
@@ -18,6 +18,11 @@ use crate::{
 /// TC verdicts (linux/pkt_cls.h). Defined here as `i32` because the
 /// bindings' type differs between the BPF target and the host.
 pub const TC_ACT_OK: i32 = 0;
+/// "No verdict": the next program or tc filter on the hook decides, and
+/// without one the packet goes on up the stack. How weft passes what a pod
+/// sends to the stack, so that what follows it on the veth's ingress (the
+/// `bandwidth` plugin's filter) still runs; `TC_ACT_OK` would end the hook.
+pub const TC_ACT_UNSPEC: i32 = -1;
 pub const TC_ACT_SHOT: i32 = 2;
 
 /// Where the packet came from: decides how a same-node delivery is done.
@@ -46,8 +51,13 @@ pub fn try_forward(ctx: &TcContext, origin: Origin) -> Result<i32, ()> {
     if !hdr.is_valid() {
         return Ok(drop(ctx, DropReason::Malformed));
     }
-    if origin == Origin::Pod && !from_its_pod(ctx, hdr.src) {
-        return Ok(drop(ctx, DropReason::SpoofedSource));
+    if origin == Origin::Pod {
+        match its_pod(ctx, hdr.src) {
+            None => return Ok(drop(ctx, DropReason::SpoofedSource)),
+            // Its veth is shaped: the qdisc and filters there must see it.
+            Some(ep) if ep.shaped() => return Ok(to_stack()),
+            Some(_) => {}
+        }
     }
     if !maps::in_cluster(hdr.dst) {
         return Ok(not_ours(ctx, origin));
@@ -60,8 +70,7 @@ pub fn try_forward(ctx: &TcContext, origin: Origin) -> Result<i32, ()> {
         // Replies of flows the stack forwarded (it may have NATed them) go
         // back through it, as do fragments and ICMP errors (flows.rs).
         Origin::Pod if flows::must_take_stack(start, end, ETH_HLEN, &hdr) => {
-            count_fwd(FwdReason::ToStack);
-            return Ok(TC_ACT_OK);
+            return Ok(to_stack());
         }
         // The stack forwarded this from a pod: its replies must return the
         // same way.
@@ -70,6 +79,12 @@ pub fn try_forward(ctx: &TcContext, origin: Origin) -> Result<i32, ()> {
     }
 
     if let Some(ep) = maps::endpoint(u32::from_ne_bytes(hdr.dst)) {
+        // A pod whose veth is shaped gets it through the stack and the qdisc
+        // on its veth. From weft0 the redirect below is to the veth's egress,
+        // which passes the qdisc anyway.
+        if ep.shaped() && origin == Origin::Pod {
+            return Ok(to_stack());
+        }
         // SAFETY: header bounds checked above; TC makes the data writable.
         unsafe {
             (*ip).ttl = hdr.ttl - 1;
@@ -134,14 +149,23 @@ fn is_pod(ip: [u8; 4]) -> bool {
         || maps::remote(ip).is_some_and(|r| !maps::is_own(r))
 }
 
-/// Whether `src` is the address weft gave the pod behind the veth this packet
-/// arrived on. Anything else a pod sends over IPv4 (another pod's address, one
-/// it made up) is dropped wherever it is going, so no pod can be another.
+/// The entry of the pod behind the veth this packet arrived on, if `src` is
+/// the address weft gave it. Anything else a pod sends over IPv4 (another
+/// pod's address, one it made up) is dropped wherever it is going, so no pod
+/// can be another.
 #[inline(always)]
-fn from_its_pod(ctx: &TcContext, src: [u8; 4]) -> bool {
+fn its_pod(ctx: &TcContext, src: [u8; 4]) -> Option<Endpoint> {
     // SAFETY: ctx.skb.skb points at the program's __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    matches!(maps::endpoint(u32::from_ne_bytes(src)), Some(ep) if ep.ifindex == ifindex)
+    maps::endpoint(u32::from_ne_bytes(src)).filter(|ep| ep.ifindex == ifindex)
+}
+
+/// An IPv4 packet from a pod that must take the node's stack (flows.rs, or
+/// a shaped veth), counted as such.
+#[inline(always)]
+fn to_stack() -> i32 {
+    count_fwd(FwdReason::ToStack);
+    TC_ACT_UNSPEC
 }
 
 /// A packet weft does not forward. From a pod it goes to the stack
@@ -152,7 +176,7 @@ fn not_ours(ctx: &TcContext, origin: Origin) -> i32 {
     match origin {
         Origin::Pod => {
             count_fwd(FwdReason::Passthrough);
-            TC_ACT_OK
+            TC_ACT_UNSPEC
         }
         Origin::Host => drop(ctx, DropReason::NoRoute),
     }

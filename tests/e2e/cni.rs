@@ -4,7 +4,10 @@
 use std::{collections::HashSet, net::Ipv4Addr, time::Duration};
 
 use serde_json::{Value, json};
-use weft_tests::{Cluster, ClusterSpec, EchoServer, Lab, Netns, ping, privileged, tcp_roundtrip};
+use weft_tests::{
+    Cluster, ClusterSpec, EchoServer, Lab, Netns, iperf_gbps, ping, privileged, tcp_roundtrip,
+    wait_for,
+};
 
 fn one_node(lab: &mut Lab, cidr: &str) -> Cluster {
     let mut c = Cluster::new(lab, ClusterSpec::nodes_only(1));
@@ -438,19 +441,37 @@ fn chained_with_debian_portmap_and_bandwidth() {
         "containernetworking-plugins is installed by `cargo xtask setup`"
     );
     let mut lab = Lab::new("chn");
-    let c = Cluster::start(&mut lab, ClusterSpec::nodes_only(2));
+    let mut c = Cluster::start(&mut lab, ClusterSpec::nodes_only(2));
+    let peer = c.add_pod(&mut lab, 1, 0);
     let pod = lab.netns("web");
     let netns = pod.path().display().to_string();
     // The conflist a runtime would run: weft, then portmap, then bandwidth
-    // (Debian's plugins speak up to CNI 1.0.0).
+    // (Debian's plugins speak up to CNI 1.0.0). The runtime hands the
+    // pod's limits (100 Mbit/s each way) to every plugin that declares the
+    // `bandwidth` capability: weft too, so that the pod takes the stack
+    // from its first packet.
     let version = "1.0.0";
-    let weft = c.cni_conf(0, version);
+    let limits = json!({"ingressRate": 100_000_000, "ingressBurst": 1_000_000, "egressRate": 100_000_000, "egressBurst": 1_000_000});
+    let mut weft = c.cni_conf(0, version);
+    weft["capabilities"] = json!({"bandwidth": true});
+    weft["runtimeConfig"] = json!({"bandwidth": limits});
     let out = c.cni(0, "ADD", "web", &netns, &weft);
     assert!(out.status.success());
     let mut prev = json_of(&out);
+    let pod_ip = pod.ip_of_eth0();
+    let shaped = |c: &Cluster| {
+        c.status(0)["endpoints"]
+            .as_array()
+            .expect("endpoints")
+            .iter()
+            .find(|e| e["ip"] == pod_ip.to_string())
+            .map(|e| e["shaped"] == true)
+            .expect("the pod's endpoint")
+    };
+    assert!(shaped(&c), "weft's ADD marked the pod shaped");
     let chain = [
         json!({"type": "portmap", "capabilities": {"portMappings": true}, "runtimeConfig": {"portMappings": [{"hostPort": 8080, "containerPort": 7000, "protocol": "tcp"}]}}),
-        json!({"type": "bandwidth", "capabilities": {"bandwidth": true}, "runtimeConfig": {"bandwidth": {"ingressRate": 100_000_000, "ingressBurst": 1_000_000, "egressRate": 100_000_000, "egressBurst": 1_000_000}}}),
+        json!({"type": "bandwidth", "capabilities": {"bandwidth": true}, "runtimeConfig": {"bandwidth": limits}}),
     ];
     let run_plugin = |conf: &Value, command: &str| {
         let plugin = plugins.join(conf["type"].as_str().unwrap());
@@ -472,7 +493,6 @@ fn chained_with_debian_portmap_and_bandwidth() {
         prev = json_of(&out);
     }
     // portmap: node-2's host reaches the pod through node-1's port 8080.
-    let pod_ip = pod.ip_of_eth0();
     let _echo = EchoServer::start(&pod, pod_ip, 7000);
     let mut ok = false;
     for _ in 0..20 {
@@ -493,6 +513,55 @@ fn chained_with_debian_portmap_and_bandwidth() {
                 .sh("tc", &["qdisc", "show", "dev", &host])
                 .contains("tbf"),
         "bandwidth shaped {host}"
+    );
+    // The limits hold for traffic to and from a pod on the other node (weft's
+    // fast paths would bypass the bandwidth plugin's qdiscs): 100 Mbit/s
+    // each way, where the overlay moves gigabits.
+    let mut rate = |reverse: bool| {
+        let extra: &[&str] = if reverse { &["-R"] } else { &[] };
+        iperf_gbps(&peer.ns, peer.ip, &pod, &mut lab, "iperf", 2, extra)
+    };
+    let (out_of_pod, into_pod) = (rate(false), rate(true));
+    for (way, gbps) in [("out of", out_of_pod), ("into", into_pod)] {
+        assert!(
+            gbps < 0.15,
+            "bandwidth's 100 Mbit/s limit holds {way} the pod: {:.0} Mbit/s",
+            gbps * 1000.0
+        );
+    }
+    // Without the qdiscs (removed by hand: bandwidth's DEL leaves them to go
+    // with the veth) the agent sees the veth unshaped and the pod is back on
+    // the fast paths, beyond the old limit.
+    for q in ["root", "ingress"] {
+        c.nodes[0].ns.sh("tc", &["qdisc", "del", "dev", &host, q]);
+    }
+    wait_for(
+        "the agent to see the veth unshaped",
+        Duration::from_secs(15),
+        || (!shaped(&c)).then_some(()),
+    );
+    assert!(
+        rate(true) > 0.3,
+        "no limit once bandwidth's qdiscs are gone"
+    );
+    // A qdisc an operator adds by hand counts the same (no CNI involved).
+    c.nodes[0].ns.sh(
+        "tc",
+        &[
+            "qdisc", "add", "dev", &host, "root", "tbf", "rate", "50mbit", "burst", "64kb",
+            "latency", "50ms",
+        ],
+    );
+    wait_for(
+        "the agent to see the veth shaped",
+        Duration::from_secs(15),
+        || shaped(&c).then_some(()),
+    );
+    let gbps = rate(true);
+    assert!(
+        gbps < 0.075,
+        "a hand-made 50 Mbit/s token bucket holds into the pod: {:.0} Mbit/s",
+        gbps * 1000.0
     );
     // DEL in reverse order.
     for link in chain.iter().rev() {

@@ -3,8 +3,8 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use weft_tests::{
-    Cluster, ClusterSpec, EchoServer, ForeignNode, Lab, Netns, ping, privileged, tcp_roundtrip,
-    udp_roundtrip, wait_for,
+    Cluster, ClusterSpec, EchoServer, ForeignNode, Lab, Netns, iperf_gbps, ping, privileged,
+    tcp_roundtrip, udp_roundtrip, wait_for,
 };
 
 const ECHO_PORT: u16 = 7000;
@@ -155,43 +155,6 @@ fn flannel_add_remote(
 ) {
     let subnet: u8 = remote_cidr_net.split('.').nth(2).unwrap().parse().unwrap();
     f.inner.add_remote(remote_ip, subnet, remote_vtep);
-}
-
-fn iperf_gbps(
-    server: &Netns,
-    server_ip: Ipv4Addr,
-    client: &Netns,
-    lab: &mut Lab,
-    name: &str,
-    secs: u32,
-    extra: &[&str],
-) -> f64 {
-    let mut cmd = server.command("iperf3");
-    cmd.args(["-s", "-1", "--forceflush", "-B", &server_ip.to_string()]);
-    lab.spawn(name, cmd);
-    wait_for("iperf3 server", Duration::from_secs(5), || {
-        lab.log(name).contains("listening").then_some(())
-    });
-    let mut args = vec![
-        "-c".to_string(),
-        server_ip.to_string(),
-        "-t".into(),
-        secs.to_string(),
-        "-J".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = client.try_sh("iperf3", &argv);
-    lab.stop(name);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("iperf3 JSON: {}", String::from_utf8_lossy(&out.stdout)));
-    assert!(v.get("error").is_none(), "iperf3 failed: {}", v["error"]);
-    let bytes = v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
-    assert!(bytes > 0, "iperf3 moved no data: {}", v["end"]);
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or(0.0)
-        / 1e9
 }
 
 fn interop(vni: u32, port: u16) {

@@ -21,6 +21,9 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
 const TC_ACT_OK: u32 = 0;
+/// -1: no verdict, the next program or filter on the hook decides (how
+/// `weft_from_pod` passes a packet to the stack).
+const TC_ACT_UNSPEC: u32 = u32::MAX;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
@@ -706,7 +709,7 @@ fn tc_encap_and_local_cases() {
     ] {
         let before = fx.counters();
         let (action, out) = fx.tc(&frame);
-        assert_eq!(action, TC_ACT_OK, "{case}");
+        assert_eq!(action, TC_ACT_UNSPEC, "{case}");
         assert_eq!(out, frame, "{case}: untouched");
         assert_deltas(
             case,
@@ -742,6 +745,104 @@ fn tc_encap_and_local_cases() {
         assert_eq!(action, TC_ACT_SHOT, "{case}");
         assert_deltas(case, &before, &fx.counters(), &[(reason, 1)], &[]);
     }
+}
+
+#[test]
+fn shaped_pods_take_the_stack_both_ways() {
+    if !privileged("shaped_pods_take_the_stack_both_ways") {
+        return;
+    }
+    let mut fx = Fixture::new("pkb", 1, 8472);
+    // setup: a third pod on the fixture's veth, shaped (a qdisc on its veth,
+    // e.g. the bandwidth plugin's), XDP redirect possible.
+    const SHAPED: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 12);
+    let pod_ifindex = fx.pod_ifindex;
+    let shaped_ep = |flags| Endpoint {
+        ifindex: pod_ifindex,
+        pod_mac: POD_MAC,
+        host_mac: HOST_VETH_MAC,
+        flags,
+    };
+    let both = Endpoint::FLAG_XDP_REDIRECT | Endpoint::FLAG_SHAPED;
+    let ep = shaped_ep(both);
+    fx.maps.endpoints.insert(ip_key(SHAPED), ep, 0).unwrap();
+    let udp = |src, dst| {
+        pktgen::eth(
+            HOST_VETH_MAC,
+            [2, 0xcc, 0, 0, 0, 2],
+            pktgen::ETH_P_IP,
+            &Ipv4::new(src, dst, 17).build(&pktgen::udp(1000, 2000, b"hi")),
+        )
+    };
+
+    // pktgen: the shaped pod sends to a pod on another node, to one on this
+    // node, and out of the cluster; an unshaped pod sends to the shaped one.
+    // check: no verdict (the tc filter after weft's program, e.g. the
+    // bandwidth plugin's redirect to its ifb, decides; then the stack),
+    // untouched, counted as to the stack.
+    for (case, frame) in [
+        ("shaped pod to a remote pod", udp(SHAPED, REMOTE_POD)),
+        ("shaped pod to a local pod", udp(SHAPED, POD)),
+        ("shaped pod out of the cluster", udp(SHAPED, PEER)),
+        ("a local pod to the shaped pod", udp(POD, SHAPED)),
+    ] {
+        let before = fx.counters();
+        let (action, out) = fx.tc(&frame);
+        assert_eq!((action, &out), (TC_ACT_UNSPEC, &frame), "{case}");
+        assert_deltas(
+            case,
+            &before,
+            &fx.counters(),
+            &[],
+            &[(FwdReason::ToStack, 1)],
+        );
+    }
+    // From weft0 (the node itself) the redirect is to the veth's egress,
+    // which passes its qdisc: unchanged.
+    let from_node = udp(GATEWAY, SHAPED);
+    let (action, _) = fx.tc_prog(names::PROG_FROM_HOST, &from_node);
+    assert_eq!(action, TC_ACT_REDIRECT, "the node to the shaped pod");
+
+    // Decapsulated for the shaped pod: passed up with the underlay's MAC, in
+    // both decap hooks, so that the stack routes it through the veth's qdisc.
+    for hook in [Hook::Xdp, Hook::Tc] {
+        let (_, pass, _) = hook.verdicts();
+        let inner = inner_frame(SHAPED);
+        let frame = fx.vxlan_frame(PEER, fx.vni, fx.port, &inner);
+        let before = fx.counters();
+        let (action, out) = fx.decap(hook, &frame);
+        let mut want = inner.clone();
+        want[0..6].copy_from_slice(&fx.und.mac);
+        if hook == Hook::Tc {
+            want[6..12].copy_from_slice(&frame[6..12]);
+        }
+        assert_eq!(
+            (action, &out),
+            (pass, &want),
+            "{hook:?} decap to the shaped pod"
+        );
+        assert_deltas(
+            "decap to the shaped pod",
+            &before,
+            &fx.counters(),
+            &[],
+            &[(FwdReason::ToStack, 1)],
+        );
+    }
+
+    // The flag, not the address, decides: unshaped, the same pod is back on
+    // the fast paths.
+    let ep = shaped_ep(Endpoint::FLAG_XDP_REDIRECT);
+    fx.maps.endpoints.insert(ip_key(SHAPED), ep, 0).unwrap();
+    assert_eq!(
+        fx.tc(&udp(SHAPED, REMOTE_POD)).0,
+        TC_ACT_REDIRECT,
+        "encapsulated"
+    );
+    assert_eq!(fx.tc(&udp(POD, SHAPED)).0, TC_ACT_REDIRECT, "short-cut");
+    let frame = fx.vxlan_frame(PEER, fx.vni, fx.port, &inner_frame(SHAPED));
+    assert_eq!(fx.decap(Hook::Xdp, &frame).0, XDP_REDIRECT, "XDP decap");
+    assert_eq!(fx.decap(Hook::Tc, &frame).0, TC_ACT_REDIRECT, "TC decap");
 }
 
 #[test]
@@ -874,7 +975,7 @@ fn stack_forwarded_flows_return_through_the_stack() {
         "a TCP flow lives five days after its last packet: {left} ns, flags {flags}"
     );
 
-    // The pod's reply goes to the stack (TC_ACT_OK, untouched) instead of
+    // The pod's reply goes to the stack (TC_ACT_UNSPEC, untouched) instead of
     // being encapsulated; another flow of the same pod is not affected.
     let synack = from_pod(tcp(
         POD,
@@ -885,7 +986,11 @@ fn stack_forwarded_flows_return_through_the_stack() {
     ));
     let before = fx.counters();
     let (action, out) = fx.tc(&synack);
-    assert_eq!((action, &out), (TC_ACT_OK, &synack), "reply to the stack");
+    assert_eq!(
+        (action, &out),
+        (TC_ACT_UNSPEC, &synack),
+        "reply to the stack"
+    );
     assert_deltas(
         "reply",
         &before,
@@ -1028,7 +1133,7 @@ fn stack_forwarded_flows_return_through_the_stack() {
         let before = fx.counters();
         assert_eq!(
             fx.tc(&from_pod(ip.clone())).0,
-            TC_ACT_OK,
+            TC_ACT_UNSPEC,
             "{case} from a pod"
         );
         assert_deltas(

@@ -756,6 +756,45 @@ impl Cluster {
     }
 }
 
+/// iperf3 from `client` to a one-off server on `server_ip` in `server`, for
+/// `secs` seconds with `extra` client flags; the received rate in Gbit/s.
+pub fn iperf_gbps(
+    server: &Netns,
+    server_ip: Ipv4Addr,
+    client: &Netns,
+    lab: &mut Lab,
+    name: &str,
+    secs: u32,
+    extra: &[&str],
+) -> f64 {
+    let mut cmd = server.command("iperf3");
+    cmd.args(["-s", "-1", "--forceflush", "-B", &server_ip.to_string()]);
+    lab.spawn(name, cmd);
+    wait_for("iperf3 server", Duration::from_secs(5), || {
+        lab.log(name).contains("listening").then_some(())
+    });
+    let mut args = vec![
+        "-c".to_string(),
+        server_ip.to_string(),
+        "-t".into(),
+        secs.to_string(),
+        "-J".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = client.try_sh("iperf3", &argv);
+    lab.stop(name);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("iperf3 JSON: {}", String::from_utf8_lossy(&out.stdout)));
+    assert!(v.get("error").is_none(), "iperf3 failed: {}", v["error"]);
+    let bytes = v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    assert!(bytes > 0, "iperf3 moved no data: {}", v["end"]);
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e9
+}
+
 /// `ping -c COUNT -W 1 -i 0.05 DST` from `ns`; true when every reply came.
 pub fn ping(ns: &Netns, dst: Ipv4Addr, count: u32) -> bool {
     ns.try_sh(

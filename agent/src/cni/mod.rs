@@ -99,9 +99,26 @@ struct NetConf {
     prev_result: Option<Value>,
     #[serde(rename = "cni.dev/valid-attachments")]
     valid_attachments: Option<Vec<Attachment>>,
+    /// What the runtime passes for the capabilities the conflist gives weft;
+    /// weft reads `bandwidth` (see [`NetConf::shaped`]).
+    #[serde(rename = "runtimeConfig", default)]
+    runtime_config: Option<Value>,
 }
 
 impl NetConf {
+    /// Whether the runtime passed a bandwidth limit (the `bandwidth`
+    /// capability: `ingressRate`/`egressRate` in bit/s, 0 or absent for
+    /// none), which the `bandwidth` plugin chained after weft applies on the
+    /// pod's veth.
+    fn shaped(&self) -> bool {
+        let bw = self.runtime_config.as_ref().map(|r| &r["bandwidth"]);
+        bw.is_some_and(|bw| {
+            ["ingressRate", "egressRate"]
+                .iter()
+                .any(|k| bw[k].as_u64().is_some_and(|r| r > 0))
+        })
+    }
+
     fn run_dir(&self) -> PathBuf {
         self.run_dir
             .clone()
@@ -252,6 +269,7 @@ fn add(conf: &NetConf, id: &str, ifname: &str, netns: &str) -> Result<Value, Cni
         ifname: ifname.into(),
         host_ifname: endpoint::host_ifname(id, ifname),
         ip,
+        shaped: conf.shaped(),
     };
     let attached = match endpoint::add(&spec, &node) {
         Ok(a) => a,
