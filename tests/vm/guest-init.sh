@@ -9,7 +9,7 @@ export PATH=/usr/sbin:/usr/bin:/bin
 IP=/usr/sbin/ip; NS=/usr/bin/nsenter; WEFT=/usr/bin/weft
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /run; mount -t tmpfs tmp /tmp; mkdir -p /bpf; mount -t bpf bpf /bpf
-for m in veth llc stp bridge sch_ingress cls_bpf; do insmod /mods/$m.ko; done
+for m in veth llc stp bridge sch_ingress sch_tbf cls_bpf; do insmod /mods/$m.ko; done
 echo "GUEST kernel $(cat /proc/sys/kernel/osrelease)"
 mkdir -p /run/netns /var; ln -s /run /var/run
 for n in n1 n2 p1 p2; do $IP netns add $n; done
@@ -63,10 +63,32 @@ $NS --net=/run/netns/p1 ping -c 3 -W 2 198.19.2.10 > /dev/null 2>&1 && echo "GUE
 PV=$($NS --net=/run/netns/n2 $IP -o link show | sed -n 's/^[0-9]*: \(weft[0-9a-f]\{10\}\)[@:].*/\1/p')
 podf() { $NS --net=/run/netns/n2 /usr/sbin/tc filter show dev "$PV" $1 | grep -c "bpf.* handle"; }
 echo "GUEST pod veth filters: ingress $(podf ingress), egress $(podf egress)"
+# A token bucket on the pod's veth (by hand here; the bandwidth plugin makes
+# the same): the agent marks the pod shaped within its 5 s check, and what
+# node-1's pod sends it is decapsulated to the stack (to_stack), which
+# delivers it through the qdisc. Removed, the pod is back on the fast path.
+N2="$NS --net=/run/netns/n2"
+st2() { $N2 $WEFT status --bpffs-dir /bpf/n2 --run-dir /tmp/run2; }
+tostack() { st2 | sed -n 's/.* to_stack=\([0-9]*\).*/\1/p'; }
+$N2 /usr/sbin/tc qdisc add dev "$PV" root tbf rate 50mbit burst 64kb latency 50ms
+sleep 7
+S=$(st2 | grep -c "shaped (through the stack)"); T0=$(tostack)
+$NS --net=/run/netns/p1 ping -c 3 -W 2 198.19.2.10 > /dev/null 2>&1 && P="ping ok" || P="ping FAILED"
+TS=$(($(tostack) - T0))
+$NS --net=/run/netns/p2 /usr/bin/iperf3 -s -1 -B 198.19.2.10 > /dev/null 2>&1 &
+sleep 1
+R=$($NS --net=/run/netns/p1 /usr/bin/iperf3 -c 198.19.2.10 -t 2 -f m 2>/dev/null | sed -n 's/.* \([0-9][0-9]*\)[.0-9]* Mbits\/sec .*receiver.*/\1/p')
+[ -n "$R" ] && [ "$R" -lt 75 ] && L="50 Mbit/s limit held" || L="50 Mbit/s limit NOT held (${R:-no} Mbit/s)"
+T1=$(tostack)
+$N2 /usr/sbin/tc qdisc del dev "$PV" root
+sleep 7
+U=$(st2 | grep -c "shaped (through the stack)")
+$NS --net=/run/netns/p1 ping -c 3 -W 2 198.19.2.10 > /dev/null 2>&1 && P2="ping ok" || P2="ping FAILED"
+T2=$(tostack)
+echo "GUEST shaped pod: flagged $S, $P, to_stack +$TS, $L; unshaped: flagged $U, $P2, to_stack +$((T2 - T1))"
 # Something else removes the clsact qdiscs, and with them weft's netlink
 # filters (decap on u2 in tc mode, weft0's egress): the agent puts them back
 # within its 5 s check.
-N2="$NS --net=/run/netns/n2"
 $N2 /usr/sbin/tc qdisc del dev u2 clsact 2>/dev/null
 $N2 /usr/sbin/tc qdisc del dev weft0 clsact
 $N2 /usr/sbin/tc qdisc del dev "$PV" clsact
