@@ -38,7 +38,7 @@ use weft_common::{DropReason, Endpoint, FwdReason, VXLAN_HLEN};
 
 use crate::{
     flows,
-    forward::{self, TC_ACT_OK},
+    forward::{self, TC_ACT_UNSPEC},
     maps::{self, count_drop, count_fwd},
     parse::{
         ptr_at, EthHdr, Ipv4Hdr, UdpHdr, VxlanHdr, ETH_HLEN, ETH_P_IP, IPPROTO_UDP, IPV4_HLEN,
@@ -248,12 +248,12 @@ pub fn tc(ctx: &TcContext) -> Result<i32, ()> {
     if !linear_ok {
         // Out of memory: leave the packet to the stack, as anything not ours.
         count_fwd(FwdReason::Passthrough);
-        return Ok(TC_ACT_OK);
+        return Ok(TC_ACT_UNSPEC);
     }
     let (inner_off, inner_ip, ep) = match classify(ctx.data(), ctx.data_end()) {
         Vxlan::NotOurs => {
             count_fwd(FwdReason::Passthrough);
-            return Ok(TC_ACT_OK);
+            return Ok(TC_ACT_UNSPEC);
         }
         Vxlan::Drop(reason) => return Ok(forward::drop(ctx, reason)),
         Vxlan::Ours {
@@ -303,7 +303,7 @@ pub fn tc(ctx: &TcContext) -> Result<i32, ()> {
             // SAFETY: as above.
             unsafe { (*eth).dst = maps::underlay_mac() };
             count_fwd(passed(to_stack));
-            Ok(TC_ACT_OK)
+            Ok(TC_ACT_UNSPEC)
         }
     }
 }

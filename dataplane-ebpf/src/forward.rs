@@ -17,11 +17,12 @@ use crate::{
 
 /// TC verdicts (linux/pkt_cls.h). Defined here as `i32` because the
 /// bindings' type differs between the BPF target and the host.
-pub const TC_ACT_OK: i32 = 0;
+///
 /// "No verdict": the next program or tc filter on the hook decides, and
-/// without one the packet goes on up the stack. How weft passes what a pod
-/// sends to the stack, so that what follows it on the veth's ingress (the
-/// `bandwidth` plugin's filter) still runs; `TC_ACT_OK` would end the hook.
+/// without one the packet goes on (up the stack, or to the qdisc). How
+/// every weft TC program lets a packet pass, so that what follows it on the
+/// hook still runs (the `bandwidth` plugin's filter on a pod's veth, another
+/// tool's on the underlay); `TC_ACT_OK` would end the hook there with TCX.
 pub const TC_ACT_UNSPEC: i32 = -1;
 pub const TC_ACT_SHOT: i32 = 2;
 
@@ -73,8 +74,11 @@ pub fn try_forward(ctx: &TcContext, origin: Origin) -> Result<i32, ()> {
             return Ok(to_stack());
         }
         // The stack forwarded this from a pod: its replies must return the
-        // same way.
-        Origin::Host if is_pod(hdr.src) => flows::record_reply(start, end, ETH_HLEN, &hdr),
+        // same way (a shaped pod's take the stack anyway: not recorded, so
+        // its flows do not crowd NATed ones out of the map).
+        Origin::Host if is_pod(hdr.src) && !is_shaped(hdr.src) => {
+            flows::record_reply(start, end, ETH_HLEN, &hdr)
+        }
         _ => {}
     }
 
@@ -121,8 +125,10 @@ pub fn try_forward(ctx: &TcContext, origin: Origin) -> Result<i32, ()> {
 }
 
 /// `weft_to_pod`: the node's stack is delivering this packet to a pod (the
-/// fast paths never pass here), so the pod's replies must go back through
-/// the stack, which may have NATed it (flows.rs). Always lets it through.
+/// fast paths never pass here, nor the node's own redirects), so the pod's
+/// replies must go back through the stack, which may have NATed it
+/// (flows.rs); not for a shaped pod, whose replies take the stack anyway.
+/// Never decides: what follows on the hook, then the veth's qdisc, does.
 #[inline(always)]
 pub fn note_stack_delivery(ctx: &TcContext) -> i32 {
     let (start, end) = (ctx.data(), ctx.data_end());
@@ -132,13 +138,19 @@ pub fn note_stack_delivery(ctx: &TcContext) -> i32 {
             if let Ok(ip) = ptr_at::<Ipv4Hdr>(start, end, ETH_HLEN) {
                 // SAFETY: as above.
                 let hdr = unsafe { *ip };
-                if hdr.is_valid() && is_pod(hdr.src) {
+                if hdr.is_valid() && is_pod(hdr.src) && !is_shaped(hdr.dst) {
                     flows::record_reply(start, end, ETH_HLEN, &hdr);
                 }
             }
         }
     }
-    TC_ACT_OK
+    TC_ACT_UNSPEC
+}
+
+/// Whether `ip` is a pod of this node whose veth is shaped.
+#[inline(always)]
+fn is_shaped(ip: [u8; 4]) -> bool {
+    maps::endpoint(u32::from_ne_bytes(ip)).is_some_and(|ep| ep.shaped())
 }
 
 /// Whether `ip` is a pod's: one of this node's endpoints or in another node's

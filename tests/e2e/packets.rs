@@ -20,9 +20,8 @@ use weft_tests::{
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
-const TC_ACT_OK: u32 = 0;
 /// -1: no verdict, the next program or filter on the hook decides (how
-/// `weft_from_pod` passes a packet to the stack).
+/// weft's TC programs let a packet pass).
 const TC_ACT_UNSPEC: u32 = u32::MAX;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
@@ -280,7 +279,7 @@ impl Hook {
     fn verdicts(self) -> (u32, u32, u32) {
         match self {
             Hook::Xdp => (XDP_REDIRECT, XDP_PASS, XDP_DROP),
-            Hook::Tc => (TC_ACT_REDIRECT, TC_ACT_OK, TC_ACT_SHOT),
+            Hook::Tc => (TC_ACT_REDIRECT, TC_ACT_UNSPEC, TC_ACT_SHOT),
         }
     }
 
@@ -830,6 +829,32 @@ fn shaped_pods_take_the_stack_both_ways() {
         );
     }
 
+    // What the stack delivers to the shaped pod (weft_to_pod) and forwards
+    // from it to another node (weft_from_host) is not recorded in the stack
+    // flows map: the pod's replies take the stack anyway, and a busy shaped
+    // pod must not crowd NATed flows out of the map.
+    let flows = weft_agent::dataplane::stack_flows(&fx.pins).expect("open the stack flows map");
+    let syn = Ipv4::new(REMOTE_POD, SHAPED, 6).build(&pktgen::tcp(40000, 80, pktgen::TCP_SYN, b""));
+    let to_shaped = pktgen::eth(POD_MAC, HOST_VETH_MAC, pktgen::ETH_P_IP, &syn);
+    let (action, _) = fx.tc_prog(names::PROG_TO_POD, &to_shaped);
+    assert_eq!(action, TC_ACT_UNSPEC, "weft_to_pod passes");
+    let ack = Ipv4::new(SHAPED, REMOTE_POD, 6).build(&pktgen::tcp(80, 40000, pktgen::TCP_ACK, b""));
+    let from_shaped = pktgen::eth(HOST_VETH_MAC, POD_MAC, pktgen::ETH_P_IP, &ack);
+    let (action, _) = fx.tc_prog(names::PROG_FROM_HOST, &from_shaped);
+    assert_eq!(
+        action, TC_ACT_REDIRECT,
+        "forwarded by the stack, encapsulated on weft0"
+    );
+    for key in [
+        flow_key(SHAPED, 80, REMOTE_POD, 40000, 6),
+        flow_key(REMOTE_POD, 40000, SHAPED, 80, 6),
+    ] {
+        assert!(
+            flows.get(&key, 0).is_err(),
+            "no stack flow recorded: {key:?}"
+        );
+    }
+
     // The flag, not the address, decides: unshaped, the same pod is back on
     // the fast paths.
     let ep = shaped_ep(Endpoint::FLAG_XDP_REDIRECT);
@@ -966,7 +991,11 @@ fn stack_forwarded_flows_return_through_the_stack() {
     let frame = pktgen::eth(POD_MAC, HOST_VETH_MAC, pktgen::ETH_P_IP, &syn);
     let before = fx.counters();
     let (action, out) = fx.tc_prog(names::PROG_TO_POD, &frame);
-    assert_eq!((action, &out), (TC_ACT_OK, &frame), "weft_to_pod passes");
+    assert_eq!(
+        (action, &out),
+        (TC_ACT_UNSPEC, &frame),
+        "weft_to_pod passes"
+    );
     assert_deltas("weft_to_pod", &before, &fx.counters(), &[], &[]);
     let reply = flow_key(POD, 8080, REMOTE_POD, 40000, 6);
     let (left, flags) = expiry_in(&reply);
