@@ -194,6 +194,9 @@ struct Keeper {
     last_problem: Option<String>,
     /// Set (for `/healthz`) when only a restart can help.
     unhealthy: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    /// Endpoints flagged shaped whose veth had no qdisc at the last check
+    /// ([`crate::endpoint::sync_shaping`]).
+    unshaped: std::collections::BTreeSet<u32>,
 }
 
 impl Keeper {
@@ -258,7 +261,7 @@ impl Keeper {
                     }
                 }
                 self.check_pods(dp, maps, &repaired);
-                for c in crate::endpoint::sync_shaping(maps) {
+                for c in crate::endpoint::sync_shaping(maps, &mut self.unshaped) {
                     if c.shaped {
                         tracing::info!(pod = %c.ip, iface = %c.host_ifname, "a qdisc shapes the pod's veth (the bandwidth plugin?); its traffic now takes the node's stack, where the qdisc applies");
                     } else {
@@ -624,6 +627,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         pod_mtu,
         last_problem: None,
         unhealthy,
+        unshaped: Default::default(),
     };
     let mut hook_tick = tokio::time::interval(HOOK_CHECK_INTERVAL);
     hook_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -3,6 +3,7 @@
 //! endpoint map entry. The CNI plugin and the tests both come through here.
 
 use std::{
+    collections::BTreeSet,
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
@@ -426,20 +427,27 @@ pub struct ShapingChange {
 /// qdisc other than its own ([`netdev::shaped_interfaces`]): the `bandwidth`
 /// plugin's limits (or an operator's `tc qdisc add`) then apply, since the
 /// pod's traffic takes the stack, and once they are removed the pod is back
-/// on the fast paths. Returns what changed; nothing when the qdiscs cannot
-/// be read.
-pub fn sync_shaping(maps: &mut Maps) -> Vec<ShapingChange> {
+/// on the fast paths. The flag is set at once but cleared only when two
+/// checks in a row found no qdisc (`unshaped_before`: the entries the
+/// previous check found so, kept by the caller): the plugin sets the flag at
+/// ADD, before the `bandwidth` plugin after it has made its qdiscs. Returns
+/// what changed; nothing when the qdiscs cannot be read.
+pub fn sync_shaping(maps: &mut Maps, unshaped_before: &mut BTreeSet<u32>) -> Vec<ShapingChange> {
     let Some(shaped) = netdev::shaped_interfaces() else {
         return Vec::new();
     };
     let entries: Vec<(u32, Endpoint)> = maps.endpoints.iter().filter_map(Result::ok).collect();
+    let mut unshaped_now = BTreeSet::new();
     let mut changes = Vec::new();
     for (key, mut ep) in entries {
         let Some(host_ifname) = netdev::name(ep.ifindex) else {
             continue;
         };
         let now = shaped.contains(&host_ifname);
-        if now == ep.shaped() {
+        if ep.shaped() && !now {
+            unshaped_now.insert(key);
+        }
+        if !flip_shaped(ep.shaped(), now, unshaped_before.contains(&key)) {
             continue;
         }
         ep.flags ^= Endpoint::FLAG_SHAPED;
@@ -453,7 +461,19 @@ pub fn sync_shaping(maps: &mut Maps) -> Vec<ShapingChange> {
             });
         }
     }
+    *unshaped_before = unshaped_now;
     changes
+}
+
+/// Whether [`sync_shaping`] flips an entry's flag: set at once when its veth
+/// has a qdisc, cleared when it has none now and had none at the check
+/// before.
+fn flip_shaped(flagged: bool, has_qdisc: bool, no_qdisc_before: bool) -> bool {
+    match (flagged, has_qdisc) {
+        (false, true) => true,
+        (true, false) => no_qdisc_before,
+        _ => false,
+    }
 }
 
 /// `BPF_EXIST` (linux/bpf.h): update an element only if it exists.
@@ -462,6 +482,23 @@ const BPF_EXIST: u64 = 2;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shaped_flag_is_set_at_once_and_cleared_after_two_checks() {
+        // (flagged, qdisc now, no qdisc at the check before) → flip?
+        assert!(flip_shaped(false, true, false), "a qdisc appeared: set");
+        assert!(!flip_shaped(false, false, true), "nothing to do");
+        assert!(!flip_shaped(true, true, true), "still shaped");
+        // Flagged at ADD, the bandwidth plugin's qdiscs not there yet.
+        assert!(
+            !flip_shaped(true, false, false),
+            "first check without: kept"
+        );
+        assert!(
+            flip_shaped(true, false, true),
+            "second check without: cleared"
+        );
+    }
 
     #[test]
     fn host_names_are_stable_and_short() {

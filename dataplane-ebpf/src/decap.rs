@@ -20,9 +20,10 @@
 //!
 //! Anything for the node itself (or, in XDP, a pod without NAPI), for a pod
 //! whose veth is shaped ([`Endpoint::FLAG_SHAPED`]: the stack delivers it
-//! through the veth's qdisc), and what must take the stack (a reply of a flow
-//! the stack NATed, a fragment, an ICMP error: [`crate::flows`]) is passed to the stack with the inner frame
-//! addressed to the underlay interface.
+//! through the veth's qdisc), and what must take the stack (a reply of a
+//! flow the stack NATed, a fragment, an ICMP error: [`crate::flows`]) is
+//! passed to the stack with the inner frame addressed to the underlay
+//! interface.
 
 use aya_ebpf::{
     bindings::{

@@ -81,7 +81,7 @@ R=$($NS --net=/run/netns/p1 /usr/bin/iperf3 -c 198.19.2.10 -t 2 -f m 2>/dev/null
 [ -n "$R" ] && [ "$R" -lt 75 ] && L="50 Mbit/s limit held" || L="50 Mbit/s limit NOT held (${R:-no} Mbit/s)"
 T1=$(tostack)
 $N2 /usr/sbin/tc qdisc del dev "$PV" root
-sleep 7
+sleep 12  # cleared after two checks without a qdisc
 U=$(st2 | grep -c "shaped (through the stack)")
 $NS --net=/run/netns/p1 ping -c 3 -W 2 198.19.2.10 > /dev/null 2>&1 && P2="ping ok" || P2="ping FAILED"
 T2=$(tostack)
