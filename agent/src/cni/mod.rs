@@ -109,14 +109,20 @@ impl NetConf {
     /// Whether the runtime passed a bandwidth limit (the `bandwidth`
     /// capability: `ingressRate`/`egressRate` in bit/s, 0 or absent for
     /// none), which the `bandwidth` plugin chained after weft applies on the
-    /// pod's veth.
-    fn shaped(&self) -> bool {
+    /// pod's veth. Egress limits need TCX (`tcx`): the plugin's `ingress`
+    /// qdisc cannot join the `clsact` weft uses without it, so the pod's ADD
+    /// fails here, saying why, rather than in the plugin with "file exists".
+    fn shaped(&self, tcx: bool) -> Result<bool, CniError> {
         let bw = self.runtime_config.as_ref().map(|r| &r["bandwidth"]);
-        bw.is_some_and(|bw| {
-            ["ingressRate", "egressRate"]
-                .iter()
-                .any(|k| bw[k].as_u64().is_some_and(|r| r > 0))
-        })
+        let limited = |k: &str| bw.is_some_and(|bw| bw[k].as_u64().is_some_and(|r| r > 0));
+        if limited("egressRate") && !tcx {
+            return Err(CniError::new(
+                code::UNSUPPORTED_FIELD,
+                "runtimeConfig.bandwidth.egressRate: egress bandwidth limits need Linux 6.6 or newer with weft",
+                "without TCX weft's programs sit in a clsact qdisc on the pod's veth, and the bandwidth plugin's ingress qdisc cannot be added next to it; drop the pod's kubernetes.io/egress-bandwidth (ingress limits work) or upgrade the node's kernel",
+            ));
+        }
+        Ok(limited("ingressRate") || limited("egressRate"))
     }
 
     fn run_dir(&self) -> PathBuf {
@@ -252,6 +258,7 @@ fn ipam_err(e: ipam::IpamError) -> CniError {
 
 fn add(conf: &NetConf, id: &str, ifname: &str, netns: &str) -> Result<Value, CniError> {
     let node = node_config(conf)?;
+    let shaped = conf.shaped(crate::dataplane::has_tcx())?;
     if !Path::new(netns).exists() {
         return Err(CniError::new(
             code::UNKNOWN_CONTAINER,
@@ -269,7 +276,7 @@ fn add(conf: &NetConf, id: &str, ifname: &str, netns: &str) -> Result<Value, Cni
         ifname: ifname.into(),
         host_ifname: endpoint::host_ifname(id, ifname),
         ip,
-        shaped: conf.shaped(),
+        shaped,
     };
     let attached = match endpoint::add(&spec, &node) {
         Ok(a) => a,
@@ -481,6 +488,34 @@ mod tests {
                 .collect(),
             stdin: stdin.into(),
         }
+    }
+
+    #[test]
+    fn bandwidth_limits_mark_the_pod_shaped() {
+        let conf = |rc: &str| -> NetConf {
+            serde_json::from_str(&format!(
+                r#"{{"cniVersion":"1.0.0","name":"n","type":"weft"{rc}}}"#
+            ))
+            .unwrap()
+        };
+        assert_eq!(conf("").shaped(true), Ok(false));
+        let none = conf(r#","runtimeConfig":{"bandwidth":{"ingressRate":0,"egressRate":0}}"#);
+        assert_eq!(none.shaped(false), Ok(false));
+        let ingress = conf(r#","runtimeConfig":{"bandwidth":{"ingressRate":1000000}}"#);
+        assert_eq!(
+            ingress.shaped(false),
+            Ok(true),
+            "ingress limits need no TCX"
+        );
+        let egress = conf(r#","runtimeConfig":{"bandwidth":{"egressRate":1000000}}"#);
+        assert_eq!(egress.shaped(true), Ok(true));
+        let e = egress.shaped(false).unwrap_err();
+        assert_eq!(e.code, code::UNSUPPORTED_FIELD);
+        assert!(
+            e.msg.contains("egressRate") && e.msg.contains("6.6"),
+            "{}",
+            e.msg
+        );
     }
 
     #[test]
