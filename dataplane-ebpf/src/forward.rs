@@ -76,9 +76,7 @@ pub fn try_forward(ctx: &TcContext, origin: Origin) -> Result<i32, ()> {
         // The stack forwarded this from a pod: its replies must return the
         // same way (a shaped pod's take the stack anyway: not recorded, so
         // its flows do not crowd NATed ones out of the map).
-        Origin::Host if is_pod(hdr.src) && !is_shaped(hdr.src) => {
-            flows::record_reply(start, end, ETH_HLEN, &hdr)
-        }
+        Origin::Host if is_unshaped_pod(hdr.src) => flows::record_reply(start, end, ETH_HLEN, &hdr),
         _ => {}
     }
 
@@ -157,8 +155,22 @@ fn is_shaped(ip: [u8; 4]) -> bool {
 /// pod CIDR (not this node's gateway or a free address of its CIDR).
 #[inline(always)]
 fn is_pod(ip: [u8; 4]) -> bool {
-    maps::endpoint(u32::from_ne_bytes(ip)).is_some()
-        || maps::remote(ip).is_some_and(|r| !maps::is_own(r))
+    maps::endpoint(u32::from_ne_bytes(ip)).is_some() || is_remote_pod(ip)
+}
+
+/// [`is_pod`], but not a shaped pod of this node; one endpoint lookup.
+#[inline(always)]
+fn is_unshaped_pod(ip: [u8; 4]) -> bool {
+    match maps::endpoint(u32::from_ne_bytes(ip)) {
+        Some(ep) => !ep.shaped(),
+        None => is_remote_pod(ip),
+    }
+}
+
+/// Whether `ip` is in another node's pod CIDR.
+#[inline(always)]
+fn is_remote_pod(ip: [u8; 4]) -> bool {
+    maps::remote(ip).is_some_and(|r| !maps::is_own(r))
 }
 
 /// The entry of the pod behind the veth this packet arrived on, if `src` is
