@@ -197,12 +197,15 @@ struct Keeper {
     /// Endpoints flagged shaped whose veth had no qdisc at the last check
     /// ([`crate::endpoint::sync_shaping`]).
     unshaped: std::collections::BTreeSet<u32>,
+    /// The UDP port [`crate::gro::GRO_IFACE`] holds, when it could be made
+    /// at start (then it is put back if removed).
+    gro_port: Option<u16>,
 }
 
 impl Keeper {
     /// Puts back what something else removed: `weft0` (with its address and
-    /// routes), the decap program on the underlay, the host program on
-    /// `weft0`, the pods' programs. Flannel's vxlan device cannot lose its
+    /// routes), `weft_gro`, the decap program on the underlay, the host
+    /// program on `weft0`, the pods' programs. Flannel's vxlan device cannot lose its
     /// hooks this way; weft's programs can (`tc qdisc del dev X clsact`
     /// before 6.6, `bpftool link detach`), and a node whose decap is gone
     /// drops every packet for its pods without a word. A re-created
@@ -258,6 +261,18 @@ impl Keeper {
                             "checking the {} program on {iface}: {e}",
                             hook.name()
                         ));
+                    }
+                }
+                if let Some(port) = self.gro_port {
+                    match crate::gro::ensure(port) {
+                        Ok(crate::gro::Ensured::Present) => {}
+                        Ok(crate::gro::Ensured::Created) => {
+                            tracing::warn!("{} was gone or changed (by something else?); made it again", crate::gro::GRO_IFACE);
+                            repaired(crate::gro::GRO_IFACE);
+                        }
+                        // Deleted just now, the old socket may still hold
+                        // the port for a moment: the next check retries.
+                        Err(e) => problems.push(format!("re-creating {}: {e}", crate::gro::GRO_IFACE)),
                     }
                 }
                 self.check_pods(dp, maps, &repaired);
@@ -544,6 +559,20 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
 
     setup_host_iface(&cfg, &me.pod_cidr, pod_mtu, &iface.name)?;
     set_up_masquerade(&cfg);
+    let gro_port = match hold_gro_port(cfg.port).await {
+        Ok(_) => {
+            tracing::info!(
+                port = cfg.port,
+                device = crate::gro::GRO_IFACE,
+                "holding the VXLAN port for the kernel's GRO (the device receives nothing itself)"
+            );
+            Some(cfg.port)
+        }
+        Err(e) => {
+            tracing::warn!("{e}");
+            None
+        }
+    };
     let globals = Globals {
         vni: cfg.vni,
         port: cfg.port,
@@ -628,6 +657,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         last_problem: None,
         unhealthy,
         unshaped: Default::default(),
+        gro_port,
     };
     let mut hook_tick = tokio::time::interval(HOOK_CHECK_INTERVAL);
     hook_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -655,6 +685,22 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// [`crate::gro::ensure`], tried for up to 2 s: a socket on the port that
+/// was just closed (`weft down` and a new agent, a changed `--port`) may
+/// hold it for a moment after its device is gone.
+async fn hold_gro_port(port: u16) -> Result<crate::gro::Ensured, crate::gro::GroError> {
+    let mut tries = 0;
+    loop {
+        match crate::gro::ensure(port) {
+            Err(crate::gro::GroError::Cmd { .. }) if tries < 4 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// The registry's nodes with this node's underlay address as detected.
 fn with_local_ip(nodes: &[Node], me: &str, ip: Ipv4Addr) -> Vec<Node> {
     nodes
@@ -679,7 +725,7 @@ async fn shutdown_signal() {
 }
 
 /// `weft down`: detaches everything weft attached and removes its pins,
-/// device, routes and files.
+/// devices, routes and files.
 pub fn down(bpffs_dir: &Path, run_dir: &Path) -> Vec<String> {
     let mut done = Vec::new();
     if bpffs_dir.exists() {
@@ -710,6 +756,9 @@ pub fn down(bpffs_dir: &Path, run_dir: &Path) -> Vec<String> {
     }
     if netdev::index(HOST_IFACE).is_some() && ip::ip(&["link", "del", HOST_IFACE]).is_ok() {
         done.push(format!("deleted {HOST_IFACE} and its routes"));
+    }
+    if crate::gro::remove() {
+        done.push(format!("deleted {}", crate::gro::GRO_IFACE));
     }
     let env = run_dir.join(crate::node::SUBNET_ENV);
     if std::fs::remove_file(&env).is_ok() {

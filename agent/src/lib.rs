@@ -7,6 +7,7 @@ pub mod cni;
 pub mod config;
 pub mod dataplane;
 pub mod endpoint;
+pub mod gro;
 pub mod ip;
 pub mod kube;
 pub mod masq;

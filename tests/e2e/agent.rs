@@ -407,6 +407,10 @@ fn config_file_metrics_readiness_and_down() {
         );
     }
 
+    assert!(
+        n.ns.ip(&["link", "show", "dev", "weft_gro"]).contains("UP"),
+        "the agent holds the VXLAN port for GRO"
+    );
     // `weft down` leaves the node as it was.
     lab.stop("agent");
     let out =
@@ -427,13 +431,15 @@ fn config_file_metrics_readiness_and_down() {
         !n.ns.ip(&["link", "show", "und0"]).contains("xdp"),
         "XDP detached"
     );
-    assert!(
-        n.ns.try_sh("ip", &["link", "show", "dev", "weft0"])
-            .status
-            .code()
-            != Some(0),
-        "weft0 removed"
-    );
+    for dev in ["weft0", "weft_gro"] {
+        assert!(
+            n.ns.try_sh("ip", &["link", "show", "dev", dev])
+                .status
+                .code()
+                != Some(0),
+            "{dev} removed"
+        );
+    }
     assert!(
         !n.ns.ip(&["route", "show"]).contains("198.19.0.0/16"),
         "cluster route removed"

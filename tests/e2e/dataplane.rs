@@ -3,8 +3,8 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use weft_tests::{
-    Cluster, ClusterSpec, EchoServer, ForeignNode, Lab, Netns, iperf_gbps, ping, privileged,
-    tcp_roundtrip, udp_roundtrip, wait_for,
+    Cluster, ClusterSpec, EchoServer, ForeignNode, Lab, Netns, UnderlayKind, iperf_gbps, ping,
+    privileged, tcp_roundtrip, udp_roundtrip, wait_for,
 };
 
 const ECHO_PORT: u16 = 7000;
@@ -614,6 +614,152 @@ fn vxlan_from_an_unknown_vtep_never_reaches_a_pod() {
         c.counter(0, "decap_redirect") + c.counter(0, "decap_peer") + c.counter(0, "decap_pass"),
         0,
         "nothing was decapsulated"
+    );
+}
+
+/// A counter of `ip -j -s link show DEV` in `ns` (e.g. `rx`, `packets`).
+fn link_stat(ns: &Netns, dev: &str, dir: &str, what: &str) -> u64 {
+    let v: serde_json::Value =
+        serde_json::from_str(&ns.ip(&["-j", "-s", "link", "show", "dev", dev])).unwrap();
+    v[0]["stats64"][dir][what]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {dir} {what} for {dev}: {v}"))
+}
+
+/// On a NIC-like underlay (wire-sized frames, GRO on the receiving `und0`),
+/// `weft_gro` holds the VXLAN port so that the kernel's GRO merges the
+/// frames of one flow before TC decap; without it every frame is
+/// decapsulated, and enters the pod, on its own. The device itself accepts
+/// nothing: VXLAN that decap leaves to the stack (here, to another address
+/// of the node) is dropped, as the closed port did — a plain `external`
+/// device would deliver it to the pod (checked by hand: 3 of 3 pings).
+#[test]
+fn kernel_gro_merges_vxlan_before_tc_decap() {
+    if !privileged("kernel_gro_merges_vxlan_before_tc_decap") {
+        return;
+    }
+    let mut lab = Lab::new("gro");
+    let c = Cluster::start(
+        &mut lab,
+        ClusterSpec {
+            underlay: UnderlayKind::NicLike,
+            ..ClusterSpec::pair()
+        },
+    );
+    let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
+    for n in &c.nodes {
+        let d: serde_json::Value =
+            serde_json::from_str(&n.ns.ip(&["-d", "-j", "link", "show", "dev", "weft_gro"]))
+                .unwrap();
+        let data = &d[0]["linkinfo"]["info_data"];
+        assert_eq!(d[0]["linkinfo"]["info_kind"], "vxlan", "{}: {d}", n.name);
+        assert!(
+            data["external"] == true && data["vnifilter"] == true && data["port"] == 8472,
+            "{}: {d}",
+            n.name
+        );
+        assert!(
+            n.ns.sh("bridge", &["vni", "show", "dev", "weft_gro"])
+                .lines()
+                .skip(1)
+                .all(|l| l.trim().is_empty()),
+            "no VNI on weft_gro"
+        );
+    }
+    let node2 = &c.nodes[1].ns;
+    // Wire frames node 2 received per skb its TC decap handled, over one
+    // second of TCP from the pod on node 1.
+    let frames_per_decap = |lab: &mut Lab, what: &str| {
+        let (frames, decaps) = (
+            link_stat(node2, "und0", "rx", "packets"),
+            c.counter(1, "decap_peer"),
+        );
+        let gbps = iperf_gbps(&b.ns, b.ip, &a.ns, lab, "iperf", 1, &[]);
+        let frames = link_stat(node2, "und0", "rx", "packets") - frames;
+        let decaps = c.counter(1, "decap_peer") - decaps;
+        let ratio = frames as f64 / decaps.max(1) as f64;
+        println!("{what}: {gbps:.2} Gbit/s, {frames} frames, {decaps} decapsulated: {ratio:.1}");
+        ratio
+    };
+    let merged = frames_per_decap(&mut lab, "with weft_gro");
+    assert!(
+        merged >= 3.0,
+        "GRO merges VXLAN frames: {merged:.1} per skb"
+    );
+
+    node2.ip(&["link", "del", "weft_gro"]);
+    let alone = frames_per_decap(&mut lab, "weft_gro deleted");
+    assert!(alone < 1.5, "without the socket, no GRO: {alone:.1}");
+    wait_for(
+        "the agent to put weft_gro back",
+        Duration::from_secs(20),
+        || {
+            let out = node2.try_sh("ip", &["link", "show", "dev", "weft_gro", "up"]);
+            (out.status.success() && !out.stdout.is_empty()).then_some(())
+        },
+    );
+    let again = frames_per_decap(&mut lab, "weft_gro made again");
+    assert!(again >= 3.0, "GRO again: {again:.1}");
+    assert!(
+        lab.log(&Cluster::agent_name(1))
+            .contains("weft_gro was gone"),
+        "the agent says it put weft_gro back"
+    );
+
+    // VXLAN for a pod sent by a host on the underlay to another address of
+    // node 2, addressed to weft_gro's MAC: decap leaves it alone (not the
+    // node's VXLAN address), the socket takes it, the device drops it.
+    node2.ip(&["addr", "add", "198.18.0.202/24", "dev", "und0"]);
+    let gro_mac = node2.sh("cat", &["/sys/class/net/weft_gro/address"]);
+    let rogue = lab.netns("rogue");
+    c.underlay.plug(&rogue, 99);
+    rogue.ip(&[
+        "link",
+        "add",
+        "vx",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "remote",
+        "198.18.0.202",
+        "dstport",
+        "8472",
+        "dev",
+        "und0",
+        "nolearning",
+    ]);
+    rogue.ip(&["addr", "add", "198.19.200.1/32", "dev", "vx"]);
+    rogue.ip(&["link", "set", "vx", "up"]);
+    rogue.ip(&["route", "add", &format!("{}/32", b.ip), "dev", "vx"]);
+    rogue.ip(&[
+        "neigh",
+        "add",
+        &b.ip.to_string(),
+        "lladdr",
+        gro_mac.trim(),
+        "dev",
+        "vx",
+        "nud",
+        "permanent",
+    ]);
+    let pod_rx = link_stat(&b.ns, "eth0", "rx", "packets");
+    let udp_in = |ns: &Netns| -> u64 {
+        let out = ns.sh("nstat", &["-az", "UdpInDatagrams"]);
+        let line = out.lines().find(|l| l.starts_with("UdpInDatagrams"));
+        line.and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or_else(|| panic!("nstat: {out}"))
+    };
+    let before = udp_in(node2);
+    assert!(!ping(&rogue, b.ip, 3));
+    assert!(
+        udp_in(node2) >= before + 3,
+        "the rogue VXLAN reached weft_gro's socket"
+    );
+    assert_eq!(
+        link_stat(&b.ns, "eth0", "rx", "packets"),
+        pod_rx,
+        "and nothing of it reached the pod"
     );
 }
 

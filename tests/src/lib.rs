@@ -391,7 +391,8 @@ pub enum UnderlayKind {
     /// Transmit checksum (and so segmentation) off on the bridge side, as on
     /// a real NIC the checksum is filled in and frames are wire-sized before
     /// the wire: XDP on the receiving veth sees raw bytes, not the sender's
-    /// "checksum later" promise. Needed for `--decap xdp` on veths.
+    /// "checksum later" promise. Needed for `--decap xdp` on veths. GRO on
+    /// the node's `und0` (veth's NAPI), as every NIC driver does GRO.
     NicLike,
 }
 
@@ -431,6 +432,9 @@ impl Underlay {
         let ip = Ipv4Addr::new(198, 18, 0, host);
         node.ip(&["addr", "add", &format!("{ip}/24"), "dev", "und0"]);
         node.ip(&["link", "set", "und0", "up"]);
+        if self.kind == UnderlayKind::NicLike {
+            node.sh("ethtool", &["-K", "und0", "gro", "on"]);
+        }
         ip
     }
 }
