@@ -76,7 +76,7 @@ copy() { # binary destination: with the libraries it links
 if command -v strip >/dev/null; then strip -o "$work/weft" "$weft"; weft=$work/weft; fi  # a debug build is ~170 MB
 copy /usr/sbin/ip /usr/sbin/ip; copy /usr/sbin/tc /usr/sbin/tc; copy /usr/sbin/ethtool /usr/sbin/ethtool
 copy /usr/bin/nsenter /usr/bin/nsenter; copy /usr/bin/iperf3 /usr/bin/iperf3; copy "$weft" /usr/bin/weft
-for m in drivers/net/veth net/802/stp net/llc/llc net/bridge/bridge net/sched/sch_ingress net/sched/sch_tbf net/sched/cls_bpf; do
+for m in drivers/net/veth net/802/stp net/llc/llc net/bridge/bridge net/sched/sch_ingress net/sched/sch_tbf net/sched/cls_bpf net/ipv4/udp_tunnel net/ipv6/ip6_udp_tunnel drivers/net/vxlan/vxlan; do
   cp "$kdir/lib/modules/$kver/kernel/$m.ko" $r/mods/
 done
 install -m 755 "$here/guest-init.sh" $r/init
@@ -100,10 +100,15 @@ for mode in tc xdp; do
   check "node-2: .*dataplane attached .*pods=1"
   check "^GUEST ping after restart ok"
   check "^GUEST pod veth filters: ingress 1, egress 1"
+  case $kver in
+    5.15.*) check "^GUEST weft_gro: 0, unsupported logged 1" ;;
+    *) check "^GUEST weft_gro: 1, unsupported logged 0" ;;
+  esac
   [ $mode = tc ] && repairs=4 || repairs=3
   check "^GUEST shaped pod: flagged 1, ping ok, to_stack \+6, 50 Mbit/s limit held; unshaped: flagged 0, ping ok, to_stack \+0"
   check "^GUEST after clsact removed: decap 1, host 1, pod 1 1, pod ping ok, node ping ok, repairs logged $repairs"
   check "^GUEST after down: tc filters on u2 0, xdp 0, pod veth 0 0"
+  check "^GUEST after down: weft_gro 0$"
   check "^GUEST after down, a new agent: restored, ping ok, pod veth filters 1 1"
   check "^GUEST done"
 done
