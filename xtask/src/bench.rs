@@ -863,8 +863,9 @@ the underlay's settings (`--underlay`, recorded in the JSON as `underlay`):
   or container-based cluster has.
 - `nic-like`: transmit checksum off on the bridge ports, so the bridge
   checksums and segments in software what a NIC would do in hardware, and
-  receivers get wire-sized frames. XDP decap on a veth needs this (see
-  docs/DATAPLANE.md, "XDP or TC").
+  receivers get wire-sized frames, with GRO on each node's `und0` as a NIC
+  driver has. XDP decap on a veth needs this (see docs/DATAPLANE.md, "XDP
+  or TC"; results in docs/PERFORMANCE.md).
 
 Modes:
 
