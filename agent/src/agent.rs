@@ -205,9 +205,9 @@ struct Keeper {
 impl Keeper {
     /// Puts back what something else removed: `weft0` (with its address and
     /// routes), `weft_gro`, the decap program on the underlay, the host
-    /// program on `weft0`, the pods' programs. Flannel's vxlan device cannot lose its
-    /// hooks this way; weft's programs can (`tc qdisc del dev X clsact`
-    /// before 6.6, `bpftool link detach`), and a node whose decap is gone
+    /// program on `weft0`, the pods' programs. Flannel's vxlan device cannot
+    /// lose its hooks this way; weft's programs can (`tc qdisc del dev X
+    /// clsact` before 6.6, `bpftool link detach`), and a node whose decap is gone
     /// drops every packet for its pods without a word. A re-created
     /// underlay gets the programs loaded anew; what only a restart can mend
     /// (the underlay gone, or its address, a load-time constant and the
@@ -567,6 +567,11 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                 "holding the VXLAN port for the kernel's GRO (the device receives nothing itself)"
             );
             Some(cfg.port)
+        }
+        // Nothing to mend on this node: said once, not as a warning.
+        Err(e @ crate::gro::GroError::Unsupported { .. }) => {
+            tracing::info!("{e}");
+            None
         }
         Err(e) => {
             tracing::warn!("{e}");
