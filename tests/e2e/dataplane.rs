@@ -3,8 +3,8 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use weft_tests::{
-    Cluster, ClusterSpec, EchoServer, ForeignNode, Lab, Netns, UnderlayKind, iperf_gbps, ping,
-    privileged, tcp_roundtrip, udp_roundtrip, wait_for,
+    Cluster, ClusterSpec, EchoServer, ForeignNode, Lab, Netns, UnderlayKind, bulk_tcp_intact,
+    iperf_gbps, ping, privileged, tcp_roundtrip, udp_roundtrip, wait_for,
 };
 
 const ECHO_PORT: u16 = 7000;
@@ -450,6 +450,10 @@ fn iperf3_5_seconds_across_nodes() {
         c.counter(0, "encap") > 0 && c.counter(1, "decap_peer") > 0,
         "traffic went through the BPF paths"
     );
+    // Both ways, whole GSO skbs encapsulated and decapsulated: every byte
+    // arrives as sent.
+    bulk_tcp_intact(&b.ns, b.ip, 7001, &a.ns, 64 << 20).expect("64 MiB node 1 → 2 intact");
+    bulk_tcp_intact(&a.ns, a.ip, 7001, &b.ns, 64 << 20).expect("64 MiB node 2 → 1 intact");
     assert_eq!(
         total_drops(&c, 0) + total_drops(&c, 1),
         0,
@@ -686,6 +690,14 @@ fn kernel_gro_merges_vxlan_before_tc_decap() {
         merged >= 3.0,
         "GRO merges VXLAN frames: {merged:.1} per skb"
     );
+    // What GRO merged and TC decapsulated arrives intact, byte for byte.
+    let decaps = c.counter(1, "decap_peer");
+    bulk_tcp_intact(&b.ns, b.ip, 7001, &a.ns, 64 << 20).expect("64 MiB intact");
+    let decaps = c.counter(1, "decap_peer") - decaps;
+    assert!(
+        decaps < (64 << 20) / 1400 / 3,
+        "the 64 MiB went through merged skbs ({decaps} decapsulated)"
+    );
 
     node2.ip(&["link", "del", "weft_gro"]);
     let alone = frames_per_decap(&mut lab, "weft_gro deleted");
@@ -787,6 +799,7 @@ fn xdp_decap_connects_pods() {
     // frame by frame in XDP and merged again by GRO on the pod's veth.
     let gbps = iperf_gbps(&b.ns, b.ip, &a.ns, &mut lab, "iperf", 2, &[]);
     println!("iperf3 pod→pod with XDP decap, 2 s: {gbps:.2} Gbit/s");
+    bulk_tcp_intact(&b.ns, b.ip, 7001, &a.ns, 32 << 20).expect("32 MiB intact");
     for i in 0..2 {
         assert!(
             c.counter(i, "decap_redirect") > 0,

@@ -905,6 +905,81 @@ impl Drop for EchoServer {
     }
 }
 
+/// The `i`-th 8 bytes of the stream [`bulk_tcp_intact`] sends (xorshift64*).
+fn bulk_word(i: u64) -> [u8; 8] {
+    let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes()
+}
+
+/// Sends `bytes` (a multiple of 8) of a pseudo-random stream over one TCP
+/// connection from `client` to a receiver on `ip:port` in `server`, in
+/// 64 KiB writes (GSO-sized skbs), and checks every byte on arrival: the
+/// payload survived whatever merged, split or moved its headers on the way
+/// (a checksum the receiver trusts would not catch that). `Err` says what
+/// went wrong.
+pub fn bulk_tcp_intact(
+    server: &Netns,
+    ip: Ipv4Addr,
+    port: u16,
+    client: &Netns,
+    bytes: u64,
+) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let ns = server.clone();
+    let receiver = std::thread::spawn(move || -> Result<(), String> {
+        let _inside = InNetns::enter(&ns);
+        let l = std::net::TcpListener::bind((ip, port)).map_err(|e| format!("bind: {e}"))?;
+        ready_tx.send(()).expect("ready");
+        let (mut s, _) = l.accept().map_err(|e| format!("accept: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        let (mut at, mut buf) = (0u64, vec![0u8; 1 << 16]);
+        loop {
+            let n = s.read(&mut buf).map_err(|e| format!("read at {at}: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            for (k, b) in buf[..n].iter().enumerate() {
+                let pos = at + k as u64;
+                if *b != bulk_word(pos / 8)[(pos % 8) as usize] {
+                    return Err(format!("byte {pos} of {bytes} differs"));
+                }
+            }
+            at += n as u64;
+        }
+        if at != bytes {
+            return Err(format!("received {at} of {bytes} bytes"));
+        }
+        Ok(())
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .map_err(|_| "receiver did not start".to_string())?;
+    let sent = (|| {
+        let _inside = InNetns::enter(client);
+        let mut s =
+            std::net::TcpStream::connect_timeout(&(ip, port).into(), Duration::from_secs(2))
+                .map_err(|e| format!("connect: {e}"))?;
+        let mut chunk = Vec::with_capacity(1 << 16);
+        let mut word = 0u64;
+        while word * 8 < bytes {
+            chunk.clear();
+            while chunk.len() < 1 << 16 && word * 8 < bytes {
+                chunk.extend_from_slice(&bulk_word(word));
+                word += 1;
+            }
+            s.write_all(&chunk).map_err(|e| format!("write: {e}"))?;
+        }
+        Ok::<(), String>(())
+    })();
+    // The receiver's verdict first: a sender's error is usually its echo.
+    receiver.join().expect("receiver thread").and(sent)
+}
+
 /// One TCP round trip from inside `from` to `ip:port`: true when the echo matches.
 pub fn tcp_roundtrip(from: &Netns, ip: Ipv4Addr, port: u16) -> bool {
     use std::io::{Read, Write};
