@@ -534,22 +534,17 @@ fn full_size_packets_are_never_black_holed() {
     assert_eq!(c.counter(0, "mtu"), 0, "no MTU drops on the sender");
 }
 
-#[test]
-fn vxlan_from_an_unknown_vtep_never_reaches_a_pod() {
-    if !privileged("vxlan_from_an_unknown_vtep_never_reaches_a_pod") {
-        return;
-    }
-    let mut lab = Lab::new("rog");
-    let c = Cluster::start(
-        &mut lab,
-        ClusterSpec {
-            nodes: 1,
-            pods_per_node: 1,
-            ..Default::default()
-        },
-    );
-    let pod = c.pods[0].clone();
-    // A host on the underlay that is not a node, speaking flannel's VXLAN at us.
+/// A host at 198.18.0.99 on `c`'s underlay that is not a node, speaking
+/// flannel's VXLAN (VNI 1, port 8472): `route` goes via `gw`, whose MAC is
+/// `mac`, which lives behind the VTEP at `dst`.
+fn rogue_vxlan_host(
+    lab: &mut Lab,
+    c: &Cluster,
+    dst: &str,
+    route: &str,
+    gw: &str,
+    mac: &str,
+) -> Netns {
     let rogue = lab.netns("rogue");
     c.underlay.plug(&rogue, 99);
     rogue.ip(&[
@@ -573,36 +568,43 @@ fn vxlan_from_an_unknown_vtep_never_reaches_a_pod() {
     rogue.ip(&[
         "neigh",
         "replace",
-        "198.19.1.0",
+        gw,
         "lladdr",
-        "0e:77:c6:12:00:01",
+        mac,
         "dev",
         "vx",
         "nud",
         "permanent",
     ]);
-    rogue.sh(
-        "bridge",
-        &[
-            "fdb",
-            "append",
-            "0e:77:c6:12:00:01",
-            "dev",
-            "vx",
-            "dst",
-            "198.18.0.1",
-        ],
+    rogue.sh("bridge", &["fdb", "append", mac, "dev", "vx", "dst", dst]);
+    rogue.ip(&["route", "add", route, "via", gw, "dev", "vx", "onlink"]);
+    rogue
+}
+
+#[test]
+fn vxlan_from_an_unknown_vtep_never_reaches_a_pod() {
+    if !privileged("vxlan_from_an_unknown_vtep_never_reaches_a_pod") {
+        return;
+    }
+    let mut lab = Lab::new("rog");
+    let c = Cluster::start(
+        &mut lab,
+        ClusterSpec {
+            nodes: 1,
+            pods_per_node: 1,
+            ..Default::default()
+        },
     );
-    rogue.ip(&[
-        "route",
-        "add",
+    let pod = c.pods[0].clone();
+    // A host on the underlay that is not a node, speaking flannel's VXLAN at us.
+    let rogue = rogue_vxlan_host(
+        &mut lab,
+        &c,
+        "198.18.0.1",
         "198.19.1.0/24",
-        "via",
         "198.19.1.0",
-        "dev",
-        "vx",
-        "onlink",
-    ]);
+        "0e:77:c6:12:00:01",
+    );
     let _echo = EchoServer::start(&pod.ns, pod.ip, ECHO_PORT);
     assert!(
         !ping(&rogue, pod.ip, 3),
@@ -723,38 +725,14 @@ fn kernel_gro_merges_vxlan_before_tc_decap() {
     // node's VXLAN address), the socket takes it, the device drops it.
     node2.ip(&["addr", "add", "198.18.0.202/24", "dev", "und0"]);
     let gro_mac = node2.sh("cat", &["/sys/class/net/weft_gro/address"]);
-    let rogue = lab.netns("rogue");
-    c.underlay.plug(&rogue, 99);
-    rogue.ip(&[
-        "link",
-        "add",
-        "vx",
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "remote",
+    let rogue = rogue_vxlan_host(
+        &mut lab,
+        &c,
         "198.18.0.202",
-        "dstport",
-        "8472",
-        "dev",
-        "und0",
-        "nolearning",
-    ]);
-    rogue.ip(&["addr", "add", "198.19.200.1/32", "dev", "vx"]);
-    rogue.ip(&["link", "set", "vx", "up"]);
-    rogue.ip(&["route", "add", &format!("{}/32", b.ip), "dev", "vx"]);
-    rogue.ip(&[
-        "neigh",
-        "add",
+        &format!("{}/32", b.ip),
         &b.ip.to_string(),
-        "lladdr",
         gro_mac.trim(),
-        "dev",
-        "vx",
-        "nud",
-        "permanent",
-    ]);
+    );
     let pod_rx = link_stat(&b.ns, "eth0", "rx", "packets");
     let udp_in = |ns: &Netns| -> u64 {
         let out = ns.sh("nstat", &["-az", "UdpInDatagrams"]);
