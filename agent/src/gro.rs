@@ -97,6 +97,14 @@ pub fn ensure(port: u16) -> Result<Ensured, GroError> {
     Ok(Ensured::Created)
 }
 
+/// The port [`GRO_IFACE`] holds for GRO, if it is there as [`ensure`]
+/// makes it (for `weft status`).
+pub fn held_port() -> Option<u16> {
+    describe()
+        .filter(|d| d.vxlan && d.external && d.vnifilter && d.up)?
+        .port
+}
+
 /// Deletes [`GRO_IFACE`]; true if there was one.
 pub fn remove() -> bool {
     crate::netdev::index(GRO_IFACE).is_some() && ip::ip(&["link", "del", GRO_IFACE]).is_ok()

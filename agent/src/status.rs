@@ -17,6 +17,9 @@ pub struct Status {
     pub node: Option<NodeConfig>,
     /// Where VXLAN is decapsulated: `xdp`, `tc`, or `none` (not attached).
     pub decap: &'static str,
+    /// The UDP port `weft_gro` holds so that the kernel's GRO merges VXLAN
+    /// before TC decap; `None` without it (the agent's log says why).
+    pub gro_port: Option<u16>,
     pub nodes: Vec<NodeRow>,
     pub endpoints: Vec<EndpointRow>,
     pub counters: Counters,
@@ -94,6 +97,7 @@ pub fn collect(bpffs: &Path, run_dir: &Path) -> Result<Status, DataplaneError> {
     Ok(Status {
         node,
         decap,
+        gro_port: crate::gro::held_port(),
         nodes,
         endpoints,
         counters: stats::read(&maps.drops, &maps.fwds),
@@ -130,6 +134,10 @@ pub fn format(s: &Status) -> String {
         }
     }
     let _ = writeln!(out, "decap: {}", s.decap);
+    let _ = match s.gro_port {
+        Some(port) => writeln!(out, "vxlan gro: {} holds udp/{port}", crate::gro::GRO_IFACE),
+        None => writeln!(out, "vxlan gro: none (decap sees every received frame)"),
+    };
     let _ = writeln!(out, "\nnodes ({}):", s.nodes.len());
     let _ = writeln!(
         out,

@@ -672,6 +672,7 @@ fn kernel_gro_merges_vxlan_before_tc_decap() {
             "no VNI on weft_gro"
         );
     }
+    assert_eq!(c.status(1)["gro_port"], 8472, "weft status shows it");
     let node2 = &c.nodes[1].ns;
     // Wire frames node 2 received per skb its TC decap handled, over one
     // second of TCP from the pod on node 1.

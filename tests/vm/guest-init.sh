@@ -53,7 +53,7 @@ $NS --net=/run/netns/p2 /usr/bin/iperf3 -s -1 -B 198.19.2.10 > /dev/null 2>&1 &
 sleep 1
 $NS --net=/run/netns/p1 /usr/bin/iperf3 -c 198.19.2.10 -t 3 > /tmp/iperf.log 2>&1 \
   && echo "GUEST iperf3 $(grep receiver /tmp/iperf.log)" || echo "GUEST iperf3 FAILED"
-$NS --net=/run/netns/n2 $WEFT status --bpffs-dir /bpf/n2 --run-dir /tmp/run2 | grep -E "^decap|forwarded|dropped" | sed 's/^/GUEST /'
+$NS --net=/run/netns/n2 $WEFT status --bpffs-dir /bpf/n2 --run-dir /tmp/run2 | grep -E "^decap|^vxlan gro|forwarded|dropped" | sed 's/^/GUEST /'
 # Restart node-2's agent: attachments stay; the new agent replaces their programs.
 kill $(cat /tmp/a2.log.pid); sleep 1
 agent 2 /tmp/a2b.log

@@ -101,8 +101,8 @@ for mode in tc xdp; do
   check "^GUEST ping after restart ok"
   check "^GUEST pod veth filters: ingress 1, egress 1"
   case $kver in
-    5.15.*) check "^GUEST weft_gro: 0, unsupported logged 1" ;;
-    *) check "^GUEST weft_gro: 1, unsupported logged 0" ;;
+    5.15.*) check "^GUEST weft_gro: 0, unsupported logged 1"; check "^GUEST vxlan gro: none" ;;
+    *) check "^GUEST weft_gro: 1, unsupported logged 0"; check "^GUEST vxlan gro: weft_gro holds udp/8472" ;;
   esac
   [ $mode = tc ] && repairs=4 || repairs=3
   check "^GUEST shaped pod: flagged 1, ping ok, to_stack \+6, 50 Mbit/s limit held; unshaped: flagged 0, ping ok, to_stack \+0"
