@@ -263,7 +263,12 @@ impl Keeper {
                         ));
                     }
                 }
-                if let Some(port) = self.gro_port {
+                // Present and up: one ioctl; anything else: `ensure` looks
+                // closer (and replaces a device that differs).
+                if let Some(port) = self
+                    .gro_port
+                    .filter(|_| netdev::is_up(crate::gro::GRO_IFACE) != Some(true))
+                {
                     match crate::gro::ensure(port) {
                         Ok(crate::gro::Ensured::Present) => {}
                         Ok(crate::gro::Ensured::Created) => {

@@ -187,6 +187,35 @@ fn mac_and_mtu(name: &str) -> io::Result<([u8; 6], u32)> {
     result
 }
 
+/// Whether `name` is administratively up (`IFF_UP`, SIOCGIFFLAGS); `None`
+/// when there is no such interface.
+pub fn is_up(name: &str) -> Option<bool> {
+    // SAFETY: plain socket(2) call.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: zeroed ifreq is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req
+        .ifr_name
+        .iter_mut()
+        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: fd is a socket; req names the interface and receives its flags.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) };
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: SIOCGIFFLAGS filled in ifru_flags.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    Some(flags & libc::IFF_UP as libc::c_short != 0)
+}
+
 /// The kernel driver behind `name` (`ethtool -i`'s "driver"), e.g. `veth`,
 /// `virtio_net`, `mlx5_core`; `None` when the device does not say.
 pub fn driver(name: &str) -> Option<String> {

@@ -674,6 +674,10 @@ fn kernel_gro_merges_vxlan_before_tc_decap() {
     }
     assert_eq!(c.status(1)["gro_port"], 8472, "weft status shows it");
     let node2 = &c.nodes[1].ns;
+    let gro_up = || {
+        let out = node2.try_sh("ip", &["link", "show", "dev", "weft_gro", "up"]);
+        (out.status.success() && !out.stdout.is_empty()).then_some(())
+    };
     // Wire frames node 2 received per skb its TC decap handled, over one
     // second of TCP from the pod on node 1.
     let frames_per_decap = |lab: &mut Lab, what: &str| {
@@ -708,10 +712,7 @@ fn kernel_gro_merges_vxlan_before_tc_decap() {
     wait_for(
         "the agent to put weft_gro back",
         Duration::from_secs(20),
-        || {
-            let out = node2.try_sh("ip", &["link", "show", "dev", "weft_gro", "up"]);
-            (out.status.success() && !out.stdout.is_empty()).then_some(())
-        },
+        gro_up,
     );
     let again = frames_per_decap(&mut lab, "weft_gro made again");
     assert!(again >= 3.0, "GRO again: {again:.1}");
@@ -719,6 +720,13 @@ fn kernel_gro_merges_vxlan_before_tc_decap() {
         lab.log(&Cluster::agent_name(1))
             .contains("weft_gro was gone"),
         "the agent says it put weft_gro back"
+    );
+    // Set down by hand (its socket closes): up again within a check.
+    node2.ip(&["link", "set", "weft_gro", "down"]);
+    wait_for(
+        "the agent to bring weft_gro up",
+        Duration::from_secs(20),
+        gro_up,
     );
 
     // VXLAN for a pod sent by a host on the underlay to another address of
