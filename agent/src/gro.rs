@@ -100,9 +100,7 @@ pub fn ensure(port: u16) -> Result<Ensured, GroError> {
 /// The port [`GRO_IFACE`] holds for GRO, if it is there as [`ensure`]
 /// makes it (for `weft status`).
 pub fn held_port() -> Option<u16> {
-    describe()
-        .filter(|d| d.vxlan && d.external && d.vnifilter && d.up)?
-        .port
+    describe()?.held()
 }
 
 /// Deletes [`GRO_IFACE`]; true if there was one.
@@ -121,8 +119,15 @@ struct Described {
 }
 
 impl Described {
+    /// The port, if the device is as [`ensure`] makes it.
+    fn held(&self) -> Option<u16> {
+        (self.vxlan && self.external && self.vnifilter && self.up)
+            .then_some(self.port)
+            .flatten()
+    }
+
     fn is_ok_for(&self, port: u16) -> bool {
-        self.vxlan && self.external && self.vnifilter && self.port == Some(port) && self.up
+        self.held() == Some(port)
     }
 }
 

@@ -905,7 +905,8 @@ impl Drop for EchoServer {
     }
 }
 
-/// The `i`-th 8 bytes of the stream [`bulk_tcp_intact`] sends (xorshift64*).
+/// The `i`-th 8 bytes of the stream [`bulk_tcp_intact`] sends: `i` through
+/// one xorshift64* step.
 fn bulk_word(i: u64) -> [u8; 8] {
     let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     x ^= x >> 12;
