@@ -148,71 +148,69 @@ pub fn addresses() -> io::Result<Vec<(String, Ipv4Addr)>> {
     Ok(out)
 }
 
+/// An `ifreq` naming an interface, with a socket to ask the kernel about it
+/// (the SIOCGIF* and SIOCETHTOOL ioctls). The socket closes when dropped.
+struct IfReq {
+    fd: std::os::fd::OwnedFd,
+    req: libc::ifreq,
+}
+
+impl IfReq {
+    fn new(name: &str) -> io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain socket(2) call.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a new socket that nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: zeroed ifreq is valid.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req
+            .ifr_name
+            .iter_mut()
+            .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+        {
+            *dst = src as libc::c_char;
+        }
+        Ok(Self { fd, req })
+    }
+
+    /// `ioctl(request)` on the ifreq, which the kernel reads and fills in.
+    fn ioctl(&mut self, request: libc::Ioctl) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fd is a socket, req a valid ifreq; any pointer in it is the
+        // caller's to keep valid for the call.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), request, &mut self.req) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 fn mac_and_mtu(name: &str) -> io::Result<([u8; 6], u32)> {
-    // SAFETY: plain socket(2) call.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
+    let mut q = IfReq::new(name)?;
+    q.ioctl(libc::SIOCGIFHWADDR)?;
+    let mut mac = [0u8; 6];
+    // SAFETY: SIOCGIFHWADDR filled ifru_hwaddr.
+    let data = unsafe { q.req.ifr_ifru.ifru_hwaddr.sa_data };
+    for (m, d) in mac.iter_mut().zip(data.iter()) {
+        *m = *d as u8;
     }
-    // SAFETY: zeroed ifreq is valid.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req
-        .ifr_name
-        .iter_mut()
-        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
-    {
-        *dst = src as libc::c_char;
-    }
-    let result = (|| {
-        // SAFETY: fd is a socket, req is a valid ifreq.
-        if unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut mac = [0u8; 6];
-        // SAFETY: SIOCGIFHWADDR filled ifru_hwaddr.
-        let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
-        for (m, d) in mac.iter_mut().zip(data.iter()) {
-            *m = *d as u8;
-        }
-        // SAFETY: as above.
-        if unsafe { libc::ioctl(fd, libc::SIOCGIFMTU, &mut req) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: SIOCGIFMTU filled ifru_mtu.
-        let mtu = unsafe { req.ifr_ifru.ifru_mtu } as u32;
-        Ok((mac, mtu))
-    })();
-    // SAFETY: fd is ours.
-    unsafe { libc::close(fd) };
-    result
+    q.ioctl(libc::SIOCGIFMTU)?;
+    // SAFETY: SIOCGIFMTU filled ifru_mtu.
+    let mtu = unsafe { q.req.ifr_ifru.ifru_mtu } as u32;
+    Ok((mac, mtu))
 }
 
 /// Whether `name` is administratively up (`IFF_UP`, SIOCGIFFLAGS); `None`
 /// when there is no such interface.
 pub fn is_up(name: &str) -> Option<bool> {
-    // SAFETY: plain socket(2) call.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: zeroed ifreq is valid.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req
-        .ifr_name
-        .iter_mut()
-        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
-    {
-        *dst = src as libc::c_char;
-    }
-    // SAFETY: fd is a socket; req names the interface and receives its flags.
-    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) };
-    // SAFETY: fd is ours.
-    unsafe { libc::close(fd) };
-    if rc != 0 {
-        return None;
-    }
+    let mut q = IfReq::new(name).ok()?;
+    q.ioctl(libc::SIOCGIFFLAGS).ok()?;
     // SAFETY: SIOCGIFFLAGS filled in ifru_flags.
-    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    let flags = unsafe { q.req.ifr_ifru.ifru_flags };
     Some(flags & libc::IFF_UP as libc::c_short != 0)
 }
 
@@ -232,28 +230,10 @@ pub fn driver(name: &str) -> Option<String> {
         driver: [0; 32],
         rest: [0; 32 * 4 + 12 + 4 * 5],
     };
-    // SAFETY: plain socket(2) call.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: zeroed ifreq is valid.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req
-        .ifr_name
-        .iter_mut()
-        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
-    {
-        *dst = src as libc::c_char;
-    }
-    req.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
-    // SAFETY: fd is a socket; ifr_data points at a drvinfo that outlives the call.
-    let rc = unsafe { libc::ioctl(fd, libc::SIOCETHTOOL, &mut req) };
-    // SAFETY: fd is ours.
-    unsafe { libc::close(fd) };
-    if rc < 0 {
-        return None;
-    }
+    let mut q = IfReq::new(name).ok()?;
+    q.req.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
+    // ifr_data points at `info`, which outlives the call.
+    q.ioctl(libc::SIOCETHTOOL).ok()?;
     let len = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
     let driver = String::from_utf8_lossy(&info.driver[..len]).into_owned();
     (!driver.is_empty()).then_some(driver)
