@@ -944,9 +944,13 @@ pub fn bulk_tcp_intact(
             if n == 0 {
                 break;
             }
+            let mut word = bulk_word(at / 8);
             for (k, b) in buf[..n].iter().enumerate() {
                 let pos = at + k as u64;
-                if *b != bulk_word(pos / 8)[(pos % 8) as usize] {
+                if pos.is_multiple_of(8) {
+                    word = bulk_word(pos / 8);
+                }
+                if *b != word[(pos % 8) as usize] {
                     return Err(format!("byte {pos} of {bytes} differs"));
                 }
             }
