@@ -191,6 +191,29 @@ fn bench_json_has_every_figure_and_an_interrupted_bench_leaves_nothing() {
         "bench --cc no-such-cc: {err}"
     );
     assert_eq!(namespaces(), before, "a refused bench builds nothing");
+    // So are unknown or repeated modes and empty runs, naming what to pick.
+    for (args, says) in [
+        (
+            &["--modes", "weft,flannel"][..],
+            "unknown mode `flannel`; pick from weft,",
+        ),
+        (
+            &["--modes", "weft,underlay,weft"][..],
+            "`weft` is named twice",
+        ),
+        (&["--modes", "weft-xdp"][..], "needs `--underlay nic-like`"),
+        (&["--runs", "0"][..], "0 is not in 1..=100"),
+    ] {
+        let out = xtask_cmd(&[&["bench"][..], args].concat())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says) && !err.contains("panicked"),
+            "bench {args:?}: {err}"
+        );
+    }
+    assert_eq!(namespaces(), before, "a refused bench builds nothing");
 
     // Interrupted in the middle of a mode: it stops and removes everything.
     lab.spawn(

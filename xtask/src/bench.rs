@@ -183,7 +183,7 @@ fn build(mode: &str, lab: &mut Lab, xtask: &Path, kind: UnderlayKind) -> Result<
                 server_ip: Ipv4Addr::new(198, 18, 0, 2),
             }
         }
-        other => bail!("unknown mode `{other}`; modes: {}", MODES.join(", ")),
+        other => bail!("unknown mode `{other}`"),
     })
 }
 
@@ -462,7 +462,24 @@ fn check_cc(cc: &str) -> Result<()> {
 
 const CC_AVAILABLE: &str = "/proc/sys/net/ipv4/tcp_available_congestion_control";
 
-pub fn run(o: &Opts) -> Result<Value> {
+/// Refuses options the run could not honour, before anything is built.
+pub fn check(o: &Opts) -> Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
+    for mode in &o.modes {
+        if !MODES.contains(&mode.as_str()) && !EXTRA_MODES.contains(&mode.as_str()) {
+            bail!(
+                "--modes: unknown mode `{mode}`; pick from {} (and {}), comma-separated",
+                MODES.join(", "),
+                EXTRA_MODES.join(", ")
+            );
+        }
+        if !seen.insert(mode) {
+            bail!("--modes: `{mode}` is named twice; name each mode once");
+        }
+    }
+    if o.modes.is_empty() {
+        bail!("--modes: no mode given; pick from {}", MODES.join(", "));
+    }
     if o.underlay == UnderlayKind::Veth && o.modes.iter().any(|m| m == "weft-xdp") {
         bail!(
             "mode weft-xdp needs `--underlay nic-like`: an XDP redirect drops the sender's \
@@ -472,6 +489,11 @@ pub fn run(o: &Opts) -> Result<Value> {
     if let Some(cc) = &o.cc {
         check_cc(cc)?;
     }
+    Ok(())
+}
+
+pub fn run(o: &Opts) -> Result<Value> {
+    check(o)?;
     // Every topology is built first and the modes take turns within each
     // run: this VM's speed drifts over minutes, and measuring one mode's
     // runs back to back would hand that drift to the ratios.

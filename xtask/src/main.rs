@@ -66,10 +66,11 @@ enum Cmd {
     /// Measure weft side by side with kernel vxlan, userspace UDP, host-gw and the underlay.
     Bench {
         /// Repeats of each figure (median and spread are reported).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3,
+              value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100))]
         runs: usize,
         /// Seconds per figure.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=600))]
         seconds: u32,
         /// About a minute: 1 run, 2 s per figure.
         #[arg(long)]
@@ -437,11 +438,6 @@ fn main() -> Result<()> {
                 }
                 return Ok(());
             }
-            setup::setup()?;
-            let weft = weft_binary(true)?;
-            // SAFETY: single-threaded here.
-            unsafe { std::env::set_var("WEFT_BIN", weft) };
-            install_stop_handler();
             let (runs, seconds) = if quick { (1, 2) } else { (runs, seconds) };
             let opts = bench::Opts {
                 runs,
@@ -456,6 +452,13 @@ fn main() -> Result<()> {
                 pin: !no_pin && std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2),
                 cc,
             };
+            // Refused before anything is installed, built or created.
+            bench::check(&opts)?;
+            setup::setup()?;
+            let weft = weft_binary(true)?;
+            // SAFETY: single-threaded here.
+            unsafe { std::env::set_var("WEFT_BIN", weft) };
+            install_stop_handler();
             let result = bench::run(&opts)?;
             println!("\n{}", bench::table(&result));
             println!("{}", bench::targets(&result));
