@@ -80,6 +80,52 @@ fn demo_comes_up_connected_and_down_leaves_nothing() {
         !std::path::Path::new("/run/weft-demo.json").exists(),
         "demo state removed"
     );
+
+    // A demo killed outright (no handler runs): its agents stop with it,
+    // and `--down` removes what it left.
+    lab.spawn("demo-killed", xtask_cmd(&["demo"]));
+    wait_for("the second demo to be up", Duration::from_secs(180), || {
+        lab.log("demo-killed").contains("Ctrl-C").then_some(())
+    });
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("/run/weft-demo.json").unwrap()).unwrap();
+    let prefix = format!("{}-", state["prefix"].as_str().unwrap());
+    let inside: Vec<String> = namespaces()
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .flat_map(|n| {
+            sh("ip", &["netns", "pids", &n])
+                .split_whitespace()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        inside.len() >= 3,
+        "the demo's agents run in its namespaces: {inside:?}"
+    );
+    let pid = lab.pid("demo-killed").unwrap() as i32;
+    // SAFETY: kill(2) of our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    wait_for(
+        "the killed demo's agents to exit",
+        Duration::from_secs(20),
+        || {
+            let alive: Vec<&String> = inside
+                .iter()
+                .filter(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+                .collect();
+            alive.is_empty().then_some(())
+        },
+    );
+    let out = xtask_cmd(&["demo", "--down"]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cleaned up what the last demo left"),
+        "demo --down after a killed demo: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(namespaces(), before, "nothing of the killed demo is left");
+    assert!(!std::path::Path::new("/run/weft-demo.json").exists());
 }
 
 #[test]

@@ -268,9 +268,28 @@ impl Lab {
     }
 
     /// Starts a process (built by `cmd`) whose output goes to `<dir>/<name>.log`.
+    ///
+    /// The child gets SIGTERM when the thread that started it ends, so a
+    /// test, demo or bench killed outright (SIGKILL, where no drop runs)
+    /// leaves no agent or server running in its namespaces.
     pub fn spawn(&mut self, name: &str, mut cmd: Command) -> &mut Proc {
         let log = self.dir.join(format!("{name}.log"));
         let f = std::fs::File::create(&log).expect("log file");
+        let parent = std::process::id();
+        // SAFETY: prctl and getppid are async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may have died before prctl: then nobody will
+                // signal us.
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::other("the lab's process is gone"));
+                }
+                Ok(())
+            });
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(f.try_clone().expect("dup log"))

@@ -168,15 +168,20 @@ pub fn down() -> Result<()> {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    // The demo is gone without cleaning up: remove what it left by prefix.
+    // The demo is gone without cleaning up: remove what it left by prefix,
+    // first any process still running in those namespaces (its agents get
+    // SIGTERM when the demo dies, but one may linger).
     let prefix = v["prefix"].as_str().unwrap_or_default().to_string();
     if !prefix.is_empty() {
-        let list = weft_tests::try_sh("ip", &["netns", "list"]);
-        for line in String::from_utf8_lossy(&list.stdout).lines() {
-            let name = line.split_whitespace().next().unwrap_or_default();
-            if name.starts_with(&format!("{prefix}-")) {
-                let _ = weft_tests::try_sh("ip", &["netns", "del", name]);
+        for name in demo_namespaces(&prefix) {
+            let pids = weft_tests::try_sh("ip", &["netns", "pids", &name]);
+            for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    // SAFETY: kill(2) of a process inside the demo's own namespace.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
             }
+            let _ = weft_tests::try_sh("ip", &["netns", "del", &name]);
         }
     }
     if let Some(dir) = v["dir"].as_str() {
@@ -186,4 +191,15 @@ pub fn down() -> Result<()> {
     let _ = std::fs::remove_file(state_file());
     say("cleaned up what the last demo left");
     Ok(())
+}
+
+/// The namespaces a demo with this lab prefix made.
+fn demo_namespaces(prefix: &str) -> Vec<String> {
+    let list = weft_tests::try_sh("ip", &["netns", "list"]);
+    String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| name.starts_with(&format!("{prefix}-")))
+        .map(str::to_string)
+        .collect()
 }
