@@ -464,6 +464,9 @@ const CC_AVAILABLE: &str = "/proc/sys/net/ipv4/tcp_available_congestion_control"
 
 /// Refuses options the run could not honour, before anything is built.
 pub fn check(o: &Opts) -> Result<()> {
+    if o.modes.is_empty() {
+        bail!("--modes: no mode given; pick from {}", MODES.join(", "));
+    }
     let mut seen = std::collections::BTreeSet::new();
     for mode in &o.modes {
         if !MODES.contains(&mode.as_str()) && !EXTRA_MODES.contains(&mode.as_str()) {
@@ -476,9 +479,6 @@ pub fn check(o: &Opts) -> Result<()> {
         if !seen.insert(mode) {
             bail!("--modes: `{mode}` is named twice; name each mode once");
         }
-    }
-    if o.modes.is_empty() {
-        bail!("--modes: no mode given; pick from {}", MODES.join(", "));
     }
     if o.underlay == UnderlayKind::Veth && o.modes.iter().any(|m| m == "weft-xdp") {
         bail!(
