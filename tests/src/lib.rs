@@ -570,16 +570,35 @@ impl Cluster {
 
     /// Writes the registry, starts every agent, waits for them, adds the pods.
     pub fn launch(&mut self, lab: &mut Lab) {
+        self.launch_saying(lab, |_| {});
+    }
+
+    /// [`Cluster::launch`], telling `say` each step as it is done (the demo
+    /// prints them).
+    pub fn launch_saying(&mut self, lab: &mut Lab, mut say: impl FnMut(&str)) {
         self.write_nodes_file();
+        say(&format!(
+            "starting `weft agent` on each node (file registry {})",
+            self.nodes_file.display()
+        ));
         for i in 0..self.nodes.len() {
             self.start_agent(lab, i);
         }
         for i in 0..self.nodes.len() {
             self.wait_ready(lab, i);
+            let n = &self.nodes[i];
+            say(&format!(
+                "{}: agent ready, BPF programs attached, pod CIDR {}",
+                n.name, n.pod_cidr
+            ));
         }
         for i in 0..self.nodes.len() {
             for j in 0..self.spec.pods_per_node {
-                self.add_pod(lab, i, j);
+                let pod = self.add_pod(lab, i, j);
+                say(&format!(
+                    "{}: pod {} ({}) attached through the CNI plugin",
+                    self.nodes[i].name, pod.ip, pod.name
+                ));
             }
         }
     }

@@ -492,8 +492,8 @@ pub fn check(o: &Opts) -> Result<()> {
     Ok(())
 }
 
+/// Runs the bench; `o` has passed [`check`].
 pub fn run(o: &Opts) -> Result<Value> {
-    check(o)?;
     // Every topology is built first and the modes take turns within each
     // run: this VM's speed drifts over minutes, and measuring one mode's
     // runs back to back would hand that drift to the ratios.

@@ -46,32 +46,8 @@ pub fn up(weft: &Path) -> Result<()> {
         "creating the underlay bridge and {} nodes (network namespaces, each with a veth `und0`)",
         spec.nodes
     ));
-    let mut cluster = Cluster::new(&mut lab, spec.clone());
-    cluster.write_nodes_file();
-    say(&format!(
-        "starting `weft agent` on each node (file registry {})",
-        cluster.nodes_file.display()
-    ));
-    for i in 0..cluster.nodes.len() {
-        cluster.start_agent(&mut lab, i);
-    }
-    for i in 0..cluster.nodes.len() {
-        cluster.wait_ready(&lab, i);
-        let n = &cluster.nodes[i];
-        say(&format!(
-            "{}: agent ready, BPF programs attached, pod CIDR {}",
-            n.name, n.pod_cidr
-        ));
-    }
-    for i in 0..cluster.nodes.len() {
-        for j in 0..spec.pods_per_node {
-            let pod = cluster.add_pod(&mut lab, i, j);
-            say(&format!(
-                "{}: pod {} ({}) attached through the CNI plugin",
-                cluster.nodes[i].name, pod.ip, pod.name
-            ));
-        }
-    }
+    let mut cluster = Cluster::new(&mut lab, spec);
+    cluster.launch_saying(&mut lab, say);
 
     println!(
         "\nTopology (underlay bridge in netns {}):",
