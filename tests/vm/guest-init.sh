@@ -2,24 +2,42 @@
 # /init of the guest `tests/vm/run.sh` boots: two weft nodes (network
 # namespaces joined by a veth pair, 198.18.0.0/24) with one pod each, on the
 # guest's own kernel. Prints GUEST lines for the runner to check, then powers
-# off. The decap mode comes from the kernel command line (weftmode=tc|xdp).
+# off. The mode comes from the kernel command line (weftmode=tc|xdp|nic):
+# tc and xdp force that decap on a veth underlay; nic puts each node on one
+# of the guest's two virtio-net NICs (wired to each other by the runner) with
+# the default `--decap auto`, then checks `--decap tc` there too.
 # The guest has no iptables: masquerading is off (--ip-masq=false).
 # Busybox's sh prefers its own applets: host binaries are called by path.
 export PATH=/usr/sbin:/usr/bin:/bin
 IP=/usr/sbin/ip; NS=/usr/bin/nsenter; WEFT=/usr/bin/weft
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /run; mount -t tmpfs tmp /tmp; mkdir -p /bpf; mount -t bpf bpf /bpf
-for m in veth llc stp bridge sch_ingress sch_tbf cls_bpf udp_tunnel ip6_udp_tunnel vxlan; do insmod /mods/$m.ko; done
+for m in $(cat /mods/order); do insmod /mods/$m.ko; done
 echo "GUEST kernel $(cat /proc/sys/kernel/osrelease)"
 mkdir -p /run/netns /var; ln -s /run /var/run
 for n in n1 n2 p1 p2; do $IP netns add $n; done
-$IP link add u1 netns n1 type veth peer name u2 netns n2
+MODE=$(sed -n 's/.*weftmode=\([a-z]*\).*/\1/p' /proc/cmdline)
+DECAP=$MODE
+if [ "$MODE" = nic ]; then
+  DECAP=auto
+  # The NICs, in PCI order, become node-1's and node-2's underlay.
+  NICS=$(for d in /sys/class/net/*; do [ "$(basename "$(readlink "$d/device/driver" 2>/dev/null)")" = virtio_net ] && basename "$d"; done)
+  i=0
+  for d in $NICS; do
+    i=$((i + 1)); [ $i -le 2 ] || break
+    $IP link set "$d" netns n$i
+    $NS --net=/run/netns/n$i $IP link set "$d" name u$i
+  done
+  drv() { $NS --net=/run/netns/n$1 /usr/sbin/ethtool -i u$1 2>/dev/null | sed -n 's/^driver: //p'; }
+  echo "GUEST underlay: u1 $(drv 1), u2 $(drv 2)"
+else
+  $IP link add u1 netns n1 type veth peer name u2 netns n2
+fi
 for i in 1 2; do
   $NS --net=/run/netns/n$i $IP addr add 198.18.0.$i/24 dev u$i
   $NS --net=/run/netns/n$i $IP link set u$i up
   $NS --net=/run/netns/n$i $IP link set lo up
 done
-MODE=$(sed -n 's/.*weftmode=\([a-z]*\).*/\1/p' /proc/cmdline)
 if [ "$MODE" = xdp ]; then
   # An XDP redirect loses the sender's checksum-offload state: checksum in
   # software, as a NIC would on the wire (docs/DATAPLANE.md).
@@ -37,7 +55,7 @@ pod_cidr = "198.19.2.0/24"
 T
 agent() { # node-index log
   $NS --net=/run/netns/n$1 $WEFT agent --node-name node-$1 --iface u$1 --cluster-cidr 198.19.0.0/16 \
-    --nodes-file /tmp/nodes.toml --bpffs-dir /bpf/n$1 --run-dir /tmp/run$1 --decap $MODE \
+    --nodes-file /tmp/nodes.toml --bpffs-dir /bpf/n$1 --run-dir /tmp/run$1 --decap $DECAP \
     --metrics-addr 127.0.0.1:980$1 --ip-masq=false > $2 2>&1 &
   echo $! > $2.pid
   for t in $(seq 1 120); do grep -q "agent: ready" $2 && break; sleep 0.5; done
@@ -54,6 +72,16 @@ sleep 1
 $NS --net=/run/netns/p1 /usr/bin/iperf3 -c 198.19.2.10 -t 3 > /tmp/iperf.log 2>&1 \
   && echo "GUEST iperf3 $(grep receiver /tmp/iperf.log)" || echo "GUEST iperf3 FAILED"
 $NS --net=/run/netns/n2 $WEFT status --bpffs-dir /bpf/n2 --run-dir /tmp/run2 | grep -E "^decap|^vxlan gro|forwarded|dropped" | sed 's/^/GUEST /'
+# A counter from node-N's `weft status`; the sum of its drop counters; a
+# pod's TCP checksum errors (what a frame whose checksum state the decap got
+# wrong would become); frames node-N's underlay NIC received.
+counter() { $NS --net=/run/netns/n$1 $WEFT status --bpffs-dir /bpf/n$1 --run-dir /tmp/run$1 | sed -n "s/.* $2=\([0-9]*\).*/\1/p"; }
+drops() { $NS --net=/run/netns/n$1 $WEFT status --bpffs-dir /bpf/n$1 --run-dir /tmp/run$1 | grep '^dropped' | grep -o '=[0-9]*' | tr -d = | awk '{s += $1} END {print s + 0}'; }
+csumerr() { $NS --net=/run/netns/p$1 awk '/^Tcp:/ {if (!h) {split($0, k); h = 1} else {split($0, v); for (i in k) if (k[i] == "InCsumErrors") print v[i]}}' /proc/net/snmp; }
+rxframes() { $NS --net=/run/netns/n$1 $IP -s link show u$1 | awk 'r {print $2; exit} /RX:/ {r = 1}'; }
+if [ "$MODE" = nic ]; then
+  echo "GUEST nic xdp: decap_redirect $(counter 2 decap_redirect), checksum errors $(csumerr 2)"
+fi
 # Restart node-2's agent: attachments stay; the new agent replaces their programs.
 kill $(cat /tmp/a2.log.pid); sleep 1
 agent 2 /tmp/a2b.log
@@ -97,7 +125,7 @@ $N2 /usr/sbin/tc qdisc del dev u2 clsact 2>/dev/null
 $N2 /usr/sbin/tc qdisc del dev weft0 clsact
 $N2 /usr/sbin/tc qdisc del dev "$PV" clsact
 sleep 7
-if [ "$MODE" = xdp ]; then D=$($N2 $IP link show u2 | grep -c prog/xdp); else D=$($N2 /usr/sbin/tc filter show dev u2 ingress | grep -c "bpf.* handle"); fi
+if [ "$DECAP" != tc ]; then D=$($N2 $IP link show u2 | grep -c prog/xdp); else D=$($N2 /usr/sbin/tc filter show dev u2 ingress | grep -c "bpf.* handle"); fi
 H=$($N2 /usr/sbin/tc filter show dev weft0 egress | grep -c "bpf.* handle")
 $NS --net=/run/netns/p1 ping -c 2 -W 2 198.19.2.10 > /dev/null 2>&1 && P="pod ping ok" || P="pod ping FAILED"
 $N2 ping -c 2 -W 2 198.19.1.10 > /dev/null 2>&1 && P="$P, node ping ok" || P="$P, node ping FAILED"
@@ -112,5 +140,24 @@ agent 2 /tmp/a2c.log
 grep -q "restored them from the node's routes" /tmp/a2c.log && R=restored || R="not restored"
 $NS --net=/run/netns/p1 ping -c 3 -W 2 198.19.2.10 > /dev/null 2>&1 && P="ping ok" || P="ping FAILED"
 echo "GUEST after down, a new agent: $R, $P, pod veth filters $(podf ingress) $(podf egress)"
+if [ "$MODE" = nic ]; then
+  # The same NICs with TC decap: the driver's GRO merges VXLAN through
+  # weft_gro (5.18+) before weft_from_und sees it.
+  kill $(cat /tmp/a1.log.pid) $(cat /tmp/a2c.log.pid); sleep 1
+  DECAP=tc
+  agent 1 /tmp/a1t.log | sed 's/^GUEST node-1: /GUEST node-1: tc: /'
+  agent 2 /tmp/a2t.log | sed 's/^GUEST node-2: /GUEST node-2: tc: /'
+  $NS --net=/run/netns/p1 ping -c 3 -W 2 198.19.2.10 > /dev/null 2>&1 && P="ping ok" || P="ping FAILED"
+  F0=$(rxframes 2); D0=$(counter 2 decap_peer)
+  $NS --net=/run/netns/p2 /usr/bin/iperf3 -s -1 -B 198.19.2.10 > /dev/null 2>&1 &
+  sleep 1
+  $NS --net=/run/netns/p1 /usr/bin/iperf3 -c 198.19.2.10 -t 3 > /tmp/iperf-tc.log 2>&1 \
+    && P="$P, iperf3 $(grep receiver /tmp/iperf-tc.log)" || P="$P, iperf3 FAILED"
+  F=$(($(rxframes 2) - F0)); D=$(($(counter 2 decap_peer) - D0))
+  echo "GUEST nic tc: $P"
+  echo "GUEST nic tc: decap_peer $D, dropped $(drops 2), checksum errors $(csumerr 2)"
+  [ "$D" -gt 0 ] && [ $((F / D)) -ge 2 ] && G="$((F / D)) frames per decap" || G="no ($F frames, $D decaps)"
+  echo "GUEST nic tc: GRO merged $G"
+fi
 echo "GUEST done"
 poweroff -f

@@ -45,8 +45,9 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Run weft on another kernel in an emulated QEMU guest (both decap
-    /// modes, restart, down, a new agent after down); also part of `test`,
-    /// on every kernel.
+    /// modes on a veth underlay, and `--decap auto` then `tc` on two
+    /// virtio-net NICs; restart, down, a new agent after down); also part
+    /// of `test`, on every kernel.
     VmCheck {
         /// Which kernel: Debian 12's 6.1 LTS (cloud) or Ubuntu 22.04's 5.15
         /// (generic, from archive.ubuntu.com).
@@ -354,7 +355,8 @@ enum VmOutcome {
 }
 
 /// Runs `tests/vm/run.sh`: weft in a QEMU guest on `kernel` (netlink TC
-/// attachments, no TCX: both are older than 6.6), both decap modes.
+/// attachments, no TCX: both are older than 6.6), both decap modes on a
+/// veth underlay and on virtio-net NICs.
 fn vm_check(weft: &std::path::Path, kernel: &str) -> Result<VmOutcome> {
     let mut cmd = Command::new(workspace().join("tests/vm/run.sh"));
     cmd.env("WEFT_BIN", weft).env("WEFT_VM_KERNEL", kernel);
