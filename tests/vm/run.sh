@@ -94,7 +94,9 @@ fail=0
 # through a QEMU hub (no host network is involved), and the agents run with
 # the default `--decap auto`, which must pick native (driver) XDP there, as on
 # a cloud VM's NIC; then both agents restart with `--decap tc`, where the
-# driver's GRO merges VXLAN through weft_gro before the decap.
+# driver's GRO merges VXLAN through weft_gro before the decap; last, with
+# `auto` on a 9000-byte MTU, where the driver refuses native XDP and `auto`
+# must fall back to TC.
 for mode in tc xdp nic; do
   case $mode in
     nic) nics=(-netdev hubport,id=u1,hubid=0 -device virtio-net-pci,netdev=u1
@@ -141,6 +143,10 @@ for mode in tc xdp nic; do
       5.15.*) check "^GUEST nic tc: GRO merged no " ;;
       *) check "^GUEST nic tc: GRO merged [0-9]+ frames per decap" ;;
     esac
+    check "node-1: jumbo: .*dataplane attached decap=tc \\(underlay driver \"virtio_net\"\\)"
+    check "node-2: jumbo: .*dataplane attached decap=tc \\(underlay driver \"virtio_net\"\\)"
+    check "^GUEST nic jumbo: pod mtu 8950, ping of 8950-byte packets ok, iperf3 .*receiver"
+    check "^GUEST nic jumbo: dropped 0 0, checksum errors 0, no native XDP logged 1 1"
   fi
   check "^GUEST shaped pod: flagged 1, ping ok, to_stack \+6, 50 Mbit/s limit held; unshaped: flagged 0, ping ok, to_stack \+0"
   check "^GUEST after clsact removed: decap 1, host 1, pod 1 1, pod ping ok, node ping ok, repairs logged $repairs"
