@@ -6,7 +6,7 @@
 # tc and xdp force that decap on a veth underlay; nic puts each node on one
 # of the guest's two virtio-net NICs (wired to each other by the runner) with
 # the default `--decap auto`, then checks `--decap tc` there too, and `auto`
-# again on a jumbo MTU.
+# again on a jumbo MTU and on a VLAN.
 # The guest has no iptables: masquerading is off (--ip-masq=false).
 # Busybox's sh prefers its own applets: host binaries are called by path.
 export PATH=/usr/sbin:/usr/bin:/bin
@@ -54,8 +54,9 @@ name = "node-2"
 underlay_ip = "198.18.0.2"
 pod_cidr = "198.19.2.0/24"
 T
+UND=u  # the underlay is $UND1 on node-1, $UND2 on node-2
 agent() { # node-index log
-  $NS --net=/run/netns/n$1 $WEFT agent --node-name node-$1 --iface u$1 --cluster-cidr 198.19.0.0/16 \
+  $NS --net=/run/netns/n$1 $WEFT agent --node-name node-$1 --iface $UND$1 --cluster-cidr 198.19.0.0/16 \
     --nodes-file /tmp/nodes.toml --bpffs-dir /bpf/n$1 --run-dir /tmp/run$1 --decap $DECAP \
     --metrics-addr 127.0.0.1:980$1 --ip-masq=false > $2 2>&1 &
   echo $! > $2.pid
@@ -75,11 +76,11 @@ $NS --net=/run/netns/p1 /usr/bin/iperf3 -c 198.19.2.10 -t 3 > /tmp/iperf.log 2>&
 $NS --net=/run/netns/n2 $WEFT status --bpffs-dir /bpf/n2 --run-dir /tmp/run2 | grep -E "^decap|^vxlan gro|forwarded|dropped" | sed 's/^/GUEST /'
 # A counter from node-N's `weft status`; the sum of its drop counters; a
 # pod's TCP checksum errors (what a frame whose checksum state the decap got
-# wrong would become); frames node-N's underlay NIC received.
+# wrong would become); frames a device of node-N received.
 counter() { $NS --net=/run/netns/n$1 $WEFT status --bpffs-dir /bpf/n$1 --run-dir /tmp/run$1 | sed -n "s/.* $2=\([0-9]*\).*/\1/p"; }
 drops() { $NS --net=/run/netns/n$1 $WEFT status --bpffs-dir /bpf/n$1 --run-dir /tmp/run$1 | grep '^dropped' | grep -o '=[0-9]*' | tr -d = | awk '{s += $1} END {print s + 0}'; }
 csumerr() { $NS --net=/run/netns/$1 awk '/^Tcp:/ {if (!h) {split($0, k); h = 1} else {split($0, v); for (i in k) if (k[i] == "InCsumErrors") print v[i]}}' /proc/net/snmp; }
-rxframes() { $NS --net=/run/netns/n$1 $IP -s link show u$1 | awk 'r {print $2; exit} /RX:/ {r = 1}'; }
+rxframes() { $NS --net=/run/netns/n$1 $IP -s link show $2 | awk 'r {print $2; exit} /RX:/ {r = 1}'; }
 if [ "$MODE" = nic ]; then
   echo "GUEST nic xdp: decap_redirect $(counter 2 decap_redirect), checksum errors $(csumerr p2)"
 fi
@@ -149,12 +150,12 @@ if [ "$MODE" = nic ]; then
   agent 1 /tmp/a1t.log | sed 's/^GUEST node-1: /GUEST node-1: tc: /'
   agent 2 /tmp/a2t.log | sed 's/^GUEST node-2: /GUEST node-2: tc: /'
   $NS --net=/run/netns/p1 ping -c 3 -W 2 198.19.2.10 > /dev/null 2>&1 && P="ping ok" || P="ping FAILED"
-  F0=$(rxframes 2); D0=$(counter 2 decap_peer)
+  F0=$(rxframes 2 u2); D0=$(counter 2 decap_peer)
   $NS --net=/run/netns/p2 /usr/bin/iperf3 -s -1 -B 198.19.2.10 > /dev/null 2>&1 &
   sleep 1
   $NS --net=/run/netns/p1 /usr/bin/iperf3 -c 198.19.2.10 -t 3 > /tmp/iperf-tc.log 2>&1 \
     && P="$P, iperf3 $(grep receiver /tmp/iperf-tc.log)" || P="$P, iperf3 FAILED"
-  F=$(($(rxframes 2) - F0)); D=$(($(counter 2 decap_peer) - D0))
+  F=$(($(rxframes 2 u2) - F0)); D=$(($(counter 2 decap_peer) - D0))
   echo "GUEST nic tc: $P"
   echo "GUEST nic tc: decap_peer $D, dropped $(drops 2), checksum errors $(csumerr p2)"
   [ "$D" -gt 0 ] && [ $((F / D)) -ge 2 ] && G="$((F / D)) frames per decap" || G="no ($F frames, $D decaps)"
@@ -184,6 +185,28 @@ if [ "$MODE" = nic ]; then
   echo "GUEST nic jumbo: pod mtu $M, $P"
   echo "GUEST nic jumbo: dropped $(drops 1) $(drops 2), checksum errors $(csumerr q2), no native XDP logged $(grep -c "no native XDP on the underlay" /tmp/a1j.log) $(grep -c "no native XDP on the underlay" /tmp/a2j.log)"
   grep -m 1 "no native XDP" /tmp/a1j.log | sed 's/^/GUEST nic jumbo: node-1: /'
+  # An 802.1Q VLAN on each NIC as the underlay, as on many bare-metal
+  # nodes, with `auto`: a VLAN device has no native XDP, so TC decap, and
+  # VXLAN leaves and arrives tagged (VLAN 100, 198.18.1.0/24).
+  kill $(cat /tmp/a1j.log.pid) $(cat /tmp/a2j.log.pid); sleep 1
+  for i in 1 2; do
+    $NS --net=/run/netns/n$i $IP link set u$i mtu 1500
+    $NS --net=/run/netns/n$i $IP link add link u$i name v$i type vlan id 100
+    $NS --net=/run/netns/n$i $IP addr add 198.18.1.$i/24 dev v$i
+    $NS --net=/run/netns/n$i $IP link set v$i up
+  done
+  sed -i 's/198[.]18[.]0[.]/198.18.1./' /tmp/nodes.toml
+  UND=v
+  agent 1 /tmp/a1v.log | sed 's/^GUEST node-1: /GUEST node-1: vlan: /'
+  agent 2 /tmp/a2v.log | sed 's/^GUEST node-2: /GUEST node-2: vlan: /'
+  F0=$(rxframes 2 v2); D0=$(counter 2 decap_peer)
+  $NS --net=/run/netns/p1 ping -c 3 -W 2 198.19.2.10 > /dev/null 2>&1 && P="ping ok" || P="ping FAILED"
+  $NS --net=/run/netns/p2 /usr/bin/iperf3 -s -1 -B 198.19.2.10 > /dev/null 2>&1 &
+  sleep 1
+  $NS --net=/run/netns/p1 /usr/bin/iperf3 -c 198.19.2.10 -t 2 > /tmp/iperf-v.log 2>&1 \
+    && P="$P, iperf3 $(grep receiver /tmp/iperf-v.log)" || P="$P, iperf3 FAILED"
+  echo "GUEST nic vlan: $P"
+  echo "GUEST nic vlan: decap_peer +$(($(counter 2 decap_peer) - D0)), frames on v2 +$(($(rxframes 2 v2) - F0)), dropped $(drops 1) $(drops 2), checksum errors $(csumerr p2)"
 fi
 echo "GUEST done"
 poweroff -f

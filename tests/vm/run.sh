@@ -78,7 +78,7 @@ copy /usr/sbin/ip /usr/sbin/ip; copy /usr/sbin/tc /usr/sbin/tc; copy /usr/sbin/e
 copy /usr/bin/nsenter /usr/bin/nsenter; copy /usr/bin/iperf3 /usr/bin/iperf3; copy "$weft" /usr/bin/weft
 # In load order. What a kernel has built in (virtio and virtio_pci on
 # Ubuntu's) is not there as a file and is left out.
-for m in drivers/net/veth net/llc/llc net/802/stp net/bridge/bridge net/sched/sch_ingress net/sched/sch_tbf net/sched/cls_bpf net/ipv4/udp_tunnel net/ipv6/ip6_udp_tunnel drivers/net/vxlan/vxlan \
+for m in drivers/net/veth net/llc/llc net/802/stp net/bridge/bridge net/802/garp net/802/mrp net/8021q/8021q net/sched/sch_ingress net/sched/sch_tbf net/sched/cls_bpf net/ipv4/udp_tunnel net/ipv6/ip6_udp_tunnel drivers/net/vxlan/vxlan \
   drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci_modern_dev drivers/virtio/virtio_pci \
   net/core/failover drivers/net/net_failover drivers/net/virtio_net; do
   f=$kdir/lib/modules/$kver/kernel/$m.ko
@@ -96,7 +96,7 @@ fail=0
 # a cloud VM's NIC; then both agents restart with `--decap tc`, where the
 # driver's GRO merges VXLAN through weft_gro before the decap; last, with
 # `auto` on a 9000-byte MTU, where the driver refuses native XDP and `auto`
-# must fall back to TC.
+# must fall back to TC, and on a VLAN of each NIC.
 for mode in tc xdp nic; do
   case $mode in
     nic) nics=(-netdev hubport,id=u1,hubid=0 -device virtio-net-pci,netdev=u1
@@ -147,6 +147,10 @@ for mode in tc xdp nic; do
     check "node-2: jumbo: .*dataplane attached decap=tc \\(underlay driver \"virtio_net\"\\)"
     check "^GUEST nic jumbo: pod mtu 8950, ping of 8950-byte packets ok, iperf3 .*receiver"
     check "^GUEST nic jumbo: dropped 0 0, checksum errors 0, no native XDP logged 1 1"
+    check "node-1: vlan: .*dataplane attached decap=tc \\(underlay driver \"802.1Q VLAN Support\"\\)"
+    check "node-2: vlan: .*dataplane attached decap=tc \\(underlay driver \"802.1Q VLAN Support\"\\)"
+    check "^GUEST nic vlan: ping ok, iperf3 .*receiver"
+    check "^GUEST nic vlan: decap_peer \\+[1-9][0-9]*, frames on v2 \\+[1-9][0-9]*, dropped 0 0, checksum errors 0"
   fi
   check "^GUEST shaped pod: flagged 1, ping ok, to_stack \+6, 50 Mbit/s limit held; unshaped: flagged 0, ping ok, to_stack \+0"
   check "^GUEST after clsact removed: decap 1, host 1, pod 1 1, pod ping ok, node ping ok, repairs logged $repairs"
