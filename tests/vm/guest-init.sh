@@ -69,10 +69,13 @@ for i in 1 2; do
     --run-dir /tmp/run$i > /dev/null 2>&1 || echo "GUEST endpoint add FAILED on node-$i"
 done
 $NS --net=/run/netns/p1 ping -c 3 -W 2 198.19.2.10 > /dev/null 2>&1 && echo "GUEST ping ok" || echo "GUEST ping FAILED"
-$NS --net=/run/netns/p2 /usr/bin/iperf3 -s -1 -B 198.19.2.10 > /dev/null 2>&1 &
-sleep 1
-$NS --net=/run/netns/p1 /usr/bin/iperf3 -c 198.19.2.10 -t 3 > /tmp/iperf.log 2>&1 \
-  && echo "GUEST iperf3 $(grep receiver /tmp/iperf.log)" || echo "GUEST iperf3 FAILED"
+iperf() { # client-netns server-netns server-ip seconds: "iperf3 <its receiver line>" or "iperf3 FAILED"
+  $NS --net=/run/netns/$2 /usr/bin/iperf3 -s -1 -B $3 > /dev/null 2>&1 &
+  sleep 1
+  $NS --net=/run/netns/$1 /usr/bin/iperf3 -c $3 -t $4 > /tmp/iperf.log 2>&1 \
+    && echo "iperf3 $(grep receiver /tmp/iperf.log)" || echo "iperf3 FAILED"
+}
+echo "GUEST $(iperf p1 p2 198.19.2.10 3)"
 $NS --net=/run/netns/n2 $WEFT status --bpffs-dir /bpf/n2 --run-dir /tmp/run2 | grep -E "^decap|^vxlan gro|forwarded|dropped" | sed 's/^/GUEST /'
 # A counter from node-N's `weft status`; the sum of its drop counters; a
 # pod's TCP checksum errors (what a frame whose checksum state the decap got
@@ -143,18 +146,19 @@ grep -q "restored them from the node's routes" /tmp/a2c.log && R=restored || R="
 $NS --net=/run/netns/p1 ping -c 3 -W 2 198.19.2.10 > /dev/null 2>&1 && P="ping ok" || P="ping FAILED"
 echo "GUEST after down, a new agent: $R, $P, pod veth filters $(podf ingress) $(podf egress)"
 if [ "$MODE" = nic ]; then
+  A1=/tmp/a1.log; A2=/tmp/a2c.log  # the agents running now
+  agents() { # label: both agents stopped and started again, with $DECAP on $UND
+    kill $(cat $A1.pid) $(cat $A2.pid); sleep 1
+    A1=/tmp/a1$1.log; A2=/tmp/a2$1.log
+    agent 1 $A1 | sed "s/^GUEST node-1: /GUEST node-1: $1: /"
+    agent 2 $A2 | sed "s/^GUEST node-2: /GUEST node-2: $1: /"
+  }
   # The same NICs with TC decap: the driver's GRO merges VXLAN through
   # weft_gro (5.18+) before weft_from_und sees it.
-  kill $(cat /tmp/a1.log.pid) $(cat /tmp/a2c.log.pid); sleep 1
-  DECAP=tc
-  agent 1 /tmp/a1t.log | sed 's/^GUEST node-1: /GUEST node-1: tc: /'
-  agent 2 /tmp/a2t.log | sed 's/^GUEST node-2: /GUEST node-2: tc: /'
+  DECAP=tc; agents tc
   $NS --net=/run/netns/p1 ping -c 3 -W 2 198.19.2.10 > /dev/null 2>&1 && P="ping ok" || P="ping FAILED"
   F0=$(rxframes 2 u2); D0=$(counter 2 decap_peer)
-  $NS --net=/run/netns/p2 /usr/bin/iperf3 -s -1 -B 198.19.2.10 > /dev/null 2>&1 &
-  sleep 1
-  $NS --net=/run/netns/p1 /usr/bin/iperf3 -c 198.19.2.10 -t 3 > /tmp/iperf-tc.log 2>&1 \
-    && P="$P, iperf3 $(grep receiver /tmp/iperf-tc.log)" || P="$P, iperf3 FAILED"
+  P="$P, $(iperf p1 p2 198.19.2.10 3)"
   F=$(($(rxframes 2 u2) - F0)); D=$(($(counter 2 decap_peer) - D0))
   echo "GUEST nic tc: $P"
   echo "GUEST nic tc: decap_peer $D, dropped $(drops 2), checksum errors $(csumerr p2)"
@@ -164,11 +168,8 @@ if [ "$MODE" = nic ]; then
   # over about a page (virtio_net: "MTU too large to enable XDP"), so `auto`
   # must fall back to TC decap; pods made now get MTU 8950 and a frame of
   # that size crosses in VXLAN both ways.
-  kill $(cat /tmp/a1t.log.pid) $(cat /tmp/a2t.log.pid); sleep 1
   for i in 1 2; do $NS --net=/run/netns/n$i $IP link set u$i mtu 9000; done
-  DECAP=auto
-  agent 1 /tmp/a1j.log | sed 's/^GUEST node-1: /GUEST node-1: jumbo: /'
-  agent 2 /tmp/a2j.log | sed 's/^GUEST node-2: /GUEST node-2: jumbo: /'
+  DECAP=auto; agents jumbo
   for i in 1 2; do
     $IP netns add q$i
     $NS --net=/run/netns/n$i $WEFT endpoint add --netns /run/netns/q$i --id jumbo$i --ip 198.19.$i.20 \
@@ -176,19 +177,14 @@ if [ "$MODE" = nic ]; then
   done
   M=$($NS --net=/run/netns/q1 $IP link show eth0 | sed -n 's/.* mtu \([0-9]*\) .*/\1/p')
   # 8922 bytes of ICMP payload: an 8950-byte IP packet, the pod's MTU.
-  $NS --net=/run/netns/q1 ping -c 3 -W 2 -s $((M - 28)) 198.19.2.20 > /tmp/jping.log 2>&1 \
+  $NS --net=/run/netns/q1 ping -c 3 -W 2 -s $((M - 28)) 198.19.2.20 > /dev/null 2>&1 \
     && P="ping of $M-byte packets ok" || P="ping of $M-byte packets FAILED"
-  $NS --net=/run/netns/q2 /usr/bin/iperf3 -s -1 -B 198.19.2.20 > /dev/null 2>&1 &
-  sleep 1
-  $NS --net=/run/netns/q1 /usr/bin/iperf3 -c 198.19.2.20 -t 2 > /tmp/iperf-j.log 2>&1 \
-    && P="$P, iperf3 $(grep receiver /tmp/iperf-j.log)" || P="$P, iperf3 FAILED"
-  echo "GUEST nic jumbo: pod mtu $M, $P"
-  echo "GUEST nic jumbo: dropped $(drops 1) $(drops 2), checksum errors $(csumerr q2), no native XDP logged $(grep -c "no native XDP on the underlay" /tmp/a1j.log) $(grep -c "no native XDP on the underlay" /tmp/a2j.log)"
-  grep -m 1 "no native XDP" /tmp/a1j.log | sed 's/^/GUEST nic jumbo: node-1: /'
+  echo "GUEST nic jumbo: pod mtu $M, $P, $(iperf q1 q2 198.19.2.20 2)"
+  echo "GUEST nic jumbo: dropped $(drops 1) $(drops 2), checksum errors $(csumerr q2), no native XDP logged $(grep -c "no native XDP on the underlay" $A1) $(grep -c "no native XDP on the underlay" $A2)"
+  grep -m 1 "no native XDP" $A1 | sed 's/^/GUEST nic jumbo: node-1: /'
   # An 802.1Q VLAN on each NIC as the underlay, as on many bare-metal
   # nodes, with `auto`: a VLAN device has no native XDP, so TC decap, and
   # VXLAN leaves and arrives tagged (VLAN 100, 198.18.1.0/24).
-  kill $(cat /tmp/a1j.log.pid) $(cat /tmp/a2j.log.pid); sleep 1
   for i in 1 2; do
     $NS --net=/run/netns/n$i $IP link set u$i mtu 1500
     $NS --net=/run/netns/n$i $IP link add link u$i name v$i type vlan id 100
@@ -196,16 +192,10 @@ if [ "$MODE" = nic ]; then
     $NS --net=/run/netns/n$i $IP link set v$i up
   done
   sed -i 's/198[.]18[.]0[.]/198.18.1./' /tmp/nodes.toml
-  UND=v
-  agent 1 /tmp/a1v.log | sed 's/^GUEST node-1: /GUEST node-1: vlan: /'
-  agent 2 /tmp/a2v.log | sed 's/^GUEST node-2: /GUEST node-2: vlan: /'
+  UND=v; agents vlan
   F0=$(rxframes 2 v2); D0=$(counter 2 decap_peer)
   $NS --net=/run/netns/p1 ping -c 3 -W 2 198.19.2.10 > /dev/null 2>&1 && P="ping ok" || P="ping FAILED"
-  $NS --net=/run/netns/p2 /usr/bin/iperf3 -s -1 -B 198.19.2.10 > /dev/null 2>&1 &
-  sleep 1
-  $NS --net=/run/netns/p1 /usr/bin/iperf3 -c 198.19.2.10 -t 2 > /tmp/iperf-v.log 2>&1 \
-    && P="$P, iperf3 $(grep receiver /tmp/iperf-v.log)" || P="$P, iperf3 FAILED"
-  echo "GUEST nic vlan: $P"
+  echo "GUEST nic vlan: $P, $(iperf p1 p2 198.19.2.10 2)"
   echo "GUEST nic vlan: decap_peer +$(($(counter 2 decap_peer) - D0)), frames on v2 +$(($(rxframes 2 v2) - F0)), dropped $(drops 1) $(drops 2), checksum errors $(csumerr p2)"
 fi
 echo "GUEST done"
