@@ -106,22 +106,21 @@ echo "GUEST weft_gro: $G, unsupported logged $(grep -c 'cannot filter VXLAN VNIs
 # delivers it through the qdisc. Removed, the pod is back on the fast path.
 N2="$NS --net=/run/netns/n2"
 st2() { $N2 $WEFT status --bpffs-dir /bpf/n2 --run-dir /tmp/run2; }
-tostack() { st2 | sed -n 's/.* to_stack=\([0-9]*\).*/\1/p'; }
 $N2 /usr/sbin/tc qdisc add dev "$PV" root tbf rate 50mbit burst 64kb latency 50ms
 sleep 7
-S=$(st2 | grep -c "shaped (through the stack)"); T0=$(tostack)
+S=$(st2 | grep -c "shaped (through the stack)"); T0=$(counter 2 to_stack)
 $NS --net=/run/netns/p1 ping -c 3 -W 2 198.19.2.10 > /dev/null 2>&1 && P="ping ok" || P="ping FAILED"
-TS=$(($(tostack) - T0))
+TS=$(($(counter 2 to_stack) - T0))
 $NS --net=/run/netns/p2 /usr/bin/iperf3 -s -1 -B 198.19.2.10 > /dev/null 2>&1 &
 sleep 1
 R=$($NS --net=/run/netns/p1 /usr/bin/iperf3 -c 198.19.2.10 -t 2 -f m 2>/dev/null | sed -n 's/.* \([0-9][0-9]*\)[.0-9]* Mbits\/sec .*receiver.*/\1/p')
 [ -n "$R" ] && [ "$R" -lt 75 ] && L="50 Mbit/s limit held" || L="50 Mbit/s limit NOT held (${R:-no} Mbit/s)"
-T1=$(tostack)
+T1=$(counter 2 to_stack)
 $N2 /usr/sbin/tc qdisc del dev "$PV" root
 sleep 12  # cleared after two checks without a qdisc
 U=$(st2 | grep -c "shaped (through the stack)")
 $NS --net=/run/netns/p1 ping -c 3 -W 2 198.19.2.10 > /dev/null 2>&1 && P2="ping ok" || P2="ping FAILED"
-T2=$(tostack)
+T2=$(counter 2 to_stack)
 echo "GUEST shaped pod: flagged $S, $P, to_stack +$TS, $L; unshaped: flagged $U, $P2, to_stack +$((T2 - T1))"
 # Something else removes the clsact qdiscs, and with them weft's netlink
 # filters (decap on u2 in tc mode, weft0's egress): the agent puts them back

@@ -134,8 +134,11 @@ for mode in tc xdp nic; do
   [ $mode = tc ] && repairs=4 || repairs=3
   if [ $mode = nic ]; then
     check "^GUEST nic xdp: decap_redirect [1-9][0-9]*, checksum errors 0"
-    check "node-1: tc: .*dataplane attached decap=tc \\(underlay driver \"virtio_net\"\\)"
-    check "node-2: tc: .*dataplane attached decap=tc \\(underlay driver \"virtio_net\"\\)"
+    for n in 1 2; do
+      check "node-$n: tc: .*dataplane attached decap=tc \\(underlay driver \"virtio_net\"\\)"
+      check "node-$n: jumbo: .*dataplane attached decap=tc \\(underlay driver \"virtio_net\"\\)"
+      check "node-$n: vlan: .*dataplane attached decap=tc \\(underlay driver \"802.1Q VLAN Support\"\\)"
+    done
     check "^GUEST nic tc: ping ok, iperf3 .*receiver"
     check "^GUEST nic tc: decap_peer [1-9][0-9]*, dropped 0, checksum errors 0"
     case $kver in
@@ -143,12 +146,8 @@ for mode in tc xdp nic; do
       5.15.*) check "^GUEST nic tc: GRO merged no " ;;
       *) check "^GUEST nic tc: GRO merged [0-9]+ frames per decap" ;;
     esac
-    check "node-1: jumbo: .*dataplane attached decap=tc \\(underlay driver \"virtio_net\"\\)"
-    check "node-2: jumbo: .*dataplane attached decap=tc \\(underlay driver \"virtio_net\"\\)"
     check "^GUEST nic jumbo: pod mtu 8950, ping of 8950-byte packets ok, iperf3 .*receiver"
     check "^GUEST nic jumbo: dropped 0 0, checksum errors 0, no native XDP logged 1 1"
-    check "node-1: vlan: .*dataplane attached decap=tc \\(underlay driver \"802.1Q VLAN Support\"\\)"
-    check "node-2: vlan: .*dataplane attached decap=tc \\(underlay driver \"802.1Q VLAN Support\"\\)"
     check "^GUEST nic vlan: ping ok, iperf3 .*receiver"
     check "^GUEST nic vlan: decap_peer \\+[1-9][0-9]*, frames on v2 \\+[1-9][0-9]*, dropped 0 0, checksum errors 0"
   fi

@@ -45,9 +45,9 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Run weft on another kernel in an emulated QEMU guest (both decap
-    /// modes on a veth underlay, and `--decap auto` then `tc` on two
-    /// virtio-net NICs; restart, down, a new agent after down); also part
-    /// of `test`, on every kernel.
+    /// modes on a veth underlay; on two virtio-net NICs `--decap auto`,
+    /// `tc`, a jumbo MTU and a VLAN; restart, down, a new agent after down);
+    /// also part of `test`, on every kernel.
     VmCheck {
         /// Which kernel: Debian 12's 6.1 LTS (cloud) or Ubuntu 22.04's 5.15
         /// (generic, from archive.ubuntu.com).
