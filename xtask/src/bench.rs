@@ -207,7 +207,7 @@ fn cpu_busy_s() -> f64 {
 }
 
 /// iperf3's own placement flag: the client on CPU 0, the server on CPU 1.
-const PIN_IPERF: [&str; 2] = ["-A", "0,1"];
+pub const PIN_IPERF: [&str; 2] = ["-A", "0,1"];
 
 /// `program` in `ns`, on `cpu` when pinning (`--no-pin` leaves placement to
 /// the scheduler).

@@ -119,12 +119,26 @@ pub fn up(weft: &Path) -> Result<()> {
     cmd.args(["-s", "-1"]);
     lab.spawn("iperf3-server", cmd);
     std::thread::sleep(Duration::from_millis(300));
-    let out = client
-        .ns
-        .try_sh("iperf3", &["-c", &server.ip.to_string(), "-t", "3", "-J"]);
+    // Placed as `cargo xtask bench` places it: left to the scheduler, client
+    // and server sometimes share a CPU and the figure varies by a third.
+    let pin = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
+    let server_ip = server.ip.to_string();
+    let mut args = vec!["-c", &server_ip, "-t", "3", "-J"];
+    if pin {
+        args.extend(crate::bench::PIN_IPERF);
+    }
+    let out = client.ns.try_sh("iperf3", &args);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     match v["end"]["sum_received"]["bits_per_second"].as_f64() {
-        Some(bps) => println!("\n  {:.2} Gbit/s received", bps / 1e9),
+        Some(bps) => println!(
+            "\n  {:.2} Gbit/s received{}\n  (`cargo xtask bench` measures weft against kernel vxlan and the bare underlay on this machine)",
+            bps / 1e9,
+            if pin {
+                " (client on CPU 0, server on CPU 1)"
+            } else {
+                ""
+            }
+        ),
         None => println!(
             "\n  iperf3 failed: {}",
             String::from_utf8_lossy(&out.stdout)
