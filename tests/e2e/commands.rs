@@ -182,6 +182,28 @@ fn bench_json_has_every_figure_and_an_interrupted_bench_leaves_nothing() {
         }
     }
     assert!(v["ratios"]["weft/underlay"]["tcp1_gbps"].as_f64().is_some());
+    // The readings beside the figures: recorded per mode, never a ratio.
+    for mode in ["weft", "underlay"] {
+        let busiest = &v["modes"][mode]["tcp1_busiest_cpu_pct"]["median"];
+        assert!(
+            busiest.as_f64().is_some_and(|x| x > 0.0 && x <= 100.0),
+            "{mode}: the busiest CPU's busy % during one stream: {busiest}"
+        );
+        let retrans = &v["modes"][mode]["tcp1_retrans_per_s"]["median"];
+        assert!(
+            retrans.as_f64().is_some_and(|x| x >= 0.0),
+            "{mode}: retransmits per second: {retrans}"
+        );
+    }
+    assert!(
+        v["ratios"]["weft/underlay"]
+            .get("tcp1_retrans_per_s")
+            .is_none()
+    );
+    assert!(
+        text.contains("busiest CPU"),
+        "the readings are in the table:\n{text}"
+    );
     // `weft profile` (kernel run-time statistics) under each load: both
     // programs of the path ran and took time; no profile for the baseline.
     for load in ["tcp1", "udp64"] {

@@ -31,6 +31,18 @@ pub const MODES: &[&str] = &[
     "host-gw",
     "underlay",
 ];
+/// What one TCP stream was up against, recorded per mode beside the figures
+/// but not compared: (name, description).
+pub const DIAGNOSTICS: &[(&str, &str)] = &[
+    (
+        "tcp1_busiest_cpu_pct",
+        "TCP 1 stream: busy time of the busiest CPU (%)",
+    ),
+    (
+        "tcp1_retrans_per_s",
+        "TCP 1 stream: segments retransmitted per second",
+    ),
+];
 /// Modes run only when named with --modes: weft with XDP decap (needs
 /// `--underlay nic-like`: see [`UnderlayKind::NicLike`]).
 pub const EXTRA_MODES: &[&str] = &["weft-xdp"];
@@ -187,23 +199,41 @@ fn build(mode: &str, lab: &mut Lab, xtask: &Path, kind: UnderlayKind) -> Result<
     })
 }
 
-/// Busy CPU time of the whole machine so far, in seconds.
-fn cpu_busy_s() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let f: Vec<f64> = stat
-        .lines()
-        .next()
+/// Busy and total CPU time so far (in USER_HZ ticks) of the whole machine
+/// (index 0) and of each CPU (1 onwards), from /proc/stat.
+fn cpu_ticks() -> Vec<(f64, f64)> {
+    std::fs::read_to_string("/proc/stat")
         .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal
-    let busy = [0, 1, 2, 5, 6, 7]
-        .iter()
-        .filter_map(|&i| f.get(i))
-        .sum::<f64>();
-    busy / 100.0 // USER_HZ
+        .lines()
+        .filter(|l| l.starts_with("cpu"))
+        .map(|l| {
+            let f: Vec<f64> = l
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            // user nice system idle iowait irq softirq steal
+            let busy = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum();
+            let total = f.iter().take(8).sum();
+            (busy, total)
+        })
+        .collect()
+}
+
+/// Between two [`cpu_ticks`]: the whole machine's busy seconds, and the busy
+/// percentage of its busiest CPU.
+fn cpu_use(before: &[(f64, f64)], after: &[(f64, f64)]) -> (f64, f64) {
+    let delta = |i: usize| match (before.get(i), after.get(i)) {
+        (Some(b), Some(a)) => (a.0 - b.0, a.1 - b.1),
+        _ => (f64::NAN, f64::NAN),
+    };
+    let busy_s = delta(0).0 / 100.0; // USER_HZ
+    let busiest = (1..after.len())
+        .map(delta)
+        .filter(|(_, total)| *total > 0.0)
+        .map(|(busy, total)| busy / total * 100.0)
+        .fold(f64::NAN, f64::max);
+    (busy_s, busiest)
 }
 
 /// iperf3's own placement flag: the client on CPU 0, the server on CPU 1.
@@ -267,9 +297,9 @@ fn sockperf_percentiles(text: &str) -> (Option<f64>, Option<f64>) {
 /// sender used (iperf3's `sender_tcp_congestion`).
 fn measure(p: &Path2, o: &Opts) -> Result<(BTreeMap<String, f64>, Option<String>)> {
     let mut m = BTreeMap::new();
-    let before = cpu_busy_s();
+    let before = cpu_ticks();
     let v = iperf(p, o, &[])?;
-    let cpu = cpu_busy_s() - before;
+    let (cpu, busiest) = cpu_use(&before, &cpu_ticks());
     let cc = v["end"]["sender_tcp_congestion"]
         .as_str()
         .map(str::to_string);
@@ -288,6 +318,17 @@ fn measure(p: &Path2, o: &Opts) -> Result<(BTreeMap<String, f64>, Option<String>
         } else {
             f64::NAN
         },
+    );
+    m.insert("tcp1_busiest_cpu_pct".into(), busiest);
+    let seconds = v["end"]["sum_sent"]["seconds"]
+        .as_f64()
+        .filter(|s| *s > 0.0)
+        .unwrap_or(f64::from(o.secs));
+    m.insert(
+        "tcp1_retrans_per_s".into(),
+        v["end"]["sum_sent"]["retransmits"]
+            .as_f64()
+            .map_or(f64::NAN, |r| r / seconds),
     );
     let v = iperf(p, o, &["-P", "4"])?;
     m.insert(
@@ -531,7 +572,9 @@ pub fn run(o: &Opts) -> Result<Value> {
     for (mode, _, p) in &labs {
         let figs: serde_json::Map<String, Value> = FIGURES
             .iter()
-            .map(|(f, _, _)| {
+            .map(|(f, _, _)| f)
+            .chain(DIAGNOSTICS.iter().map(|(f, _)| f))
+            .map(|f| {
                 (
                     f.to_string(),
                     stats(
@@ -641,6 +684,16 @@ fn fmt(v: &Value) -> String {
     }
 }
 
+/// One table cell: median (min–max).
+fn cell(c: &Value) -> String {
+    format!(
+        "{} ({}–{})",
+        fmt(&c["median"]),
+        fmt(&c["min"]),
+        fmt(&c["max"])
+    )
+}
+
 /// The results table (Markdown, also readable on a terminal).
 pub fn table(r: &Value) -> String {
     let modes: Vec<&String> = r["modes"]
@@ -672,18 +725,19 @@ pub fn table(r: &Value) -> String {
     for (f, desc, _) in FIGURES {
         let _ = write!(s, "| {desc} |");
         for m in &order {
-            let c = &r["modes"][m.as_str()][*f];
-            let _ = write!(
-                s,
-                " {} ({}–{}) |",
-                fmt(&c["median"]),
-                fmt(&c["min"]),
-                fmt(&c["max"])
-            );
+            let _ = write!(s, " {} |", cell(&r["modes"][m.as_str()][*f]));
         }
         for k in &ratio_keys {
             let _ = write!(s, " {}× |", fmt(&r["ratios"][k][*f]));
         }
+        s.push('\n');
+    }
+    for (f, desc) in DIAGNOSTICS {
+        let _ = write!(s, "| {desc} |");
+        for m in &order {
+            let _ = write!(s, " {} |", cell(&r["modes"][m.as_str()][*f]));
+        }
+        s.push_str(&" |".repeat(ratio_keys.len()));
         s.push('\n');
     }
     s
@@ -927,6 +981,13 @@ with 64-byte payloads at unlimited rate (received kpps and loss);
 sockperf TCP ping-pong (p50 and p99 round-trip latency, µs); CPU seconds
 per GB during the 1-stream TCP test (whole machine, from /proc/stat: it
 includes iperf3 itself on both ends, identically in every mode).
+
+Below the figures, two readings of the 1-stream TCP test that are recorded
+per mode but not compared: the busy time of the busiest CPU (near 100 %
+says that one CPU is the limit; on a veth path that is the sender's, which
+also carries the whole forwarding path), and the segments iperf3's sender
+retransmitted per second (on this VM mostly spurious, after reordering:
+docs/PERFORMANCE.md).
 
 Caveats: this is one 2-core VM with both "nodes" on it, so sender and
 receiver compete for the same two cores, and the underlay is veth, not a
