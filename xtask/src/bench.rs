@@ -239,6 +239,11 @@ fn cpu_use(before: &[(f64, f64)], after: &[(f64, f64)]) -> (f64, f64) {
 /// iperf3's own placement flag: the client on CPU 0, the server on CPU 1.
 pub const PIN_IPERF: [&str; 2] = ["-A", "0,1"];
 
+/// Whether client and server can be placed on CPUs of their own.
+pub fn can_pin() -> bool {
+    std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2)
+}
+
 /// `program` in `ns`, on `cpu` when pinning (`--no-pin` leaves placement to
 /// the scheduler).
 fn on_cpu(ns: &Netns, pin: bool, cpu: &str, program: &str) -> std::process::Command {

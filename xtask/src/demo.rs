@@ -121,7 +121,7 @@ pub fn up(weft: &Path) -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     // Placed as `cargo xtask bench` places it: left to the scheduler, client
     // and server sometimes share a CPU and the figure varies by a third.
-    let pin = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
+    let pin = crate::bench::can_pin();
     let server_ip = server.ip.to_string();
     let mut args = vec!["-c", &server_ip, "-t", "3", "-J"];
     if pin {

@@ -451,7 +451,7 @@ fn main() -> Result<()> {
                 docs: docs.then(|| workspace().join("docs")),
                 xtask: std::env::current_exe()?,
                 underlay: bench::underlay_kind(&underlay).context("--underlay")?,
-                pin: !no_pin && std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2),
+                pin: !no_pin && bench::can_pin(),
                 cc,
             };
             // Refused before anything is installed, built or created.
