@@ -298,6 +298,15 @@ fn sockperf_percentiles(text: &str) -> (Option<f64>, Option<f64>) {
     (pick("50.000"), pick("99.000"))
 }
 
+/// How long an iperf3 summary (`end.sum`, `end.sum_sent`) says it ran; the
+/// asked-for time where it does not say.
+fn ran_for(sum: &Value, o: &Opts) -> f64 {
+    sum["seconds"]
+        .as_f64()
+        .filter(|s| *s > 0.0)
+        .unwrap_or(f64::from(o.secs))
+}
+
 /// One run of every figure on `p`, and the congestion control the TCP
 /// sender used (iperf3's `sender_tcp_congestion`).
 fn measure(p: &Path2, o: &Opts) -> Result<(BTreeMap<String, f64>, Option<String>)> {
@@ -325,10 +334,7 @@ fn measure(p: &Path2, o: &Opts) -> Result<(BTreeMap<String, f64>, Option<String>
         },
     );
     m.insert("tcp1_busiest_cpu_pct".into(), busiest);
-    let seconds = v["end"]["sum_sent"]["seconds"]
-        .as_f64()
-        .filter(|s| *s > 0.0)
-        .unwrap_or(f64::from(o.secs));
+    let seconds = ran_for(&v["end"]["sum_sent"], o);
     m.insert(
         "tcp1_retrans_per_s".into(),
         v["end"]["sum_sent"]["retransmits"]
@@ -347,10 +353,7 @@ fn measure(p: &Path2, o: &Opts) -> Result<(BTreeMap<String, f64>, Option<String>
     let sum = &v["end"]["sum"];
     let sent = sum["packets"].as_f64().unwrap_or(0.0);
     let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
-    let seconds = sum["seconds"]
-        .as_f64()
-        .filter(|s| *s > 0.0)
-        .unwrap_or(f64::from(o.secs));
+    let seconds = ran_for(sum, o);
     m.insert("udp64_kpps".into(), (sent - lost) / seconds / 1e3);
     m.insert(
         "udp64_loss_pct".into(),
