@@ -117,6 +117,21 @@ pub struct AgentSettings {
     pub ip_masq: Option<bool>,
 }
 
+/// A TOML error as one line that points into the file: `line N: message`
+/// (the message alone where the parser gives no position).
+pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let line = 1 + text.as_bytes()[..span.start.min(text.len())]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count();
+            format!("line {line}: {}", e.message().trim_end())
+        }
+        None => e.message().trim_end().to_string(),
+    }
+}
+
 /// Errors reading the config file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -138,7 +153,7 @@ impl AgentSettings {
         })?;
         toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.display().to_string(),
-            message: e.message().to_string(),
+            message: toml_error(&text, &e),
         })
     }
 
@@ -186,6 +201,15 @@ mod tests {
         assert_eq!(s.cluster_cidr.unwrap().to_string(), "198.19.0.0/16");
         assert_eq!(s.iface, None);
         assert_eq!(s.ip_masq, Some(false));
+    }
+
+    #[test]
+    fn toml_errors_name_the_line() {
+        let text = "vni = 7\n\nport = \"x\"\n";
+        let e = toml::from_str::<AgentSettings>(text).unwrap_err();
+        let m = toml_error(text, &e);
+        assert!(m.starts_with("line 3: "), "{m}");
+        assert!(!m.contains('\n'), "one line: {m}");
     }
 
     #[test]

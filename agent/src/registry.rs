@@ -85,7 +85,7 @@ pub fn read_file(path: &Path, cluster: &Ipv4Cidr) -> Result<Snapshot, RegistryEr
 
 /// Parses node-file text; `Err` only when the TOML itself is unreadable.
 pub fn parse_file(text: &str, cluster: &Ipv4Cidr) -> Result<Snapshot, String> {
-    let file: FileNodes = toml::from_str(text).map_err(|e| e.message().to_string())?;
+    let file: FileNodes = toml::from_str(text).map_err(|e| crate::config::toml_error(text, &e))?;
     let mut snap = Snapshot::default();
     let mut candidates = Vec::new();
     for (i, n) in file.node.into_iter().enumerate() {
@@ -333,8 +333,9 @@ mod tests {
     #[test]
     fn malformed_toml_is_an_error() {
         let e = parse_file("[[node]\nname=", &cluster()).unwrap_err();
-        assert!(!e.is_empty());
+        assert!(e.starts_with("line 1: "), "names the line: {e}");
         let e = parse_file("[[node]]\nname = \"a\"\nbogus = 1\n", &cluster()).unwrap_err();
         assert!(e.contains("bogus") || e.contains("unknown"), "{e}");
+        assert!(e.starts_with("line 3: "), "names the line: {e}");
     }
 }

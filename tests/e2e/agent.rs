@@ -260,7 +260,7 @@ fn registry_edits_apply_live_and_bad_input_never_wipes_the_dataplane() {
     // Unparsable TOML: one clear error, the maps stay, traffic flows.
     let good = std::fs::read_to_string(&c.nodes_file).unwrap();
     std::fs::write(&c.nodes_file, "[[node]\nname = ").unwrap();
-    wait_log(&lab, "agent-1", "is not valid TOML");
+    wait_log(&lab, "agent-1", "is not valid TOML: line 1: ");
     assert!(
         has(&c, "198.19.10.0/24@198.18.0.9") && has(&c, "198.19.2.0/24@198.18.0.2"),
         "maps kept: {:?}",
