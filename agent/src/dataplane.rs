@@ -86,6 +86,11 @@ pub enum DataplaneError {
     MissingMap(&'static str),
     #[error("reading the BPF object's map definitions: {0}")]
     Layout(String),
+    #[error(
+        "no weft map pinned at {}: the agent has not set up this node's dataplane (is `weft agent` running here, and is this its --bpffs-dir?)",
+        path.display()
+    )]
+    NotPinned { path: PathBuf },
     #[error("map `{name}`: {source}")]
     Map {
         name: &'static str,
@@ -719,9 +724,8 @@ impl Maps {
             name: &'static str,
             wrap: fn(MapData) -> aya::maps::Map,
         ) -> Result<T, DataplaneError> {
-            let data = MapData::from_pin(pin_dir.join(name))
-                .map_err(|source| DataplaneError::Map { name, source })?;
-            T::try_from(wrap(data)).map_err(|source| DataplaneError::Map { name, source })
+            T::try_from(wrap(open_pinned(pin_dir, name)?))
+                .map_err(|source| DataplaneError::Map { name, source })
         }
         Ok(Self {
             remotes: open(pin_dir, names::REMOTE_CIDRS, aya::maps::Map::LpmTrie)?,
@@ -738,10 +742,18 @@ impl Maps {
 /// the CNI plugin has no use for it.
 pub fn stack_flows(pin_dir: &Path) -> Result<HashMap<MapData, FlowKey, FlowState>, DataplaneError> {
     let name = names::STACK_FLOWS;
-    let data = MapData::from_pin(pin_dir.join(name))
-        .map_err(|source| DataplaneError::Map { name, source })?;
-    HashMap::try_from(aya::maps::Map::LruHashMap(data))
+    HashMap::try_from(aya::maps::Map::LruHashMap(open_pinned(pin_dir, name)?))
         .map_err(|source| DataplaneError::Map { name, source })
+}
+
+/// The map pinned as `name` in `pin_dir`; [`DataplaneError::NotPinned`]
+/// when there is no such pin.
+fn open_pinned(pin_dir: &Path, name: &'static str) -> Result<MapData, DataplaneError> {
+    let path = pin_dir.join(name);
+    if !path.exists() {
+        return Err(DataplaneError::NotPinned { path });
+    }
+    MapData::from_pin(&path).map_err(|source| DataplaneError::Map { name, source })
 }
 
 /// An IPv4 address as the maps store it (network order bytes in a `u32`).
@@ -808,4 +820,29 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), DataplaneError> {
     }
     tracing::info!("mounted bpffs at /sys/fs/bpf");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_where_nothing_is_pinned_say_so_and_what_to_check() {
+        let dir = std::env::temp_dir().join(format!("weft-no-pins-{}", std::process::id()));
+        let Err(e) = Maps::open(&dir) else {
+            panic!("opened maps from {}", dir.display())
+        };
+        assert!(matches!(e, DataplaneError::NotPinned { .. }), "{e:?}");
+        let m = e.to_string();
+        assert!(
+            m.contains(&dir.display().to_string())
+                && m.contains("weft agent")
+                && m.contains("--bpffs-dir"),
+            "{m}"
+        );
+        assert!(matches!(
+            stack_flows(&dir),
+            Err(DataplaneError::NotPinned { .. })
+        ));
+    }
 }
