@@ -91,6 +91,11 @@ pub enum DataplaneError {
         path.display()
     )]
     NotPinned { path: PathBuf },
+    #[error(
+        "{} is not on a BPF filesystem, and pins can live only there: mount one (`mount -t bpf bpf DIR`) or pick a --bpffs-dir under /sys/fs/bpf, where the agent mounts one itself",
+        path.display()
+    )]
+    NotBpffs { path: PathBuf },
     #[error("map `{name}`: {source}")]
     Map {
         name: &'static str,
@@ -791,12 +796,10 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), DataplaneError> {
     if is_bpffs(&probe) {
         return Ok(());
     }
-    let not_bpffs = || DataplaneError::Io {
-        path: pin_dir.to_path_buf(),
-        source: std::io::Error::other("not on a BPF filesystem"),
-    };
     if !pin_dir.starts_with(root) {
-        return Err(not_bpffs());
+        return Err(DataplaneError::NotBpffs {
+            path: pin_dir.to_path_buf(),
+        });
     }
     fs::create_dir_all(root).map_err(|source| DataplaneError::Io {
         path: root.into(),
@@ -844,5 +847,19 @@ mod tests {
             stack_flows(&dir),
             Err(DataplaneError::NotPinned { .. })
         ));
+    }
+
+    #[test]
+    fn pins_outside_bpffs_are_refused_with_what_to_do() {
+        let dir = std::env::temp_dir().join(format!("weft-not-bpffs-{}", std::process::id()));
+        let Err(e) = ensure_bpffs(&dir) else {
+            panic!("{} taken for a bpffs", dir.display())
+        };
+        let m = e.to_string();
+        assert!(matches!(e, DataplaneError::NotBpffs { .. }), "{e:?}");
+        assert!(
+            m.contains("mount -t bpf") && m.contains("/sys/fs/bpf"),
+            "{m}"
+        );
     }
 }
