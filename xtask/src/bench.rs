@@ -751,76 +751,106 @@ pub fn table(r: &Value) -> String {
     s
 }
 
-/// A bar chart of the ratios (SVG): one group per figure, one bar per baseline.
+/// A bar chart of the ratios (SVG): one group of bars per figure, one bar
+/// per baseline, each drawn from 1 × on a log scale (so 0.5 × and 2 × are
+/// as long), with the side where weft is better shaded.
 pub fn svg(r: &Value) -> String {
     let keys: Vec<String> = r["ratios"]
         .as_object()
         .map(|m| m.keys().cloned().collect())
         .unwrap_or_default();
     let colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd"];
-    let (w, h, left, top, bottom) = (900.0, 420.0, 60.0, 40.0, 90.0);
-    let plot_h = h - top - bottom;
-    let max = keys
-        .iter()
-        .flat_map(|k| {
-            FIGURES
-                .iter()
-                .filter_map(move |(f, _, _)| r["ratios"][k][*f].as_f64())
-        })
-        .fold(1.5f64, f64::max)
-        .min(20.0);
-    let y = |v: f64| top + plot_h * (1.0 - v.min(max) / max);
-    let group_w = (w - left - 20.0) / FIGURES.len() as f64;
-    let bar_w = (group_w - 16.0) / keys.len().max(1) as f64;
+    // log2 of the ratio, clamped to the axis: 1/16 × to 32 ×.
+    let (lo, hi) = (-4.0f64, 5.0f64);
+    let (w, label_w, right, top, bar_h, gap) = (900.0, 290.0, 20.0, 56.0, 14.0, 4.0);
+    let plot_w = w - label_w - right;
+    let x = |log: f64| label_w + plot_w * (log.clamp(lo, hi) - lo) / (hi - lo);
+    let group_h = 20.0 + keys.len() as f64 * (bar_h + gap) + 12.0;
+    let plot_bottom = top + FIGURES.len() as f64 * group_h;
+    let h = plot_bottom + 70.0;
     let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{left}\" y=\"20\" font-size=\"14\">weft relative to each baseline (median of runs; above 1 = weft higher)</text>\n"
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"10\" y=\"20\" font-size=\"14\">weft / each baseline, median of runs (log scale; shaded: the side where weft is better)</text>\n"
     );
-    let _ = writeln!(
-        s,
-        "<line x1=\"{left}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"black\" stroke-dasharray=\"4\"/>\n<text x=\"10\" y=\"{0}\">1.0×</text>",
-        y(1.0),
-        w - 20.0
-    );
-    for (gi, (f, _, higher_better)) in FIGURES.iter().enumerate() {
-        let gx = left + gi as f64 * group_w + 8.0;
-        for (ki, k) in keys.iter().enumerate() {
-            if let Some(v) = r["ratios"][k][*f].as_f64() {
-                let x = gx + ki as f64 * bar_w;
-                let _ = writeln!(
-                    s,
-                    "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"9\" text-anchor=\"middle\">{v:.2}</text>",
-                    y(v),
-                    bar_w - 2.0,
-                    (top + plot_h - y(v)).max(0.0),
-                    colors[ki % 4],
-                    x + bar_w / 2.0,
-                    y(v) - 3.0
-                );
-            }
-        }
-        let label = format!(
-            "{f}{}",
-            if *higher_better {
-                ""
-            } else {
-                " (lower=better)"
-            }
-        );
+    // Axis: a grid line and a label per power of two; 1 × drawn solid.
+    let mut log = lo;
+    while log <= hi {
+        let gx = x(log);
+        let v = 2f64.powf(log);
+        let text = if v < 1.0 {
+            format!("1/{}×", 1.0 / v)
+        } else {
+            format!("{v}×")
+        };
+        let style = if log == 0.0 {
+            "stroke=\"black\""
+        } else {
+            "stroke=\"#ccc\" stroke-dasharray=\"3\""
+        };
         let _ = writeln!(
             s,
-            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"9\">{label}</text>",
-            gx + group_w / 2.0 - 8.0,
-            h - bottom + 16.0
+            "<line x1=\"{gx:.1}\" y1=\"{:.1}\" x2=\"{gx:.1}\" y2=\"{plot_bottom:.1}\" {style}/>\
+             <text x=\"{gx:.1}\" y=\"{:.1}\" font-size=\"9\" text-anchor=\"middle\">{text}</text>",
+            top - 12.0,
+            top - 16.0
         );
+        log += 1.0;
+    }
+    for (gi, (f, desc, higher_better)) in FIGURES.iter().enumerate() {
+        let gy = top + gi as f64 * group_h;
+        let (bx0, bx1) = if *higher_better {
+            (x(0.0), x(hi))
+        } else {
+            (x(lo), x(0.0))
+        };
+        let _ = writeln!(
+            s,
+            "<rect x=\"{bx0:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#e6f4e6\"/>\
+             <text x=\"10\" y=\"{:.1}\" font-weight=\"bold\">{desc}</text>\
+             <text x=\"10\" y=\"{:.1}\" font-size=\"9\" fill=\"#555\">{} is better</text>",
+            gy + 4.0,
+            bx1 - bx0,
+            group_h - 8.0,
+            gy + 18.0,
+            gy + 30.0,
+            if *higher_better { "higher" } else { "lower" }
+        );
+        for (ki, k) in keys.iter().enumerate() {
+            let Some(v) = r["ratios"][k][*f].as_f64().filter(|v| *v > 0.0) else {
+                continue;
+            };
+            let by = gy + 20.0 + ki as f64 * (bar_h + gap);
+            let (x0, x1) = (x(0.0), x(v.log2()));
+            let (bx, bw) = (x0.min(x1), (x1 - x0).abs().max(1.0));
+            // The value beyond the bar's end; inside it, in white, where
+            // the bar reaches an edge of the chart.
+            let (tx, anchor, fill) = if x1 >= x(hi) - 40.0 {
+                (x1 - 4.0, "end", "white")
+            } else if x1 >= x0 {
+                (x1 + 4.0, "start", "black")
+            } else if x1 <= x(lo) + 40.0 {
+                (x1 + 4.0, "start", "white")
+            } else {
+                (x1 - 4.0, "end", "black")
+            };
+            let _ = writeln!(
+                s,
+                "<rect x=\"{bx:.1}\" y=\"{by:.1}\" width=\"{bw:.1}\" height=\"{bar_h}\" fill=\"{}\"/>\
+                 <text x=\"{tx:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"{anchor}\" fill=\"{fill}\">{v:.2}×</text>",
+                colors[ki % 4],
+                by + bar_h - 3.0
+            );
+        }
     }
     for (ki, k) in keys.iter().enumerate() {
-        let x = left + ki as f64 * 200.0;
+        let lx = 10.0 + ki as f64 * 220.0;
         let _ = writeln!(
             s,
-            "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{k}</text>",
+            "<rect x=\"{lx}\" y=\"{:.1}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{:.1}\">{k}</text>",
             h - 40.0,
             colors[ki % 4],
-            x + 16.0,
+            lx + 16.0,
             h - 30.0
         );
     }
@@ -1002,3 +1032,44 @@ receiver compete for the same two cores, and the underlay is veth, not a
 NIC; runs vary by 10–20 % from one to the next. Profiles and what they
 mean for the targets: docs/PERFORMANCE.md.
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (x, width) of every bar in a chart: the rects `height="14"`.
+    fn bars(svg: &str) -> Vec<(f64, f64)> {
+        let attr = |line: &str, name: &str| -> f64 {
+            let rest = &line[line.find(&format!(" {name}=\"")).unwrap() + name.len() + 3..];
+            rest[..rest.find('"').unwrap()].parse().unwrap()
+        };
+        svg.lines()
+            .filter(|l| l.starts_with("<rect") && l.contains("height=\"14\""))
+            .map(|l| (attr(l, "x"), attr(l, "width")))
+            .collect()
+    }
+
+    #[test]
+    fn chart_draws_ratios_from_one_on_a_log_scale() {
+        let r =
+            json!({"ratios": {"weft/a": {"tcp1_gbps": 2.0, "rr_p50_us": 0.5, "tcp4_gbps": null}}});
+        let svg = svg(&r);
+        let b = bars(&svg);
+        assert_eq!(b.len(), 2, "one bar per ratio present: {svg}");
+        let (up, down) = (b[0], b[1]);
+        assert!((up.1 - down.1).abs() < 0.2, "2 × and 0.5 × as long: {b:?}");
+        assert!(
+            (up.0 - (down.0 + down.1)).abs() < 0.2,
+            "2 × starts at 1 ×, where 0.5 × ends: {b:?}"
+        );
+        for label in [
+            "2.00×",
+            "0.50×",
+            "higher is better",
+            "lower is better",
+            "weft/a",
+        ] {
+            assert!(svg.contains(label), "{label} in the chart");
+        }
+    }
+}
