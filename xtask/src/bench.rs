@@ -841,7 +841,10 @@ pub fn svg(r: &Value) -> String {
             if *higher_better { "higher" } else { "lower" }
         );
         for (ki, k) in keys.iter().enumerate() {
-            let Some(v) = r["ratios"][k][*f].as_f64().filter(|v| *v > 0.0) else {
+            let Some(v) = r["ratios"][k][*f]
+                .as_f64()
+                .filter(|v| *v >= 0.0 && v.is_finite())
+            else {
                 continue;
             };
             let by = gy + 20.0 + ki as f64 * (bar_h + gap);
@@ -1076,12 +1079,14 @@ mod tests {
 
     #[test]
     fn chart_draws_ratios_from_one_on_a_log_scale_and_marks_the_targets() {
-        let r =
-            json!({"ratios": {"weft/a": {"tcp1_gbps": 2.0, "rr_p50_us": 0.5, "tcp4_gbps": null}}});
+        let r = json!({"ratios": {"weft/a": {
+            "tcp1_gbps": 2.0, "rr_p50_us": 0.5, "tcp4_gbps": null, "udp64_loss_pct": 0.0
+        }}});
         let svg = svg(&r);
         let b = bars(&svg);
-        assert_eq!(b.len(), 2, "one bar per ratio present: {svg}");
-        let (up, down) = (b[0], b[1]);
+        assert_eq!(b.len(), 3, "one bar per ratio present, 0 too: {svg}");
+        assert!(svg.contains("0.00×"), "0 labelled");
+        let (up, down) = (b[0], b[2]);
         assert!((up.1 - down.1).abs() < 0.2, "2 × and 0.5 × as long: {b:?}");
         assert!(
             (up.0 - (down.0 + down.1)).abs() < 0.2,
