@@ -333,7 +333,7 @@ fn the_daemonset_runs_weft_on_every_node() {
     }
     assert!(
         apiserver_bin().is_some(),
-        "kube-apiserver is not built; `cargo xtask setup` builds it (tests/kube/build-apiserver.sh)"
+        "kube-apiserver is not built; `cargo xtask setup` builds it (tests/kube/build.sh)"
     );
     let image = image();
     let mut lab = Lab::new("ds");

@@ -121,11 +121,11 @@ fn nodes_from_the_kubernetes_api() {
     if apiserver_bin().is_none() {
         if std::env::var_os("WEFT_REQUIRE_PRIVILEGED").is_some_and(|v| v == "1") {
             panic!(
-                "kube-apiserver is not built; `cargo xtask setup` builds it (tests/kube/build-apiserver.sh)"
+                "kube-apiserver is not built; `cargo xtask setup` builds it (tests/kube/build.sh)"
             );
         }
         eprintln!(
-            "SKIP nodes_from_the_kubernetes_api: kube-apiserver not built (tests/kube/build-apiserver.sh)"
+            "SKIP nodes_from_the_kubernetes_api: kube-apiserver not built (tests/kube/build.sh)"
         );
         return;
     }

@@ -1,6 +1,6 @@
 //! A real kube-apiserver and etcd for tests, inside a lab namespace.
 //!
-//! The binary is built from Debian's source by `tests/kube/build-apiserver.sh`
+//! The binary is built from Debian's source by `tests/kube/build.sh`
 //! (cached under `$WEFT_CACHE_DIR/kube`, default `/var/cache/weft/kube`). Both servers run in the given namespace
 //! (the underlay's), the API server on `198.18.0.254:6443`, so agents in
 //! node namespaces reach it over the underlay. Two tokens: `admin` (group
@@ -18,6 +18,14 @@ pub const AGENT_TOKEN: &str = "weft-test-agent-token";
 /// The user the agent token authenticates as.
 pub const AGENT_USER: &str = "weft-agent";
 
+/// The Kubernetes release every component comes from.
+pub const VERSION: &str = "1.20.2";
+/// The Service CIDR of every lab API server.
+pub const SERVICE_CIDR: &str = "198.18.200.0/24";
+/// The `kubernetes` Service's ClusterIP (the first of [`SERVICE_CIDR`]):
+/// where in-cluster clients (weft's agent in its DaemonSet) find the API.
+pub const SERVICE_API_IP: &str = "198.18.200.1";
+
 /// Where the cached kube-apiserver binary is, if it was built.
 pub fn apiserver_bin() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("WEFT_KUBE_APISERVER") {
@@ -31,12 +39,29 @@ pub fn proxy_bin() -> Option<PathBuf> {
     cached("kube-proxy")
 }
 
-/// `$WEFT_CACHE_DIR/kube/<name>-1.20.2`, built by tests/kube/build-apiserver.sh.
-fn cached(name: &str) -> Option<PathBuf> {
-    let cache = std::env::var_os("WEFT_CACHE_DIR")
-        .map_or_else(|| PathBuf::from("/var/cache/weft"), PathBuf::from);
-    let bin = cache.join(format!("kube/{name}-1.20.2"));
-    bin.is_file().then_some(bin)
+/// The directory tests/kube/build.sh caches the components in
+/// (`$WEFT_CACHE_DIR/kube`, default `/var/cache/weft/kube`).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("WEFT_CACHE_DIR")
+        .map_or_else(|| PathBuf::from("/var/cache/weft"), PathBuf::from)
+        .join("kube")
+}
+
+/// `$WEFT_CACHE_DIR/kube/<name>-1.20.2`, built by tests/kube/build.sh.
+pub fn cached(name: &str) -> Option<PathBuf> {
+    let bin = cache_dir().join(format!("{name}-{VERSION}"));
+    bin.exists().then_some(bin)
+}
+
+/// How the API server runs, beyond what every lab gets.
+#[derive(Clone, Debug, Default)]
+pub struct ApiOptions {
+    /// More static tokens: (token, user, groups separated by commas).
+    pub tokens: Vec<(String, String, String)>,
+    /// A whole cluster talks to it (kubelets, controllers): the Node
+    /// authorizer before RBAC, kubelets reached at their InternalIP, and the
+    /// `kubernetes` Service's endpoints kept (in-cluster clients use it).
+    pub cluster: bool,
 }
 
 /// Running etcd + kube-apiserver.
@@ -45,15 +70,20 @@ pub struct KubeApi {
     pub dir: PathBuf,
     pub ca_pem: String,
     bin: PathBuf,
+    opts: ApiOptions,
 }
 
 impl KubeApi {
     /// Starts etcd and the API server in `ns` (which gets 198.18.0.254 on
     /// `dev`) and waits until /readyz answers.
     pub fn start(lab: &mut Lab, ns: &Netns, dev: &str) -> Self {
-        let bin = apiserver_bin().expect(
-            "kube-apiserver not built: run tests/kube/build-apiserver.sh (cargo xtask setup does)",
-        );
+        Self::start_with(lab, ns, dev, ApiOptions::default())
+    }
+
+    /// [`KubeApi::start`] with `opts`.
+    pub fn start_with(lab: &mut Lab, ns: &Netns, dev: &str, opts: ApiOptions) -> Self {
+        let bin = apiserver_bin()
+            .expect("kube-apiserver not built: run tests/kube/build.sh (cargo xtask setup does)");
         let dir = lab.dir.join("kube");
         std::fs::create_dir_all(&dir).unwrap();
         ns.ip(&["addr", "add", &format!("{API_IP}/24"), "dev", dev]);
@@ -88,7 +118,9 @@ impl KubeApi {
         ]);
         std::fs::write(
             dir.join("san.ext"),
-            format!("subjectAltName=IP:{API_IP},IP:127.0.0.1,DNS:kubernetes\n"),
+            format!(
+                "subjectAltName=IP:{API_IP},IP:{SERVICE_API_IP},IP:127.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n"
+            ),
         )
         .unwrap();
         ossl(&[
@@ -110,17 +142,19 @@ impl KubeApi {
         ]);
         ossl(&["genrsa", "-out", &p("sa.key"), "2048"]);
         ossl(&["rsa", "-in", &p("sa.key"), "-pubout", "-out", &p("sa.pub")]);
-        std::fs::write(
-            dir.join("tokens.csv"),
-            format!("{ADMIN_TOKEN},admin,1,system:masters\n{AGENT_TOKEN},{AGENT_USER},2\n"),
-        )
-        .unwrap();
+        let mut tokens =
+            format!("{ADMIN_TOKEN},admin,1,system:masters\n{AGENT_TOKEN},{AGENT_USER},2\n");
+        for (i, (token, user, groups)) in opts.tokens.iter().enumerate() {
+            tokens += &format!("{token},{user},{},\"{groups}\"\n", 100 + i);
+        }
+        std::fs::write(dir.join("tokens.csv"), tokens).unwrap();
         let ca_pem = std::fs::read_to_string(dir.join("ca.crt")).unwrap();
         let api = Self {
             ns: ns.clone(),
             dir,
             ca_pem,
             bin,
+            opts,
         };
         api.start_etcd(lab);
         api.start_apiserver(lab);
@@ -165,16 +199,28 @@ impl KubeApi {
             &format!("--tls-cert-file={}", d("server.crt")),
             &format!("--tls-private-key-file={}", d("server.key")),
             &format!("--token-auth-file={}", d("tokens.csv")),
-            "--authorization-mode=RBAC",
             &format!("--service-account-key-file={}", d("sa.pub")),
             &format!("--service-account-signing-key-file={}", d("sa.key")),
             "--service-account-issuer=https://kubernetes.default.svc",
-            "--service-cluster-ip-range=198.18.200.0/24",
-            "--endpoint-reconciler-type=none",
+            &format!("--service-cluster-ip-range={SERVICE_CIDR}"),
             // As kubeadm and every installer: kube-proxy's DaemonSet and
             // weft's are privileged.
             "--allow-privileged=true",
         ]);
+        if self.opts.cluster {
+            cmd.args([
+                // As kubeadm: kubelets may read what their own pods use.
+                "--authorization-mode=Node,RBAC",
+                // The node names resolve nowhere here.
+                "--kubelet-preferred-address-types=InternalIP",
+            ]);
+        } else {
+            // No one reaches the API through the `kubernetes` Service.
+            cmd.args([
+                "--authorization-mode=RBAC",
+                "--endpoint-reconciler-type=none",
+            ]);
+        }
         lab.spawn("kube-apiserver", cmd);
         self.wait_ready(lab);
     }
@@ -254,30 +300,14 @@ impl KubeApi {
         node_ip: std::net::Ipv4Addr,
         cluster_cidr: &str,
     ) {
-        let bin = proxy_bin().expect(
-            "kube-proxy not built: run tests/kube/build-apiserver.sh (cargo xtask setup does)",
-        );
+        let bin = proxy_bin()
+            .expect("kube-proxy not built: run tests/kube/build.sh (cargo xtask setup does)");
         let kubeconfig = self.kubeconfig("kube-proxy", ADMIN_TOKEN);
         let mut cmd = node.command(bin);
-        cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
-            .args([
-                "--proxy-mode=iptables",
-                &format!("--hostname-override={name}"),
-                // Its node's address (else it waits for a Node object).
-                &format!("--bind-address={node_ip}"),
-                &format!("--cluster-cidr={cluster_cidr}"),
-                // Endpoints, not EndpointSlices: no controller manager here
-                // turns the one into the other.
-                "--feature-gates=EndpointSliceProxying=false",
-                // conntrack sizes and timeouts are the machine's (init_net).
-                "--conntrack-max-per-core=0",
-                "--conntrack-tcp-timeout-established=0",
-                "--conntrack-tcp-timeout-close-wait=0",
-                "--metrics-bind-address=127.0.0.1:10249",
-                "--healthz-bind-address=127.0.0.1:10256",
-                "--oom-score-adj=0",
-                "--v=2",
-            ]);
+        cmd.args(proxy_args(&kubeconfig, name, node_ip, cluster_cidr))
+            // Endpoints, not EndpointSlices: no controller manager here
+            // turns the one into the other.
+            .arg("--feature-gates=EndpointSliceProxying=false");
         lab.spawn(&format!("kube-proxy-{name}"), cmd);
     }
 
@@ -294,6 +324,33 @@ impl KubeApi {
         std::fs::write(&path, s).unwrap();
         path
     }
+}
+
+/// kube-proxy's flags for node `name` at `node_ip`: iptables mode, and
+/// nothing that reaches beyond the node's own namespace (conntrack-table
+/// sizes and timeouts are the machine's, in init_net).
+pub fn proxy_args(
+    kubeconfig: &std::path::Path,
+    name: &str,
+    node_ip: std::net::Ipv4Addr,
+    cluster_cidr: &str,
+) -> Vec<String> {
+    [
+        format!("--kubeconfig={}", kubeconfig.display()),
+        "--proxy-mode=iptables".into(),
+        format!("--hostname-override={name}"),
+        // Its node's address (else it waits for a Node object).
+        format!("--bind-address={node_ip}"),
+        format!("--cluster-cidr={cluster_cidr}"),
+        "--conntrack-max-per-core=0".into(),
+        "--conntrack-tcp-timeout-established=0".into(),
+        "--conntrack-tcp-timeout-close-wait=0".into(),
+        "--metrics-bind-address=127.0.0.1:10249".into(),
+        "--healthz-bind-address=127.0.0.1:10256".into(),
+        "--oom-score-adj=0".into(),
+        "--v=2".into(),
+    ]
+    .into()
 }
 
 fn base64(data: &[u8]) -> String {

@@ -866,15 +866,22 @@ pub struct InNetns {
 
 impl InNetns {
     pub fn enter(ns: &Netns) -> Self {
+        Self::enter_path(&ns.path())
+    }
+
+    /// Enters the network namespace at `path` (a /run/netns file, or
+    /// /proc/PID/ns/net of a process in it, e.g. a Kubernetes pod's).
+    pub fn enter_path(path: &std::path::Path) -> Self {
         use std::os::fd::AsRawFd;
         let orig = std::fs::File::open("/proc/thread-self/ns/net").expect("open own netns");
-        let target = std::fs::File::open(ns.path()).expect("open target netns");
+        let target = std::fs::File::open(path)
+            .unwrap_or_else(|e| panic!("open netns {}: {e}", path.display()));
         // SAFETY: setns on fds we own.
         assert_eq!(
             unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) },
             0,
             "setns into {}",
-            ns.name
+            path.display()
         );
         Self { orig }
     }
@@ -945,7 +952,7 @@ impl Drop for EchoServer {
 
 /// The `i`-th 8 bytes of the stream [`bulk_tcp_intact`] sends: `i` through
 /// one xorshift64* step.
-fn bulk_word(i: u64) -> [u8; 8] {
+pub(crate) fn bulk_word(i: u64) -> [u8; 8] {
     let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     x ^= x >> 12;
     x ^= x << 25;
@@ -1058,7 +1065,9 @@ pub fn udp_roundtrip(from: &Netns, ip: Ipv4Addr, port: u16) -> bool {
                 Ok((n, peer)) if &buf[..n] == msg.as_bytes() && peer == (ip, port).into())
     })
 }
+pub mod k8s;
 pub mod kube;
+pub mod traffic;
 
 /// A pod attached to a Linux bridge by a veth, as flannel's CNI (bridge +
 /// host-local) does: `<ip>/24` on eth0, default route via the bridge.

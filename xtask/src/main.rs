@@ -1,6 +1,8 @@
-//! Developer entry points: `cargo xtask setup | build-ebpf | lint | test | demo | bench | image`.
+//! Developer entry points: `cargo xtask setup | build-ebpf | lint | test | demo | cluster |
+//! conformance | bench | image`.
 
 mod bench;
+mod cluster;
 mod demo;
 mod ebpf;
 mod image;
@@ -129,6 +131,30 @@ enum Cmd {
         /// Tear down a demo cluster left by an earlier run.
         #[arg(long)]
         down: bool,
+    },
+    /// Bring up a real Kubernetes cluster on this machine (etcd, API server,
+    /// controller manager, scheduler; per node containerd, kubelet and
+    /// kube-proxy in its own namespaces) with weft installed from deploy/
+    /// by kubectl; stays up until Ctrl-C or `--down`.
+    Cluster {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Tear down a cluster left by an earlier run (also one that was killed).
+        #[arg(long)]
+        down: bool,
+    },
+    /// Kubernetes' own e2e.test against such a cluster: the [sig-network]
+    /// conformance specs that need no DNS add-on (or --focus); prints
+    /// Ginkgo's summary.
+    Conformance {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// A Ginkgo focus regular expression instead of the network
+        /// conformance specs.
+        #[arg(long)]
+        focus: Option<String>,
     },
 }
 
@@ -280,8 +306,11 @@ fn test(extra: &[String]) -> Result<()> {
     // The agent's container image, from the binaries under test, for
     // tests/e2e/daemonset.rs (beside, not over, `cargo xtask image`'s).
     let image = workspace().join("target/weft-image-test.tar");
+    let mut kube_images = None;
     if root {
         image::build(&workspace().join("target/debug/weft"), &image)?;
+        // pause, agnhost and busybox for the real cluster (tests/e2e/k8s.rs).
+        kube_images = Some(image::kube_images()?);
     }
     let mut total = [0u64; 3];
     stage("test: unit tests (no privileges needed)");
@@ -294,6 +323,9 @@ fn test(extra: &[String]) -> Result<()> {
     if root {
         e2e.env("WEFT_REQUIRE_PRIVILEGED", "1")
             .env("WEFT_IMAGE", &image);
+        if let Some(dir) = &kube_images {
+            e2e.env("WEFT_KUBE_IMAGES", dir);
+        }
     }
     let e2e_result = run_tests(e2e, "privileged tests", &mut total);
     let mut vm_result = Ok(());
@@ -506,6 +538,18 @@ fn main() -> Result<()> {
             image::build(&weft_binary(true)?, &out)?;
             println!("{} ({})", out.display(), image::tag());
             Ok(())
+        }
+        Cmd::Cluster { nodes, down } => {
+            if down {
+                cluster::down()
+            } else {
+                setup::setup()?;
+                cluster::up(&weft_binary(true)?, nodes)
+            }
+        }
+        Cmd::Conformance { nodes, focus } => {
+            setup::setup()?;
+            cluster::conformance(&weft_binary(true)?, nodes, focus)
         }
         Cmd::Demo { down } => {
             if down {

@@ -140,10 +140,9 @@ pub fn setup() -> Result<()> {
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }
     step(
-        "kube-apiserver, kube-proxy and etcd for the Kubernetes tests (built once from Debian's source, then cached)",
+        "the Kubernetes components and etcd for the Kubernetes tests and `cargo xtask cluster` (built once from Debian's source, then cached)",
     );
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/kube/build-apiserver.sh");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/kube/build.sh");
     run(Command::new("bash").arg(script))?;
     step("done");
     Ok(())
