@@ -52,6 +52,9 @@ pub struct AgentConfig {
     pub decap: DecapMode,
     /// Masquerade pods' traffic leaving the cluster CIDR (crate::masq).
     pub ip_masq: bool,
+    /// The conflist to install once ready: (source, destination).
+    pub read_cni_conf: Option<PathBuf>,
+    pub write_cni_conf_when_ready: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -85,6 +88,8 @@ impl AgentConfig {
             bpf_debug_log: false,
             decap: s.decap.unwrap_or(DecapMode::Auto),
             ip_masq: s.ip_masq.unwrap_or(true),
+            read_cni_conf: s.read_cni_conf,
+            write_cni_conf_when_ready: s.write_cni_conf_when_ready,
         }
     }
 }
@@ -102,6 +107,8 @@ pub enum AgentError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     NodeConfig(#[from] NodeConfigError),
+    #[error(transparent)]
+    CniConf(#[from] crate::cniconf::CniConfError),
     #[error("--vni {0} is out of range: VXLAN VNIs are 1 to 16777215")]
     Vni(u32),
     #[error("underlay MTU {0} is too small for VXLAN (needs at least {min})", min = 68 + VXLAN_OVERHEAD)]
@@ -200,6 +207,8 @@ struct Keeper {
     /// The UDP port [`crate::gro::GRO_IFACE`] holds, when it could be made
     /// at start (then it is put back if removed).
     gro_port: Option<u16>,
+    /// The CNI conflist the agent installed (put back if removed).
+    cni_conf: Option<crate::cniconf::CniConf>,
 }
 
 impl Keeper {
@@ -278,6 +287,16 @@ impl Keeper {
                         // Deleted just now, the old socket may still hold
                         // the port for a moment: the next check retries.
                         Err(e) => problems.push(format!("re-creating {}: {e}", crate::gro::GRO_IFACE)),
+                    }
+                }
+                if let Some(conf) = &self.cni_conf {
+                    match conf.ensure() {
+                        Ok(crate::cniconf::Ensured::Present) => {}
+                        Ok(crate::cniconf::Ensured::Written) => {
+                            tracing::warn!(path = %conf.dest.display(), "the CNI configuration was removed or changed (by something else?); wrote it again");
+                            repaired("cni-conf");
+                        }
+                        Err(e) => problems.push(e.to_string()),
                     }
                 }
                 self.check_pods(dp, maps, &repaired);
@@ -518,6 +537,11 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     if let Some(re) = &cfg.iface_regex {
         regex::Regex::new(re).map_err(|e| AgentError::Regex(re.clone(), e.to_string()))?;
     }
+    // Checked before anything is changed on the node.
+    let cni_conf = crate::cniconf::CniConf::from_settings(
+        cfg.read_cni_conf.as_deref(),
+        cfg.write_cni_conf_when_ready.as_deref(),
+    )?;
     dataplane::ensure_bpffs(&cfg.bpffs_dir)?;
     let (iface, local_ip) = underlay(&cfg)?;
     if iface.mtu < 68 + VXLAN_OVERHEAD {
@@ -653,6 +677,15 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     .write(&cfg.run_dir)?;
     ready.store(true, Ordering::Relaxed);
     tracing::info!(run_dir = %cfg.run_dir.display(), "ready");
+    if let Some(conf) = &cni_conf {
+        match conf.ensure() {
+            Ok(_) => {
+                tracing::info!(path = %conf.dest.display(), "CNI configuration installed: the container runtime now reports this node's network ready")
+            }
+            // The keeper tries again every few seconds.
+            Err(e) => tracing::error!("{e}"),
+        }
+    }
 
     let mut stats_tick =
         tokio::time::interval(cfg.stats_interval.unwrap_or(Duration::from_secs(3600)));
@@ -668,6 +701,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         unhealthy,
         unshaped: Default::default(),
         gro_port,
+        cni_conf,
     };
     let mut hook_tick = tokio::time::interval(HOOK_CHECK_INTERVAL);
     hook_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

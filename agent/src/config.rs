@@ -18,6 +18,8 @@
 //! stats-interval = 0
 //! decap = "auto"             # or "xdp", "tc"
 //! ip-masq = true             # masquerade pods' traffic leaving the cluster
+//! read-cni-conf = "/etc/weft/10-weft.conflist"                 # installed, once ready,
+//! write-cni-conf-when-ready = "/etc/cni/net.d/10-weft.conflist" # here (crate::cniconf)
 //! ```
 
 use std::{
@@ -115,6 +117,16 @@ pub struct AgentSettings {
     /// to leave that to something else [default: true].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub ip_masq: Option<bool>,
+    /// A CNI conflist to install once the node's dataplane is ready (see
+    /// --write-cni-conf-when-ready).
+    #[arg(long)]
+    pub read_cni_conf: Option<PathBuf>,
+    /// Install --read-cni-conf's conflist here once the dataplane is ready,
+    /// and put it back if it is removed: the runtime then reports the node's
+    /// network ready only when weft can wire pods (Cilium's option of the
+    /// same name) [default: none; the DaemonSet sets it].
+    #[arg(long)]
+    pub write_cni_conf_when_ready: Option<PathBuf>,
 }
 
 /// A TOML error as one line that points into the file: `line N: message`
@@ -176,6 +188,10 @@ impl AgentSettings {
             stats_interval: self.stats_interval.or(file.stats_interval),
             decap: self.decap.or(file.decap),
             ip_masq: self.ip_masq.or(file.ip_masq),
+            read_cni_conf: self.read_cni_conf.or(file.read_cni_conf),
+            write_cni_conf_when_ready: self
+                .write_cni_conf_when_ready
+                .or(file.write_cni_conf_when_ready),
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod cidr;
 pub mod cni;
+pub mod cniconf;
 pub mod config;
 pub mod dataplane;
 pub mod endpoint;

@@ -8,6 +8,8 @@
 #   kubectl e2e.test   (make, static)
 #   agnhost            (the e2e test image's binary, GOPATH mode)
 #   pause              (the sandbox image's binary, static C)
+#   cluster-dns-HASH   (the lab cluster's DNS, tests/kube/dns/main.go, keyed
+#                       by its hash: it builds again when it changes)
 # and e2e-repo-1.20.2/, the files of the tree e2e.test reads (--repo-root)
 # and the agnhost image takes.
 # The source tree with its Go build cache stays in src/, so a component added
@@ -17,8 +19,11 @@ set -euo pipefail
 out="${1:-${WEFT_CACHE_DIR:-/var/cache/weft}/kube}"
 ver=1.20.2
 make_bins="kube-apiserver kube-proxy kubelet kube-controller-manager kube-scheduler kubectl e2e.test"
+dns_src="$(cd "$(dirname "$0")" && pwd)/dns/main.go"
+dns_bin="$out/cluster-dns-$(sha256sum "$dns_src" | cut -c1-12)"
 missing() {
   for b in $make_bins agnhost pause; do [ -x "$out/$b-$ver" ] || echo "$b"; done
+  [ -x "$dns_bin" ] || echo cluster-dns
   [ -d "$out/e2e-repo-$ver" ] || echo e2e-repo
 }
 if [ -z "$(missing)" ]; then
@@ -92,7 +97,7 @@ what=""
 for b in $(missing); do
   case "$b" in
     e2e.test) what="$what test/e2e/e2e.test" ;;
-    agnhost|pause|e2e-repo) ;;
+    agnhost|pause|e2e-repo|cluster-dns) ;;
     *) what="$what cmd/$b" ;;
   esac
 done
@@ -120,6 +125,19 @@ if [ ! -x "$out/agnhost-$ver" ]; then
      || { tail -30 "$out/build.log"; exit 1; }
   mv "$out/.agnhost-$ver.new" "$out/agnhost-$ver"
   echo "==> kube: built $out/agnhost-$ver"
+fi
+if [ ! -x "$dns_bin" ]; then
+  # Inside the tree, so that its vendored client-go and miekg/dns apply.
+  gopath="$tree/_output/local/go"
+  mkdir -p "$tree/test/weft-cluster-dns"
+  cp "$dns_src" "$tree/test/weft-cluster-dns/main.go"
+  echo "==> kube: building cluster-dns (tests/kube/dns)"
+  (cd "$gopath/src/k8s.io/kubernetes" && GO111MODULE=off GOPATH="$gopath" CGO_ENABLED=0 GOPROXY=off \
+     GOCACHE="$tree/_output/local/go/cache" go build -o "$dns_bin.new" ./test/weft-cluster-dns) >>"$out/build.log" 2>&1 \
+     || { tail -30 "$out/build.log"; exit 1; }
+  for old in "$out"/cluster-dns-*; do [ "$old" = "$dns_bin.new" ] || rm -f "$old"; done
+  mv "$dns_bin.new" "$dns_bin"
+  echo "==> kube: built $dns_bin"
 fi
 if [ ! -x "$out/pause-$ver" ]; then
   gcc -static -O2 -DVERSION="weft-$ver" -o "$out/.pause-$ver.new" "$tree/build/pause/linux/pause.c"

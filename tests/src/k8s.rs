@@ -2,7 +2,10 @@
 //!
 //! - Control plane, in the underlay's namespace: etcd, kube-apiserver
 //!   ([`KubeApi`], on 198.18.0.254), kube-controller-manager (it allocates the
-//!   nodes' pod CIDRs: `--allocate-node-cidrs`) and kube-scheduler.
+//!   nodes' pod CIDRs: `--allocate-node-cidrs`) and kube-scheduler. No
+//!   kubelet or weft runs there: it reaches pods (the API server's proxy to
+//!   pods and Services, which e2e.test uses) through a route to each node's
+//!   pod CIDR via the node, as a control plane outside the overlay does.
 //! - N nodes: each a network namespace plugged into the underlay bridge
 //!   (`und0`, default route towards the underlay's namespace, which routes
 //!   nowhere), with its own mount and UTS namespaces and cgroup subtree,
@@ -37,12 +40,71 @@ use crate::{
     sh, try_sh,
 };
 
-/// The sandbox image (containerd's `sandbox_image`), as e2e.test names it.
+/// The sandbox image (containerd's `sandbox_image`), as e2e.test names it
+/// (`gcRegistry` + pause:3.2).
 pub const PAUSE_IMAGE: &str = "localhost/pause:3.2";
-/// The archives `cargo xtask` builds into the images directory, one per image.
-pub const IMAGE_ARCHIVES: [&str; 3] = ["pause-3.2.tar", "agnhost-2.21.tar", "busybox-1.29.tar"];
 /// The cluster's DNS domain (kubelet `--cluster-domain`).
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
+/// The `kube-dns` Service's ClusterIP (kubelet `--cluster-dns`).
+pub const CLUSTER_DNS_IP: &str = "198.18.200.10";
+/// The lab's DNS server image (tests/kube/dns; `cargo xtask` builds it).
+pub const CLUSTER_DNS_IMAGE: &str = "localhost/weft-lab/cluster-dns:lab";
+
+/// The cluster's DNS, as an add-on is installed: tests/kube/dns (what
+/// CoreDNS's kubernetes plugin answers) behind the `kube-dns` Service, so
+/// every lookup crosses the pod network.
+const CLUSTER_DNS: &str = r#"
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: cluster-dns, namespace: kube-system}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: lab:cluster-dns}
+rules:
+  - apiGroups: [""]
+    resources: ["services", "endpoints"]
+    verbs: ["list", "watch"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: lab:cluster-dns}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: lab:cluster-dns}
+subjects: [{kind: ServiceAccount, name: cluster-dns, namespace: kube-system}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: cluster-dns, namespace: kube-system, labels: {k8s-app: kube-dns}}
+spec:
+  replicas: 1
+  selector: {matchLabels: {k8s-app: kube-dns}}
+  template:
+    metadata: {labels: {k8s-app: kube-dns}}
+    spec:
+      serviceAccountName: cluster-dns
+      dnsPolicy: Default
+      priorityClassName: system-cluster-critical
+      containers:
+        - name: dns
+          image: CLUSTER_DNS_IMAGE
+          args: ["--domain=CLUSTER_DOMAIN"]
+          ports:
+            - {containerPort: 53, protocol: UDP, name: dns}
+            - {containerPort: 53, protocol: TCP, name: dns-tcp}
+          readinessProbe:
+            tcpSocket: {port: 53}
+            periodSeconds: 2
+---
+apiVersion: v1
+kind: Service
+metadata: {name: kube-dns, namespace: kube-system, labels: {k8s-app: kube-dns}}
+spec:
+  selector: {k8s-app: kube-dns}
+  clusterIP: CLUSTER_DNS_IP
+  ports:
+    - {name: dns, port: 53, protocol: UDP}
+    - {name: dns-tcp, port: 53, protocol: TCP}
+"#;
 
 /// The registries e2e.test 1.20.2 takes its images from
 /// (`KUBE_TEST_REPO_LIST`): all local, under the names the images were
@@ -62,15 +124,14 @@ privateRegistry: localhost/private
 sampleRegistry: localhost/sample
 ";
 
-/// The `[sig-network]` conformance specs of Kubernetes 1.20.2
-/// (test/conformance/testdata/conformance.yaml lists 32) that need no
-/// cluster DNS add-on: every one but the eight DNS specs and the two whose
-/// check is a DNS lookup of an ExternalName (none can be had here; see
-/// docs/KUBERNETES.md).
+/// Kubernetes 1.20.2's `[sig-network]` conformance specs
+/// (test/conformance/testdata/conformance.yaml lists 32, eight of them DNS
+/// specs, which the lab's cluster DNS serves).
 pub const NETWORK_CONFORMANCE: &str = r"\[sig-network\].*\[Conformance\]";
-/// What [`NETWORK_CONFORMANCE`] leaves out.
-pub const NEEDS_DNS: &str =
-    r"\[sig-network\] DNS |change the type from (ClusterIP|NodePort) to ExternalName";
+/// What no run here selects: SCTP (the Granular Checks' SCTP variants are
+/// `[Feature:SCTPConnectivity]`, needing the sctp module), and disruptive
+/// or serial specs.
+pub const SKIP: &str = r"sctp|SCTP|\[Disruptive\]|\[Serial\]|\[Feature:";
 /// The core subset `cargo xtask test` runs every time: the four "Networking
 /// Granular Checks: Pods" and the three basic Services specs.
 pub const CORE: &str = r"Granular Checks: Pods|Services should (provide secure master service|serve a basic endpoint from pods|serve multiport endpoints from pods)";
@@ -229,6 +290,9 @@ pub struct KubeCluster {
     pub api: KubeApi,
     /// The admin's kubeconfig (kubectl, e2e.test).
     pub kubeconfig: PathBuf,
+    /// How many Nodes were Ready once registered, before weft was installed
+    /// (none should be: no network yet).
+    pub ready_before_weft: usize,
     /// Declared last: dropped after [`Drop::drop`] has stopped the nodes.
     pub lab: Lab,
 }
@@ -334,6 +398,7 @@ impl KubeCluster {
             underlay: und.clone(),
             api,
             kubeconfig,
+            ready_before_weft: 0,
             lab,
         };
         for (i, name) in names.iter().enumerate() {
@@ -362,6 +427,19 @@ impl KubeCluster {
             .unwrap_or_default()
         {
             let ready = node_ready(&n);
+            cluster.ready_before_weft += usize::from(ready);
+            // The control plane runs no kubelet and no weft here: like a
+            // control plane outside the overlay, it reaches a pod (the API
+            // server's proxy to pods and Services) through the pod's node.
+            if let (Some(cidr), Some(ip)) = (
+                n["spec"]["podCIDR"].as_str(),
+                n["status"]["addresses"]
+                    .as_array()
+                    .and_then(|a| a.iter().find(|a| a["type"] == "InternalIP"))
+                    .and_then(|a| a["address"].as_str()),
+            ) {
+                und.ip(&["route", "replace", cidr, "via", ip]);
+            }
             say(&format!(
                 "{}: registered, pod CIDR {} (from kube-controller-manager), {}",
                 n["metadata"]["name"].as_str().unwrap_or("?"),
@@ -375,6 +453,7 @@ impl KubeCluster {
         }
         if cluster.spec.install_weft {
             cluster.install_weft(&mut say);
+            cluster.install_dns(&mut say);
         }
         cluster
     }
@@ -536,10 +615,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        let mut archives: Vec<PathBuf> = IMAGE_ARCHIVES
-            .iter()
-            .map(|a| self.spec.images.join(a))
+        let mut archives: Vec<PathBuf> = std::fs::read_dir(&self.spec.images)
+            .unwrap_or_else(|e| panic!("{}: {e}", self.spec.images.display()))
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "tar"))
             .collect();
+        archives.sort();
         archives.push(self.spec.weft_image.clone());
         for a in &archives {
             assert!(
@@ -570,6 +652,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             format!("--pod-infra-container-image={PAUSE_IMAGE}"),
             format!("--resolv-conf={}", node.dir.join("resolv.conf").display()),
             format!("--cluster-domain={CLUSTER_DOMAIN}"),
+            format!("--cluster-dns={CLUSTER_DNS_IP}"),
             // The API server's requests (logs, exec, port-forward): the
             // lab's kubelets serve anyone, as in kubeadm's early days.
             "--anonymous-auth=true".into(),
@@ -640,6 +723,26 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         );
         self.wait_nodes_ready(Duration::from_secs(60));
         say("weft: an agent Ready on every node, every node Ready");
+    }
+
+    /// The cluster's DNS add-on ([`CLUSTER_DNS`]); it needs the pod network.
+    pub fn install_dns(&mut self, say: &mut impl FnMut(&str)) {
+        self.apply(
+            "cluster-dns",
+            &CLUSTER_DNS
+                .replace("CLUSTER_DNS_IMAGE", CLUSTER_DNS_IMAGE)
+                .replace("CLUSTER_DOMAIN", CLUSTER_DOMAIN)
+                .replace("CLUSTER_DNS_IP", CLUSTER_DNS_IP),
+        );
+        self.wait_pods_ready(
+            "kube-system",
+            "k8s-app=kube-dns",
+            1,
+            Duration::from_secs(90),
+        );
+        say(&format!(
+            "cluster DNS: tests/kube/dns behind the kube-dns Service ({CLUSTER_DNS_IP}), {CLUSTER_DOMAIN}"
+        ));
     }
 
     /// Waits until every Node is Ready.
@@ -751,6 +854,44 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         self.kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
     }
 
+    /// The pods in `namespace` matching label `selector` (e.g. `app=x`).
+    pub fn pods(&self, namespace: &str, selector: &str) -> Vec<Value> {
+        self.kubectl_json(&["-n", namespace, "get", "pods", "-l", selector])["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Waits until `count` pods match `selector`, every one Running and
+    /// Ready (none terminating); returns them.
+    pub fn wait_pods_ready(
+        &self,
+        namespace: &str,
+        selector: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Vec<Value> {
+        self.wait_for(
+            &format!("{count} pods {selector} in {namespace} Running and Ready"),
+            timeout,
+            |c| {
+                let pods = c.pods(namespace, selector);
+                (pods.len() == count
+                    && pods
+                        .iter()
+                        .all(|p| p["metadata"]["deletionTimestamp"].is_null() && pod_ready(p)))
+                .then_some(pods)
+            },
+        )
+    }
+
+    /// `kubectl exec` of `cmd` in a pod's first container.
+    pub fn exec(&self, namespace: &str, pod: &str, cmd: &[&str]) -> Output {
+        let mut args = vec!["-n", namespace, "exec", pod, "--"];
+        args.extend_from_slice(cmd);
+        self.kubectl(&args)
+    }
+
     /// The node a Node name belongs to.
     pub fn node(&self, name: &str) -> &KubeNode {
         self.nodes
@@ -783,12 +924,19 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     /// Runs e2e.test (Kubernetes' own end-to-end suite, built from the same
     /// tree) inside the underlay's namespace with `focus` and `skip`
     /// (regular expressions over spec names); its whole output goes to
-    /// `log`. Returns Ginkgo's summary lines and whether every spec passed.
-    pub fn e2e(&self, focus: &str, skip: &str, log: &Path) -> (String, bool) {
+    /// `log`. Returns Ginkgo's summary lines and whether every spec passed;
+    /// `stop` returning true ends it early (a failure).
+    pub fn e2e(
+        &self,
+        focus: &str,
+        skip: &str,
+        log: &Path,
+        stop: &dyn Fn() -> bool,
+    ) -> (String, bool) {
         let repo_list = self.lab.dir.join("e2e-repo-list.yaml");
         std::fs::write(&repo_list, E2E_REPO_LIST).unwrap();
         let out = std::fs::File::create(log).expect("e2e log");
-        let status = self
+        let mut child = self
             .underlay
             .command(bin("e2e.test"))
             .env("KUBE_TEST_REPO_LIST", &repo_list)
@@ -807,10 +955,21 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             ])
             .stdout(out.try_clone().unwrap())
             .stderr(out)
-            .status()
+            .spawn()
             .expect("run e2e.test");
+        let ok = loop {
+            if let Some(status) = child.try_wait().expect("wait for e2e.test") {
+                break status.success();
+            }
+            if stop() {
+                let _ = child.kill();
+                let _ = child.wait();
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
         let text = std::fs::read_to_string(log).unwrap_or_default();
-        (ginkgo_summary(&text), status.success())
+        (ginkgo_summary(&text), ok)
     }
 
     /// Tears down what [`KubeCluster::up`] made beyond the lab's own
@@ -836,6 +995,30 @@ impl Drop for KubeCluster {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// Whether a Pod object says Ready.
+pub fn pod_ready(p: &Value) -> bool {
+    p["status"]["conditions"].as_array().is_some_and(|c| {
+        c.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
+}
+
+/// A pod's name.
+pub fn name_of(p: &Value) -> String {
+    p["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A pod's address.
+pub fn pod_ip(p: &Value) -> Ipv4Addr {
+    p["status"]["podIP"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("pod {} has no IPv4 address: {}", name_of(p), p["status"]))
 }
 
 /// Whether a Node object says Ready.

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use weft_tests::{
     Lab,
-    k8s::{KubeCluster, KubeSpec, NEEDS_DNS, NETWORK_CONFORMANCE},
+    k8s::{KubeCluster, KubeSpec, NETWORK_CONFORMANCE, SKIP},
 };
 
 use crate::{image, workspace};
@@ -142,7 +142,8 @@ pub fn down() -> Result<()> {
 }
 
 /// `cargo xtask conformance`: a cluster, e2e.test's `[sig-network]`
-/// conformance specs against it (or `focus`), Ginkgo's summary.
+/// conformance specs against it (or `focus`), Ginkgo's summary. Ctrl-C or
+/// `cargo xtask cluster --down` stops it and tears the cluster down.
 pub fn conformance(weft: &Path, nodes: usize, focus: Option<String>) -> Result<()> {
     let (weft_image, images) = images(weft)?;
     crate::install_stop_handler();
@@ -151,14 +152,12 @@ pub fn conformance(weft: &Path, nodes: usize, focus: Option<String>) -> Result<(
     let cluster = KubeCluster::up(lab, spec(nodes, weft_image, images), say);
     let log = workspace().join("target/conformance.log");
     let focus = focus.unwrap_or_else(|| NETWORK_CONFORMANCE.into());
-    let skip =
-        format!("{NEEDS_DNS}|\\[Serial\\]|\\[Disruptive\\]|\\[Feature:|\\[Slow\\]|sctp|SCTP");
     say(&format!(
-        "e2e.test --ginkgo.focus='{focus}' --ginkgo.skip='{skip}' (output in {})",
+        "e2e.test --ginkgo.focus='{focus}' --ginkgo.skip='{SKIP}' (output in {})",
         log.display()
     ));
     let started = Instant::now();
-    let (summary, ok) = cluster.e2e(&focus, &skip, &log);
+    let (summary, ok) = cluster.e2e(&focus, SKIP, &log, &crate::stopped);
     say(&format!(
         "e2e.test took {:.0} s",
         started.elapsed().as_secs_f64()

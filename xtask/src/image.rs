@@ -23,6 +23,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+use weft_tests::k8s::{CLUSTER_DNS_IMAGE, PAUSE_IMAGE};
+
 use crate::{run, stage, workspace};
 
 /// What the agent's base adds to Debian's essential packages.
@@ -32,7 +34,9 @@ const WEFT_PACKAGES: &str = "iptables,iproute2";
 /// curl, nc (OpenBSD's: the tests run `nc -u`), iproute2 (`ss`), iperf and
 /// bash; Debian's `sh` is dash, as the tests need (busybox's ash runs its own
 /// `nc`).
-const AGNHOST_PACKAGES: &str = "curl,netcat-openbsd,iproute2,iperf,iperf3,bash,iputils-ping";
+/// `dig` (bind9-dnsutils) for the DNS specs, which upstream's image also has.
+const AGNHOST_PACKAGES: &str =
+    "curl,netcat-openbsd,iproute2,iperf,iperf3,bash,iputils-ping,bind9-dnsutils";
 
 /// The image's name inside the archive (deploy/weft.yaml's `image:`).
 pub fn tag() -> String {
@@ -258,8 +262,6 @@ pub fn build(weft: &Path, out: &Path) -> Result<()> {
 
 /// The Kubernetes version the cluster's components come from.
 pub const KUBE_VERSION: &str = "1.20.2";
-/// The sandbox image e2e.test 1.20.2 names (`gcRegistry` + pause:3.2).
-pub const PAUSE_IMAGE: &str = "localhost/pause:3.2";
 /// The test image e2e.test 1.20.2 names (`promoterE2eRegistry` +
 /// agnhost:2.21); built from the tree's agnhost (2.25), which passes the
 /// tests that ask for 2.21.
@@ -269,17 +271,32 @@ pub const AGNHOST_IMAGE: &str = "localhost/e2e-test-images/agnhost:2.21";
 /// busybox:1.29): Debian's static busybox.
 pub const BUSYBOX_IMAGE: &str = "localhost/library/busybox:1.29";
 
+/// The DNS querier image of e2e.test 1.20.2's DNS specs (`e2eRegistry` +
+/// jessie-dnsutils:1.0): the agnhost base, which has `dig`.
+pub const JESSIE_IMAGE: &str = "localhost/e2e/jessie-dnsutils:1.0";
+
 /// The directory of the cached Kubernetes components (tests/kube/build.sh).
 pub fn kube_bin_dir() -> PathBuf {
     cache_root().join("kube")
 }
 
-/// Builds (once, then cached) the pause, agnhost and busybox images as docker
-/// archives in `$WEFT_CACHE_DIR/kube/images`; returns that directory.
+/// Builds (once, then cached) the images a lab cluster and e2e.test need,
+/// as docker archives in `$WEFT_CACHE_DIR/kube/images` (every archive there
+/// is imported into every node): pause, agnhost, busybox, jessie-dnsutils
+/// and the lab's cluster DNS. Returns that directory.
 pub fn kube_images() -> Result<PathBuf> {
     let bins = kube_bin_dir();
     let dir = bins.join("images");
     std::fs::create_dir_all(&dir)?;
+    // Archives made by another recipe (other packages, versions) go.
+    let recipe =
+        format!("kubernetes {KUBE_VERSION}; agnhost and jessie-dnsutils on {AGNHOST_PACKAGES}\n");
+    let recipe_file = dir.join("recipe");
+    if std::fs::read_to_string(&recipe_file).ok().as_deref() != Some(recipe.as_str()) {
+        for e in std::fs::read_dir(&dir)?.flatten() {
+            std::fs::remove_file(e.path())?;
+        }
+    }
     let file = |image: &str| {
         dir.join(format!(
             "{}.tar",
@@ -289,7 +306,27 @@ pub fn kube_images() -> Result<PathBuf> {
     let pause = file(PAUSE_IMAGE);
     let agnhost = file(AGNHOST_IMAGE);
     let busybox = file(BUSYBOX_IMAGE);
-    if pause.is_file() && agnhost.is_file() && busybox.is_file() {
+    let jessie = file(JESSIE_IMAGE);
+    // The DNS binary's name carries its source's hash; so does its archive.
+    let dns_bin = std::fs::read_dir(&bins)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("cluster-dns-") && !n.ends_with(".new"))
+        })
+        .context(
+            "cluster-dns is not built: tests/kube/build.sh builds it (`cargo xtask setup` runs it)",
+        )?;
+    let dns = dir.join(format!(
+        "{}.tar",
+        dns_bin.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    if [&pause, &agnhost, &busybox, &jessie, &dns]
+        .iter()
+        .all(|f| f.is_file())
+    {
         return Ok(dir);
     }
     need_root("the Kubernetes test images")?;
@@ -305,6 +342,47 @@ pub fn kube_images() -> Result<PathBuf> {
         }
     };
     let work = workspace().join("target/kube-image");
+    if !dns.is_file() {
+        stage(&format!("image: {CLUSTER_DNS_IMAGE} (tests/kube/dns)"));
+        for e in std::fs::read_dir(&dir)?.flatten() {
+            if e.file_name().to_string_lossy().starts_with("cluster-dns-") {
+                std::fs::remove_file(e.path())?;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&work);
+        let stage_dir = work.join("stage");
+        std::fs::create_dir_all(&stage_dir)?;
+        std::fs::copy(&dns_bin, stage_dir.join("cluster-dns"))?;
+        make(
+            &Spec {
+                tag: CLUSTER_DNS_IMAGE,
+                base: None,
+                stage: &stage_dir,
+                changes: &["ENTRYPOINT [\"/cluster-dns\"]"],
+                format: "docker-archive",
+            },
+            &work,
+            &dns,
+        )?;
+    }
+    if !jessie.is_file() {
+        let base = base(&codename()?, AGNHOST_PACKAGES)?;
+        stage(&format!("image: {JESSIE_IMAGE} (Debian with dig)"));
+        let _ = std::fs::remove_dir_all(&work);
+        let stage_dir = work.join("stage");
+        std::fs::create_dir_all(&stage_dir)?;
+        make(
+            &Spec {
+                tag: JESSIE_IMAGE,
+                base: Some(&base),
+                stage: &stage_dir,
+                changes: &["ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                format: "docker-archive",
+            },
+            &work,
+            &jessie,
+        )?;
+    }
     if !pause.is_file() {
         stage(&format!(
             "image: {PAUSE_IMAGE} (static pause from the kubernetes {KUBE_VERSION} tree)"
@@ -388,5 +466,6 @@ pub fn kube_images() -> Result<PathBuf> {
             &agnhost,
         )?;
     }
+    std::fs::write(&recipe_file, recipe)?;
     Ok(dir)
 }
