@@ -285,10 +285,21 @@ pub fn del(
         let _ = ip::ip(&["route", "del", &format!("{ip}/32"), "dev", host_ifname]);
     }
     dataplane::detach_pod(&node.bpffs, host_ifname);
-    if netdev::index(host_ifname).is_some() {
-        ip::ip(&["link", "del", host_ifname])?;
+    delete_link(host_ifname)
+}
+
+/// Deletes `name` if it is there. A link gone meanwhile is no error: a
+/// runtime may run two DELs of one pod at once (containerd did, for pods
+/// deleted with no grace period), and the pod's namespace going takes its
+/// veth with it.
+pub fn delete_link(name: &str) -> Result<(), EndpointError> {
+    if netdev::index(name).is_none() {
+        return Ok(());
     }
-    Ok(())
+    match ip::ip(&["link", "del", name]) {
+        Err(_) if netdev::index(name).is_none() => Ok(()),
+        r => r.map(drop).map_err(Into::into),
+    }
 }
 
 /// The alias of a pod's host-side veth.

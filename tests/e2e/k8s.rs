@@ -485,13 +485,43 @@ spec:
         "100 pods deleted in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    let pair = c.pods("default", "app=pair");
+    // What is left on each node: the pair, the cluster DNS.
+    let all_pods = c.kubectl_json(&["get", "pods", "-A"]);
     for n in &c.nodes {
-        let left = pair.iter().filter(|p| node_of(p) == n.name).count();
-        c.wait_for(
-            &format!("{}: only the pair's veths and addresses left", n.name),
-            Duration::from_secs(30),
-            |_| (n.pod_veths().len() == left && n.ipam_allocations().len() == left).then_some(()),
+        let left = all_pods["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| node_of(p) == n.name && p["spec"]["hostNetwork"] != true)
+            .count();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (veths, addrs) = (n.pod_veths(), n.ipam_allocations());
+            if veths.len() == left && addrs.len() == left {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: {left} pods, but veths {veths:?} and addresses {addrs:?} are left",
+                n.name
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    // containerd logged no failed DEL: a DEL that fails leaves the pod's
+    // veth and address until the kubelet's sandbox GC retries it.
+    for i in 0..c.nodes.len() {
+        let log = c.lab.log(&format!("containerd-node-{}", i + 1));
+        let failed: Vec<&str> = log
+            .lines()
+            // containerd's logfmt escapes the quotes.
+            .filter(|l| l.replace('\\', "").contains("plugin type=\"weft\" failed"))
+            .take(3)
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "node-{}: weft's CNI failed: {failed:#?}",
+            i + 1
         );
     }
 }

@@ -340,14 +340,8 @@ fn del(conf: &NetConf, id: &str, ifname: &str) -> Result<(), CniError> {
                 .map_err(|e| CniError::new(code::IO, format!("removing {host}"), e.to_string()))
         }
         // No agent configuration (e.g. weft removed): still remove the veth.
-        Err(_) => {
-            if netdev::index(&host).is_some() {
-                crate::ip::ip(&["link", "del", &host]).map_err(|e| {
-                    CniError::new(code::IO, format!("removing {host}"), e.to_string())
-                })?;
-            }
-            Ok(())
-        }
+        Err(_) => endpoint::delete_link(&host)
+            .map_err(|e| CniError::new(code::IO, format!("removing {host}"), e.to_string())),
     }
 }
 
