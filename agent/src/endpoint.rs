@@ -13,8 +13,10 @@ use weft_common::Endpoint;
 use crate::{
     cidr::Ipv4Cidr,
     dataplane::{self, DataplaneError, Maps, ip_key},
-    ip::{self, CmdError},
-    netdev,
+    host::{
+        ip::{self, CmdError},
+        netdev,
+    },
     node::NodeConfig,
 };
 
@@ -50,7 +52,7 @@ pub struct EndpointSpec {
     /// limits, which a `bandwidth` plugin after weft applies as qdiscs on the
     /// veth): its traffic then takes the node's stack from the first packet
     /// ([`Endpoint::FLAG_SHAPED`]). Without it the agent still finds the
-    /// qdiscs, within [`crate::agent::HOOK_CHECK_INTERVAL`].
+    /// qdiscs, within [`crate::daemon::keeper::HOOK_CHECK_INTERVAL`].
     pub shaped: bool,
 }
 

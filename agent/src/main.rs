@@ -4,12 +4,15 @@ use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use weft_agent::{
-    agent::{self, AgentConfig},
-    config::AgentSettings,
-    dataplane::DEFAULT_BPFFS_DIR,
+    daemon::{
+        self,
+        config::{AgentConfig, AgentSettings},
+    },
+    dataplane::{DEFAULT_BPFFS_DIR, profile},
     endpoint::{self, EndpointSpec},
+    host::netdev,
     node::{DEFAULT_RUN_DIR, NodeConfig},
-    profile, status,
+    status,
 };
 
 /// weft: a Kubernetes pod network with a VXLAN dataplane in eBPF.
@@ -37,7 +40,7 @@ enum Command {
     /// Settings come from flags, then the config file, then defaults.
     Agent {
         /// TOML config file with the same settings as the flags (kebab-case keys).
-        #[arg(long, default_value = weft_agent::config::DEFAULT_CONFIG)]
+        #[arg(long, default_value = weft_agent::daemon::config::DEFAULT_CONFIG)]
         config: PathBuf,
         #[command(flatten)]
         settings: AgentSettings,
@@ -132,7 +135,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent { config, settings } => {
             let from_file = if config.exists() {
                 AgentSettings::from_file(&config)?
-            } else if config.as_os_str() != weft_agent::config::DEFAULT_CONFIG {
+            } else if config.as_os_str() != weft_agent::daemon::config::DEFAULT_CONFIG {
                 anyhow::bail!("config file {} does not exist", config.display());
             } else {
                 AgentSettings::default()
@@ -146,7 +149,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            rt.block_on(agent::run(cfg))?;
+            rt.block_on(daemon::run(cfg))?;
         }
         Command::Status { json, paths } => {
             let s = status::collect(&paths.bpffs_dir, &paths.run_dir)?;
@@ -168,7 +171,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Down { paths } => {
-            for line in agent::down(&paths.bpffs_dir, &paths.run_dir) {
+            for line in daemon::down(&paths.bpffs_dir, &paths.run_dir) {
                 println!("{line}");
             }
         }
@@ -188,11 +191,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 shaped: false,
             };
             let a = endpoint::add(&spec, &node)?;
-            println!(
-                "{} {}",
-                a.host_ifname,
-                weft_agent::netdev::mac_to_string(&a.pod_mac)
-            );
+            println!("{} {}", a.host_ifname, netdev::mac_to_string(&a.pod_mac));
         }
         Command::Endpoint(EndpointCmd::Del {
             id,

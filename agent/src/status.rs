@@ -6,10 +6,12 @@ use serde::Serialize;
 
 use crate::{
     cidr::Ipv4Cidr,
-    dataplane::{self, DataplaneError, Maps, ip_from_key},
-    netdev::mac_to_string,
+    dataplane::{
+        self, DataplaneError, Maps, ip_from_key,
+        stats::{self, Counters},
+    },
+    host::netdev::mac_to_string,
     node::NodeConfig,
-    stats::{self, Counters},
 };
 
 #[derive(Debug, Serialize)]
@@ -97,7 +99,7 @@ pub fn collect(bpffs: &Path, run_dir: &Path) -> Result<Status, DataplaneError> {
     Ok(Status {
         node,
         decap,
-        gro_port: crate::gro::held_port(),
+        gro_port: crate::host::gro::held_port(),
         nodes,
         endpoints,
         counters: stats::read(&maps.drops, &maps.fwds),
@@ -135,7 +137,11 @@ pub fn format(s: &Status) -> String {
     }
     let _ = writeln!(out, "decap: {}", s.decap);
     let _ = match s.gro_port {
-        Some(port) => writeln!(out, "vxlan gro: {} holds udp/{port}", crate::gro::GRO_IFACE),
+        Some(port) => writeln!(
+            out,
+            "vxlan gro: {} holds udp/{port}",
+            crate::host::gro::GRO_IFACE
+        ),
         None => writeln!(out, "vxlan gro: none (decap sees every received frame)"),
     };
     let _ = writeln!(out, "\nnodes ({}):", s.nodes.len());

@@ -6,9 +6,11 @@ use std::net::Ipv4Addr;
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use weft_agent::{
-    dataplane::{Dataplane, Globals, Maps, ip_key},
-    netdev,
-    stats::{self, Counters},
+    dataplane::{
+        Dataplane, Globals, Maps, ip_key,
+        stats::{self, Counters},
+    },
+    host::netdev,
 };
 use weft_common::{DropReason, Endpoint, FlowKey, FlowState, FwdReason, RemoteNode, Vtep, names};
 use weft_tests::{

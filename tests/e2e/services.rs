@@ -253,7 +253,7 @@ fn restart_agent(lab: &mut Lab, c: &Cluster, i: usize, extra: &[&str]) {
 /// (the system's, or a flavour such as `iptables-legacy`) lists it.
 fn masquerade_rules_in(node: &Netns, iptables: &str) -> bool {
     node.sh(iptables, &["-t", "nat", "-S"])
-        .contains(weft_agent::masq::CHAIN)
+        .contains(weft_agent::host::masq::CHAIN)
 }
 
 fn masquerade_rules(node: &Netns) -> bool {

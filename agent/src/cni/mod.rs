@@ -12,6 +12,7 @@
 //! - `dataDir`: IPAM store root (default `/var/lib/weft/ipam`; the network
 //!   name is appended).
 
+pub mod conflist;
 pub mod ipam;
 
 use std::{
@@ -26,7 +27,7 @@ use serde_json::{Value, json};
 use crate::{
     dataplane::{Maps, ip_key},
     endpoint::{self, EndpointSpec},
-    netdev,
+    host::netdev,
     node::NodeConfig,
 };
 
@@ -375,7 +376,7 @@ fn check(conf: &NetConf, id: &str, ifname: &str, netns: &str) -> Result<(), CniE
         let mut all = vec![format!("--net={netns}")];
         all.extend(args.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-        crate::ip::run("nsenter", &refs)
+        crate::host::ip::run("nsenter", &refs)
     };
     let addrs = in_pod(&["ip", "-o", "-4", "addr", "show", "dev", ifname])
         .map_err(|e| drift(format!("{ifname} in {netns}: {e}")))?;

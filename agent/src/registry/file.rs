@@ -1,7 +1,4 @@
-//! Where the set of nodes comes from.
-//!
-//! A registry yields the full list of nodes; the reconciler (`sync`) turns it
-//! into an idempotent diff on the maps. The `file` registry reads a TOML file:
+//! The `file` registry: a TOML file, re-read when it changes.
 //!
 //! ```toml
 //! [[node]]
@@ -10,28 +7,16 @@
 //! pod_cidr = "198.19.1.0/24"
 //! vtep_mac = "0e:77:c6:12:00:01"   # optional; derived from underlay_ip when absent
 //! ```
-//!
-//! Bad entries are reported one line each and skipped; the rest stand.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
+use std::{net::Ipv4Addr, path::Path};
 
 use serde::Deserialize;
 
-use crate::{cidr::Ipv4Cidr, netdev};
-
-/// A node as the dataplane needs it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Node {
-    pub name: String,
-    pub underlay_ip: Ipv4Addr,
-    pub pod_cidr: Ipv4Cidr,
-    #[serde(serialize_with = "ser_mac")]
-    pub vtep_mac: [u8; 6],
-}
-
-fn ser_mac<S: serde::Serializer>(mac: &[u8; 6], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&netdev::mac_to_string(mac))
-}
+use crate::{
+    cidr::Ipv4Cidr,
+    host::netdev,
+    registry::{BoxFuture, Node, Registry, Snapshot, validate},
+};
 
 /// Errors reading a registry as a whole (as opposed to one bad entry).
 #[derive(Debug, thiserror::Error)]
@@ -63,14 +48,6 @@ struct FileNode {
     vtep_mac: Option<String>,
 }
 
-/// The outcome of reading a registry: the usable nodes and one message per
-/// skipped entry.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Snapshot {
-    pub nodes: Vec<Node>,
-    pub problems: Vec<String>,
-}
-
 /// Reads the node file at `path`.
 pub fn read_file(path: &Path, cluster: &Ipv4Cidr) -> Result<Snapshot, RegistryError> {
     let text = std::fs::read_to_string(path).map_err(|source| RegistryError::Read {
@@ -85,7 +62,7 @@ pub fn read_file(path: &Path, cluster: &Ipv4Cidr) -> Result<Snapshot, RegistryEr
 
 /// Parses node-file text; `Err` only when the TOML itself is unreadable.
 pub fn parse_file(text: &str, cluster: &Ipv4Cidr) -> Result<Snapshot, String> {
-    let file: FileNodes = toml::from_str(text).map_err(|e| crate::config::toml_error(text, &e))?;
+    let file: FileNodes = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
     let mut snap = Snapshot::default();
     let mut candidates = Vec::new();
     for (i, n) in file.node.into_iter().enumerate() {
@@ -140,59 +117,19 @@ pub fn parse_file(text: &str, cluster: &Ipv4Cidr) -> Result<Snapshot, String> {
     Ok(snap)
 }
 
-/// Drops nodes that cannot be used together: pod CIDR outside the cluster
-/// CIDR, duplicate names or underlay addresses, overlapping pod CIDRs. The
-/// first node (in registry order) keeps what it claims.
-pub fn validate(nodes: Vec<Node>, cluster: &Ipv4Cidr, problems: &mut Vec<String>) -> Vec<Node> {
-    let mut kept: Vec<Node> = Vec::new();
-    let mut names = BTreeMap::new();
-    for n in nodes {
-        if !cluster.contains(n.pod_cidr.addr()) || n.pod_cidr.prefix() < cluster.prefix() {
-            problems.push(format!(
-                "node `{}`: pod_cidr {} is outside the cluster CIDR {}; skipped",
-                n.name, n.pod_cidr, cluster
-            ));
-            continue;
+/// A TOML error as one line that points into the file: `line N: message`
+/// (the message alone where the parser gives no position).
+pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let line = 1 + text.as_bytes()[..span.start.min(text.len())]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count();
+            format!("line {line}: {}", e.message().trim_end())
         }
-        if names.contains_key(&n.name) {
-            problems.push(format!(
-                "node `{}` is listed twice; the second entry is skipped",
-                n.name
-            ));
-            continue;
-        }
-        if let Some(other) = kept.iter().find(|k| k.underlay_ip == n.underlay_ip) {
-            problems.push(format!(
-                "node `{}`: underlay_ip {} is already node `{}`'s; skipped",
-                n.name, n.underlay_ip, other.name
-            ));
-            continue;
-        }
-        if let Some(other) = kept.iter().find(|k| k.pod_cidr.overlaps(&n.pod_cidr)) {
-            problems.push(format!(
-                "node `{}`: pod_cidr {} overlaps node `{}`'s {}; skipped",
-                n.name, n.pod_cidr, other.name, other.pod_cidr
-            ));
-            continue;
-        }
-        names.insert(n.name.clone(), ());
-        kept.push(n);
+        None => e.message().trim_end().to_string(),
     }
-    kept
-}
-
-/// A boxed future, for object-safe async trait methods.
-pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
-
-/// A source of the cluster's nodes (the `file` registry, the `kube` registry,
-/// later others). An implementation publishes the *full* current set of nodes
-/// whenever it changes; the agent diffs each snapshot into the maps, so a
-/// registry never has to describe deletions.
-pub trait Registry: Send + 'static {
-    /// Runs until the process ends, publishing snapshots on `tx`. On errors
-    /// it keeps the last snapshot published (the dataplane keeps forwarding
-    /// on it), logs, and retries with backoff.
-    fn run(self: Box<Self>, tx: tokio::sync::watch::Sender<Option<Snapshot>>) -> BoxFuture<()>;
 }
 
 /// The `file` registry: a TOML file, re-read when it changes.

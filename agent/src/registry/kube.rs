@@ -26,9 +26,8 @@ use kube::{
 };
 
 use crate::{
-    agent::AgentConfig,
     cidr::Ipv4Cidr,
-    netdev,
+    host::netdev,
     registry::{BoxFuture, Node, Registry, Snapshot, validate},
 };
 
@@ -58,13 +57,15 @@ pub struct KubeRegistry {
 }
 
 impl KubeRegistry {
-    pub fn new(cfg: &AgentConfig) -> Result<Self, KubeError> {
-        Ok(Self {
-            kubeconfig: cfg.kubeconfig.clone(),
-            node_name: cfg.node_name.clone(),
-            cluster: cfg.cluster_cidr,
+    /// The registry as node `node_name` of cluster CIDR `cluster` sees it,
+    /// through `kubeconfig` (default: in-cluster, then $KUBECONFIG).
+    pub fn new(kubeconfig: Option<PathBuf>, node_name: String, cluster: Ipv4Cidr) -> Self {
+        Self {
+            kubeconfig,
+            node_name,
+            cluster,
             own: None,
-        })
+        }
     }
 
     async fn client(&self) -> Result<Client, KubeError> {

@@ -44,7 +44,7 @@ pub fn index(name: &str) -> Option<u32> {
 
 /// `name` as `ip -j link show` describes it; `None` when it cannot be read.
 fn link_json(name: &str) -> Option<serde_json::Value> {
-    first_link(&crate::ip::ip(&["-j", "link", "show", "dev", name]).ok()?)
+    first_link(&crate::host::ip::ip(&["-j", "link", "show", "dev", name]).ok()?)
 }
 
 fn first_link(json: &str) -> Option<serde_json::Value> {
@@ -79,7 +79,7 @@ fn xdp_prog_id_in(link: &serde_json::Value) -> Option<u32> {
 /// what goes into the pod, `ingress` with a filter to an `ifb` for what comes
 /// out of it). From `tc -j qdisc show`; `None` when it cannot be read.
 pub fn shaped_interfaces() -> Option<std::collections::BTreeSet<String>> {
-    shaped_in(&crate::ip::run("tc", &["-j", "qdisc", "show"]).ok()?)
+    shaped_in(&crate::host::ip::run("tc", &["-j", "qdisc", "show"]).ok()?)
 }
 
 fn shaped_in(json: &str) -> Option<std::collections::BTreeSet<String>> {

@@ -24,7 +24,7 @@
 //! `iptables-nft-save`, else the system's `iptables` (nft on current
 //! distributions, and the only choice where the variants are not installed).
 
-use crate::{cidr::Ipv4Cidr, ip::CmdError};
+use crate::{cidr::Ipv4Cidr, host::ip::CmdError};
 
 /// weft's chain in the `nat` table.
 pub const CHAIN: &str = "WEFT-POSTRTG";
@@ -45,7 +45,7 @@ impl Backend {
     pub fn detect() -> Self {
         // Rules other than weft's own, as `-A` lines of a save.
         let rules = |save: &str| {
-            crate::ip::run(save, &[]).map_or(0, |out| {
+            crate::host::ip::run(save, &[]).map_or(0, |out| {
                 out.lines()
                     .filter(|l| l.starts_with("-A") && !l.contains(CHAIN))
                     .count()
@@ -70,7 +70,7 @@ impl Backend {
             Self::Default => "iptables",
             Self::Legacy => "iptables-legacy",
         };
-        crate::ip::run(program, args)
+        crate::host::ip::run(program, args)
     }
 
     fn restore(self, input: &str) -> Result<String, CmdError> {
@@ -78,7 +78,7 @@ impl Backend {
             Self::Default => "iptables-restore",
             Self::Legacy => "iptables-legacy-restore",
         };
-        crate::ip::run_with_input(program, &["--noflush", "-w"], Some(input))
+        crate::host::ip::run_with_input(program, &["--noflush", "-w"], Some(input))
     }
 
     /// Removes the jump and the chain, if there. Returns whether anything was.
@@ -114,7 +114,7 @@ fn jump() -> [&'static str; 8] {
 /// The chain's rules for `cluster`, in `iptables-restore` syntax: declaring
 /// the chain replaces its rules in one transaction (no moment without them).
 pub fn ruleset(cluster: &Ipv4Cidr) -> String {
-    let host = crate::agent::HOST_IFACE;
+    let host = crate::host::weft0::HOST_IFACE;
     format!(
         "*nat\n:{CHAIN} - [0:0]\n\
          -A {CHAIN} -s {cluster} -d {cluster} -j RETURN\n\

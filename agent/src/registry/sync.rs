@@ -41,6 +41,73 @@ pub fn desired(nodes: &[Node], local: &str) -> Desired {
     d
 }
 
+/// The node-facing maps as [`apply`] reads and writes them: the pinned BPF
+/// maps ([`Maps`]), or a store in memory in tests.
+pub trait NodeMaps {
+    /// Pod CIDR → owner, as the map holds it now.
+    fn remotes(&self) -> BTreeMap<Ipv4Cidr, RemoteNode>;
+    fn put_remote(&mut self, cidr: &Ipv4Cidr, node: RemoteNode) -> Result<(), DataplaneError>;
+    fn del_remote(&mut self, cidr: &Ipv4Cidr) -> Result<(), DataplaneError>;
+    /// Peers' underlay addresses, as the map holds them now.
+    fn vteps(&self) -> BTreeMap<u32, Vtep>;
+    fn put_vtep(&mut self, ip: u32, vtep: Vtep) -> Result<(), DataplaneError>;
+    fn del_vtep(&mut self, ip: u32) -> Result<(), DataplaneError>;
+}
+
+fn lpm_key(cidr: &Ipv4Cidr) -> Key<[u8; 4]> {
+    Key::new(u32::from(cidr.prefix()), cidr.addr().octets())
+}
+
+impl NodeMaps for Maps {
+    fn remotes(&self) -> BTreeMap<Ipv4Cidr, RemoteNode> {
+        self.remotes
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (Ipv4Cidr::new(k.data().into(), k.prefix_len() as u8), v))
+            .collect()
+    }
+
+    fn put_remote(&mut self, cidr: &Ipv4Cidr, node: RemoteNode) -> Result<(), DataplaneError> {
+        self.remotes
+            .insert(&lpm_key(cidr), node, 0)
+            .map_err(|source| DataplaneError::Map {
+                name: weft_common::names::REMOTE_CIDRS,
+                source,
+            })
+    }
+
+    fn del_remote(&mut self, cidr: &Ipv4Cidr) -> Result<(), DataplaneError> {
+        self.remotes
+            .remove(&lpm_key(cidr))
+            .map_err(|source| DataplaneError::Map {
+                name: weft_common::names::REMOTE_CIDRS,
+                source,
+            })
+    }
+
+    fn vteps(&self) -> BTreeMap<u32, Vtep> {
+        self.nodes.iter().filter_map(Result::ok).collect()
+    }
+
+    fn put_vtep(&mut self, ip: u32, vtep: Vtep) -> Result<(), DataplaneError> {
+        self.nodes
+            .insert(ip, vtep, 0)
+            .map_err(|source| DataplaneError::Map {
+                name: weft_common::names::NODES,
+                source,
+            })
+    }
+
+    fn del_vtep(&mut self, ip: u32) -> Result<(), DataplaneError> {
+        self.nodes
+            .remove(&ip)
+            .map_err(|source| DataplaneError::Map {
+                name: weft_common::names::NODES,
+                source,
+            })
+    }
+}
+
 /// What one apply changed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
@@ -49,46 +116,28 @@ pub struct Changes {
 }
 
 /// Makes the maps equal to `want`, touching only entries that differ.
-pub fn apply(maps: &mut Maps, want: &Desired) -> Result<Changes, DataplaneError> {
-    let map_err = |name| move |source| DataplaneError::Map { name, source };
+pub fn apply(maps: &mut impl NodeMaps, want: &Desired) -> Result<Changes, DataplaneError> {
     let mut c = Changes::default();
-
-    let have: BTreeMap<Ipv4Cidr, RemoteNode> = maps
-        .remotes
-        .iter()
-        .filter_map(Result::ok)
-        .map(|(k, v)| (Ipv4Cidr::new(k.data().into(), k.prefix_len() as u8), v))
-        .collect();
+    let have = maps.remotes();
     for (cidr, node) in &want.remotes {
         if have.get(cidr) != Some(node) {
-            let key = Key::new(u32::from(cidr.prefix()), cidr.addr().octets());
-            maps.remotes
-                .insert(&key, *node, 0)
-                .map_err(map_err(weft_common::names::REMOTE_CIDRS))?;
+            maps.put_remote(cidr, *node)?;
             c.upserts += 1;
         }
     }
     for cidr in have.keys().filter(|k| !want.remotes.contains_key(k)) {
-        let key = Key::new(u32::from(cidr.prefix()), cidr.addr().octets());
-        maps.remotes
-            .remove(&key)
-            .map_err(map_err(weft_common::names::REMOTE_CIDRS))?;
+        maps.del_remote(cidr)?;
         c.removals += 1;
     }
-
-    let have: BTreeMap<u32, Vtep> = maps.nodes.iter().filter_map(Result::ok).collect();
+    let have = maps.vteps();
     for (ip, v) in &want.vteps {
         if have.get(ip) != Some(v) {
-            maps.nodes
-                .insert(ip, v, 0)
-                .map_err(map_err(weft_common::names::NODES))?;
+            maps.put_vtep(*ip, *v)?;
             c.upserts += 1;
         }
     }
     for ip in have.keys().filter(|k| !want.vteps.contains_key(k)) {
-        maps.nodes
-            .remove(ip)
-            .map_err(map_err(weft_common::names::NODES))?;
+        maps.del_vtep(*ip)?;
         c.removals += 1;
     }
     tracing::debug!(?c, vteps = ?want.vteps.keys().map(|k| ip_from_key(*k)).collect::<Vec<_>>(), "maps reconciled");

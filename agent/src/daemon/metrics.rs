@@ -44,7 +44,7 @@ impl Collector for DataplaneCollector {
         let Ok(maps) = Maps::open(&self.pin_dir) else {
             return Ok(());
         };
-        let c = crate::stats::read(&maps.drops, &maps.fwds);
+        let c = crate::dataplane::stats::read(&maps.drops, &maps.fwds);
         for (name, help, values) in [
             (
                 "weft_forwarded_packets",

@@ -29,7 +29,8 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::cidr::Ipv4Cidr;
+use crate::{cidr::Ipv4Cidr, registry::file::toml_error};
+use std::time::Duration;
 
 /// Default config file; read when it exists and `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "/etc/weft/agent.toml";
@@ -129,18 +130,67 @@ pub struct AgentSettings {
     pub write_cni_conf_when_ready: Option<PathBuf>,
 }
 
-/// A TOML error as one line that points into the file: `line N: message`
-/// (the message alone where the parser gives no position).
-pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
-    match e.span() {
-        Some(span) => {
-            let line = 1 + text.as_bytes()[..span.start.min(text.len())]
-                .iter()
-                .filter(|b| **b == b'\n')
-                .count();
-            format!("line {line}: {}", e.message().trim_end())
+/// Everything the agent needs to run, with defaults applied.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub node_name: String,
+    pub iface: Option<String>,
+    pub iface_regex: Option<String>,
+    pub public_ip: Option<Ipv4Addr>,
+    pub registry: RegistryKind,
+    pub nodes_file: PathBuf,
+    pub kubeconfig: Option<PathBuf>,
+    pub cluster_cidr: Ipv4Cidr,
+    pub vni: u32,
+    pub port: u16,
+    pub bpffs_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub metrics_addr: SocketAddr,
+    pub stats_interval: Option<Duration>,
+    /// Compile the programs' debug logging in (when the agent logs at debug).
+    pub bpf_debug_log: bool,
+    pub decap: DecapMode,
+    /// Masquerade pods' traffic leaving the cluster CIDR (crate::masq).
+    pub ip_masq: bool,
+    /// The conflist to install once ready: (source, destination).
+    pub read_cni_conf: Option<PathBuf>,
+    pub write_cni_conf_when_ready: Option<PathBuf>,
+}
+
+impl AgentConfig {
+    /// Applies the defaults to settings merged from flags and file.
+    pub fn from_settings(s: AgentSettings, hostname: impl FnOnce() -> String) -> Self {
+        Self {
+            node_name: s.node_name.unwrap_or_else(hostname),
+            iface: s.iface,
+            iface_regex: s.iface_regex,
+            public_ip: s.public_ip,
+            registry: s.registry.unwrap_or(RegistryKind::File),
+            nodes_file: s
+                .nodes_file
+                .unwrap_or_else(|| "/etc/weft/nodes.toml".into()),
+            kubeconfig: s.kubeconfig,
+            cluster_cidr: s
+                .cluster_cidr
+                .unwrap_or_else(|| Ipv4Cidr::new(Ipv4Addr::new(10, 244, 0, 0), 16)),
+            vni: s.vni.unwrap_or(1),
+            port: s.port.unwrap_or(8472),
+            bpffs_dir: s
+                .bpffs_dir
+                .unwrap_or_else(|| crate::dataplane::DEFAULT_BPFFS_DIR.into()),
+            run_dir: s
+                .run_dir
+                .unwrap_or_else(|| crate::node::DEFAULT_RUN_DIR.into()),
+            metrics_addr: s
+                .metrics_addr
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9807))),
+            stats_interval: s.stats_interval.filter(|n| *n > 0).map(Duration::from_secs),
+            bpf_debug_log: false,
+            decap: s.decap.unwrap_or(DecapMode::Auto),
+            ip_masq: s.ip_masq.unwrap_or(true),
+            read_cni_conf: s.read_cni_conf,
+            write_cni_conf_when_ready: s.write_cni_conf_when_ready,
         }
-        None => e.message().trim_end().to_string(),
     }
 }
 

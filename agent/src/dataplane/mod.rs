@@ -9,6 +9,22 @@
 //! - `link_host`: the `weft0` egress link,
 //! - `pods/<ifname>`, `pods_to/<ifname>`: each pod veth's ingress and egress
 //!   TC links.
+//!
+//! Here: loading ([`Dataplane::load`]) and the node's attachments; in
+//! [`attach`] the TC/TCX/XDP mechanics and the pods' links, in [`maps`] the
+//! pinned maps as user space opens them, in [`bpffs`] the pin directory and
+//! stale pins, in [`stats`] the counters, in [`profile`] `weft profile`.
+
+pub mod attach;
+pub mod bpffs;
+pub mod maps;
+pub mod profile;
+pub mod stats;
+
+pub use attach::{Hook, attach_pod, detach_nl, detach_pod, has_tcx, pod_attached};
+use attach::{attach_tc, nl_options};
+pub use bpffs::{ensure_bpffs, is_bpffs, replace_stale_pins};
+pub use maps::{Maps, ip_from_key, ip_key, stack_flows};
 
 use std::{
     fs,
@@ -18,14 +34,12 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, PerCpuArray},
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode,
-        links::{FdLink, Link as _, PinnedLink},
-        tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+        links::{FdLink, PinnedLink},
     },
 };
-use weft_common::{Endpoint, FlowKey, FlowState, RemoteNode, Vtep, names};
+use weft_common::names;
 
 use crate::cidr::Ipv4Cidr;
 
@@ -116,88 +130,6 @@ pub enum DataplaneError {
         path: PathBuf,
         source: std::io::Error,
     },
-}
-
-/// What must match for a pinned map to be reused by the programs of this
-/// build: the kernel checks program accesses against the map it gets, not
-/// against what the program was compiled for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MapLayout {
-    pub map_type: u32,
-    pub key_size: u32,
-    pub value_size: u32,
-    pub max_entries: u32,
-    pub flags: u32,
-}
-
-impl std::fmt::Display for MapLayout {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "type {}, key {} B, value {} B, {} entries, flags {:#x}",
-            self.map_type, self.key_size, self.value_size, self.max_entries, self.flags
-        )
-    }
-}
-
-/// The pinned maps. Each is rebuilt when it is replaced: the registry's by
-/// the next sync, the counters and recorded flows start empty, and the
-/// endpoints (the CNI plugin's record of the node's pods) are restored from
-/// the pods' routes and neighbours ([`crate::endpoint::restore`]).
-const PINNED_MAPS: [&str; 6] = [
-    names::ENDPOINTS,
-    names::REMOTE_CIDRS,
-    names::NODES,
-    names::STACK_FLOWS,
-    names::DROP_STATS,
-    names::FWD_STATS,
-];
-
-/// Compares each pinned map under `pin_dir` with this build's definition.
-/// A map of another layout (say an older version's counters, with fewer
-/// reasons) is unpinned, so loading creates it anew — the programs still
-/// attached keep the old one until they are replaced, so pods keep
-/// forwarding meanwhile.
-pub fn replace_stale_pins(pin_dir: &Path) -> Result<(), DataplaneError> {
-    let object =
-        aya_obj::Object::parse(OBJECT).map_err(|e| DataplaneError::Layout(e.to_string()))?;
-    for name in PINNED_MAPS {
-        let def = object
-            .maps
-            .get(name)
-            .ok_or(DataplaneError::MissingMap(name))?;
-        let wanted = MapLayout {
-            map_type: def.map_type(),
-            key_size: def.key_size(),
-            value_size: def.value_size(),
-            max_entries: def.max_entries(),
-            flags: def.map_flags(),
-        };
-        let path = pin_dir.join(name);
-        let Ok(info) = aya::maps::MapInfo::from_pin(&path) else {
-            continue;
-        };
-        let pinned = MapLayout {
-            map_type: info.map_type().map_or(u32::MAX, |t| t as u32),
-            key_size: info.key_size(),
-            value_size: info.value_size(),
-            max_entries: info.max_entries(),
-            flags: info.map_flags(),
-        };
-        if pinned == wanted {
-            continue;
-        }
-        fs::remove_file(&path).map_err(|source| DataplaneError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        if name == names::ENDPOINTS {
-            tracing::warn!(map = name, %pinned, %wanted, "the pinned endpoints map had another version's layout; replaced it, the node's pods are restored from their routes");
-        } else {
-            tracing::warn!(map = name, %pinned, %wanted, "a pinned map had another version's layout; replaced it with an empty one");
-        }
-    }
-    Ok(())
 }
 
 /// Per-node constants written into the programs at load time.
@@ -369,7 +301,7 @@ impl Dataplane {
             Hook::UnderlayXdp => {
                 let xdp: &mut Xdp = program(&mut self.ebpf, name)?;
                 let ours = xdp.info().map_err(err)?.id();
-                if crate::netdev::xdp_prog_id(iface) == Some(ours) {
+                if crate::host::netdev::xdp_prog_id(iface) == Some(ours) {
                     return Ok(false);
                 }
                 self.attach_xdp(iface, false)?;
@@ -466,7 +398,7 @@ impl Dataplane {
                 .iter()
                 .filter_map(Result::ok)
                 // A pod that is gone: the CNI DEL removes its entry.
-                .filter_map(|(_, ep)| crate::netdev::name(ep.ifindex))
+                .filter_map(|(_, ep)| crate::host::netdev::name(ep.ifindex))
                 .collect()
         };
         let mut updated = vec![true; ifaces.len()];
@@ -494,7 +426,7 @@ impl Dataplane {
         let mut ifaces = Vec::new();
         for entry in entries.flatten() {
             let iface = entry.file_name().to_string_lossy().into_owned();
-            if crate::netdev::index(&iface).is_some() {
+            if crate::host::netdev::index(&iface).is_some() {
                 ifaces.push(iface);
             } else {
                 tracing::info!(%iface, "removing the pins of a pod whose veth is gone");
@@ -521,345 +453,4 @@ where
         .ok_or(DataplaneError::MissingProgram(name))?
         .try_into()
         .map_err(|source| DataplaneError::Program { name, source })
-}
-
-/// Netlink (pre-TCX) filters weft owns have this priority and handle ("weft"
-/// in ASCII), one per device and direction, so a restart or `weft down` can
-/// find them again: netlink filters are not BPF links and cannot be pinned.
-pub const NL_PRIORITY: u16 = 0x7765;
-pub const NL_HANDLE: (u16, u16) = (0x7765, 0x6674);
-
-/// weft's netlink filter: its own priority and handle.
-fn nl_options() -> TcAttachOptions {
-    TcAttachOptions::Netlink(NlOptions {
-        priority: NL_PRIORITY,
-        handle: TcHandle::new(NL_HANDLE.0, NL_HANDLE.1),
-        ..Default::default()
-    })
-}
-
-/// The attachment points the agent keeps in place: the node's, and each
-/// pod's (which the CNI plugin made).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Hook {
-    /// XDP decap on the underlay.
-    UnderlayXdp,
-    /// TC ingress decap on the underlay.
-    UnderlayTc,
-    /// TC egress on `weft0`.
-    Host,
-    /// TC ingress on a pod's host-side veth (what the pod sends).
-    PodIngress,
-    /// TC egress on a pod's host-side veth (what the stack delivers to it).
-    PodEgress,
-}
-
-impl Hook {
-    /// As in logs and metrics.
-    pub fn name(self) -> &'static str {
-        match self {
-            Hook::UnderlayXdp => "underlay_xdp",
-            Hook::UnderlayTc => "underlay_tc",
-            Hook::Host => "host",
-            Hook::PodIngress => "pod_ingress",
-            Hook::PodEgress => "pod_egress",
-        }
-    }
-
-    fn program(self) -> &'static str {
-        match self {
-            Hook::UnderlayXdp => names::PROG_XDP_DECAP,
-            Hook::UnderlayTc => names::PROG_FROM_UNDERLAY,
-            Hook::Host => names::PROG_FROM_HOST,
-            Hook::PodIngress => names::PROG_FROM_POD,
-            Hook::PodEgress => names::PROG_TO_POD,
-        }
-    }
-
-    /// Where the hook's link is pinned (TCX and XDP) on `iface`.
-    fn pin(self, pin_dir: &Path, iface: &str) -> PathBuf {
-        match self {
-            Hook::UnderlayXdp => pin_dir.join(PIN_LINK_XDP),
-            Hook::UnderlayTc => pin_dir.join(PIN_LINK_UNDERLAY),
-            Hook::Host => pin_dir.join(PIN_LINK_HOST),
-            Hook::PodIngress => pin_dir.join(PIN_PODS_DIR).join(iface),
-            Hook::PodEgress => pin_dir.join(PIN_PODS_TO_DIR).join(iface),
-        }
-    }
-}
-
-/// Whether this kernel has TCX links (6.6+); before, TC programs are
-/// attached as netlink `cls_bpf` filters under a `clsact` qdisc.
-pub fn has_tcx() -> bool {
-    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
-}
-
-fn nl_link(iface: &str, dir: TcAttachType) -> std::io::Result<SchedClassifierLink> {
-    SchedClassifierLink::attached(
-        iface,
-        dir,
-        NL_PRIORITY,
-        TcHandle::new(NL_HANDLE.0, NL_HANDLE.1),
-        None,
-    )
-}
-
-/// Attaches `prog` to `iface`. With TCX the link is pinned at `pin`, and if
-/// `pin` already holds a link, the program behind it is replaced atomically
-/// instead. Without TCX (before 6.6) the program goes in as weft's netlink
-/// filter ([`NL_PRIORITY`], [`NL_HANDLE`]), replacing weft's filter already
-/// there (also atomic); it stays attached when the agent exits, like a pin.
-fn attach_tc(
-    prog: &mut SchedClassifier,
-    name: &'static str,
-    iface: &str,
-    dir: TcAttachType,
-    pin: &Path,
-) -> Result<(), DataplaneError> {
-    let err = |source| DataplaneError::Program { name, source };
-    if !has_tcx() {
-        // clsact is needed only for the netlink path; with TCX no qdisc is
-        // added, leaving the ingress qdisc to others (e.g. the bandwidth
-        // CNI plugin).
-        let _ = aya::programs::tc::qdisc_add_clsact(iface);
-        let id = match prog.attach_with_options(iface, dir, nl_options()) {
-            Ok(id) => id,
-            // weft's filter is there (an earlier agent): replace its program.
-            // If that fails too, the first error is the one that says why.
-            Err(created) => nl_link(iface, dir)
-                .ok()
-                .and_then(|link| prog.attach_to_link(link).ok())
-                .ok_or_else(|| err(created))?,
-        };
-        // Owned by the device from now on: do not detach when dropped.
-        std::mem::forget(prog.take_link(id).map_err(err)?);
-        return Ok(());
-    }
-    if let Ok(pinned) = PinnedLink::from_pin(pin) {
-        let link = aya::programs::tc::SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(
-            |source| DataplaneError::Link {
-                path: pin.to_path_buf(),
-                source,
-            },
-        )?;
-        match prog.attach_to_link(link) {
-            Ok(_) => return Ok(()),
-            // A link whose device is gone (deleted, or deleted and made
-            // again under the same name) cannot be updated: replace it.
-            Err(e) => {
-                tracing::info!(%iface, pin = %pin.display(), "the pinned link cannot be updated ({e}); attaching anew");
-                let _ = fs::remove_file(pin);
-            }
-        }
-    }
-    let id = prog.attach(iface, dir).map_err(err)?;
-    let link = prog.take_link(id).map_err(err)?;
-    let fd: FdLink = link.try_into().map_err(|source| DataplaneError::Link {
-        path: pin.to_path_buf(),
-        source,
-    })?;
-    fd.pin(pin).map_err(|source| DataplaneError::Pin {
-        path: pin.to_path_buf(),
-        source,
-    })?;
-    Ok(())
-}
-
-/// Removes weft's netlink filter (pre-TCX kernels) from `iface` in `dir`,
-/// if there is one. Returns whether one was removed.
-pub fn detach_nl(iface: &str, dir: TcAttachType) -> bool {
-    nl_link(iface, dir).is_ok_and(|link| link.detach().is_ok())
-}
-
-/// Attaches the pinned pod programs to a pod's host-side veth (ingress and
-/// egress) and pins the links under `pods/<iface>` and `pods_to/<iface>`.
-/// Used by the CNI plugin. On failure nothing stays attached.
-pub fn attach_pod(pin_dir: &Path, iface: &str) -> Result<(), DataplaneError> {
-    for (name, prog_pin, dir, direction) in POD_PROGRAMS {
-        let attached = SchedClassifier::from_pin(pin_dir.join(prog_pin))
-            .map_err(|source| DataplaneError::Program { name, source })
-            .and_then(|mut prog| {
-                let pin = pin_dir.join(dir).join(iface);
-                let _ = fs::remove_file(&pin);
-                attach_tc(&mut prog, name, iface, direction, &pin)
-            });
-        if let Err(e) = attached {
-            detach_pod(pin_dir, iface);
-            return Err(e);
-        }
-    }
-    Ok(())
-}
-
-/// Whether `iface` has weft's pod programs: with TCX, whether its ingress
-/// link is pinned; with netlink filters (not pinned) always `false`, so the
-/// caller attaches (which replaces weft's filter in place).
-pub fn pod_attached(pin_dir: &Path, iface: &str) -> bool {
-    has_tcx()
-        && POD_PROGRAMS
-            .iter()
-            .all(|(_, _, dir, _)| pin_dir.join(dir).join(iface).exists())
-}
-
-/// Removes a pod's link pins (with TCX that detaches them; netlink filters
-/// go with the veth).
-pub fn detach_pod(pin_dir: &Path, iface: &str) {
-    for (_, _, dir, direction) in POD_PROGRAMS {
-        let _ = fs::remove_file(pin_dir.join(dir).join(iface));
-        if !has_tcx() {
-            detach_nl(iface, direction);
-        }
-    }
-}
-
-/// The dataplane's maps, opened from their pins (by the agent, the CNI
-/// plugin, `weft status`, tests).
-pub struct Maps {
-    pub remotes: LpmTrie<MapData, [u8; 4], RemoteNode>,
-    pub endpoints: HashMap<MapData, u32, Endpoint>,
-    pub nodes: HashMap<MapData, u32, Vtep>,
-    pub drops: PerCpuArray<MapData, u64>,
-    pub fwds: PerCpuArray<MapData, u64>,
-}
-
-impl Maps {
-    pub fn open(pin_dir: &Path) -> Result<Self, DataplaneError> {
-        fn open<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
-            pin_dir: &Path,
-            name: &'static str,
-            wrap: fn(MapData) -> aya::maps::Map,
-        ) -> Result<T, DataplaneError> {
-            T::try_from(wrap(open_pinned(pin_dir, name)?))
-                .map_err(|source| DataplaneError::Map { name, source })
-        }
-        Ok(Self {
-            remotes: open(pin_dir, names::REMOTE_CIDRS, aya::maps::Map::LpmTrie)?,
-            endpoints: open(pin_dir, names::ENDPOINTS, aya::maps::Map::HashMap)?,
-            nodes: open(pin_dir, names::NODES, aya::maps::Map::HashMap)?,
-            drops: open(pin_dir, names::DROP_STATS, aya::maps::Map::PerCpuArray)?,
-            fwds: open(pin_dir, names::FWD_STATS, aya::maps::Map::PerCpuArray)?,
-        })
-    }
-}
-
-/// The map of flows whose replies take the stack (see
-/// dataplane-ebpf/src/flows.rs), opened from its pin. Not part of [`Maps`]:
-/// the CNI plugin has no use for it.
-pub fn stack_flows(pin_dir: &Path) -> Result<HashMap<MapData, FlowKey, FlowState>, DataplaneError> {
-    let name = names::STACK_FLOWS;
-    HashMap::try_from(aya::maps::Map::LruHashMap(open_pinned(pin_dir, name)?))
-        .map_err(|source| DataplaneError::Map { name, source })
-}
-
-/// The map pinned as `name` in `pin_dir`; [`DataplaneError::NotPinned`]
-/// when there is no such pin.
-fn open_pinned(pin_dir: &Path, name: &'static str) -> Result<MapData, DataplaneError> {
-    let path = pin_dir.join(name);
-    if !path.exists() {
-        return Err(DataplaneError::NotPinned { path });
-    }
-    MapData::from_pin(&path).map_err(|source| DataplaneError::Map { name, source })
-}
-
-/// An IPv4 address as the maps store it (network order bytes in a `u32`).
-pub fn ip_key(ip: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(ip.octets())
-}
-
-/// The inverse of [`ip_key`].
-pub fn ip_from_key(key: u32) -> Ipv4Addr {
-    Ipv4Addr::from(key.to_ne_bytes())
-}
-
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-
-/// True when `path` (which must exist) is on a bpffs.
-pub fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: zeroed statfs is valid; c is NUL-terminated.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type as i64 == BPF_FS_MAGIC
-}
-
-/// Makes sure `pin_dir` can hold pins: mounts bpffs at /sys/fs/bpf when the
-/// directory is under it and nothing is mounted there yet (as Cilium does).
-pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), DataplaneError> {
-    let root = Path::new("/sys/fs/bpf");
-    let mut probe = pin_dir.to_path_buf();
-    while !probe.exists() {
-        if !probe.pop() {
-            break;
-        }
-    }
-    if is_bpffs(&probe) {
-        return Ok(());
-    }
-    if !pin_dir.starts_with(root) {
-        return Err(DataplaneError::NotBpffs {
-            path: pin_dir.to_path_buf(),
-        });
-    }
-    fs::create_dir_all(root).map_err(|source| DataplaneError::Io {
-        path: root.into(),
-        source,
-    })?;
-    // SAFETY: static NUL-terminated strings.
-    let rc = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            c"/sys/fs/bpf".as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(DataplaneError::Io {
-            path: root.into(),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    tracing::info!("mounted bpffs at /sys/fs/bpf");
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn maps_where_nothing_is_pinned_say_so_and_what_to_check() {
-        let dir = std::env::temp_dir().join(format!("weft-no-pins-{}", std::process::id()));
-        let Err(e) = Maps::open(&dir) else {
-            panic!("opened maps from {}", dir.display())
-        };
-        assert!(matches!(e, DataplaneError::NotPinned { .. }), "{e:?}");
-        let m = e.to_string();
-        assert!(
-            m.contains(&dir.display().to_string())
-                && m.contains("weft agent")
-                && m.contains("--bpffs-dir"),
-            "{m}"
-        );
-        assert!(matches!(
-            stack_flows(&dir),
-            Err(DataplaneError::NotPinned { .. })
-        ));
-    }
-
-    #[test]
-    fn pins_outside_bpffs_are_refused_with_what_to_do() {
-        let dir = std::env::temp_dir().join(format!("weft-not-bpffs-{}", std::process::id()));
-        let Err(e) = ensure_bpffs(&dir) else {
-            panic!("{} taken for a bpffs", dir.display())
-        };
-        let m = e.to_string();
-        assert!(matches!(e, DataplaneError::NotBpffs { .. }), "{e:?}");
-        assert!(
-            m.contains("mount -t bpf") && m.contains("/sys/fs/bpf"),
-            "{m}"
-        );
-    }
 }

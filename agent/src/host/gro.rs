@@ -23,7 +23,7 @@
 //! sender. VNI filtering needs Linux 5.18; where the kernel lacks it, there
 //! is no such device and decap works per frame, as before.
 
-use crate::ip::{self, CmdError};
+use crate::host::ip::{self, CmdError};
 
 /// The device's name (no dot: sysctl paths split on dots).
 pub const GRO_IFACE: &str = "weft_gro";
@@ -105,7 +105,7 @@ pub fn held_port() -> Option<u16> {
 
 /// Deletes [`GRO_IFACE`]; true if there was one.
 pub fn remove() -> bool {
-    crate::netdev::index(GRO_IFACE).is_some() && ip::ip(&["link", "del", GRO_IFACE]).is_ok()
+    crate::host::netdev::index(GRO_IFACE).is_some() && ip::ip(&["link", "del", GRO_IFACE]).is_ok()
 }
 
 /// [`GRO_IFACE`] as `ip -d -j link show` describes it.
@@ -132,7 +132,7 @@ impl Described {
 }
 
 fn describe() -> Option<Described> {
-    crate::netdev::index(GRO_IFACE)?;
+    crate::host::netdev::index(GRO_IFACE)?;
     parse(&ip::ip(&["-d", "-j", "link", "show", "dev", GRO_IFACE]).ok()?)
 }
 

@@ -1,0 +1,269 @@
+//! `weft agent`: brings the node's dataplane up and keeps its maps equal to
+//! the registry's view of the cluster.
+//!
+//! - [`bringup`]: the underlay, the programs loaded and attached, the node's
+//!   devices, the registry started;
+//! - [`reconcile`]: a registry snapshot → the node-facing maps;
+//! - [`keeper`]: every few seconds, puts back what something else removed;
+//! - [`config`]: the settings; [`metrics`]: `/metrics`, `/healthz`, `/readyz`;
+//! - [`down`]: `weft down`.
+
+pub mod bringup;
+pub mod config;
+pub mod down;
+pub mod keeper;
+pub mod metrics;
+pub mod reconcile;
+
+use std::{net::SocketAddr, sync::atomic::Ordering, time::Duration};
+
+use weft_common::VXLAN_OVERHEAD;
+
+use crate::{
+    cni::conflist::{CniConf, CniConfError},
+    daemon::{
+        config::AgentConfig,
+        keeper::{HOOK_CHECK_INTERVAL, Keeper},
+        metrics::{AgentMetrics, Server},
+        reconcile::{ReconcileError, reconcile},
+    },
+    dataplane::{self, DataplaneError, Globals, Maps, stats},
+    host::{gro::GroError, ip::CmdError, netdev::NetdevError, weft0},
+    node::{NodeConfig, NodeConfigError},
+    registry::{Snapshot, file::RegistryError},
+};
+
+pub use down::down;
+
+/// Errors that stop the agent from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Netdev(#[from] NetdevError),
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    #[error(transparent)]
+    Cmd(#[from] CmdError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    NodeConfig(#[from] NodeConfigError),
+    #[error(transparent)]
+    CniConf(#[from] CniConfError),
+    #[error("--vni {0} is out of range: VXLAN VNIs are 1 to 16777215")]
+    Vni(u32),
+    #[error("underlay MTU {0} is too small for VXLAN (needs at least {min})", min = 68 + VXLAN_OVERHEAD)]
+    Mtu(u32),
+    #[error("--iface-regex `{0}` is not a valid regular expression: {1}")]
+    Regex(String, String),
+    #[error("the kube registry: {0}")]
+    Kube(String),
+    #[error("metrics endpoint on {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Runs the agent until SIGINT/SIGTERM. The dataplane stays attached after
+/// exit (it is pinned); `weft down` removes it.
+pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
+    if !(1..=0xff_ffff).contains(&cfg.vni) {
+        return Err(AgentError::Vni(cfg.vni));
+    }
+    if let Some(re) = &cfg.iface_regex {
+        regex::Regex::new(re).map_err(|e| AgentError::Regex(re.clone(), e.to_string()))?;
+    }
+    // Checked before anything is changed on the node.
+    let cni_conf = CniConf::from_settings(
+        cfg.read_cni_conf.as_deref(),
+        cfg.write_cni_conf_when_ready.as_deref(),
+    )?;
+    dataplane::ensure_bpffs(&cfg.bpffs_dir)?;
+    let (iface, local_ip) = bringup::underlay(&cfg)?;
+    if iface.mtu < 68 + VXLAN_OVERHEAD {
+        return Err(AgentError::Mtu(iface.mtu));
+    }
+    let pod_mtu = iface.mtu - VXLAN_OVERHEAD;
+    tracing::info!(iface = %iface.name, %local_ip, mtu = iface.mtu, registry = ?cfg.registry, "underlay");
+
+    let metrics = AgentMetrics::default();
+    let server = Server::new(&metrics, cfg.bpffs_dir.clone());
+    let listener =
+        std::net::TcpListener::bind(cfg.metrics_addr).map_err(|source| AgentError::Metrics {
+            addr: cfg.metrics_addr,
+            source,
+        })?;
+    let ready = server.ready.clone();
+    let unhealthy = server.unhealthy.clone();
+    tokio::spawn(async move {
+        if let Err(e) = server.serve(listener).await {
+            tracing::error!("metrics endpoint stopped: {e}");
+        }
+    });
+
+    let mut rx = bringup::spawn_registry(&cfg, local_ip)?;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+
+    // Wait until the registry lists this node: its pod CIDR comes from there.
+    let me = loop {
+        if let Some(snap) = rx.borrow_and_update().as_ref() {
+            if let Some(me) = snap.nodes.iter().find(|n| n.name == cfg.node_name) {
+                break me.clone();
+            }
+            tracing::error!(node = %cfg.node_name, "this node is not in the node registry yet; add it (name, underlay IP, pod CIDR). Waiting");
+        }
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { return Ok(()); },
+            _ = &mut shutdown => return Ok(()),
+        }
+    };
+    if me.underlay_ip != local_ip {
+        tracing::warn!(registry = %me.underlay_ip, detected = %local_ip, "the registry's underlay IP for this node differs from this node's address (the interface's, or --public-ip); using this node's");
+    }
+
+    weft0::setup(&cfg.cluster_cidr, &me.pod_cidr, pod_mtu, &iface.name)?;
+    bringup::set_up_masquerade(&cfg);
+    let gro_port = match bringup::hold_gro_port(cfg.port).await {
+        Ok(_) => {
+            tracing::info!(
+                port = cfg.port,
+                device = crate::host::gro::GRO_IFACE,
+                "holding the VXLAN port for the kernel's GRO (the device receives nothing itself)"
+            );
+            Some(cfg.port)
+        }
+        // Nothing to mend on this node: said once, not as a warning.
+        Err(e @ GroError::Unsupported { .. }) => {
+            tracing::info!("{e}");
+            None
+        }
+        Err(e) => {
+            tracing::warn!("{e}");
+            None
+        }
+    };
+    let globals = Globals {
+        vni: cfg.vni,
+        port: cfg.port,
+        local_ip,
+        underlay_ifindex: iface.index,
+        vtep_mac: me.vtep_mac,
+        underlay_mac: iface.mac,
+        cluster_cidr: cfg.cluster_cidr,
+        bpf_log_level: if cfg.bpf_debug_log {
+            aya_log::Level::Debug as u8
+        } else {
+            0
+        },
+    };
+    let (mut dp, decap_hook) = bringup::bring_up(&cfg, &globals, &iface.name, &me.pod_cidr)?;
+
+    let mut maps = Maps::open(&cfg.bpffs_dir)?;
+    let apply = |snap: &Snapshot, maps: &mut Maps| {
+        let started = std::time::Instant::now();
+        metrics.reconciles.inc();
+        metrics.registry_problems.set(snap.problems.len() as i64);
+        metrics.known_nodes.set(snap.nodes.len() as i64);
+        match reconcile(snap, &me, local_ip, maps) {
+            Ok(r) => {
+                if let Some(new) = r.pod_cidr_changed {
+                    tracing::error!(old = %me.pod_cidr, %new, "this node's pod CIDR changed; restart the agent to apply it (pods keep their addresses until then)");
+                }
+                let c = r.changes;
+                metrics.map_writes.inc_by((c.upserts + c.removals) as u64);
+                if c.upserts + c.removals > 0 {
+                    let elapsed_us = started.elapsed().as_micros() as u64;
+                    tracing::info!(
+                        nodes = snap.nodes.len(),
+                        upserts = c.upserts,
+                        removals = c.removals,
+                        elapsed_us,
+                        "registry applied"
+                    );
+                }
+            }
+            Err(e @ ReconcileError::NotListed(_)) => tracing::error!("{e}"),
+            Err(e) => {
+                metrics.reconcile_errors.inc();
+                tracing::error!("{e}");
+            }
+        }
+    };
+    let first = rx
+        .borrow_and_update()
+        .clone()
+        .expect("a snapshot arrived above");
+    apply(&first, &mut maps);
+    NodeConfig {
+        node: me.name.clone(),
+        network: cfg.cluster_cidr,
+        subnet: me.pod_cidr,
+        gateway: NodeConfig::gateway_of(&me.pod_cidr),
+        mtu: pod_mtu,
+        bpffs: cfg.bpffs_dir.clone(),
+    }
+    .write(&cfg.run_dir)?;
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!(run_dir = %cfg.run_dir.display(), "ready");
+    if let Some(conf) = &cni_conf {
+        match conf.ensure() {
+            Ok(_) => {
+                tracing::info!(path = %conf.dest.display(), "CNI configuration installed: the container runtime now reports this node's network ready")
+            }
+            // The keeper tries again every few seconds.
+            Err(e) => tracing::error!("{e}"),
+        }
+    }
+
+    let mut stats_tick =
+        tokio::time::interval(cfg.stats_interval.unwrap_or(Duration::from_secs(3600)));
+    let mut keeper = Keeper {
+        globals,
+        underlay: iface.name.clone(),
+        underlay_index: iface.index,
+        local_ip: cfg.public_ip.is_none().then_some(local_ip),
+        decap: decap_hook,
+        subnet: me.pod_cidr,
+        pod_mtu,
+        last_problem: None,
+        unhealthy,
+        unshaped: Default::default(),
+        gro_port,
+        cni_conf,
+    };
+    let mut hook_tick = tokio::time::interval(HOOK_CHECK_INTERVAL);
+    hook_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    tracing::error!("the node registry stopped; keeping the current dataplane state");
+                    break;
+                }
+                let snap = rx.borrow_and_update().clone();
+                if let Some(snap) = snap {
+                    apply(&snap, &mut maps);
+                }
+            }
+            _ = hook_tick.tick() => keeper.check(&mut dp, &mut maps, &cfg, &metrics),
+            _ = stats_tick.tick(), if cfg.stats_interval.is_some() => {
+                let c = stats::read(&maps.drops, &maps.fwds);
+                println!("{}", crate::status::format_counters(&c));
+            }
+        }
+    }
+    tracing::info!("stopping; the dataplane stays attached (remove it with `weft down`)");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
