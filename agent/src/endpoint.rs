@@ -4,7 +4,8 @@
 
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
 
@@ -14,8 +15,9 @@ use crate::{
     cidr::Ipv4Cidr,
     dataplane::{self, DataplaneError, Maps, ip_key},
     host::{
-        ip::{self, CmdError},
         netdev,
+        netlink::{LinkChange, Neighbour, Netlink, NetlinkError, Route, Veth},
+        netns::{self, NetnsError},
     },
     node::NodeConfig,
 };
@@ -28,13 +30,20 @@ pub enum EndpointError {
     #[error("{ip} is outside this node's pod CIDR {subnet}")]
     OutsideSubnet { ip: Ipv4Addr, subnet: String },
     #[error(transparent)]
-    Cmd(#[from] CmdError),
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("{ifname} is not in {netns} after it was created there")]
+    PodSideMissing { ifname: String, netns: String },
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
     #[error("could not read the pod interface's MAC: {0}")]
     Mac(String),
-    #[error("could not read the node's {what} (`ip -j {what} show`): {detail}")]
-    KernelState { what: &'static str, detail: String },
+    #[error("could not read the node's {what}: {source}")]
+    KernelState {
+        what: &'static str,
+        source: NetlinkError,
+    },
 }
 
 /// One pod attachment.
@@ -77,13 +86,6 @@ pub fn host_ifname(container_id: &str, ifname: &str) -> String {
     format!("weft{:010x}", h & 0xff_ffff_ffff)
 }
 
-fn in_pod(netns: &Path, args: &[&str]) -> Result<String, CmdError> {
-    let net = format!("--net={}", netns.display());
-    let mut all = vec![net.as_str()];
-    all.extend_from_slice(args);
-    ip::run("nsenter", &all)
-}
-
 /// Creates and wires the pod's interface. On any failure, what was created
 /// is removed again, so a failed ADD leaves nothing behind.
 pub fn add(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointError> {
@@ -102,7 +104,7 @@ pub fn add(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointE
     }
     let result = wire(spec, node);
     if result.is_err() {
-        let _ = ip::ip(&["link", "del", &spec.host_ifname]);
+        let _ = delete_link(&spec.host_ifname);
         dataplane::detach_pod(&node.bpffs, &spec.host_ifname);
     }
     result
@@ -110,102 +112,73 @@ pub fn add(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointE
 
 fn wire(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointError> {
     let host = spec.host_ifname.as_str();
-    let netns = spec.netns.display().to_string();
-    let mtu = node.mtu.to_string();
-    let gw = node.gateway.to_string();
+    let gw = IpAddr::V4(node.gateway);
+    let mut nl = Netlink::open()?;
     // Stale leftovers of a crashed ADD for the same container.
-    let _ = ip::ip(&["link", "del", host]);
-    ip::ip(&[
-        "link",
-        "add",
-        host,
-        "mtu",
-        &mtu,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &spec.ifname,
-        "mtu",
-        &mtu,
-        "netns",
-        &netns,
-    ])?;
+    nl.del_link_named(host)?;
+    // Both MACs are chosen here: each side's neighbour entry for the other
+    // is written without reading anything back.
+    let (host_mac, pod_mac) = (netdev::random_mac(), netdev::random_mac());
+    let netns = std::fs::File::open(&spec.netns)
+        .map_err(|_| EndpointError::NetnsGone(spec.netns.clone()))?;
+    nl.add_veth(&Veth {
+        name: host,
+        mac: Some(host_mac),
+        mtu: Some(node.mtu),
+        peer: &spec.ifname,
+        peer_mac: Some(pod_mac),
+        peer_mtu: Some(node.mtu),
+        peer_netns: Some(netns.as_raw_fd()),
+    })?;
+    // The pod side, from a thread inside its namespace: address, routes via
+    // the gateway, and a permanent neighbour for the gateway (the host
+    // veth's MAC), so no ARP is needed; GRO on, which gives its veth NAPI,
+    // which XDP redirects into it need.
+    let xdp_ok = netns::run_in(&spec.netns, || -> Result<bool, EndpointError> {
+        let mut nl = Netlink::open()?;
+        let eth = nl
+            .link(&spec.ifname)?
+            .ok_or_else(|| EndpointError::PodSideMissing {
+                ifname: spec.ifname.clone(),
+                netns: spec.netns.display().to_string(),
+            })?;
+        nl.replace_address(eth.index, IpAddr::V4(spec.ip), 32)?;
+        let up = LinkChange {
+            up: Some(true),
+            ..LinkChange::default()
+        };
+        nl.set_link(eth.index, &up)?;
+        if let Some(lo) = nl.link("lo")? {
+            nl.set_link(lo.index, &up)?;
+        }
+        nl.replace_route(&Route::on_link(gw, 32, eth.index))?;
+        nl.replace_route(&Route {
+            dst: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            prefix: 0,
+            oif: Some(eth.index),
+            gateway: Some(gw),
+            src: None,
+            scope_link: false,
+            mtu: None,
+        })?;
+        nl.replace_neighbour(eth.index, gw, host_mac)?;
+        Ok(netdev::set_gro(&spec.ifname, true).is_ok())
+    })??;
     let host_if = netdev::get(host).map_err(|e| EndpointError::Mac(e.to_string()))?;
-    ip::ip(&["link", "set", host, "up"])?;
-    // The pod side: address, routes via the gateway, and a permanent
-    // neighbour for the gateway (the host veth's MAC), so no ARP is needed.
-    let cidr = format!("{}/32", spec.ip);
-    in_pod(
-        &spec.netns,
-        &["ip", "addr", "add", &cidr, "dev", &spec.ifname],
-    )?;
-    in_pod(&spec.netns, &["ip", "link", "set", &spec.ifname, "up"])?;
-    in_pod(&spec.netns, &["ip", "link", "set", "lo", "up"])?;
-    in_pod(
-        &spec.netns,
-        &[
-            "ip",
-            "route",
-            "add",
-            &gw,
-            "dev",
-            &spec.ifname,
-            "scope",
-            "link",
-        ],
-    )?;
-    in_pod(
-        &spec.netns,
-        &[
-            "ip",
-            "route",
-            "add",
-            "default",
-            "via",
-            &gw,
-            "dev",
-            &spec.ifname,
-        ],
-    )?;
-    let host_mac = netdev::mac_to_string(&host_if.mac);
-    in_pod(
-        &spec.netns,
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            &gw,
-            "lladdr",
-            &host_mac,
-            "dev",
-            &spec.ifname,
-            "nud",
-            "permanent",
-        ],
-    )?;
-    // GRO on the pod side gives its veth NAPI, which XDP redirects into it need.
-    let xdp_ok = in_pod(&spec.netns, &["ethtool", "-K", &spec.ifname, "gro", "on"]).is_ok();
     // The veth's alias says what it is, to people (`ip link`) and to
     // [`restore`], which cannot see the pod's side.
-    let alias = if xdp_ok { ALIAS_XDP } else { ALIAS };
-    ip::ip(&["link", "set", "dev", host, "alias", alias])?;
-    let pod_mac = pod_mac(&spec.netns, &spec.ifname)?;
+    nl.set_link(
+        host_if.index,
+        &LinkChange {
+            up: Some(true),
+            alias: Some(if xdp_ok { ALIAS_XDP } else { ALIAS }),
+            ..LinkChange::default()
+        },
+    )?;
     // The node side: a /32 route to the pod through its veth, and the pod's
     // MAC as a permanent neighbour (no ARP on either side of the veth).
-    ip::ip(&["route", "replace", &cidr, "dev", host, "scope", "link"])?;
-    let pod_mac_s = netdev::mac_to_string(&pod_mac);
-    ip::ip(&[
-        "neigh",
-        "replace",
-        &spec.ip.to_string(),
-        "lladdr",
-        &pod_mac_s,
-        "dev",
-        host,
-        "nud",
-        "permanent",
-    ])?;
+    nl.replace_route(&Route::on_link(IpAddr::V4(spec.ip), 32, host_if.index))?;
+    nl.replace_neighbour(host_if.index, IpAddr::V4(spec.ip), pod_mac)?;
     // The endpoint goes in before the program: `weft_from_pod` drops IPv4
     // whose source is not the endpoint's address on this veth.
     let mut maps = Maps::open(&node.bpffs)?;
@@ -222,7 +195,7 @@ fn wire(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointErro
     }
     Ok(Attached {
         host_ifname: host.into(),
-        host_mac: host_if.mac,
+        host_mac,
         pod_mac,
         host_ifindex: host_if.index,
     })
@@ -264,15 +237,6 @@ fn put_endpoint(
     Ok(())
 }
 
-fn pod_mac(netns: &Path, ifname: &str) -> Result<[u8; 6], EndpointError> {
-    let out = in_pod(netns, &["ip", "-o", "link", "show", "dev", ifname])?;
-    out.split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .and_then(netdev::parse_mac)
-        .ok_or_else(|| EndpointError::Mac(out.trim().to_string()))
-}
-
 /// Removes a pod's endpoint entry, link pin, route and veth. Idempotent:
 /// whatever is already gone is skipped.
 pub fn del(
@@ -284,7 +248,9 @@ pub fn del(
         if let Ok(mut maps) = Maps::open(&node.bpffs) {
             let _ = maps.endpoints.remove(&ip_key(ip));
         }
-        let _ = ip::ip(&["route", "del", &format!("{ip}/32"), "dev", host_ifname]);
+        if let (Ok(mut nl), Some(index)) = (Netlink::open(), netdev::index(host_ifname)) {
+            let _ = nl.del_route(&Route::on_link(IpAddr::V4(ip), 32, index));
+        }
     }
     dataplane::detach_pod(&node.bpffs, host_ifname);
     delete_link(host_ifname)
@@ -295,13 +261,8 @@ pub fn del(
 /// deleted with no grace period), and the pod's namespace going takes its
 /// veth with it.
 pub fn delete_link(name: &str) -> Result<(), EndpointError> {
-    if netdev::index(name).is_none() {
-        return Ok(());
-    }
-    match ip::ip(&["link", "del", name]) {
-        Err(_) if netdev::index(name).is_none() => Ok(()),
-        r => r.map(drop).map_err(Into::into),
-    }
+    Netlink::open()?.del_link_named(name)?;
+    Ok(())
 }
 
 /// The alias of a pod's host-side veth.
@@ -333,49 +294,38 @@ fn is_pod_ifname(name: &str) -> bool {
     name.len() == 14 && name.starts_with("weft") && name[4..].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// The node's pods in `subnet`, from `ip -j route show` and `ip -j neigh
-/// show nud permanent` output: a pod is an address with both a /32 route
+/// The node's pods in `subnet`, from its routes and neighbours (`names`
+/// maps link indexes to names): a pod is an address with both a /32 route
 /// and a permanent neighbour on the same weft host-side veth.
 pub fn pods_in(
-    routes: &str,
-    neighbours: &str,
+    routes: &[Route],
+    neighbours: &[Neighbour],
+    names: &std::collections::HashMap<u32, String>,
     subnet: &Ipv4Cidr,
-) -> Result<Vec<Found>, EndpointError> {
-    fn parse(what: &'static str, json: &str) -> Result<Vec<serde_json::Value>, EndpointError> {
-        serde_json::from_str(json).map_err(|e| EndpointError::KernelState {
-            what,
-            detail: e.to_string(),
-        })
-    }
-    let str_of = |v: &serde_json::Value, k: &str| v[k].as_str().map(str::to_owned);
-    let routes: Vec<(Ipv4Addr, String)> = parse("route", routes)?
-        .iter()
-        .filter_map(|r| Some((str_of(r, "dst")?.parse().ok()?, str_of(r, "dev")?)))
-        .collect();
-    let mut found: Vec<Found> = parse("neigh", neighbours)?
+) -> Vec<Found> {
+    let v4 = |ip: &IpAddr| match ip {
+        IpAddr::V4(a) => Some(*a),
+        IpAddr::V6(_) => None,
+    };
+    let mut found: Vec<Found> = neighbours
         .iter()
         .filter_map(|n| {
-            let ip: Ipv4Addr = str_of(n, "dst")?.parse().ok()?;
-            let dev = str_of(n, "dev")?;
-            let permanent = n["state"]
-                .as_array()
-                .is_some_and(|s| s.iter().any(|s| s == "PERMANENT"));
-            (permanent
-                && is_pod_ifname(&dev)
-                && subnet.contains(ip)
-                && routes.iter().any(|(dst, d)| *dst == ip && *d == dev))
-            .then(|| {
+            let ip = v4(&n.ip)?;
+            let dev = names.get(&n.index)?;
+            let routed = routes
+                .iter()
+                .any(|r| r.prefix == 32 && v4(&r.dst) == Some(ip) && r.oif == Some(n.index));
+            (n.permanent && is_pod_ifname(dev) && subnet.contains(ip) && routed).then(|| {
                 Some(Found {
                     ip,
-                    pod_mac: netdev::parse_mac(&str_of(n, "lladdr")?)?,
-                    host_ifname: dev,
+                    pod_mac: n.mac?,
+                    host_ifname: dev.clone(),
                 })
-            })
-            .flatten()
+            })?
         })
         .collect();
     found.sort_by_key(|f| f.ip);
-    Ok(found)
+    found
 }
 
 /// Puts back the endpoint entry (and the pod programs) of every pod on
@@ -387,18 +337,20 @@ pub fn pods_in(
 /// by a version before the alias) gets it off: XDP decap then hands that
 /// pod's packets to the stack, which delivers them by the pod's route.
 pub fn restore(pin_dir: &Path, subnet: &Ipv4Cidr) -> Result<Restored, EndpointError> {
-    let kernel = |what: &'static str, args: &[&str]| {
-        ip::ip(args).map_err(|e| EndpointError::KernelState {
-            what,
-            detail: e.to_string(),
-        })
-    };
-    let routes = kernel("route", &["-j", "route", "show"])?;
-    let neighbours = kernel("neigh", &["-j", "neigh", "show", "nud", "permanent"])?;
+    let mut nl = Netlink::open()?;
+    let kernel = |what: &'static str| move |source| EndpointError::KernelState { what, source };
+    let routes = nl.routes(true).map_err(kernel("routes"))?;
+    let neighbours = nl.neighbours().map_err(kernel("neighbours"))?;
+    let names: std::collections::HashMap<u32, String> = nl
+        .links()
+        .map_err(kernel("links"))?
+        .into_iter()
+        .map(|l| (l.index, l.name))
+        .collect();
     let mut maps = Maps::open(pin_dir)?;
     let shaped = netdev::shaped_interfaces().unwrap_or_default();
     let mut done = Restored::default();
-    for pod in pods_in(&routes, &neighbours, subnet)? {
+    for pod in pods_in(&routes, &neighbours, &names, subnet) {
         if maps.endpoints.get(&ip_key(pod.ip), 0).is_ok() {
             done.present += 1;
             continue;
@@ -527,36 +479,62 @@ mod tests {
     #[test]
     fn pods_are_found_from_routes_and_permanent_neighbours() {
         let subnet: Ipv4Cidr = "198.19.1.0/24".parse().unwrap();
-        let routes = r#"[
-            {"dst":"default","gateway":"198.18.0.254","dev":"und0"},
-            {"dst":"198.19.1.5","dev":"weft00000000a5","scope":"link","flags":[]},
-            {"dst":"198.19.1.6","dev":"weft00000000a6","scope":"link","flags":[]},
-            {"dst":"198.19.1.7","dev":"weft00000000a7","scope":"link","flags":[]},
-            {"dst":"198.19.2.8","dev":"weft00000000a8","scope":"link","flags":[]},
-            {"dst":"198.19.1.9","dev":"eth9","scope":"link","flags":[]}
-        ]"#;
-        let neigh = r#"[
-            {"dst":"198.19.1.5","dev":"weft00000000a5","lladdr":"02:00:00:00:00:05","state":["PERMANENT"]},
-            {"dst":"198.19.1.6","dev":"weft00000000a6","lladdr":"02:00:00:00:00:06","state":["REACHABLE"]},
-            {"dst":"198.19.1.7","dev":"weft00000000ff","lladdr":"02:00:00:00:00:07","state":["PERMANENT"]},
-            {"dst":"198.19.2.8","dev":"weft00000000a8","lladdr":"02:00:00:00:00:08","state":["PERMANENT"]},
-            {"dst":"198.19.1.9","dev":"eth9","lladdr":"02:00:00:00:00:09","state":["PERMANENT"]}
-        ]"#;
+        let names: std::collections::HashMap<u32, String> = [
+            (2, "und0"),
+            (5, "weft00000000a5"),
+            (6, "weft00000000a6"),
+            (7, "weft00000000a7"),
+            (8, "weft00000000a8"),
+            (9, "eth9"),
+            (15, "weft00000000ff"),
+        ]
+        .into_iter()
+        .map(|(i, n)| (i, n.to_string()))
+        .collect();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let routes: Vec<Route> = [
+            ("198.19.1.5", 5),
+            ("198.19.1.6", 6),
+            ("198.19.1.7", 7),
+            ("198.19.2.8", 8),
+            ("198.19.1.9", 9),
+        ]
+        .into_iter()
+        .map(|(a, i)| Route::on_link(ip(a), 32, i))
+        .chain([Route {
+            dst: ip("0.0.0.0"),
+            prefix: 0,
+            oif: Some(2),
+            gateway: Some(ip("198.18.0.254")),
+            src: None,
+            scope_link: false,
+            mtu: None,
+        }])
+        .collect();
+        let n = |a: &str, index: u32, last: u8, permanent: bool| Neighbour {
+            index,
+            ip: ip(a),
+            mac: Some([2, 0, 0, 0, 0, last]),
+            permanent,
+        };
+        let neighbours = [
+            n("198.19.1.5", 5, 5, true),
+            n("198.19.1.6", 6, 6, false),
+            n("198.19.1.7", 15, 7, true),
+            n("198.19.2.8", 8, 8, true),
+            n("198.19.1.9", 9, 9, true),
+        ];
         // Only .5 is a pod: .6's neighbour is not permanent, .7's is on
         // another device than its route, .8 is outside the subnet, .9 is
         // not behind a weft veth.
         assert_eq!(
-            pods_in(routes, neigh, &subnet).unwrap(),
+            pods_in(&routes, &neighbours, &names, &subnet),
             vec![Found {
                 ip: "198.19.1.5".parse().unwrap(),
                 host_ifname: "weft00000000a5".into(),
                 pod_mac: [2, 0, 0, 0, 0, 5],
             }]
         );
-        assert!(pods_in("[]", "[]", &subnet).unwrap().is_empty());
-        assert!(matches!(
-            pods_in("not json", "[]", &subnet),
-            Err(EndpointError::KernelState { what: "route", .. })
-        ));
+        assert!(pods_in(&[], &[], &names, &subnet).is_empty());
     }
 }

@@ -134,7 +134,7 @@ fn restarting_the_agent_twice_under_load_loses_nothing() {
         }
         std::thread::sleep(Duration::from_millis(300));
         c.start_agent(&mut lab, 0);
-        wait_log(&lab, &Cluster::agent_name(0), "agent: ready");
+        wait_log(&lab, &Cluster::agent_name(0), "ready run_dir=");
         assert!(
             lab.log(&Cluster::agent_name(0)).contains("pods=1"),
             "round {round}: the pod links were re-pointed: {}",
@@ -204,7 +204,7 @@ fn restarting_in_the_other_decap_mode_swaps_xdp_and_tc() {
         lab.stop(&Cluster::agent_name(1));
         c.spec.agent_args = vec!["--decap".into(), mode.into()];
         c.start_agent(&mut lab, 1);
-        wait_log(&lab, &Cluster::agent_name(1), "agent: ready");
+        wait_log(&lab, &Cluster::agent_name(1), "ready run_dir=");
         assert_eq!(
             attached(&n),
             want,
@@ -466,7 +466,7 @@ fn bpf_debug_logs_appear_at_debug_level_and_cost_nothing_when_off() {
     let mut cmd = c.agent_command(0);
     cmd.env("WEFT_LOG", "info,weft_dataplane=debug,weft_agent=debug");
     lab.spawn("debug-agent", cmd);
-    wait_log(&lab, "debug-agent", "agent: ready");
+    wait_log(&lab, "debug-agent", "ready run_dir=");
     // Packets from the node to a cluster address nobody owns: dropped on weft0.
     for (ns, agent) in [
         (&c.nodes[0].ns, "debug-agent"),
@@ -556,7 +556,7 @@ fn underlay_from_the_default_route_and_public_ip_override() {
         .arg(&n.run_dir)
         .args(&extra);
         lab.spawn(name, cmd);
-        wait_log(&lab, name, "agent: ready");
+        wait_log(&lab, name, "ready run_dir=");
         let log = lab.log(name);
         assert!(log.contains(want), "{name}: {want}:\n{log}");
         if name == "agent-public" {
@@ -620,7 +620,7 @@ fn pinned_maps_of_another_layout_are_replaced_and_pods_restored() {
     lab.stop(&agent);
     pin_other("WEFT_DROPS", OLD_DROPS);
     c.start_agent(&mut lab, 0);
-    wait_log(&lab, &agent, "agent: ready");
+    wait_log(&lab, &agent, "ready run_dir=");
     assert!(
         lab.log(&agent).contains("another version's layout"),
         "the replacement is logged:\n{}",
@@ -644,7 +644,7 @@ fn pinned_maps_of_another_layout_are_replaced_and_pods_restored() {
         &["type", "hash", "key", "4", "value", "4", "entries", "16"],
     );
     c.start_agent(&mut lab, 0);
-    wait_log(&lab, &agent, "agent: ready");
+    wait_log(&lab, &agent, "ready run_dir=");
     let log = lab.log(&agent);
     assert!(
         log.contains("pinned endpoints map had another version's layout")
@@ -706,7 +706,7 @@ fn pods_survive_weft_down_and_a_new_agent() {
     assert!(!ping(&a.ns, b.ip, 1), "no dataplane on node 1");
 
     c.start_agent(&mut lab, 0);
-    wait_log(&lab, &agent, "agent: ready");
+    wait_log(&lab, &agent, "ready run_dir=");
     assert!(
         lab.log(&agent)
             .contains("restored them from the node's routes"),
@@ -881,7 +881,7 @@ fn programs_removed_by_others_are_put_back() {
         // weft0 gone while no agent runs, too: its pinned link is defunct.
         n.ns.ip(&["link", "del", "weft0"]);
         c.start_agent(&mut lab, 0);
-        wait_log(&lab, &agent, "agent: ready");
+        wait_log(&lab, &agent, "ready run_dir=");
         assert_eq!(healthz().map(|(code, _)| code), Some(200));
         assert!(ping(&a.ns, b.ip, 2), "pod to pod over the new underlay");
         assert!(ping(&b.ns, a.ip, 2));

@@ -245,7 +245,7 @@ fn restart_agent(lab: &mut Lab, c: &Cluster, i: usize, extra: &[&str]) {
     cmd.args(extra);
     lab.spawn(&name, cmd);
     wait_for("the agent to be ready", Duration::from_secs(20), || {
-        lab.log(&name).contains("agent: ready").then_some(())
+        lab.log(&name).contains("ready run_dir=").then_some(())
     });
 }
 

@@ -60,7 +60,7 @@ agent() { # node-index log
     --nodes-file /tmp/nodes.toml --bpffs-dir /bpf/n$1 --run-dir /tmp/run$1 --decap $DECAP \
     --metrics-addr 127.0.0.1:980$1 --ip-masq=false > $2 2>&1 &
   echo $! > $2.pid
-  for t in $(seq 1 120); do grep -q "agent: ready" $2 && break; sleep 0.5; done
+  for t in $(seq 1 120); do grep -q "ready run_dir=" $2 && break; sleep 0.5; done
   grep -E "dataplane attached|ERROR" $2 | sed "s/^/GUEST node-$1: /"
 }
 agent 1 /tmp/a1.log; agent 2 /tmp/a2.log

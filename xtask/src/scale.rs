@@ -158,7 +158,7 @@ fn start(lab: &mut Lab, c: &Cluster) -> Result<Started> {
     c.start_agent(lab, 0);
     let agent = Cluster::agent_name(0);
     wait_for("agent ready", Duration::from_secs(120), || {
-        lab.log(&agent).contains("agent: ready").then_some(())
+        lab.log(&agent).contains("ready run_dir=").then_some(())
     });
     let to_ready = started.elapsed();
     let first_apply = applied_us(&lab.log(&agent), 0).context("no apply logged")?;

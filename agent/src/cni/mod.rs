@@ -372,28 +372,35 @@ fn check(conf: &NetConf, id: &str, ifname: &str, netns: &str) -> Result<(), CniE
         }
     }
     let host_if = netdev::get(&host).map_err(|e| drift(format!("host-side veth: {e}")))?;
-    let in_pod = |args: &[&str]| {
-        let mut all = vec![format!("--net={netns}")];
-        all.extend(args.iter().map(|s| s.to_string()));
-        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-        crate::host::ip::run("nsenter", &refs)
-    };
-    let addrs = in_pod(&["ip", "-o", "-4", "addr", "show", "dev", ifname])
-        .map_err(|e| drift(format!("{ifname} in {netns}: {e}")))?;
-    if !addrs.contains(&format!("{ip}/32")) {
-        return Err(drift(format!(
-            "{ifname} does not have {ip}/32: {}",
-            addrs.trim()
-        )));
-    }
-    let routes =
-        in_pod(&["ip", "-4", "route", "show", "default"]).map_err(|e| drift(e.to_string()))?;
-    if !routes.contains(&format!("via {}", node.gateway)) {
-        return Err(drift(format!(
-            "no default route via {} in the pod: {}",
-            node.gateway,
-            routes.trim()
-        )));
+    // What the pod's side has, read from a thread inside its namespace.
+    let gw = std::net::IpAddr::V4(node.gateway);
+    let seen = crate::host::netns::run_in(Path::new(netns), || {
+        let mut nl = crate::host::netlink::Netlink::open()?;
+        let Some(eth) = nl.link(ifname)? else {
+            return Ok::<_, crate::host::netlink::NetlinkError>(None);
+        };
+        let has_ip = nl
+            .addresses()?
+            .iter()
+            .any(|(i, a, p)| *i == eth.index && *a == std::net::IpAddr::V4(ip) && *p == 32);
+        let default_via_gw = nl
+            .routes(true)?
+            .iter()
+            .any(|r| r.prefix == 0 && r.gateway == Some(gw) && r.oif == Some(eth.index));
+        Ok(Some((has_ip, default_via_gw)))
+    })
+    .map_err(|e| drift(format!("{ifname} in {netns}: {e}")))?
+    .map_err(|e| drift(format!("{ifname} in {netns}: {e}")))?;
+    match seen {
+        None => return Err(drift(format!("{netns} has no {ifname}"))),
+        Some((false, _)) => return Err(drift(format!("{ifname} does not have {ip}/32"))),
+        Some((_, false)) => {
+            return Err(drift(format!(
+                "no default route via {} in the pod",
+                node.gateway
+            )));
+        }
+        Some(_) => {}
     }
     let maps = Maps::open(&node.bpffs).map_err(|e| {
         CniError::new(

@@ -169,7 +169,7 @@ pub(super) async fn hold_gro_port(port: u16) -> Result<gro::Ensured, gro::GroErr
     let mut tries = 0;
     loop {
         match gro::ensure(port) {
-            Err(gro::GroError::Cmd { .. }) if tries < 4 => {
+            Err(gro::GroError::Netlink { .. }) if tries < 4 => {
                 tries += 1;
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }

@@ -28,7 +28,7 @@ use crate::{
         reconcile::{ReconcileError, reconcile},
     },
     dataplane::{self, DataplaneError, Globals, Maps, stats},
-    host::{gro::GroError, ip::CmdError, netdev::NetdevError, weft0},
+    host::{gro::GroError, netdev::NetdevError, weft0},
     node::{NodeConfig, NodeConfigError},
     registry::{Snapshot, file::RegistryError},
 };
@@ -43,7 +43,7 @@ pub enum AgentError {
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
     #[error(transparent)]
-    Cmd(#[from] CmdError),
+    Weft0(#[from] weft0::Weft0Error),
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error(transparent)]

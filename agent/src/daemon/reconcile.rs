@@ -17,7 +17,9 @@ use crate::{
 /// Why a snapshot was not applied.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
-    #[error("this node ({0}) is missing from the registry; keeping the current dataplane state")]
+    #[error(
+        "this node is missing from the registry (node {0}); keeping the current dataplane state"
+    )]
     NotListed(String),
     #[error("applying the registry: {0}")]
     Maps(#[from] DataplaneError),

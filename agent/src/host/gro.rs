@@ -23,7 +23,10 @@
 //! sender. VNI filtering needs Linux 5.18; where the kernel lacks it, there
 //! is no such device and decap works per frame, as before.
 
-use crate::host::ip::{self, CmdError};
+use crate::host::{
+    netlink::{LinkChange, Netlink, NetlinkError},
+    sysctl,
+};
 
 /// The device's name (no dot: sysctl paths split on dots).
 pub const GRO_IFACE: &str = "weft_gro";
@@ -38,7 +41,7 @@ pub enum GroError {
     #[error(
         "could not hold UDP port {port} for VXLAN GRO ({source}); decap still works, per received frame. If another VXLAN device (flannel.1?) holds the port, it provides the GRO instead"
     )]
-    Cmd { port: u16, source: CmdError },
+    Netlink { port: u16, source: NetlinkError },
 }
 
 /// What [`ensure`] did.
@@ -53,45 +56,33 @@ pub enum Ensured {
 /// Makes [`GRO_IFACE`] exist, up, holding `port`, with VNI filtering and no
 /// VNIs. Replaces a device of that name that differs.
 pub fn ensure(port: u16) -> Result<Ensured, GroError> {
-    let err = |source| GroError::Cmd { port, source };
-    match describe() {
-        Some(d) if d.is_ok_for(port) => return Ok(Ensured::Present),
-        Some(_) => {
-            ip::ip(&["link", "del", GRO_IFACE]).map_err(err)?;
-        }
+    let err = |source| GroError::Netlink { port, source };
+    let mut nl = Netlink::open().map_err(err)?;
+    match nl.link(GRO_IFACE).map_err(err)? {
+        Some(l) if held(&l) == Some(port) => return Ok(Ensured::Present),
+        Some(l) => nl.del_link(l.index).map_err(err)?,
         None => {}
     }
-    let port_s = port.to_string();
-    if let Err(e) = ip::ip(&[
-        "link",
-        "add",
-        GRO_IFACE,
-        "type",
-        "vxlan",
-        "external",
-        "vnifilter",
-        "dstport",
-        &port_s,
-        "nolearning",
-    ]) {
-        // An iproute2 without the keyword fails here; a kernel without the
-        // attribute may ignore it (checked below).
-        return Err(match e {
-            CmdError::Failed { ref stderr, .. } if stderr.contains("vnifilter") => {
-                GroError::Unsupported { port }
-            }
-            e => err(e),
-        });
-    }
-    if !describe().is_some_and(|d| d.vnifilter) {
-        remove();
+    nl.add_vxlan_external(GRO_IFACE, port, true).map_err(err)?;
+    // A kernel without VNI filtering (before 5.18) ignores the attribute:
+    // the device would then decapsulate into the stack, so it goes again.
+    let Some(link) = nl.link(GRO_IFACE).map_err(err)? else {
+        return Err(GroError::Unsupported { port });
+    };
+    if !link.vxlan.is_some_and(|v| v.vnifilter) {
+        let _ = nl.del_link(link.index);
         return Err(GroError::Unsupported { port });
     }
     // No IPv6 link-local address (nothing is ever sent through it).
-    let _ = ip::sysctl(&format!("net.ipv6.conf.{GRO_IFACE}.disable_ipv6"), "1");
+    let _ = sysctl::set(&format!("net.ipv6.conf.{GRO_IFACE}.disable_ipv6"), "1");
     // Up opens the socket: fails if another socket holds the port.
-    if let Err(e) = ip::ip(&["link", "set", GRO_IFACE, "arp", "off", "up"]) {
-        remove();
+    let up = LinkChange {
+        up: Some(true),
+        noarp: Some(true),
+        ..LinkChange::default()
+    };
+    if let Err(e) = nl.set_link(link.index, &up) {
+        let _ = nl.del_link(link.index);
         return Err(err(e));
     }
     Ok(Ensured::Created)
@@ -100,76 +91,56 @@ pub fn ensure(port: u16) -> Result<Ensured, GroError> {
 /// The port [`GRO_IFACE`] holds for GRO, if it is there as [`ensure`]
 /// makes it (for `weft status`).
 pub fn held_port() -> Option<u16> {
-    describe()?.held()
+    held(&Netlink::open().ok()?.link(GRO_IFACE).ok()??)
 }
 
 /// Deletes [`GRO_IFACE`]; true if there was one.
 pub fn remove() -> bool {
-    crate::host::netdev::index(GRO_IFACE).is_some() && ip::ip(&["link", "del", GRO_IFACE]).is_ok()
+    Netlink::open()
+        .and_then(|mut nl| nl.del_link_named(GRO_IFACE))
+        .unwrap_or(false)
 }
 
-/// [`GRO_IFACE`] as `ip -d -j link show` describes it.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Described {
-    vxlan: bool,
-    external: bool,
-    vnifilter: bool,
-    port: Option<u16>,
-    up: bool,
-}
-
-impl Described {
-    /// The port, if the device is as [`ensure`] makes it.
-    fn held(&self) -> Option<u16> {
-        (self.vxlan && self.external && self.vnifilter && self.up)
-            .then_some(self.port)
-            .flatten()
-    }
-
-    fn is_ok_for(&self, port: u16) -> bool {
-        self.held() == Some(port)
-    }
-}
-
-fn describe() -> Option<Described> {
-    crate::host::netdev::index(GRO_IFACE)?;
-    parse(&ip::ip(&["-d", "-j", "link", "show", "dev", GRO_IFACE]).ok()?)
-}
-
-fn parse(json: &str) -> Option<Described> {
-    let links: serde_json::Value = serde_json::from_str(json).ok()?;
-    let link = links.get(0)?;
-    let info = &link["linkinfo"];
-    let data = &info["info_data"];
-    Some(Described {
-        vxlan: info["info_kind"] == "vxlan",
-        external: data["external"] == true,
-        vnifilter: data["vnifilter"] == true,
-        port: data["port"].as_u64().and_then(|p| u16::try_from(p).ok()),
-        up: link["flags"]
-            .as_array()
-            .is_some_and(|f| f.iter().any(|f| f == "UP")),
-    })
+/// The port `link` holds, if it is a device as [`ensure`] makes it: VXLAN,
+/// external, VNI filtering, up.
+fn held(link: &crate::host::netlink::Link) -> Option<u16> {
+    let v = link.vxlan?;
+    (link.kind.as_deref() == Some("vxlan") && v.external && v.vnifilter && link.up)
+        .then_some(v.port)
+        .flatten()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::netlink::{Link, Vxlan};
 
     #[test]
-    fn reads_what_ip_says_of_the_device() {
-        // `ip -d -j link show dev weft_gro` on Linux 6.18, iproute2 6.1.
-        let held = r#"[{"ifindex":9,"ifname":"weft_gro","flags":["BROADCAST","MULTICAST","NOARP","UP","LOWER_UP"],"mtu":1500,"linkinfo":{"info_kind":"vxlan","info_data":{"external":true,"vnifilter":true,"port_range":{"low":0,"high":0},"port":8472,"learning":false}}}]"#;
-        let d = parse(held).unwrap();
-        assert!(d.is_ok_for(8472));
-        assert!(!d.is_ok_for(4789), "another port must be replaced");
-        // A kernel that ignored `vnifilter`, or a device left down.
-        let plain = held.replace(r#""vnifilter":true,"#, "");
-        assert!(!parse(&plain).unwrap().is_ok_for(8472));
-        let down = held.replace(r#""UP","#, "");
-        assert!(!parse(&down).unwrap().is_ok_for(8472));
-        let other_kind = held.replace(r#""info_kind":"vxlan""#, r#""info_kind":"veth""#);
-        assert!(!parse(&other_kind).unwrap().is_ok_for(8472));
-        assert_eq!(parse("[]"), None);
+    fn only_a_device_as_ensure_makes_it_holds_the_port() {
+        let ok = Link {
+            name: GRO_IFACE.into(),
+            up: true,
+            kind: Some("vxlan".into()),
+            vxlan: Some(Vxlan {
+                external: true,
+                vnifilter: true,
+                port: Some(8472),
+                learning: false,
+            }),
+            ..Link::default()
+        };
+        assert_eq!(held(&ok), Some(8472));
+        let mut plain = ok.clone();
+        plain.vxlan.as_mut().unwrap().vnifilter = false;
+        assert_eq!(held(&plain), None, "a kernel that ignored vnifilter");
+        let mut down = ok.clone();
+        down.up = false;
+        assert_eq!(held(&down), None);
+        let mut veth = ok.clone();
+        veth.kind = Some("veth".into());
+        assert_eq!(held(&veth), None);
+        let mut not_external = ok;
+        not_external.vxlan.as_mut().unwrap().external = false;
+        assert_eq!(held(&not_external), None);
     }
 }

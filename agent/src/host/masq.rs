@@ -24,7 +24,7 @@
 //! `iptables-nft-save`, else the system's `iptables` (nft on current
 //! distributions, and the only choice where the variants are not installed).
 
-use crate::{cidr::Ipv4Cidr, host::ip::CmdError};
+use crate::{cidr::Ipv4Cidr, host::cmd::CmdError};
 
 /// weft's chain in the `nat` table.
 pub const CHAIN: &str = "WEFT-POSTRTG";
@@ -45,7 +45,7 @@ impl Backend {
     pub fn detect() -> Self {
         // Rules other than weft's own, as `-A` lines of a save.
         let rules = |save: &str| {
-            crate::host::ip::run(save, &[]).map_or(0, |out| {
+            crate::host::cmd::run(save, &[]).map_or(0, |out| {
                 out.lines()
                     .filter(|l| l.starts_with("-A") && !l.contains(CHAIN))
                     .count()
@@ -70,7 +70,7 @@ impl Backend {
             Self::Default => "iptables",
             Self::Legacy => "iptables-legacy",
         };
-        crate::host::ip::run(program, args)
+        crate::host::cmd::run(program, args)
     }
 
     fn restore(self, input: &str) -> Result<String, CmdError> {
@@ -78,7 +78,7 @@ impl Backend {
             Self::Default => "iptables-restore",
             Self::Legacy => "iptables-legacy-restore",
         };
-        crate::host::ip::run_with_input(program, &["--noflush", "-w"], Some(input))
+        crate::host::cmd::run_with_input(program, &["--noflush", "-w"], Some(input))
     }
 
     /// Removes the jump and the chain, if there. Returns whether anything was.

@@ -42,55 +42,52 @@ pub fn index(name: &str) -> Option<u32> {
     (i != 0).then_some(i)
 }
 
-/// `name` as `ip -j link show` describes it; `None` when it cannot be read.
-fn link_json(name: &str) -> Option<serde_json::Value> {
-    first_link(&crate::host::ip::ip(&["-j", "link", "show", "dev", name]).ok()?)
+/// `name`'s link as netlink reports it; `None` when there is none or it
+/// cannot be read.
+fn link(name: &str) -> Option<crate::host::netlink::Link> {
+    crate::host::netlink::Netlink::open()
+        .ok()?
+        .link(name)
+        .ok()?
 }
 
-fn first_link(json: &str) -> Option<serde_json::Value> {
-    let mut links: serde_json::Value = serde_json::from_str(json).ok()?;
-    Some(links.get_mut(0)?.take())
-}
-
-/// `name`'s alias (`ip link set dev NAME alias ...`), if it has one.
+/// `name`'s alias (`IFLA_IFALIAS`), if it has one.
 pub fn alias(name: &str) -> Option<String> {
-    link_json(name)?["ifalias"].as_str().map(str::to_owned)
+    link(name)?.alias
 }
 
-/// The id of the XDP program attached to `name` (any mode), from `ip -j
-/// link show`; `None` when there is none or it cannot be read.
+/// The id of the XDP program attached to `name` (any mode); `None` when
+/// there is none or it cannot be read.
 pub fn xdp_prog_id(name: &str) -> Option<u32> {
-    xdp_prog_id_in(&link_json(name)?)
-}
-
-fn xdp_prog_id_in(link: &serde_json::Value) -> Option<u32> {
-    let xdp = &link["xdp"];
-    // One program: `"xdp": {"mode": M, "prog": {"id": N, ...}}`; several
-    // (one per mode): `"xdp": {"mode": 4, "attached": [{"mode": M, "prog": ...}]}`.
-    xdp["prog"]["id"]
-        .as_u64()
-        .or_else(|| xdp["attached"].get(0)?["prog"]["id"].as_u64())
-        .and_then(|id| u32::try_from(id).ok())
+    link(name)?.xdp_prog_id
 }
 
 /// The interfaces with a qdisc other than `noqueue` (a veth's own) and
 /// `clsact` (weft's, where TCX is missing): something shapes or filters
 /// their traffic, e.g. the `bandwidth` CNI plugin (`tbf` at the root for
 /// what goes into the pod, `ingress` with a filter to an `ifb` for what comes
-/// out of it). From `tc -j qdisc show`; `None` when it cannot be read.
+/// out of it). From a netlink qdisc dump; `None` when it cannot be read.
 pub fn shaped_interfaces() -> Option<std::collections::BTreeSet<String>> {
-    shaped_in(&crate::host::ip::run("tc", &["-j", "qdisc", "show"]).ok()?)
+    let mut nl = crate::host::netlink::Netlink::open().ok()?;
+    let qdiscs = nl.qdiscs().ok()?;
+    let names: std::collections::HashMap<u32, String> = nl
+        .links()
+        .ok()?
+        .into_iter()
+        .map(|l| (l.index, l.name))
+        .collect();
+    Some(shaped_in(&qdiscs, &names))
 }
 
-fn shaped_in(json: &str) -> Option<std::collections::BTreeSet<String>> {
-    let qdiscs: Vec<serde_json::Value> = serde_json::from_str(json).ok()?;
-    Some(
-        qdiscs
-            .iter()
-            .filter(|q| !matches!(q["kind"].as_str(), Some("noqueue" | "clsact") | None))
-            .filter_map(|q| q["dev"].as_str().map(str::to_owned))
-            .collect(),
-    )
+fn shaped_in(
+    qdiscs: &[(u32, String)],
+    names: &std::collections::HashMap<u32, String>,
+) -> std::collections::BTreeSet<String> {
+    qdiscs
+        .iter()
+        .filter(|(_, kind)| !matches!(kind.as_str(), "noqueue" | "clsact"))
+        .filter_map(|(index, _)| names.get(index).cloned())
+        .collect()
 }
 
 /// Reads `name`'s index, MAC, MTU and first IPv4 address.
@@ -239,6 +236,45 @@ pub fn driver(name: &str) -> Option<String> {
     (!driver.is_empty()).then_some(driver)
 }
 
+/// Turns GRO on or off on `name` (the `ETHTOOL_SGRO` ioctl, as `ethtool -K
+/// NAME gro on` does), in the caller's network namespace. On a veth it
+/// gives the device NAPI, which XDP redirects into it need.
+pub fn set_gro(name: &str, on: bool) -> io::Result<()> {
+    /// `struct ethtool_value` (linux/ethtool.h).
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    const ETHTOOL_SGRO: u32 = 0x2c;
+    let mut value = EthtoolValue {
+        cmd: ETHTOOL_SGRO,
+        data: u32::from(on),
+    };
+    let mut q = IfReq::new(name)?;
+    q.req.ifr_ifru.ifru_data = (&mut value as *mut EthtoolValue).cast();
+    // ifr_data points at `value`, which outlives the call.
+    q.ioctl(libc::SIOCETHTOOL)
+}
+
+/// A random locally administered unicast MAC, as the kernel gives a veth
+/// (`eth_hw_addr_random`), chosen here so that it is known before the
+/// device exists.
+pub fn random_mac() -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    // SAFETY: getrandom writes at most 6 bytes into `mac`.
+    let n = unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) };
+    if n != 6 {
+        // Not expected on Linux ≥ 3.17; a clock-derived value still works.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        mac.copy_from_slice(&t.to_le_bytes()[..6]);
+    }
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
+}
+
 /// Every interface name in this network namespace (from /proc/self/net/dev,
 /// which, unlike /sys/class/net, follows the caller's namespace).
 pub fn names() -> Vec<String> {
@@ -318,40 +354,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn shaped_interfaces_from_tc_json() {
-        // `tc -j qdisc show` after the bandwidth plugin shaped one pod both
-        // ways (tbf at the root, ingress), with weft's clsact (no TCX) on
-        // another and a veth's default elsewhere.
-        let json = r#"[
-            {"kind":"noqueue","handle":"0:","dev":"lo","root":true,"refcnt":2,"options":{}},
-            {"kind":"tbf","handle":"1:","dev":"weft00000000a1","root":true,"refcnt":2,"options":{"rate":12500000,"burst":125000,"lat":25000}},
-            {"kind":"ingress","handle":"ffff:","dev":"weft00000000a1","parent":"ffff:fff1","options":{}},
-            {"kind":"noqueue","handle":"0:","dev":"weft00000000a2","root":true,"refcnt":2,"options":{}},
-            {"kind":"clsact","handle":"ffff:","dev":"weft00000000a2","parent":"ffff:fff1","options":{}},
-            {"kind":"ingress","handle":"ffff:","dev":"weft00000000a3","parent":"ffff:fff1","options":{}},
-            {"kind":"tbf","handle":"1:","dev":"bwp1234","root":true,"refcnt":2,"options":{}}
-        ]"#;
-        let shaped = shaped_in(json).unwrap();
+    fn shaped_interfaces_from_the_qdisc_dump() {
+        // After the bandwidth plugin shaped one pod both ways (tbf at the
+        // root, ingress), with weft's clsact (no TCX) on another and a
+        // veth's default elsewhere.
+        let names: std::collections::HashMap<u32, String> = [
+            (1, "lo"),
+            (5, "weft00000000a1"),
+            (6, "weft00000000a2"),
+            (7, "weft00000000a3"),
+            (8, "bwp1234"),
+        ]
+        .into_iter()
+        .map(|(i, n)| (i, n.to_string()))
+        .collect();
+        let qdiscs: Vec<(u32, String)> = [
+            (1, "noqueue"),
+            (5, "tbf"),
+            (5, "ingress"),
+            (6, "noqueue"),
+            (6, "clsact"),
+            (7, "ingress"),
+            (8, "tbf"),
+            // A device gone since the links were listed.
+            (9, "tbf"),
+        ]
+        .into_iter()
+        .map(|(i, k)| (i, k.to_string()))
+        .collect();
         assert_eq!(
-            shaped.into_iter().collect::<Vec<_>>(),
+            shaped_in(&qdiscs, &names).into_iter().collect::<Vec<_>>(),
             ["bwp1234", "weft00000000a1", "weft00000000a3"]
         );
-        assert_eq!(shaped_in("not json"), None);
-    }
-
-    #[test]
-    fn xdp_program_ids_from_ip_json() {
-        let id = |json: &str| first_link(json).and_then(|l| xdp_prog_id_in(&l));
-        assert_eq!(
-            id(r#"[{"ifname":"und0","xdp":{"mode":1,"prog":{"id":42,"name":"weft_xdp_decap"}}}]"#),
-            Some(42)
-        );
-        assert_eq!(
-            id(r#"[{"ifname":"und0","xdp":{"mode":4,"attached":[{"mode":2,"prog":{"id":7}}]}}]"#),
-            Some(7)
-        );
-        assert_eq!(id(r#"[{"ifname":"und0","flags":["UP"]}]"#), None);
-        assert_eq!(id("not json"), None);
     }
 
     #[test]
@@ -364,6 +398,13 @@ mod tests {
         assert_eq!(vtep_mac_for(Ipv4Addr::new(198, 18, 0, 1)), mac);
         // Locally administered, unicast.
         assert_eq!(mac[0] & 0x03, 0x02);
+    }
+
+    #[test]
+    fn random_macs_are_local_unicast() {
+        let a = random_mac();
+        assert_eq!(a[0] & 0x03, 0x02, "{a:?}");
+        assert_ne!(a, random_mac());
     }
 
     #[test]

@@ -5,11 +5,13 @@
 //! dummy, so that it exists on kernels built without the dummy driver. ARP
 //! is off on it: the program writes every MAC itself.
 
+use std::net::IpAddr;
+
 use crate::{
     cidr::Ipv4Cidr,
     host::{
-        ip::{self, CmdError},
-        netdev,
+        netlink::{LinkChange, Netlink, NetlinkError, Route, Veth},
+        sysctl::{self, SysctlError},
     },
     node::NodeConfig,
 };
@@ -22,6 +24,19 @@ pub const HOST_IFACE: &str = "weft0";
 /// forwards or drops every packet, so nothing arrives here.
 pub const HOST_PEER: &str = "weft0p";
 
+/// Setting up `weft0` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Weft0Error {
+    #[error("setting up {HOST_IFACE}: {0}")]
+    Netlink(#[from] NetlinkError),
+    #[error("setting up {HOST_IFACE}: {0}")]
+    Sysctl(#[from] SysctlError),
+    #[error(
+        "setting up {HOST_IFACE}: it vanished while being set up; the agent's next check makes it again"
+    )]
+    Gone,
+}
+
 /// Sets up `weft0` for pod CIDR `subnet` in `cluster`, with pod MTU `mtu`,
 /// and the forwarding sysctls (`underlay`'s reverse-path filter included).
 /// Idempotent: also what puts it back when something removed it.
@@ -30,48 +45,59 @@ pub fn setup(
     subnet: &Ipv4Cidr,
     mtu: u32,
     underlay: &str,
-) -> Result<(), CmdError> {
-    if netdev::index(HOST_IFACE).is_none() {
-        ip::ip(&[
-            "link", "add", HOST_IFACE, "type", "veth", "peer", "name", HOST_PEER,
-        ])?;
+) -> Result<(), Weft0Error> {
+    let mut nl = Netlink::open()?;
+    if nl.link(HOST_IFACE)?.is_none() {
+        nl.add_veth(&Veth {
+            name: HOST_IFACE,
+            mac: None,
+            mtu: Some(mtu),
+            peer: HOST_PEER,
+            peer_mac: None,
+            peer_mtu: Some(mtu),
+            peer_netns: None,
+        })?;
     }
+    let mut host_index = 0;
     for dev in [HOST_IFACE, HOST_PEER] {
-        let _ = ip::sysctl(&format!("net.ipv6.conf.{dev}.disable_ipv6"), "1");
-        ip::ip(&[
-            "link",
-            "set",
-            dev,
-            "mtu",
-            &mtu.to_string(),
-            "arp",
-            "off",
-            "up",
-        ])?;
+        let _ = sysctl::set(&format!("net.ipv6.conf.{dev}.disable_ipv6"), "1");
+        let link = nl.link(dev)?.ok_or(Weft0Error::Gone)?;
+        nl.set_link(
+            link.index,
+            &LinkChange {
+                up: Some(true),
+                mtu: Some(mtu),
+                noarp: Some(true),
+                alias: None,
+            },
+        )?;
+        if dev == HOST_IFACE {
+            host_index = link.index;
+        }
     }
     let gw = NodeConfig::gateway_of(subnet);
-    ip::ip(&["addr", "replace", &format!("{gw}/32"), "dev", HOST_IFACE])?;
-    ip::ip(&[
-        "route",
-        "replace",
-        &cluster.to_string(),
-        "dev",
-        HOST_IFACE,
-        "src",
-        &gw.to_string(),
-        "mtu",
-        &mtu.to_string(),
-    ])?;
-    ip::sysctl("net.ipv4.ip_forward", "1")?;
+    nl.replace_address(host_index, IpAddr::V4(gw), 32)?;
+    nl.replace_route(&Route {
+        dst: IpAddr::V4(cluster.addr()),
+        prefix: cluster.prefix(),
+        oif: Some(host_index),
+        gateway: None,
+        src: Some(IpAddr::V4(gw)),
+        scope_link: true,
+        mtu: Some(mtu),
+    })?;
+    sysctl::set("net.ipv4.ip_forward", "1")?;
     // Decapsulated packets arrive on the underlay from pod sources routed via
     // weft0: loose reverse-path filtering accepts them.
     for dev in [underlay, HOST_IFACE] {
-        ip::sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "2")?;
+        sysctl::set(&format!("net.ipv4.conf.{dev}.rp_filter"), "2")?;
     }
     Ok(())
 }
 
 /// Deletes `weft0` (its routes go with it); true if there was one.
 pub fn remove() -> bool {
-    netdev::index(HOST_IFACE).is_some() && ip::ip(&["link", "del", HOST_IFACE]).is_ok()
+    Netlink::open()
+        .and_then(|mut nl| nl.del_link_named(HOST_IFACE))
+        .unwrap_or(false)
 }

@@ -1,11 +1,9 @@
-//! Runs iproute2 (`ip`, `tc`) and `sysctl`-style writes for link, address and
-//! route set-up. The dataplane itself never depends on these; they shape the
-//! kernel's view (devices, routes) around it.
+//! Runs a program: only the masquerade ruleset's transaction
+//! ([`crate::host::masq`]) does, once at start. Everything else reaches the
+//! kernel in-process.
 
 use std::{
-    fs,
     io::{self, Write},
-    path::Path,
     process::{Command, Stdio},
 };
 
@@ -20,13 +18,6 @@ pub enum CmdError {
     },
     #[error("`{cmd}` failed: {stderr}")]
     Failed { cmd: String, stderr: String },
-    #[error("writing {path}: {source}")]
-    Sysctl { path: String, source: io::Error },
-}
-
-/// Runs `ip ARGS…` and returns its stdout.
-pub fn ip(args: &[&str]) -> Result<String, CmdError> {
-    run("ip", args)
 }
 
 /// Runs `PROGRAM ARGS…` and returns its stdout.
@@ -70,13 +61,4 @@ pub fn run_with_input(
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Writes a value under /proc/sys/net (the caller's network namespace).
-pub fn sysctl(key: &str, value: &str) -> Result<(), CmdError> {
-    let path = Path::new("/proc/sys").join(key.replace('.', "/"));
-    fs::write(&path, value).map_err(|source| CmdError::Sysctl {
-        path: path.display().to_string(),
-        source,
-    })
 }
