@@ -891,3 +891,134 @@ fn programs_removed_by_others_are_put_back() {
         );
     }
 }
+
+#[test]
+fn no_process_but_the_masquerade_transaction_and_no_ip_tc_ethtool_or_nsenter() {
+    if !privileged("no_process_but_the_masquerade_transaction_and_no_ip_tc_ethtool_or_nsenter") {
+        return;
+    }
+    let mut lab = Lab::new("nop");
+    let mut c = Cluster::new(&mut lab, ClusterSpec::nodes_only(2));
+    // A PATH with only what the masquerade ruleset may run (each call
+    // logged), and ip, tc, ethtool, nsenter … as traps that record any
+    // attempt to run them and fail, as if absent.
+    let masq_tools = [
+        "iptables",
+        "iptables-restore",
+        "iptables-legacy",
+        "iptables-legacy-restore",
+        "iptables-legacy-save",
+        "iptables-nft-save",
+        "nft",
+    ];
+    let traps = [
+        "ip", "tc", "ethtool", "nsenter", "sysctl", "bridge", "modprobe",
+    ];
+    let (bin, spawned) = weft_tests::logged_tools(&lab, "masq-only", &masq_tools, &traps);
+    c.path = Some(bin);
+    c.launch(&mut lab);
+    let log = || std::fs::read_to_string(&spawned).unwrap();
+    let at_start = log();
+    assert!(
+        at_start
+            .lines()
+            .all(|l| masq_tools.contains(&l.split(' ').next().unwrap_or_default())),
+        "at start only the masquerade's tools ran:\n{at_start}"
+    );
+    assert!(
+        at_start.contains("iptables-restore"),
+        "the ruleset went in: {at_start}"
+    );
+    std::fs::write(&spawned, "").unwrap();
+
+    // The CNI plugin's ADD and CHECK, pods reaching each other.
+    let a = c.add_pod(&mut lab, 0, 0);
+    let b = c.add_pod(&mut lab, 1, 0);
+    assert!(ping(&a.ns, b.ip, 2), "pods reach each other");
+    for p in [&a, &b] {
+        let out = c.cni(
+            p.node,
+            "CHECK",
+            &p.name,
+            p.ns.path().to_str().unwrap(),
+            &c.cni_conf(p.node, "1.1.0"),
+        );
+        assert!(
+            out.status.success(),
+            "CHECK: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // The keeper puts back weft0 and weft_gro, removed by something else.
+    let node = &c.nodes[0].ns;
+    node.ip(&["link", "del", "weft0"]);
+    node.ip(&["link", "del", "weft_gro"]);
+    wait_log(
+        &lab,
+        &Cluster::agent_name(0),
+        "weft0 is gone (deleted by something else?); creating it again",
+    );
+    wait_log(
+        &lab,
+        &Cluster::agent_name(0),
+        "weft_gro was gone or changed",
+    );
+    wait_for("weft0 back", Duration::from_secs(10), || {
+        node.try_sh("ip", &["link", "show", "weft0"])
+            .status
+            .success()
+            .then_some(())
+    });
+    assert!(
+        ping(&c.nodes[0].ns, b.ip, 2),
+        "the node reaches a remote pod through weft0 again"
+    );
+    // Two more checks of every hook, then a DEL.
+    std::thread::sleep(weft_agent::daemon::keeper::HOOK_CHECK_INTERVAL * 2);
+    let out = c.cni(
+        1,
+        "DEL",
+        &b.name,
+        b.ns.path().to_str().unwrap(),
+        &c.cni_conf(1, "1.1.0"),
+    );
+    assert!(
+        out.status.success(),
+        "DEL: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        log(),
+        "",
+        "no process ran after start: not for ADD, CHECK, DEL, nor the agent's checks and repairs"
+    );
+
+    // A new agent over the same pins restores the pod; `weft down` removes all.
+    lab.stop(&Cluster::agent_name(0));
+    c.start_agent(&mut lab, 0);
+    wait_log(&lab, &Cluster::agent_name(0), "ready run_dir=");
+    assert!(
+        lab.log(&Cluster::agent_name(0)).contains("pods=1"),
+        "{}",
+        lab.log(&Cluster::agent_name(0))
+    );
+    assert!(
+        ping(&a.ns, c.nodes[1].underlay_ip, 2) || ping(&c.nodes[0].ns, a.ip, 2),
+        "the pod is wired"
+    );
+    lab.stop(&Cluster::agent_name(0));
+    let out = c.weft(0, &["down"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("removed pins") && said.contains("weft0"),
+        "weft down: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !node
+            .try_sh("ip", &["link", "show", "weft0"])
+            .status
+            .success(),
+        "weft0 is gone"
+    );
+}

@@ -475,7 +475,7 @@ fn chained_with_debian_portmap_and_bandwidth() {
     ];
     let run_plugin = |conf: &Value, command: &str| {
         let plugin = plugins.join(conf["type"].as_str().unwrap());
-        weft_tests::run_cni_plugin(&c.nodes[0].ns, &plugin, command, "web", &netns, conf)
+        weft_tests::run_cni_plugin(&c.nodes[0].ns, &plugin, command, "web", &netns, conf, None)
     };
     for link in &chain {
         let mut conf = link.clone();

@@ -484,3 +484,56 @@ fn masquerade_goes_where_kube_proxys_rules_are() {
         "weft down removes them from either flavour"
     );
 }
+
+#[test]
+fn a_node_with_only_nftables_gets_the_masquerade_too() {
+    if !privileged("a_node_with_only_nftables_gets_the_masquerade_too") {
+        return;
+    }
+    let mut lab = Lab::new("nft");
+    let mut c = Cluster::new(&mut lab, ClusterSpec::pair());
+    // Node 1 as RHEL 10 ships it: nft, and no iptables of any flavour.
+    let (nft_only, _log) = weft_tests::logged_tools(&lab, "nft-only", &["nft"], &[]);
+    c.path = Some(nft_only);
+    c.launch(&mut lab);
+    let (outside_ip, _echo) = outside_host(&mut lab, &c);
+    let (pod, node) = (&c.pods[0], &c.nodes[0].ns);
+    assert!(
+        lab.log(&Cluster::agent_name(0)).contains("backend=Nft"),
+        "detected without iptables: {}",
+        lab.log(&Cluster::agent_name(0))
+    );
+    let table = node.sh(
+        "nft",
+        &["list", "table", "ip", weft_agent::host::masq::NFT_TABLE],
+    );
+    assert!(
+        table.contains("masquerade") && table.contains("oifname \"weft0\""),
+        "weft's nftables table: {table}"
+    );
+    assert!(!masquerade_rules(node), "and no iptables chain");
+    let failed = round_trips(&pod.ns, outside_ip, ECHO_PORT);
+    assert!(
+        failed.is_empty(),
+        "pod → outside host through nft's masquerade: {failed:?}"
+    );
+    lab.stop(&Cluster::agent_name(0));
+    lab.stop(&Cluster::agent_name(1));
+    let out = c.weft(0, &["down"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("masquerade"),
+        "weft down: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !node
+            .try_sh(
+                "nft",
+                &["list", "table", "ip", weft_agent::host::masq::NFT_TABLE]
+            )
+            .status
+            .success(),
+        "weft down removed the table"
+    );
+}

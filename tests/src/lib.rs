@@ -80,7 +80,7 @@ pub fn weft_bin() -> PathBuf {
 
 /// Runs CNI plugin `plugin` inside `ns` the way a runtime does (CNI_* from
 /// the arguments, CNI_IFNAME=eth0, CNI_PATH = the plugin's directory,
-/// `conf` on stdin).
+/// `conf` on stdin), with `path` as its PATH if given.
 pub fn run_cni_plugin(
     ns: &Netns,
     plugin: &std::path::Path,
@@ -88,10 +88,14 @@ pub fn run_cni_plugin(
     container: &str,
     netns: &str,
     conf: &serde_json::Value,
+    path: Option<&std::path::Path>,
 ) -> Output {
     use std::io::Write as _;
-    let mut child = ns
-        .command(plugin)
+    let mut cmd = ns.command(plugin);
+    if let Some(p) = path {
+        cmd.env("PATH", p);
+    }
+    let mut child = cmd
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", container)
         .env("CNI_NETNS", netns)
@@ -189,9 +193,10 @@ impl Netns {
     }
 
     /// A command that runs in this namespace's network stack only (nsenter
-    /// keeps the mount namespace, so bpffs pins stay visible).
+    /// keeps the mount namespace, so bpffs pins stay visible). nsenter is
+    /// found by this process's PATH, so the command may be given another.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
-        let mut c = Command::new("nsenter");
+        let mut c = Command::new(nsenter());
         c.arg(format!("--net={}", self.path().display()))
             .arg(program);
         c
@@ -201,6 +206,67 @@ impl Netns {
     pub fn sysctl(&self, key: &str, value: &str) {
         self.sh("sysctl", &["-qw", &format!("{key}={value}")]);
     }
+}
+
+/// `nsenter`, as this process's PATH finds it.
+fn nsenter() -> &'static std::path::Path {
+    static FOUND: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FOUND.get_or_init(|| {
+        std::env::var_os("PATH")
+            .and_then(|path| {
+                std::env::split_paths(&path)
+                    .map(|d| d.join("nsenter"))
+                    .find(|p| p.is_file())
+            })
+            .unwrap_or_else(|| PathBuf::from("/usr/bin/nsenter"))
+    })
+}
+
+/// A directory to put on a PATH instead of the machine's, holding only
+/// `programs` (each found on this process's PATH), as wrappers that append
+/// `NAME ARGS…` to the returned log before running the real one, and
+/// `traps`, which append to the log and fail as if absent: a PATH without
+/// `ip`, `tc`, `ethtool`, `nsenter` …, that records every process run or
+/// tried through it.
+pub fn logged_tools(lab: &Lab, tag: &str, programs: &[&str], traps: &[&str]) -> (PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = lab.dir.join(format!("{tag}-bin"));
+    std::fs::create_dir_all(&dir).expect("tools dir");
+    let log = lab.dir.join(format!("{tag}-spawned.log"));
+    std::fs::write(&log, "").expect("spawn log");
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for p in programs {
+        let Some(real) = std::env::split_paths(&path)
+            .map(|d| d.join(p))
+            .find(|c| c.is_file())
+        else {
+            continue;
+        };
+        let wrapper = dir.join(p);
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\necho \"{p} $*\" >> '{}'\nexec '{}' \"$@\"\n",
+                log.display(),
+                real.display()
+            ),
+        )
+        .expect("wrapper");
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    for t in traps {
+        let trap = dir.join(t);
+        std::fs::write(
+            &trap,
+            format!(
+                "#!/bin/sh\necho \"{t} $* (not on this PATH)\" >> '{}'\nexit 127\n",
+                log.display()
+            ),
+        )
+        .expect("trap");
+        std::fs::set_permissions(&trap, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    (dir, log)
 }
 
 /// A child process killed (SIGTERM, then SIGKILL) when the lab goes away.
@@ -530,6 +596,9 @@ pub struct Cluster {
     pub pods: Vec<PodInfo>,
     pub foreign: Vec<ForeignNode>,
     pub nodes_file: PathBuf,
+    /// The PATH agents, `weft` commands and the CNI plugin get (none: this
+    /// process's).
+    pub path: Option<PathBuf>,
 }
 
 impl Cluster {
@@ -565,6 +634,7 @@ impl Cluster {
             pods: Vec::new(),
             foreign: Vec::new(),
             nodes_file: lab.dir.join("nodes.toml"),
+            path: None,
         }
     }
 
@@ -654,6 +724,9 @@ impl Cluster {
         .arg(&n.run_dir)
         .args(&self.spec.agent_args)
         .env("WEFT_LOG", "info");
+        if let Some(p) = &self.path {
+            cmd.env("PATH", p);
+        }
         cmd
     }
 
@@ -681,12 +754,14 @@ impl Cluster {
     /// Runs `weft ARGS…` in node `i`'s namespace with its paths.
     pub fn weft(&self, i: usize, args: &[&str]) -> Output {
         let n = &self.nodes[i];
-        n.ns.command(weft_bin())
-            .args(args)
+        let mut cmd = n.ns.command(weft_bin());
+        cmd.args(args)
             .env("WEFT_BPFFS_DIR", &n.bpffs)
-            .env("WEFT_RUN_DIR", &n.run_dir)
-            .output()
-            .expect("run weft")
+            .env("WEFT_RUN_DIR", &n.run_dir);
+        if let Some(p) = &self.path {
+            cmd.env("PATH", p);
+        }
+        cmd.output().expect("run weft")
     }
 
     /// The network configuration the lab's CNI invocations use on node `i`.
@@ -719,6 +794,7 @@ impl Cluster {
             container,
             netns,
             conf,
+            self.path.as_deref(),
         )
     }
 

@@ -128,10 +128,10 @@ pub(super) fn set_up_masquerade(cfg: &AgentConfig) {
     }
     match crate::host::masq::install(&cfg.cluster_cidr) {
         Ok(backend) => {
-            tracing::info!(cluster = %cfg.cluster_cidr, chain = crate::host::masq::CHAIN, iptables = ?backend, "masquerading pods' traffic leaving the cluster")
+            tracing::info!(cluster = %cfg.cluster_cidr, chain = crate::host::masq::CHAIN, ?backend, "masquerading pods' traffic leaving the cluster")
         }
         Err(e) => tracing::error!(
-            "could not install the masquerade rules ({e}): pods cannot reach addresses outside the cluster; install iptables (with iptables-restore) or pass --ip-masq=false if something else masquerades"
+            "could not install the masquerade rules ({e}): pods cannot reach addresses outside the cluster; install iptables (with iptables-restore) or nftables (nft), or pass --ip-masq=false if something else masquerades"
         ),
     }
 }

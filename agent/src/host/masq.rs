@@ -23,6 +23,12 @@
 //! legacy when `iptables-legacy-save` lists more rules than
 //! `iptables-nft-save`, else the system's `iptables` (nft on current
 //! distributions, and the only choice where the variants are not installed).
+//! A node with no `iptables-restore` at all but `nft` (RHEL 10 and others
+//! ship only nftables) gets the same rules as nftables' own table `ip weft`,
+//! one `nft -f` transaction.
+//!
+//! These are the only processes weft runs, once at start (and at `weft
+//! down`): no interface exists for a firewall transaction.
 
 use crate::{cidr::Ipv4Cidr, host::cmd::CmdError};
 
@@ -31,18 +37,38 @@ pub const CHAIN: &str = "WEFT-POSTRTG";
 /// The comment on POSTROUTING's jump into [`CHAIN`], so it can be found again.
 const COMMENT: &str = "weft: masquerade pods leaving the cluster";
 
-/// An iptables flavour: its command and its restore command.
+/// weft's nftables table (the nft backend).
+pub const NFT_TABLE: &str = "weft";
+
+/// A firewall flavour: iptables' (with its restore command) or nftables'.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     /// The system's `iptables`.
     Default,
     /// `iptables-legacy`.
     Legacy,
+    /// `nft`, where no iptables is installed.
+    Nft,
+}
+
+/// Whether `program` is an executable file in a directory of `PATH`
+/// (nothing is run to find out).
+pub fn on_path(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            std::fs::metadata(dir.join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
 }
 
 impl Backend {
     /// The node's: see the module documentation.
     pub fn detect() -> Self {
+        if !on_path("iptables-restore") && on_path("nft") {
+            return Self::Nft;
+        }
         // Rules other than weft's own, as `-A` lines of a save.
         let rules = |save: &str| {
             crate::host::cmd::run(save, &[]).map_or(0, |out| {
@@ -58,31 +84,56 @@ impl Backend {
         }
     }
 
-    fn other(self) -> Self {
-        match self {
-            Self::Default => Self::Legacy,
-            Self::Legacy => Self::Default,
-        }
+    /// Every backend but this one (where an earlier run may have left rules).
+    fn others(self) -> impl Iterator<Item = Self> {
+        [Self::Default, Self::Legacy, Self::Nft]
+            .into_iter()
+            .filter(move |b| *b != self)
     }
 
     fn iptables(self, args: &[&str]) -> Result<String, CmdError> {
         let program = match self {
             Self::Default => "iptables",
             Self::Legacy => "iptables-legacy",
+            Self::Nft => unreachable!("nft has no iptables command"),
         };
         crate::host::cmd::run(program, args)
     }
 
-    fn restore(self, input: &str) -> Result<String, CmdError> {
-        let program = match self {
-            Self::Default => "iptables-restore",
-            Self::Legacy => "iptables-legacy-restore",
+    /// Installs `cluster`'s rules in one transaction.
+    fn restore(self, cluster: &Ipv4Cidr) -> Result<String, CmdError> {
+        let (program, args): (&str, &[&str]) = match self {
+            Self::Default => ("iptables-restore", &["--noflush", "-w"]),
+            Self::Legacy => ("iptables-legacy-restore", &["--noflush", "-w"]),
+            Self::Nft => {
+                return crate::host::cmd::run_with_input(
+                    "nft",
+                    &["-f", "-"],
+                    Some(&nft_ruleset(cluster)),
+                );
+            }
         };
-        crate::host::cmd::run_with_input(program, &["--noflush", "-w"], Some(input))
+        crate::host::cmd::run_with_input(program, args, Some(&ruleset(cluster)))
     }
 
-    /// Removes the jump and the chain, if there. Returns whether anything was.
+    /// Whether this backend's tool is installed.
+    fn available(self) -> bool {
+        on_path(match self {
+            Self::Default => "iptables",
+            Self::Legacy => "iptables-legacy",
+            Self::Nft => "nft",
+        })
+    }
+
+    /// Removes the jump and the chain (the table, for nft), if there.
+    /// Returns whether anything was.
     fn remove(self) -> bool {
+        if !self.available() {
+            return false;
+        }
+        if self == Self::Nft {
+            return crate::host::cmd::run("nft", &["delete", "table", "ip", NFT_TABLE]).is_ok();
+        }
         let mut del = vec!["-t", "nat", "-D"];
         del.extend(jump());
         let mut removed = false;
@@ -125,13 +176,38 @@ pub fn ruleset(cluster: &Ipv4Cidr) -> String {
     )
 }
 
-/// Installs (or updates) the rules for `cluster` in the node's iptables
-/// flavour, removing any an earlier run left in the other. Idempotent.
+/// The same rules as [`ruleset`], as nftables' table `ip weft`, replaced
+/// whole in one transaction (the empty declaration makes the delete
+/// succeed on a first run).
+pub fn nft_ruleset(cluster: &Ipv4Cidr) -> String {
+    let host = crate::host::weft0::HOST_IFACE;
+    format!(
+        "table ip {NFT_TABLE} {{\n}}\n\
+         delete table ip {NFT_TABLE}\n\
+         table ip {NFT_TABLE} {{\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\tip saddr {cluster} ip daddr {cluster} return\n\
+         \t\tip saddr != {cluster} ip daddr {cluster} oifname \"{host}\" masquerade fully-random\n\
+         \t\tip saddr {cluster} ip daddr 224.0.0.0/4 return\n\
+         \t\tip saddr {cluster} masquerade fully-random\n\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+/// Installs (or updates) the rules for `cluster` in the node's firewall
+/// flavour, removing any an earlier run left in another. Idempotent.
 /// Returns the flavour used.
 pub fn install(cluster: &Ipv4Cidr) -> Result<Backend, CmdError> {
     let backend = Backend::detect();
-    backend.other().remove();
-    backend.restore(&ruleset(cluster))?;
+    for other in backend.others() {
+        other.remove();
+    }
+    backend.restore(cluster)?;
+    if backend == Backend::Nft {
+        return Ok(backend);
+    }
     let mut check = vec!["-t", "nat", "-C"];
     check.extend(jump());
     if backend.iptables(&check).is_err() {
@@ -142,11 +218,11 @@ pub fn install(cluster: &Ipv4Cidr) -> Result<Backend, CmdError> {
     Ok(backend)
 }
 
-/// Removes the jump and the chain from both flavours, if there. Returns
-/// whether anything was.
+/// Removes the rules from every flavour, if there. Returns whether anything
+/// was.
 pub fn remove() -> bool {
-    // Both run: `|` does not short-circuit.
-    Backend::Default.remove() | Backend::Legacy.remove()
+    // All run: `|` does not short-circuit.
+    Backend::Default.remove() | Backend::Legacy.remove() | Backend::Nft.remove()
 }
 
 #[cfg(test)]
@@ -168,5 +244,29 @@ mod tests {
             ]
         );
         assert!(r.ends_with("COMMIT\n"));
+    }
+
+    #[test]
+    fn the_nft_ruleset_is_the_same_rules_replaced_whole() {
+        let r = nft_ruleset(&"10.244.0.0/16".parse().unwrap());
+        assert!(
+            r.starts_with("table ip weft {\n}\ndelete table ip weft\ntable ip weft {\n"),
+            "{r}"
+        );
+        let rules: Vec<&str> = r
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("ip "))
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                "ip saddr 10.244.0.0/16 ip daddr 10.244.0.0/16 return",
+                "ip saddr != 10.244.0.0/16 ip daddr 10.244.0.0/16 oifname \"weft0\" masquerade fully-random",
+                "ip saddr 10.244.0.0/16 ip daddr 224.0.0.0/4 return",
+                "ip saddr 10.244.0.0/16 masquerade fully-random",
+            ]
+        );
+        assert!(r.contains("type nat hook postrouting priority srcnat;"));
     }
 }
