@@ -1,10 +1,11 @@
-//! Traffic that runs while something changes underneath it (an agent
-//! restart, a DaemonSet rollout) and then says exactly what it lost: a
-//! counted UDP stream and a TCP stream checked byte by byte.
-//!
-//! Both ends run as threads of this process inside the network namespaces
-//! given by path (a lab namespace's /run/netns file, or /proc/PID/ns/net of a
-//! Kubernetes pod's process), so no tool in the pods is needed.
+//! Traffic across a lab: ping, iperf3, an echo server, round trips, a bulk
+//! TCP transfer checked byte for byte; and traffic that runs while
+//! something changes underneath it (an agent restart, a DaemonSet rollout)
+//! and then says exactly what it lost — a counted UDP stream, a TCP stream
+//! checked byte by byte. The streams' ends run as threads of this process
+//! inside the network namespaces given by path (a lab namespace's /run/netns
+//! file, or /proc/PID/ns/net of a Kubernetes pod's process), so no tool in
+//! the pods is needed.
 
 use std::{
     collections::HashSet,
@@ -19,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{InNetns, bulk_word};
+use crate::lab::{InNetns, Lab, Netns, wait_for};
 
 /// A UDP stream of numbered datagrams, one every `interval`, from one
 /// namespace to an address in another; [`UdpCount::finish`] says which
@@ -239,4 +240,233 @@ impl Drop for TcpStream {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
+}
+
+/// iperf3 from `client` to a one-off server on `server_ip` in `server`, for
+/// `secs` seconds with `extra` client flags; the received rate in Gbit/s.
+pub fn iperf_gbps(
+    server: &Netns,
+    server_ip: Ipv4Addr,
+    client: &Netns,
+    lab: &mut Lab,
+    name: &str,
+    secs: u32,
+    extra: &[&str],
+) -> f64 {
+    let mut cmd = server.command("iperf3");
+    cmd.args(["-s", "-1", "--forceflush", "-B", &server_ip.to_string()]);
+    lab.spawn(name, cmd);
+    wait_for("iperf3 server", Duration::from_secs(5), || {
+        lab.log(name).contains("listening").then_some(())
+    });
+    let mut args = vec![
+        "-c".to_string(),
+        server_ip.to_string(),
+        "-t".into(),
+        secs.to_string(),
+        "-J".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = client.try_sh("iperf3", &argv);
+    lab.stop(name);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("iperf3 JSON: {}", String::from_utf8_lossy(&out.stdout)));
+    assert!(v.get("error").is_none(), "iperf3 failed: {}", v["error"]);
+    let bytes = v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    assert!(bytes > 0, "iperf3 moved no data: {}", v["end"]);
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e9
+}
+
+/// `ping -c COUNT -W 1 -i 0.05 DST` from `ns`; true when every reply came.
+pub fn ping(ns: &Netns, dst: Ipv4Addr, count: u32) -> bool {
+    ns.try_sh(
+        "ping",
+        &[
+            "-c",
+            &count.to_string(),
+            "-W",
+            "1",
+            "-i",
+            "0.05",
+            "-q",
+            &dst.to_string(),
+        ],
+    )
+    .status
+    .success()
+}
+
+/// A TCP and UDP echo server on `ip:port` inside a namespace, served by a
+/// thread of this process; stops when dropped.
+pub struct EchoServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EchoServer {
+    pub fn start(ns: &Netns, ip: Ipv4Addr, port: u16) -> Self {
+        use std::io::{Read, Write};
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let ns = ns.clone();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let _inside = InNetns::enter(&ns);
+            let tcp = std::net::TcpListener::bind((ip, port)).expect("bind TCP echo");
+            let udp = std::net::UdpSocket::bind((ip, port)).expect("bind UDP echo");
+            tcp.set_nonblocking(true).expect("nonblocking");
+            udp.set_read_timeout(Some(Duration::from_millis(10)))
+                .expect("timeout");
+            ready_tx.send(()).expect("ready");
+            let mut buf = [0u8; 2048];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((mut s, _)) = tcp.accept() {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                    if let Ok(n) = s.read(&mut buf) {
+                        let _ = s.write_all(&buf[..n]);
+                    }
+                }
+                if let Ok((n, from)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(&buf[..n], from);
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("echo server started");
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The `i`-th 8 bytes of the stream [`bulk_tcp_intact`] sends: `i` through
+/// one xorshift64* step.
+pub(crate) fn bulk_word(i: u64) -> [u8; 8] {
+    let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes()
+}
+
+/// Sends `bytes` (a multiple of 8) of a pseudo-random stream over one TCP
+/// connection from `client` to a receiver on `ip:port` in `server`, in
+/// 64 KiB writes (GSO-sized skbs), and checks every byte on arrival: the
+/// payload survived whatever merged, split or moved its headers on the way
+/// (a checksum the receiver trusts would not catch that). `Err` says what
+/// went wrong.
+pub fn bulk_tcp_intact(
+    server: &Netns,
+    ip: Ipv4Addr,
+    port: u16,
+    client: &Netns,
+    bytes: u64,
+) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let ns = server.clone();
+    let receiver = std::thread::spawn(move || -> Result<(), String> {
+        let _inside = InNetns::enter(&ns);
+        let l = std::net::TcpListener::bind((ip, port)).map_err(|e| format!("bind: {e}"))?;
+        ready_tx.send(()).expect("ready");
+        let (mut s, _) = l.accept().map_err(|e| format!("accept: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        let (mut at, mut buf) = (0u64, vec![0u8; 1 << 16]);
+        loop {
+            let n = s.read(&mut buf).map_err(|e| format!("read at {at}: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            let mut word = bulk_word(at / 8);
+            for (k, b) in buf[..n].iter().enumerate() {
+                let pos = at + k as u64;
+                if pos.is_multiple_of(8) {
+                    word = bulk_word(pos / 8);
+                }
+                if *b != word[(pos % 8) as usize] {
+                    return Err(format!("byte {pos} of {bytes} differs"));
+                }
+            }
+            at += n as u64;
+        }
+        if at != bytes {
+            return Err(format!("received {at} of {bytes} bytes"));
+        }
+        Ok(())
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .map_err(|_| "receiver did not start".to_string())?;
+    let sent = (|| {
+        let _inside = InNetns::enter(client);
+        let mut s =
+            std::net::TcpStream::connect_timeout(&(ip, port).into(), Duration::from_secs(2))
+                .map_err(|e| format!("connect: {e}"))?;
+        let mut chunk = Vec::with_capacity(1 << 16);
+        let mut word = 0u64;
+        while word * 8 < bytes {
+            chunk.clear();
+            while chunk.len() < 1 << 16 && word * 8 < bytes {
+                chunk.extend_from_slice(&bulk_word(word));
+                word += 1;
+            }
+            s.write_all(&chunk).map_err(|e| format!("write: {e}"))?;
+        }
+        Ok::<(), String>(())
+    })();
+    // The receiver's verdict first: a sender's error is usually its echo.
+    receiver.join().expect("receiver thread").and(sent)
+}
+
+/// One TCP round trip from inside `from` to `ip:port`: true when the echo matches.
+pub fn tcp_roundtrip(from: &Netns, ip: Ipv4Addr, port: u16) -> bool {
+    use std::io::{Read, Write};
+    let _inside = InNetns::enter(from);
+    let Ok(mut s) =
+        std::net::TcpStream::connect_timeout(&(ip, port).into(), Duration::from_secs(2))
+    else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let msg = format!("weft tcp to {ip}");
+    if s.write_all(msg.as_bytes()).is_err() {
+        return false;
+    }
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf).is_ok() && buf == msg.as_bytes()
+}
+
+/// One UDP round trip (3 tries) from inside `from` to `ip:port`: true when
+/// the echo comes back from `ip:port` itself (a reply from any other address,
+/// e.g. a Service backend whose reply missed its reverse NAT, does not count).
+pub fn udp_roundtrip(from: &Netns, ip: Ipv4Addr, port: u16) -> bool {
+    let _inside = InNetns::enter(from);
+    let Ok(s) = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(700)));
+    let msg = format!("weft udp to {ip}");
+    let mut buf = [0u8; 256];
+    (0..3).any(|_| {
+        s.send_to(msg.as_bytes(), (ip, port)).is_ok()
+            && matches!(s.recv_from(&mut buf),
+                Ok((n, peer)) if &buf[..n] == msg.as_bytes() && peer == (ip, port).into())
+    })
 }
