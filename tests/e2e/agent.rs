@@ -2,19 +2,14 @@
 //! input, config file, metrics and readiness, clean removal.
 
 use std::{
-    collections::HashSet,
     io::{Read, Write},
     net::Ipv4Addr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     time::{Duration, Instant},
 };
 
 use weft_tests::{
     Cluster, ClusterSpec, ForeignNode, InNetns, Lab, Netns, UnderlayKind, ping, privileged,
-    wait_for, weft_bin,
+    traffic::UdpCount, wait_for, weft_bin,
 };
 
 /// GET `path` from the agent's HTTP port inside `ns`: (status code, body).
@@ -55,57 +50,13 @@ fn restarting_the_agent_twice_under_load_loses_nothing() {
     let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
 
     // A counted UDP stream a → b, one datagram per millisecond.
-    let stop = Arc::new(AtomicBool::new(false));
-    let receiver = {
-        let (ns, ip, stop) = (b.ns.clone(), b.ip, stop.clone());
-        let (tx, rx) = std::sync::mpsc::channel();
-        let handle = std::thread::spawn(move || {
-            let _inside = InNetns::enter(&ns);
-            let sock = std::net::UdpSocket::bind((ip, 9100)).unwrap();
-            sock.set_read_timeout(Some(Duration::from_millis(100)))
-                .unwrap();
-            tx.send(()).unwrap();
-            let mut got = HashSet::new();
-            let mut buf = [0u8; 64];
-            let mut quiet_since = None;
-            loop {
-                match sock.recv(&mut buf) {
-                    Ok(8) => {
-                        got.insert(u64::from_be_bytes(buf[..8].try_into().unwrap()));
-                        quiet_since = None;
-                    }
-                    _ if stop.load(Ordering::Relaxed) => {
-                        let t = *quiet_since.get_or_insert_with(Instant::now);
-                        if t.elapsed() > Duration::from_millis(500) {
-                            return got;
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        });
-        rx.recv().unwrap();
-        handle
-    };
-    let sender = {
-        let (ns, dst, stop) = (a.ns.clone(), b.ip, stop.clone());
-        std::thread::spawn(move || {
-            let _inside = InNetns::enter(&ns);
-            let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-            let start = Instant::now();
-            let mut seq = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                if sock.send_to(&seq.to_be_bytes(), (dst, 9100)).is_ok() {
-                    seq += 1;
-                }
-                let next = start + Duration::from_millis(seq);
-                if let Some(d) = next.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(d);
-                }
-            }
-            seq
-        })
-    };
+    let udp = UdpCount::start(
+        a.ns.path(),
+        b.ns.path(),
+        b.ip,
+        9100,
+        Duration::from_millis(1),
+    );
     // And a TCP bulk transfer over the same path.
     let mut server = b.ns.command("iperf3");
     server.args(["-s", "-1", "--forceflush", "-B", &b.ip.to_string()]);
@@ -147,19 +98,22 @@ fn restarting_the_agent_twice_under_load_loses_nothing() {
         );
     }
     std::thread::sleep(Duration::from_millis(1500));
-    stop.store(true, Ordering::Relaxed);
-    let sent = sender.join().unwrap();
-    let got = receiver.join().unwrap();
-    let missing: Vec<u64> = (0..sent).filter(|s| !got.contains(s)).take(20).collect();
+    let report = udp.finish();
     println!(
-        "UDP across two agent restarts: sent {sent}, received {}",
-        got.len()
+        "UDP across two agent restarts: sent {}, received {}",
+        report.sent, report.received
     );
-    assert!(sent > 3000, "the stream ran ({sent} datagrams)");
     assert!(
-        missing.is_empty(),
-        "lost {} of {sent} datagrams, first: {missing:?}",
-        sent - got.len() as u64
+        report.sent > 3000,
+        "the stream ran ({} datagrams)",
+        report.sent
+    );
+    assert!(
+        report.missing.is_empty(),
+        "lost {} of {} datagrams, first: {:?}",
+        report.sent - report.received,
+        report.sent,
+        report.missing
     );
     let out = client.join().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
