@@ -13,7 +13,7 @@ use weft_common::Endpoint;
 
 use crate::{
     cidr::Ipv4Cidr,
-    dataplane::{self, DataplaneError, Maps, ip_key},
+    dataplane::{self, DataplaneError, Maps, TcMode, ip_key},
     host::{
         netdev,
         netlink::{LinkChange, Neighbour, Netlink, NetlinkError, Route, Veth},
@@ -63,6 +63,9 @@ pub struct EndpointSpec {
     /// ([`Endpoint::FLAG_SHAPED`]). Without it the agent still finds the
     /// qdiscs, within [`crate::daemon::keeper::HOOK_CHECK_INTERVAL`].
     pub shaped: bool,
+    /// How the pod's programs go on its veth ([`TcMode::pod`]: netlink
+    /// filters, unless the `bandwidth` plugin will limit its egress).
+    pub tc: TcMode,
 }
 
 /// What was set up.
@@ -179,9 +182,12 @@ fn wire(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointErro
     // MAC as a permanent neighbour (no ARP on either side of the veth).
     nl.replace_route(&Route::on_link(IpAddr::V4(spec.ip), 32, host_if.index))?;
     nl.replace_neighbour(host_if.index, IpAddr::V4(spec.ip), pod_mac)?;
-    // The endpoint goes in before the program: `weft_from_pod` drops IPv4
-    // whose source is not the endpoint's address on this veth.
+    // The programs go in before the endpoint: the keeper checks the hooks
+    // of every pod in the endpoints map, and must not find one half-wired.
+    // Nothing runs in the pod yet (its containers start after ADD), so
+    // `weft_from_pod` has nothing to drop meanwhile.
     let mut maps = Maps::open(&node.bpffs)?;
+    dataplane::attach_pod(&node.bpffs, host, spec.tc)?;
     put_endpoint(
         &mut maps,
         spec.ip,
@@ -189,10 +195,6 @@ fn wire(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointErro
         pod_mac,
         flags(xdp_ok, spec.shaped),
     )?;
-    if let Err(e) = dataplane::attach_pod(&node.bpffs, host) {
-        let _ = maps.endpoints.remove(&ip_key(spec.ip));
-        return Err(e.into());
-    }
     Ok(Attached {
         host_ifname: host.into(),
         host_mac,
@@ -244,16 +246,17 @@ pub fn del(
     ip: Option<Ipv4Addr>,
     node: &NodeConfig,
 ) -> Result<(), EndpointError> {
-    if let Some(ip) = ip {
-        if let Ok(mut maps) = Maps::open(&node.bpffs) {
-            let _ = maps.endpoints.remove(&ip_key(ip));
-        }
-        if let (Ok(mut nl), Some(index)) = (Netlink::open(), netdev::index(host_ifname)) {
-            let _ = nl.del_route(&Route::on_link(IpAddr::V4(ip), 32, index));
-        }
+    // The pod's route goes with its veth.
+    if let Some(ip) = ip
+        && let Ok(mut endpoints) = dataplane::maps::endpoints(&node.bpffs)
+    {
+        let _ = endpoints.remove(&ip_key(ip));
     }
-    dataplane::detach_pod(&node.bpffs, host_ifname);
-    delete_link(host_ifname)
+    // The veth first: its programs go down with it. Detaching a TCX link
+    // from a live device would wait for a grace period, twice.
+    delete_link(host_ifname)?;
+    dataplane::forget_pod(&node.bpffs, host_ifname);
+    Ok(())
 }
 
 /// Deletes `name` if it is there. A link gone meanwhile is no error: a
@@ -261,8 +264,10 @@ pub fn del(
 /// deleted with no grace period), and the pod's namespace going takes its
 /// veth with it.
 pub fn delete_link(name: &str) -> Result<(), EndpointError> {
-    Netlink::open()?.del_link_named(name)?;
-    Ok(())
+    match Netlink::open()?.del_link_by_name(name) {
+        Err(e) if !e.is_not_found() => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 /// The alias of a pod's host-side veth.
@@ -349,6 +354,14 @@ pub fn restore(pin_dir: &Path, subnet: &Ipv4Cidr) -> Result<Restored, EndpointEr
         .collect();
     let mut maps = Maps::open(pin_dir)?;
     let shaped = netdev::shaped_interfaces().unwrap_or_default();
+    // Veths with an `ingress` qdisc (the bandwidth plugin's) take TCX links.
+    let with_ingress: BTreeSet<u32> = nl
+        .qdiscs()
+        .map_err(kernel("qdiscs"))?
+        .into_iter()
+        .filter(|(_, kind)| kind == "ingress")
+        .map(|(index, _)| index)
+        .collect();
     let mut done = Restored::default();
     for pod in pods_in(&routes, &neighbours, &names, subnet) {
         if maps.endpoints.get(&ip_key(pod.ip), 0).is_ok() {
@@ -366,8 +379,9 @@ pub fn restore(pin_dir: &Path, subnet: &Ipv4Cidr) -> Result<Restored, EndpointEr
         let xdp_ok = netdev::alias(&pod.host_ifname).as_deref() == Some(ALIAS_XDP);
         let flags = flags(xdp_ok, shaped.contains(&pod.host_ifname));
         put_endpoint(&mut maps, pod.ip, &host_if, pod.pod_mac, flags)?;
+        let mode = TcMode::pod(with_ingress.contains(&host_if.index));
         if !dataplane::pod_attached(pin_dir, &pod.host_ifname)
-            && let Err(e) = dataplane::attach_pod(pin_dir, &pod.host_ifname)
+            && let Err(e) = dataplane::attach_pod(pin_dir, &pod.host_ifname, mode)
         {
             // Say a DEL removed the veth meanwhile; the others still count.
             let _ = maps.endpoints.remove(&ip_key(pod.ip));

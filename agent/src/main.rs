@@ -189,6 +189,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ifname,
                 ip,
                 shaped: false,
+                tc: weft_agent::dataplane::TcMode::pod(false),
             };
             let a = endpoint::add(&spec, &node)?;
             println!("{} {}", a.host_ifname, netdev::mac_to_string(&a.pod_mac));

@@ -45,9 +45,24 @@ fn restarting_the_agent_twice_under_load_loses_nothing() {
     if !privileged("restarting_the_agent_twice_under_load_loses_nothing") {
         return;
     }
-    let mut lab = Lab::new("rst");
-    let c = Cluster::start(&mut lab, ClusterSpec::pair());
+    // Pods with weft's netlink filters (the default) and with TCX links.
+    restart_twice_under_load("rst", None);
+    if weft_agent::dataplane::has_tcx() {
+        restart_twice_under_load("rstx", Some("tcx"));
+    }
+}
+
+fn restart_twice_under_load(tag: &str, tc_attach: Option<&'static str>) {
+    let mut lab = Lab::new(tag);
+    let c = Cluster::start(
+        &mut lab,
+        ClusterSpec {
+            tc_attach,
+            ..ClusterSpec::pair()
+        },
+    );
     let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
+    let host_if = weft_agent::endpoint::host_ifname(&a.name, "eth0");
 
     // A counted UDP stream a → b, one datagram per millisecond.
     let udp = UdpCount::start(
@@ -70,18 +85,19 @@ fn restarting_the_agent_twice_under_load_loses_nothing() {
             .unwrap()
     });
 
-    let egress_pins = c.nodes[0].bpffs.join("pods_to");
-    let egress_links = || std::fs::read_dir(&egress_pins).unwrap().count();
     for round in 1..=2 {
         std::thread::sleep(Duration::from_millis(1500));
         lab.stop(&Cluster::agent_name(0));
         if round == 1 {
             // As if the pod had been attached by a version without the
-            // egress program: removing its pin detaches that link.
-            for pin in std::fs::read_dir(&egress_pins).unwrap().flatten() {
-                std::fs::remove_file(pin.path()).unwrap();
-            }
-            assert_eq!(egress_links(), 0);
+            // egress program: its pin removed (which detaches a TCX link),
+            // or weft's egress filter deleted.
+            let _ = std::fs::remove_file(c.nodes[0].bpffs.join("pods_to").join(&host_if));
+            let _ = c.nodes[0].ns.try_sh(
+                "tc",
+                &["filter", "del", "dev", &host_if, "egress", "pref", "30565"],
+            );
+            assert_eq!(c.pod_programs(0, &host_if), (true, false));
         }
         std::thread::sleep(Duration::from_millis(300));
         c.start_agent(&mut lab, 0);
@@ -92,16 +108,18 @@ fn restarting_the_agent_twice_under_load_loses_nothing() {
             lab.log(&Cluster::agent_name(0))
         );
         assert_eq!(
-            egress_links(),
-            1,
-            "round {round}: the pod's egress link is there"
+            c.pod_programs(0, &host_if),
+            (true, true),
+            "round {round}: the pod's egress program is there"
         );
     }
     std::thread::sleep(Duration::from_millis(1500));
     let report = udp.finish();
     println!(
-        "UDP across two agent restarts: sent {}, received {}",
-        report.sent, report.received
+        "UDP across two agent restarts ({}): sent {}, received {}",
+        tc_attach.unwrap_or("auto"),
+        report.sent,
+        report.received
     );
     assert!(
         report.sent > 3000,
@@ -672,12 +690,11 @@ fn pods_survive_weft_down_and_a_new_agent() {
         before,
         "the entry is restored as the CNI made it (interface, MAC, XDP flag)"
     );
-    if weft_agent::dataplane::has_tcx() {
-        assert!(
-            n.bpffs.join("pods").join(&host_if).exists(),
-            "the pod's program is attached again (its link pinned)"
-        );
-    }
+    assert_eq!(
+        c.pod_programs(0, &host_if),
+        (true, true),
+        "the pod's programs are attached again"
+    );
     let spoofed_before = c.counter(0, "spoofed_source");
     assert!(ping(&a.ns, b.ip, 2), "the pod sends again");
     assert!(ping(&b.ns, a.ip, 2), "and receives");
@@ -725,11 +742,17 @@ fn programs_removed_by_others_are_put_back() {
             .to_string();
         weft_tests::sh("bpftool", &["link", "detach", "id", &id]);
     };
+    // TC decap with pods on weft's netlink filters (the default), XDP decap
+    // with pods on TCX links.
+    let tcx_pods = weft_agent::dataplane::has_tcx().then_some("tcx");
     for (lab_name, spec, decap_pin, decap_hook) in [
         ("keep", ClusterSpec::pair(), "link_und", "underlay_tc"),
         (
             "keepx",
-            ClusterSpec::pair().xdp_decap(),
+            ClusterSpec {
+                tc_attach: tcx_pods,
+                ..ClusterSpec::pair().xdp_decap()
+            },
             "link_xdp",
             "underlay_xdp",
         ),
@@ -759,10 +782,21 @@ fn programs_removed_by_others_are_put_back() {
         assert!(ping(&b.ns, a.ip, 2), "decap works again");
         assert!(ping(&a.ns, b.ip, 2));
 
-        // A pod's programs (what it sends, what the stack delivers to it).
+        // A pod's programs (what it sends, what the stack delivers to it):
+        // its TCX links detached, or its clsact qdisc (with weft's filters)
+        // deleted.
         let host_if = weft_agent::endpoint::host_ifname(&a.name, "eth0");
-        detach(&n, &format!("pods/{host_if}"));
-        detach(&n, &format!("pods_to/{host_if}"));
+        if n.bpffs.join("pods").join(&host_if).exists() {
+            detach(&n, &format!("pods/{host_if}"));
+            detach(&n, &format!("pods_to/{host_if}"));
+        } else {
+            n.ns.sh("tc", &["qdisc", "del", "dev", &host_if, "clsact"]);
+            assert_eq!(
+                c.pod_programs(0, &host_if),
+                (false, false),
+                "the pod's programs are off"
+            );
+        }
         wait_for(
             "the pod's programs put back",
             Duration::from_secs(15),

@@ -72,14 +72,35 @@ fn endpoints(c: &Cluster) -> usize {
     c.status(0)["endpoints"].as_array().unwrap().len()
 }
 
-/// Pinned TC links of node-1's pods, ingress and egress.
+/// weft's programs on node-1's pod veths, ingress and egress: pinned TCX
+/// links (pods with an egress limit) and weft's netlink filters (the rest).
 fn pod_links(c: &Cluster) -> (usize, usize) {
     let count = |dir| {
         std::fs::read_dir(c.nodes[0].bpffs.join(dir))
             .map(|d| d.count())
             .unwrap_or(0)
     };
-    (count("pods"), count("pods_to"))
+    let node = &c.nodes[0].ns;
+    let veths: Vec<String> = node
+        .ip(&["-o", "link", "show"])
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .filter(|n| n.len() == 14 && n.starts_with("weft"))
+        .collect();
+    let filters = |dir: &str, prog: &str| {
+        veths
+            .iter()
+            .filter(|v| {
+                node.sh("tc", &["filter", "show", "dev", v, dir])
+                    .contains(prog)
+            })
+            .count()
+    };
+    (
+        count("pods") + filters("ingress", "weft_from_pod"),
+        count("pods_to") + filters("egress", "weft_to_pod"),
+    )
 }
 
 #[test]
@@ -135,7 +156,7 @@ fn add_check_del_round_trips_in_every_version() {
         assert_eq!(
             pod_links(&c),
             (1, 1),
-            "both of the pod veth's links are pinned"
+            "both of the pod veth's programs are attached"
         );
         assert!(
             ping(&pod, Ipv4Addr::new(198, 18, 0, 1), 1),
@@ -175,7 +196,7 @@ fn add_check_del_round_trips_in_every_version() {
         );
         assert_eq!(host_veths(&c), 0, "host veth removed");
         assert_eq!(endpoints(&c), 0, "endpoint entry removed");
-        assert_eq!(pod_links(&c), (0, 0), "link pins removed");
+        assert_eq!(pod_links(&c), (0, 0), "programs and pins removed");
     }
 }
 
@@ -242,7 +263,7 @@ fn thirty_concurrent_adds_then_dels() {
     );
     assert_eq!(host_veths(&c), 0, "no leaked veth");
     assert_eq!(endpoints(&c), 0, "no leaked endpoint");
-    assert_eq!(pod_links(&c), (0, 0), "no leaked link pin");
+    assert_eq!(pod_links(&c), (0, 0), "no leaked link pin or filter");
 }
 
 trait Eth0 {

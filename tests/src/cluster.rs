@@ -169,6 +169,9 @@ pub struct ClusterSpec {
     /// Extra flags for every agent (e.g. `--registry kube`).
     pub agent_args: Vec<String>,
     pub underlay: UnderlayKind,
+    /// The CNI configuration's `tcAttach` for the pods (none: the plugin's
+    /// default, `auto`).
+    pub tc_attach: Option<&'static str>,
 }
 
 impl ClusterSpec {
@@ -208,6 +211,7 @@ impl Default for ClusterSpec {
             port: 8472,
             agent_args: Vec::new(),
             underlay: UnderlayKind::default(),
+            tc_attach: None,
         }
     }
 }
@@ -402,14 +406,37 @@ impl Cluster {
     /// The network configuration the lab's CNI invocations use on node `i`.
     pub fn cni_conf(&self, i: usize, version: &str) -> serde_json::Value {
         let n = &self.nodes[i];
-        serde_json::json!({
+        let mut conf = serde_json::json!({
             "cniVersion": version,
             "name": "weft",
             "type": "weft",
             "runDir": n.run_dir,
             "dataDir": n.run_dir.join("ipam"),
             "dns": {"nameservers": ["198.18.0.53"]},
-        })
+        });
+        if let Some(mode) = self.spec.tc_attach {
+            conf["tcAttach"] = serde_json::json!(mode);
+        }
+        conf
+    }
+
+    /// Whether node `i`'s pod veth `host_if` has weft's (ingress, egress)
+    /// programs: as pinned TCX links, or as weft's netlink filters.
+    pub fn pod_programs(&self, i: usize, host_if: &str) -> (bool, bool) {
+        let n = &self.nodes[i];
+        let on = |pins: &str, dir: &str, prog: &str| {
+            n.bpffs.join(pins).join(host_if).exists()
+                || String::from_utf8_lossy(
+                    &n.ns
+                        .try_sh("tc", &["filter", "show", "dev", host_if, dir])
+                        .stdout,
+                )
+                .contains(prog)
+        };
+        (
+            on("pods", "ingress", "weft_from_pod"),
+            on("pods_to", "egress", "weft_to_pod"),
+        )
     }
 
     /// Runs the weft CNI plugin on node `i` exactly as a runtime does:

@@ -107,6 +107,11 @@ enum Cmd {
         /// from a results JSON an earlier run wrote.
         #[arg(long)]
         render: Option<PathBuf>,
+        /// Measure pod set-up by the CNI plugins (ADD/DEL latency, pods/s at
+        /// concurrency 1 and 20; weft vs bridge+host-local): only that, unless
+        /// --modes is given too. A run without --modes measures it as well.
+        #[arg(long)]
+        cni: bool,
     },
     /// (internal) The userspace TUN↔UDP reference forwarder the bench runs.
     #[command(hide = true)]
@@ -451,6 +456,7 @@ fn main() -> Result<()> {
             svg,
             docs,
             render,
+            cni,
         } => {
             if let Some(path) = render {
                 let result: serde_json::Value =
@@ -476,8 +482,12 @@ fn main() -> Result<()> {
             let opts = bench::Opts {
                 runs,
                 secs: seconds,
-                modes: modes
-                    .unwrap_or_else(|| bench::MODES.iter().map(|m| m.to_string()).collect()),
+                cni: cni || modes.is_none(),
+                modes: match (modes, cni) {
+                    (Some(m), _) => m,
+                    (None, true) => Vec::new(),
+                    (None, false) => bench::MODES.iter().map(|m| m.to_string()).collect(),
+                },
                 json,
                 svg,
                 docs: docs.then(|| workspace().join("docs")),

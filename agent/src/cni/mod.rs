@@ -10,7 +10,11 @@
 //! Network configuration keys beyond the standard ones:
 //! - `runDir`: where the agent's `subnet.env` is (default `/run/weft`);
 //! - `dataDir`: IPAM store root (default `/var/lib/weft/ipam`; the network
-//!   name is appended).
+//!   name is appended);
+//! - `tcAttach`: how the pod's programs go on its veth — `auto` (the
+//!   default: weft's netlink filters, which cost no RCU grace period, or TCX
+//!   links for a pod whose egress the `bandwidth` plugin limits), `tcx`
+//!   (always TCX links, Linux 6.6+), `netlink`.
 
 pub mod conflist;
 pub mod ipam;
@@ -25,7 +29,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::{
-    dataplane::{Maps, ip_key},
+    dataplane::{Maps, TcMode, ip_key},
     endpoint::{self, EndpointSpec},
     host::netdev,
     node::NodeConfig,
@@ -104,6 +108,18 @@ struct NetConf {
     /// weft reads `bandwidth` (see [`NetConf::shaped`]).
     #[serde(rename = "runtimeConfig", default)]
     runtime_config: Option<Value>,
+    #[serde(rename = "tcAttach", default)]
+    tc_attach: TcAttach,
+}
+
+/// `tcAttach`: how pods' programs are attached (see the module docs).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum TcAttach {
+    #[default]
+    Auto,
+    Tcx,
+    Netlink,
 }
 
 impl NetConf {
@@ -114,8 +130,7 @@ impl NetConf {
     /// qdisc cannot join the `clsact` weft uses without it, so the pod's ADD
     /// fails here, saying why, rather than in the plugin with "file exists".
     fn shaped(&self, tcx: bool) -> Result<bool, CniError> {
-        let bw = self.runtime_config.as_ref().map(|r| &r["bandwidth"]);
-        let limited = |k: &str| bw.is_some_and(|bw| bw[k].as_u64().is_some_and(|r| r > 0));
+        let limited = |k: &str| self.limited(k);
         if limited("egressRate") && !tcx {
             return Err(CniError::new(
                 code::UNSUPPORTED_FIELD,
@@ -124,6 +139,35 @@ impl NetConf {
             ));
         }
         Ok(limited("ingressRate") || limited("egressRate"))
+    }
+
+    /// Whether the runtime passed a nonzero `bandwidth` limit `key`
+    /// (`ingressRate`, `egressRate`).
+    fn limited(&self, key: &str) -> bool {
+        self.runtime_config
+            .as_ref()
+            .is_some_and(|r| r["bandwidth"][key].as_u64().is_some_and(|r| r > 0))
+    }
+
+    /// How this pod's programs are attached; an error where `tcAttach`
+    /// asks for what cannot work.
+    fn tc_mode(&self, tcx: bool) -> Result<TcMode, CniError> {
+        let egress = self.limited("egressRate");
+        match self.tc_attach {
+            TcAttach::Auto => Ok(TcMode::pod(egress)),
+            TcAttach::Tcx if tcx => Ok(TcMode::Tcx),
+            TcAttach::Tcx => Err(CniError::new(
+                code::INVALID_CONFIG,
+                "tcAttach \"tcx\" needs Linux 6.6 or newer",
+                "this kernel has no TCX links; remove tcAttach (or set it to \"auto\")",
+            )),
+            TcAttach::Netlink if egress => Err(CniError::new(
+                code::UNSUPPORTED_FIELD,
+                "runtimeConfig.bandwidth.egressRate with tcAttach \"netlink\"",
+                "weft's netlink filters sit in a clsact qdisc, which leaves no room for the bandwidth plugin's ingress qdisc; use tcAttach \"auto\" (or \"tcx\")",
+            )),
+            TcAttach::Netlink => Ok(TcMode::Netlink),
+        }
     }
 
     fn run_dir(&self) -> PathBuf {
@@ -278,6 +322,7 @@ fn add(conf: &NetConf, id: &str, ifname: &str, netns: &str) -> Result<Value, Cni
         host_ifname: endpoint::host_ifname(id, ifname),
         ip,
         shaped,
+        tc: conf.tc_mode(crate::dataplane::has_tcx())?,
     };
     let attached = match endpoint::add(&spec, &node) {
         Ok(a) => a,
@@ -517,6 +562,37 @@ mod tests {
             e.msg.contains("egressRate") && e.msg.contains("6.6"),
             "{}",
             e.msg
+        );
+    }
+
+    #[test]
+    fn pods_get_netlink_filters_unless_their_egress_is_limited_or_tcx_is_asked_for() {
+        let conf = |extra: &str| -> NetConf {
+            serde_json::from_str(&format!(
+                r#"{{"cniVersion":"1.0.0","name":"n","type":"weft"{extra}}}"#
+            ))
+            .unwrap()
+        };
+        let egress = r#","runtimeConfig":{"bandwidth":{"egressRate":1000000}}"#;
+        assert_eq!(conf("").tc_mode(true), Ok(TcMode::Netlink));
+        assert_eq!(conf(egress).tc_mode(true), Ok(TcMode::Tcx));
+        assert_eq!(conf(r#","tcAttach":"tcx""#).tc_mode(true), Ok(TcMode::Tcx));
+        assert_eq!(
+            conf(r#","tcAttach":"tcx""#)
+                .tc_mode(false)
+                .unwrap_err()
+                .code,
+            code::INVALID_CONFIG
+        );
+        let e = conf(&format!(r#","tcAttach":"netlink"{egress}"#))
+            .tc_mode(true)
+            .unwrap_err();
+        assert!(e.details.contains("ingress qdisc"), "{e:?}");
+        assert!(
+            serde_json::from_str::<NetConf>(
+                r#"{"cniVersion":"1.0.0","name":"n","type":"weft","tcAttach":"bogus"}"#
+            )
+            .is_err()
         );
     }
 

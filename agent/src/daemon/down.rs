@@ -19,10 +19,11 @@ pub fn down(bpffs_dir: &Path, run_dir: &Path) -> Vec<String> {
             Err(e) => done.push(format!("could not remove {}: {e}", bpffs_dir.display())),
         }
     }
-    if !dataplane::has_tcx() {
-        // Netlink filters are not pinned: find weft's (its own priority and
-        // handle) on the underlay's ingress and pod veths' both sides. weft0
-        // takes its own with it when deleted.
+    // Netlink filters are not pinned: find weft's (its own priority and
+    // handle) on pod veths' both sides (with or without TCX: pods take
+    // netlink filters by default) and, before TCX, the underlay's ingress.
+    // weft0 takes its own with it when deleted.
+    {
         use aya::programs::TcAttachType::{Egress, Ingress};
         for iface in netdev::names() {
             for (dir, name) in [(Ingress, "ingress"), (Egress, "egress")] {

@@ -6,7 +6,7 @@ use std::{net::Ipv4Addr, time::Duration};
 use crate::{
     cidr::Ipv4Cidr,
     daemon::{AgentError, bringup::bring_up, config::AgentConfig, metrics::AgentMetrics},
-    dataplane::{self, Dataplane, DataplaneError, Globals, Hook, Maps},
+    dataplane::{Dataplane, DataplaneError, Globals, Hook, Maps},
     host::{
         gro, netdev,
         weft0::{self, HOST_IFACE},
@@ -195,18 +195,15 @@ impl Keeper {
     }
 
     /// The same for every pod in the endpoints map: both of its veth's
-    /// programs. A pod whose ADD or DEL is under way may look half-wired for
-    /// a moment: with TCX, a pod is checked only once the plugin has pinned
-    /// its links (so the two never attach at once), and errors (its veth
-    /// just went) are not problems.
+    /// programs. A pod is in the map only once the plugin has attached them
+    /// (so the two never attach at once), and leaves it before its veth
+    /// goes: errors (its veth just went) are not problems.
     fn check_pods(&self, dp: &mut Dataplane, maps: &Maps, repaired: &dyn Fn(&str)) {
-        let tcx = dataplane::has_tcx();
         let ifaces: Vec<String> = maps
             .endpoints
             .iter()
             .filter_map(Result::ok)
             .filter_map(|(_, ep)| netdev::name(ep.ifindex))
-            .filter(|iface| !tcx || dataplane::pod_attached(&dp.pin_dir, iface))
             .collect();
         for iface in ifaces {
             for hook in [Hook::PodIngress, Hook::PodEgress] {

@@ -86,7 +86,57 @@ impl Hook {
 /// Whether this kernel has TCX links (6.6+); before, TC programs are
 /// attached as netlink `cls_bpf` filters under a `clsact` qdisc.
 pub fn has_tcx() -> bool {
-    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+    static TCX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TCX.get_or_init(|| {
+        aya::util::KernelVersion::current()
+            .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+    })
+}
+
+/// How a TC program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcMode {
+    /// A TCX link (6.6+), pinned, replaced atomically. Attaching and
+    /// detaching one on a live device each wait for an RCU grace period
+    /// with the RTNL held (kernel/bpf/tcx.c, `tcx_entry_sync`): several
+    /// milliseconds, during which every other netlink request on the node
+    /// waits too.
+    Tcx,
+    /// weft's own netlink `cls_bpf` filter under a `clsact` qdisc
+    /// ([`NL_PRIORITY`], [`NL_HANDLE`]), replaced in place. Its first filter
+    /// waits at most for an expedited grace period (`mini_qdisc_pair_swap`).
+    /// `clsact` cannot share a device with an `ingress` qdisc (the
+    /// `bandwidth` plugin's, for a pod's egress limit).
+    Netlink,
+}
+
+impl TcMode {
+    /// The node's own hooks (the underlay, `weft0`): TCX where the kernel
+    /// has it.
+    pub fn node() -> Self {
+        if has_tcx() { Self::Tcx } else { Self::Netlink }
+    }
+
+    /// A new pod's veth: netlink filters, which cost no full grace period
+    /// (a pod starts in a fraction of the time), except where the
+    /// `bandwidth` plugin will add its `ingress` qdisc for an egress limit,
+    /// which only TCX leaves room for.
+    pub fn pod(egress_limited: bool) -> Self {
+        if egress_limited && has_tcx() {
+            Self::Tcx
+        } else {
+            Self::Netlink
+        }
+    }
+
+    /// An existing pod's veth: TCX when its links are pinned, else netlink.
+    pub fn of_pod(pin_dir: &Path, iface: &str) -> Self {
+        if pod_attached(pin_dir, iface) {
+            Self::Tcx
+        } else {
+            Self::Netlink
+        }
+    }
 }
 
 pub(super) fn nl_link(iface: &str, dir: TcAttachType) -> std::io::Result<SchedClassifierLink> {
@@ -101,18 +151,19 @@ pub(super) fn nl_link(iface: &str, dir: TcAttachType) -> std::io::Result<SchedCl
 
 /// Attaches `prog` to `iface`. With TCX the link is pinned at `pin`, and if
 /// `pin` already holds a link, the program behind it is replaced atomically
-/// instead. Without TCX (before 6.6) the program goes in as weft's netlink
-/// filter ([`NL_PRIORITY`], [`NL_HANDLE`]), replacing weft's filter already
-/// there (also atomic); it stays attached when the agent exits, like a pin.
+/// instead. In netlink mode the program goes in as weft's netlink filter
+/// ([`NL_PRIORITY`], [`NL_HANDLE`]), replacing weft's filter already there
+/// (also atomic); it stays attached when the agent exits, like a pin.
 pub(super) fn attach_tc(
     prog: &mut SchedClassifier,
     name: &'static str,
     iface: &str,
     dir: TcAttachType,
     pin: &Path,
+    mode: TcMode,
 ) -> Result<(), DataplaneError> {
     let err = |source| DataplaneError::Program { name, source };
-    if !has_tcx() {
+    if mode == TcMode::Netlink {
         // clsact is needed only for the netlink path; with TCX no qdisc is
         // added, leaving the ingress qdisc to others (e.g. the bandwidth
         // CNI plugin).
@@ -167,16 +218,17 @@ pub fn detach_nl(iface: &str, dir: TcAttachType) -> bool {
 }
 
 /// Attaches the pinned pod programs to a pod's host-side veth (ingress and
-/// egress) and pins the links under `pods/<iface>` and `pods_to/<iface>`.
-/// Used by the CNI plugin. On failure nothing stays attached.
-pub fn attach_pod(pin_dir: &Path, iface: &str) -> Result<(), DataplaneError> {
+/// egress), in `mode`; TCX links are pinned under `pods/<iface>` and
+/// `pods_to/<iface>`. Used by the CNI plugin. On failure nothing stays
+/// attached.
+pub fn attach_pod(pin_dir: &Path, iface: &str, mode: TcMode) -> Result<(), DataplaneError> {
     for (name, prog_pin, dir, direction) in POD_PROGRAMS {
         let attached = SchedClassifier::from_pin(pin_dir.join(prog_pin))
             .map_err(|source| DataplaneError::Program { name, source })
             .and_then(|mut prog| {
                 let pin = pin_dir.join(dir).join(iface);
                 let _ = fs::remove_file(&pin);
-                attach_tc(&mut prog, name, iface, direction, &pin)
+                attach_tc(&mut prog, name, iface, direction, &pin, mode)
             });
         if let Err(e) = attached {
             detach_pod(pin_dir, iface);
@@ -186,9 +238,9 @@ pub fn attach_pod(pin_dir: &Path, iface: &str) -> Result<(), DataplaneError> {
     Ok(())
 }
 
-/// Whether `iface` has weft's pod programs: with TCX, whether its ingress
-/// link is pinned; with netlink filters (not pinned) always `false`, so the
-/// caller attaches (which replaces weft's filter in place).
+/// Whether `iface` has weft's pod programs as pinned TCX links; with
+/// netlink filters (not pinned) `false`, so the caller attaches (which
+/// replaces weft's filter in place).
 pub fn pod_attached(pin_dir: &Path, iface: &str) -> bool {
     has_tcx()
         && POD_PROGRAMS
@@ -196,13 +248,20 @@ pub fn pod_attached(pin_dir: &Path, iface: &str) -> bool {
             .all(|(_, _, dir, _)| pin_dir.join(dir).join(iface).exists())
 }
 
-/// Removes a pod's link pins (with TCX that detaches them; netlink filters
-/// go with the veth).
+/// Removes a pod's programs from its veth: its link pins (removing a TCX
+/// link's pin detaches it) and weft's netlink filters.
 pub fn detach_pod(pin_dir: &Path, iface: &str) {
     for (_, _, dir, direction) in POD_PROGRAMS {
         let _ = fs::remove_file(pin_dir.join(dir).join(iface));
-        if !has_tcx() {
-            detach_nl(iface, direction);
-        }
+        detach_nl(iface, direction);
+    }
+}
+
+/// Removes a pod's link pins only, once its veth is gone: the kernel took
+/// the links and filters down with the device (no grace period of their
+/// own, unlike detaching a TCX link from a live device).
+pub fn forget_pod(pin_dir: &Path, iface: &str) {
+    for (_, _, dir, _) in POD_PROGRAMS {
+        let _ = fs::remove_file(pin_dir.join(dir).join(iface));
     }
 }

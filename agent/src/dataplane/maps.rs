@@ -38,6 +38,13 @@ impl Maps {
     }
 }
 
+/// The endpoints map alone, opened from its pin (what a DEL needs).
+pub fn endpoints(pin_dir: &Path) -> Result<HashMap<MapData, u32, Endpoint>, DataplaneError> {
+    let name = names::ENDPOINTS;
+    HashMap::try_from(aya::maps::Map::HashMap(open_pinned(pin_dir, name)?))
+        .map_err(|source| DataplaneError::Map { name, source })
+}
+
 /// The map of flows whose replies take the stack (see
 /// dataplane-ebpf/src/flows.rs), opened from its pin. Not part of [`Maps`]:
 /// the CNI plugin has no use for it.

@@ -21,7 +21,9 @@ pub mod maps;
 pub mod profile;
 pub mod stats;
 
-pub use attach::{Hook, attach_pod, detach_nl, detach_pod, has_tcx, pod_attached};
+pub use attach::{
+    Hook, TcMode, attach_pod, detach_nl, detach_pod, forget_pod, has_tcx, pod_attached,
+};
 use attach::{attach_tc, nl_options};
 pub use bpffs::{ensure_bpffs, is_bpffs, replace_stale_pins};
 pub use maps::{Maps, ip_from_key, ip_key, stack_flows};
@@ -310,14 +312,25 @@ impl Dataplane {
             Hook::UnderlayTc | Hook::PodIngress => TcAttachType::Ingress,
             Hook::Host | Hook::PodEgress => TcAttachType::Egress,
         };
+        let mode = match hook {
+            Hook::PodIngress | Hook::PodEgress => TcMode::of_pod(&self.pin_dir, iface),
+            _ => TcMode::node(),
+        };
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
-        if has_tcx() {
+        if mode == TcMode::Tcx {
             let ours = prog.info().map_err(err)?.id();
             let (_, attached) = SchedClassifier::query_tcx(iface, dir).map_err(err)?;
             if attached.iter().any(|p| p.id() == ours) {
                 return Ok(false);
             }
-            attach_tc(prog, name, iface, dir, &hook.pin(&self.pin_dir, iface))?;
+            attach_tc(
+                prog,
+                name,
+                iface,
+                dir,
+                &hook.pin(&self.pin_dir, iface),
+                mode,
+            )?;
             return Ok(true);
         }
         // Netlink filters cannot be listed through aya, but adding weft's
@@ -347,6 +360,7 @@ impl Dataplane {
             iface,
             TcAttachType::Egress,
             &pin,
+            TcMode::node(),
         )
     }
 
@@ -368,6 +382,7 @@ impl Dataplane {
             iface,
             TcAttachType::Ingress,
             &pin,
+            TcMode::node(),
         )
     }
 
@@ -388,25 +403,34 @@ impl Dataplane {
     /// code without a moment of detachment; a link the older version did not
     /// have (the egress one) is attached. Returns how many pods were updated.
     pub fn repoint_pods(&mut self) -> Result<usize, DataplaneError> {
-        let ifaces = if has_tcx() {
+        // Pods with pinned TCX links, and every other pod the endpoints map
+        // names (netlink filters are not pinned).
+        let mut ifaces = if has_tcx() {
             self.pinned_pod_ifaces()?
         } else {
-            // Netlink filters are not pinned: the endpoints map names every
-            // pod's host-side veth.
-            Maps::open(&self.pin_dir)?
-                .endpoints
-                .iter()
-                .filter_map(Result::ok)
-                // A pod that is gone: the CNI DEL removes its entry.
-                .filter_map(|(_, ep)| crate::host::netdev::name(ep.ifindex))
-                .collect()
+            Vec::new()
         };
+        for iface in Maps::open(&self.pin_dir)?
+            .endpoints
+            .iter()
+            .filter_map(Result::ok)
+            // A pod that is gone: the CNI DEL removes its entry.
+            .filter_map(|(_, ep)| crate::host::netdev::name(ep.ifindex))
+        {
+            if !ifaces.contains(&iface) {
+                ifaces.push(iface);
+            }
+        }
+        let modes: Vec<TcMode> = ifaces
+            .iter()
+            .map(|i| TcMode::of_pod(&self.pin_dir, i))
+            .collect();
         let mut updated = vec![true; ifaces.len()];
         for (name, _, dir, direction) in POD_PROGRAMS {
             let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
-            for (iface, ok) in ifaces.iter().zip(&mut updated) {
+            for ((iface, ok), mode) in ifaces.iter().zip(&mut updated).zip(&modes) {
                 let pin = self.pin_dir.join(dir).join(iface);
-                if let Err(e) = attach_tc(prog, name, iface, direction, &pin) {
+                if let Err(e) = attach_tc(prog, name, iface, direction, &pin, *mode) {
                     tracing::warn!(%iface, "could not re-point the pod's {name} link: {e}");
                     *ok = false;
                 }

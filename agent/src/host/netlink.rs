@@ -392,6 +392,18 @@ impl Netlink {
         )
     }
 
+    /// Deletes the link named `name` in one request (ENODEV when there is
+    /// none).
+    pub fn del_link_by_name(&mut self, name: &str) -> Result<(), NetlinkError> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.into()));
+        self.request(
+            &|| format!("deleting link {name}"),
+            RouteNetlinkMessage::DelLink(msg),
+            0,
+        )
+    }
+
     /// Deletes the link named `name`; true if there was one. One that goes
     /// meanwhile (its namespace removed, another deletion) is not an error.
     pub fn del_link_named(&mut self, name: &str) -> Result<bool, NetlinkError> {

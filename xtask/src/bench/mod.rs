@@ -101,6 +101,8 @@ pub struct Opts {
     /// TCP congestion control for the iperf3 tests (iperf3 `-C`); `None`
     /// leaves the machine's default.
     pub cc: Option<String>,
+    /// Measure the CNI plugins too ([`cni`]).
+    pub cni: bool,
 }
 
 fn say(msg: &str) {
@@ -124,7 +126,7 @@ const CC_AVAILABLE: &str = "/proc/sys/net/ipv4/tcp_available_congestion_control"
 
 /// Refuses options the run could not honour, before anything is built.
 pub fn check(o: &Opts) -> Result<()> {
-    if o.modes.is_empty() {
+    if o.modes.is_empty() && !o.cni {
         bail!("--modes: no mode given; pick from {}", MODES.join(", "));
     }
     let mut seen = std::collections::BTreeSet::new();
@@ -256,7 +258,13 @@ pub fn run(o: &Opts) -> Result<Value> {
     )
     .trim()
     .to_string();
+    let cni = if o.cni {
+        cni::run(o.runs)?
+    } else {
+        Value::Null
+    };
     Ok(json!({
+        "cni": cni,
         "date": date,
         "machine": {
             "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),

@@ -5,7 +5,11 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
-use super::{DIAGNOSTICS, EXTRA_MODES, FIGURES, MODES, RATIO_TARGETS, measure::PROFILED};
+use super::{
+    DIAGNOSTICS, EXTRA_MODES, FIGURES, MODES, RATIO_TARGETS,
+    cni::{CNI_FIGURES, CNI_TARGETS, PLUGINS},
+    measure::PROFILED,
+};
 
 /// How the bench measures, as docs/BENCHMARKS.md says it (kept in
 /// docs/bench-method.md, where it is read and edited as prose).
@@ -109,6 +113,35 @@ pub fn table(r: &Value) -> String {
         }
         s.push_str(&" |".repeat(ratio_keys.len()));
         s.push('\n');
+    }
+    if order.is_empty() {
+        s.clear();
+    }
+    s + &cni_table(r)
+}
+
+/// The CNI figures' table, when the run measured them.
+fn cni_table(r: &Value) -> String {
+    let c = &r["cni"];
+    if !c.is_object() {
+        return String::new();
+    }
+    let mut s = format!(
+        "\nPod set-up by the CNI plugin, on one node ({} pods one at a time, {} ADDs at once):\n\n| figure |",
+        c["sequential_pods"], c["concurrent_adds"]
+    );
+    for p in PLUGINS {
+        let _ = write!(s, " {p} |");
+    }
+    s.push_str(" weft/bridge+host-local |\n|---|");
+    s.push_str(&"---:|".repeat(PLUGINS.len() + 1));
+    s.push('\n');
+    for (f, desc, _) in CNI_FIGURES {
+        let _ = write!(s, "| {desc} |");
+        for p in PLUGINS {
+            let _ = write!(s, " {} |", cell(&c["plugins"][p][*f]));
+        }
+        let _ = writeln!(s, " {}× |", fmt(&c["ratios"]["weft/bridge+host-local"][*f]));
     }
     s
 }
@@ -309,6 +342,19 @@ pub fn targets(r: &Value) -> String {
         ),
         None => "| weft TCP_RR p50 below kernel-vxlan's | not measured in this run | — |\n".into(),
     };
+    for (fig, bound, ceiling, name) in CNI_TARGETS {
+        s += &match r["cni"]["ratios"]["weft/bridge+host-local"][fig].as_f64() {
+            Some(ratio) => format!(
+                "| {name} | {ratio:.2} × | {} |\n",
+                if (*ceiling && ratio <= *bound) || (!*ceiling && ratio >= *bound) {
+                    "yes"
+                } else {
+                    "no"
+                }
+            ),
+            None => format!("| {name} | not measured in this run | — |\n"),
+        };
+    }
     for (i, (base, fig, at_least, name)) in RATIO_TARGETS.iter().enumerate() {
         // (The latency target, not a ratio, stands third as in the issue.)
         if i == 2 {
