@@ -27,24 +27,21 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-        xdp_action::{XDP_DROP, XDP_PASS},
-        BPF_F_ADJ_ROOM_FIXED_GSO,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action::XDP_PASS, BPF_F_ADJ_ROOM_FIXED_GSO,
     },
     helpers::{bpf_redirect, bpf_redirect_peer, bpf_xdp_adjust_head},
     programs::{TcContext, XdpContext},
 };
-use aya_log_ebpf::debug;
 use weft_common::{DropReason, Endpoint, FwdReason, VXLAN_HLEN};
 
 use crate::{
     flows,
-    forward::{self, TC_ACT_UNSPEC},
-    maps::{self, count_drop, count_fwd},
+    maps::{self, count_fwd},
     parse::{
         ptr_at, EthHdr, Ipv4Hdr, UdpHdr, VxlanHdr, ETH_HLEN, ETH_P_IP, IPPROTO_UDP, IPV4_HLEN,
         UDP_HLEN, VXLAN_FLAG_I,
     },
+    verdict::{Verdict, TC_ACT_UNSPEC},
 };
 
 /// What the underlay received, as far as weft is concerned.
@@ -163,24 +160,15 @@ fn passed(to_stack: bool) -> FwdReason {
     }
 }
 
-/// Counts the drop; at debug log level (a load-time global: pruned by the
-/// verifier when off) also says why. The XDP twin of `forward::drop`.
-#[inline(always)]
-fn xdp_drop(ctx: &XdpContext, reason: DropReason) -> u32 {
-    count_drop(reason);
-    debug!(ctx, "weft xdp: drop {}", reason.name());
-    XDP_DROP
-}
-
 /// XDP on the underlay: strip, then redirect into a local pod or pass up.
 #[inline(always)]
-pub fn xdp(ctx: &XdpContext) -> Result<u32, ()> {
+pub fn xdp(ctx: &XdpContext) -> Verdict<u32> {
     let (inner_off, inner_ip, ep) = match classify(ctx.data(), ctx.data_end()) {
         Vxlan::NotOurs => {
             count_fwd(FwdReason::Passthrough);
             return Ok(XDP_PASS);
         }
-        Vxlan::Drop(reason) => return Ok(xdp_drop(ctx, reason)),
+        Vxlan::Drop(reason) => return Err(reason),
         Vxlan::Ours {
             inner_off,
             inner_ip,
@@ -197,12 +185,10 @@ pub fn xdp(ctx: &XdpContext) -> Result<u32, ()> {
     // Strip outer Ethernet, IPv4, UDP and VXLAN.
     // SAFETY: ctx is our xdp_md; inner_off ≤ 14 + 60 + 16.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, inner_off as i32) } != 0 {
-        return Ok(xdp_drop(ctx, DropReason::HelperFailed));
+        return Err(DropReason::HelperFailed);
     }
     let (start, end) = (ctx.data(), ctx.data_end());
-    let Ok(eth) = ptr_at::<EthHdr>(start, end, 0) else {
-        return Ok(xdp_drop(ctx, DropReason::Malformed));
-    };
+    let eth = ptr_at::<EthHdr>(start, end, 0)?;
     match ep {
         Some(Endpoint {
             ifindex,
@@ -231,7 +217,7 @@ pub fn xdp(ctx: &XdpContext) -> Result<u32, ()> {
 /// TC ingress on the underlay: strip in place (GSO and checksum state kept),
 /// then `bpf_redirect_peer` into a local pod or continue up the stack.
 #[inline(always)]
-pub fn tc(ctx: &TcContext) -> Result<i32, ()> {
+pub fn tc(ctx: &TcContext) -> Verdict<i32> {
     // A NIC may leave headers in page fragments: make the ones we read
     // linear. Only as many as this packet has: pulling more would copy
     // payload out of the fragments of every GSO skb (a veth delivers the
@@ -242,7 +228,7 @@ pub fn tc(ctx: &TcContext) -> Result<i32, ()> {
         let outer_opts = match ptr_at::<Ipv4Hdr>(ctx.data(), ctx.data_end(), ETH_HLEN) {
             // SAFETY: ptr_at checked bounds.
             Ok(ip) => unsafe { (*ip).header_len() }.saturating_sub(IPV4_HLEN),
-            Err(()) => 0,
+            Err(_) => 0,
         };
         outer_opts == 0 || linear(ctx, MIN_HEADERS + outer_opts)
     };
@@ -256,7 +242,7 @@ pub fn tc(ctx: &TcContext) -> Result<i32, ()> {
             count_fwd(FwdReason::Passthrough);
             return Ok(TC_ACT_UNSPEC);
         }
-        Vxlan::Drop(reason) => return Ok(forward::drop(ctx, reason)),
+        Vxlan::Drop(reason) => return Err(reason),
         Vxlan::Ours {
             inner_off,
             inner_ip,
@@ -284,11 +270,9 @@ pub fn tc(ctx: &TcContext) -> Result<i32, ()> {
         )
         .is_err()
     {
-        return Ok(forward::drop(ctx, DropReason::HelperFailed));
+        return Err(DropReason::HelperFailed);
     }
-    let Ok(eth) = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0) else {
-        return Ok(forward::drop(ctx, DropReason::Malformed));
-    };
+    let eth = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0)?;
     match ep {
         Some(ep) if !to_stack => {
             // SAFETY: bounds checked just above; TC makes the data writable.

@@ -29,9 +29,9 @@ use weft_common::{DropReason, FwdReason, RemoteNode, VXLAN_ENCAP_LEN};
 
 use crate::{
     csum,
-    forward::drop,
     maps::{self, count_fwd},
     parse::{ETH_HLEN, IPPROTO_UDP, VXLAN_FLAG_I},
+    verdict::Verdict,
     zeroed::Zeroed,
 };
 
@@ -55,7 +55,7 @@ pub fn source_port(hash: u32) -> u16 {
 }
 
 #[inline(always)]
-pub fn encap_and_redirect(ctx: &TcContext, remote: &RemoteNode) -> i32 {
+pub fn encap_and_redirect(ctx: &TcContext, remote: &RemoteNode) -> Verdict<i32> {
     let local_ip = maps::local_ip();
     let remote_ip = remote.underlay_ip.to_ne_bytes();
     let inner_len = ctx.len() as usize - ETH_HLEN;
@@ -88,8 +88,8 @@ pub fn encap_and_redirect(ctx: &TcContext, remote: &RemoteNode) -> i32 {
         BPF_FIB_LKUP_RET_SUCCESS => true,
         BPF_FIB_LKUP_RET_NO_NEIGH => false,
         // FRAG_NEEDED: a non-GSO packet larger than the underlay MTU allows.
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => return drop(ctx, DropReason::Mtu),
-        _ => return drop(ctx, DropReason::FibLookupFailed),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(DropReason::Mtu),
+        _ => return Err(DropReason::FibLookupFailed),
     };
 
     // SAFETY: ctx is our skb.
@@ -104,7 +104,7 @@ pub fn encap_and_redirect(ctx: &TcContext, remote: &RemoteNode) -> i32 {
         .adjust_room(VXLAN_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
         .is_err()
     {
-        return drop(ctx, DropReason::HelperFailed);
+        return Err(DropReason::HelperFailed);
     }
 
     let mut hdr = MaybeUninit::uninit();
@@ -125,18 +125,18 @@ pub fn encap_and_redirect(ctx: &TcContext, remote: &RemoteNode) -> i32 {
         &maps::vtep_mac(),
     );
     if ctx.store(0, hdr, 0).is_err() {
-        return drop(ctx, DropReason::HelperFailed);
+        return Err(DropReason::HelperFailed);
     }
 
     if resolved {
         count_fwd(FwdReason::Encap);
         // SAFETY: plain helper call.
-        unsafe { bpf_redirect(fib.ifindex, 0) as i32 }
+        Ok(unsafe { bpf_redirect(fib.ifindex, 0) as i32 })
     } else {
         count_fwd(FwdReason::EncapNeigh);
         // SAFETY: NULL params: the helper does its own FIB lookup on the
         // (outer) network header and resolves the neighbour.
-        unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+        Ok(unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) as i32 })
     }
 }
 

@@ -76,7 +76,7 @@ fn flow(start: usize, end: usize, ip_off: usize, ip: &Ipv4Hdr) -> Option<Flow> {
         IPPROTO_TCP => match ptr_at::<[u8; 2]>(start, end, l4 + TCP_OFF_FLAGS) {
             // SAFETY: as above.
             Ok(off_flags) => unsafe { (*off_flags)[1] },
-            Err(()) => 0,
+            Err(_) => 0,
         },
         _ => 0,
     };
@@ -113,7 +113,7 @@ pub fn must_take_stack(start: usize, end: usize, ip_off: usize, ip: &Ipv4Hdr) ->
         return match ptr_at::<[u8; 2]>(start, end, ip_off + ip.header_len()) {
             // SAFETY: ptr_at checked bounds.
             Ok(type_code) => is_icmp_error(unsafe { (*type_code)[0] }),
-            Err(()) => false,
+            Err(_) => false,
         };
     }
     let Some(f) = flow(start, end, ip_off, ip) else {

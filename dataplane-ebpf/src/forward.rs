@@ -6,25 +6,14 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_redirect_peer},
     programs::TcContext,
 };
-use aya_log_ebpf::debug;
 use weft_common::{DropReason, Endpoint, FwdReason};
 
 use crate::{
     csum, encap, flows,
-    maps::{self, count_drop, count_fwd},
+    maps::{self, count_fwd},
     parse::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN, ETH_P_IP},
+    verdict::{Verdict, TC_ACT_UNSPEC},
 };
-
-/// TC verdicts (linux/pkt_cls.h). Defined here as `i32` because the
-/// bindings' type differs between the BPF target and the host.
-///
-/// "No verdict": the next program or tc filter on the hook decides, and
-/// without one the packet goes on (up the stack, or to the qdisc). How
-/// every weft TC program lets a packet pass, so that what follows it on the
-/// hook still runs (the `bandwidth` plugin's filter on a pod's veth, another
-/// tool's on the underlay); `TC_ACT_OK` would end the hook there with TCX.
-pub const TC_ACT_UNSPEC: i32 = -1;
-pub const TC_ACT_SHOT: i32 = 2;
 
 /// Where the packet came from: decides how a same-node delivery is done.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -35,37 +24,36 @@ pub enum Origin {
     Host,
 }
 
+/// Forwards what a pod or the node sends: the action, or why it is dropped.
 #[inline(always)]
-pub fn try_forward(ctx: &TcContext, origin: Origin) -> Result<i32, ()> {
+pub fn forward(ctx: &TcContext, origin: Origin) -> Verdict<i32> {
     let (start, end) = (ctx.data(), ctx.data_end());
+    // Shorter than an Ethernet header: malformed, counted like the rest.
     let eth: *mut EthHdr = ptr_at(start, end, 0)?;
     // SAFETY: ptr_at checked the header lies inside the packet.
     if unsafe { (*eth).proto } != ETH_P_IP {
-        return Ok(not_ours(ctx, origin));
+        return not_ours(origin);
     }
-    let ip: *mut Ipv4Hdr = match ptr_at(start, end, ETH_HLEN) {
-        Ok(ip) => ip,
-        Err(()) => return Ok(drop(ctx, DropReason::Malformed)),
-    };
+    let ip: *mut Ipv4Hdr = ptr_at(start, end, ETH_HLEN)?;
     // SAFETY: as above.
     let hdr = unsafe { *ip };
     if !hdr.is_valid() {
-        return Ok(drop(ctx, DropReason::Malformed));
+        return Err(DropReason::Malformed);
     }
     if origin == Origin::Pod {
         match its_pod(ctx, hdr.src) {
-            None => return Ok(drop(ctx, DropReason::SpoofedSource)),
+            None => return Err(DropReason::SpoofedSource),
             // Its veth is shaped: the qdisc and filters there must see it.
             Some(ep) if ep.shaped() => return Ok(to_stack()),
             Some(_) => {}
         }
     }
     if !maps::in_cluster(hdr.dst) {
-        return Ok(not_ours(ctx, origin));
+        return not_ours(origin);
     }
     if hdr.ttl <= 1 {
         // From a pod, the stack answers with ICMP time exceeded.
-        return Ok(not_ours(ctx, origin));
+        return not_ours(origin);
     }
     match origin {
         // Replies of flows the stack forwarded (it may have NATed them) go
@@ -106,20 +94,20 @@ pub fn try_forward(ctx: &TcContext, origin: Origin) -> Result<i32, ()> {
     }
 
     let Some(remote) = maps::remote(hdr.dst) else {
-        return Ok(drop(ctx, DropReason::NoRoute));
+        return Err(DropReason::NoRoute);
     };
     let remote = *remote;
     if maps::is_own(&remote) {
         // Our own pod CIDR but no endpoint: the gateway address or a pod that
         // is gone; the stack answers (or sends ICMP unreachable).
-        return Ok(not_ours(ctx, origin));
+        return not_ours(origin);
     }
     // SAFETY: header bounds checked above.
     unsafe {
         (*ip).ttl = hdr.ttl - 1;
         (*ip).check = csum::after_ttl_decrement(hdr.check);
     }
-    Ok(encap::encap_and_redirect(ctx, &remote))
+    encap::encap_and_redirect(ctx, &remote)
 }
 
 /// `weft_to_pod`: the node's stack is delivering this packet to a pod (the
@@ -196,21 +184,12 @@ fn to_stack() -> i32 {
 /// unchanged; on `weft0` there is nowhere else for it to go (the veth peer is
 /// a dead end), so it is dropped and counted.
 #[inline(always)]
-fn not_ours(ctx: &TcContext, origin: Origin) -> i32 {
+fn not_ours(origin: Origin) -> Verdict<i32> {
     match origin {
         Origin::Pod => {
             count_fwd(FwdReason::Passthrough);
-            TC_ACT_UNSPEC
+            Ok(TC_ACT_UNSPEC)
         }
-        Origin::Host => drop(ctx, DropReason::NoRoute),
+        Origin::Host => Err(DropReason::NoRoute),
     }
-}
-
-/// Counts the drop; at debug log level (a load-time global: pruned by the
-/// verifier when off) also says why.
-#[inline(always)]
-pub fn drop(ctx: &TcContext, reason: DropReason) -> i32 {
-    count_drop(reason);
-    debug!(ctx, "weft tc: drop {}", reason.name());
-    TC_ACT_SHOT
 }

@@ -8,6 +8,8 @@
 //!   where that is faster) TC,
 //! - [`flows`]: replies of flows the node's stack forwarded (NAT) go back
 //!   through it,
+//! - [`verdict`]: a handler's action or drop reason becomes the verdict;
+//!   every drop is counted there,
 //! - [`csum`]: IPv4 header checksums,
 //! - [`maps`]: maps, per-CPU counters and load-time globals,
 //! - [`zeroed`]: zero-filled stack buffers without a `memset` loop.
@@ -21,33 +23,27 @@ mod flows;
 mod forward;
 mod maps;
 mod parse;
+mod verdict;
 mod zeroed;
 
 mod programs {
     use aya_ebpf::{
-        bindings::xdp_action,
         macros::{classifier, xdp},
         programs::{TcContext, XdpContext},
     };
 
-    use crate::{decap, forward};
+    use crate::{decap, forward, verdict};
 
     /// XDP on the underlay interface: decapsulate VXLAN for this node.
     #[xdp]
     pub fn weft_xdp_decap(ctx: XdpContext) -> u32 {
-        match decap::xdp(&ctx) {
-            Ok(action) => action,
-            Err(()) => xdp_action::XDP_ABORTED,
-        }
+        verdict::xdp(&ctx, decap::xdp(&ctx))
     }
 
     /// TC ingress on a pod's host-side veth: traffic from the pod.
     #[classifier]
     pub fn weft_from_pod(ctx: TcContext) -> i32 {
-        match forward::try_forward(&ctx, forward::Origin::Pod) {
-            Ok(action) => action,
-            Err(()) => forward::TC_ACT_SHOT,
-        }
+        verdict::tc(&ctx, forward::forward(&ctx, forward::Origin::Pod))
     }
 
     /// TC egress on a pod's host-side veth: what the node's stack delivers
@@ -60,20 +56,14 @@ mod programs {
     /// TC egress on `weft0`: traffic from the node itself to remote pods.
     #[classifier]
     pub fn weft_from_host(ctx: TcContext) -> i32 {
-        match forward::try_forward(&ctx, forward::Origin::Host) {
-            Ok(action) => action,
-            Err(()) => forward::TC_ACT_SHOT,
-        }
+        verdict::tc(&ctx, forward::forward(&ctx, forward::Origin::Host))
     }
 
     /// TC ingress on the underlay: decapsulate VXLAN for this node (the
     /// `tc` decap mode, instead of XDP).
     #[classifier]
     pub fn weft_from_und(ctx: TcContext) -> i32 {
-        match decap::tc(&ctx) {
-            Ok(action) => action,
-            Err(()) => forward::TC_ACT_SHOT,
-        }
+        verdict::tc(&ctx, decap::tc(&ctx))
     }
 
     #[cfg(target_arch = "bpf")]

@@ -83,12 +83,25 @@ pub struct VxlanHdr {
 /// The I flag: the VNI field is valid.
 pub const VXLAN_FLAG_I: u8 = 0x08;
 
+/// The packet ends before the header asked for.
+#[derive(Clone, Copy, Debug)]
+pub struct Truncated;
+
+/// A header cut short, where the packet is already known to be weft's to
+/// judge: dropped as malformed (with `?` in a handler).
+impl From<Truncated> for weft_common::DropReason {
+    #[inline(always)]
+    fn from(_: Truncated) -> Self {
+        Self::Malformed
+    }
+}
+
 /// Pointer to a `T` at `off` bytes into `[start, end)`, or `Err` when it does
 /// not fit. The one place packet bounds are checked.
 #[inline(always)]
-pub fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*mut T, ()> {
+pub fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*mut T, Truncated> {
     if start + off + size_of::<T>() > end {
-        return Err(());
+        return Err(Truncated);
     }
     Ok((start + off) as *mut T)
 }

@@ -157,27 +157,46 @@ impl Fixture {
         stats::read(&self.maps.drops, &self.maps.fwds)
     }
 
+    /// Every drop counted, and only drops: after each run of a program on a
+    /// frame (every case of every test here), the drop counters went up by
+    /// exactly one when the program dropped it (`drop`: its drop action),
+    /// else not at all.
+    fn counted(&self, before: &Counters, action: u32, drop: u32, frame: &[u8]) {
+        let total = |c: &Counters| DropReason::ALL.iter().map(|r| c.drop(*r)).sum::<u64>();
+        let (was, is) = (total(before), total(&self.counters()));
+        let want = u64::from(action == drop);
+        assert_eq!(
+            is - was,
+            want,
+            "action {action} on a {}-byte frame: {} drops counted, {want} expected",
+            frame.len(),
+            is - was
+        );
+    }
+
     fn xdp(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let before = self.counters();
         let prog: &mut Xdp = self.dp.program_mut(names::PROG_XDP_DECAP).unwrap();
-        run(|o| prog.test_run(o), frame)
+        let out = run(|o| prog.test_run(o), frame);
+        self.counted(&before, out.0, XDP_DROP, frame);
+        out
     }
 
     /// Runs the underlay decap program of `hook`.
     fn decap(&mut self, hook: Hook, frame: &[u8]) -> (u32, Vec<u8>) {
         match hook {
             Hook::Xdp => self.xdp(frame),
-            Hook::Tc => {
-                let prog: &mut SchedClassifier =
-                    self.dp.program_mut(names::PROG_FROM_UNDERLAY).unwrap();
-                run(|o| prog.test_run(o), frame)
-            }
+            Hook::Tc => self.tc_prog(names::PROG_FROM_UNDERLAY, frame),
         }
     }
 
     /// Runs the TC program `name` on `frame` (no `__sk_buff` context).
     fn tc_prog(&mut self, name: &'static str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let before = self.counters();
         let prog: &mut SchedClassifier = self.dp.program_mut(name).unwrap();
-        run(|o| prog.test_run(o), frame)
+        let out = run(|o| prog.test_run(o), frame);
+        self.counted(&before, out.0, TC_ACT_SHOT, frame);
+        out
     }
 
     /// Runs `weft_from_pod` on a frame arriving on the pods' veth.
@@ -192,7 +211,8 @@ impl Fixture {
         // program runs on; every other field zero.
         let mut ctx = [0u8; 44];
         ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-        run(
+        let before = stats::read(&self.maps.drops, &self.maps.fwds);
+        let out = run(
             |o| {
                 prog.test_run(TestRunOptions {
                     ctx_in: Some(&ctx),
@@ -200,7 +220,9 @@ impl Fixture {
                 })
             },
             frame,
-        )
+        );
+        self.counted(&before, out.0, TC_ACT_SHOT, frame);
+        out
     }
 
     /// A VXLAN frame from `src` carrying `inner` (an Ethernet frame).
