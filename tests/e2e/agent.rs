@@ -121,18 +121,7 @@ fn restart_twice_under_load(tag: &str, tc_attach: Option<&'static str>) {
         report.sent,
         report.received
     );
-    assert!(
-        report.sent > 3000,
-        "the stream ran ({} datagrams)",
-        report.sent
-    );
-    assert!(
-        report.missing.is_empty(),
-        "lost {} of {} datagrams, first: {:?}",
-        report.sent - report.received,
-        report.sent,
-        report.missing
-    );
+    report.assert_lossless(3000, "across two agent restarts");
     let out = client.join().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
     assert!(

@@ -187,14 +187,7 @@ fn weft_life_cycle_under_real_kubelets() {
         new_agents.iter().all(|n| !old_agents.contains(n)) && new_agents.len() == 3,
         "every agent pod was replaced: {old_agents:?} → {new_agents:?}"
     );
-    assert!(report.sent > 2000, "the UDP stream ran: {report:?}");
-    assert!(
-        report.missing.is_empty(),
-        "lost {} of {} datagrams during the rollout, first: {:?}",
-        report.sent - report.received,
-        report.sent,
-        report.missing
-    );
+    report.assert_lossless(2000, "during the rollout");
     let tcp_bytes = tcp_bytes.unwrap_or_else(|e| panic!("TCP across the rollout: {e}"));
     assert!(
         tcp_bytes > 20 << 20,

@@ -366,3 +366,39 @@ impl Drop for InNetns {
         unsafe { libc::setns(self.orig.as_raw_fd(), libc::CLONE_NEWNET) };
     }
 }
+
+/// Removes what a lab whose process was killed left (no drop ran), by its
+/// prefix and directory: every process in its namespaces is killed, then
+/// `between` runs (what else the lab made, e.g. a Kubernetes node's cgroups),
+/// then its namespaces, bpffs mount and directory go. What `cargo xtask
+/// demo --down` and `cargo xtask cluster --down` run after a killed run.
+pub fn remove_leftovers(prefix: &str, dir: &std::path::Path, between: impl FnOnce()) {
+    if prefix.is_empty() {
+        return;
+    }
+    let list = try_sh("ip", &["netns", "list"]);
+    let namespaces: Vec<String> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&format!("{prefix}-")))
+        .map(str::to_string)
+        .collect();
+    for name in &namespaces {
+        let pids = try_sh("ip", &["netns", "pids", name]);
+        for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                // SAFETY: kill(2) of a process inside the lab's own namespace.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    between();
+    for name in namespaces.iter().rev() {
+        let _ = try_sh("ip", &["netns", "del", name]);
+    }
+    let _ = try_sh(
+        "umount",
+        &["-l", dir.join("bpffs").to_str().unwrap_or_default()],
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

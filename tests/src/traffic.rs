@@ -40,6 +40,24 @@ pub struct UdpReport {
     pub missing: Vec<u64>,
 }
 
+impl UdpReport {
+    /// Panics unless at least `at_least` datagrams were sent and every one
+    /// arrived; `during` says when (for the message).
+    pub fn assert_lossless(&self, at_least: u64, during: &str) {
+        assert!(
+            self.sent >= at_least,
+            "the UDP stream ran {during}: {self:?}"
+        );
+        assert!(
+            self.missing.is_empty(),
+            "lost {} of {} datagrams {during}, first: {:?}",
+            self.sent - self.received,
+            self.sent,
+            self.missing
+        );
+    }
+}
+
 impl UdpCount {
     /// Starts the receiver on `dst:port` inside `to`, then the sender in `from`.
     pub fn start(from: PathBuf, to: PathBuf, dst: Ipv4Addr, port: u16, interval: Duration) -> Self {
@@ -134,41 +152,15 @@ pub struct TcpStream {
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
     sender: Option<JoinHandle<Result<(), String>>>,
-    receiver: Option<JoinHandle<Result<u64, String>>>,
+    receiver: Option<Result<JoinHandle<Result<u64, String>>, String>>,
 }
 
 impl TcpStream {
     pub fn start(from: PathBuf, to: PathBuf, dst: Ipv4Addr, port: u16, rate: u64) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let receiver = std::thread::spawn(move || -> Result<u64, String> {
-            let _inside = InNetns::enter_path(&to);
-            let l = std::net::TcpListener::bind((dst, port)).map_err(|e| format!("bind: {e}"))?;
-            tx.send(()).expect("ready");
-            let (mut s, _) = l.accept().map_err(|e| format!("accept: {e}"))?;
-            // Long enough for a node's dataplane to be replaced under it.
-            s.set_read_timeout(Some(Duration::from_secs(30)))
-                .map_err(|e| e.to_string())?;
-            let (mut at, mut buf) = (0u64, vec![0u8; 1 << 16]);
-            loop {
-                let n = s
-                    .read(&mut buf)
-                    .map_err(|e| format!("read at byte {at}: {e}"))?;
-                if n == 0 {
-                    return Ok(at);
-                }
-                for (k, b) in buf[..n].iter().enumerate() {
-                    let pos = at + k as u64;
-                    if *b != bulk_word(pos / 8)[(pos % 8) as usize] {
-                        return Err(format!("byte {pos} differs"));
-                    }
-                }
-                at += n as u64;
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(5))
-            .expect("TCP receiver started");
+        // Long enough for a node's dataplane to be replaced under it.
+        let receiver = checked_receiver(to, dst, port, Duration::from_secs(30));
         let (flag, count) = (stop.clone(), sent.clone());
         let sender = std::thread::spawn(move || -> Result<(), String> {
             let _inside = InNetns::enter_path(&from);
@@ -224,7 +216,7 @@ impl TcpStream {
         let received = self
             .receiver
             .take()
-            .expect("receiver")
+            .expect("receiver")?
             .join()
             .expect("TCP receiver")?;
         sent?;
@@ -378,42 +370,7 @@ pub fn bulk_tcp_intact(
     client: &Netns,
     bytes: u64,
 ) -> Result<(), String> {
-    use std::io::{Read, Write};
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let ns = server.clone();
-    let receiver = std::thread::spawn(move || -> Result<(), String> {
-        let _inside = InNetns::enter(&ns);
-        let l = std::net::TcpListener::bind((ip, port)).map_err(|e| format!("bind: {e}"))?;
-        ready_tx.send(()).expect("ready");
-        let (mut s, _) = l.accept().map_err(|e| format!("accept: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| e.to_string())?;
-        let (mut at, mut buf) = (0u64, vec![0u8; 1 << 16]);
-        loop {
-            let n = s.read(&mut buf).map_err(|e| format!("read at {at}: {e}"))?;
-            if n == 0 {
-                break;
-            }
-            let mut word = bulk_word(at / 8);
-            for (k, b) in buf[..n].iter().enumerate() {
-                let pos = at + k as u64;
-                if pos.is_multiple_of(8) {
-                    word = bulk_word(pos / 8);
-                }
-                if *b != word[(pos % 8) as usize] {
-                    return Err(format!("byte {pos} of {bytes} differs"));
-                }
-            }
-            at += n as u64;
-        }
-        if at != bytes {
-            return Err(format!("received {at} of {bytes} bytes"));
-        }
-        Ok(())
-    });
-    ready_rx
-        .recv_timeout(Duration::from_secs(5))
-        .map_err(|_| "receiver did not start".to_string())?;
+    let receiver = checked_receiver(server.path(), ip, port, Duration::from_secs(10))?;
     let sent = (|| {
         let _inside = InNetns::enter(client);
         let mut s =
@@ -432,7 +389,51 @@ pub fn bulk_tcp_intact(
         Ok::<(), String>(())
     })();
     // The receiver's verdict first: a sender's error is usually its echo.
-    receiver.join().expect("receiver thread").and(sent)
+    match receiver.join().expect("receiver thread")? {
+        at if at == bytes => sent,
+        at => Err(format!("received {at} of {bytes} bytes")),
+    }
+}
+
+/// A receiver on `ip:port` inside the namespace at `netns`, started (its
+/// socket listening) when this returns: it takes one connection and checks
+/// every byte against the [`bulk_word`] stream until the sender closes,
+/// then says how many bytes came, or where they went wrong.
+fn checked_receiver(
+    netns: PathBuf,
+    ip: Ipv4Addr,
+    port: u16,
+    read_timeout: Duration,
+) -> Result<JoinHandle<Result<u64, String>>, String> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let receiver = std::thread::spawn(move || -> Result<u64, String> {
+        let _inside = InNetns::enter_path(&netns);
+        let l = std::net::TcpListener::bind((ip, port)).map_err(|e| format!("bind: {e}"))?;
+        ready_tx.send(()).expect("ready");
+        let (mut s, _) = l.accept().map_err(|e| format!("accept: {e}"))?;
+        s.set_read_timeout(Some(read_timeout))
+            .map_err(|e| e.to_string())?;
+        let (mut at, mut buf) = (0u64, vec![0u8; 1 << 16]);
+        loop {
+            let n = s
+                .read(&mut buf)
+                .map_err(|e| format!("read at byte {at}: {e}"))?;
+            if n == 0 {
+                return Ok(at);
+            }
+            for (k, b) in buf[..n].iter().enumerate() {
+                let pos = at + k as u64;
+                if *b != bulk_word(pos / 8)[(pos % 8) as usize] {
+                    return Err(format!("byte {pos} differs"));
+                }
+            }
+            at += n as u64;
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .map_err(|_| "receiver did not start".to_string())?;
+    Ok(receiver)
 }
 
 /// One TCP round trip from inside `from` to `ip:port`: true when the echo matches.

@@ -8,16 +8,24 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use weft_tests::{
     Lab,
     k8s::{KubeCluster, KubeSpec, NETWORK_CONFORMANCE, SKIP},
 };
 
-use crate::{image, workspace};
+use crate::{image, running::Running, workspace};
 
-fn state_file() -> PathBuf {
-    PathBuf::from("/run/weft-cluster.json")
+const RUNNING: Running = Running { name: "cluster" };
+
+/// What a killed cluster left: the namespaces and their processes, the
+/// nodes' cgroups, mount namespaces and shims, the lab directory.
+fn clean(record: &serde_json::Value) {
+    weft_tests::k8s::clean_leftovers(
+        record["prefix"].as_str().unwrap_or_default(),
+        Path::new(record["dir"].as_str().unwrap_or_default()),
+        record["nodes"].as_u64().unwrap_or(0) as usize,
+    );
 }
 
 fn say(msg: &str) {
@@ -45,28 +53,10 @@ fn spec(nodes: usize, weft_image: PathBuf, images: PathBuf) -> KubeSpec {
 /// Refuses to start over a live cluster, cleans up after a dead one, and
 /// records this one for `--down`.
 fn claim(lab: &Lab, nodes: usize) -> Result<()> {
-    if let Ok(text) = std::fs::read_to_string(state_file()) {
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-        let pid = v["pid"].as_i64().unwrap_or(0) as i32;
-        // SAFETY: kill with signal 0 only checks the process exists.
-        if pid > 0 && unsafe { libc::kill(pid, 0) } == 0 {
-            bail!(
-                "a cluster is already running (pid {pid}); stop it with `cargo xtask cluster --down`"
-            );
-        }
-        down()?;
-    }
-    std::fs::write(
-        state_file(),
-        serde_json::json!({
-            "pid": std::process::id(),
-            "prefix": lab.prefix,
-            "dir": lab.dir,
-            "nodes": nodes,
-        })
-        .to_string(),
+    RUNNING.claim(
+        serde_json::json!({"prefix": lab.prefix, "dir": lab.dir, "nodes": nodes}),
+        clean,
     )
-    .context("writing /run/weft-cluster.json")
 }
 
 /// `cargo xtask cluster`: up until Ctrl-C.
@@ -106,7 +96,7 @@ pub fn up(weft: &Path, nodes: usize) -> Result<()> {
     }
     say("tearing down");
     drop(cluster);
-    let _ = std::fs::remove_file(state_file());
+    RUNNING.release();
     say("done: every namespace, process, cgroup and mount the cluster made is gone");
     Ok(())
 }
@@ -114,31 +104,7 @@ pub fn up(weft: &Path, nodes: usize) -> Result<()> {
 /// `cargo xtask cluster --down`: stops a running cluster, or cleans up
 /// after one that was killed.
 pub fn down() -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(state_file()) else {
-        say("no cluster is running");
-        return Ok(());
-    };
-    let v: serde_json::Value =
-        serde_json::from_str(&text).context("reading /run/weft-cluster.json")?;
-    let pid = v["pid"].as_i64().unwrap_or(0) as i32;
-    // SAFETY: kill(2) with our own stored pid.
-    if pid > 0 && unsafe { libc::kill(pid, libc::SIGTERM) } == 0 {
-        say(&format!("asked the cluster (pid {pid}) to tear down"));
-        for _ in 0..600 {
-            // SAFETY: as above; signal 0 checks existence.
-            if unsafe { libc::kill(pid, 0) } != 0 {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-    let prefix = v["prefix"].as_str().unwrap_or_default().to_string();
-    let dir = PathBuf::from(v["dir"].as_str().unwrap_or_default());
-    let nodes = v["nodes"].as_u64().unwrap_or(0) as usize;
-    weft_tests::k8s::clean_leftovers(&prefix, &dir, nodes);
-    let _ = std::fs::remove_file(state_file());
-    say("cleaned up what the last cluster left");
-    Ok(())
+    RUNNING.down(Duration::from_secs(60), clean, say)
 }
 
 /// `cargo xtask conformance`: a cluster, e2e.test's `[sig-network]`
@@ -164,7 +130,7 @@ pub fn conformance(weft: &Path, nodes: usize, focus: Option<String>) -> Result<(
     ));
     println!("\n{summary}");
     drop(cluster);
-    let _ = std::fs::remove_file(state_file());
+    RUNNING.release();
     if !ok {
         bail!("e2e.test failed: see {}", log.display());
     }

@@ -2,45 +2,40 @@
 //! machine, running the real agents; stays up until Ctrl-C or
 //! `cargo xtask demo --down`.
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{path::Path, time::Duration};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
+use serde_json::Value;
 use weft_tests::{Cluster, ClusterSpec, Lab, Netns, ping};
 
-fn state_file() -> PathBuf {
-    PathBuf::from("/run/weft-demo.json")
-}
+use crate::running::Running;
+
+const RUNNING: Running = Running { name: "demo" };
 
 fn say(msg: &str) {
     eprintln!("==> demo: {msg}");
 }
 
+/// What a killed demo left: its namespaces (with their processes), its
+/// bpffs and directory.
+fn clean(record: &Value) {
+    weft_tests::lab::remove_leftovers(
+        record["prefix"].as_str().unwrap_or_default(),
+        Path::new(record["dir"].as_str().unwrap_or_default()),
+        || {},
+    );
+}
+
 pub fn up(weft: &Path) -> Result<()> {
-    if let Ok(text) = std::fs::read_to_string(state_file()) {
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-        let pid = v["pid"].as_i64().unwrap_or(0) as i32;
-        // SAFETY: kill with signal 0 only checks the process exists.
-        if pid > 0 && unsafe { libc::kill(pid, 0) } == 0 {
-            anyhow::bail!(
-                "a demo is already running (pid {pid}); stop it with `cargo xtask demo --down`"
-            );
-        }
-        down()?;
-    }
     crate::install_stop_handler();
     // SAFETY: still single-threaded.
     unsafe { std::env::set_var("WEFT_BIN", weft) };
 
     let mut lab = Lab::new("demo");
-    std::fs::write(
-        state_file(),
-        serde_json::json!({"pid": std::process::id(), "prefix": lab.prefix, "dir": lab.dir})
-            .to_string(),
-    )
-    .context("writing /run/weft-demo.json")?;
+    RUNNING.claim(
+        serde_json::json!({"prefix": lab.prefix, "dir": lab.dir}),
+        clean,
+    )?;
     let spec = ClusterSpec::default();
     say(&format!(
         "creating the underlay bridge and {} nodes (network namespaces, each with a veth `und0`)",
@@ -162,63 +157,12 @@ pub fn up(weft: &Path) -> Result<()> {
     say("tearing down");
     drop(cluster);
     drop(lab);
-    let _ = std::fs::remove_file(state_file());
+    RUNNING.release();
     say("done: every namespace, process and pin the demo made is gone");
     Ok(())
 }
 
 /// Stops a running demo, or cleans up after one that died.
 pub fn down() -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(state_file()) else {
-        say("no demo is running");
-        return Ok(());
-    };
-    let v: serde_json::Value =
-        serde_json::from_str(&text).context("reading /run/weft-demo.json")?;
-    let pid = v["pid"].as_i64().unwrap_or(0) as i32;
-    // SAFETY: kill(2) with our own stored pid.
-    if pid > 0 && unsafe { libc::kill(pid, libc::SIGTERM) } == 0 {
-        say(&format!("asked the demo (pid {pid}) to tear down"));
-        for _ in 0..300 {
-            // SAFETY: as above; signal 0 checks existence.
-            if unsafe { libc::kill(pid, 0) } != 0 {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-    // The demo is gone without cleaning up: remove what it left by prefix,
-    // first any process still running in those namespaces (its agents get
-    // SIGTERM when the demo dies, but one may linger).
-    let prefix = v["prefix"].as_str().unwrap_or_default().to_string();
-    if !prefix.is_empty() {
-        for name in demo_namespaces(&prefix) {
-            let pids = weft_tests::try_sh("ip", &["netns", "pids", &name]);
-            for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
-                if let Ok(pid) = pid.parse::<i32>() {
-                    // SAFETY: kill(2) of a process inside the demo's own namespace.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-            let _ = weft_tests::try_sh("ip", &["netns", "del", &name]);
-        }
-    }
-    if let Some(dir) = v["dir"].as_str() {
-        let _ = weft_tests::try_sh("umount", &["-l", &format!("{dir}/bpffs")]);
-        let _ = std::fs::remove_dir_all(dir);
-    }
-    let _ = std::fs::remove_file(state_file());
-    say("cleaned up what the last demo left");
-    Ok(())
-}
-
-/// The namespaces a demo with this lab prefix made.
-fn demo_namespaces(prefix: &str) -> Vec<String> {
-    let list = weft_tests::try_sh("ip", &["netns", "list"]);
-    String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|name| name.starts_with(&format!("{prefix}-")))
-        .map(str::to_string)
-        .collect()
+    RUNNING.down(Duration::from_secs(30), clean, say)
 }

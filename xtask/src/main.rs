@@ -6,6 +6,7 @@ mod cluster;
 mod demo;
 mod ebpf;
 mod image;
+mod running;
 mod scale;
 mod setup;
 mod udpfwd;

@@ -479,31 +479,10 @@ pub fn release_node(dir: &Path, cgroup: &str) {
 /// cgroups, the namespace files, the namespaces and the lab directory.
 /// `cargo xtask cluster --down` runs it with what the cluster recorded.
 pub fn clean_leftovers(prefix: &str, dir: &Path, nodes: usize) {
-    if prefix.is_empty() {
-        return;
-    }
-    let list = try_sh("ip", &["netns", "list"]);
-    let namespaces: Vec<String> = String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(&format!("{prefix}-")))
-        .map(str::to_string)
-        .collect();
-    for name in &namespaces {
-        let pids = try_sh("ip", &["netns", "pids", name]);
-        for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
-            if let Ok(pid) = pid.parse::<i32>() {
-                // SAFETY: kill(2) of a process inside the lab's own namespace.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
+    crate::lab::remove_leftovers(prefix, dir, || {
+        for i in 1..=nodes {
+            let name = format!("node-{i}");
+            release_node(&dir.join(&name), &format!("{prefix}-{name}"));
         }
-    }
-    for i in 1..=nodes {
-        let name = format!("node-{i}");
-        release_node(&dir.join(&name), &format!("{prefix}-{name}"));
-    }
-    for name in namespaces.iter().rev() {
-        let _ = try_sh("ip", &["netns", "del", name]);
-    }
-    let _ = std::fs::remove_dir_all(dir);
+    });
 }
