@@ -43,7 +43,7 @@ enum Command {
         #[arg(long, default_value = weft_agent::daemon::config::DEFAULT_CONFIG)]
         config: PathBuf,
         #[command(flatten)]
-        settings: AgentSettings,
+        settings: Box<AgentSettings>,
     },
     /// Show this node, known nodes, local endpoints and counters.
     Status {
@@ -140,7 +140,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 AgentSettings::default()
             };
-            let mut cfg = AgentConfig::from_settings(settings.over(from_file), hostname);
+            let mut cfg = AgentConfig::from_settings((*settings).over(from_file), hostname)?;
             // The programs log at debug level only when the agent does:
             // otherwise the log calls are pruned at load time.
             cfg.bpf_debug_log =

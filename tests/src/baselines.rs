@@ -44,23 +44,40 @@ pub struct FlannelNode {
 impl FlannelNode {
     /// `ns` must already be plugged into the underlay as `und0`.
     pub fn new(ns: &Netns, underlay_ip: Ipv4Addr, subnet: u8, vni: u32, port: u16) -> Self {
+        Self::with_mac(ns, underlay_ip, subnet, vni, port, None)
+    }
+
+    /// [`FlannelNode::new`] with `flannel.1`'s MAC given (a flanneld that
+    /// restarts takes the one stored in its Node's `backend-data`), else the
+    /// kernel's random one; a `cni0` already there (pods still on it) is kept.
+    pub fn with_mac(
+        ns: &Netns,
+        underlay_ip: Ipv4Addr,
+        subnet: u8,
+        vni: u32,
+        port: u16,
+        mac: Option<&str>,
+    ) -> Self {
         ns.sysctl("net.ipv4.ip_forward", "1");
-        ns.ip(&[
-            "link",
-            "add",
-            "flannel.1",
+        let (vni, port, local) = (vni.to_string(), port.to_string(), underlay_ip.to_string());
+        let mut add = vec!["link", "add", "flannel.1"];
+        if let Some(m) = mac {
+            add.extend(["address", m]);
+        }
+        add.extend([
             "type",
             "vxlan",
             "id",
-            &vni.to_string(),
+            &vni,
             "local",
-            &underlay_ip.to_string(),
+            &local,
             "dev",
             "und0",
             "dstport",
-            &port.to_string(),
+            &port,
             "nolearning",
         ]);
+        ns.ip(&add);
         ns.ip(&["link", "set", "flannel.1", "mtu", "1450", "up"]);
         ns.ip(&[
             "addr",
@@ -69,15 +86,17 @@ impl FlannelNode {
             "dev",
             "flannel.1",
         ]);
-        ns.ip(&["link", "add", "cni0", "type", "bridge"]);
-        ns.ip(&[
-            "addr",
-            "add",
-            &format!("198.19.{subnet}.1/24"),
-            "dev",
-            "cni0",
-        ]);
-        ns.ip(&["link", "set", "cni0", "mtu", "1450", "up"]);
+        if !ns.try_sh("ip", &["link", "show", "cni0"]).status.success() {
+            ns.ip(&["link", "add", "cni0", "type", "bridge"]);
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("198.19.{subnet}.1/24"),
+                "dev",
+                "cni0",
+            ]);
+            ns.ip(&["link", "set", "cni0", "mtu", "1450", "up"]);
+        }
         let link = ns.ip(&["-o", "link", "show", "flannel.1"]);
         let vtep_mac = link
             .split_whitespace()

@@ -40,6 +40,9 @@ pub enum CniConfError {
 pub struct CniConf {
     pub dest: PathBuf,
     text: String,
+    /// Where the plugin keeps this network's IPAM store (its `dataDir`,
+    /// then the network's name).
+    pub ipam_dir: PathBuf,
 }
 
 /// What [`CniConf::ensure`] did.
@@ -89,8 +92,13 @@ impl CniConf {
                 plugins[0]["type"]
             )));
         }
+        let name = v["name"].as_str().unwrap_or_default();
+        let data_dir = plugins[0]["dataDir"]
+            .as_str()
+            .unwrap_or(crate::cni::DEFAULT_DATA_DIR);
         Ok(Some(Self {
             dest: dest.into(),
+            ipam_dir: Path::new(data_dir).join(name),
             text,
         }))
     }
@@ -116,6 +124,53 @@ impl CniConf {
         std::fs::write(&tmp, &self.text).map_err(werr)?;
         std::fs::rename(&tmp, &self.dest).map_err(werr)?;
         Ok(Ensured::Written)
+    }
+
+    /// Moves aside every other network configuration in the destination's
+    /// directory that uses a plugin of type `plugin` (flannel's
+    /// `10-flannel.conflist` sorts before `10-weft.conflist`, and a runtime
+    /// takes the first): renamed to `<name>.weft-disabled`, which runtimes
+    /// ignore and a roll-back can rename back. Returns the new names.
+    pub fn disable_others(&self, plugin: &str) -> Vec<PathBuf> {
+        let Some(dir) = self.dest.parent() else {
+            return Vec::new();
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut moved = Vec::new();
+        for path in entries.flatten().map(|e| e.path()) {
+            let ext = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or_default();
+            if path == self.dest || !["conf", "conflist", "json"].contains(&ext) {
+                continue;
+            }
+            let Ok(v) = std::fs::read_to_string(&path)
+                .map_err(drop)
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).map_err(drop))
+            else {
+                continue;
+            };
+            let uses = v["type"] == plugin
+                || v["plugins"]
+                    .as_array()
+                    .is_some_and(|ps| ps.iter().any(|p| p["type"] == plugin));
+            if !uses {
+                continue;
+            }
+            let mut aside = path.clone().into_os_string();
+            aside.push(".weft-disabled");
+            let aside = PathBuf::from(aside);
+            match std::fs::rename(&path, &aside) {
+                Ok(()) => moved.push(aside),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "could not move {plugin}'s CNI configuration aside: {e}; the runtime may keep using it")
+                }
+            }
+        }
+        moved
     }
 }
 
@@ -152,6 +207,29 @@ mod tests {
         assert_eq!(c.ensure().unwrap(), Ensured::Written);
         let left: Vec<_> = std::fs::read_dir(&d).unwrap().flatten().collect();
         assert_eq!(left.len(), 2, "no temporary file is left: {left:?}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn others_of_a_type_are_moved_aside() {
+        let d = dir("aside");
+        std::fs::write(d.join("src"), GOOD).unwrap();
+        let flannel = r#"{"name":"cbr0","cniVersion":"0.3.1","plugins":[{"type":"flannel","delegate":{"hairpinMode":true}},{"type":"portmap"}]}"#;
+        std::fs::write(d.join("10-flannel.conflist"), flannel).unwrap();
+        std::fs::write(d.join("99-other.conf"), r#"{"type":"bridge"}"#).unwrap();
+        std::fs::write(d.join("notes.txt"), r#"{"type":"flannel"}"#).unwrap();
+        let c = CniConf::from_settings(Some(&d.join("src")), Some(&d.join("10-weft.conflist")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.ipam_dir, PathBuf::from("/var/lib/weft/ipam/weft"));
+        c.ensure().unwrap();
+        assert_eq!(
+            c.disable_others("flannel"),
+            vec![d.join("10-flannel.conflist.weft-disabled")]
+        );
+        assert!(d.join("99-other.conf").exists() && d.join("notes.txt").exists());
+        assert!(d.join("10-weft.conflist").exists());
+        assert_eq!(c.disable_others("flannel"), Vec::<PathBuf>::new());
         std::fs::remove_dir_all(&d).unwrap();
     }
 

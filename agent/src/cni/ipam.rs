@@ -52,6 +52,24 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> IpamError + '_ {
     }
 }
 
+/// `flock`s `path` (created if missing), held until the file is dropped.
+fn flock(path: &Path) -> Result<File, IpamError> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io(path))?;
+    // SAFETY: flock on a file we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(IpamError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(f)
+}
+
 impl Ipam {
     pub fn new(dir: PathBuf, subnet: Ipv4Cidr, gateway: Ipv4Addr) -> Self {
         Self {
@@ -64,23 +82,9 @@ impl Ipam {
     /// Takes the store's lock (blocking until other invocations are done).
     pub fn lock(&self) -> Result<Locked<'_>, IpamError> {
         fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
-        let path = self.dir.join("lock");
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io(&path))?;
-        // SAFETY: flock on a file we own.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(IpamError::Io {
-                path,
-                source: std::io::Error::last_os_error(),
-            });
-        }
         Ok(Locked {
             ipam: self,
-            _lock: f,
+            _lock: flock(&self.dir.join("lock"))?,
         })
     }
 }
@@ -160,6 +164,54 @@ impl Locked<'_> {
         Err(IpamError::Exhausted(*s))
     }
 
+    /// Reserves here every address of this network that the `host-local`
+    /// store `dir` (flannel's `/var/lib/cni/networks/cbr0`: the same layout,
+    /// `<ip>` holding `<container id>\r\n<ifname>`) has allocated, for the
+    /// same container and interface: a pod another plugin wired keeps its
+    /// address (nothing here hands it out again), and its DEL through weft
+    /// releases it. Addresses already allocated here are left as they are.
+    /// Returns the addresses adopted now; a missing `dir` adopts nothing.
+    pub fn adopt_host_local(&self, dir: &Path) -> Result<Vec<Ipv4Addr>, IpamError> {
+        if !dir.is_dir() {
+            return Ok(Vec::new());
+        }
+        // host-local's own lock (the same flock on `<dir>/lock`): no ADD of
+        // its plugin is half-way while we read.
+        let _theirs = flock(&dir.join("lock"))?;
+        let s = &self.ipam.subnet;
+        let mut adopted = Vec::new();
+        for e in fs::read_dir(dir).map_err(io(dir))?.flatten() {
+            let Ok(ip) = e.file_name().to_string_lossy().parse::<Ipv4Addr>() else {
+                continue;
+            };
+            if !s.contains(ip) || ip == s.addr() || ip == s.broadcast() || ip == self.ipam.gateway {
+                continue;
+            }
+            let Ok(text) = fs::read_to_string(e.path()) else {
+                continue;
+            };
+            let mut lines = text.lines();
+            let id = lines.next().unwrap_or_default().trim();
+            let ifname = lines.next().unwrap_or("eth0").trim();
+            if id.is_empty() {
+                continue;
+            }
+            let path = self.ipam.dir.join(ip.to_string());
+            match OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    f.write_all(format!("{id}\n{ifname}\n").as_bytes())
+                        .map_err(io(&path))?;
+                    f.sync_all().map_err(io(&path))?;
+                    adopted.push(ip);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(IpamError::Io { path, source: e }),
+            }
+        }
+        adopted.sort();
+        Ok(adopted)
+    }
+
     /// Releases what (container, ifname) holds; fine if it holds nothing.
     pub fn release(&self, id: &str, ifname: &str) -> Result<Option<Ipv4Addr>, IpamError> {
         let ip = self.find(id, ifname)?;
@@ -232,5 +284,49 @@ mod tests {
         assert_eq!(l.allocate("c8", "eth0").unwrap().to_string(), "198.19.1.6");
         assert_eq!(l.allocate("c9", "eth0").unwrap().to_string(), "198.19.1.3");
         fs::remove_dir_all(&i.dir).unwrap();
+    }
+
+    #[test]
+    fn host_local_allocations_are_adopted_and_released_by_weft() {
+        let i = ipam("adopt", "198.19.1.0/29");
+        let theirs = i.dir.with_extension("cbr0");
+        let _ = fs::remove_dir_all(&theirs);
+        fs::create_dir_all(&theirs).unwrap();
+        // host-local's layout: CRLF between id and ifname, its markers.
+        fs::write(theirs.join("198.19.1.2"), "flannel-pod-a\r\neth0").unwrap();
+        fs::write(theirs.join("198.19.1.5"), "flannel-pod-b\r\neth0").unwrap();
+        fs::write(theirs.join("198.19.2.9"), "other-subnet\r\neth0").unwrap();
+        fs::write(theirs.join("198.19.1.1"), "gateway?\r\neth0").unwrap();
+        fs::write(theirs.join("last_reserved_ip.0"), "198.19.1.5").unwrap();
+        fs::write(theirs.join("lock"), "").unwrap();
+        let l = i.lock().unwrap();
+        let adopted = l.adopt_host_local(&theirs).unwrap();
+        assert_eq!(
+            adopted,
+            vec![
+                "198.19.1.2".parse::<Ipv4Addr>().unwrap(),
+                "198.19.1.5".parse().unwrap()
+            ]
+        );
+        assert!(
+            l.adopt_host_local(&theirs).unwrap().is_empty(),
+            "idempotent"
+        );
+        // Never handed out while those pods live; their DEL releases them.
+        let got: Vec<String> = (0..3)
+            .map(|n| l.allocate(&format!("n{n}"), "eth0").unwrap().to_string())
+            .collect();
+        assert_eq!(got, ["198.19.1.3", "198.19.1.4", "198.19.1.6"]);
+        assert_eq!(
+            l.release("flannel-pod-b", "eth0").unwrap(),
+            Some("198.19.1.5".parse().unwrap())
+        );
+        assert!(
+            l.adopt_host_local(&i.dir.with_extension("none"))
+                .unwrap()
+                .is_empty()
+        );
+        fs::remove_dir_all(&i.dir).unwrap();
+        fs::remove_dir_all(&theirs).unwrap();
     }
 }

@@ -35,6 +35,9 @@ use crate::{
     node::NodeConfig,
 };
 
+/// The IPAM store root when the configuration gives no `dataDir`.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/weft/ipam";
+
 /// Versions this plugin answers.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 /// The version it speaks natively.
@@ -180,7 +183,7 @@ impl NetConf {
         let root = self
             .data_dir
             .clone()
-            .unwrap_or_else(|| "/var/lib/weft/ipam".into());
+            .unwrap_or_else(|| DEFAULT_DATA_DIR.into());
         ipam::Ipam::new(root.join(&self.name), node.subnet, node.gateway)
     }
 }

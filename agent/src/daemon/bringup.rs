@@ -77,21 +77,39 @@ pub(super) fn attach_decap(
 }
 
 /// Loads the programs with `globals` over the pinned maps and puts them in
-/// place: decap on `underlay`, `weft0`'s, the pod programs (with the node's
-/// pods restored into the endpoints map first, then their links re-pointed).
-/// At start, and again when the underlay is re-created.
+/// place ([`load`], then [`attach`]). When the underlay is re-created.
 pub(super) fn bring_up(
     cfg: &AgentConfig,
     globals: &Globals,
     underlay: &str,
     pod_cidr: &Ipv4Cidr,
 ) -> Result<(Dataplane, Hook), AgentError> {
+    let mut dp = load(cfg, globals)?;
+    let hook = attach(&mut dp, cfg, underlay, pod_cidr)?;
+    Ok((dp, hook))
+}
+
+/// Loads the programs with `globals` over the pinned maps (created and
+/// pinned if missing); attaches nothing.
+pub(super) fn load(cfg: &AgentConfig, globals: &Globals) -> Result<Dataplane, AgentError> {
     let mut dp = Dataplane::load(globals, &cfg.bpffs_dir)?;
     if cfg.bpf_debug_log {
         dataplane::spawn_bpf_logger(&mut dp.ebpf)?;
         tracing::debug!("BPF debug logging is on");
     }
-    let (decap_hook, decap) = attach_decap(&mut dp, cfg.decap, underlay)?;
+    Ok(dp)
+}
+
+/// Puts the loaded programs in place: decap on `underlay`, `weft0`'s, the
+/// pod programs (with the node's pods restored into the endpoints map
+/// first, then their links re-pointed).
+pub(super) fn attach(
+    dp: &mut Dataplane,
+    cfg: &AgentConfig,
+    underlay: &str,
+    pod_cidr: &Ipv4Cidr,
+) -> Result<Hook, AgentError> {
+    let (decap_hook, decap) = attach_decap(dp, cfg.decap, underlay)?;
     dp.attach_host(HOST_IFACE)?;
     dp.pin_pod_programs()?;
     // Before re-pointing: the pods' links then run programs whose endpoints
@@ -113,7 +131,7 @@ pub(super) fn bring_up(
     }
     let repointed = dp.repoint_pods()?;
     tracing::info!(decap = %decap, pins = %cfg.bpffs_dir.display(), pods = repointed, "dataplane attached");
-    Ok((dp, decap_hook))
+    Ok(decap_hook)
 }
 
 /// Masquerades pods' traffic leaving the cluster (or, with it off, removes
@@ -136,11 +154,17 @@ pub(super) fn set_up_masquerade(cfg: &AgentConfig) {
     }
 }
 
-/// Starts the configured registry; its snapshots arrive on the receiver.
-pub(super) fn spawn_registry(
-    cfg: &AgentConfig,
-    local_ip: Ipv4Addr,
-) -> Result<tokio::sync::watch::Receiver<Option<Snapshot>>, AgentError> {
+/// A started registry: its snapshots arrive on `snapshots`; `publish`
+/// lets the `kube` registry publish this node's annotations (once the
+/// dataplane is attached).
+pub(super) struct Started {
+    pub snapshots: tokio::sync::watch::Receiver<Option<Snapshot>>,
+    pub publish: tokio::sync::watch::Sender<bool>,
+}
+
+/// Starts the configured registry.
+pub(super) fn spawn_registry(cfg: &AgentConfig, local_ip: Ipv4Addr) -> Started {
+    let (publish, gate) = tokio::sync::watch::channel(false);
     let registry: Box<dyn Registry> = match cfg.registry {
         RegistryKind::File => Box::new(FileRegistry {
             path: cfg.nodes_file.clone(),
@@ -154,12 +178,20 @@ pub(super) fn spawn_registry(
                 cfg.cluster_cidr,
             );
             r.own = Some((local_ip, netdev::vtep_mac_for(local_ip)));
+            r.flannel = cfg
+                .flannel
+                .as_ref()
+                .map(|f| crate::registry::kube::FlannelCompat {
+                    keys: f.keys.clone(),
+                    vni: cfg.vni,
+                });
+            r.publish_when = Some(gate);
             Box::new(r)
         }
     };
-    let (tx, rx) = tokio::sync::watch::channel(None);
+    let (tx, snapshots) = tokio::sync::watch::channel(None);
     tokio::spawn(registry.run(tx));
-    Ok(rx)
+    Started { snapshots, publish }
 }
 
 /// [`gro::ensure`], tried for up to 2 s: a socket on the port that

@@ -20,6 +20,9 @@
 //! ip-masq = true             # masquerade pods' traffic leaving the cluster
 //! read-cni-conf = "/etc/weft/10-weft.conflist"                 # installed, once ready,
 //! write-cni-conf-when-ready = "/etc/cni/net.d/10-weft.conflist" # here (crate::cniconf)
+//! flannel-compat = false     # kube registry: also speak flannel's annotations (docs/MIGRATION.md)
+//! flannel-annotation-prefix = "flannel.alpha.coreos.com"  # flanneld's --kube-annotation-prefix
+//! flannel-ipam-dir = "/var/lib/cni/networks/cbr0"         # flannel's pods' addresses (host-local)
 //! ```
 
 use std::{
@@ -128,6 +131,21 @@ pub struct AgentSettings {
     /// same name) [default: none; the DaemonSet sets it].
     #[arg(long)]
     pub write_cni_conf_when_ready: Option<PathBuf>,
+    /// Run in a cluster that still has flannel (vxlan backend, kube subnet
+    /// manager) nodes: read flannel's Node annotations for those nodes and
+    /// publish them for this one, and take over what flannel left on this
+    /// node (docs/MIGRATION.md). Needs the `kube` registry [default: false].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub flannel_compat: Option<bool>,
+    /// flanneld's --kube-annotation-prefix [default: flannel.alpha.coreos.com].
+    #[arg(long)]
+    pub flannel_annotation_prefix: Option<String>,
+    /// Where flannel's CNI (host-local IPAM) recorded its pods' addresses on
+    /// this node; with flannel-compat they are reserved in weft's IPAM, so
+    /// pods flannel wired keep running with their addresses
+    /// [default: /var/lib/cni/networks/cbr0].
+    #[arg(long)]
+    pub flannel_ipam_dir: Option<PathBuf>,
 }
 
 /// Everything the agent needs to run, with defaults applied.
@@ -155,17 +173,61 @@ pub struct AgentConfig {
     /// The conflist to install once ready: (source, destination).
     pub read_cni_conf: Option<PathBuf>,
     pub write_cni_conf_when_ready: Option<PathBuf>,
+    /// flannel-compat: flannel's annotation keys (none: off).
+    pub flannel: Option<FlannelSettings>,
+}
+
+/// What `flannel-compat` needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlannelSettings {
+    pub keys: crate::registry::flannel::Keys,
+    /// flannel's host-local store of this node's pod addresses.
+    pub ipam_dir: PathBuf,
+}
+
+/// A setting that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error(
+        "flannel-compat needs registry = \"kube\": flannel's nodes are known only from their Node annotations"
+    )]
+    FlannelNeedsKube,
+    #[error("{0}")]
+    FlannelPrefix(String),
 }
 
 impl AgentConfig {
     /// Applies the defaults to settings merged from flags and file.
-    pub fn from_settings(s: AgentSettings, hostname: impl FnOnce() -> String) -> Self {
-        Self {
+    pub fn from_settings(
+        s: AgentSettings,
+        hostname: impl FnOnce() -> String,
+    ) -> Result<Self, SettingsError> {
+        let registry = s.registry.unwrap_or(RegistryKind::File);
+        let flannel = match s.flannel_compat {
+            Some(true) => {
+                if registry != RegistryKind::Kube {
+                    return Err(SettingsError::FlannelNeedsKube);
+                }
+                let prefix = s
+                    .flannel_annotation_prefix
+                    .as_deref()
+                    .unwrap_or(crate::registry::flannel::DEFAULT_PREFIX);
+                Some(FlannelSettings {
+                    keys: crate::registry::flannel::Keys::new(prefix)
+                        .map_err(SettingsError::FlannelPrefix)?,
+                    ipam_dir: s
+                        .flannel_ipam_dir
+                        .unwrap_or_else(|| "/var/lib/cni/networks/cbr0".into()),
+                })
+            }
+            _ => None,
+        };
+        Ok(Self {
             node_name: s.node_name.unwrap_or_else(hostname),
             iface: s.iface,
             iface_regex: s.iface_regex,
             public_ip: s.public_ip,
-            registry: s.registry.unwrap_or(RegistryKind::File),
+            registry,
             nodes_file: s
                 .nodes_file
                 .unwrap_or_else(|| "/etc/weft/nodes.toml".into()),
@@ -190,7 +252,8 @@ impl AgentConfig {
             ip_masq: s.ip_masq.unwrap_or(true),
             read_cni_conf: s.read_cni_conf,
             write_cni_conf_when_ready: s.write_cni_conf_when_ready,
-        }
+            flannel,
+        })
     }
 }
 
@@ -242,6 +305,11 @@ impl AgentSettings {
             write_cni_conf_when_ready: self
                 .write_cni_conf_when_ready
                 .or(file.write_cni_conf_when_ready),
+            flannel_compat: self.flannel_compat.or(file.flannel_compat),
+            flannel_annotation_prefix: self
+                .flannel_annotation_prefix
+                .or(file.flannel_annotation_prefix),
+            flannel_ipam_dir: self.flannel_ipam_dir.or(file.flannel_ipam_dir),
         }
     }
 }
@@ -267,6 +335,28 @@ mod tests {
         assert_eq!(s.cluster_cidr.unwrap().to_string(), "198.19.0.0/16");
         assert_eq!(s.iface, None);
         assert_eq!(s.ip_masq, Some(false));
+    }
+
+    #[test]
+    fn flannel_compat_needs_the_kube_registry_and_a_valid_prefix() {
+        let host = || "h".to_string();
+        let on = |extra: &str| {
+            let s: AgentSettings =
+                toml::from_str(&format!("flannel-compat = true\n{extra}")).unwrap();
+            AgentConfig::from_settings(s, host)
+        };
+        assert!(matches!(on(""), Err(SettingsError::FlannelNeedsKube)));
+        let c = on("registry = \"kube\"\n").unwrap();
+        let f = c.flannel.unwrap();
+        assert_eq!(
+            f.keys.managed,
+            "flannel.alpha.coreos.com/kube-subnet-manager"
+        );
+        assert_eq!(f.ipam_dir, PathBuf::from("/var/lib/cni/networks/cbr0"));
+        let e = on("registry = \"kube\"\nflannel-annotation-prefix = \"a/b/c\"\n").unwrap_err();
+        assert!(e.to_string().contains("more than one `/`"), "{e}");
+        let off: AgentSettings = toml::from_str("registry = \"kube\"\n").unwrap();
+        assert_eq!(AgentConfig::from_settings(off, host).unwrap().flannel, None);
     }
 
     #[test]

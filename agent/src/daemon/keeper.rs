@@ -40,6 +40,8 @@ pub(super) struct Keeper {
     pub(super) gro_port: Option<u16>,
     /// The CNI conflist the agent installed (put back if removed).
     pub(super) cni_conf: Option<crate::cni::conflist::CniConf>,
+    /// flannel-compat: flannel's conflist is kept aside too.
+    pub(super) flannel_compat: bool,
 }
 
 impl Keeper {
@@ -128,6 +130,9 @@ impl Keeper {
                             repaired("cni-conf");
                         }
                         Err(e) => problems.push(e.to_string()),
+                    }
+                    if self.flannel_compat && super::takeover::disable_flannel_conflist(conf) {
+                        repaired("flannel-conf");
                     }
                 }
                 self.check_pods(dp, maps, &repaired);

@@ -5,6 +5,7 @@
 //!   devices, the registry started;
 //! - [`reconcile`]: a registry snapshot → the node-facing maps;
 //! - [`keeper`]: every few seconds, puts back what something else removed;
+//! - [`takeover`]: with `flannel-compat`, what flannel left on the node;
 //! - [`config`]: the settings; [`metrics`]: `/metrics`, `/healthz`, `/readyz`;
 //! - [`down`]: `weft down`.
 
@@ -14,6 +15,7 @@ pub mod down;
 pub mod keeper;
 pub mod metrics;
 pub mod reconcile;
+pub mod takeover;
 
 use std::{net::SocketAddr, sync::atomic::Ordering, time::Duration};
 
@@ -58,6 +60,8 @@ pub enum AgentError {
     Regex(String, String),
     #[error("the kube registry: {0}")]
     Kube(String),
+    #[error(transparent)]
+    Settings(#[from] config::SettingsError),
     #[error("metrics endpoint on {addr}: {source}")]
     Metrics {
         addr: SocketAddr,
@@ -102,7 +106,10 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         }
     });
 
-    let mut rx = bringup::spawn_registry(&cfg, local_ip)?;
+    let bringup::Started {
+        snapshots: mut rx,
+        publish,
+    } = bringup::spawn_registry(&cfg, local_ip);
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
 
@@ -125,25 +132,9 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
 
     weft0::setup(&cfg.cluster_cidr, &me.pod_cidr, pod_mtu, &iface.name)?;
     bringup::set_up_masquerade(&cfg);
-    let gro_port = match bringup::hold_gro_port(cfg.port).await {
-        Ok(_) => {
-            tracing::info!(
-                port = cfg.port,
-                device = crate::host::gro::GRO_IFACE,
-                "holding the VXLAN port for the kernel's GRO (the device receives nothing itself)"
-            );
-            Some(cfg.port)
-        }
-        // Nothing to mend on this node: said once, not as a warning.
-        Err(e @ GroError::Unsupported { .. }) => {
-            tracing::info!("{e}");
-            None
-        }
-        Err(e) => {
-            tracing::warn!("{e}");
-            None
-        }
-    };
+    // With flannel's device still on the node the port is flannel's (and
+    // so is GRO on it) until the takeover below.
+    let mut gro_port = gro_port(cfg.port).await;
     let globals = Globals {
         vni: cfg.vni,
         port: cfg.port,
@@ -158,8 +149,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             0
         },
     };
-    let (mut dp, decap_hook) = bringup::bring_up(&cfg, &globals, &iface.name, &me.pod_cidr)?;
-
+    let mut dp = bringup::load(&cfg, &globals)?;
     let mut maps = Maps::open(&cfg.bpffs_dir)?;
     let apply = |snap: &Snapshot, maps: &mut Maps| {
         let started = std::time::Instant::now();
@@ -195,12 +185,28 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         .borrow_and_update()
         .clone()
         .expect("a snapshot arrived above");
+    // The maps hold the cluster before decap is attached: VXLAN arriving the
+    // moment it is (a node taken over from flannel carries traffic already)
+    // comes from a known node.
     apply(&first, &mut maps);
+    let decap_hook = bringup::attach(&mut dp, &cfg, &iface.name, &me.pod_cidr)?;
+    if cfg.flannel.is_some() {
+        takeover::remove_device(cfg.vni, cfg.port);
+        if gro_port.is_none() {
+            gro_port = self::gro_port(cfg.port).await;
+        }
+    }
+    // Other nodes may address this one now: its decap takes their frames.
+    let _ = publish.send(true);
+    let gateway = NodeConfig::gateway_of(&me.pod_cidr);
+    if let Some(f) = &cfg.flannel {
+        takeover::adopt_addresses(f, cni_conf.as_ref(), &me.pod_cidr, gateway);
+    }
     NodeConfig {
         node: me.name.clone(),
         network: cfg.cluster_cidr,
         subnet: me.pod_cidr,
-        gateway: NodeConfig::gateway_of(&me.pod_cidr),
+        gateway,
         mtu: pod_mtu,
         bpffs: cfg.bpffs_dir.clone(),
     }
@@ -214,6 +220,11 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             }
             // The keeper tries again every few seconds.
             Err(e) => tracing::error!("{e}"),
+        }
+        if let Some(f) = &cfg.flannel
+            && takeover::disable_flannel_conflist(conf)
+        {
+            takeover::adopt_addresses(f, Some(conf), &me.pod_cidr, gateway);
         }
     }
 
@@ -232,6 +243,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         unshaped: Default::default(),
         gro_port,
         cni_conf,
+        flannel_compat: cfg.flannel.is_some(),
     };
     let mut hook_tick = tokio::time::interval(HOOK_CHECK_INTERVAL);
     hook_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -257,6 +269,30 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     }
     tracing::info!("stopping; the dataplane stays attached (remove it with `weft down`)");
     Ok(())
+}
+
+/// Creates `weft_gro` on `port` ([`bringup::hold_gro_port`]); the port, if
+/// it is held now.
+async fn gro_port(port: u16) -> Option<u16> {
+    match bringup::hold_gro_port(port).await {
+        Ok(_) => {
+            tracing::info!(
+                port,
+                device = crate::host::gro::GRO_IFACE,
+                "holding the VXLAN port for the kernel's GRO (the device receives nothing itself)"
+            );
+            Some(port)
+        }
+        // Nothing to mend on this node: said once, not as a warning.
+        Err(e @ GroError::Unsupported { .. }) => {
+            tracing::info!("{e}");
+            None
+        }
+        Err(e) => {
+            tracing::warn!("{e}");
+            None
+        }
+    }
 }
 
 async fn shutdown_signal() {

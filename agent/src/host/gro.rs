@@ -126,6 +126,7 @@ mod tests {
                 vnifilter: true,
                 port: Some(8472),
                 learning: false,
+                vni: None,
             }),
             ..Link::default()
         };

@@ -89,6 +89,8 @@ pub struct Vxlan {
     pub vnifilter: bool,
     pub port: Option<u16>,
     pub learning: bool,
+    /// The VNI of a device that is not `external`.
+    pub vni: Option<u32>,
 }
 
 /// A veth pair to create, its peer possibly in another namespace.
@@ -662,6 +664,7 @@ fn link_from(l: LinkMessage) -> Link {
                                     InfoVxlan::Vnifilter(b) => x.vnifilter = b,
                                     InfoVxlan::Port(p) => x.port = Some(p),
                                     InfoVxlan::Learning(b) => x.learning = b,
+                                    InfoVxlan::Id(id) => x.vni = Some(id),
                                     _ => {}
                                 }
                             }

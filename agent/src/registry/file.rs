@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::{
     cidr::Ipv4Cidr,
     host::netdev,
-    registry::{BoxFuture, Node, Registry, Snapshot, validate},
+    registry::{BoxFuture, Node, Registry, Snapshot, Vocabulary, validate},
 };
 
 /// Errors reading a registry as a whole (as opposed to one bad entry).
@@ -113,7 +113,7 @@ pub fn parse_file(text: &str, cluster: &Ipv4Cidr) -> Result<Snapshot, String> {
             vtep_mac: mac,
         });
     }
-    snap.nodes = validate(candidates, cluster, &mut snap.problems);
+    snap.nodes = validate(candidates, cluster, Vocabulary::FILE, &mut snap.problems);
     Ok(snap)
 }
 

@@ -14,11 +14,19 @@
 //! annotations below, which every agent writes on its own Node (a merge
 //! patch: nothing else on the object is touched); a node without the address
 //! annotation falls back to its first `InternalIP`.
+//!
+//! With `flannel-compat` ([`FlannelCompat`]) a Node carrying flanneld's
+//! annotations is read as flannel does ([`flannel`]: its `public-ip` and
+//! the VTEP MAC of its `backend-data`), and this node's own Node also gets
+//! flanneld's annotations, so flannel nodes and weft nodes reach each other.
+//!
+//! When two Nodes claim one pod CIDR (or underlay address) the one created
+//! first keeps it: a newcomer cannot take over what another node's pods use.
 
 use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::Node as KNode;
+use k8s_openapi::{api::core::v1::Node as KNode, apimachinery::pkg::apis::meta::v1::Time};
 use kube::{
     Api, Client,
     api::{Patch, PatchParams},
@@ -28,7 +36,7 @@ use kube::{
 use crate::{
     cidr::Ipv4Cidr,
     host::netdev,
-    registry::{BoxFuture, Node, Registry, Snapshot, validate},
+    registry::{BoxFuture, Node, Registry, Snapshot, Vocabulary, flannel, validate},
 };
 
 /// Annotation with the node's underlay IPv4 address.
@@ -47,13 +55,30 @@ pub enum KubeError {
     Client(String),
 }
 
+/// `flannel-compat`: flannel's annotations read and written too.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlannelCompat {
+    pub keys: flannel::Keys,
+    /// This agent's VNI: what it writes in `backend-data`, and what a flannel
+    /// node's must say.
+    pub vni: u32,
+}
+
 /// The `kube` registry.
 pub struct KubeRegistry {
     kubeconfig: Option<PathBuf>,
     node_name: String,
     cluster: Ipv4Cidr,
-    /// What this agent publishes on its own Node; filled in by the agent.
+    /// This node's underlay IP and VTEP MAC, filled in by the agent: what
+    /// the registry says of this node, and what it publishes on its Node.
     pub own: Option<(Ipv4Addr, [u8; 6])>,
+    /// `flannel-compat`; none: weft's annotations only.
+    pub flannel: Option<FlannelCompat>,
+    /// Publishing waits until this says true (the agent: once its decap is
+    /// attached, so no node addresses this one's VTEP MAC before it can
+    /// take the frames — on a node taken over from flannel, frames for the
+    /// new MAC would be dropped by flannel's device meanwhile). None: at once.
+    pub publish_when: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl KubeRegistry {
@@ -65,6 +90,8 @@ impl KubeRegistry {
             node_name,
             cluster,
             own: None,
+            flannel: None,
+            publish_when: None,
         }
     }
 
@@ -95,18 +122,25 @@ impl KubeRegistry {
     }
 }
 
-/// Converts one Node object; `Err` is the one-line problem to log.
-pub fn convert(n: &KNode) -> Result<Node, String> {
+/// Converts one Node object; `Err` is the one-line problem to log. With
+/// `flannel`, a Node carrying flannel's annotations is read as flannel reads
+/// it (those win over weft's: a node rolled back to flannel has weft's
+/// annotations left over from its weft days).
+pub fn convert(n: &KNode, flannel: Option<&FlannelCompat>) -> Result<Node, String> {
     let name = n.metadata.name.clone().unwrap_or_default();
-    let spec = n.spec.as_ref();
-    let cidr_text = spec
-        .and_then(|s| s.pod_cidr.clone())
-        .or_else(|| spec.and_then(|s| s.pod_cidrs.as_ref()).and_then(|v| v.iter().find(|c| !c.contains(':')).cloned()))
-        .ok_or_else(|| format!("Node {name}: no spec.podCIDR (is the controller-manager allocating node CIDRs?); skipped"))?;
-    let pod_cidr: Ipv4Cidr = cidr_text
-        .parse()
-        .map_err(|e| format!("Node {name}: spec.podCIDR: {e}; skipped"))?;
+    let pod_cidr = pod_cidr_of(n, &name)?;
     let annotations = n.metadata.annotations.clone().unwrap_or_default();
+    if let Some(f) = flannel
+        && let Some(lease) = flannel::lease(&name, &annotations, &f.keys, f.vni)
+    {
+        let lease = lease?;
+        return Ok(Node {
+            name,
+            underlay_ip: lease.public_ip,
+            pod_cidr,
+            vtep_mac: lease.vtep_mac,
+        });
+    }
     let underlay_ip = match annotations.get(ANNOTATION_UNDERLAY_IP) {
         Some(v) => v.parse::<Ipv4Addr>().map_err(|_| format!("Node {name}: annotation {ANNOTATION_UNDERLAY_IP}=`{v}` is not an IPv4 address; skipped"))?,
         None => n
@@ -130,30 +164,128 @@ pub fn convert(n: &KNode) -> Result<Node, String> {
     })
 }
 
-/// What weft reads from one Node object: the node, or the problem with it.
-/// Events that leave this unchanged (status heartbeats, labels, taints) are
-/// ignored: with thousands of nodes they arrive many times a second.
-type Seen = Result<Node, String>;
+/// This node's entry: its pod CIDR from `n`, the rest as the agent says.
+fn own_node(n: &KNode, underlay_ip: Ipv4Addr, vtep_mac: [u8; 6]) -> Result<Node, String> {
+    let name = n.metadata.name.clone().unwrap_or_default();
+    Ok(Node {
+        pod_cidr: pod_cidr_of(n, &name)?,
+        name,
+        underlay_ip,
+        vtep_mac,
+    })
+}
+
+/// `spec.podCIDR`, or the first IPv4 entry of `spec.podCIDRs`.
+fn pod_cidr_of(n: &KNode, name: &str) -> Result<Ipv4Cidr, String> {
+    let spec = n.spec.as_ref();
+    let cidr_text = spec
+        .and_then(|s| s.pod_cidr.clone())
+        .or_else(|| spec.and_then(|s| s.pod_cidrs.as_ref()).and_then(|v| v.iter().find(|c| !c.contains(':')).cloned()))
+        .ok_or_else(|| format!("Node {name}: no spec.podCIDR (is the controller-manager allocating node CIDRs?); skipped"))?;
+    cidr_text
+        .parse()
+        .map_err(|e| format!("Node {name}: spec.podCIDR: {e}; skipped"))
+}
+
+/// What weft reads from one Node object: when it was created (the older of
+/// two Nodes claiming one pod CIDR keeps it), and the node or the problem
+/// with it. Events that leave this unchanged (status heartbeats, labels,
+/// taints) are ignored: with thousands of nodes they arrive many times a
+/// second.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Seen {
+    created: Option<Time>,
+    node: Result<Node, String>,
+    /// While `node` is a problem: what the Node said when it last made
+    /// sense. Its pods stay reachable on that (as flanneld, which ignores a
+    /// lease it cannot read and keeps the routes it had) until it is fixed
+    /// or deleted.
+    last_good: Option<Node>,
+}
+
+impl Seen {
+    /// `n` as read now; `before` is what was read of it last.
+    fn of(n: &KNode, flannel: Option<&FlannelCompat>, before: Option<&Seen>) -> Self {
+        let node = convert(n, flannel);
+        let last_good = match &node {
+            Ok(_) => None,
+            Err(_) => before.and_then(|b| b.node.clone().ok().or_else(|| b.last_good.clone())),
+        };
+        Self {
+            created: n.metadata.creation_timestamp.clone(),
+            node,
+            last_good,
+        }
+    }
+}
 
 fn snapshot(store: &BTreeMap<String, Seen>, cluster: &Ipv4Cidr) -> Snapshot {
     let mut problems = Vec::new();
-    let nodes = store
-        .values()
-        .filter_map(|n| n.clone().map_err(|p| problems.push(p)).ok())
+    let mut seen: Vec<&Seen> = store.values().collect();
+    // Oldest first (then by name, as the store is): what a Node claims first
+    // it keeps.
+    seen.sort_by(|a, b| a.created.cmp(&b.created));
+    let nodes = seen
+        .into_iter()
+        .filter_map(|s| match (&s.node, &s.last_good) {
+            (Ok(n), _) => Some(n.clone()),
+            (Err(p), Some(good)) => {
+                problems.push(format!(
+                    "{p} (its last good entry, underlay {} VTEP MAC {}, stays until the Node is fixed or deleted)",
+                    good.underlay_ip,
+                    netdev::mac_to_string(&good.vtep_mac)
+                ));
+                Some(good.clone())
+            }
+            (Err(p), None) => {
+                problems.push(p.clone());
+                None
+            }
+        })
         .collect();
-    let nodes = validate(nodes, cluster, &mut problems);
+    let nodes = validate(nodes, cluster, Vocabulary::KUBE, &mut problems);
     Snapshot { nodes, problems }
 }
 
 impl KubeRegistry {
-    /// Publishes this node's underlay IP and VTEP MAC on its Node; the
-    /// patched object when that worked.
-    async fn publish_own(&self, api: &Api<KNode>) -> Option<KNode> {
+    /// What the registry reads of `n` now (`before`: what it read last).
+    /// This node is what the agent says it is (its pod CIDR from the Node):
+    /// its annotations are what it publishes, or, before it has, whatever an
+    /// earlier run or flanneld left there.
+    fn read(&self, n: &KNode, before: Option<&Seen>) -> Seen {
+        let mut seen = Seen::of(n, self.flannel.as_ref(), before);
+        if let Some((ip, mac)) = self.own
+            && n.metadata.name.as_deref() == Some(self.node_name.as_str())
+        {
+            seen.node = own_node(n, ip, mac);
+            seen.last_good = None;
+        }
+        seen
+    }
+
+    /// The annotations this agent wants on its own Node `n`: weft's, and
+    /// with `flannel-compat` flanneld's.
+    fn own_annotations(&self, n: &KNode) -> Option<BTreeMap<String, String>> {
         let (ip, mac) = self.own?;
-        let patch = serde_json::json!({"metadata": {"annotations": {
-            ANNOTATION_UNDERLAY_IP: ip.to_string(),
-            ANNOTATION_VTEP_MAC: netdev::mac_to_string(&mac),
-        }}});
+        let mut want = BTreeMap::from([
+            (ANNOTATION_UNDERLAY_IP.to_string(), ip.to_string()),
+            (ANNOTATION_VTEP_MAC.to_string(), netdev::mac_to_string(&mac)),
+        ]);
+        if let Some(f) = &self.flannel {
+            let have = n.metadata.annotations.clone().unwrap_or_default();
+            want.extend(flannel::own(&f.keys, &have, ip, &mac, f.vni));
+        }
+        Some(want)
+    }
+
+    /// Publishes `want` on this node's Node (a merge patch: nothing else on
+    /// it changes); the patched object when that worked.
+    async fn publish_own(
+        &self,
+        api: &Api<KNode>,
+        want: &BTreeMap<String, String>,
+    ) -> Option<KNode> {
+        let patch = serde_json::json!({"metadata": {"annotations": want}});
         match api
             .patch(
                 &self.node_name,
@@ -163,7 +295,8 @@ impl KubeRegistry {
             .await
         {
             Ok(patched) => {
-                tracing::info!(node = %self.node_name, %ip, "published underlay IP and VTEP MAC on this Node");
+                let flannel = self.flannel.is_some();
+                tracing::info!(node = %self.node_name, ip = %want[ANNOTATION_UNDERLAY_IP], flannel, "published underlay IP and VTEP MAC on this Node");
                 Some(patched)
             }
             Err(e) => {
@@ -173,27 +306,26 @@ impl KubeRegistry {
         }
     }
 
-    /// `n`, annotated first when it is this node's Node and lacks (or has
-    /// stale) annotations: then the patched object, so the registry does not
-    /// report this node as unannotated until the patch's own event arrives.
+    /// This node's Node `n`, annotated when it lacks (or has stale)
+    /// annotations: then the patched object.
     async fn annotated(&self, api: &Api<KNode>, n: KNode) -> KNode {
-        if !self.wants_annotations(&n) {
+        if n.metadata.name.as_deref() != Some(self.node_name.as_str()) {
             return n;
         }
-        self.publish_own(api).await.unwrap_or(n)
-    }
-
-    /// Whether `n` is this node's Node and lacks (or has stale) annotations.
-    fn wants_annotations(&self, n: &KNode) -> bool {
-        let Some((ip, mac)) = self.own else {
-            return false;
+        let Some(want) = self.own_annotations(&n) else {
+            return n;
         };
-        if n.metadata.name.as_deref() != Some(self.node_name.as_str()) {
-            return false;
+        let have = n.metadata.annotations.clone().unwrap_or_default();
+        if let Some(f) = &self.flannel
+            && let Some(theirs) = have.get(&f.keys.node_public_ip)
+            && Some(theirs) != want.get(ANNOTATION_UNDERLAY_IP)
+        {
+            tracing::warn!(node = %self.node_name, "this Node's {}={theirs} is the address flanneld would use here; weft uses {}: set weft's public-ip to {theirs} if that is where this node's VXLAN must go", f.keys.node_public_ip, want[ANNOTATION_UNDERLAY_IP]);
         }
-        let a = n.metadata.annotations.clone().unwrap_or_default();
-        a.get(ANNOTATION_UNDERLAY_IP) != Some(&ip.to_string())
-            || a.get(ANNOTATION_VTEP_MAC) != Some(&netdev::mac_to_string(&mac))
+        if want.iter().all(|(k, v)| have.get(k) == Some(v)) {
+            return n;
+        }
+        self.publish_own(api, &want).await.unwrap_or(n)
     }
 }
 
@@ -215,20 +347,52 @@ impl Registry for KubeRegistry {
             let mut store: BTreeMap<String, Seen> = BTreeMap::new();
             let mut listing: Option<BTreeMap<String, Seen>> = None;
             let mut last_problems: Vec<String> = Vec::new();
+            // This node's Node as last seen, annotated once publishing may start.
+            let mut own_node: Option<KNode> = None;
+            let mut gate = self.publish_when.clone();
+            let mut may_publish = gate.as_ref().is_none_or(|g| *g.borrow());
             // The watcher re-lists after every disconnect and backs off on errors.
             let mut events = watcher(api.clone(), watcher::Config::default())
                 .default_backoff()
                 .boxed();
-            while let Some(ev) = events.next().await {
+            loop {
+                let ev = tokio::select! {
+                    ev = events.next() => match ev {
+                        Some(ev) => ev,
+                        None => break,
+                    },
+                    opened = async { gate.as_mut().expect("guarded").changed().await }, if gate.is_some() && !may_publish => {
+                        if opened.is_err() {
+                            gate = None;
+                            continue;
+                        }
+                        may_publish = *gate.as_ref().expect("guarded").borrow();
+                        if may_publish && let Some(n) = own_node.take() {
+                            own_node = Some(self.annotated(&api, n).await);
+                        }
+                        continue;
+                    }
+                };
+                let mut own = |n: KNode| {
+                    let mine = n.metadata.name.as_deref() == Some(self.node_name.as_str());
+                    if mine {
+                        own_node = Some(n.clone());
+                    }
+                    (n, mine && may_publish)
+                };
                 let changed = match ev {
                     Ok(watcher::Event::Init) => {
                         listing = Some(BTreeMap::new());
                         false
                     }
                     Ok(watcher::Event::InitApply(n)) => {
-                        let n = self.annotated(&api, n).await;
+                        let (n, publish) = own(n);
+                        if publish {
+                            self.annotated(&api, n.clone()).await;
+                        }
                         if let (Some(l), Some(name)) = (listing.as_mut(), n.metadata.name.clone()) {
-                            l.insert(name, convert(&n));
+                            let seen = self.read(&n, store.get(&name));
+                            l.insert(name, seen);
                         }
                         false
                     }
@@ -239,10 +403,13 @@ impl Registry for KubeRegistry {
                         true
                     }
                     Ok(watcher::Event::Apply(n)) => {
-                        let n = self.annotated(&api, n).await;
+                        let (n, publish) = own(n);
+                        if publish {
+                            self.annotated(&api, n.clone()).await;
+                        }
                         match n.metadata.name.clone() {
                             Some(name) => {
-                                let seen = convert(&n);
+                                let seen = self.read(&n, store.get(&name));
                                 store.insert(name, seen.clone()) != Some(seen)
                             }
                             None => false,
@@ -264,12 +431,12 @@ impl Registry for KubeRegistry {
                     continue;
                 }
                 let snap = snapshot(&store, &self.cluster);
-                if snap.problems != last_problems {
-                    for p in &snap.problems {
-                        tracing::error!("node registry: {p}");
-                    }
-                    last_problems = snap.problems.clone();
+                // Each problem once, when it appears (a VNI mismatch is not
+                // repeated at every change of another Node).
+                for p in snap.problems.iter().filter(|p| !last_problems.contains(p)) {
+                    tracing::error!("node registry: {p}");
                 }
+                last_problems = snap.problems.clone();
                 tx.send_replace(Some(snap));
             }
         })
@@ -290,7 +457,7 @@ mod tests {
             "metadata": {"name": "a", "annotations": {ANNOTATION_UNDERLAY_IP: "198.18.0.1", ANNOTATION_VTEP_MAC: "0e:77:c6:12:00:01"}},
             "spec": {"podCIDR": "198.19.1.0/24"}
         }));
-        let n = convert(&ok).unwrap();
+        let n = convert(&ok, None).unwrap();
         assert_eq!(
             (n.name.as_str(), n.underlay_ip, n.pod_cidr.to_string()),
             ("a", Ipv4Addr::new(198, 18, 0, 1), "198.19.1.0/24".into())
@@ -300,7 +467,7 @@ mod tests {
             "spec": {"podCIDRs": ["fd00::/64", "198.19.2.0/24"]},
             "status": {"addresses": [{"type": "Hostname", "address": "b"}, {"type": "InternalIP", "address": "198.18.0.2"}]}
         }));
-        let n = convert(&internal).unwrap();
+        let n = convert(&internal, None).unwrap();
         assert_eq!(
             (n.underlay_ip, n.vtep_mac),
             (
@@ -326,8 +493,127 @@ mod tests {
                 "no InternalIP",
             ),
         ] {
-            let e = convert(&node(json)).unwrap_err();
+            let e = convert(&node(json), None).unwrap_err();
             assert!(e.contains(needle), "{e}");
         }
+    }
+
+    fn compat() -> FlannelCompat {
+        FlannelCompat {
+            keys: flannel::Keys::default(),
+            vni: 1,
+        }
+    }
+
+    #[test]
+    fn flannel_nodes_are_read_as_flannel_reads_them() {
+        let f = compat();
+        let json = serde_json::json!({
+            "metadata": {"name": "fl", "annotations": {
+                "flannel.alpha.coreos.com/kube-subnet-manager": "true",
+                "flannel.alpha.coreos.com/backend-type": "vxlan",
+                "flannel.alpha.coreos.com/backend-data": r#"{"VNI":1,"VtepMAC":"6a:1b:2c:3d:4e:5f"}"#,
+                "flannel.alpha.coreos.com/public-ip": "198.18.0.7",
+                // Left over from the node's weft days: flannel's win.
+                ANNOTATION_UNDERLAY_IP: "198.18.0.99",
+                ANNOTATION_VTEP_MAC: "0e:77:c6:12:00:63",
+            }},
+            "spec": {"podCIDR": "198.19.7.0/24"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.77"}]}
+        });
+        let n = convert(&node(json.clone()), Some(&f)).unwrap();
+        assert_eq!(
+            (n.underlay_ip, n.vtep_mac),
+            (
+                Ipv4Addr::new(198, 18, 0, 7),
+                [0x6a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f]
+            )
+        );
+        // Without compat the same Node is weft's.
+        let n = convert(&node(json), None).unwrap();
+        assert_eq!(n.underlay_ip, Ipv4Addr::new(198, 18, 0, 99));
+        // A bad flannel lease is a problem, not a fall-back to InternalIP.
+        let bad = serde_json::json!({
+            "metadata": {"name": "fl", "annotations": {
+                "flannel.alpha.coreos.com/kube-subnet-manager": "true",
+                "flannel.alpha.coreos.com/backend-type": "vxlan",
+                "flannel.alpha.coreos.com/backend-data": "{}",
+                "flannel.alpha.coreos.com/public-ip": "198.18.0.7",
+            }},
+            "spec": {"podCIDR": "198.19.7.0/24"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.77"}]}
+        });
+        let e = convert(&node(bad), Some(&f)).unwrap_err();
+        assert!(
+            e.contains("Node fl: annotation flannel.alpha.coreos.com/backend-data"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_node_that_turns_bad_keeps_its_last_good_entry() {
+        let mk = |ip: &str| {
+            node(serde_json::json!({
+                "metadata": {"name": "n", "annotations": {ANNOTATION_UNDERLAY_IP: ip}},
+                "spec": {"podCIDR": "198.19.1.0/24"}
+            }))
+        };
+        let cluster: Ipv4Cidr = "198.19.0.0/16".parse().unwrap();
+        let good = Seen::of(&mk("198.18.0.1"), None, None);
+        let bad = Seen::of(&mk("nope"), None, Some(&good));
+        let worse = Seen::of(&mk("still nope"), None, Some(&bad));
+        for s in [&bad, &worse] {
+            let snap = snapshot(&BTreeMap::from([("n".to_string(), s.clone())]), &cluster);
+            assert_eq!(snap.nodes, vec![good.node.clone().unwrap()]);
+            assert!(
+                snap.problems[0].contains("its last good entry, underlay 198.18.0.1"),
+                "{:?}",
+                snap.problems
+            );
+        }
+        // Never good: skipped.
+        let never = Seen::of(&mk("nope"), None, None);
+        let snap = snapshot(&BTreeMap::from([("n".to_string(), never)]), &cluster);
+        assert!(snap.nodes.is_empty());
+        // Fixed: the new entry.
+        let fixed = Seen::of(&mk("198.18.0.2"), None, Some(&worse));
+        assert_eq!(fixed.last_good, None);
+    }
+
+    #[test]
+    fn the_older_node_keeps_a_contested_subnet() {
+        let mk = |name: &str, ip: &str, created: &str| {
+            node(serde_json::json!({
+                "metadata": {"name": name, "creationTimestamp": created,
+                    "annotations": {ANNOTATION_UNDERLAY_IP: ip}},
+                "spec": {"podCIDR": "198.19.1.0/24"}
+            }))
+        };
+        // "a-new" sorts first by name but came later.
+        let store = BTreeMap::from([
+            (
+                "a-new".to_string(),
+                Seen::of(
+                    &mk("a-new", "198.18.0.9", "2026-12-02T10:00:00Z"),
+                    None,
+                    None,
+                ),
+            ),
+            (
+                "z-old".to_string(),
+                Seen::of(
+                    &mk("z-old", "198.18.0.1", "2026-01-01T00:00:00Z"),
+                    None,
+                    None,
+                ),
+            ),
+        ]);
+        let snap = snapshot(&store, &"198.19.0.0/16".parse().unwrap());
+        assert_eq!(snap.nodes.len(), 1);
+        assert_eq!(snap.nodes[0].name, "z-old");
+        assert_eq!(
+            snap.problems,
+            vec!["Node a-new: spec.podCIDR 198.19.1.0/24 overlaps Node z-old's 198.19.1.0/24; skipped".to_string()]
+        );
     }
 }

@@ -6,6 +6,7 @@
 //! Bad entries are reported one line each and skipped; the rest stand.
 
 pub mod file;
+pub mod flannel;
 pub mod kube;
 pub mod sync;
 
@@ -35,38 +36,87 @@ pub struct Snapshot {
     pub problems: Vec<String>,
 }
 
+/// How a registry names what it reads, for the problems [`validate`]
+/// reports: `node \`a\`: pod_cidr` in a file, `Node a: spec.podCIDR` in the
+/// API.
+#[derive(Clone, Copy, Debug)]
+pub struct Vocabulary {
+    pub node: &'static str,
+    pub pod_cidr: &'static str,
+    pub underlay_ip: &'static str,
+    /// Whether names are quoted (`node \`a\``) or not (`Node a`).
+    pub quoted: bool,
+}
+
+impl Vocabulary {
+    /// The `file` registry's words.
+    pub const FILE: Self = Self {
+        node: "node",
+        pod_cidr: "pod_cidr",
+        underlay_ip: "underlay_ip",
+        quoted: true,
+    };
+    /// The `kube` registry's words.
+    pub const KUBE: Self = Self {
+        node: "Node",
+        pod_cidr: "spec.podCIDR",
+        underlay_ip: "underlay address",
+        quoted: false,
+    };
+
+    fn name(&self, n: &str) -> String {
+        if self.quoted {
+            format!("{} `{n}`", self.node)
+        } else {
+            format!("{} {n}", self.node)
+        }
+    }
+}
+
 /// Drops nodes that cannot be used together: pod CIDR outside the cluster
 /// CIDR, duplicate names or underlay addresses, overlapping pod CIDRs. The
-/// first node (in registry order) keeps what it claims.
-pub fn validate(nodes: Vec<Node>, cluster: &Ipv4Cidr, problems: &mut Vec<String>) -> Vec<Node> {
+/// first node (in registry order) keeps what it claims; the one that comes
+/// later is skipped, and whatever the first one has in the maps stands.
+pub fn validate(
+    nodes: Vec<Node>,
+    cluster: &Ipv4Cidr,
+    words: Vocabulary,
+    problems: &mut Vec<String>,
+) -> Vec<Node> {
+    let w = words;
     let mut kept: Vec<Node> = Vec::new();
     let mut names = BTreeMap::new();
     for n in nodes {
+        let this = w.name(&n.name);
         if !cluster.contains(n.pod_cidr.addr()) || n.pod_cidr.prefix() < cluster.prefix() {
             problems.push(format!(
-                "node `{}`: pod_cidr {} is outside the cluster CIDR {}; skipped",
-                n.name, n.pod_cidr, cluster
+                "{this}: {} {} is outside the cluster CIDR {}; skipped",
+                w.pod_cidr, n.pod_cidr, cluster
             ));
             continue;
         }
         if names.contains_key(&n.name) {
             problems.push(format!(
-                "node `{}` is listed twice; the second entry is skipped",
-                n.name
+                "{this} is listed twice; the second entry is skipped"
             ));
             continue;
         }
         if let Some(other) = kept.iter().find(|k| k.underlay_ip == n.underlay_ip) {
             problems.push(format!(
-                "node `{}`: underlay_ip {} is already node `{}`'s; skipped",
-                n.name, n.underlay_ip, other.name
+                "{this}: {} {} is already {}'s; skipped",
+                w.underlay_ip,
+                n.underlay_ip,
+                w.name(&other.name)
             ));
             continue;
         }
         if let Some(other) = kept.iter().find(|k| k.pod_cidr.overlaps(&n.pod_cidr)) {
             problems.push(format!(
-                "node `{}`: pod_cidr {} overlaps node `{}`'s {}; skipped",
-                n.name, n.pod_cidr, other.name, other.pod_cidr
+                "{this}: {} {} overlaps {}'s {}; skipped",
+                w.pod_cidr,
+                n.pod_cidr,
+                w.name(&other.name),
+                other.pod_cidr
             ));
             continue;
         }
