@@ -201,11 +201,12 @@ impl Mixed {
         self.kinds[i] = Kind::Weft;
     }
 
-    /// The VTEP MAC node `i` answers to: flannel.1's, or weft's stable one.
+    /// The VTEP MAC node `i` answers to: flannel.1's — on a node taken
+    /// over from flannel too, whose agent keeps it — or weft's stable one.
     fn vtep_mac(&self, i: usize) -> String {
-        match self.kinds[i] {
-            Kind::Flannel => self.flannel[&i].vtep_mac.clone(),
-            Kind::Weft => {
+        match self.flannel.get(&i) {
+            Some(f) => f.vtep_mac.clone(),
+            None => {
                 let o = self.c.nodes[i].underlay_ip.octets();
                 format!("0e:77:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
             }
@@ -644,6 +645,7 @@ fn a_flannel_node_moves_to_weft_under_traffic() {
 
     // The conversion, as MIGRATION.md does it: flannel's pod leaves the
     // node (its kernel state stays), weft's agent starts there.
+    let flannel_mac = m.flannel[&1].vtep_mac.clone();
     let t = Instant::now();
     m.flanneld.remove(&1).unwrap().stop();
     m.start_weft(&mut lab, 1);
@@ -768,7 +770,10 @@ fn a_flannel_node_moves_to_weft_under_traffic() {
         .as_str()
         .unwrap()
         .into();
-    assert_eq!(mac, "0e:77:c6:12:00:02", "weft's MAC is what node-2 stores");
+    assert_eq!(
+        mac, flannel_mac,
+        "node-2 still stores flannel.1's MAC, which weft kept"
+    );
     m.make_flannel(1, Some(&mac));
     m.wait_converged();
     let back = t.elapsed();

@@ -3,15 +3,25 @@
 //! controller manager hands out the pod CIDRs, kube-proxy programs the
 //! Services, and Kubernetes' own e2e.test checks the network.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use serde_json::Value;
 use weft_tests::{
     Lab,
-    k8s::{CORE, KubeCluster, KubeSpec, SKIP, name_of, pod_ip},
+    k8s::{CORE, KubeCluster, KubeNode, KubeSpec, SKIP, name_of, pod_ip},
     privileged,
     traffic::{TcpStream, UdpCount},
 };
+
+#[path = "support/flanneld.rs"]
+mod flanneld;
 
 fn cluster(tag: &str) -> KubeCluster {
     let started = Instant::now();
@@ -517,4 +527,583 @@ spec:
             i + 1
         );
     }
+}
+
+/// flannel's DaemonSet as kube-flannel.yml has it, each pod standing for
+/// flanneld on its node: hostNetwork, tolerating everything, linux only
+/// (MIGRATION.md patches this affinity). Its container is `pause`; the
+/// test follows the pods ([`FlannelFollower`]) and does flanneld's part for
+/// each.
+const FLANNEL_DS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: kube-flannel}
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: kube-flannel-ds, namespace: kube-flannel, labels: {app: flannel}}
+spec:
+  selector: {matchLabels: {app: flannel}}
+  template:
+    metadata: {labels: {app: flannel}}
+    spec:
+      hostNetwork: true
+      priorityClassName: system-node-critical
+      terminationGracePeriodSeconds: 1
+      tolerations: [{operator: Exists, effect: NoSchedule}]
+      affinity:
+        nodeAffinity:
+          requiredDuringSchedulingIgnoredDuringExecution:
+            nodeSelectorTerms:
+              - matchExpressions:
+                  - {key: kubernetes.io/os, operator: In, values: [linux]}
+      containers:
+        - name: kube-flannel
+          image: localhost/pause:3.2
+"#;
+
+/// flannel's CNI plugin as the test's nodes have it: what flannel's
+/// `flannel` plugin does on ADD and DEL — read /run/flannel/subnet.env and
+/// delegate to `bridge` (cni0, gateway, hairpin, no masquerade, the node's
+/// MTU) with `host-local` over the node's subnet (its store
+/// /var/lib/cni/networks/cbr0) — in a few lines of sh.
+const FLANNEL_CNI_SHIM: &str = r#"#!/bin/sh
+. /run/flannel/subnet.env
+# host-local takes the network, not flanneld's gateway address (the test's
+# subnets are /24s).
+SUBNET=$(echo "$FLANNEL_SUBNET" | sed 's#[.][0-9]*/#.0/#')
+exec /opt/cni/bin/bridge <<END_OF_CONF
+{"cniVersion":"0.3.1","name":"cbr0","type":"bridge","bridge":"cni0","isGateway":true,"isDefaultGateway":true,"ipMasq":false,"hairpinMode":true,"mtu":$FLANNEL_MTU,"ipam":{"type":"host-local","subnet":"$SUBNET","routes":[{"dst":"$FLANNEL_NETWORK"}]}}
+END_OF_CONF
+"#;
+
+/// kube-flannel.yml's cni-conf.json, as its install-cni step writes it.
+const FLANNEL_CONFLIST: &str = r#"{"name":"cbr0","cniVersion":"0.3.1","plugins":[{"type":"flannel","delegate":{"hairpinMode":true,"isDefaultGateway":true}},{"type":"portmap","capabilities":{"portMappings":true}}]}"#;
+
+/// Follows kube-flannel-ds's pods: when one runs on a node, that node gets
+/// what flanneld and flannel's install-cni give it (flannel.1 — with the
+/// VTEP MAC its Node stores, if any, as a restarted flanneld takes it —
+/// subnet.env, the CNI plugin and conflist, then flanneld's annotations,
+/// routes, neighbours and FDB entries); when the pod is gone, flanneld
+/// stops and its kernel state stays, as when flannel's pod leaves a node.
+struct FlannelFollower {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    running: Arc<Mutex<Vec<String>>>,
+}
+
+impl FlannelFollower {
+    fn start(c: &KubeCluster) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let running = Arc::new(Mutex::new(Vec::new()));
+        let (flag, list) = (stop.clone(), running.clone());
+        let nodes = c.nodes.clone();
+        let (und, kubeconfig) = (c.underlay.clone(), c.kubeconfig.clone());
+        let kubectl = move |args: &[&str]| -> Value {
+            let out = und
+                .command(weft_tests::k8s::bin("kubectl"))
+                .arg(format!("--kubeconfig={}", kubeconfig.display()))
+                .args(args)
+                .args(["-o", "json"])
+                .output()
+                .expect("kubectl");
+            serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+        };
+        let kubeconfig = c.kubeconfig.clone();
+        let thread = std::thread::spawn(move || {
+            let mut daemons: BTreeMap<String, flanneld::Flanneld> = BTreeMap::new();
+            while !flag.load(Ordering::Relaxed) {
+                let pods = kubectl(&["-n", "kube-flannel", "get", "pods", "-l", "app=flannel"]);
+                let on: Vec<String> = pods["items"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .filter(|p| {
+                        p["status"]["phase"] == "Running"
+                            && p["metadata"]["deletionTimestamp"].is_null()
+                    })
+                    .map(node_of)
+                    .collect();
+                let gone: Vec<String> = daemons
+                    .keys()
+                    .filter(|n| !on.contains(n))
+                    .cloned()
+                    .collect();
+                for n in gone {
+                    daemons.remove(&n).unwrap().stop();
+                }
+                let new: Vec<String> = on
+                    .iter()
+                    .filter(|n| !daemons.contains_key(*n))
+                    .cloned()
+                    .collect();
+                for name in &new {
+                    let node = nodes.iter().find(|k| &k.name == name).unwrap();
+                    let obj = kubectl(&["get", "node", name]);
+                    let cidr = obj["spec"]["podCIDR"].as_str().unwrap_or_default();
+                    let third: u8 = cidr
+                        .split('.')
+                        .nth(2)
+                        .and_then(|o| o.parse().ok())
+                        .expect("a pod CIDR");
+                    let stored =
+                        obj["metadata"]["annotations"]["flannel.alpha.coreos.com/backend-data"]
+                            .as_str()
+                            .and_then(|d| serde_json::from_str::<Value>(d).ok())
+                            .and_then(|d| d["VtepMAC"].as_str().map(str::to_string));
+                    if !node
+                        .ns
+                        .try_sh("ip", &["link", "show", "flannel.1"])
+                        .status
+                        .success()
+                    {
+                        weft_tests::FlannelNode::with_mac(
+                            &node.ns,
+                            node.ip,
+                            third,
+                            1,
+                            8472,
+                            stored.as_deref(),
+                        );
+                    }
+                    let env = format!(
+                        "FLANNEL_NETWORK={}\nFLANNEL_SUBNET=198.19.{third}.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+                        weft_tests::CLUSTER_CIDR
+                    );
+                    for (path, text, mode) in [
+                        ("/run/flannel/subnet.env", env.as_str(), "644"),
+                        ("/opt/cni/bin/flannel", FLANNEL_CNI_SHIM, "755"),
+                        (
+                            "/etc/cni/net.d/10-flannel.conflist",
+                            FLANNEL_CONFLIST,
+                            "644",
+                        ),
+                    ] {
+                        write_on(node, path, text, mode);
+                    }
+                    daemons.insert(
+                        name.clone(),
+                        flanneld::Flanneld::start(flanneld::Conf {
+                            node_name: name.clone(),
+                            ns: node.ns.clone(),
+                            public_ip: node.ip,
+                            vni: 1,
+                            kubeconfig: kubeconfig.clone(),
+                        }),
+                    );
+                }
+                *list.lock().unwrap() = daemons.keys().cloned().collect();
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+            running,
+        }
+    }
+
+    /// The nodes flanneld runs on now.
+    fn running(&self) -> Vec<String> {
+        self.running.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FlannelFollower {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Writes `text` to `path` on `node` (its mount namespace), atomically, with
+/// `mode`.
+fn write_on(node: &KubeNode, path: &str, text: &str, mode: &str) {
+    use std::io::Write as _;
+    let tmp = format!("{path}.tmp");
+    let mut child = node
+        .command("sh")
+        .args([
+            "-ec",
+            &format!(
+                "mkdir -p \"$(dirname {path})\"; cat > {tmp}; chmod {mode} {tmp}; mv {tmp} {path}"
+            ),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("sh on the node");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    assert!(
+        child.wait().unwrap().success(),
+        "writing {path} on {}",
+        node.name
+    );
+}
+
+/// One agnhost pod per node (required anti-affinity; so a restart replaces
+/// them one at a time, with no surge).
+const SPREAD: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: spread}
+spec:
+  replicas: 3
+  strategy: {type: RollingUpdate, rollingUpdate: {maxSurge: 0, maxUnavailable: 1}}
+  selector: {matchLabels: {app: spread}}
+  template:
+    metadata: {labels: {app: spread}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      affinity:
+        podAntiAffinity:
+          requiredDuringSchedulingIgnoredDuringExecution:
+            - labelSelector: {matchLabels: {app: spread}}
+              topologyKey: kubernetes.io/hostname
+      containers:
+        - name: netexec
+          image: localhost/e2e-test-images/agnhost:2.21
+          args: ["netexec", "--http-port=8080", "--udp-port=8081"]
+"#;
+
+/// Every pod of `from` curls every other pod of `to` by address (agnhost's
+/// /hostname answers its name); the pairs that failed.
+fn unreachable(c: &KubeCluster, from: &[Value], to: &[Value]) -> Vec<String> {
+    let mut failed = Vec::new();
+    for a in from {
+        for b in to.iter().filter(|b| name_of(b) != name_of(a)) {
+            let url = format!("http://{}:8080/hostname", pod_ip(b));
+            if curl(c, &name_of(a), &url).as_deref() != Some(name_of(b).as_str()) {
+                failed.push(format!(
+                    "{} ({}, {}) → {} ({}, {})",
+                    name_of(a),
+                    node_of(a),
+                    pod_ip(a),
+                    name_of(b),
+                    node_of(b),
+                    pod_ip(b)
+                ));
+            }
+        }
+    }
+    failed
+}
+
+#[test]
+fn a_flannel_cluster_moves_to_weft_node_by_node() {
+    if !privileged("a_flannel_cluster_moves_to_weft_node_by_node") {
+        return;
+    }
+    let started = Instant::now();
+    let mut spec = KubeSpec::from_env(3);
+    spec.install_weft = false;
+    let c = KubeCluster::up(Lab::new("kf"), spec, |m| eprintln!("==> cluster: {m}"));
+    let say = |m: &str| {
+        eprintln!(
+            "==> migration ({:.0} s): {m}",
+            started.elapsed().as_secs_f64()
+        )
+    };
+
+    // A flannel cluster: flannel's DaemonSet, its pods' nodes made as
+    // flanneld makes them; a workload on it.
+    c.apply("kube-flannel", FLANNEL_DS);
+    let flannel = FlannelFollower::start(&c);
+    c.wait_nodes_ready(Duration::from_secs(90));
+    c.apply("spread", SPREAD);
+    let spread = c.wait_pods_ready("default", "app=spread", 3, Duration::from_secs(90));
+    let failed = unreachable(&c, &spread, &spread);
+    assert!(failed.is_empty(), "on flannel: {failed:?}");
+    say("flannel on every node, one agnhost pod per node (on cni0)");
+
+    // MIGRATION.md: keep flannel off the nodes labelled for weft; install
+    // weft (flannel-compat on), only there.
+    let patch = |name: &str| {
+        std::fs::read_to_string(c.spec.manifests.join("flannel-migration").join(name)).unwrap()
+    };
+    c.kubectl_ok(&[
+        "-n",
+        "kube-flannel",
+        "patch",
+        "ds",
+        "kube-flannel-ds",
+        "-p",
+        &patch("flannel-off-weft-nodes.yaml"),
+    ]);
+    let weft = std::fs::read_to_string(c.spec.manifests.join("weft.yaml")).unwrap();
+    let shipped = weft.replace(
+        "cluster-cidr = \"10.244.0.0/16\"",
+        &format!("cluster-cidr = \"{}\"", weft_tests::CLUSTER_CIDR),
+    );
+    let edited = shipped
+        .replace("# flannel-compat = true", "flannel-compat = true")
+        .replace("# weft.dev/dataplane: weft", "weft.dev/dataplane: weft");
+    assert!(
+        edited.contains("\n    flannel-compat = true")
+            && edited.contains("\n        weft.dev/dataplane: weft"),
+        "deploy/weft.yaml has the flannel-compat and node selector lines"
+    );
+    c.kubectl_ok(&[
+        "apply",
+        "-f",
+        c.spec.manifests.join("rbac.yaml").to_str().unwrap(),
+    ]);
+    c.apply("weft", &edited);
+    let agents = |c: &KubeCluster| c.pods("kube-system", "app=weft");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(agents(&c).is_empty(), "no node is labelled yet");
+
+    for (k, node) in c.nodes.iter().enumerate() {
+        let name = node.name.clone();
+        let here = |p: &Value| node_of(p) == name;
+        let pods = c.pods("default", "app=spread");
+        let local = pods.iter().find(|p| here(p)).unwrap().clone();
+        let others: Vec<Value> = pods.iter().filter(|p| !here(p)).cloned().collect();
+        // Streams between the other nodes' pods, and to and from the pod on
+        // this node (flannel wired it; it must keep running).
+        let ns = |p: &Value| c.pod_netns("default", &name_of(p));
+        let (a, b) = (&others[0], &others[1]);
+        let port = 9100 + 10 * k as u16;
+        let every = Duration::from_millis(1);
+        let udp = UdpCount::start(ns(a), ns(b), pod_ip(b), port, every);
+        let tcp = TcpStream::start(ns(b), ns(a), pod_ip(a), port + 1, 10 << 20);
+        let out = UdpCount::start(ns(&local), ns(a), pod_ip(a), port + 2, every);
+        let back = UdpCount::start(ns(b), ns(&local), pod_ip(&local), port + 3, every);
+        std::thread::sleep(Duration::from_secs(1));
+        let t = Instant::now();
+        c.kubectl_ok(&["label", "node", &name, "weft.dev/dataplane=weft"]);
+        c.wait_for(
+            &format!("weft's agent Ready on {name}, flanneld gone"),
+            Duration::from_secs(90),
+            |c| {
+                (agents(c)
+                    .iter()
+                    .any(|p| here(p) && weft_tests::k8s::pod_ready(p))
+                    && !flannel.running().contains(&name))
+                .then_some(())
+            },
+        );
+        let took = t.elapsed();
+        std::thread::sleep(Duration::from_secs(2));
+        let (udp, tcp, out, back) = (udp.finish(), tcp.finish(), out.finish(), back.finish());
+        say(&format!(
+            "{name} moved to weft in {:.1} s (label → agent Ready); other nodes' pods: UDP {}/{}, TCP {:?} bytes; {name}'s flannel pod: out {}/{}, in {}/{}",
+            took.as_secs_f64(),
+            udp.received,
+            udp.sent,
+            tcp,
+            out.received,
+            out.sent,
+            back.received,
+            back.sent
+        ));
+        udp.assert_lossless(
+            1000,
+            &format!("between the other nodes' pods while {name} moved"),
+        );
+        tcp.unwrap_or_else(|e| panic!("TCP between the other nodes' pods while {name} moved: {e}"));
+        out.assert_lossless(1000, &format!("from {name}'s flannel pod while it moved"));
+        back.assert_lossless(1000, &format!("to {name}'s flannel pod while it moved"));
+        // flannel's pod kept running, untouched, its address reserved.
+        let kept = c
+            .pods("default", "app=spread")
+            .into_iter()
+            .find(|p| name_of(p) == name_of(&local))
+            .expect("flannel's pod still there");
+        assert_eq!(pod_ip(&kept), pod_ip(&local));
+        assert_eq!(kept["status"]["containerStatuses"][0]["restartCount"], 0);
+        assert!(
+            node.ipam_allocations().contains(&pod_ip(&local)),
+            "flannel's pod's address is reserved in weft's IPAM: {:?}",
+            node.ipam_allocations()
+        );
+        let conf_d = node.sh("ls", &["/etc/cni/net.d"]);
+        assert!(
+            conf_d.contains("10-flannel.conflist.weft-disabled")
+                && conf_d.contains("10-weft.conflist")
+                && !conf_d.contains("10-flannel.conflist\n"),
+            "{name}'s /etc/cni/net.d: {conf_d}"
+        );
+        assert!(
+            !node
+                .ns
+                .try_sh("ip", &["link", "show", "flannel.1"])
+                .status
+                .success()
+        );
+        // A new pod there is weft's and reaches every pod, both ways.
+        let fresh = format!("fresh-{k}");
+        c.apply(
+            &fresh,
+            &format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {fresh}, labels: {{app: fresh}}}}\nspec:\n  nodeName: {name}\n  terminationGracePeriodSeconds: 1\n  containers:\n    - name: netexec\n      image: localhost/e2e-test-images/agnhost:2.21\n      args: [\"netexec\", \"--http-port=8080\"]\n"
+            ),
+        );
+        let fresh_pods = c.wait_pods_ready("default", "app=fresh", k + 1, Duration::from_secs(60));
+        let mine: Vec<Value> = fresh_pods
+            .iter()
+            .filter(|p| name_of(p) == fresh)
+            .cloned()
+            .collect();
+        assert_ne!(pod_ip(&mine[0]), pod_ip(&local));
+        assert!(!node.pod_veths().is_empty(), "the new pod has a weft veth");
+        let all: Vec<Value> = c
+            .pods("default", "app=spread")
+            .into_iter()
+            .chain(fresh_pods.clone())
+            .collect();
+        let mut failed = unreachable(&c, &mine, &all);
+        failed.extend(unreachable(&c, &all, &mine));
+        assert!(failed.is_empty(), "after {name} moved: {failed:?}");
+    }
+
+    // MIGRATION.md's roll-back, on the last node: weft's pod there drained,
+    // weft gone (the Job's `weft down`), flannel's conflist back, flannel's
+    // pod back — flanneld takes the VTEP MAC its Node stores.
+    let node = c.nodes.last().unwrap();
+    let name = node.name.clone();
+    let here = |p: &Value| node_of(p) == name;
+    let k = c.nodes.len() - 1;
+    c.kubectl_ok(&["delete", "pod", &format!("fresh-{k}"), "--wait=true"]);
+    let pods = c.pods("default", "app=spread");
+    let local = pods.iter().find(|p| here(p)).unwrap().clone();
+    let a = pods.iter().find(|p| !here(p)).unwrap().clone();
+    let ns = |p: &Value| c.pod_netns("default", &name_of(p));
+    let into = UdpCount::start(
+        ns(&a),
+        ns(&local),
+        pod_ip(&local),
+        9200,
+        Duration::from_millis(1),
+    );
+    let t = Instant::now();
+    c.kubectl_ok(&[
+        "label",
+        "node",
+        &name,
+        "weft.dev/dataplane=none",
+        "--overwrite",
+    ]);
+    c.wait_for(
+        &format!("weft's pod gone from {name}"),
+        Duration::from_secs(60),
+        |c| (!agents(c).iter().any(here)).then_some(()),
+    );
+    c.apply("weft-down", &patch("weft-down.yaml").replace("NODE", &name));
+    c.kubectl_ok(&[
+        "-n",
+        "kube-system",
+        "wait",
+        "--for=condition=complete",
+        &format!("job/weft-down-{name}"),
+        "--timeout=90s",
+    ]);
+    node.sh(
+        "mv",
+        &[
+            "/etc/cni/net.d/10-flannel.conflist.weft-disabled",
+            "/etc/cni/net.d/10-flannel.conflist",
+        ],
+    );
+    node.sh("rm", &["/etc/cni/net.d/10-weft.conflist"]);
+    c.kubectl_ok(&["label", "node", &name, "weft.dev/dataplane-"]);
+    c.wait_for(
+        &format!("flanneld back on {name}"),
+        Duration::from_secs(60),
+        |_| flannel.running().contains(&name).then_some(()),
+    );
+    let back = t.elapsed();
+    std::thread::sleep(Duration::from_secs(3));
+    let into = into.finish();
+    let stored = c.kubectl_json(&["get", "node", &name])["metadata"]["annotations"]
+        ["flannel.alpha.coreos.com/backend-data"]
+        .clone();
+    let mac = node.sh("cat", &["/sys/class/net/flannel.1/address"]);
+    say(&format!(
+        "{name} rolled back to flannel in {:.1} s (label → flanneld running); into its flannel pod meanwhile {}/{} datagrams; flannel.1 {} (Node: {stored})",
+        back.as_secs_f64(),
+        into.received,
+        into.sent,
+        mac.trim()
+    ));
+    assert!(
+        stored.as_str().unwrap_or_default().contains(mac.trim()),
+        "flannel.1 has the MAC its Node stores: {} vs {stored}",
+        mac.trim()
+    );
+    assert!(
+        !node.run("ip", &["link", "show", "weft0"]).status.success(),
+        "the Job's weft down removed weft0"
+    );
+    let all: Vec<Value> = c
+        .pods("default", "app=spread")
+        .into_iter()
+        .chain(c.pods("default", "app=fresh"))
+        .collect();
+    let failed = unreachable(&c, &all, &all);
+    assert!(failed.is_empty(), "after {name} rolled back: {failed:?}");
+    // And forward again.
+    c.kubectl_ok(&["label", "node", &name, "weft.dev/dataplane=weft"]);
+    c.wait_for(
+        &format!("weft's agent Ready on {name} again"),
+        Duration::from_secs(90),
+        |c| {
+            (agents(c)
+                .iter()
+                .any(|p| here(p) && weft_tests::k8s::pod_ready(p))
+                && !flannel.running().contains(&name))
+            .then_some(())
+        },
+    );
+
+    // No flannel node left: flannel goes; weft goes everywhere, without the
+    // affinity and without compat; the workload is re-created on weft.
+    c.kubectl_ok(&[
+        "-n",
+        "kube-flannel",
+        "delete",
+        "daemonset",
+        "kube-flannel-ds",
+        "--wait=true",
+    ]);
+    // deploy/weft.yaml as shipped (with this cluster's CIDR): everywhere,
+    // compat off; the changed selector rolls every agent.
+    c.apply("weft", &shipped);
+    c.kubectl_ok(&[
+        "-n",
+        "kube-system",
+        "rollout",
+        "status",
+        "daemonset/weft",
+        "--timeout=180s",
+    ]);
+    c.kubectl_ok(&["rollout", "restart", "deployment/spread"]);
+    c.kubectl_ok(&["rollout", "status", "deployment/spread", "--timeout=180s"]);
+    let spread = c.wait_pods_ready("default", "app=spread", 3, Duration::from_secs(90));
+    let all: Vec<Value> = spread
+        .iter()
+        .cloned()
+        .chain(c.pods("default", "app=fresh"))
+        .collect();
+    let failed = unreachable(&c, &all, &all);
+    assert!(failed.is_empty(), "after the migration: {failed:?}");
+    for n in &c.nodes {
+        let on_cni0 = n.sh("ip", &["-o", "link", "show", "master", "cni0"]);
+        assert!(
+            on_cni0.trim().is_empty(),
+            "{}: pods left on cni0: {on_cni0}",
+            n.name
+        );
+    }
+    say(&format!(
+        "done: every pod on weft, flannel's DaemonSet gone, compat off; {:.0} s in all",
+        started.elapsed().as_secs_f64()
+    ));
 }

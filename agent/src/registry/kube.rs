@@ -254,19 +254,38 @@ impl KubeRegistry {
     /// earlier run or flanneld left there.
     fn read(&self, n: &KNode, before: Option<&Seen>) -> Seen {
         let mut seen = Seen::of(n, self.flannel.as_ref(), before);
-        if let Some((ip, mac)) = self.own
+        if let Some((ip, _)) = self.own
             && n.metadata.name.as_deref() == Some(self.node_name.as_str())
         {
-            seen.node = own_node(n, ip, mac);
+            seen.node = own_node(n, ip, self.own_mac(n));
             seen.last_good = None;
         }
         seen
     }
 
+    /// This node's VTEP MAC. With `flannel-compat`, on a node flanneld ran
+    /// on, the one its lease holds (flannel.1's, kept by the agent after
+    /// it): flannel's nodes then have nothing to re-learn when the node
+    /// moves to weft — their neighbour and FDB entries for it stay right
+    /// while the Node's annotations change hands. weft's decap does not
+    /// check the inner destination MAC, so any unicast MAC serves.
+    fn own_mac(&self, n: &KNode) -> [u8; 6] {
+        let derived = self.own.map(|(_, mac)| mac).unwrap_or_default();
+        let Some(f) = &self.flannel else {
+            return derived;
+        };
+        let annotations = n.metadata.annotations.clone().unwrap_or_default();
+        match flannel::lease(&self.node_name, &annotations, &f.keys, f.vni) {
+            Some(Ok(lease)) => lease.vtep_mac,
+            _ => derived,
+        }
+    }
+
     /// The annotations this agent wants on its own Node `n`: weft's, and
     /// with `flannel-compat` flanneld's.
     fn own_annotations(&self, n: &KNode) -> Option<BTreeMap<String, String>> {
-        let (ip, mac) = self.own?;
+        let (ip, _) = self.own?;
+        let mac = self.own_mac(n);
         let mut want = BTreeMap::from([
             (ANNOTATION_UNDERLAY_IP.to_string(), ip.to_string()),
             (ANNOTATION_VTEP_MAC.to_string(), netdev::mac_to_string(&mac)),
@@ -548,6 +567,49 @@ mod tests {
             e.contains("Node fl: annotation flannel.alpha.coreos.com/backend-data"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_node_taken_over_from_flannel_keeps_flannel_s_vtep_mac() {
+        let ip = Ipv4Addr::new(198, 18, 0, 7);
+        let mut r = KubeRegistry::new(None, "fl".into(), "198.19.0.0/16".parse().unwrap());
+        r.own = Some((ip, netdev::vtep_mac_for(ip)));
+        let flanneld_s = node(serde_json::json!({
+            "metadata": {"name": "fl", "annotations": {
+                "flannel.alpha.coreos.com/kube-subnet-manager": "true",
+                "flannel.alpha.coreos.com/backend-type": "vxlan",
+                "flannel.alpha.coreos.com/backend-data": r#"{"VNI":1,"VtepMAC":"6a:1b:2c:3d:4e:5f"}"#,
+                "flannel.alpha.coreos.com/public-ip": "198.18.0.7",
+            }},
+            "spec": {"podCIDR": "198.19.7.0/24"},
+        }));
+        // Without compat: weft's own MAC.
+        assert_eq!(r.own_mac(&flanneld_s), netdev::vtep_mac_for(ip));
+        r.flannel = Some(compat());
+        let flannel_mac = [0x6a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f];
+        assert_eq!(r.own_mac(&flanneld_s), flannel_mac);
+        assert_eq!(
+            r.read(&flanneld_s, None).node.unwrap().vtep_mac,
+            flannel_mac
+        );
+        let want = r.own_annotations(&flanneld_s).unwrap();
+        assert_eq!(want[ANNOTATION_VTEP_MAC], "6a:1b:2c:3d:4e:5f");
+        assert_eq!(
+            want["flannel.alpha.coreos.com/backend-data"],
+            r#"{"VNI":1,"VtepMAC":"6a:1b:2c:3d:4e:5f"}"#
+        );
+        // A node flanneld never ran on, or whose lease is not one weft can
+        // use (another VNI): weft's own.
+        let fresh = node(
+            serde_json::json!({"metadata": {"name": "fl"}, "spec": {"podCIDR": "198.19.7.0/24"}}),
+        );
+        assert_eq!(r.own_mac(&fresh), netdev::vtep_mac_for(ip));
+        let mut other_vni = flanneld_s.clone();
+        other_vni.metadata.annotations.as_mut().unwrap().insert(
+            "flannel.alpha.coreos.com/backend-data".into(),
+            r#"{"VNI":2,"VtepMAC":"6a:1b:2c:3d:4e:5f"}"#.into(),
+        );
+        assert_eq!(r.own_mac(&other_vni), netdev::vtep_mac_for(ip));
     }
 
     #[test]
