@@ -151,12 +151,13 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     };
     let mut dp = bringup::load(&cfg, &globals)?;
     let mut maps = Maps::open(&cfg.bpffs_dir)?;
-    let apply = |snap: &Snapshot, maps: &mut Maps| {
+    let mut written = crate::registry::sync::Written::default();
+    let mut apply = |snap: &Snapshot, maps: &mut Maps| {
         let started = std::time::Instant::now();
         metrics.reconciles.inc();
         metrics.registry_problems.set(snap.problems.len() as i64);
         metrics.known_nodes.set(snap.nodes.len() as i64);
-        match reconcile(snap, &me, local_ip, maps) {
+        match reconcile(snap, &me, local_ip, maps, &mut written) {
             Ok(r) => {
                 if let Some(new) = r.pod_cidr_changed {
                     tracing::error!(old = %me.pod_cidr, %new, "this node's pod CIDR changed; restart the agent to apply it (pods keep their addresses until then)");

@@ -7,10 +7,10 @@ use std::net::Ipv4Addr;
 
 use crate::{
     cidr::Ipv4Cidr,
-    dataplane::DataplaneError,
+    dataplane::{DataplaneError, ip_key},
     registry::{
         Node, Snapshot,
-        sync::{self, Changes, NodeMaps},
+        sync::{self, Changes, NodeMaps, Written},
     },
 };
 
@@ -44,6 +44,7 @@ pub fn reconcile(
     me: &Node,
     local_ip: Ipv4Addr,
     maps: &mut impl NodeMaps,
+    written: &mut Written,
 ) -> Result<Reconciled, ReconcileError> {
     let listed = snap
         .nodes
@@ -51,28 +52,16 @@ pub fn reconcile(
         .find(|n| n.name == me.name)
         .ok_or_else(|| ReconcileError::NotListed(me.name.clone()))?;
     let pod_cidr_changed = (listed.pod_cidr != me.pod_cidr).then_some(listed.pod_cidr);
-    let changes = sync::apply(
-        maps,
-        &sync::desired(&with_local_ip(&snap.nodes, &me.name, local_ip), &me.name),
-    )?;
+    let mut want = sync::desired(&snap.nodes, &me.name);
+    // This node at its detected address, which wins over the registry's.
+    if let Some(own) = want.remotes.get_mut(&listed.pod_cidr) {
+        own.underlay_ip = ip_key(local_ip);
+    }
+    let changes = sync::apply(maps, written, want)?;
     Ok(Reconciled {
         changes,
         pod_cidr_changed,
     })
-}
-
-/// The registry's nodes with this node's underlay address as detected.
-fn with_local_ip(nodes: &[Node], me: &str, ip: Ipv4Addr) -> Vec<Node> {
-    nodes
-        .iter()
-        .cloned()
-        .map(|mut n| {
-            if n.name == me {
-                n.underlay_ip = ip;
-            }
-            n
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -84,19 +73,29 @@ mod tests {
     use super::*;
     use crate::dataplane::{ip_from_key, ip_key};
 
-    /// The maps in memory, counting writes.
+    /// The maps in memory, counting reads and writes; `fail` makes writes
+    /// fail as a full map does.
     #[derive(Default)]
     struct Fake {
         remotes: BTreeMap<Ipv4Cidr, RemoteNode>,
         vteps: BTreeMap<u32, Vtep>,
         writes: usize,
+        reads: std::cell::Cell<usize>,
+        fail: bool,
     }
 
     impl NodeMaps for Fake {
         fn remotes(&self) -> BTreeMap<Ipv4Cidr, RemoteNode> {
+            self.reads.set(self.reads.get() + 1);
             self.remotes.clone()
         }
         fn put_remote(&mut self, cidr: &Ipv4Cidr, node: RemoteNode) -> Result<(), DataplaneError> {
+            if self.fail {
+                return Err(DataplaneError::Map {
+                    name: weft_common::names::REMOTE_CIDRS,
+                    source: aya::maps::MapError::KeyNotFound,
+                });
+            }
             self.writes += 1;
             self.remotes.insert(*cidr, node);
             Ok(())
@@ -107,6 +106,7 @@ mod tests {
             Ok(())
         }
         fn vteps(&self) -> BTreeMap<u32, Vtep> {
+            self.reads.set(self.reads.get() + 1);
             self.vteps.clone()
         }
         fn put_vtep(&mut self, ip: u32, vtep: Vtep) -> Result<(), DataplaneError> {
@@ -143,8 +143,9 @@ mod tests {
         let me = node("a", "198.18.0.1", "198.19.1.0/24");
         let s = snap(vec![me.clone(), node("b", "198.18.0.2", "198.19.2.0/24")]);
         let mut maps = Fake::default();
+        let mut w = Written::default();
         let local: Ipv4Addr = "198.18.0.9".parse().unwrap();
-        let r = reconcile(&s, &me, local, &mut maps).unwrap();
+        let r = reconcile(&s, &me, local, &mut maps, &mut w).unwrap();
         assert_eq!(
             (r.changes.upserts, r.changes.removals),
             (3, 0),
@@ -162,7 +163,7 @@ mod tests {
             [ip_key("198.18.0.2".parse().unwrap())]
         );
         let writes = maps.writes;
-        let r = reconcile(&s, &me, local, &mut maps).unwrap();
+        let r = reconcile(&s, &me, local, &mut maps, &mut w).unwrap();
         assert_eq!(r.changes, Changes::default());
         assert_eq!(maps.writes, writes, "nothing rewritten");
     }
@@ -172,14 +173,15 @@ mod tests {
         let me = node("a", "198.18.0.1", "198.19.1.0/24");
         let local = me.underlay_ip;
         let mut maps = Fake::default();
+        let mut w = Written::default();
         let all = snap(vec![
             me.clone(),
             node("b", "198.18.0.2", "198.19.2.0/24"),
             node("c", "198.18.0.3", "198.19.3.0/24"),
         ]);
-        reconcile(&all, &me, local, &mut maps).unwrap();
+        reconcile(&all, &me, local, &mut maps, &mut w).unwrap();
         let moved = snap(vec![me.clone(), node("b", "198.18.0.22", "198.19.2.0/24")]);
-        let r = reconcile(&moved, &me, local, &mut maps).unwrap();
+        let r = reconcile(&moved, &me, local, &mut maps, &mut w).unwrap();
         // c's CIDR and VTEP go; b's CIDR entry is rewritten, its old VTEP
         // replaced by the new one.
         assert_eq!((r.changes.upserts, r.changes.removals), (2, 3));
@@ -191,14 +193,89 @@ mod tests {
     }
 
     #[test]
+    fn the_maps_are_read_back_once_then_diffed_in_memory() {
+        let me = node("a", "198.18.0.1", "198.19.1.0/24");
+        let b = node("b", "198.18.0.2", "198.19.2.0/24");
+        let mut maps = Fake::default();
+        // What an earlier run left in the pinned maps: b, and a node gone
+        // since.
+        let mut w = Written::default();
+        reconcile(
+            &snap(vec![
+                me.clone(),
+                b.clone(),
+                node("c", "198.18.0.3", "198.19.3.0/24"),
+            ]),
+            &me,
+            me.underlay_ip,
+            &mut maps,
+            &mut w,
+        )
+        .unwrap();
+        let mut w = Written::default();
+        maps.reads.set(0);
+        let r = reconcile(
+            &snap(vec![me.clone(), b.clone()]),
+            &me,
+            me.underlay_ip,
+            &mut maps,
+            &mut w,
+        )
+        .unwrap();
+        assert_eq!(maps.reads.get(), 2, "both maps read back at start");
+        assert_eq!((r.changes.upserts, r.changes.removals), (0, 2), "c removed");
+        // One node changes: its entries written, nothing read.
+        let moved = node("b", "198.18.0.22", "198.19.2.0/24");
+        let writes = maps.writes;
+        let r = reconcile(
+            &snap(vec![me.clone(), moved.clone()]),
+            &me,
+            me.underlay_ip,
+            &mut maps,
+            &mut w,
+        )
+        .unwrap();
+        assert_eq!(maps.reads.get(), 2, "no read-back");
+        assert_eq!((r.changes.upserts, r.changes.removals), (2, 1));
+        assert_eq!(maps.writes - writes, 3, "b's entries only");
+        // A failed write: the next apply reads back, and finishes the job.
+        maps.fail = true;
+        let e = reconcile(
+            &snap(vec![me.clone(), b.clone()]),
+            &me,
+            me.underlay_ip,
+            &mut maps,
+            &mut w,
+        );
+        assert!(matches!(e, Err(ReconcileError::Maps(_))), "{e:?}");
+        maps.fail = false;
+        let r = reconcile(
+            &snap(vec![me.clone(), b.clone()]),
+            &me,
+            me.underlay_ip,
+            &mut maps,
+            &mut w,
+        )
+        .unwrap();
+        assert_eq!(maps.reads.get(), 4, "read back after the failure");
+        assert_eq!((r.changes.upserts, r.changes.removals), (2, 1));
+        assert_eq!(
+            maps.vteps.keys().copied().collect::<Vec<_>>(),
+            [ip_key(b.underlay_ip)]
+        );
+    }
+
+    #[test]
     fn a_snapshot_without_this_node_changes_nothing() {
         let me = node("a", "198.18.0.1", "198.19.1.0/24");
         let mut maps = Fake::default();
+        let mut w = Written::default();
         reconcile(
             &snap(vec![me.clone(), node("b", "198.18.0.2", "198.19.2.0/24")]),
             &me,
             me.underlay_ip,
             &mut maps,
+            &mut w,
         )
         .unwrap();
         let writes = maps.writes;
@@ -207,6 +284,7 @@ mod tests {
             &me,
             me.underlay_ip,
             &mut maps,
+            &mut w,
         )
         .unwrap_err();
         assert!(
@@ -221,11 +299,13 @@ mod tests {
     fn a_changed_own_pod_cidr_is_reported() {
         let me = node("a", "198.18.0.1", "198.19.1.0/24");
         let mut maps = Fake::default();
+        let mut w = Written::default();
         let r = reconcile(
             &snap(vec![node("a", "198.18.0.1", "198.19.7.0/24")]),
             &me,
             me.underlay_ip,
             &mut maps,
+            &mut w,
         )
         .unwrap();
         assert_eq!(r.pod_cidr_changed, Some("198.19.7.0/24".parse().unwrap()));
