@@ -857,6 +857,22 @@ fn a_flannel_cluster_moves_to_weft_node_by_node() {
     ]);
     c.apply("weft", &edited);
     let agents = |c: &KubeCluster| c.pods("kube-system", "app=weft");
+    // MIGRATION.md's step 3: the label, then weft's agent Ready there and
+    // flanneld gone.
+    let to_weft = |name: &str| {
+        c.kubectl_ok(&["label", "node", name, "weft.dev/dataplane=weft"]);
+        c.wait_for(
+            &format!("weft's agent Ready on {name}, flanneld gone"),
+            Duration::from_secs(90),
+            |c| {
+                (agents(c)
+                    .iter()
+                    .any(|p| node_of(p) == name && weft_tests::k8s::pod_ready(p))
+                    && !flannel.running().iter().any(|n| n == name))
+                .then_some(())
+            },
+        );
+    };
     std::thread::sleep(Duration::from_secs(2));
     assert!(agents(&c).is_empty(), "no node is labelled yet");
 
@@ -878,18 +894,7 @@ fn a_flannel_cluster_moves_to_weft_node_by_node() {
         let back = UdpCount::start(ns(b), ns(&local), pod_ip(&local), port + 3, every);
         std::thread::sleep(Duration::from_secs(1));
         let t = Instant::now();
-        c.kubectl_ok(&["label", "node", &name, "weft.dev/dataplane=weft"]);
-        c.wait_for(
-            &format!("weft's agent Ready on {name}, flanneld gone"),
-            Duration::from_secs(90),
-            |c| {
-                (agents(c)
-                    .iter()
-                    .any(|p| here(p) && weft_tests::k8s::pod_ready(p))
-                    && !flannel.running().contains(&name))
-                .then_some(())
-            },
-        );
+        to_weft(&name);
         let took = t.elapsed();
         std::thread::sleep(Duration::from_secs(2));
         let (udp, tcp, out, back) = (udp.finish(), tcp.finish(), out.finish(), back.finish());
@@ -1050,18 +1055,7 @@ fn a_flannel_cluster_moves_to_weft_node_by_node() {
     let failed = unreachable(&c, &all, &all);
     assert!(failed.is_empty(), "after {name} rolled back: {failed:?}");
     // And forward again.
-    c.kubectl_ok(&["label", "node", &name, "weft.dev/dataplane=weft"]);
-    c.wait_for(
-        &format!("weft's agent Ready on {name} again"),
-        Duration::from_secs(90),
-        |c| {
-            (agents(c)
-                .iter()
-                .any(|p| here(p) && weft_tests::k8s::pod_ready(p))
-                && !flannel.running().contains(&name))
-            .then_some(())
-        },
-    );
+    to_weft(&name);
 
     // No flannel node left: flannel goes; weft goes everywhere, without the
     // affinity and without compat; the workload is re-created on weft.

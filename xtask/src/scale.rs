@@ -53,21 +53,35 @@ fn applied_us(log: &str, nth: usize) -> Option<u64> {
 }
 
 /// Node `i` of the registry: (underlay IP, pod CIDR). Node 0 is the real
-/// node (198.18.0.1, 198.19.0.0/29); the others are registry entries only:
-/// underlay 198.18.{64+i/256}.{i%256}, pods /29s of 198.19.0.0/16. `changed`
-/// moves that node to a /29 no other node has.
+/// node (198.18.0.1, 198.19.0.0/29); the others are registry entries only.
+/// Up to [`WIDE`] nodes: underlay 198.18.{64+i/256}.{i%256}, pods /29s of
+/// 198.19.0.0/16. More (the 50,000 of docs/SCALE.md): underlays from
+/// 198.18.1.0 on and /32 "pod CIDRs" after the real node's /29, so that
+/// every address stays in 198.18.0.0/15. `changed` moves that node to a
+/// block no other node has.
 fn node_addrs(i: usize, n: usize, changed: Option<usize>) -> (String, String) {
-    let ip = if i == 0 {
-        "198.18.0.1".to_string()
-    } else {
-        format!("198.18.{}.{}", 64 + i / 256, i % 256)
+    let wide = n > WIDE;
+    let ip = match i {
+        0 => "198.18.0.1".to_string(),
+        _ if wide => format!("198.18.{}.{}", 1 + i / 256, i % 256),
+        _ => format!("198.18.{}.{}", 64 + i / 256, i % 256),
     };
     let block = if Some(i) == changed { n + i } else { i };
-    (
-        ip,
-        format!("198.19.{}.{}/29", block * 8 / 256, block * 8 % 256),
-    )
+    let cidr = if !wide {
+        format!("198.19.{}.{}/29", block * 8 / 256, block * 8 % 256)
+    } else if block == 0 {
+        "198.19.0.0/29".to_string()
+    } else {
+        // After the real node's 8 addresses; the changed node past them all.
+        let a = 8 + if Some(i) == changed { n } else { i };
+        format!("198.19.{}.{}/32", a / 256, a % 256)
+    };
+    (ip, cidr)
 }
+
+/// The most nodes the /29 address plan holds (8,192 /29s, twice: the
+/// changed node moves to `n + i`).
+const WIDE: usize = 4000;
 
 /// The Node object of registry entry `i` (`name`), as JSON.
 fn node_json(name: &str, i: usize, n: usize, changed: Option<usize>) -> String {

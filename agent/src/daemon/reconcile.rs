@@ -196,67 +196,33 @@ mod tests {
     fn the_maps_are_read_back_once_then_diffed_in_memory() {
         let me = node("a", "198.18.0.1", "198.19.1.0/24");
         let b = node("b", "198.18.0.2", "198.19.2.0/24");
+        let run = |nodes: &[&Node], maps: &mut Fake, w: &mut Written| {
+            let nodes = nodes.iter().map(|&n| n.clone()).collect();
+            reconcile(&snap(nodes), &me, me.underlay_ip, maps, w)
+        };
         let mut maps = Fake::default();
         // What an earlier run left in the pinned maps: b, and a node gone
         // since.
-        let mut w = Written::default();
-        reconcile(
-            &snap(vec![
-                me.clone(),
-                b.clone(),
-                node("c", "198.18.0.3", "198.19.3.0/24"),
-            ]),
-            &me,
-            me.underlay_ip,
-            &mut maps,
-            &mut w,
-        )
-        .unwrap();
+        let c = node("c", "198.18.0.3", "198.19.3.0/24");
+        run(&[&me, &b, &c], &mut maps, &mut Written::default()).unwrap();
         let mut w = Written::default();
         maps.reads.set(0);
-        let r = reconcile(
-            &snap(vec![me.clone(), b.clone()]),
-            &me,
-            me.underlay_ip,
-            &mut maps,
-            &mut w,
-        )
-        .unwrap();
+        let r = run(&[&me, &b], &mut maps, &mut w).unwrap();
         assert_eq!(maps.reads.get(), 2, "both maps read back at start");
         assert_eq!((r.changes.upserts, r.changes.removals), (0, 2), "c removed");
         // One node changes: its entries written, nothing read.
         let moved = node("b", "198.18.0.22", "198.19.2.0/24");
         let writes = maps.writes;
-        let r = reconcile(
-            &snap(vec![me.clone(), moved.clone()]),
-            &me,
-            me.underlay_ip,
-            &mut maps,
-            &mut w,
-        )
-        .unwrap();
+        let r = run(&[&me, &moved], &mut maps, &mut w).unwrap();
         assert_eq!(maps.reads.get(), 2, "no read-back");
         assert_eq!((r.changes.upserts, r.changes.removals), (2, 1));
         assert_eq!(maps.writes - writes, 3, "b's entries only");
         // A failed write: the next apply reads back, and finishes the job.
         maps.fail = true;
-        let e = reconcile(
-            &snap(vec![me.clone(), b.clone()]),
-            &me,
-            me.underlay_ip,
-            &mut maps,
-            &mut w,
-        );
+        let e = run(&[&me, &b], &mut maps, &mut w);
         assert!(matches!(e, Err(ReconcileError::Maps(_))), "{e:?}");
         maps.fail = false;
-        let r = reconcile(
-            &snap(vec![me.clone(), b.clone()]),
-            &me,
-            me.underlay_ip,
-            &mut maps,
-            &mut w,
-        )
-        .unwrap();
+        let r = run(&[&me, &b], &mut maps, &mut w).unwrap();
         assert_eq!(maps.reads.get(), 4, "read back after the failure");
         assert_eq!((r.changes.upserts, r.changes.removals), (2, 1));
         assert_eq!(
