@@ -225,7 +225,7 @@ fn run_file(count: usize) -> Result<String> {
         change: "one node re-CIDR'd: file written → visible in the map",
         change_wall,
         change_apply: format!(
-            "| of which: re-read + diff + 2 map writes | {:.1} ms |",
+            "| of which: the agent's apply (diff + 2 map writes) | {:.1} ms |",
             change_apply as f64 / 1e3
         ),
         rss_after,

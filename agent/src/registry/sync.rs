@@ -22,23 +22,68 @@ pub struct Desired {
 }
 
 /// Builds the desired state from the registry's nodes; `local` is this node's
-/// name.
+/// name. Collected rather than inserted one by one: a `BTreeMap` built from
+/// an iterator is sorted once and bulk-built.
 pub fn desired(nodes: &[Node], local: &str) -> Desired {
-    let mut d = Desired::default();
-    for n in nodes {
-        d.remotes.insert(
-            n.pod_cidr,
-            RemoteNode {
-                underlay_ip: ip_key(n.underlay_ip),
-                vtep_mac: n.vtep_mac,
-                _pad: [0; 2],
+    Desired {
+        remotes: nodes
+            .iter()
+            .map(|n| {
+                let owner = RemoteNode {
+                    underlay_ip: ip_key(n.underlay_ip),
+                    vtep_mac: n.vtep_mac,
+                    _pad: [0; 2],
+                };
+                (n.pod_cidr, owner)
+            })
+            .collect(),
+        vteps: nodes
+            .iter()
+            .filter(|n| n.name != local)
+            .map(|n| (ip_key(n.underlay_ip), Vtep::default()))
+            .collect(),
+    }
+}
+
+/// What turns `have` into `want`: the entries to write (new or changed)
+/// and the keys to remove, found in one merged walk of the two sorted maps.
+fn differences<K: Ord + Copy, V: PartialEq + Copy>(
+    have: &BTreeMap<K, V>,
+    want: &BTreeMap<K, V>,
+) -> (Vec<(K, V)>, Vec<K>) {
+    let (mut puts, mut dels) = (Vec::new(), Vec::new());
+    let (mut h, mut w) = (have.iter().peekable(), want.iter().peekable());
+    loop {
+        match (h.peek(), w.peek()) {
+            (None, None) => break,
+            (Some((hk, _)), None) => {
+                dels.push(**hk);
+                h.next();
+            }
+            (None, Some((wk, wv))) => {
+                puts.push((**wk, **wv));
+                w.next();
+            }
+            (Some((hk, hv)), Some((wk, wv))) => match hk.cmp(wk) {
+                std::cmp::Ordering::Less => {
+                    dels.push(**hk);
+                    h.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    puts.push((**wk, **wv));
+                    w.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if hv != wv {
+                        puts.push((**wk, **wv));
+                    }
+                    h.next();
+                    w.next();
+                }
             },
-        );
-        if n.name != local {
-            d.vteps.insert(ip_key(n.underlay_ip), Vtep::default());
         }
     }
-    d
+    (puts, dels)
 }
 
 /// The node-facing maps as [`apply`] reads and writes them: the pinned BPF
@@ -136,27 +181,24 @@ pub fn apply(
         Some(d) => (d.remotes, d.vteps),
         None => (maps.remotes(), maps.vteps()),
     };
-    for (cidr, node) in &want.remotes {
-        if have_remotes.get(cidr) != Some(node) {
-            maps.put_remote(cidr, *node)?;
-            c.upserts += 1;
-        }
+    // Within each map writes before removals: a node whose pod CIDR moves is
+    // never without an entry.
+    let (puts, dels) = differences(&have_remotes, &want.remotes);
+    for (cidr, node) in puts {
+        maps.put_remote(&cidr, node)?;
+        c.upserts += 1;
     }
-    for cidr in have_remotes
-        .keys()
-        .filter(|k| !want.remotes.contains_key(k))
-    {
-        maps.del_remote(cidr)?;
+    for cidr in dels {
+        maps.del_remote(&cidr)?;
         c.removals += 1;
     }
-    for (ip, v) in &want.vteps {
-        if have_vteps.get(ip) != Some(v) {
-            maps.put_vtep(*ip, *v)?;
-            c.upserts += 1;
-        }
+    let (puts, dels) = differences(&have_vteps, &want.vteps);
+    for (ip, v) in puts {
+        maps.put_vtep(ip, v)?;
+        c.upserts += 1;
     }
-    for ip in have_vteps.keys().filter(|k| !want.vteps.contains_key(k)) {
-        maps.del_vtep(*ip)?;
+    for ip in dels {
+        maps.del_vtep(ip)?;
         c.removals += 1;
     }
     if c.upserts + c.removals > 0 {
@@ -169,6 +211,22 @@ pub fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn differences_are_found_in_one_walk() {
+        let have = BTreeMap::from([(1, 'a'), (2, 'b'), (4, 'd'), (6, 'f')]);
+        let want = BTreeMap::from([(0, 'z'), (2, 'b'), (4, 'D'), (5, 'e')]);
+        let (puts, dels) = differences(&have, &want);
+        assert_eq!(puts, [(0, 'z'), (4, 'D'), (5, 'e')]);
+        assert_eq!(dels, [1, 6]);
+        assert_eq!(differences(&want, &want), (vec![], vec![]));
+        assert_eq!(
+            differences(&BTreeMap::new(), &want).0.len(),
+            want.len(),
+            "from nothing: every entry"
+        );
+        assert_eq!(differences(&have, &BTreeMap::new()).1, [1, 2, 4, 6]);
+    }
 
     #[test]
     fn desired_marks_self_and_peers() {
