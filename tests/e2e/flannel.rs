@@ -426,15 +426,7 @@ fn services_across_kinds(lab: &mut Lab, m: &Mixed, pods: &[PodInfo]) {
         // As on a real node, the service range is routable.
         n.ns.ip(&["route", "add", "198.18.200.0/24", "dev", "und0"]);
     }
-    m.api.request(
-        "POST",
-        "/api/v1/namespaces/default/services",
-        &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"},
-        "spec": {"clusterIP": CLUSTER_IP.to_string(), "ports": [
-            {"name": "tcp", "protocol": "TCP", "port": 80, "targetPort": ECHO_PORT},
-            {"name": "udp", "protocol": "UDP", "port": 80, "targetPort": ECHO_PORT},
-        ]}}),
-    );
+    m.api.create_service("echo", CLUSTER_IP, ECHO_PORT);
     let on = |i: usize| pods.iter().find(|p| p.node == i).unwrap();
     let mut failures = Vec::new();
     for (n, (backend, client_node)) in [(on(3), weft_node), (on(1), flannel_node)]

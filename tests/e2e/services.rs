@@ -376,15 +376,7 @@ fn a_real_kube_proxy_serves_services_across_the_fast_paths() {
         c.nodes[0].underlay_ip,
         CLUSTER_CIDR,
     );
-    api.request(
-        "POST",
-        "/api/v1/namespaces/default/services",
-        &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"},
-        "spec": {"clusterIP": CLUSTER_IP.to_string(), "ports": [
-            {"name": "tcp", "protocol": "TCP", "port": 80, "targetPort": ECHO_PORT},
-            {"name": "udp", "protocol": "UDP", "port": 80, "targetPort": ECHO_PORT},
-        ]}}),
-    );
+    api.create_service("echo", CLUSTER_IP, ECHO_PORT);
     // As on a real node, the service range is routable before kube-proxy's
     // DNAT (the lab's nodes have no default route).
     node.ip(&["route", "add", "198.18.200.0/24", "dev", "und0"]);

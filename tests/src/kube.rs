@@ -254,6 +254,20 @@ impl KubeApi {
         }
     }
 
+    /// Creates Service `name` in `default`: `cluster_ip` port 80, TCP and
+    /// UDP, to `target` on its endpoints (which the caller sets).
+    pub fn create_service(&self, name: &str, cluster_ip: std::net::Ipv4Addr, target: u16) {
+        self.request(
+            "POST",
+            "/api/v1/namespaces/default/services",
+            &serde_json::json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+            "spec": {"clusterIP": cluster_ip.to_string(), "ports": [
+                {"name": "tcp", "protocol": "TCP", "port": 80, "targetPort": target},
+                {"name": "udp", "protocol": "UDP", "port": 80, "targetPort": target},
+            ]}}),
+        );
+    }
+
     /// One request to the API server as admin (curl from the server's
     /// namespace): `method` on `path` with a JSON `body` (merge patch for
     /// PATCH). Panics unless it answers 2xx; returns the answer's JSON.

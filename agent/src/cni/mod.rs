@@ -540,14 +540,16 @@ mod tests {
         }
     }
 
+    /// A minimal weft conf, with `extra` (`,"key":…`) appended.
+    fn conf(extra: &str) -> NetConf {
+        serde_json::from_str(&format!(
+            r#"{{"cniVersion":"1.0.0","name":"n","type":"weft"{extra}}}"#
+        ))
+        .unwrap()
+    }
+
     #[test]
     fn bandwidth_limits_mark_the_pod_shaped() {
-        let conf = |rc: &str| -> NetConf {
-            serde_json::from_str(&format!(
-                r#"{{"cniVersion":"1.0.0","name":"n","type":"weft"{rc}}}"#
-            ))
-            .unwrap()
-        };
         assert_eq!(conf("").shaped(true), Ok(false));
         let none = conf(r#","runtimeConfig":{"bandwidth":{"ingressRate":0,"egressRate":0}}"#);
         assert_eq!(none.shaped(false), Ok(false));
@@ -570,12 +572,6 @@ mod tests {
 
     #[test]
     fn pods_get_netlink_filters_unless_their_egress_is_limited_or_tcx_is_asked_for() {
-        let conf = |extra: &str| -> NetConf {
-            serde_json::from_str(&format!(
-                r#"{{"cniVersion":"1.0.0","name":"n","type":"weft"{extra}}}"#
-            ))
-            .unwrap()
-        };
         let egress = r#","runtimeConfig":{"bandwidth":{"egressRate":1000000}}"#;
         assert_eq!(conf("").tc_mode(true), Ok(TcMode::Netlink));
         assert_eq!(conf(egress).tc_mode(true), Ok(TcMode::Tcx));
