@@ -15,7 +15,7 @@ use crate::{
         netdev::{self, NetdevError},
         weft0::HOST_IFACE,
     },
-    registry::{Registry, Snapshot, file::FileRegistry},
+    registry::{Published, Registry, file::FileRegistry},
 };
 
 /// The underlay interface, picked like flannel: --iface, else the first
@@ -154,11 +154,11 @@ pub(super) fn set_up_masquerade(cfg: &AgentConfig) {
     }
 }
 
-/// A started registry: its snapshots arrive on `snapshots`; `publish`
+/// A started registry: what it publishes arrives on `snapshots`; `publish`
 /// lets the `kube` registry publish this node's annotations (once the
 /// dataplane is attached).
 pub(super) struct Started {
-    pub snapshots: tokio::sync::watch::Receiver<Option<Snapshot>>,
+    pub snapshots: tokio::sync::watch::Receiver<Published>,
     pub publish: tokio::sync::watch::Sender<bool>,
 }
 
@@ -189,7 +189,7 @@ pub(super) fn spawn_registry(cfg: &AgentConfig, local_ip: Ipv4Addr) -> Started {
             Box::new(r)
         }
     };
-    let (tx, snapshots) = tokio::sync::watch::channel(None);
+    let (tx, snapshots) = tokio::sync::watch::channel(Published::default());
     tokio::spawn(registry.run(tx));
     Started { snapshots, publish }
 }

@@ -27,12 +27,12 @@ use crate::{
         config::AgentConfig,
         keeper::{HOOK_CHECK_INTERVAL, Keeper},
         metrics::{AgentMetrics, Server},
-        reconcile::{ReconcileError, reconcile},
+        reconcile::{ReconcileError, Update, reconcile},
     },
     dataplane::{self, DataplaneError, Globals, Maps, stats},
     host::{gro::GroError, netdev::NetdevError, weft0},
     node::{NodeConfig, NodeConfigError},
-    registry::{Snapshot, file::RegistryError},
+    registry::{Published, file::RegistryError},
 };
 
 pub use down::down;
@@ -115,11 +115,15 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
 
     // Wait until the registry lists this node: its pod CIDR comes from there.
     let me = loop {
-        if let Some(snap) = rx.borrow_and_update().as_ref() {
-            if let Some(me) = snap.nodes.iter().find(|n| n.name == cfg.node_name) {
+        {
+            let p = rx.borrow_and_update();
+            if p.generation == 0 {
+                // Nothing read yet.
+            } else if let Some(me) = p.nodes.get(&cfg.node_name) {
                 break me.clone();
+            } else {
+                tracing::error!(node = %cfg.node_name, "this node is not in the node registry yet; add it (name, underlay IP, pod CIDR). Waiting");
             }
-            tracing::error!(node = %cfg.node_name, "this node is not in the node registry yet; add it (name, underlay IP, pod CIDR). Waiting");
         }
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { return Ok(()); },
@@ -152,12 +156,13 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let mut dp = bringup::load(&cfg, &globals)?;
     let mut maps = Maps::open(&cfg.bpffs_dir)?;
     let mut written = crate::registry::sync::Written::default();
-    let mut apply = |snap: &Snapshot, maps: &mut Maps| {
+    let mut apply = |rx: &mut tokio::sync::watch::Receiver<Published>, maps: &mut Maps| {
         let started = std::time::Instant::now();
+        let update = Update::read(&rx.borrow_and_update(), &written, &me.name);
         metrics.reconciles.inc();
-        metrics.registry_problems.set(snap.problems.len() as i64);
-        metrics.known_nodes.set(snap.nodes.len() as i64);
-        match reconcile(snap, &me, local_ip, maps, &mut written) {
+        metrics.registry_problems.set(update.problems as i64);
+        metrics.known_nodes.set(update.nodes as i64);
+        match reconcile(&update, &me, local_ip, maps, &mut written) {
             Ok(r) => {
                 if let Some(new) = r.pod_cidr_changed {
                     tracing::error!(old = %me.pod_cidr, %new, "this node's pod CIDR changed; restart the agent to apply it (pods keep their addresses until then)");
@@ -166,10 +171,13 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                 metrics.map_writes.inc_by((c.upserts + c.removals) as u64);
                 if c.upserts + c.removals > 0 {
                     let elapsed_us = started.elapsed().as_micros() as u64;
+                    let registry_us = update.registry_took.as_micros() as u64;
                     tracing::info!(
-                        nodes = snap.nodes.len(),
+                        nodes = update.nodes,
                         upserts = c.upserts,
                         removals = c.removals,
+                        incremental = r.incremental,
+                        registry_us,
                         elapsed_us,
                         "registry applied"
                     );
@@ -182,14 +190,10 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             }
         }
     };
-    let first = rx
-        .borrow_and_update()
-        .clone()
-        .expect("a snapshot arrived above");
     // The maps hold the cluster before decap is attached: VXLAN arriving the
     // moment it is (a node taken over from flannel carries traffic already)
     // comes from a known node.
-    apply(&first, &mut maps);
+    apply(&mut rx, &mut maps);
     let decap_hook = bringup::attach(&mut dp, &cfg, &iface.name, &me.pod_cidr)?;
     if cfg.flannel.is_some() {
         takeover::remove_device(cfg.vni, cfg.port);
@@ -256,10 +260,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                     tracing::error!("the node registry stopped; keeping the current dataplane state");
                     break;
                 }
-                let snap = rx.borrow_and_update().clone();
-                if let Some(snap) = snap {
-                    apply(&snap, &mut maps);
-                }
+                apply(&mut rx, &mut maps);
             }
             _ = hook_tick.tick() => keeper.check(&mut dp, &mut maps, &cfg, &metrics),
             _ = stats_tick.tick(), if cfg.stats_interval.is_some() => {

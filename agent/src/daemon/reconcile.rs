@@ -1,20 +1,22 @@
-//! One reconcile: a registry snapshot becomes the node-facing maps, in the
-//! shape of kube-rs's controller-rs: the desired state is computed from what
-//! the registry says, applied as an idempotent diff, and the outcome handed
-//! back for the caller to log and count.
+//! One reconcile: what the registry published becomes the node-facing
+//! maps, in the shape of kube-rs's controller-rs: the desired state is
+//! computed from what the registry says, applied as an idempotent diff, and
+//! the outcome handed back for the caller to log and count. When the
+//! registry's journal says which nodes changed since the last reconcile,
+//! only theirs are looked at and written.
 
 use std::net::Ipv4Addr;
 
 use crate::{
     cidr::Ipv4Cidr,
-    dataplane::{DataplaneError, ip_key},
+    dataplane::DataplaneError,
     registry::{
-        Node, Snapshot,
-        sync::{self, Changes, NodeMaps, Written},
+        Node, Published,
+        sync::{self, Changes, Local, NodeMaps, Written},
     },
 };
 
-/// Why a snapshot was not applied.
+/// Why an update was not applied.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
     #[error(
@@ -23,6 +25,11 @@ pub enum ReconcileError {
     NotListed(String),
     #[error("applying the registry: {0}")]
     Maps(#[from] DataplaneError),
+    /// [`Update::read`] against another [`Written`] than this one.
+    #[error(
+        "the registry's changes were read for maps in an unknown state; the next change applies the whole set"
+    )]
+    Unknown,
 }
 
 /// What a reconcile did.
@@ -32,35 +39,94 @@ pub struct Reconciled {
     /// The registry now gives this node another pod CIDR than the one its
     /// pods have: only a restart applies it.
     pub pod_cidr_changed: Option<Ipv4Cidr>,
+    /// Only the changed nodes were looked at (not the whole set).
+    pub incremental: bool,
 }
 
-/// Makes `maps` hold what `snap` says about the other nodes, and this node
-/// `me` (as the agent started with it) at its detected `local_ip`, which
-/// wins over the registry's. A snapshot that does not list `me` changes
-/// nothing: the registry may be mid-update, and an empty map would cut
-/// every pod off.
+/// What the agent takes from [`Published`] for one reconcile, copied out
+/// so that the registry is not held up while the maps are written.
+#[derive(Clone, Debug)]
+pub struct Update {
+    pub generation: u64,
+    /// This node's entry, if listed.
+    pub me: Option<Node>,
+    pub work: Work,
+    /// How many nodes and problems the registry has.
+    pub nodes: usize,
+    pub problems: usize,
+    /// The registry's own time for its latest change.
+    pub registry_took: std::time::Duration,
+}
+
+/// The nodes to look at.
+#[derive(Clone, Debug)]
+pub enum Work {
+    /// The whole set.
+    All(Vec<Node>),
+    /// The nodes named changed since what is written (`None`: gone).
+    Changed(Vec<(String, Option<Node>)>),
+}
+
+impl Update {
+    /// What `published` holds for an agent `me` that has written `written`.
+    pub fn read(published: &Published, written: &Written, me: &str) -> Self {
+        let changed = written
+            .generation()
+            .and_then(|g| published.changed_since(g));
+        let work = match changed {
+            Some(names) => Work::Changed(
+                names
+                    .into_iter()
+                    .map(|n| (n.to_string(), published.nodes.get(n).cloned()))
+                    .collect(),
+            ),
+            None => Work::All(published.nodes.values().cloned().collect()),
+        };
+        Self {
+            generation: published.generation,
+            me: published.nodes.get(me).cloned(),
+            work,
+            nodes: published.nodes.len(),
+            problems: published.problems.len(),
+            registry_took: published.took,
+        }
+    }
+}
+
+/// Makes `maps` hold what `update` says about the other nodes, and this
+/// node `me` (as the agent started with it) at its detected `local_ip`,
+/// which wins over the registry's. An update that does not list `me`
+/// changes nothing: the registry may be mid-update, and an empty map would
+/// cut every pod off (what changed meanwhile is applied once it lists `me`
+/// again).
 pub fn reconcile(
-    snap: &Snapshot,
+    update: &Update,
     me: &Node,
     local_ip: Ipv4Addr,
     maps: &mut impl NodeMaps,
     written: &mut Written,
 ) -> Result<Reconciled, ReconcileError> {
-    let listed = snap
-        .nodes
-        .iter()
-        .find(|n| n.name == me.name)
+    let listed = update
+        .me
+        .as_ref()
         .ok_or_else(|| ReconcileError::NotListed(me.name.clone()))?;
     let pod_cidr_changed = (listed.pod_cidr != me.pod_cidr).then_some(listed.pod_cidr);
-    let mut want = sync::desired(&snap.nodes, &me.name);
-    // This node at its detected address, which wins over the registry's.
-    if let Some(own) = want.remotes.get_mut(&listed.pod_cidr) {
-        own.underlay_ip = ip_key(local_ip);
-    }
-    let changes = sync::apply(maps, written, want)?;
+    let local = Local {
+        name: &me.name,
+        ip: local_ip,
+    };
+    let (changes, incremental) = match &update.work {
+        Work::Changed(c) => match sync::apply_changes(maps, written, c, local)? {
+            Some(changes) => (changes, true),
+            None => return Err(ReconcileError::Unknown),
+        },
+        Work::All(nodes) => (sync::apply(maps, written, nodes, local)?, false),
+    };
+    written.set_generation(update.generation);
     Ok(Reconciled {
         changes,
         pod_cidr_changed,
+        incremental,
     })
 }
 
@@ -72,6 +138,7 @@ mod tests {
 
     use super::*;
     use crate::dataplane::{ip_from_key, ip_key};
+    use crate::registry::Snapshot;
 
     /// The maps in memory, counting reads and writes; `fail` makes writes
     /// fail as a full map does.
@@ -132,10 +199,32 @@ mod tests {
     }
 
     fn snap(nodes: Vec<Node>) -> Snapshot {
-        Snapshot {
+        Snapshot::validated(
             nodes,
-            problems: Vec::new(),
-        }
+            Vec::new(),
+            &"198.19.0.0/16".parse().unwrap(),
+            crate::registry::Vocabulary::FILE,
+        )
+    }
+
+    /// An agent's side: what it wrote, and the registry it reads.
+    #[derive(Default)]
+    struct Agent {
+        written: Written,
+        published: Published,
+    }
+
+    /// The registry publishes `s` (a full set); the agent reconciles it.
+    fn run_snap(
+        s: &Snapshot,
+        me: &Node,
+        local: Ipv4Addr,
+        maps: &mut Fake,
+        a: &mut Agent,
+    ) -> Result<Reconciled, ReconcileError> {
+        a.published.replace(s.clone());
+        let u = Update::read(&a.published, &a.written, &me.name);
+        reconcile(&u, me, local, maps, &mut a.written)
     }
 
     #[test]
@@ -143,9 +232,9 @@ mod tests {
         let me = node("a", "198.18.0.1", "198.19.1.0/24");
         let s = snap(vec![me.clone(), node("b", "198.18.0.2", "198.19.2.0/24")]);
         let mut maps = Fake::default();
-        let mut w = Written::default();
+        let mut w = Agent::default();
         let local: Ipv4Addr = "198.18.0.9".parse().unwrap();
-        let r = reconcile(&s, &me, local, &mut maps, &mut w).unwrap();
+        let r = run_snap(&s, &me, local, &mut maps, &mut w).unwrap();
         assert_eq!(
             (r.changes.upserts, r.changes.removals),
             (3, 0),
@@ -163,7 +252,7 @@ mod tests {
             [ip_key("198.18.0.2".parse().unwrap())]
         );
         let writes = maps.writes;
-        let r = reconcile(&s, &me, local, &mut maps, &mut w).unwrap();
+        let r = run_snap(&s, &me, local, &mut maps, &mut w).unwrap();
         assert_eq!(r.changes, Changes::default());
         assert_eq!(maps.writes, writes, "nothing rewritten");
     }
@@ -173,15 +262,15 @@ mod tests {
         let me = node("a", "198.18.0.1", "198.19.1.0/24");
         let local = me.underlay_ip;
         let mut maps = Fake::default();
-        let mut w = Written::default();
+        let mut w = Agent::default();
         let all = snap(vec![
             me.clone(),
             node("b", "198.18.0.2", "198.19.2.0/24"),
             node("c", "198.18.0.3", "198.19.3.0/24"),
         ]);
-        reconcile(&all, &me, local, &mut maps, &mut w).unwrap();
+        run_snap(&all, &me, local, &mut maps, &mut w).unwrap();
         let moved = snap(vec![me.clone(), node("b", "198.18.0.22", "198.19.2.0/24")]);
-        let r = reconcile(&moved, &me, local, &mut maps, &mut w).unwrap();
+        let r = run_snap(&moved, &me, local, &mut maps, &mut w).unwrap();
         // c's CIDR and VTEP go; b's CIDR entry is rewritten, its old VTEP
         // replaced by the new one.
         assert_eq!((r.changes.upserts, r.changes.removals), (2, 3));
@@ -196,16 +285,16 @@ mod tests {
     fn the_maps_are_read_back_once_then_diffed_in_memory() {
         let me = node("a", "198.18.0.1", "198.19.1.0/24");
         let b = node("b", "198.18.0.2", "198.19.2.0/24");
-        let run = |nodes: &[&Node], maps: &mut Fake, w: &mut Written| {
+        let run = |nodes: &[&Node], maps: &mut Fake, w: &mut Agent| {
             let nodes = nodes.iter().map(|&n| n.clone()).collect();
-            reconcile(&snap(nodes), &me, me.underlay_ip, maps, w)
+            run_snap(&snap(nodes), &me, me.underlay_ip, maps, w)
         };
         let mut maps = Fake::default();
         // What an earlier run left in the pinned maps: b, and a node gone
         // since.
         let c = node("c", "198.18.0.3", "198.19.3.0/24");
-        run(&[&me, &b, &c], &mut maps, &mut Written::default()).unwrap();
-        let mut w = Written::default();
+        run(&[&me, &b, &c], &mut maps, &mut Agent::default()).unwrap();
+        let mut w = Agent::default();
         maps.reads.set(0);
         let r = run(&[&me, &b], &mut maps, &mut w).unwrap();
         assert_eq!(maps.reads.get(), 2, "both maps read back at start");
@@ -235,8 +324,8 @@ mod tests {
     fn a_snapshot_without_this_node_changes_nothing() {
         let me = node("a", "198.18.0.1", "198.19.1.0/24");
         let mut maps = Fake::default();
-        let mut w = Written::default();
-        reconcile(
+        let mut w = Agent::default();
+        run_snap(
             &snap(vec![me.clone(), node("b", "198.18.0.2", "198.19.2.0/24")]),
             &me,
             me.underlay_ip,
@@ -245,7 +334,7 @@ mod tests {
         )
         .unwrap();
         let writes = maps.writes;
-        let e = reconcile(
+        let e = run_snap(
             &snap(vec![node("b", "198.18.0.2", "198.19.2.0/24")]),
             &me,
             me.underlay_ip,
@@ -265,8 +354,8 @@ mod tests {
     fn a_changed_own_pod_cidr_is_reported() {
         let me = node("a", "198.18.0.1", "198.19.1.0/24");
         let mut maps = Fake::default();
-        let mut w = Written::default();
-        let r = reconcile(
+        let mut w = Agent::default();
+        let r = run_snap(
             &snap(vec![node("a", "198.18.0.1", "198.19.7.0/24")]),
             &me,
             me.underlay_ip,
@@ -275,5 +364,60 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.pod_cidr_changed, Some("198.19.7.0/24".parse().unwrap()));
+    }
+
+    #[test]
+    fn changes_applied_node_by_node_leave_what_a_full_apply_would() {
+        let me = node("a", "198.18.0.1", "198.19.0.0/24");
+        let local: Ipv4Addr = "198.18.0.200".parse().unwrap();
+        let cluster: Ipv4Cidr = "198.19.0.0/16".parse().unwrap();
+        let mut seed = 11u64;
+        let mut next = |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        let mut a = Agent::default();
+        let mut maps = Fake::default();
+        // What the registry's source says (validated on publishing).
+        let mut source: BTreeMap<String, Node> = BTreeMap::from([(me.name.clone(), me.clone())]);
+        let mut incremental = 0;
+        for round in 0..400 {
+            for _ in 0..1 + next(3) {
+                let name = format!("n{}", next(25));
+                if next(3) == 0 {
+                    source.remove(&name);
+                    if a.published.update(&name, None, &cluster) {
+                        continue;
+                    }
+                } else {
+                    let n = node(
+                        &name,
+                        &format!("198.18.0.{}", 2 + next(40)),
+                        &format!("198.19.{}.0/24", 1 + next(40)),
+                    );
+                    source.insert(name.clone(), n.clone());
+                    if next(2) == 0 && a.published.update(&name, Some(n), &cluster) {
+                        continue;
+                    }
+                }
+                a.published
+                    .replace(snap(source.values().cloned().collect()));
+            }
+            let u = Update::read(&a.published, &a.written, &me.name);
+            let r = reconcile(&u, &me, local, &mut maps, &mut a.written).unwrap();
+            incremental += usize::from(r.incremental);
+            let want = sync::desired(
+                a.published.nodes.values(),
+                Local {
+                    name: &me.name,
+                    ip: local,
+                },
+            );
+            assert_eq!(maps.remotes, want.remotes, "round {round}");
+            assert_eq!(maps.vteps, want.vteps, "round {round}");
+        }
+        assert!(incremental > 300, "mostly node by node: {incremental}");
     }
 }

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::{
     cidr::Ipv4Cidr,
     host::netdev,
-    registry::{BoxFuture, Node, Registry, Snapshot, Vocabulary, validate},
+    registry::{BoxFuture, Node, Published, Registry, Snapshot, Vocabulary},
 };
 
 /// Errors reading a registry as a whole (as opposed to one bad entry).
@@ -39,7 +39,7 @@ struct FileNodes {
     node: Vec<FileNode>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileNode {
     name: String,
@@ -60,10 +60,48 @@ pub fn read_file(path: &Path, cluster: &Ipv4Cidr) -> Result<Snapshot, RegistryEr
     })
 }
 
+/// The file's nodes, parsed one `[[node]]` table at a time: the TOML
+/// parser's document of a whole 50,000-node file takes some 65 MiB at once
+/// (and the allocator keeps it), one table's a few hundred bytes. Where the
+/// pieces do not parse on their own (a table header inside a multi-line
+/// string, say) the file is parsed whole, which also gives the error with
+/// its line.
+fn parse_nodes(text: &str) -> Result<Vec<FileNode>, String> {
+    let whole = || {
+        toml::from_str::<FileNodes>(text)
+            .map(|f| f.node)
+            .map_err(|e| toml_error(text, &e))
+    };
+    let mut starts: Vec<usize> = text
+        .split_inclusive('\n')
+        .scan(0, |at, line| {
+            let start = *at;
+            *at += line.len();
+            Some((start, line))
+        })
+        .filter(|(_, line)| line.trim() == "[[node]]")
+        .map(|(start, _)| start)
+        .collect();
+    if starts.first() != Some(&0) {
+        starts.insert(0, 0);
+    }
+    starts.push(text.len());
+    let mut nodes = Vec::with_capacity(starts.len());
+    for w in starts.windows(2) {
+        match toml::from_str::<FileNodes>(&text[w[0]..w[1]]) {
+            Ok(f) => nodes.extend(f.node),
+            Err(_) => return whole(),
+        }
+    }
+    Ok(nodes)
+}
+
 /// Parses node-file text; `Err` only when the TOML itself is unreadable.
 pub fn parse_file(text: &str, cluster: &Ipv4Cidr) -> Result<Snapshot, String> {
-    let file: FileNodes = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
-    let mut snap = Snapshot::default();
+    let file = FileNodes {
+        node: parse_nodes(text)?,
+    };
+    let mut problems = Vec::new();
     let mut candidates = Vec::new();
     for (i, n) in file.node.into_iter().enumerate() {
         let what = if n.name.is_empty() {
@@ -72,7 +110,7 @@ pub fn parse_file(text: &str, cluster: &Ipv4Cidr) -> Result<Snapshot, String> {
             format!("node `{}`", n.name)
         };
         if n.name.is_empty() {
-            snap.problems.push(format!(
+            problems.push(format!(
                 "{what}: `name` is empty; give every node a unique name"
             ));
             continue;
@@ -80,7 +118,7 @@ pub fn parse_file(text: &str, cluster: &Ipv4Cidr) -> Result<Snapshot, String> {
         let ip: Ipv4Addr = match n.underlay_ip.parse() {
             Ok(ip) => ip,
             Err(_) => {
-                snap.problems.push(format!(
+                problems.push(format!(
                     "{what}: underlay_ip `{}` is not an IPv4 address",
                     n.underlay_ip
                 ));
@@ -90,7 +128,7 @@ pub fn parse_file(text: &str, cluster: &Ipv4Cidr) -> Result<Snapshot, String> {
         let cidr: Ipv4Cidr = match n.pod_cidr.parse() {
             Ok(c) => c,
             Err(e) => {
-                snap.problems.push(format!("{what}: pod_cidr: {e}"));
+                problems.push(format!("{what}: pod_cidr: {e}"));
                 continue;
             }
         };
@@ -99,7 +137,7 @@ pub fn parse_file(text: &str, cluster: &Ipv4Cidr) -> Result<Snapshot, String> {
             Some(s) => match netdev::parse_mac(s) {
                 Some(m) if m[0] & 1 == 0 => m,
                 _ => {
-                    snap.problems.push(format!(
+                    problems.push(format!(
                         "{what}: vtep_mac `{s}` is not a unicast MAC like 0e:77:c6:12:00:01"
                     ));
                     continue;
@@ -113,8 +151,12 @@ pub fn parse_file(text: &str, cluster: &Ipv4Cidr) -> Result<Snapshot, String> {
             vtep_mac: mac,
         });
     }
-    snap.nodes = validate(candidates, cluster, Vocabulary::FILE, &mut snap.problems);
-    Ok(snap)
+    Ok(Snapshot::validated(
+        candidates,
+        problems,
+        cluster,
+        Vocabulary::FILE,
+    ))
 }
 
 /// A TOML error as one line that points into the file: `line N: message`
@@ -140,7 +182,7 @@ pub struct FileRegistry {
 }
 
 impl Registry for FileRegistry {
-    fn run(self: Box<Self>, tx: tokio::sync::watch::Sender<Option<Snapshot>>) -> BoxFuture<()> {
+    fn run(self: Box<Self>, tx: tokio::sync::watch::Sender<Published>) -> BoxFuture<()> {
         Box::pin(async move {
             let stamp = |p: &Path| {
                 use std::os::unix::fs::MetadataExt as _;
@@ -156,6 +198,7 @@ impl Registry for FileRegistry {
                 if first || now != seen {
                     first = false;
                     seen = now;
+                    let started = std::time::Instant::now();
                     match read_file(&self.path, &self.cluster) {
                         Ok(snap) => {
                             if snap.problems != last_problems {
@@ -164,7 +207,10 @@ impl Registry for FileRegistry {
                                 }
                                 last_problems = snap.problems.clone();
                             }
-                            tx.send_replace(Some(snap));
+                            tx.send_modify(|p| {
+                                p.replace(snap);
+                                p.took = started.elapsed();
+                            });
                         }
                         Err(e) => tracing::error!("{e}"),
                     }
@@ -265,6 +311,31 @@ mod tests {
                 s.problems
             );
         }
+    }
+
+    #[test]
+    fn tables_parsed_one_by_one_read_as_the_whole_file() {
+        for text in [
+            "# nodes\n[[node]]\nname = \"a\"\nunderlay_ip = \"198.18.0.1\"\npod_cidr = \"198.19.1.0/24\"\n\n  [[node]]  \nname = 'b'\nunderlay_ip = \"198.18.0.2\"\npod_cidr = \"198.19.2.0/24\"\n",
+            "node = [{name = \"a\", underlay_ip = \"198.18.0.1\", pod_cidr = \"198.19.1.0/24\"}]\n",
+            // A header line inside a multi-line string: one node, not two.
+            "[[node]]\nname = \"a\"\nunderlay_ip = \"198.18.0.1\"\npod_cidr = \"198.19.1.0/24\"\nvtep_mac = \"\"\"\n[[node]]\n\"\"\"\n",
+            "",
+        ] {
+            let whole: FileNodes = toml::from_str(text).unwrap();
+            let names = |v: &[FileNode]| v.iter().map(|n| n.name.clone()).collect::<Vec<_>>();
+            assert_eq!(
+                names(&parse_nodes(text).unwrap()),
+                names(&whole.node),
+                "{text}"
+            );
+        }
+        let e = parse_nodes(concat!(
+            "[[node]]\nname = \"a\"\nunderlay_ip = \"198.18.0.1\"\npod_cidr = \"198.19.1.0/24\"\n",
+            "[[node]]\nname = \"b\"\nunderlay_ip = \"198.18.0.2\"\npod_cidr = \"198.19.2.0/24\"\nbogus = 1\n",
+        ))
+        .unwrap_err();
+        assert!(e.starts_with("line 9: "), "the whole file's line: {e}");
     }
 
     #[test]

@@ -36,7 +36,7 @@ use kube::{
 use crate::{
     cidr::Ipv4Cidr,
     host::netdev,
-    registry::{BoxFuture, Node, Registry, Snapshot, Vocabulary, flannel, validate},
+    registry::{BoxFuture, Node, Published, Registry, Snapshot, Vocabulary, flannel},
 };
 
 /// Annotation with the node's underlay IPv4 address.
@@ -203,7 +203,24 @@ struct Seen {
     last_good: Option<Node>,
 }
 
+/// What one watch event changed.
+enum Change {
+    /// A (re)list: the whole set.
+    All,
+    /// One Node, as read before and after (`None`: absent).
+    One {
+        name: String,
+        before: Option<Box<Seen>>,
+        after: Option<Box<Seen>>,
+    },
+}
+
 impl Seen {
+    /// The Node reads well: no problem to report, its entry is its own.
+    fn is_clean(&self) -> bool {
+        self.node.is_ok()
+    }
+
     /// `n` as read now; `before` is what was read of it last.
     fn of(n: &KNode, flannel: Option<&FlannelCompat>, before: Option<&Seen>) -> Self {
         let node = convert(n, flannel);
@@ -243,8 +260,7 @@ fn snapshot(store: &BTreeMap<String, Seen>, cluster: &Ipv4Cidr) -> Snapshot {
             }
         })
         .collect();
-    let nodes = validate(nodes, cluster, Vocabulary::KUBE, &mut problems);
-    Snapshot { nodes, problems }
+    Snapshot::validated(nodes, problems, cluster, Vocabulary::KUBE)
 }
 
 impl KubeRegistry {
@@ -349,7 +365,7 @@ impl KubeRegistry {
 }
 
 impl Registry for KubeRegistry {
-    fn run(self: Box<Self>, tx: tokio::sync::watch::Sender<Option<Snapshot>>) -> BoxFuture<()> {
+    fn run(self: Box<Self>, tx: tokio::sync::watch::Sender<Published>) -> BoxFuture<()> {
         Box::pin(async move {
             let mut backoff = Duration::from_millis(500);
             let client = loop {
@@ -399,10 +415,12 @@ impl Registry for KubeRegistry {
                     }
                     (n, mine && may_publish)
                 };
-                let changed = match ev {
+                let started = std::time::Instant::now();
+                // What changed: everything (a list), one Node, or nothing.
+                let change = match ev {
                     Ok(watcher::Event::Init) => {
                         listing = Some(BTreeMap::new());
-                        false
+                        None
                     }
                     Ok(watcher::Event::InitApply(n)) => {
                         let (n, publish) = own(n);
@@ -413,41 +431,71 @@ impl Registry for KubeRegistry {
                             let seen = self.read(&n, store.get(&name));
                             l.insert(name, seen);
                         }
-                        false
+                        None
                     }
                     Ok(watcher::Event::InitDone) => {
                         // A full list: whatever it does not contain is gone.
                         store = listing.take().unwrap_or_default();
                         tracing::info!(nodes = store.len(), "listed Node objects");
-                        true
+                        Some(Change::All)
                     }
                     Ok(watcher::Event::Apply(n)) => {
                         let (n, publish) = own(n);
                         if publish {
                             self.annotated(&api, n.clone()).await;
                         }
-                        match n.metadata.name.clone() {
-                            Some(name) => {
-                                let seen = self.read(&n, store.get(&name));
-                                store.insert(name, seen.clone()) != Some(seen)
-                            }
-                            None => false,
-                        }
+                        n.metadata.name.clone().and_then(|name| {
+                            let seen = self.read(&n, store.get(&name));
+                            let before = store.insert(name.clone(), seen.clone());
+                            (before.as_ref() != Some(&seen)).then_some(Change::One {
+                                name,
+                                before: before.map(Box::new),
+                                after: Some(Box::new(seen)),
+                            })
+                        })
                     }
-                    Ok(watcher::Event::Delete(n)) => n
-                        .metadata
-                        .name
-                        .as_ref()
-                        .is_some_and(|name| store.remove(name).is_some()),
+                    Ok(watcher::Event::Delete(n)) => n.metadata.name.and_then(|name| {
+                        let before = store.remove(&name)?;
+                        Some(Change::One {
+                            name,
+                            before: Some(Box::new(before)),
+                            after: None,
+                        })
+                    }),
                     Err(e) => {
                         tracing::warn!(
                             "watching Node objects: {e}; keeping the last known state and retrying"
                         );
-                        false
+                        None
                     }
                 };
-                if !changed {
+                let Some(change) = change else {
                     continue;
+                };
+                // One Node that read well before and after (no problem
+                // appears or goes away) changes that node only, unless it
+                // now claims what another has: then, as for a list, the
+                // whole set is validated again.
+                if let Change::One {
+                    name,
+                    before,
+                    after,
+                } = &change
+                    && before.as_deref().is_none_or(Seen::is_clean)
+                    && after.as_deref().is_none_or(Seen::is_clean)
+                {
+                    let node = after.as_ref().and_then(|s| s.node.clone().ok());
+                    let mut done = false;
+                    tx.send_if_modified(|p| {
+                        done = p.update(name, node, &self.cluster);
+                        if done {
+                            p.took = started.elapsed();
+                        }
+                        done
+                    });
+                    if done {
+                        continue;
+                    }
                 }
                 let snap = snapshot(&store, &self.cluster);
                 // Each problem once, when it appears (a VNI mismatch is not
@@ -456,7 +504,10 @@ impl Registry for KubeRegistry {
                     tracing::error!("node registry: {p}");
                 }
                 last_problems = snap.problems.clone();
-                tx.send_replace(Some(snap));
+                tx.send_modify(|p| {
+                    p.replace(snap);
+                    p.took = started.elapsed();
+                });
             }
         })
     }

@@ -1,8 +1,9 @@
 //! Where the set of nodes comes from, and how it becomes map entries.
 //!
-//! A [`Registry`] yields the full list of nodes, as [`Snapshot`]s; the
-//! daemon's reconcile ([`sync`]) turns each into an idempotent diff on the
-//! maps. Two registries: [`file`] (a TOML file) and [`kube`] (Node objects).
+//! A [`Registry`] reads the nodes (a [`Snapshot`], validated) and keeps
+//! them in [`Published`], which remembers which names changed; the daemon's
+//! reconcile ([`sync`]) turns what changed into map writes for those nodes
+//! only, or a whole set into an idempotent diff on the maps. Two registries: [`file`] (a TOML file) and [`kube`] (Node objects).
 //! Bad entries are reported one line each and skipped; the rest stand.
 
 pub mod file;
@@ -10,7 +11,10 @@ pub mod flannel;
 pub mod kube;
 pub mod sync;
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    net::Ipv4Addr,
+};
 
 use crate::{cidr::Ipv4Cidr, host::netdev};
 
@@ -34,9 +38,13 @@ fn ser_mac<S: serde::Serializer>(mac: &[u8; 6], s: S) -> Result<S::Ok, S::Error>
 pub struct Snapshot {
     pub nodes: Vec<Node>,
     pub problems: Vec<String>,
+    /// A node was skipped for claiming what another one has: a change to
+    /// the one that has it can change who wins, so only a full set (not
+    /// [`Published::update`]) follows.
+    pub contested: bool,
 }
 
-/// How a registry names what it reads, for the problems [`validate`]
+/// How a registry names what it reads, for the problems [`Snapshot::validated`]
 /// reports: `node \`a\`: pod_cidr` in a file, `Node a: spec.podCIDR` in the
 /// API.
 #[derive(Clone, Copy, Debug)]
@@ -73,69 +81,525 @@ impl Vocabulary {
     }
 }
 
-/// Drops nodes that cannot be used together: pod CIDR outside the cluster
-/// CIDR, duplicate names or underlay addresses, overlapping pod CIDRs. The
-/// first node (in registry order) keeps what it claims; the one that comes
-/// later is skipped, and whatever the first one has in the maps stands.
-pub fn validate(
-    nodes: Vec<Node>,
-    cluster: &Ipv4Cidr,
-    words: Vocabulary,
-    problems: &mut Vec<String>,
-) -> Vec<Node> {
-    let w = words;
-    let mut kept: Vec<Node> = Vec::new();
-    let mut names = BTreeMap::new();
-    for n in nodes {
-        let this = w.name(&n.name);
-        if !cluster.contains(n.pod_cidr.addr()) || n.pod_cidr.prefix() < cluster.prefix() {
-            problems.push(format!(
-                "{this}: {} {} is outside the cluster CIDR {}; skipped",
-                w.pod_cidr, n.pod_cidr, cluster
-            ));
-            continue;
+impl Snapshot {
+    /// The usable nodes among `nodes`, with `problems` (the registry's own,
+    /// from reading them) and one more per node dropped for not fitting
+    /// with the others: pod CIDR outside the cluster CIDR, duplicate names
+    /// or underlay addresses, overlapping pod CIDRs. The first node (in
+    /// registry order) keeps what it claims; the one that comes later is
+    /// skipped, and whatever the first one has in the maps stands.
+    pub fn validated(
+        nodes: Vec<Node>,
+        mut problems: Vec<String>,
+        cluster: &Ipv4Cidr,
+        words: Vocabulary,
+    ) -> Self {
+        let mut claims = Claims::default();
+        let mut contested = false;
+        let nodes = nodes
+            .into_iter()
+            .filter(|n| match claims.check(n, cluster, words) {
+                Ok(()) => {
+                    claims.insert(n);
+                    true
+                }
+                Err(p) => {
+                    contested |= p.conflict;
+                    problems.push(p.text);
+                    false
+                }
+            })
+            .collect();
+        Self {
+            nodes,
+            problems,
+            contested,
         }
-        if names.contains_key(&n.name) {
-            problems.push(format!(
-                "{this} is listed twice; the second entry is skipped"
-            ));
-            continue;
-        }
-        if let Some(other) = kept.iter().find(|k| k.underlay_ip == n.underlay_ip) {
-            problems.push(format!(
-                "{this}: {} {} is already {}'s; skipped",
-                w.underlay_ip,
-                n.underlay_ip,
-                w.name(&other.name)
-            ));
-            continue;
-        }
-        if let Some(other) = kept.iter().find(|k| k.pod_cidr.overlaps(&n.pod_cidr)) {
-            problems.push(format!(
-                "{this}: {} {} overlaps {}'s {}; skipped",
-                w.pod_cidr,
-                n.pod_cidr,
-                w.name(&other.name),
-                other.pod_cidr
-            ));
-            continue;
-        }
-        names.insert(n.name.clone(), ());
-        kept.push(n);
     }
-    kept
+}
+
+/// Why a node cannot join the others.
+struct Refused {
+    text: String,
+    /// Another node holds what it claims (as opposed to a pod CIDR outside
+    /// the cluster's).
+    conflict: bool,
+}
+
+/// What the nodes kept so far claim: their names, underlay addresses and
+/// pod CIDRs (as disjoint address ranges, by first address). One node is
+/// checked against them in O(log n).
+#[derive(Clone, Debug, Default)]
+struct Claims {
+    /// Name → (underlay address, pod CIDR).
+    names: HashMap<String, (Ipv4Addr, Ipv4Cidr)>,
+    ips: HashMap<Ipv4Addr, String>,
+    /// First address → (last address, the owner's name).
+    ranges: BTreeMap<u32, (u32, String)>,
+}
+
+fn range(c: &Ipv4Cidr) -> (u32, u32) {
+    let lo = u32::from(c.addr());
+    (lo, lo + (c.size() - 1) as u32)
+}
+
+impl Claims {
+    fn check(&self, n: &Node, cluster: &Ipv4Cidr, w: Vocabulary) -> Result<(), Refused> {
+        let this = w.name(&n.name);
+        let refuse = |text: String, conflict: bool| Err(Refused { text, conflict });
+        if !cluster.contains(n.pod_cidr.addr()) || n.pod_cidr.prefix() < cluster.prefix() {
+            return refuse(
+                format!(
+                    "{this}: {} {} is outside the cluster CIDR {}; skipped",
+                    w.pod_cidr, n.pod_cidr, cluster
+                ),
+                false,
+            );
+        }
+        if self.names.contains_key(&n.name) {
+            return refuse(
+                format!("{this} is listed twice; the second entry is skipped"),
+                true,
+            );
+        }
+        if let Some(other) = self.ips.get(&n.underlay_ip) {
+            return refuse(
+                format!(
+                    "{this}: {} {} is already {}'s; skipped",
+                    w.underlay_ip,
+                    n.underlay_ip,
+                    w.name(other)
+                ),
+                true,
+            );
+        }
+        // The ranges are disjoint: if any overlaps [lo, hi], the last one
+        // that starts at or before hi does.
+        let (lo, hi) = range(&n.pod_cidr);
+        if let Some((_, (end, other))) = self.ranges.range(..=hi).next_back()
+            && *end >= lo
+        {
+            return refuse(
+                format!(
+                    "{this}: {} {} overlaps {}'s {}; skipped",
+                    w.pod_cidr,
+                    n.pod_cidr,
+                    w.name(other),
+                    self.names[other].1
+                ),
+                true,
+            );
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, n: &Node) {
+        self.names
+            .insert(n.name.clone(), (n.underlay_ip, n.pod_cidr));
+        self.ips.insert(n.underlay_ip, n.name.clone());
+        let (lo, hi) = range(&n.pod_cidr);
+        self.ranges.insert(lo, (hi, n.name.clone()));
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Some((ip, cidr)) = self.names.remove(name) {
+            self.ips.remove(&ip);
+            self.ranges.remove(&range(&cidr).0);
+        }
+    }
+}
+
+/// How many changed names [`Published`] remembers: an agent that fell
+/// further behind (or has applied nothing yet) takes the whole set.
+const JOURNAL: usize = 4096;
+
+/// What a registry publishes, in the agent's `watch` channel: the usable
+/// nodes by name, the problems, and which names changed in the latest
+/// generations, so that the agent applies a change to one node by touching
+/// that node's entries only (as kube-rs's reflector store and its events).
+/// The registry changes it in place (`send_modify`): nothing is copied per
+/// change.
+#[derive(Debug, Default)]
+pub struct Published {
+    /// 0 until the registry has read its source; +1 per change.
+    pub generation: u64,
+    pub nodes: BTreeMap<String, Node>,
+    pub problems: Vec<String>,
+    /// The registry's own work for the latest generation: reading what
+    /// changed, validating, publishing.
+    pub took: std::time::Duration,
+    claims: Claims,
+    /// A node was skipped for a conflict: no [`Published::update`] until
+    /// the next full set.
+    contested: bool,
+    /// (generation, name), oldest first, at most [`JOURNAL`].
+    journal: VecDeque<(u64, String)>,
+    /// The journal holds every change after this generation.
+    horizon: u64,
+}
+
+impl Published {
+    /// Publishes a full set ([`Snapshot::validated`]): a file re-read, a
+    /// re-list. The names whose entry differs from before go in the journal.
+    pub fn replace(&mut self, snap: Snapshot) {
+        let mut claims = Claims::default();
+        for n in &snap.nodes {
+            claims.insert(n);
+        }
+        let new: BTreeMap<String, Node> = snap
+            .nodes
+            .into_iter()
+            .map(|n| (n.name.clone(), n))
+            .collect();
+        let changed: Vec<String> = {
+            let (mut a, mut b) = (self.nodes.iter().peekable(), new.iter().peekable());
+            let mut out = Vec::new();
+            loop {
+                match (a.peek(), b.peek()) {
+                    (None, None) => break,
+                    (Some((k, _)), None) => {
+                        out.push((*k).clone());
+                        a.next();
+                    }
+                    (None, Some((k, _))) => {
+                        out.push((*k).clone());
+                        b.next();
+                    }
+                    (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
+                        std::cmp::Ordering::Less => {
+                            out.push((*ka).clone());
+                            a.next();
+                        }
+                        std::cmp::Ordering::Greater => {
+                            out.push((*kb).clone());
+                            b.next();
+                        }
+                        std::cmp::Ordering::Equal => {
+                            if va != vb {
+                                out.push((*ka).clone());
+                            }
+                            a.next();
+                            b.next();
+                        }
+                    },
+                }
+            }
+            out
+        };
+        self.generation += 1;
+        self.nodes = new;
+        self.problems = snap.problems;
+        self.claims = claims;
+        self.contested = snap.contested;
+        self.journal(changed);
+    }
+
+    /// Publishes one node's new entry (`Some`) or its removal (`None`),
+    /// when that cannot change any other node's: nothing was skipped for a
+    /// conflict, and the new entry claims nothing another node has and lies
+    /// in the cluster CIDR. `false` (nothing changed): publish a full set
+    /// with [`Published::replace`] instead.
+    pub fn update(&mut self, name: &str, node: Option<Node>, cluster: &Ipv4Cidr) -> bool {
+        if self.contested || self.generation == 0 {
+            return false;
+        }
+        if let Some(n) = &node {
+            let mut claims = std::mem::take(&mut self.claims);
+            let before = claims.names.get(name).copied();
+            claims.remove(name);
+            let ok = claims.check(n, cluster, Vocabulary::FILE).is_ok();
+            if ok {
+                claims.insert(n);
+            } else if let Some((ip, cidr)) = before {
+                // Put back what was there.
+                let old = Node {
+                    name: name.to_string(),
+                    underlay_ip: ip,
+                    pod_cidr: cidr,
+                    vtep_mac: [0; 6],
+                };
+                claims.insert(&old);
+            }
+            self.claims = claims;
+            if !ok {
+                return false;
+            }
+        } else {
+            self.claims.remove(name);
+        }
+        let changed = match node {
+            Some(n) => self.nodes.insert(name.to_string(), n.clone()) != Some(n),
+            None => self.nodes.remove(name).is_some(),
+        };
+        if changed {
+            self.generation += 1;
+            self.journal(vec![name.to_string()]);
+        }
+        true
+    }
+
+    fn journal(&mut self, names: Vec<String>) {
+        if names.len() > JOURNAL {
+            self.journal.clear();
+            self.horizon = self.generation;
+            return;
+        }
+        self.journal
+            .extend(names.into_iter().map(|n| (self.generation, n)));
+        while self.journal.len() > JOURNAL {
+            if let Some((g, _)) = self.journal.pop_front() {
+                // Generation g is no longer complete.
+                self.horizon = self.horizon.max(g);
+            }
+        }
+    }
+
+    /// The names whose entry changed after generation `since`, or `None`
+    /// when the journal does not reach back that far (then: all of them).
+    pub fn changed_since(&self, since: u64) -> Option<BTreeSet<&str>> {
+        if since < self.horizon || since > self.generation {
+            return None;
+        }
+        Some(
+            self.journal
+                .iter()
+                .rev()
+                .take_while(|(g, _)| *g > since)
+                .map(|(_, n)| n.as_str())
+                .collect(),
+        )
+    }
 }
 
 /// A boxed future, for object-safe async trait methods.
 pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 /// A source of the cluster's nodes (the `file` registry, the `kube` registry,
-/// later others). An implementation publishes the *full* current set of nodes
-/// whenever it changes; the agent diffs each snapshot into the maps, so a
-/// registry never has to describe deletions.
+/// later others). An implementation keeps [`Published`] equal to the
+/// current set of nodes: a full set when it reads everything
+/// ([`Published::replace`], which finds what changed), one node when it
+/// knows only that one changed ([`Published::update`]). The agent applies
+/// what changed since it last looked.
 pub trait Registry: Send + 'static {
-    /// Runs until the process ends, publishing snapshots on `tx`. On errors
-    /// it keeps the last snapshot published (the dataplane keeps forwarding
-    /// on it), logs, and retries with backoff.
-    fn run(self: Box<Self>, tx: tokio::sync::watch::Sender<Option<Snapshot>>) -> BoxFuture<()>;
+    /// Runs until the process ends, publishing on `tx`. On errors it keeps
+    /// what it published last (the dataplane keeps forwarding on it), logs,
+    /// and retries with backoff.
+    fn run(self: Box<Self>, tx: tokio::sync::watch::Sender<Published>) -> BoxFuture<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, ip: &str, cidr: &str) -> Node {
+        Node {
+            name: name.into(),
+            underlay_ip: ip.parse().unwrap(),
+            pod_cidr: cidr.parse().unwrap(),
+            vtep_mac: [2, 0, 0, 0, 0, 1],
+        }
+    }
+
+    fn cluster() -> Ipv4Cidr {
+        "198.19.0.0/16".parse().unwrap()
+    }
+
+    /// The rule as first written: each node against every one kept.
+    fn quadratic(nodes: &[Node], cluster: &Ipv4Cidr) -> Vec<String> {
+        let mut kept: Vec<&Node> = Vec::new();
+        for n in nodes {
+            let fits = cluster.contains(n.pod_cidr.addr())
+                && n.pod_cidr.prefix() >= cluster.prefix()
+                && !kept.iter().any(|k| {
+                    k.name == n.name
+                        || k.underlay_ip == n.underlay_ip
+                        || k.pod_cidr.overlaps(&n.pod_cidr)
+                });
+            if fits {
+                kept.push(n);
+            }
+        }
+        kept.iter().map(|n| n.name.clone()).collect()
+    }
+
+    /// A small deterministic generator (no dependency for one test).
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    fn random_node(r: &mut Lcg) -> Node {
+        let prefix = 22 + r.next(9) as u8; // /22 … /30
+        let addr = u32::from(Ipv4Addr::new(198, 19, 0, 0)) + (r.next(1 << 12) << 4) as u32;
+        let addr = addr & (u32::MAX << (32 - prefix));
+        // Now and then outside the cluster.
+        let addr = if r.next(20) == 0 {
+            addr ^ 0x0100_0000
+        } else {
+            addr
+        };
+        Node {
+            name: format!("n{}", r.next(200)),
+            underlay_ip: Ipv4Addr::new(198, 18, 0, r.next(250) as u8),
+            pod_cidr: Ipv4Cidr::new(addr.into(), prefix),
+            vtep_mac: [2, 0, 0, 0, 0, 1],
+        }
+    }
+
+    #[test]
+    fn validation_keeps_what_the_pairwise_rule_keeps() {
+        let mut r = Lcg(7);
+        for round in 0..200 {
+            let nodes: Vec<Node> = (0..1 + r.next(60)).map(|_| random_node(&mut r)).collect();
+            let snap = Snapshot::validated(nodes.clone(), vec![], &cluster(), Vocabulary::FILE);
+            let got: Vec<String> = snap.nodes.iter().map(|n| n.name.clone()).collect();
+            assert_eq!(
+                got,
+                quadratic(&nodes, &cluster()),
+                "round {round}: {nodes:#?}"
+            );
+            assert_eq!(snap.problems.len(), nodes.len() - got.len());
+        }
+    }
+
+    #[test]
+    fn problems_name_the_node_and_what_it_clashes_with() {
+        let snap = Snapshot::validated(
+            vec![
+                node("a", "198.18.0.1", "198.19.1.0/24"),
+                node("b", "198.18.0.1", "198.19.2.0/24"),
+                node("c", "198.18.0.3", "198.19.1.128/25"),
+                node("d", "198.18.0.4", "198.19.0.0/23"),
+                node("e", "198.18.0.5", "10.0.0.0/24"),
+            ],
+            vec![],
+            &cluster(),
+            Vocabulary::FILE,
+        );
+        assert_eq!(snap.nodes.len(), 1);
+        assert!(snap.contested);
+        assert_eq!(
+            snap.problems,
+            [
+                "node `b`: underlay_ip 198.18.0.1 is already node `a`'s; skipped",
+                "node `c`: pod_cidr 198.19.1.128/25 overlaps node `a`'s 198.19.1.0/24; skipped",
+                "node `d`: pod_cidr 198.19.0.0/23 overlaps node `a`'s 198.19.1.0/24; skipped",
+                "node `e`: pod_cidr 10.0.0.0/24 is outside the cluster CIDR 198.19.0.0/16; skipped",
+            ]
+        );
+        let fine = Snapshot::validated(
+            vec![node("e", "198.18.0.5", "10.0.0.0/24")],
+            vec![],
+            &cluster(),
+            Vocabulary::FILE,
+        );
+        assert!(!fine.contested, "outside the cluster is no conflict");
+    }
+
+    fn publish(p: &mut Published, nodes: Vec<Node>) {
+        p.replace(Snapshot::validated(
+            nodes,
+            vec![],
+            &cluster(),
+            Vocabulary::FILE,
+        ));
+    }
+
+    #[test]
+    fn the_journal_names_what_changed_since_a_generation() {
+        let mut p = Published::default();
+        let (a, b) = (
+            node("a", "198.18.0.1", "198.19.1.0/24"),
+            node("b", "198.18.0.2", "198.19.2.0/24"),
+        );
+        publish(&mut p, vec![a.clone(), b.clone()]);
+        assert_eq!(p.generation, 1);
+        let g1 = p.generation;
+        assert_eq!(p.changed_since(g1), Some(BTreeSet::new()));
+        // A full set with only b moved: b is journalled.
+        let b2 = node("b", "198.18.0.22", "198.19.2.0/24");
+        publish(&mut p, vec![a.clone(), b2.clone()]);
+        assert_eq!(p.changed_since(g1), Some(BTreeSet::from(["b"])));
+        // One node added through update: O(log n), journalled.
+        let c = node("c", "198.18.0.3", "198.19.3.0/24");
+        assert!(p.update("c", Some(c.clone()), &cluster()));
+        assert_eq!(p.changed_since(g1), Some(BTreeSet::from(["b", "c"])));
+        assert_eq!(
+            p.changed_since(p.generation - 1),
+            Some(BTreeSet::from(["c"]))
+        );
+        // An update that claims another node's CIDR or address is refused
+        // and changes nothing: the caller validates the whole set.
+        let before = p.generation;
+        for clash in [
+            node("d", "198.18.0.4", "198.19.3.128/25"),
+            node("d", "198.18.0.1", "198.19.4.0/24"),
+            node("c", "198.18.0.3", "198.19.1.0/24"),
+            node("d", "198.18.0.4", "10.0.0.0/24"),
+        ] {
+            let name = clash.name.clone();
+            assert!(!p.update(&name, Some(clash), &cluster()));
+            assert_eq!(p.generation, before);
+        }
+        assert_eq!(p.nodes["c"], c, "c keeps its entry after a refused change");
+        assert!(
+            !p.update(
+                "d",
+                Some(node("d", "198.18.0.4", "198.19.3.0/25")),
+                &cluster()
+            ),
+            "c's claims still stand"
+        );
+        // Removal, and a node moving into what another gave up.
+        assert!(p.update("a", None, &cluster()));
+        assert!(p.update(
+            "d",
+            Some(node("d", "198.18.0.1", "198.19.1.0/24")),
+            &cluster()
+        ));
+        assert_eq!(p.nodes.len(), 3);
+        // Behind the journal: everything.
+        assert_eq!(
+            p.changed_since(0),
+            Some(BTreeSet::from(["a", "b", "c", "d"])),
+            "from the start, a removed"
+        );
+        for i in 0..JOURNAL + 1 {
+            let n = node("e", "198.18.1.1", &format!("198.19.{}.0/24", 10 + i % 2));
+            assert!(p.update("e", Some(n), &cluster()));
+        }
+        assert_eq!(p.changed_since(before), None);
+        assert_eq!(
+            p.changed_since(p.generation - 1),
+            Some(BTreeSet::from(["e"]))
+        );
+    }
+
+    #[test]
+    fn a_contested_set_takes_full_sets_only() {
+        let mut p = Published::default();
+        publish(
+            &mut p,
+            vec![
+                node("a", "198.18.0.1", "198.19.1.0/24"),
+                node("b", "198.18.0.1", "198.19.2.0/24"),
+            ],
+        );
+        assert_eq!(p.problems.len(), 1);
+        // a going away lets b in: only a full validation sees that.
+        assert!(!p.update("a", None, &cluster()));
+        publish(&mut p, vec![node("b", "198.18.0.1", "198.19.2.0/24")]);
+        assert!(p.problems.is_empty());
+        assert!(p.update(
+            "a",
+            Some(node("a", "198.18.0.9", "198.19.1.0/24")),
+            &cluster()
+        ));
+    }
 }

@@ -1,7 +1,10 @@
 //! Desired state → maps: an idempotent diff that never rewrites an entry that
 //! did not change and removes what the registry no longer lists.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+};
 
 use aya::maps::lpm_trie::Key;
 use weft_common::{RemoteNode, Vtep};
@@ -21,26 +24,36 @@ pub struct Desired {
     pub vteps: BTreeMap<u32, Vtep>,
 }
 
-/// Builds the desired state from the registry's nodes; `local` is this node's
-/// name. Collected rather than inserted one by one: a `BTreeMap` built from
-/// an iterator is sorted once and bulk-built.
-pub fn desired(nodes: &[Node], local: &str) -> Desired {
+/// This node as the maps see it: its name, and its address (the detected
+/// one, which wins over the registry's).
+#[derive(Clone, Copy, Debug)]
+pub struct Local<'a> {
+    pub name: &'a str,
+    pub ip: Ipv4Addr,
+}
+
+/// One node's entries: its pod CIDR and owner, and (for a peer) its
+/// underlay address as a VTEP key.
+fn entries(n: &Node, local: Local<'_>) -> (Ipv4Cidr, RemoteNode, Option<u32>) {
+    let me = n.name == local.name;
+    let owner = RemoteNode {
+        underlay_ip: ip_key(if me { local.ip } else { n.underlay_ip }),
+        vtep_mac: n.vtep_mac,
+        _pad: [0; 2],
+    };
+    (n.pod_cidr, owner, (!me).then(|| ip_key(n.underlay_ip)))
+}
+
+/// Builds the desired state from the registry's nodes. Collected rather
+/// than inserted one by one: a `BTreeMap` built from an iterator is sorted
+/// once and bulk-built.
+pub fn desired<'a>(nodes: impl IntoIterator<Item = &'a Node>, local: Local<'_>) -> Desired {
+    let all: Vec<_> = nodes.into_iter().map(|n| entries(n, local)).collect();
     Desired {
-        remotes: nodes
+        remotes: all.iter().map(|(c, o, _)| (*c, *o)).collect(),
+        vteps: all
             .iter()
-            .map(|n| {
-                let owner = RemoteNode {
-                    underlay_ip: ip_key(n.underlay_ip),
-                    vtep_mac: n.vtep_mac,
-                    _pad: [0; 2],
-                };
-                (n.pod_cidr, owner)
-            })
-            .collect(),
-        vteps: nodes
-            .iter()
-            .filter(|n| n.name != local)
-            .map(|n| (ip_key(n.underlay_ip), Vtep::default()))
+            .filter_map(|(_, _, v)| v.map(|ip| (ip, Vtep::default())))
             .collect(),
     }
 }
@@ -160,52 +173,187 @@ pub struct Changes {
     pub removals: usize,
 }
 
-/// What the node-facing maps hold, as [`apply`] last made them. Only the
-/// agent writes those maps, so after the first apply the diff runs against
-/// this copy in memory instead of reading both maps back through the BPF
-/// syscalls (two per entry: 35–60 ms an apply at 5,000 nodes,
-/// docs/SCALE.md). Unknown at start (the pinned maps of an earlier run are
-/// read back once) and after a failed write (read back again).
+/// What the node-facing maps hold, as [`apply`] or [`apply_changes`] last
+/// made them. Only the agent writes those maps, so after the first apply the
+/// diff runs against this copy in memory instead of reading both maps back
+/// through the BPF syscalls (two per entry: 35–60 ms an apply at 5,000
+/// nodes, docs/SCALE.md). Unknown at start (the pinned maps of an earlier
+/// run are read back once) and after a failed write (read back again).
 #[derive(Debug, Default)]
-pub struct Written(Option<Desired>);
+pub struct Written(Option<State>);
 
-/// Makes the maps equal to `want`, touching only entries that differ.
-pub fn apply(
+#[derive(Debug)]
+struct State {
+    desired: Desired,
+    /// Each node's entries: pod CIDR and VTEP key (none for this node).
+    owners: HashMap<String, (Ipv4Cidr, Option<u32>)>,
+    /// The registry's generation these are (`Published::generation`).
+    generation: u64,
+}
+
+impl Written {
+    /// The registry generation last applied, if the maps are known.
+    pub fn generation(&self) -> Option<u64> {
+        self.0.as_ref().map(|s| s.generation)
+    }
+
+    /// Marks what is written as registry generation `g`.
+    pub fn set_generation(&mut self, g: u64) {
+        if let Some(s) = &mut self.0 {
+            s.generation = g;
+        }
+    }
+}
+
+/// Writes `puts` then removes `dels` in one map (writes before removals: a
+/// node whose pod CIDR moves is never without an entry), counting in `c`.
+fn write<M, K, V>(
+    maps: &mut M,
+    (puts, dels): (Vec<(K, V)>, Vec<K>),
+    c: &mut Changes,
+    put: impl Fn(&mut M, K, V) -> Result<(), DataplaneError>,
+    del: impl Fn(&mut M, K) -> Result<(), DataplaneError>,
+) -> Result<(), DataplaneError> {
+    for (k, v) in puts {
+        put(maps, k, v)?;
+        c.upserts += 1;
+    }
+    for k in dels {
+        del(maps, k)?;
+        c.removals += 1;
+    }
+    Ok(())
+}
+
+/// Makes the maps equal to `want` (the whole node set, `nodes`' entries),
+/// touching only entries that differ.
+pub fn apply<'a>(
     maps: &mut impl NodeMaps,
     written: &mut Written,
-    want: Desired,
+    nodes: impl IntoIterator<Item = &'a Node> + Clone,
+    local: Local<'_>,
 ) -> Result<Changes, DataplaneError> {
+    let want = desired(nodes.clone(), local);
     let mut c = Changes::default();
     // Taken: if a write below fails, the next apply reads the maps back.
     let (have_remotes, have_vteps) = match written.0.take() {
-        Some(d) => (d.remotes, d.vteps),
+        Some(s) => (s.desired.remotes, s.desired.vteps),
         None => (maps.remotes(), maps.vteps()),
     };
-    // Within each map writes before removals: a node whose pod CIDR moves is
-    // never without an entry.
-    let (puts, dels) = differences(&have_remotes, &want.remotes);
-    for (cidr, node) in puts {
-        maps.put_remote(&cidr, node)?;
-        c.upserts += 1;
-    }
-    for cidr in dels {
-        maps.del_remote(&cidr)?;
-        c.removals += 1;
-    }
-    let (puts, dels) = differences(&have_vteps, &want.vteps);
-    for (ip, v) in puts {
-        maps.put_vtep(ip, v)?;
-        c.upserts += 1;
-    }
-    for ip in dels {
-        maps.del_vtep(ip)?;
-        c.removals += 1;
-    }
+    write(
+        maps,
+        differences(&have_remotes, &want.remotes),
+        &mut c,
+        |m, k, v| m.put_remote(&k, v),
+        |m, k| m.del_remote(&k),
+    )?;
+    write(
+        maps,
+        differences(&have_vteps, &want.vteps),
+        &mut c,
+        |m, k, v| m.put_vtep(k, v),
+        |m, k| m.del_vtep(k),
+    )?;
     if c.upserts + c.removals > 0 {
         tracing::debug!(?c, vteps = ?want.vteps.keys().map(|k| ip_from_key(*k)).collect::<Vec<_>>(), "maps reconciled");
     }
-    written.0 = Some(want);
+    let owners = nodes
+        .into_iter()
+        .map(|n| {
+            let (cidr, _, vtep) = entries(n, local);
+            (n.name.clone(), (cidr, vtep))
+        })
+        .collect();
+    written.0 = Some(State {
+        desired: want,
+        owners,
+        generation: 0,
+    });
     Ok(c)
+}
+
+/// Applies what changed for the nodes named in `changes` (`None`: gone from
+/// the registry) against what is written, with map writes for their
+/// entries only: the work of one node's change does not grow with the
+/// cluster. `None` when nothing is known to be written yet ([`apply`]
+/// first). The registry has validated both sets (no two nodes share a pod
+/// CIDR or underlay address), so an entry a changed node gave up is no
+/// other node's.
+pub fn apply_changes(
+    maps: &mut impl NodeMaps,
+    written: &mut Written,
+    changes: &[(String, Option<Node>)],
+    local: Local<'_>,
+) -> Result<Option<Changes>, DataplaneError> {
+    let Some(mut s) = written.0.take() else {
+        return Ok(None);
+    };
+    // What each touched key held before, recorded before it changes.
+    let mut before_r: BTreeMap<Ipv4Cidr, Option<RemoteNode>> = BTreeMap::new();
+    let mut before_v: BTreeMap<u32, Option<Vtep>> = BTreeMap::new();
+    let d = &mut s.desired;
+    for (name, _) in changes {
+        if let Some((cidr, vtep)) = s.owners.remove(name) {
+            before_r
+                .entry(cidr)
+                .or_insert_with(|| d.remotes.get(&cidr).copied());
+            d.remotes.remove(&cidr);
+            if let Some(ip) = vtep {
+                before_v
+                    .entry(ip)
+                    .or_insert_with(|| d.vteps.get(&ip).copied());
+                d.vteps.remove(&ip);
+            }
+        }
+    }
+    for (name, node) in changes {
+        let Some(n) = node else { continue };
+        let (cidr, owner, vtep) = entries(n, local);
+        before_r
+            .entry(cidr)
+            .or_insert_with(|| d.remotes.get(&cidr).copied());
+        d.remotes.insert(cidr, owner);
+        if let Some(ip) = vtep {
+            before_v
+                .entry(ip)
+                .or_insert_with(|| d.vteps.get(&ip).copied());
+            d.vteps.insert(ip, Vtep::default());
+        }
+        s.owners.insert(name.clone(), (cidr, vtep));
+    }
+    fn split<K: Ord + Copy, V: PartialEq + Copy>(
+        before: BTreeMap<K, Option<V>>,
+        now: &BTreeMap<K, V>,
+    ) -> (Vec<(K, V)>, Vec<K>) {
+        let (mut puts, mut dels) = (Vec::new(), Vec::new());
+        for (k, was) in before {
+            match (was, now.get(&k)) {
+                (was, Some(v)) if was.as_ref() != Some(v) => puts.push((k, *v)),
+                (Some(_), None) => dels.push(k),
+                _ => {}
+            }
+        }
+        (puts, dels)
+    }
+    let mut c = Changes::default();
+    write(
+        maps,
+        split(before_r, &d.remotes),
+        &mut c,
+        |m, k, v| m.put_remote(&k, v),
+        |m, k| m.del_remote(&k),
+    )?;
+    write(
+        maps,
+        split(before_v, &d.vteps),
+        &mut c,
+        |m, k, v| m.put_vtep(k, v),
+        |m, k| m.del_vtep(k),
+    )?;
+    // Only now, with every write done: after a failure `written` stays
+    // unknown and the next apply reads the maps back.
+    written.0 = Some(s);
+    Ok(Some(c))
 }
 
 #[cfg(test)]
@@ -244,7 +392,13 @@ mod tests {
                 vtep_mac: [2, 0, 0, 0, 0, 2],
             },
         ];
-        let d = desired(&nodes, "a");
+        let d = desired(
+            &nodes,
+            Local {
+                name: "a",
+                ip: "198.18.0.1".parse().unwrap(),
+            },
+        );
         assert_eq!(d.remotes.len(), 2);
         assert_eq!(d.vteps.len(), 1);
         assert!(d.vteps.contains_key(&ip_key("198.18.0.2".parse().unwrap())));
