@@ -7,7 +7,9 @@
 //! bridge + veth pods); `udp-userspace` (flannel's `udp` backend design:
 //! TUN ↔ UDP in a userspace process, a reference written for the bench, see
 //! udpfwd.rs); `host-gw` (routes via the other node, no encapsulation);
-//! `underlay` (node to node, no pods: the ceiling).
+//! `underlay` (node to node, no pods: the ceiling); `weft-scale` (`weft`
+//! with 5,000 nodes in the registry, 110 pods on the receiving node and
+//! 100,000 live stack-flows entries: a cost that stays flat at scale).
 
 mod cni;
 mod measure;
@@ -28,6 +30,7 @@ use topology::{Path2, build, serve};
 
 pub const MODES: &[&str] = &[
     "weft",
+    "weft-scale",
     "kernel-vxlan",
     "udp-userspace",
     "host-gw",
@@ -71,6 +74,62 @@ pub const RATIO_TARGETS: &[(&str, &str, f64, &str)] = &[
         "weft ≥ 0.9 × underlay, TCP 1 stream",
     ),
 ];
+
+/// Issue #23's targets: (mode, baseline, figure, bound, the bound is a
+/// ceiling, name): mode's median / baseline's median against the bound.
+pub const WIRE_TARGETS: &[(&str, &str, &str, f64, bool, &str)] = &[
+    (
+        "weft",
+        "underlay",
+        "tcp1_gbps",
+        0.95,
+        false,
+        "weft ≥ 0.95 × underlay, TCP 1 stream",
+    ),
+    (
+        "weft",
+        "underlay",
+        "udp64_kpps",
+        0.90,
+        false,
+        "weft ≥ 0.90 × underlay, 64-byte UDP pps",
+    ),
+    (
+        "weft",
+        "underlay",
+        "rr_p50_us",
+        1.03,
+        true,
+        "weft ≤ 1.03 × underlay, TCP_RR p50",
+    ),
+    (
+        "weft",
+        "underlay",
+        "cpu_s_per_gb",
+        1.00,
+        true,
+        "weft ≤ 1.00 × underlay, CPU seconds per GB",
+    ),
+    (
+        "weft-scale",
+        "weft",
+        "udp64_kpps",
+        0.90,
+        false,
+        "at scale (5,000 nodes, 110 pods, 100,000 flows) ≥ 0.90 × weft, 64-byte UDP pps",
+    ),
+    (
+        "weft-scale",
+        "weft",
+        "rr_p50_us",
+        1.10,
+        true,
+        "at scale ≤ 1.10 × weft, TCP_RR p50",
+    ),
+];
+
+/// Issue #23's per-packet budgets: (program, ns per 64-byte packet at most).
+pub const PROFILE_TARGETS: &[(&str, f64)] = &[("weft_from_pod", 350.0), ("weft_from_und", 150.0)];
 
 pub const FIGURES: &[(&str, &str, bool)] = &[
     // (name, unit/description, higher is better)
@@ -241,6 +300,18 @@ pub fn run(o: &Opts) -> Result<Value> {
                 .collect();
             ratios.insert(format!("weft/{base}"), Value::Object(r));
         }
+    }
+    // The same dataplane with a large cluster's state: how flat it stays.
+    if modes.contains_key("weft") && modes.contains_key("weft-scale") {
+        let r: serde_json::Map<String, Value> = FIGURES
+            .iter()
+            .filter_map(|(f, _, _)| {
+                let s = modes["weft-scale"][f]["median"].as_f64()?;
+                let w = modes["weft"][f]["median"].as_f64().filter(|w| *w != 0.0)?;
+                Some((f.to_string(), json!(s / w)))
+            })
+            .collect();
+        ratios.insert("weft-scale/weft".into(), Value::Object(r));
     }
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()

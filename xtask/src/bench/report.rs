@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use serde_json::Value;
 
 use super::{
-    DIAGNOSTICS, EXTRA_MODES, FIGURES, MODES, RATIO_TARGETS,
+    DIAGNOSTICS, EXTRA_MODES, FIGURES, MODES, PROFILE_TARGETS, RATIO_TARGETS, WIRE_TARGETS,
     cni::{CNI_FIGURES, CNI_TARGETS, PLUGINS},
     measure::PROFILED,
 };
@@ -366,6 +366,36 @@ pub fn targets(r: &Value) -> String {
                 w / b,
                 if w / b >= *at_least { "yes" } else { "no" }
             ),
+            None => format!("| {name} | not measured in this run | — |\n"),
+        };
+    }
+    let met = |yes: bool| if yes { "yes" } else { "no" };
+    for (mode, base, fig, bound, ceiling, name) in WIRE_TARGETS {
+        s += &match med(mode, fig).zip(med(base, fig)) {
+            Some((m, b)) => {
+                let ratio = m / b;
+                format!(
+                    "| {name} | {ratio:.2} × | {} |\n",
+                    met(if *ceiling {
+                        ratio <= *bound
+                    } else {
+                        ratio >= *bound
+                    })
+                )
+            }
+            None => format!("| {name} | not measured in this run | — |\n"),
+        };
+    }
+    for (program, budget) in PROFILE_TARGETS {
+        let ns = r["bpf_profile"]["weft"]["udp64"]["programs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|row| row["name"] == *program)
+            .and_then(|row| row["ns_per_run"].as_f64());
+        let name = format!("`{program}` ≤ {budget:.0} ns per 64-byte packet (weft profile)");
+        s += &match ns {
+            Some(ns) => format!("| {name} | {ns:.0} ns | {} |\n", met(ns <= *budget)),
             None => format!("| {name} | not measured in this run | — |\n"),
         };
     }

@@ -1,11 +1,13 @@
 //! The topologies the bench measures: one per mode, each two nodes on a
-//! bridged underlay with one pod each (node to node for `underlay`).
+//! bridged underlay with one pod each (node to node for `underlay`;
+//! `weft-scale` is `weft` with a large cluster's state in the maps).
 
-use std::{net::Ipv4Addr, path::Path, time::Duration};
+use std::{fmt::Write as _, net::Ipv4Addr, path::Path, time::Duration};
 
 use anyhow::{Result, bail};
 use weft_tests::{
-    Cluster, ClusterSpec, FlannelNode, Lab, Netns, Underlay, UnderlayKind, bridge_pod, wait_for,
+    Cluster, ClusterSpec, FlannelNode, ForeignNode, Lab, Netns, Underlay, UnderlayKind, bridge_pod,
+    wait_for,
 };
 
 use super::measure::on_cpu;
@@ -60,6 +62,36 @@ pub(super) fn build(mode: &str, lab: &mut Lab, xtask: &Path, kind: UnderlayKind)
             }
             let c = Cluster::start(lab, spec);
             // The lab owns every namespace and process the cluster made.
+            Path2 {
+                client: c.pods[0].ns.clone(),
+                server: c.pods[1].ns.clone(),
+                server_ip: c.pods[1].ip,
+            }
+        }
+        "weft-scale" => {
+            let mut c = Cluster::new(
+                lab,
+                ClusterSpec {
+                    underlay: kind,
+                    ..ClusterSpec::pair()
+                },
+            );
+            c.foreign = (0..SCALE_NODES - 2).map(remote_node).collect();
+            c.launch(lab);
+            for j in 1..SCALE_PODS {
+                c.add_pod(lab, 1, j);
+            }
+            for i in 0..2 {
+                let batch = lab.dir.join(format!("flows-{i}.batch"));
+                fill_stack_flows(&c.nodes[i].bpffs, &c.pods, &batch)?;
+            }
+            let nodes = c.status(0)["nodes"].as_array().map_or(0, Vec::len);
+            let pods = c.status(1)["endpoints"].as_array().map_or(0, Vec::len);
+            if nodes != SCALE_NODES || pods != SCALE_PODS {
+                bail!(
+                    "weft-scale: node-1 knows {nodes} nodes (want {SCALE_NODES}), node-2 has {pods} pods (want {SCALE_PODS})"
+                );
+            }
             Path2 {
                 client: c.pods[0].ns.clone(),
                 server: c.pods[1].ns.clone(),
@@ -126,6 +158,108 @@ pub(super) fn build(mode: &str, lab: &mut Lab, xtask: &Path, kind: UnderlayKind)
         }
         other => bail!("unknown mode `{other}`"),
     })
+}
+
+/// `weft-scale`: the nodes in the registry (the two real ones and
+/// registry entries), pods on the receiving node (Kubernetes' default
+/// maximum) and live entries in each node's stack-flows map.
+pub const SCALE_NODES: usize = 5000;
+pub const SCALE_PODS: usize = 110;
+pub const SCALE_FLOWS: usize = 100_000;
+
+/// Registry entry `i` of `weft-scale`: a node nothing is sent to
+/// (underlay 198.18.64.0 on, a /29 of 198.19.16.0 on).
+fn remote_node(i: usize) -> ForeignNode {
+    let block = 16 * 256 + i * 8;
+    ForeignNode {
+        name: format!("remote-{i}"),
+        underlay_ip: Ipv4Addr::new(198, 18, 64 + (i / 256) as u8, (i % 256) as u8),
+        pod_cidr: format!("198.19.{}.{}/29", block / 256, block % 256),
+        vtep_mac: format!("0e:77:c6:12:{:02x}:{:02x}", 64 + i / 256, i % 256),
+    }
+}
+
+/// Fills the stack-flows map pinned under `bpffs` with [`SCALE_FLOWS`]
+/// live entries, as kube-proxy's Service replies would leave them: from the
+/// `pods`' addresses to off-node backends (198.18.128.0/17, which nothing
+/// measured talks to: the measured flows never match one), valid for an
+/// hour. One `bpftool batch` of the commands written to `file` (the
+/// bench's own process holds no BPF code).
+fn fill_stack_flows(bpffs: &Path, pods: &[weft_tests::PodInfo], file: &Path) -> Result<()> {
+    let map = bpffs.join("WEFT_STACKFLOWS");
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let expires = (now.tv_sec as u64 + 3600) * 1_000_000_000;
+    let hex = |b: &[u8]| {
+        b.iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut batch = String::with_capacity(SCALE_FLOWS * 160);
+    for i in 0..SCALE_FLOWS {
+        let pod = pods[i % pods.len()].ip.octets();
+        let backend = [
+            198,
+            18,
+            128 + (i / 65536 % 128) as u8,
+            (i / 256 % 256) as u8,
+        ];
+        let sport = (1024 + (i % 60000) as u16).to_be_bytes();
+        let (dport, proto) = if i % 3 == 0 { (53u16, 17u8) } else { (443, 6) };
+        let mut key = Vec::with_capacity(16);
+        key.extend(pod);
+        key.extend(backend);
+        key.extend(dport.to_be_bytes());
+        key.extend(sport);
+        key.extend([proto, 0, 0, 0]);
+        let mut value = Vec::with_capacity(16);
+        value.extend(expires.to_ne_bytes());
+        value.extend([0u8; 8]);
+        let _ = writeln!(
+            batch,
+            "map update pinned {} key hex {} value hex {}",
+            map.display(),
+            hex(&key),
+            hex(&value)
+        );
+    }
+    std::fs::write(file, batch)?;
+    let out = std::process::Command::new("bpftool")
+        .args(["batch", "file"])
+        .arg(file)
+        .output()?;
+    let _ = std::fs::remove_file(file);
+    if !out.status.success() {
+        bail!(
+            "bpftool batch (filling {}): {}",
+            map.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // bpftool's plain dump ends "Found N elements".
+    let dump = std::process::Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(&map)
+        .output()?;
+    let text = String::from_utf8_lossy(&dump.stdout);
+    let found = text.lines().rev().find_map(|l| {
+        l.strip_prefix("Found ")?
+            .strip_suffix(" elements")?
+            .parse::<usize>()
+            .ok()
+    });
+    if found != Some(SCALE_FLOWS) {
+        bail!(
+            "{} holds {found:?} entries after filling, not {SCALE_FLOWS}",
+            map.display()
+        );
+    }
+    Ok(())
 }
 
 /// Starts the iperf3 and sockperf servers of `p` (owned by `lab`).
