@@ -63,16 +63,22 @@ fn applied_us(log: &str, nth: usize) -> Option<u64> {
 /// (incremental)", R the registry's read, validation and publishing of the
 /// change, A the agent's map work.
 fn applied_cell(log: &str, nth: usize) -> Option<String> {
-    let ms =
-        |f: &str| -> Option<f64> { Some(applied_field(log, nth, f)?.parse::<f64>().ok()? / 1e3) };
+    let time = |f: &str| -> Option<String> {
+        let us: f64 = applied_field(log, nth, f)?.parse().ok()?;
+        Some(if us < 1000.0 {
+            format!("{us:.0} µs")
+        } else {
+            format!("{:.1} ms", us / 1e3)
+        })
+    };
     let how = match applied_field(log, nth, "incremental")?.as_str() {
         "true" => "that node's entries only",
         _ => "diff of the whole set",
     };
     Some(format!(
-        "registry {:.1} ms + apply {:.1} ms ({how})",
-        ms("registry_us")?,
-        ms("elapsed_us")?
+        "registry {} + apply {} ({how})",
+        time("registry_us")?,
+        time("elapsed_us")?
     ))
 }
 

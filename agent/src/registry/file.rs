@@ -60,103 +60,252 @@ pub fn read_file(path: &Path, cluster: &Ipv4Cidr) -> Result<Snapshot, RegistryEr
     })
 }
 
-/// The file's nodes, parsed one `[[node]]` table at a time: the TOML
-/// parser's document of a whole 50,000-node file takes some 65 MiB at once
-/// (and the allocator keeps it), one table's a few hundred bytes. Where the
-/// pieces do not parse on their own (a table header inside a multi-line
-/// string, say) the file is parsed whole, which also gives the error with
-/// its line.
-fn parse_nodes(text: &str) -> Result<Vec<FileNode>, String> {
-    let whole = || {
-        toml::from_str::<FileNodes>(text)
-            .map(|f| f.node)
-            .map_err(|e| toml_error(text, &e))
-    };
-    let mut starts: Vec<usize> = text
-        .split_inclusive('\n')
-        .scan(0, |at, line| {
-            let start = *at;
-            *at += line.len();
-            Some((start, line))
-        })
-        .filter(|(_, line)| line.trim() == "[[node]]")
-        .map(|(start, _)| start)
-        .collect();
-    if starts.first() != Some(&0) {
-        starts.insert(0, 0);
-    }
-    starts.push(text.len());
-    let mut nodes = Vec::with_capacity(starts.len());
-    for w in starts.windows(2) {
-        match toml::from_str::<FileNodes>(&text[w[0]..w[1]]) {
-            Ok(f) => nodes.extend(f.node),
-            Err(_) => return whole(),
+/// Where each `[[node]]` table of `text` starts (a line holding only the
+/// header), and the text's end: table `i` is `text[s[i]..s[i + 1]]`. The
+/// first piece is whatever comes before the first header (empty, or
+/// comments).
+fn table_starts(text: &str) -> Vec<usize> {
+    const HEADER: &str = "[[node]]";
+    let bytes = text.as_bytes();
+    let blank = |b: u8| b == b' ' || b == b'\t' || b == b'\r';
+    let mut starts = vec![0];
+    for at in memchr::memmem::find_iter(bytes, HEADER) {
+        let mut line = at;
+        while line > 0 && blank(bytes[line - 1]) {
+            line -= 1;
+        }
+        let rest = &bytes[at + HEADER.len()..];
+        let end = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
+        if (line == 0 || bytes[line - 1] == b'\n')
+            && rest[..end].iter().all(|b| blank(*b))
+            && line > 0
+        {
+            starts.push(line);
         }
     }
-    Ok(nodes)
+    starts.push(text.len());
+    starts
+}
+
+/// The file's nodes, table by table (see [`table_starts`]), parsed one
+/// `[[node]]` table at a time: the TOML parser's document of a whole
+/// 50,000-node file takes some 65 MiB at once (and the allocator keeps it),
+/// one table's a few hundred bytes. Where the pieces do not parse on their
+/// own (a table header inside a multi-line string, say) the file is parsed
+/// whole, as one piece, which also gives the error with its line.
+fn parse_tables(text: &str, starts: &[usize]) -> Result<Vec<Vec<FileNode>>, String> {
+    let mut tables = Vec::with_capacity(starts.len());
+    for w in starts.windows(2) {
+        match toml::from_str::<FileNodes>(&text[w[0]..w[1]]) {
+            Ok(f) => tables.push(f.node),
+            Err(_) => {
+                return toml::from_str::<FileNodes>(text)
+                    .map(|f| vec![f.node])
+                    .map_err(|e| toml_error(text, &e));
+            }
+        }
+    }
+    Ok(tables)
+}
+
+#[cfg(test)]
+fn parse_nodes(text: &str) -> Result<Vec<FileNode>, String> {
+    Ok(parse_tables(text, &table_starts(text))?
+        .into_iter()
+        .flatten()
+        .collect())
+}
+
+/// One table's node, or the problem with it; `i` is its place in the file
+/// (for a node without a name).
+fn node_of(i: usize, n: FileNode) -> Result<Node, String> {
+    let what = if n.name.is_empty() {
+        format!("node #{}", i + 1)
+    } else {
+        format!("node `{}`", n.name)
+    };
+    if n.name.is_empty() {
+        return Err(format!(
+            "{what}: `name` is empty; give every node a unique name"
+        ));
+    }
+    let ip: Ipv4Addr = n.underlay_ip.parse().map_err(|_| {
+        format!(
+            "{what}: underlay_ip `{}` is not an IPv4 address",
+            n.underlay_ip
+        )
+    })?;
+    let cidr: Ipv4Cidr = n
+        .pod_cidr
+        .parse()
+        .map_err(|e| format!("{what}: pod_cidr: {e}"))?;
+    let mac = match &n.vtep_mac {
+        None => netdev::vtep_mac_for(ip),
+        Some(s) => match netdev::parse_mac(s) {
+            Some(m) if m[0] & 1 == 0 => m,
+            _ => {
+                return Err(format!(
+                    "{what}: vtep_mac `{s}` is not a unicast MAC like 0e:77:c6:12:00:01"
+                ));
+            }
+        },
+    };
+    Ok(Node {
+        name: n.name,
+        underlay_ip: ip,
+        pod_cidr: cidr,
+        vtep_mac: mac,
+    })
 }
 
 /// Parses node-file text; `Err` only when the TOML itself is unreadable.
 pub fn parse_file(text: &str, cluster: &Ipv4Cidr) -> Result<Snapshot, String> {
-    let file = FileNodes {
-        node: parse_nodes(text)?,
-    };
+    Ok(read_tables(text.to_string(), table_starts(text), cluster)?.0)
+}
+
+/// [`parse_file`], and what the next read needs to find the tables a
+/// change touched.
+fn read_tables(
+    text: String,
+    starts: Vec<usize>,
+    cluster: &Ipv4Cidr,
+) -> Result<(Snapshot, LastRead), String> {
+    let tables = parse_tables(&text, &starts)?;
+    // Parsed whole: no tables to compare next time.
+    let by_table = tables.len() + 1 == starts.len();
     let mut problems = Vec::new();
     let mut candidates = Vec::new();
-    for (i, n) in file.node.into_iter().enumerate() {
-        let what = if n.name.is_empty() {
-            format!("node #{}", i + 1)
-        } else {
-            format!("node `{}`", n.name)
-        };
-        if n.name.is_empty() {
-            problems.push(format!(
-                "{what}: `name` is empty; give every node a unique name"
-            ));
-            continue;
-        }
-        let ip: Ipv4Addr = match n.underlay_ip.parse() {
-            Ok(ip) => ip,
-            Err(_) => {
-                problems.push(format!(
-                    "{what}: underlay_ip `{}` is not an IPv4 address",
-                    n.underlay_ip
-                ));
-                continue;
-            }
-        };
-        let cidr: Ipv4Cidr = match n.pod_cidr.parse() {
-            Ok(c) => c,
-            Err(e) => {
-                problems.push(format!("{what}: pod_cidr: {e}"));
-                continue;
-            }
-        };
-        let mac = match &n.vtep_mac {
-            None => netdev::vtep_mac_for(ip),
-            Some(s) => match netdev::parse_mac(s) {
-                Some(m) if m[0] & 1 == 0 => m,
-                _ => {
-                    problems.push(format!(
-                        "{what}: vtep_mac `{s}` is not a unicast MAC like 0e:77:c6:12:00:01"
-                    ));
-                    continue;
+    let mut clean = Vec::with_capacity(tables.len());
+    let mut i = 0;
+    for table in tables {
+        let one = table.len() == 1;
+        let mut name = None;
+        for n in table {
+            match node_of(i, n) {
+                Ok(node) => {
+                    name = one.then(|| node.name.clone());
+                    candidates.push(node);
                 }
-            },
-        };
-        candidates.push(Node {
-            name: n.name,
-            underlay_ip: ip,
-            pod_cidr: cidr,
-            vtep_mac: mac,
-        });
+                Err(p) => problems.push(p),
+            }
+            i += 1;
+        }
+        clean.push(name);
     }
-    Ok(Snapshot::validated(
-        candidates,
-        problems,
-        cluster,
-        Vocabulary::FILE,
+    let last = if by_table {
+        LastRead {
+            text,
+            starts,
+            clean,
+        }
+    } else {
+        LastRead::default()
+    };
+    Ok((
+        Snapshot::validated(candidates, problems, cluster, Vocabulary::FILE),
+        last,
     ))
+}
+
+/// The file as the registry last read it, table by table, to find what a
+/// change touched without parsing the rest.
+#[derive(Debug, Default)]
+struct LastRead {
+    text: String,
+    /// [`table_starts`] of `text`; empty: compare nothing.
+    starts: Vec<usize>,
+    /// Per table: its node's name, if it is exactly one node that read
+    /// without a problem.
+    clean: Vec<Option<String>>,
+}
+
+/// The most tables a change may touch for [`changed_tables`] to be worth
+/// it; more are read as a whole file.
+const FEW: usize = 64;
+
+impl LastRead {
+    fn table<'a>(text: &'a str, starts: &[usize], i: usize) -> &'a str {
+        &text[starts[i]..starts[i + 1]]
+    }
+
+    /// What changed from the last read to `text` (tables `starts`), when it
+    /// is one run of at most [`FEW`] whole tables replaced, each old and
+    /// new one a single clean node, and `published` holds every node of
+    /// the last read (no problems, no conflicts). `None`: read it whole.
+    fn changed_tables(
+        &self,
+        text: &str,
+        starts: &[usize],
+        published: &Published,
+    ) -> Option<Tables> {
+        if self.starts.is_empty() || !published.settled() {
+            return None;
+        }
+        let (old_n, new_n) = (self.starts.len() - 1, starts.len() - 1);
+        let same = |i: usize, j: usize| {
+            Self::table(&self.text, &self.starts, i) == Self::table(text, starts, j)
+        };
+        let mut p = 0;
+        while p < old_n.min(new_n) && same(p, p) {
+            p += 1;
+        }
+        let mut q = 0;
+        while q < old_n.min(new_n) - p && same(old_n - 1 - q, new_n - 1 - q) {
+            q += 1;
+        }
+        let (gone, came) = (p..old_n - q, p..new_n - q);
+        if gone.len() + came.len() > FEW {
+            return None;
+        }
+        let gone_names: Vec<&String> = self.clean[gone.clone()]
+            .iter()
+            .map(Option::as_ref)
+            .collect::<Option<_>>()?;
+        let mut nodes = Vec::with_capacity(came.len());
+        for j in came {
+            let f = toml::from_str::<FileNodes>(Self::table(text, starts, j)).ok()?;
+            let [n] = <[FileNode; 1]>::try_from(f.node).ok()?;
+            nodes.push(node_of(j, n).ok()?);
+        }
+        // A name that came must be new, or one that went (a node changed);
+        // another table's would be a duplicate.
+        let mut came_names = std::collections::BTreeSet::new();
+        for n in &nodes {
+            let free = !published.nodes.contains_key(&n.name) || gone_names.contains(&&n.name);
+            if !free || !came_names.insert(n.name.clone()) {
+                return None;
+            }
+        }
+        let mut changes: Vec<(String, Option<Node>)> = gone_names
+            .iter()
+            .filter(|n| !came_names.contains(**n))
+            .map(|n| ((*n).clone(), None))
+            .collect();
+        let names = nodes.iter().map(|n| Some(n.name.clone())).collect();
+        changes.extend(nodes.into_iter().map(|n| (n.name.clone(), Some(n))));
+        Some(Tables {
+            changes,
+            gone,
+            names,
+        })
+    }
+
+    /// Makes this the read of `text` (tables `starts`) that `t` found;
+    /// gives back the text it replaces (a buffer for the next read).
+    fn commit(&mut self, text: String, starts: Vec<usize>, t: Tables) -> String {
+        self.clean.splice(t.gone, t.names);
+        self.starts = starts;
+        std::mem::replace(&mut self.text, text)
+    }
+}
+
+/// What [`LastRead::changed_tables`] found.
+struct Tables {
+    /// The nodes to publish (`None`: gone).
+    changes: Vec<(String, Option<Node>)>,
+    /// The old tables replaced, and the names of the new ones.
+    gone: std::ops::Range<usize>,
+    names: Vec<Option<String>>,
 }
 
 /// A TOML error as one line that points into the file: `line N: message`
@@ -193,14 +342,49 @@ impl Registry for FileRegistry {
             let mut seen = None;
             let mut first = true;
             let mut last_problems: Vec<String> = Vec::new();
+            let mut last = LastRead::default();
+            let mut spare = String::new();
             loop {
                 let now = stamp(&self.path);
                 if first || now != seen {
                     first = false;
                     seen = now;
                     let started = std::time::Instant::now();
-                    match read_file(&self.path, &self.cluster) {
-                        Ok(snap) => {
+                    // Read into the buffer of the read before last: the
+                    // pages of a large file are not faulted in afresh.
+                    spare.clear();
+                    let read = std::fs::File::open(&self.path)
+                        .and_then(|mut f| std::io::Read::read_to_string(&mut f, &mut spare));
+                    if let Err(source) = read {
+                        let e = RegistryError::Read {
+                            path: self.path.display().to_string(),
+                            source,
+                        };
+                        tracing::error!("{e}");
+                        tokio::time::sleep(self.poll).await;
+                        continue;
+                    }
+                    let starts = table_starts(&spare);
+                    // A few tables replaced: those nodes only.
+                    let changed = last.changed_tables(&spare, &starts, &tx.borrow());
+                    if let Some(mut t) = changed {
+                        let mut done = true;
+                        tx.send_if_modified(|p| {
+                            for (name, node) in std::mem::take(&mut t.changes) {
+                                done &= p.update(&name, node, &self.cluster);
+                            }
+                            p.took = started.elapsed();
+                            true
+                        });
+                        if done {
+                            spare = last.commit(std::mem::take(&mut spare), starts, t);
+                            tokio::time::sleep(self.poll).await;
+                            continue;
+                        }
+                    }
+                    match read_tables(std::mem::take(&mut spare), starts, &self.cluster) {
+                        Ok((snap, read)) => {
+                            spare = std::mem::replace(&mut last, read).text;
                             if snap.problems != last_problems {
                                 for p in &snap.problems {
                                     tracing::error!("node registry: {p}");
@@ -212,7 +396,13 @@ impl Registry for FileRegistry {
                                 p.took = started.elapsed();
                             });
                         }
-                        Err(e) => tracing::error!("{e}"),
+                        Err(message) => tracing::error!(
+                            "{}",
+                            RegistryError::Toml {
+                                path: self.path.display().to_string(),
+                                message,
+                            }
+                        ),
                     }
                 }
                 tokio::time::sleep(self.poll).await;
@@ -336,6 +526,214 @@ mod tests {
         ))
         .unwrap_err();
         assert!(e.starts_with("line 9: "), "the whole file's line: {e}");
+    }
+
+    #[test]
+    fn table_starts_are_the_header_lines() {
+        // The rule as first written: lines that are the header, trimmed.
+        let by_lines = |text: &str| {
+            let mut v: Vec<usize> = text
+                .split_inclusive('\n')
+                .scan(0, |at, line| {
+                    let start = *at;
+                    *at += line.len();
+                    Some((start, line))
+                })
+                .filter(|(_, line)| line.trim() == "[[node]]")
+                .map(|(start, _)| start)
+                .collect();
+            if v.first() != Some(&0) {
+                v.insert(0, 0);
+            }
+            v.push(text.len());
+            v
+        };
+        for text in [
+            "",
+            "[[node]]\nname = \"a\"\n",
+            "# head\n[[node]]\na = 1\n  [[node]]  \r\nb = 2\n[[node]] # no\nx = \"[[node]]\"\n[[node]]",
+            "\n\n[[node]]\n",
+            "[[nodes]]\n[[node]]x\n\t[[node]]\n",
+        ] {
+            assert_eq!(table_starts(text), by_lines(text), "{text:?}");
+        }
+    }
+
+    fn file_of(nodes: &[(&str, &str, &str)]) -> String {
+        nodes
+            .iter()
+            .map(|(n, ip, c)| {
+                format!("[[node]]\nname = \"{n}\"\nunderlay_ip = \"{ip}\"\npod_cidr = \"{c}\"\n\n")
+            })
+            .collect()
+    }
+
+    /// What the registry publishes for `text` after `before`: (changes
+    /// found table by table, or None), and the published set checked
+    /// against a full read of `text`.
+    fn step(before: &str, text: &str) -> Option<Vec<(String, bool)>> {
+        let (snap, last) =
+            read_tables(before.to_string(), table_starts(before), &cluster()).unwrap();
+        let mut p = Published::default();
+        p.replace(snap);
+        let changes = last.changed_tables(text, &table_starts(text), &p)?.changes;
+        for (name, node) in &changes {
+            assert!(p.update(name, node.clone(), &cluster()), "{name}");
+        }
+        let full = parse_file(text, &cluster()).unwrap();
+        assert_eq!(
+            p.nodes.values().cloned().collect::<Vec<_>>(),
+            {
+                let mut v = full.nodes.clone();
+                v.sort_by(|a, b| a.name.cmp(&b.name));
+                v
+            },
+            "as a full read"
+        );
+        Some(
+            changes
+                .into_iter()
+                .map(|(n, node)| (n, node.is_some()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_change_to_a_few_tables_is_read_as_those_nodes() {
+        let nodes: Vec<(String, String, String)> = (1..=6)
+            .map(|i| {
+                (
+                    format!("n{i}"),
+                    format!("198.18.0.{i}"),
+                    format!("198.19.{i}.0/24"),
+                )
+            })
+            .collect();
+        let v = |skip: Option<usize>, edit: Option<(usize, &str)>| -> String {
+            let mut list: Vec<(&str, &str, &str)> = nodes
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| Some(*i) != skip)
+                .map(|(i, (n, ip, c))| match edit {
+                    Some((j, c2)) if j == i => (n.as_str(), ip.as_str(), c2),
+                    _ => (n.as_str(), ip.as_str(), c.as_str()),
+                })
+                .collect();
+            if skip == Some(99) {
+                list.push(("n7", "198.18.0.7", "198.19.7.0/24"));
+            }
+            file_of(&list)
+        };
+        let base = v(None, None);
+        let yes = |n: &str| vec![(n.to_string(), true)];
+        assert_eq!(step(&base, &base), Some(vec![]), "nothing changed");
+        assert_eq!(
+            step(&base, &v(None, Some((2, "198.19.33.0/24")))),
+            Some(yes("n3"))
+        );
+        assert_eq!(
+            step(&base, &v(Some(99), None)),
+            Some(yes("n7")),
+            "one added"
+        );
+        assert_eq!(
+            step(&base, &v(Some(0), None)),
+            Some(vec![("n1".into(), false)])
+        );
+        assert_eq!(
+            step(&base, &v(Some(5), None)),
+            Some(vec![("n6".into(), false)])
+        );
+        // A rename: the old name goes, the new one comes.
+        let renamed = base.replace("name = \"n4\"", "name = \"n44\"");
+        assert_eq!(
+            step(&base, &renamed),
+            Some(vec![("n4".into(), false), ("n44".into(), true)])
+        );
+        // Read whole: a second table with a name in use, a problem, a
+        // conflict, a comment above the first table.
+        for whole in [
+            base.replace("name = \"n4\"", "name = \"n5\""),
+            base.replace("198.18.0.4\"", "198.18.0.400\""),
+            base.replace("198.19.4.0/24", "198.19.5.0/24"),
+            format!("# nodes\n{base}"),
+        ] {
+            let (snap, last) =
+                read_tables(base.to_string(), table_starts(&base), &cluster()).unwrap();
+            let mut p = Published::default();
+            p.replace(snap);
+            let found = last.changed_tables(&whole, &table_starts(&whole), &p);
+            // The conflict passes here and is refused by update().
+            if let Some(t) = found {
+                assert!(
+                    t.changes
+                        .into_iter()
+                        .any(|(n, node)| !p.update(&n, node, &cluster())),
+                    "{whole}"
+                );
+            }
+        }
+        // A set with a problem is never changed table by table.
+        let bad = base.replace("198.18.0.4\"", "198.18.0.400\"");
+        assert_eq!(step(&bad, &v(None, Some((2, "198.19.33.0/24")))), None);
+    }
+
+    #[test]
+    fn changes_read_one_after_another_track_the_file() {
+        let mut list: Vec<(String, String, String)> = (1..=5)
+            .map(|i| {
+                (
+                    format!("n{i}"),
+                    format!("198.18.0.{i}"),
+                    format!("198.19.{i}.0/24"),
+                )
+            })
+            .collect();
+        let render = |l: &[(String, String, String)]| {
+            file_of(
+                &l.iter()
+                    .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let text = render(&list);
+        let (snap, mut last) =
+            read_tables(text.to_string(), table_starts(&text), &cluster()).unwrap();
+        let mut p = Published::default();
+        p.replace(snap);
+        for k in 0..12usize {
+            match k % 3 {
+                0 => {
+                    let i = k % list.len();
+                    list[i].2 = format!("198.19.{}.0/24", 100 + k);
+                }
+                1 => list.push((
+                    format!("m{k}"),
+                    format!("198.18.1.{k}"),
+                    format!("198.19.{}.0/24", 200 + k),
+                )),
+                _ => {
+                    let i = k % list.len();
+                    list.remove(i);
+                }
+            }
+            let text = render(&list);
+            let starts = table_starts(&text);
+            let mut t = last
+                .changed_tables(&text, &starts, &p)
+                .expect("one table changed");
+            for (name, node) in std::mem::take(&mut t.changes) {
+                assert!(p.update(&name, node, &cluster()));
+            }
+            last.commit(text.clone(), starts, t);
+            let mut want = parse_file(&text, &cluster()).unwrap().nodes;
+            want.sort_by(|a, b| a.name.cmp(&b.name));
+            assert_eq!(
+                p.nodes.values().cloned().collect::<Vec<_>>(),
+                want,
+                "step {k}"
+            );
+        }
     }
 
     #[test]

@@ -294,6 +294,11 @@ impl Published {
         self.journal(changed);
     }
 
+    /// Every node read is published: no problem, no conflict.
+    pub fn settled(&self) -> bool {
+        self.generation > 0 && !self.contested && self.problems.is_empty()
+    }
+
     /// Publishes one node's new entry (`Some`) or its removal (`None`),
     /// when that cannot change any other node's: nothing was skipped for a
     /// conflict, and the new entry claims nothing another node has and lies

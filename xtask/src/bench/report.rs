@@ -154,7 +154,7 @@ pub fn svg(r: &Value) -> String {
         .as_object()
         .map(|m| m.keys().cloned().collect())
         .unwrap_or_default();
-    let colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd"];
+    let colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b"];
     // log2 of the ratio, clamped to the axis: 1/16 × to 32 ×.
     let (lo, hi) = (-4.0f64, 5.0f64);
     let (w, label_w, right, top, bar_h, gap) = (900.0, 290.0, 20.0, 56.0, 14.0, 4.0);
@@ -241,7 +241,7 @@ pub fn svg(r: &Value) -> String {
                 s,
                 "<rect x=\"{bx:.1}\" y=\"{by:.1}\" width=\"{bw:.1}\" height=\"{bar_h}\" fill=\"{}\"/>\
                  <text x=\"{tx:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"{anchor}\" fill=\"{fill}\">{v:.2}×</text>",
-                colors[ki % 4],
+                colors[ki % colors.len()],
                 by + bar_h - 3.0
             );
             if let Some(t) = target {
@@ -260,7 +260,7 @@ pub fn svg(r: &Value) -> String {
             s,
             "<rect x=\"{lx}\" y=\"{:.1}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{:.1}\">{k}</text>",
             h - 40.0,
-            colors[ki % 4],
+            colors[ki % colors.len()],
             lx + 16.0,
             h - 30.0
         );
@@ -313,7 +313,7 @@ pub fn docs(r: &Value, runs: usize, secs: u32) -> String {
     );
     let _ = writeln!(
         s,
-        "Each cell: median (min–max). Ratios are weft's median over the baseline's.\n\n{}",
+        "Each cell: median (min–max). Ratios are weft's median over the baseline's (`weft-scale/weft`: the scale mode's over weft's).\n\n{}",
         table(r)
     );
     let _ = writeln!(s, "![ratios](bench-ratios.svg)\n");
