@@ -205,24 +205,34 @@ impl Written {
     }
 }
 
-/// Writes `puts` then removes `dels` in one map (writes before removals: a
-/// node whose pod CIDR moves is never without an entry), counting in `c`.
-fn write<M, K, V>(
-    maps: &mut M,
-    (puts, dels): (Vec<(K, V)>, Vec<K>),
-    c: &mut Changes,
-    put: impl Fn(&mut M, K, V) -> Result<(), DataplaneError>,
-    del: impl Fn(&mut M, K) -> Result<(), DataplaneError>,
-) -> Result<(), DataplaneError> {
-    for (k, v) in puts {
-        put(maps, k, v)?;
+/// What one map needs: the entries to put and the keys to remove.
+type Diff<K, V> = (Vec<(K, V)>, Vec<K>);
+
+/// Writes both maps' differences, each map's puts before its removals (a
+/// node whose pod CIDR moves is never without an entry).
+fn write(
+    maps: &mut impl NodeMaps,
+    (put_r, del_r): Diff<Ipv4Cidr, RemoteNode>,
+    (put_v, del_v): Diff<u32, Vtep>,
+) -> Result<Changes, DataplaneError> {
+    let mut c = Changes::default();
+    for (cidr, node) in put_r {
+        maps.put_remote(&cidr, node)?;
         c.upserts += 1;
     }
-    for k in dels {
-        del(maps, k)?;
+    for cidr in del_r {
+        maps.del_remote(&cidr)?;
         c.removals += 1;
     }
-    Ok(())
+    for (ip, v) in put_v {
+        maps.put_vtep(ip, v)?;
+        c.upserts += 1;
+    }
+    for ip in del_v {
+        maps.del_vtep(ip)?;
+        c.removals += 1;
+    }
+    Ok(c)
 }
 
 /// Makes the maps equal to `want` (the whole node set, `nodes`' entries),
@@ -234,25 +244,15 @@ pub fn apply<'a>(
     local: Local<'_>,
 ) -> Result<Changes, DataplaneError> {
     let want = desired(nodes.clone(), local);
-    let mut c = Changes::default();
     // Taken: if a write below fails, the next apply reads the maps back.
     let (have_remotes, have_vteps) = match written.0.take() {
         Some(s) => (s.desired.remotes, s.desired.vteps),
         None => (maps.remotes(), maps.vteps()),
     };
-    write(
+    let c = write(
         maps,
         differences(&have_remotes, &want.remotes),
-        &mut c,
-        |m, k, v| m.put_remote(&k, v),
-        |m, k| m.del_remote(&k),
-    )?;
-    write(
-        maps,
         differences(&have_vteps, &want.vteps),
-        &mut c,
-        |m, k, v| m.put_vtep(k, v),
-        |m, k| m.del_vtep(k),
     )?;
     if c.upserts + c.removals > 0 {
         tracing::debug!(?c, vteps = ?want.vteps.keys().map(|k| ip_from_key(*k)).collect::<Vec<_>>(), "maps reconciled");
@@ -324,7 +324,7 @@ pub fn apply_changes(
     fn split<K: Ord + Copy, V: PartialEq + Copy>(
         before: BTreeMap<K, Option<V>>,
         now: &BTreeMap<K, V>,
-    ) -> (Vec<(K, V)>, Vec<K>) {
+    ) -> Diff<K, V> {
         let (mut puts, mut dels) = (Vec::new(), Vec::new());
         for (k, was) in before {
             match (was, now.get(&k)) {
@@ -335,21 +335,7 @@ pub fn apply_changes(
         }
         (puts, dels)
     }
-    let mut c = Changes::default();
-    write(
-        maps,
-        split(before_r, &d.remotes),
-        &mut c,
-        |m, k, v| m.put_remote(&k, v),
-        |m, k| m.del_remote(&k),
-    )?;
-    write(
-        maps,
-        split(before_v, &d.vteps),
-        &mut c,
-        |m, k, v| m.put_vtep(k, v),
-        |m, k| m.del_vtep(k),
-    )?;
+    let c = write(maps, split(before_r, &d.remotes), split(before_v, &d.vteps))?;
     // Only now, with every write done: after a failure `written` stays
     // unknown and the next apply reads the maps back.
     written.0 = Some(s);
