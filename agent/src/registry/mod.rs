@@ -38,10 +38,6 @@ fn ser_mac<S: serde::Serializer>(mac: &[u8; 6], s: S) -> Result<S::Ok, S::Error>
 pub struct Snapshot {
     pub nodes: Vec<Node>,
     pub problems: Vec<String>,
-    /// A node was skipped for claiming what another one has: a change to
-    /// the one that has it can change who wins, so only a full set (not
-    /// [`Published::update`]) follows.
-    pub contested: bool,
 }
 
 /// How a registry names what it reads, for the problems [`Snapshot::validated`]
@@ -95,7 +91,6 @@ impl Snapshot {
         words: Vocabulary,
     ) -> Self {
         let mut claims = Claims::default();
-        let mut contested = false;
         let nodes = nodes
             .into_iter()
             .filter(|n| match claims.check(n, cluster, words) {
@@ -104,26 +99,13 @@ impl Snapshot {
                     true
                 }
                 Err(p) => {
-                    contested |= p.conflict;
-                    problems.push(p.text);
+                    problems.push(p);
                     false
                 }
             })
             .collect();
-        Self {
-            nodes,
-            problems,
-            contested,
-        }
+        Self { nodes, problems }
     }
-}
-
-/// Why a node cannot join the others.
-struct Refused {
-    text: String,
-    /// Another node holds what it claims (as opposed to a pod CIDR outside
-    /// the cluster's).
-    conflict: bool,
 }
 
 /// What the nodes kept so far claim: their names, underlay addresses and
@@ -144,34 +126,27 @@ fn range(c: &Ipv4Cidr) -> (u32, u32) {
 }
 
 impl Claims {
-    fn check(&self, n: &Node, cluster: &Ipv4Cidr, w: Vocabulary) -> Result<(), Refused> {
+    /// Whether `n` can join the nodes kept so far; the problem if not.
+    fn check(&self, n: &Node, cluster: &Ipv4Cidr, w: Vocabulary) -> Result<(), String> {
         let this = w.name(&n.name);
-        let refuse = |text: String, conflict: bool| Err(Refused { text, conflict });
         if !cluster.contains(n.pod_cidr.addr()) || n.pod_cidr.prefix() < cluster.prefix() {
-            return refuse(
-                format!(
-                    "{this}: {} {} is outside the cluster CIDR {}; skipped",
-                    w.pod_cidr, n.pod_cidr, cluster
-                ),
-                false,
-            );
+            return Err(format!(
+                "{this}: {} {} is outside the cluster CIDR {}; skipped",
+                w.pod_cidr, n.pod_cidr, cluster
+            ));
         }
         if self.names.contains_key(&n.name) {
-            return refuse(
-                format!("{this} is listed twice; the second entry is skipped"),
-                true,
-            );
+            return Err(format!(
+                "{this} is listed twice; the second entry is skipped"
+            ));
         }
         if let Some(other) = self.ips.get(&n.underlay_ip) {
-            return refuse(
-                format!(
-                    "{this}: {} {} is already {}'s; skipped",
-                    w.underlay_ip,
-                    n.underlay_ip,
-                    w.name(other)
-                ),
-                true,
-            );
+            return Err(format!(
+                "{this}: {} {} is already {}'s; skipped",
+                w.underlay_ip,
+                n.underlay_ip,
+                w.name(other)
+            ));
         }
         // The ranges are disjoint: if any overlaps [lo, hi], the last one
         // that starts at or before hi does.
@@ -179,16 +154,13 @@ impl Claims {
         if let Some((_, (end, other))) = self.ranges.range(..=hi).next_back()
             && *end >= lo
         {
-            return refuse(
-                format!(
-                    "{this}: {} {} overlaps {}'s {}; skipped",
-                    w.pod_cidr,
-                    n.pod_cidr,
-                    w.name(other),
-                    self.names[other].1
-                ),
-                true,
-            );
+            return Err(format!(
+                "{this}: {} {} overlaps {}'s {}; skipped",
+                w.pod_cidr,
+                n.pod_cidr,
+                w.name(other),
+                self.names[other].1
+            ));
         }
         Ok(())
     }
@@ -229,9 +201,6 @@ pub struct Published {
     /// changed, validating, publishing.
     pub took: std::time::Duration,
     claims: Claims,
-    /// A node was skipped for a conflict: no [`Published::update`] until
-    /// the next full set.
-    contested: bool,
     /// (generation, name), oldest first, at most [`JOURNAL`].
     journal: VecDeque<(u64, String)>,
     /// The journal holds every change after this generation.
@@ -290,22 +259,23 @@ impl Published {
         self.nodes = new;
         self.problems = snap.problems;
         self.claims = claims;
-        self.contested = snap.contested;
         self.journal(changed);
     }
 
     /// Every node read is published: no problem, no conflict.
     pub fn settled(&self) -> bool {
-        self.generation > 0 && !self.contested && self.problems.is_empty()
+        self.generation > 0 && self.problems.is_empty()
     }
 
     /// Publishes one node's new entry (`Some`) or its removal (`None`),
-    /// when that cannot change any other node's: nothing was skipped for a
-    /// conflict, and the new entry claims nothing another node has and lies
-    /// in the cluster CIDR. `false` (nothing changed): publish a full set
+    /// when that cannot change any other node's or the problems: the set is
+    /// [`settled`](Published::settled), and the new entry claims nothing
+    /// another node has and lies in the cluster CIDR. `false` (nothing changed): publish a full set
     /// with [`Published::replace`] instead.
     pub fn update(&mut self, name: &str, node: Option<Node>, cluster: &Ipv4Cidr) -> bool {
-        if self.contested || self.generation == 0 {
+        // With a problem listed, the node it names may be this one (a
+        // problem that would then go away): only a full set says.
+        if !self.settled() {
             return false;
         }
         if let Some(n) = &node {
@@ -488,7 +458,6 @@ mod tests {
             Vocabulary::FILE,
         );
         assert_eq!(snap.nodes.len(), 1);
-        assert!(snap.contested);
         assert_eq!(
             snap.problems,
             [
@@ -498,13 +467,6 @@ mod tests {
                 "node `e`: pod_cidr 10.0.0.0/24 is outside the cluster CIDR 198.19.0.0/16; skipped",
             ]
         );
-        let fine = Snapshot::validated(
-            vec![node("e", "198.18.0.5", "10.0.0.0/24")],
-            vec![],
-            &cluster(),
-            Vocabulary::FILE,
-        );
-        assert!(!fine.contested, "outside the cluster is no conflict");
     }
 
     fn publish(p: &mut Published, nodes: Vec<Node>) {
@@ -587,7 +549,7 @@ mod tests {
     }
 
     #[test]
-    fn a_contested_set_takes_full_sets_only() {
+    fn a_set_with_a_problem_takes_full_sets_only() {
         let mut p = Published::default();
         publish(
             &mut p,
