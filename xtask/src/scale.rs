@@ -217,8 +217,16 @@ fn start(lab: &mut Lab, c: &Cluster) -> Result<Started> {
     })
 }
 
-/// Waits until node 0's map has `cidr`.
-fn wait_for_cidr(c: &Cluster, cidr: &str) {
+/// Waits until node 0's map has `cidr`: first, cheaply, until `agent` has
+/// logged `applies` applies in all (reading its log: a `weft status` dump
+/// of 50,000 entries every few ms would compete with the agent for the two
+/// CPUs and be measured with it), then by its map.
+fn wait_for_cidr(c: &Cluster, lab: &Lab, agent: &str, applies: usize, cidr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lab.log(agent).matches("registry applied").count() < applies && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(2));
+    }
     wait_for("the change in the map", Duration::from_secs(30), || {
         c.status(0)["nodes"]
             .as_array()
@@ -238,8 +246,12 @@ fn run_file(count: usize) -> Result<String> {
     let target = count / 2;
     let (_, new_cidr) = node_addrs(target, count, Some(target));
     let t = Instant::now();
-    std::fs::write(&c.nodes_file, nodes_file(count, Some(target)))?;
-    wait_for_cidr(&c, &new_cidr);
+    // Replaced whole (write, then rename), as an editor or a config tool
+    // does: the agent never reads half a file.
+    let tmp = c.nodes_file.with_extension("tmp");
+    std::fs::write(&tmp, nodes_file(count, Some(target)))?;
+    std::fs::rename(&tmp, &c.nodes_file)?;
+    wait_for_cidr(&c, &lab, agent, 2, &new_cidr);
     let change_wall = t.elapsed();
     let change_apply = applied_cell(&lab.log(agent), 1).unwrap_or_default();
     let rss_after = rss_kib(pid);
@@ -382,7 +394,7 @@ fn run_kube(count: usize) -> Result<String> {
             Some(&node_json(&name(target), target, count, Some(target))),
         )],
     )?;
-    wait_for_cidr(&c, &new_cidr);
+    wait_for_cidr(&c, &lab, agent, applies_before + 2, &new_cidr);
     let change_wall = t.elapsed();
     let log = lab.log(agent);
     let change_applies: Vec<String> = (applies_before..)
