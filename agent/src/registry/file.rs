@@ -76,10 +76,8 @@ fn table_starts(text: &str) -> Vec<usize> {
         }
         let rest = &bytes[at + HEADER.len()..];
         let end = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
-        if (line == 0 || bytes[line - 1] == b'\n')
-            && rest[..end].iter().all(|b| blank(*b))
-            && line > 0
-        {
+        // At 0 it is the first piece's start already.
+        if line > 0 && bytes[line - 1] == b'\n' && rest[..end].iter().all(|b| blank(*b)) {
             starts.push(line);
         }
     }
@@ -95,8 +93,20 @@ fn table_starts(text: &str) -> Vec<usize> {
 /// whole, as one piece, which also gives the error with its line.
 fn parse_tables(text: &str, starts: &[usize]) -> Result<Vec<Vec<FileNode>>, String> {
     let mut tables = Vec::with_capacity(starts.len());
-    for w in starts.windows(2) {
+    for (i, w) in starts.windows(2).enumerate() {
         match toml::from_str::<FileNodes>(&text[w[0]..w[1]]) {
+            // Nodes before the first header (`node = [...]`) and tables
+            // after them: only the whole file says whether that is TOML.
+            Ok(f)
+                if i == 0
+                    && !f.node.is_empty()
+                    && starts.len() > 2
+                    && !text.trim_start().starts_with("[[node]]") =>
+            {
+                return toml::from_str::<FileNodes>(text)
+                    .map(|f| vec![f.node])
+                    .map_err(|e| toml_error(text, &e));
+            }
             Ok(f) => tables.push(f.node),
             Err(_) => {
                 return toml::from_str::<FileNodes>(text)
@@ -595,6 +605,12 @@ mod tests {
                 "{text}"
             );
         }
+        let mixed = "node = [{name = \"a\", underlay_ip = \"198.18.0.1\", pod_cidr = \"198.19.1.0/24\"}]\n[[node]]\nname = \"b\"\nunderlay_ip = \"198.18.0.2\"\npod_cidr = \"198.19.2.0/24\"\n";
+        assert!(toml::from_str::<FileNodes>(mixed).is_err());
+        assert!(
+            parse_nodes(mixed).is_err(),
+            "not TOML as a whole: not read in pieces either"
+        );
         let e = parse_nodes(concat!(
             "[[node]]\nname = \"a\"\nunderlay_ip = \"198.18.0.1\"\npod_cidr = \"198.19.1.0/24\"\n",
             "[[node]]\nname = \"b\"\nunderlay_ip = \"198.18.0.2\"\npod_cidr = \"198.19.2.0/24\"\nbogus = 1\n",

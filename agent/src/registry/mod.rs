@@ -3,7 +3,8 @@
 //! A [`Registry`] reads the nodes (a [`Snapshot`], validated) and keeps
 //! them in [`Published`], which remembers which names changed; the daemon's
 //! reconcile ([`sync`]) turns what changed into map writes for those nodes
-//! only, or a whole set into an idempotent diff on the maps. Two registries: [`file`] (a TOML file) and [`kube`] (Node objects).
+//! only, or a whole set into an idempotent diff on the maps. Two
+//! registries: [`file`] (a TOML file) and [`kube`] (Node objects).
 //! Bad entries are reported one line each and skipped; the rest stand.
 
 pub mod file;
@@ -270,8 +271,8 @@ impl Published {
     /// Publishes one node's new entry (`Some`) or its removal (`None`),
     /// when that cannot change any other node's or the problems: the set is
     /// [`settled`](Published::settled), and the new entry claims nothing
-    /// another node has and lies in the cluster CIDR. `false` (nothing changed): publish a full set
-    /// with [`Published::replace`] instead.
+    /// another node has and lies in the cluster CIDR. `false` (nothing
+    /// changed): publish a full set with [`Published::replace`] instead.
     pub fn update(&mut self, name: &str, node: Option<Node>, cluster: &Ipv4Cidr) -> bool {
         // With a problem listed, the node it names may be this one (a
         // problem that would then go away): only a full set says.
