@@ -371,13 +371,7 @@ mod tests {
         let me = node("a", "198.18.0.1", "198.19.0.0/24");
         let local: Ipv4Addr = "198.18.0.200".parse().unwrap();
         let cluster: Ipv4Cidr = "198.19.0.0/16".parse().unwrap();
-        let mut seed = 11u64;
-        let mut next = |n: u64| {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 33) % n
-        };
+        let mut next = crate::registry::tests::rng(11);
         let mut a = Agent::default();
         let mut maps = Fake::default();
         // What the registry's source says (validated on publishing).

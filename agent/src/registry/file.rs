@@ -831,13 +831,7 @@ mod tests {
 
     #[test]
     fn an_edit_finds_the_tables_a_full_search_would() {
-        let mut seed = 5u64;
-        let mut next = |n: u64| {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 33) % n
-        };
+        let mut next = crate::registry::tests::rng(5);
         let pieces = [
             "[[node]]\nname = \"a\"\n",
             "[[node]]\nname = \"b\"\n\n",

@@ -39,6 +39,8 @@ fn ser_mac<S: serde::Serializer>(mac: &[u8; 6], s: S) -> Result<S::Ok, S::Error>
 pub struct Snapshot {
     pub nodes: Vec<Node>,
     pub problems: Vec<String>,
+    /// What `nodes` claim, as validation indexed it ([`Published`] keeps it).
+    claims: Claims,
 }
 
 /// How a registry names what it reads, for the problems [`Snapshot::validated`]
@@ -105,14 +107,18 @@ impl Snapshot {
                 }
             })
             .collect();
-        Self { nodes, problems }
+        Self {
+            nodes,
+            problems,
+            claims,
+        }
     }
 }
 
 /// What the nodes kept so far claim: their names, underlay addresses and
 /// pod CIDRs (as disjoint address ranges, by first address). One node is
 /// checked against them in O(log n).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Claims {
     /// Name → (underlay address, pod CIDR).
     names: HashMap<String, (Ipv4Addr, Ipv4Cidr)>,
@@ -212,10 +218,6 @@ impl Published {
     /// Publishes a full set ([`Snapshot::validated`]): a file re-read, a
     /// re-list. The names whose entry differs from before go in the journal.
     pub fn replace(&mut self, snap: Snapshot) {
-        let mut claims = Claims::default();
-        for n in &snap.nodes {
-            claims.insert(n);
-        }
         let new: BTreeMap<String, Node> = snap
             .nodes
             .into_iter()
@@ -259,7 +261,7 @@ impl Published {
         self.generation += 1;
         self.nodes = new;
         self.problems = snap.problems;
-        self.claims = claims;
+        self.claims = snap.claims;
         self.journal(changed);
     }
 
@@ -364,7 +366,7 @@ pub trait Registry: Send + 'static {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn node(name: &str, ip: &str, cidr: &str) -> Node {
@@ -398,31 +400,26 @@ mod tests {
         kept.iter().map(|n| n.name.clone()).collect()
     }
 
-    /// A small deterministic generator (no dependency for one test).
-    struct Lcg(u64);
-    impl Lcg {
-        fn next(&mut self, n: u64) -> u64 {
-            self.0 = self
-                .0
+    /// A small deterministic generator (no dependency for a few tests):
+    /// each call a number below its argument.
+    pub(crate) fn rng(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
+            seed = seed
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            (self.0 >> 33) % n
+            (seed >> 33) % n
         }
     }
 
-    fn random_node(r: &mut Lcg) -> Node {
-        let prefix = 22 + r.next(9) as u8; // /22 … /30
-        let addr = u32::from(Ipv4Addr::new(198, 19, 0, 0)) + (r.next(1 << 12) << 4) as u32;
+    fn random_node(r: &mut impl FnMut(u64) -> u64) -> Node {
+        let prefix = 22 + r(9) as u8; // /22 … /30
+        let addr = u32::from(Ipv4Addr::new(198, 19, 0, 0)) + (r(1 << 12) << 4) as u32;
         let addr = addr & (u32::MAX << (32 - prefix));
         // Now and then outside the cluster.
-        let addr = if r.next(20) == 0 {
-            addr ^ 0x0100_0000
-        } else {
-            addr
-        };
+        let addr = if r(20) == 0 { addr ^ 0x0100_0000 } else { addr };
         Node {
-            name: format!("n{}", r.next(200)),
-            underlay_ip: Ipv4Addr::new(198, 18, 0, r.next(250) as u8),
+            name: format!("n{}", r(200)),
+            underlay_ip: Ipv4Addr::new(198, 18, 0, r(250) as u8),
             pod_cidr: Ipv4Cidr::new(addr.into(), prefix),
             vtep_mac: [2, 0, 0, 0, 0, 1],
         }
@@ -430,9 +427,9 @@ mod tests {
 
     #[test]
     fn validation_keeps_what_the_pairwise_rule_keeps() {
-        let mut r = Lcg(7);
+        let mut r = rng(7);
         for round in 0..200 {
-            let nodes: Vec<Node> = (0..1 + r.next(60)).map(|_| random_node(&mut r)).collect();
+            let nodes: Vec<Node> = (0..1 + r(60)).map(|_| random_node(&mut r)).collect();
             let snap = Snapshot::validated(nodes.clone(), vec![], &cluster(), Vocabulary::FILE);
             let got: Vec<String> = snap.nodes.iter().map(|n| n.name.clone()).collect();
             assert_eq!(
