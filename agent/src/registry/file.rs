@@ -48,18 +48,6 @@ struct FileNode {
     vtep_mac: Option<String>,
 }
 
-/// Reads the node file at `path`.
-pub fn read_file(path: &Path, cluster: &Ipv4Cidr) -> Result<Snapshot, RegistryError> {
-    let text = std::fs::read_to_string(path).map_err(|source| RegistryError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
-    parse_file(&text, cluster).map_err(|message| RegistryError::Toml {
-        path: path.display().to_string(),
-        message,
-    })
-}
-
 /// Where each `[[node]]` table of `text` starts (a line holding only the
 /// header), and the text's end: table `i` is `text[s[i]..s[i + 1]]`. The
 /// first piece is whatever comes before the first header (empty, or

@@ -223,41 +223,10 @@ impl Published {
             .into_iter()
             .map(|n| (n.name.clone(), n))
             .collect();
-        let changed: Vec<String> = {
-            let (mut a, mut b) = (self.nodes.iter().peekable(), new.iter().peekable());
-            let mut out = Vec::new();
-            loop {
-                match (a.peek(), b.peek()) {
-                    (None, None) => break,
-                    (Some((k, _)), None) => {
-                        out.push((*k).clone());
-                        a.next();
-                    }
-                    (None, Some((k, _))) => {
-                        out.push((*k).clone());
-                        b.next();
-                    }
-                    (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
-                        std::cmp::Ordering::Less => {
-                            out.push((*ka).clone());
-                            a.next();
-                        }
-                        std::cmp::Ordering::Greater => {
-                            out.push((*kb).clone());
-                            b.next();
-                        }
-                        std::cmp::Ordering::Equal => {
-                            if va != vb {
-                                out.push((*ka).clone());
-                            }
-                            a.next();
-                            b.next();
-                        }
-                    },
-                }
-            }
-            out
-        };
+        let changed: Vec<String> = sync::changed(&self.nodes, &new)
+            .into_iter()
+            .map(|(name, _)| name.clone())
+            .collect();
         self.generation += 1;
         self.nodes = new;
         self.problems = snap.problems;

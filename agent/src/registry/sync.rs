@@ -58,42 +58,52 @@ pub fn desired<'a>(nodes: impl IntoIterator<Item = &'a Node>, local: Local<'_>) 
     }
 }
 
+/// The keys whose entry differs between the two sorted maps, with the entry
+/// `want` has (`None`: gone), found in one merged walk.
+pub(crate) fn changed<'a, K: Ord, V: PartialEq>(
+    have: &'a BTreeMap<K, V>,
+    want: &'a BTreeMap<K, V>,
+) -> Vec<(&'a K, Option<&'a V>)> {
+    let mut out = Vec::new();
+    let (mut h, mut w) = (have.iter().peekable(), want.iter().peekable());
+    loop {
+        let order = match (h.peek(), w.peek()) {
+            (None, None) => break,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some((hk, _)), Some((wk, _))) => hk.cmp(wk),
+        };
+        match order {
+            std::cmp::Ordering::Less => {
+                let (k, _) = h.next().expect("peeked");
+                out.push((k, None));
+            }
+            std::cmp::Ordering::Greater => {
+                let (k, v) = w.next().expect("peeked");
+                out.push((k, Some(v)));
+            }
+            std::cmp::Ordering::Equal => {
+                let ((k, hv), (_, wv)) = (h.next().expect("peeked"), w.next().expect("peeked"));
+                if hv != wv {
+                    out.push((k, Some(wv)));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// What turns `have` into `want`: the entries to write (new or changed)
-/// and the keys to remove, found in one merged walk of the two sorted maps.
+/// and the keys to remove.
 fn differences<K: Ord + Copy, V: PartialEq + Copy>(
     have: &BTreeMap<K, V>,
     want: &BTreeMap<K, V>,
-) -> (Vec<(K, V)>, Vec<K>) {
+) -> Diff<K, V> {
     let (mut puts, mut dels) = (Vec::new(), Vec::new());
-    let (mut h, mut w) = (have.iter().peekable(), want.iter().peekable());
-    loop {
-        match (h.peek(), w.peek()) {
-            (None, None) => break,
-            (Some((hk, _)), None) => {
-                dels.push(**hk);
-                h.next();
-            }
-            (None, Some((wk, wv))) => {
-                puts.push((**wk, **wv));
-                w.next();
-            }
-            (Some((hk, hv)), Some((wk, wv))) => match hk.cmp(wk) {
-                std::cmp::Ordering::Less => {
-                    dels.push(**hk);
-                    h.next();
-                }
-                std::cmp::Ordering::Greater => {
-                    puts.push((**wk, **wv));
-                    w.next();
-                }
-                std::cmp::Ordering::Equal => {
-                    if hv != wv {
-                        puts.push((**wk, **wv));
-                    }
-                    h.next();
-                    w.next();
-                }
-            },
+    for (k, v) in changed(have, want) {
+        match v {
+            Some(v) => puts.push((*k, *v)),
+            None => dels.push(*k),
         }
     }
     (puts, dels)
