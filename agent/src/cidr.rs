@@ -1,36 +1,85 @@
-//! IPv4 CIDRs: parsing with actionable errors, containment, overlap.
+//! IP CIDRs of both families: parsing with actionable errors, containment,
+//! overlap. One type, [`Cidr`], over the address family ([`Ipv4Cidr`],
+//! [`Ipv6Cidr`]).
 
-use std::{fmt, net::Ipv4Addr, str::FromStr};
+use std::{
+    fmt,
+    hash::Hash,
+    net::{Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
 
-/// An IPv4 network, e.g. `198.19.1.0/24`. Host bits are always zero.
+/// An address family's address type, as [`Cidr`] computes with it: a
+/// number of `BITS` bits held in a `u128`.
+pub trait Family: Copy + Ord + Hash + fmt::Debug + fmt::Display + FromStr {
+    /// Address width in bits (32 or 128).
+    const BITS: u8;
+    /// A CIDR of this family, for error messages.
+    const EXAMPLE: &'static str;
+    fn to_bits(self) -> u128;
+    fn from_bits(bits: u128) -> Self;
+}
+
+impl Family for Ipv4Addr {
+    const BITS: u8 = 32;
+    const EXAMPLE: &'static str = "10.244.1.0/24";
+    fn to_bits(self) -> u128 {
+        u128::from(u32::from(self))
+    }
+    fn from_bits(bits: u128) -> Self {
+        Ipv4Addr::from(bits as u32)
+    }
+}
+
+impl Family for Ipv6Addr {
+    const BITS: u8 = 128;
+    const EXAMPLE: &'static str = "fd00:10:244:1::/64";
+    fn to_bits(self) -> u128 {
+        u128::from(self)
+    }
+    fn from_bits(bits: u128) -> Self {
+        Ipv6Addr::from(bits)
+    }
+}
+
+/// An IP network of family `A`, e.g. `198.19.1.0/24` or `fd00:198:19:1::/64`.
+/// Host bits are always zero.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Ipv4Cidr {
-    addr: Ipv4Addr,
+pub struct Cidr<A> {
+    addr: A,
     prefix: u8,
 }
+
+/// An IPv4 network.
+pub type Ipv4Cidr = Cidr<Ipv4Addr>;
+/// An IPv6 network.
+pub type Ipv6Cidr = Cidr<Ipv6Addr>;
 
 /// Why a string is not a usable CIDR.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CidrError {
-    #[error("`{0}` is not a CIDR: write it as ADDRESS/PREFIX, e.g. 10.244.1.0/24")]
-    Syntax(String),
-    #[error("`{0}`: the prefix length must be a number from 0 to 32")]
-    Prefix(String),
+    #[error("`{input}` is not a CIDR: write it as ADDRESS/PREFIX, e.g. {example}")]
+    Syntax {
+        input: String,
+        example: &'static str,
+    },
+    #[error("`{input}`: the prefix length must be a number from 0 to {max}")]
+    Prefix { input: String, max: u8 },
     #[error("`{input}` has host bits set; did you mean {suggestion}?")]
     HostBits { input: String, suggestion: String },
 }
 
-impl Ipv4Cidr {
+impl<A: Family> Cidr<A> {
     /// A CIDR from a network address and prefix; host bits are cleared.
-    pub fn new(addr: Ipv4Addr, prefix: u8) -> Self {
-        let prefix = prefix.min(32);
+    pub fn new(addr: A, prefix: u8) -> Self {
+        let prefix = prefix.min(A::BITS);
         Self {
-            addr: Ipv4Addr::from(u32::from(addr) & mask(prefix)),
+            addr: A::from_bits(addr.to_bits() & mask::<A>(prefix)),
             prefix,
         }
     }
 
-    pub fn addr(&self) -> Ipv4Addr {
+    pub fn addr(&self) -> A {
         self.addr
     }
 
@@ -39,60 +88,70 @@ impl Ipv4Cidr {
     }
 
     /// The netmask as an address (e.g. 255.255.255.0).
-    pub fn netmask(&self) -> Ipv4Addr {
-        Ipv4Addr::from(mask(self.prefix))
+    pub fn netmask(&self) -> A {
+        A::from_bits(mask::<A>(self.prefix))
     }
 
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        u32::from(ip) & mask(self.prefix) == u32::from(self.addr)
+    pub fn contains(&self, ip: A) -> bool {
+        ip.to_bits() & mask::<A>(self.prefix) == self.addr.to_bits()
     }
 
     pub fn overlaps(&self, other: &Self) -> bool {
-        let m = mask(self.prefix.min(other.prefix));
-        u32::from(self.addr) & m == u32::from(other.addr) & m
+        let m = mask::<A>(self.prefix.min(other.prefix));
+        self.addr.to_bits() & m == other.addr.to_bits() & m
     }
 
-    /// Number of addresses in the network.
+    /// Number of addresses in the network (`u64::MAX` for an IPv6 network
+    /// of more).
     pub fn size(&self) -> u64 {
-        1u64 << (32 - u32::from(self.prefix))
+        let host_bits = u32::from(A::BITS - self.prefix);
+        if host_bits >= 64 {
+            u64::MAX
+        } else {
+            1u64 << host_bits
+        }
     }
 
     /// The `n`-th address of the network (0 = network address), if inside it.
-    pub fn nth(&self, n: u64) -> Option<Ipv4Addr> {
-        (n < self.size()).then(|| Ipv4Addr::from(u32::from(self.addr) + n as u32))
+    pub fn nth(&self, n: u64) -> Option<A> {
+        (n < self.size()).then(|| A::from_bits(self.addr.to_bits() + u128::from(n)))
     }
 
-    /// The broadcast address.
-    pub fn broadcast(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.addr) | !mask(self.prefix))
+    /// The last address (IPv4's broadcast address).
+    pub fn broadcast(&self) -> A {
+        A::from_bits(self.addr.to_bits() | (!mask::<A>(self.prefix) & mask::<A>(A::BITS)))
     }
 }
 
-fn mask(prefix: u8) -> u32 {
+/// The mask of a `prefix`-bit network of family `A`, in the low `A::BITS`
+/// bits of a `u128`.
+fn mask<A: Family>(prefix: u8) -> u128 {
     if prefix == 0 {
         0
     } else {
-        u32::MAX << (32 - u32::from(prefix))
+        (u128::MAX << (128 - u32::from(prefix))) >> (128 - u32::from(A::BITS))
     }
 }
 
-impl FromStr for Ipv4Cidr {
+impl<A: Family> FromStr for Cidr<A> {
     type Err = CidrError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (addr, prefix) = s
-            .split_once('/')
-            .ok_or_else(|| CidrError::Syntax(s.into()))?;
-        let addr: Ipv4Addr = addr
-            .trim()
-            .parse()
-            .map_err(|_| CidrError::Syntax(s.into()))?;
+        let syntax = || CidrError::Syntax {
+            input: s.into(),
+            example: A::EXAMPLE,
+        };
+        let (addr, prefix) = s.split_once('/').ok_or_else(syntax)?;
+        let addr: A = addr.trim().parse().map_err(|_| syntax())?;
         let prefix: u8 = prefix
             .trim()
             .parse()
             .ok()
-            .filter(|p| *p <= 32)
-            .ok_or_else(|| CidrError::Prefix(s.into()))?;
+            .filter(|p| *p <= A::BITS)
+            .ok_or_else(|| CidrError::Prefix {
+                input: s.into(),
+                max: A::BITS,
+            })?;
         let cidr = Self::new(addr, prefix);
         if cidr.addr != addr {
             return Err(CidrError::HostBits {
@@ -104,19 +163,19 @@ impl FromStr for Ipv4Cidr {
     }
 }
 
-impl fmt::Display for Ipv4Cidr {
+impl<A: Family> fmt::Display for Cidr<A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
     }
 }
 
-impl serde::Serialize for Ipv4Cidr {
+impl<A: Family> serde::Serialize for Cidr<A> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
     }
 }
 
-impl<'de> serde::Deserialize<'de> for Ipv4Cidr {
+impl<'de, A: Family> serde::Deserialize<'de> for Cidr<A> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
@@ -141,11 +200,11 @@ mod tests {
         ));
         assert!(matches!(
             "198.19.1.0/33".parse::<Ipv4Cidr>(),
-            Err(CidrError::Prefix(_))
+            Err(CidrError::Prefix { max: 32, .. })
         ));
         assert!(matches!(
             "banana".parse::<Ipv4Cidr>(),
-            Err(CidrError::Syntax(_))
+            Err(CidrError::Syntax { .. })
         ));
         let err = "198.19.1.5/24".parse::<Ipv4Cidr>().unwrap_err().to_string();
         assert!(err.contains("did you mean 198.19.1.0/24"), "{err}");
@@ -164,5 +223,35 @@ mod tests {
             Ipv4Cidr::new(Ipv4Addr::new(1, 2, 3, 4), 0).netmask(),
             Ipv4Addr::UNSPECIFIED
         );
+    }
+
+    #[test]
+    fn ipv6_parses_contains_and_rejects() {
+        let c: Ipv6Cidr = "fd00:198:19:1::/64".parse().unwrap();
+        assert_eq!(c.prefix(), 64);
+        assert_eq!(c.nth(1), Some("fd00:198:19:1::1".parse().unwrap()));
+        assert_eq!(c.size(), u64::MAX);
+        assert!(c.contains("fd00:198:19:1::abcd".parse().unwrap()));
+        assert!(!c.contains("fd00:198:19:2::1".parse().unwrap()));
+        assert_eq!(
+            c.netmask(),
+            "ffff:ffff:ffff:ffff::".parse::<Ipv6Addr>().unwrap()
+        );
+        let wide: Ipv6Cidr = "fd00:198:19::/48".parse().unwrap();
+        assert!(wide.overlaps(&c) && c.overlaps(&wide));
+        assert_eq!(
+            "fd00:198:19:1::/129".parse::<Ipv6Cidr>(),
+            Err(CidrError::Prefix {
+                input: "fd00:198:19:1::/129".into(),
+                max: 128
+            })
+        );
+        let err = "fd00::5/64".parse::<Ipv6Cidr>().unwrap_err().to_string();
+        assert!(err.contains("did you mean fd00::/64"), "{err}");
+        let err = "198.19.0.0/16".parse::<Ipv6Cidr>().unwrap_err().to_string();
+        assert!(err.contains("fd00:10:244:1::/64"), "{err}");
+        let small: Ipv6Cidr = "fd00::/120".parse().unwrap();
+        assert_eq!(small.size(), 256);
+        assert_eq!(small.broadcast(), "fd00::ff".parse::<Ipv6Addr>().unwrap());
     }
 }

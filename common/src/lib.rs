@@ -19,7 +19,11 @@ pub use stats::{DropReason, FwdReason};
 /// the address: `[u8; 4]`, network order.
 pub type Ipv4Key = [u8; 4];
 
-/// Value of [`names::REMOTE_CIDRS`]: where a remote pod CIDR lives.
+/// Key of [`names::REMOTE_CIDRS6`] (inside aya's `LpmTrie` key) and of
+/// [`names::ENDPOINTS6`]: an IPv6 address, bytes as on the wire.
+pub type Ipv6Key = [u8; 16];
+
+/// Value of [`names::REMOTE_CIDRS`] and [`names::REMOTE_CIDRS6`]: where a remote pod CIDR lives.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RemoteNode {

@@ -20,6 +20,10 @@ pub const PROG_FROM_UNDERLAY: &str = "weft_from_und";
 pub const REMOTE_CIDRS: &str = "WEFT_REMOTES";
 /// Hash: local pod IPv4 → [`crate::Endpoint`].
 pub const ENDPOINTS: &str = "WEFT_ENDPOINTS";
+/// LPM trie: remote IPv6 pod CIDR → [`crate::RemoteNode`].
+pub const REMOTE_CIDRS6: &str = "WEFT_REMOTES6";
+/// Hash: local pod IPv6 → [`crate::Endpoint`].
+pub const ENDPOINTS6: &str = "WEFT_ENDPOINTS6";
 /// Hash: peer underlay IPv4 → [`crate::Vtep`]; VXLAN from anyone else is dropped.
 pub const NODES: &str = "WEFT_NODES";
 /// LRU hash: [`crate::FlowKey`] of a reply → [`crate::FlowState`]. Replies
@@ -49,3 +53,7 @@ pub const GLOBAL_UNDERLAY_MAC: &str = "WEFT_UNDERLAY_MAC";
 pub const GLOBAL_CLUSTER_NET: &str = "WEFT_CLUSTER_NET";
 /// Load-time global: cluster CIDR netmask (network order).
 pub const GLOBAL_CLUSTER_MASK: &str = "WEFT_CLUSTER_MASK";
+/// Load-time global: IPv6 cluster CIDR network address (bytes as on the wire).
+pub const GLOBAL_CLUSTER6_NET: &str = "WEFT_CLUSTER6_NET";
+/// Load-time global: IPv6 cluster CIDR mask (bytes as on the wire).
+pub const GLOBAL_CLUSTER6_MASK: &str = "WEFT_CLUSTER6_MASK";

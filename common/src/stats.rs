@@ -45,8 +45,8 @@ counter_enum! {
         HelperFailed = 5 => "helper_failed",
         /// The underlay FIB has no route to the remote node.
         FibLookupFailed = 6 => "fib_lookup_failed",
-        /// Inner frame is not IPv4 (weft carries IPv4 pods only).
-        InnerNotIpv4 = 7 => "inner_not_ipv4",
+        /// Inner frame is neither IPv4 nor IPv6.
+        InnerNotIp = 7 => "inner_not_ip",
         /// IPv4 from a pod whose source address is not that pod's own (another
         /// pod's, or none weft assigned): spoofed, as Cilium's source IP check.
         SpoofedSource = 8 => "spoofed_source",

@@ -28,6 +28,7 @@
 use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action::XDP_PASS, BPF_F_ADJ_ROOM_FIXED_GSO,
+        BPF_F_INGRESS,
     },
     helpers::{bpf_redirect, bpf_redirect_peer, bpf_xdp_adjust_head},
     programs::{TcContext, XdpContext},
@@ -38,11 +39,18 @@ use crate::{
     flows,
     maps::{self, count_fwd},
     parse::{
-        ptr_at, EthHdr, Ipv4Hdr, UdpHdr, VxlanHdr, ETH_HLEN, ETH_P_IP, IPPROTO_UDP, IPV4_HLEN,
-        UDP_HLEN, VXLAN_FLAG_I,
+        ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, UdpHdr, VxlanHdr, ETH_HLEN, ETH_P_IP, ETH_P_IPV6,
+        IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, UDP_HLEN, VXLAN_FLAG_I,
     },
     verdict::{Verdict, TC_ACT_UNSPEC},
 };
+
+/// The inner packet's network header, by family.
+#[derive(Clone, Copy)]
+pub enum InnerIp {
+    V4(Ipv4Hdr),
+    V6(Ipv6Hdr),
+}
 
 /// What the underlay received, as far as weft is concerned.
 pub enum Vxlan {
@@ -51,17 +59,45 @@ pub enum Vxlan {
     /// Claims to be ours but must not reach a pod.
     Drop(DropReason),
     /// Ours: the inner Ethernet frame starts at `inner_off`; `inner_ip` is
-    /// its IPv4 header (without options); `ep` the local pod it is for, or
-    /// `None` for this node itself (an address of its pod CIDR).
+    /// its IPv4 header (without options) or IPv6 fixed header; `ep` the
+    /// local pod it is for, or `None` for this node itself (an address of
+    /// its pod CIDR).
     Ours {
         inner_off: usize,
-        inner_ip: Ipv4Hdr,
+        inner_ip: InnerIp,
         ep: Option<Endpoint>,
     },
 }
 
-/// The most header bytes [`classify`] reads: outer Ethernet, IPv4 with the
-/// longest options, UDP, VXLAN, inner Ethernet and IPv4.
+impl InnerIp {
+    /// Whether a packet for a local pod must take the stack instead
+    /// (flows.rs); `ip_off` is where this header starts in `[start, end)`.
+    #[inline(always)]
+    fn must_take_stack(&self, start: usize, end: usize, ip_off: usize) -> bool {
+        match self {
+            InnerIp::V4(ip) => flows::must_take_stack(start, end, ip_off, ip),
+            InnerIp::V6(ip) => flows::must_take_stack6(start, end, ip_off, ip),
+        }
+    }
+
+    /// Header bytes up to the L4 header (IPv6 extension headers not
+    /// counted: flows.rs reads no further than the fixed header for them).
+    #[inline(always)]
+    fn header_len(&self) -> usize {
+        match self {
+            InnerIp::V4(ip) => ip.header_len(),
+            InnerIp::V6(_) => IPV6_HLEN,
+        }
+    }
+}
+
+/// `BPF_F_ADJ_ROOM_DECAP_L3_IPV6` (linux/bpf.h, Linux 6.3): a shrink that
+/// leaves an IPv6 packet sets skb->protocol to match.
+const BPF_F_ADJ_ROOM_DECAP_L3_IPV6: u64 = 1 << 8;
+
+/// The most header bytes [`classify`] reads for an inner IPv4 packet: outer
+/// Ethernet, IPv4 with the longest options, UDP, VXLAN, inner Ethernet and
+/// IPv4 (20 more for an inner IPv6 header).
 pub const MAX_HEADERS: usize = ETH_HLEN + 60 + UDP_HLEN + VXLAN_HLEN + ETH_HLEN + IPV4_HLEN;
 
 /// [`MAX_HEADERS`] for a packet without outer IPv4 options (nearly all).
@@ -125,23 +161,41 @@ pub fn classify(start: usize, end: usize) -> Vxlan {
     let Ok(inner_eth) = ptr_at::<EthHdr>(start, end, inner_off) else {
         return Vxlan::Drop(DropReason::Malformed);
     };
-    // SAFETY: as above.
-    if unsafe { (*inner_eth).proto } != ETH_P_IP {
-        return Vxlan::Drop(DropReason::InnerNotIpv4);
-    }
-    let Ok(inner_ip) = ptr_at::<Ipv4Hdr>(start, end, inner_off + ETH_HLEN) else {
-        return Vxlan::Drop(DropReason::Malformed);
-    };
-    // SAFETY: as above.
-    let inner_ip = unsafe { *inner_ip };
-    if !inner_ip.is_valid() {
-        return Vxlan::Drop(DropReason::Malformed);
-    }
     // For a local pod or this node (its pod CIDR); nothing is forwarded on.
-    let ep = maps::endpoint(u32::from_ne_bytes(inner_ip.dst));
-    if ep.is_none() && !maps::in_local_cidr(inner_ip.dst) {
-        return Vxlan::Drop(DropReason::NotLocal);
-    }
+    // SAFETY: as above.
+    let (inner_ip, ep) = match unsafe { (*inner_eth).proto } {
+        ETH_P_IP => {
+            let Ok(ip) = ptr_at::<Ipv4Hdr>(start, end, inner_off + ETH_HLEN) else {
+                return Vxlan::Drop(DropReason::Malformed);
+            };
+            // SAFETY: as above.
+            let ip = unsafe { *ip };
+            if !ip.is_valid() {
+                return Vxlan::Drop(DropReason::Malformed);
+            }
+            let ep = maps::endpoint(u32::from_ne_bytes(ip.dst));
+            if ep.is_none() && !maps::in_local_cidr(ip.dst) {
+                return Vxlan::Drop(DropReason::NotLocal);
+            }
+            (InnerIp::V4(ip), ep)
+        }
+        ETH_P_IPV6 => {
+            let Ok(ip) = ptr_at::<Ipv6Hdr>(start, end, inner_off + ETH_HLEN) else {
+                return Vxlan::Drop(DropReason::Malformed);
+            };
+            // SAFETY: as above.
+            let ip = unsafe { *ip };
+            if !ip.is_valid() {
+                return Vxlan::Drop(DropReason::Malformed);
+            }
+            let ep = maps::endpoint6(&ip.dst);
+            if ep.is_none() && !maps::in_local_cidr6(&ip.dst) {
+                return Vxlan::Drop(DropReason::NotLocal);
+            }
+            (InnerIp::V6(ip), ep)
+        }
+        _ => return Vxlan::Drop(DropReason::InnerNotIp),
+    };
     Vxlan::Ours {
         inner_off,
         inner_ip,
@@ -178,8 +232,7 @@ pub fn xdp(ctx: &XdpContext) -> Verdict<u32> {
     // A local pod, unless the stack must see the packet (its veth is shaped,
     // or flows.rs).
     let to_stack = ep.is_some_and(|ep| {
-        ep.shaped()
-            || flows::must_take_stack(ctx.data(), ctx.data_end(), inner_off + ETH_HLEN, &inner_ip)
+        ep.shaped() || inner_ip.must_take_stack(ctx.data(), ctx.data_end(), inner_off + ETH_HLEN)
     });
 
     // Strip outer Ethernet, IPv4, UDP and VXLAN.
@@ -225,12 +278,24 @@ pub fn tc(ctx: &TcContext) -> Verdict<i32> {
     // The outer IHL is read once those are linear (a NIC may have left even
     // the outer IPv4 header in a fragment).
     let linear_ok = linear(ctx, MIN_HEADERS) && {
-        let outer_opts = match ptr_at::<Ipv4Hdr>(ctx.data(), ctx.data_end(), ETH_HLEN) {
+        let ihl = match ptr_at::<Ipv4Hdr>(ctx.data(), ctx.data_end(), ETH_HLEN) {
             // SAFETY: ptr_at checked bounds.
-            Ok(ip) => unsafe { (*ip).header_len() }.saturating_sub(IPV4_HLEN),
-            Err(_) => 0,
+            Ok(ip) => unsafe { (*ip).header_len() },
+            Err(_) => IPV4_HLEN,
         };
-        outer_opts == 0 || linear(ctx, MIN_HEADERS + outer_opts)
+        let outer_opts = ihl.saturating_sub(IPV4_HLEN);
+        let headers = MIN_HEADERS + outer_opts;
+        // An inner IPv6 header is 20 bytes longer than the IPv4 one
+        // MIN_HEADERS counts. (Its EtherType's offset is computed from the
+        // IHL itself, which the verifier knows is never negative.)
+        let inner_proto_off = ETH_HLEN + ihl + UDP_HLEN + VXLAN_HLEN + 12;
+        let inner_v6 = match ptr_at::<[u8; 2]>(ctx.data(), ctx.data_end(), inner_proto_off) {
+            // SAFETY: ptr_at checked bounds.
+            Ok(proto) => (unsafe { *proto }) == ETH_P_IPV6,
+            Err(_) => false,
+        };
+        (outer_opts == 0 || linear(ctx, headers))
+            && (!inner_v6 || linear(ctx, headers + IPV6_HLEN - IPV4_HLEN))
     };
     if !linear_ok {
         // Out of memory: leave the packet to the stack, as anything not ours.
@@ -256,31 +321,46 @@ pub fn tc(ctx: &TcContext) -> Verdict<i32> {
     let to_stack = ep.is_some_and(|ep| {
         ep.shaped()
             || (linear(ctx, inner_ip_off + inner_ip.header_len() + flows::L4_PEEK)
-                && flows::must_take_stack(ctx.data(), ctx.data_end(), inner_ip_off, &inner_ip))
+                && inner_ip.must_take_stack(ctx.data(), ctx.data_end(), inner_ip_off))
     });
     // Remove outer IPv4, UDP, VXLAN and the inner Ethernet header right after
-    // the outer Ethernet header, which stays (EtherType IPv4 either way) and
-    // is rewritten below. `inner_off` bytes in all. FIXED_GSO: gso_size is
-    // already the inner MSS.
-    if ctx
-        .adjust_room(
+    // the outer Ethernet header, which stays and is rewritten below.
+    // `inner_off` bytes in all. FIXED_GSO: gso_size is already the inner MSS.
+    // An IPv6 frame also needs skb->protocol changed (DECAP_L3_IPV6, Linux
+    // 6.3); an older kernel rejects the flag, and the frame is then stripped
+    // without it and delivered the slower way, through a device that reads
+    // its protocol afresh ([`deliver_retyped`]).
+    let v6 = matches!(inner_ip, InnerIp::V6(_));
+    let strip = |flags: u64| {
+        ctx.adjust_room(
             -(inner_off as i32),
             BPF_ADJ_ROOM_MAC,
-            BPF_F_ADJ_ROOM_FIXED_GSO as u64,
+            BPF_F_ADJ_ROOM_FIXED_GSO as u64 | flags,
         )
-        .is_err()
-    {
+        .is_ok()
+    };
+    let retyped = v6 && strip(BPF_F_ADJ_ROOM_DECAP_L3_IPV6);
+    if !retyped && !strip(0) {
         return Err(DropReason::HelperFailed);
     }
+    // Whether the skb's protocol is still IPv4 for an IPv6 frame.
+    let stale_proto = v6 && !retyped;
     let eth = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0)?;
+    if v6 {
+        // SAFETY: bounds checked just above; TC makes the data writable.
+        unsafe { (*eth).proto = ETH_P_IPV6 };
+    }
     match ep {
         Some(ep) if !to_stack => {
-            // SAFETY: bounds checked just above; TC makes the data writable.
+            // SAFETY: as above.
             unsafe {
                 (*eth).dst = ep.pod_mac;
                 (*eth).src = ep.host_mac;
             }
             count_fwd(FwdReason::DecapPeer);
+            if stale_proto {
+                return Ok(deliver_retyped(ep.ifindex, 0));
+            }
             // SAFETY: plain helper call.
             Ok(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
         }
@@ -288,7 +368,24 @@ pub fn tc(ctx: &TcContext) -> Verdict<i32> {
             // SAFETY: as above.
             unsafe { (*eth).dst = maps::underlay_mac() };
             count_fwd(passed(to_stack));
+            if stale_proto {
+                return Ok(deliver_retyped(
+                    maps::underlay_ifindex(),
+                    BPF_F_INGRESS as u64,
+                ));
+            }
             Ok(TC_ACT_UNSPEC)
         }
     }
+}
+
+/// Delivers a stripped IPv6 frame whose skb still says IPv4 (a kernel
+/// before 6.3, without `BPF_F_ADJ_ROOM_DECAP_L3_IPV6`): a redirect to a
+/// pod's host-side veth (whose peer receives it with `eth_type_trans`) or
+/// into the underlay's ingress again (`BPF_F_INGRESS` also runs it), where
+/// the frame is no longer VXLAN and goes up the stack.
+#[inline(always)]
+fn deliver_retyped(ifindex: u32, flags: u64) -> i32 {
+    // SAFETY: plain helper call.
+    unsafe { bpf_redirect(ifindex, flags) as i32 }
 }

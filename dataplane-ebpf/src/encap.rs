@@ -54,8 +54,14 @@ pub fn source_port(hash: u32) -> u16 {
     ((((hash as u64) * ((SPORT_MAX - SPORT_MIN) as u64)) >> 32) as u32 + SPORT_MIN) as u16
 }
 
+/// Encapsulates the frame in `ctx` (whose inner EtherType is `inner_proto`,
+/// IPv4 or IPv6) for `remote` and redirects it to the underlay.
 #[inline(always)]
-pub fn encap_and_redirect(ctx: &TcContext, remote: &RemoteNode) -> Verdict<i32> {
+pub fn encap_and_redirect(
+    ctx: &TcContext,
+    remote: &RemoteNode,
+    inner_proto: [u8; 2],
+) -> Verdict<i32> {
     let local_ip = maps::local_ip();
     let remote_ip = remote.underlay_ip.to_ne_bytes();
     let inner_len = ctx.len() as usize - ETH_HLEN;
@@ -123,6 +129,7 @@ pub fn encap_and_redirect(ctx: &TcContext, remote: &RemoteNode) -> Verdict<i32> 
         maps::vxlan_port(),
         &remote.vtep_mac,
         &maps::vtep_mac(),
+        inner_proto,
     );
     if ctx.store(0, hdr, 0).is_err() {
         return Err(DropReason::HelperFailed);
@@ -140,7 +147,7 @@ pub fn encap_and_redirect(ctx: &TcContext, remote: &RemoteNode) -> Verdict<i32> 
     }
 }
 
-/// The 64 bytes in front of the inner IPv4 header, written into `h`, which
+/// The 64 bytes in front of the inner IP header, written into `h`, which
 /// is all zero (the fields left zero stay so).
 #[expect(clippy::too_many_arguments, reason = "one flat header, one call site")]
 #[inline(always)]
@@ -157,6 +164,7 @@ fn write_headers(
     port: u16,
     inner_dmac: &[u8; 6],
     inner_smac: &[u8; 6],
+    inner_proto: [u8; 2],
 ) {
     // Outer Ethernet.
     h[0..6].copy_from_slice(outer_dmac);
@@ -188,6 +196,5 @@ fn write_headers(
     // Inner Ethernet.
     h[50..56].copy_from_slice(inner_dmac);
     h[56..62].copy_from_slice(inner_smac);
-    h[62] = 0x08;
-    h[63] = 0x00;
+    h[62..64].copy_from_slice(&inner_proto);
 }

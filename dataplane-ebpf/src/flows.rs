@@ -29,7 +29,10 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::LruHashMap};
 use weft_common::{FlowKey, FlowState};
 
-use crate::parse::{ptr_at, Ipv4Hdr, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+use crate::parse::{
+    ptr_at, Ipv4Hdr, Ipv6Hdr, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    IPV6_HLEN, NEXTHDR_FRAGMENT,
+};
 
 /// Reply tuple → until when it takes the stack.
 #[map]
@@ -132,6 +135,25 @@ pub fn must_take_stack(start: usize, end: usize, ip_off: usize, ip: &Ipv4Hdr) ->
     }
     refresh(state, &f, now);
     true
+}
+
+/// [`must_take_stack`] for the IPv6 packet whose fixed header `ip` starts at
+/// `ip_off`: a fragment (the stack reassembles) or an ICMPv6 error (types
+/// below 128 quote the packet that caused them) goes up the stack. IPv6
+/// flows the stack forwarded are not recorded yet: weft does not carry
+/// IPv6 Services (docs/DATAPLANE.md, "Known limits").
+#[inline(always)]
+pub fn must_take_stack6(start: usize, end: usize, ip_off: usize, ip: &Ipv6Hdr) -> bool {
+    match ip.next_hdr {
+        NEXTHDR_FRAGMENT => true,
+        // Type and code (two bytes: see TCP_OFF_FLAGS).
+        IPPROTO_ICMPV6 => match ptr_at::<[u8; 2]>(start, end, ip_off + IPV6_HLEN) {
+            // SAFETY: ptr_at checked bounds.
+            Ok(type_code) => (unsafe { (*type_code)[0] }) < 128,
+            Err(_) => false,
+        },
+        _ => false,
+    }
 }
 
 /// Records that replies to this packet's flow must take the stack: called on

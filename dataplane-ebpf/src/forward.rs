@@ -1,6 +1,8 @@
-//! TC path for IPv4 leaving a pod (host-side veth ingress) or the node
-//! (`weft0` egress): same-node short-cut, VXLAN encapsulation, or hand-off
-//! to the stack.
+//! TC path for IPv4 and IPv6 leaving a pod (host-side veth ingress) or the
+//! node (`weft0` egress): same-node short-cut, VXLAN encapsulation, or
+//! hand-off to the stack. Both families take the same steps (source check,
+//! cluster CIDR, hop limit, what must take the stack, local pod, remote
+//! node); each has its maps.
 
 use aya_ebpf::{
     helpers::{bpf_redirect, bpf_redirect_peer},
@@ -11,7 +13,7 @@ use weft_common::{DropReason, Endpoint, FwdReason};
 use crate::{
     csum, encap, flows,
     maps::{self, count_fwd},
-    parse::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN, ETH_P_IP},
+    parse::{ipv6_link_scoped, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_HLEN, ETH_P_IP, ETH_P_IPV6},
     verdict::{Verdict, TC_ACT_UNSPEC},
 };
 
@@ -31,9 +33,17 @@ pub fn forward(ctx: &TcContext, origin: Origin) -> Verdict<i32> {
     // Shorter than an Ethernet header: malformed, counted like the rest.
     let eth: *mut EthHdr = ptr_at(start, end, 0)?;
     // SAFETY: ptr_at checked the header lies inside the packet.
-    if unsafe { (*eth).proto } != ETH_P_IP {
-        return not_ours(origin);
+    match unsafe { (*eth).proto } {
+        ETH_P_IP => forward_v4(ctx, origin, eth),
+        ETH_P_IPV6 => forward_v6(ctx, origin, eth),
+        _ => not_ours(origin),
     }
+}
+
+/// [`forward`] for IPv4.
+#[inline(always)]
+fn forward_v4(ctx: &TcContext, origin: Origin, eth: *mut EthHdr) -> Verdict<i32> {
+    let (start, end) = (ctx.data(), ctx.data_end());
     let ip: *mut Ipv4Hdr = ptr_at(start, end, ETH_HLEN)?;
     // SAFETY: as above.
     let hdr = unsafe { *ip };
@@ -107,7 +117,74 @@ pub fn forward(ctx: &TcContext, origin: Origin) -> Verdict<i32> {
         (*ip).ttl = hdr.ttl - 1;
         (*ip).check = csum::after_ttl_decrement(hdr.check);
     }
-    encap::encap_and_redirect(ctx, &remote)
+    encap::encap_and_redirect(ctx, &remote, ETH_P_IP)
+}
+
+/// [`forward`] for IPv6. What a pod's stack keeps on its link (neighbour
+/// discovery, MLD: link-local, multicast or unspecified addresses) is the
+/// node's; the rest is checked and forwarded as IPv4 is, with the hop
+/// limit in place of the TTL (no header checksum to mend).
+#[inline(always)]
+fn forward_v6(ctx: &TcContext, origin: Origin, eth: *mut EthHdr) -> Verdict<i32> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let ip: *mut Ipv6Hdr = ptr_at(start, end, ETH_HLEN)?;
+    // SAFETY: ptr_at checked the header lies inside the packet.
+    let hdr = unsafe { *ip };
+    if !hdr.is_valid() {
+        return Err(DropReason::Malformed);
+    }
+    if ipv6_link_scoped(&hdr.src) || ipv6_link_scoped(&hdr.dst) {
+        return not_ours(origin);
+    }
+    if origin == Origin::Pod {
+        match its_pod6(ctx, &hdr.src) {
+            None => return Err(DropReason::SpoofedSource),
+            Some(ep) if ep.shaped() => return Ok(to_stack()),
+            Some(_) => {}
+        }
+    }
+    if !maps::in_cluster6(&hdr.dst) {
+        return not_ours(origin);
+    }
+    if hdr.hop_limit <= 1 {
+        // From a pod, the stack answers with ICMPv6 time exceeded.
+        return not_ours(origin);
+    }
+    if origin == Origin::Pod && flows::must_take_stack6(start, end, ETH_HLEN, &hdr) {
+        return Ok(to_stack());
+    }
+
+    if let Some(ep) = maps::endpoint6(&hdr.dst) {
+        if ep.shaped() && origin == Origin::Pod {
+            return Ok(to_stack());
+        }
+        // SAFETY: header bounds checked above; TC makes the data writable.
+        unsafe {
+            (*ip).hop_limit = hdr.hop_limit - 1;
+            (*eth).dst = ep.pod_mac;
+            (*eth).src = ep.host_mac;
+        }
+        count_fwd(FwdReason::Local);
+        // SAFETY: plain helper calls.
+        let action = unsafe {
+            match origin {
+                Origin::Pod => bpf_redirect_peer(ep.ifindex, 0),
+                Origin::Host => bpf_redirect(ep.ifindex, 0),
+            }
+        };
+        return Ok(action as i32);
+    }
+
+    let Some(remote) = maps::remote6(&hdr.dst) else {
+        return Err(DropReason::NoRoute);
+    };
+    let remote = *remote;
+    if maps::is_own(&remote) {
+        return not_ours(origin);
+    }
+    // SAFETY: header bounds checked above.
+    unsafe { (*ip).hop_limit = hdr.hop_limit - 1 };
+    encap::encap_and_redirect(ctx, &remote, ETH_P_IPV6)
 }
 
 /// `weft_to_pod`: the node's stack is delivering this packet to a pod (the
@@ -172,7 +249,15 @@ fn its_pod(ctx: &TcContext, src: [u8; 4]) -> Option<Endpoint> {
     maps::endpoint(u32::from_ne_bytes(src)).filter(|ep| ep.ifindex == ifindex)
 }
 
-/// An IPv4 packet from a pod that must take the node's stack (flows.rs, or
+/// The IPv6 twin of [`its_pod`].
+#[inline(always)]
+fn its_pod6(ctx: &TcContext, src: &[u8; 16]) -> Option<Endpoint> {
+    // SAFETY: ctx.skb.skb points at the program's __sk_buff.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    maps::endpoint6(src).filter(|ep| ep.ifindex == ifindex)
+}
+
+/// A packet from a pod that must take the node's stack (flows.rs, or
 /// a shaped veth), counted as such.
 #[inline(always)]
 fn to_stack() -> i32 {

@@ -8,7 +8,9 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LpmTrie, PerCpuArray},
 };
-use weft_common::{DropReason, Endpoint, FwdReason, Ipv4Key, RemoteNode, Vtep};
+use weft_common::{DropReason, Endpoint, FwdReason, Ipv4Key, Ipv6Key, RemoteNode, Vtep};
+
+use crate::parse::ipv6_halves;
 
 /// Remote pod CIDR → the node that owns it. An entry whose `underlay_ip` is
 /// our own address marks this node's pod CIDR (handed to the stack).
@@ -18,6 +20,15 @@ static WEFT_REMOTES: LpmTrie<Ipv4Key, RemoteNode> = LpmTrie::pinned(65536, 0);
 /// Local pod IPv4 (network order) → its veth and MACs.
 #[map]
 static WEFT_ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(16384, 0);
+
+/// Remote IPv6 pod CIDR → the node that owns it (the IPv4 map's twin; the
+/// tunnel is the same whatever the inner family).
+#[map]
+static WEFT_REMOTES6: LpmTrie<Ipv6Key, RemoteNode> = LpmTrie::pinned(65536, 0);
+
+/// Local pod IPv6 (bytes as on the wire) → its veth and MACs.
+#[map]
+static WEFT_ENDPOINTS6: HashMap<Ipv6Key, Endpoint> = HashMap::pinned(16384, 0);
 
 /// Underlay IPv4 (network order) of every node we accept VXLAN from.
 #[map]
@@ -54,6 +65,25 @@ pub fn endpoint(ip: u32) -> Option<Endpoint> {
     // SAFETY: entries are plain data copied out at once; a concurrent update
     // can at worst hand us the old or the new value of one field set.
     unsafe { WEFT_ENDPOINTS.get(ip).copied() }
+}
+
+/// The IPv6 twin of [`remote`].
+#[inline(always)]
+pub fn remote6(dst: &Ipv6Key) -> Option<&'static RemoteNode> {
+    WEFT_REMOTES6.get(aya_ebpf::maps::lpm_trie::Key::new(128, *dst))
+}
+
+/// Whether `ip` lies in this node's own IPv6 pod CIDR.
+#[inline(always)]
+pub fn in_local_cidr6(ip: &Ipv6Key) -> bool {
+    remote6(ip).is_some_and(is_own)
+}
+
+/// The IPv6 twin of [`endpoint`].
+#[inline(always)]
+pub fn endpoint6(ip: &Ipv6Key) -> Option<Endpoint> {
+    // SAFETY: as in `endpoint`.
+    unsafe { WEFT_ENDPOINTS6.get(ip).copied() }
 }
 
 #[inline(always)]
@@ -127,6 +157,25 @@ global!(
     /// Cluster CIDR netmask, network order.
     WEFT_CLUSTER_MASK: [u8; 4] = [0xff; 4], cluster_mask
 );
+
+global!(
+    /// IPv6 cluster CIDR network address, bytes as on the wire (all zero
+    /// with the all-ones mask below: no IPv6 cluster, nothing matches but ::).
+    WEFT_CLUSTER6_NET: [u8; 16] = [0; 16], cluster6_net
+);
+global!(
+    /// IPv6 cluster CIDR mask, bytes as on the wire.
+    WEFT_CLUSTER6_MASK: [u8; 16] = [0xff; 16], cluster6_mask
+);
+
+/// Whether `ip` lies in the IPv6 cluster CIDR.
+#[inline(always)]
+pub fn in_cluster6(ip: &Ipv6Key) -> bool {
+    let (net_hi, net_lo) = ipv6_halves(&cluster6_net());
+    let (mask_hi, mask_lo) = ipv6_halves(&cluster6_mask());
+    let (hi, lo) = ipv6_halves(ip);
+    hi & mask_hi == net_hi && lo & mask_lo == net_lo
+}
 
 /// Whether `ip` lies in the cluster CIDR.
 #[inline(always)]

@@ -7,12 +7,17 @@ use core::mem::size_of;
 
 pub const ETH_HLEN: usize = 14;
 pub const IPV4_HLEN: usize = 20;
+pub const IPV6_HLEN: usize = 40;
 pub const UDP_HLEN: usize = 8;
 pub const ETH_P_IP: [u8; 2] = [0x08, 0x00];
+pub const ETH_P_IPV6: [u8; 2] = [0x86, 0xdd];
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_SCTP: u8 = 132;
+pub const IPPROTO_ICMPV6: u8 = 58;
+/// IPv6 next header: a fragment header follows.
+pub const NEXTHDR_FRAGMENT: u8 = 44;
 
 /// Ethernet II header.
 #[repr(C)]
@@ -58,6 +63,49 @@ impl Ipv4Hdr {
     pub fn is_fragment(&self) -> bool {
         (self.frag_off[0] & 0x3f) != 0 || self.frag_off[1] != 0
     }
+}
+
+/// IPv6 fixed header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv6Hdr {
+    /// Version (4 bits), traffic class, flow label.
+    pub vtc_flow: [u8; 4],
+    pub payload_len: [u8; 2],
+    pub next_hdr: u8,
+    pub hop_limit: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+impl Ipv6Hdr {
+    #[inline(always)]
+    pub fn is_valid(&self) -> bool {
+        self.vtc_flow[0] >> 4 == 6
+    }
+}
+
+/// Whether an IPv6 address is one a pod's stack uses on its link only:
+/// link-local (fe80::/10), multicast (ff00::/8) or unspecified (`::`, the
+/// source of duplicate address detection). Neighbour discovery and MLD use
+/// these; they are the node's business, never forwarded by weft.
+#[inline(always)]
+pub fn ipv6_link_scoped(a: &[u8; 16]) -> bool {
+    (a[0] == 0xfe && a[1] & 0xc0 == 0x80) || a[0] == 0xff || {
+        let (hi, lo) = ipv6_halves(a);
+        hi | lo == 0
+    }
+}
+
+/// An IPv6 address as two `u64`s (in memory order): compared and masked in
+/// two steps rather than sixteen.
+#[inline(always)]
+pub fn ipv6_halves(a: &[u8; 16]) -> (u64, u64) {
+    let mut hi = [0u8; 8];
+    let mut lo = [0u8; 8];
+    hi.copy_from_slice(&a[..8]);
+    lo.copy_from_slice(&a[8..]);
+    (u64::from_ne_bytes(hi), u64::from_ne_bytes(lo))
 }
 
 /// UDP header.

@@ -40,6 +40,14 @@ const POD_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x0a];
 const HOST_VETH_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x0a];
 const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 20);
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 1);
+/// The IPv6 cluster: 2001:2::/48, the IPv6 benchmarking range (RFC 5180),
+/// as 198.18.0.0/15 is IPv4's. This node's pod CIDR 2001:2:0:1::/64, the
+/// peer's 2001:2:0:2::/64.
+const CLUSTER6: &str = "2001:2::/48";
+
+/// The IPv6 cases, run on the same fixture.
+#[path = "packets/ipv6.rs"]
+mod ipv6;
 
 /// A namespace with an underlay (`und0`, 198.18.0.1/24, a permanent neighbour
 /// for the peer node), the dataplane loaded for it and its maps filled.
@@ -98,6 +106,7 @@ impl Fixture {
             vtep_mac: LOCAL_VTEP,
             underlay_mac: und.mac,
             cluster_cidr: "198.19.0.0/16".parse().unwrap(),
+            cluster_cidr6: Some(CLUSTER6.parse().unwrap()),
             bpf_log_level: 0,
         };
         let dp = Dataplane::load(&globals, &pins).expect("load dataplane");
@@ -139,6 +148,7 @@ impl Fixture {
             .insert(ip_key(POD), ep(Endpoint::FLAG_XDP_REDIRECT), 0)
             .unwrap();
         maps.endpoints.insert(ip_key(POD_NO_XDP), ep(0), 0).unwrap();
+        ipv6::setup(&mut maps, pod_ifindex);
         drop(peer);
         Self {
             _inside: inside,
@@ -461,7 +471,7 @@ fn decap_cases(hook: Hook) {
         (
             "inner ARP",
             fx.vxlan_frame(PEER, vni, port, &arp_inner),
-            DropReason::InnerNotIpv4,
+            DropReason::InnerNotIp,
         ),
     ] {
         let before = fx.counters();
@@ -596,7 +606,18 @@ fn xdp_decap_custom_vni_and_port() {
 /// The expected encapsulation of `inner_ip` (an IPv4 packet) for the peer
 /// node, built field by field from RFC 7348 and the kernel vxlan defaults.
 fn expected_encap(fx: &Fixture, inner_ip: &[u8], sport: u16, ip_id: u16) -> Vec<u8> {
-    let inner = pktgen::eth(PEER_VTEP, LOCAL_VTEP, pktgen::ETH_P_IP, inner_ip);
+    expected_encap_of(fx, pktgen::ETH_P_IP, inner_ip, sport, ip_id)
+}
+
+/// [`expected_encap`] of an inner packet of EtherType `inner_proto`.
+fn expected_encap_of(
+    fx: &Fixture,
+    inner_proto: u16,
+    inner_ip: &[u8],
+    sport: u16,
+    ip_id: u16,
+) -> Vec<u8> {
+    let inner = pktgen::eth(PEER_VTEP, LOCAL_VTEP, inner_proto, inner_ip);
     let outer = Ipv4 {
         ttl: 64,
         id: ip_id,

@@ -148,3 +148,69 @@ pub fn icmp_error(icmp_type: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
     m[2..4].copy_from_slice(&c.to_be_bytes());
     m
 }
+
+/// IPv6 header fields a test may want to vary.
+#[derive(Clone, Debug)]
+pub struct Ipv6 {
+    pub src: std::net::Ipv6Addr,
+    pub dst: std::net::Ipv6Addr,
+    pub next_hdr: u8,
+    pub hop_limit: u8,
+}
+
+pub const IPPROTO_ICMPV6: u8 = 58;
+/// IPv6 next header: fragment.
+pub const NEXTHDR_FRAGMENT: u8 = 44;
+
+impl Ipv6 {
+    pub fn new(src: std::net::Ipv6Addr, dst: std::net::Ipv6Addr, next_hdr: u8) -> Self {
+        Self {
+            src,
+            dst,
+            next_hdr,
+            hop_limit: 64,
+        }
+    }
+
+    /// The fixed header followed by `payload`.
+    pub fn build(&self, payload: &[u8]) -> Vec<u8> {
+        let mut h = vec![0u8; 40];
+        h[0] = 0x60;
+        h[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+        h[6] = self.next_hdr;
+        h[7] = self.hop_limit;
+        h[8..24].copy_from_slice(&self.src.octets());
+        h[24..40].copy_from_slice(&self.dst.octets());
+        h.extend_from_slice(payload);
+        h
+    }
+
+    /// An ICMPv6 message (`icmp_type`, `code`, then `body`) in this header,
+    /// with its checksum over the pseudo-header (RFC 8200 8.1).
+    pub fn icmp6(&self, icmp_type: u8, code: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![icmp_type, code, 0, 0];
+        m.extend_from_slice(body);
+        let mut pseudo = Vec::with_capacity(40 + m.len());
+        pseudo.extend_from_slice(&self.src.octets());
+        pseudo.extend_from_slice(&self.dst.octets());
+        pseudo.extend_from_slice(&(m.len() as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, IPPROTO_ICMPV6]);
+        pseudo.extend_from_slice(&m);
+        let c = checksum(&pseudo);
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+        Self {
+            next_hdr: IPPROTO_ICMPV6,
+            ..self.clone()
+        }
+        .build(&m)
+    }
+
+    /// An ICMPv6 echo request (`id`, `seq`, `payload`) in this header.
+    pub fn echo(&self, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
+        let mut body = Vec::with_capacity(4 + payload.len());
+        body.extend_from_slice(&id.to_be_bytes());
+        body.extend_from_slice(&seq.to_be_bytes());
+        body.extend_from_slice(payload);
+        self.icmp6(128, 0, &body)
+    }
+}

@@ -147,6 +147,9 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         vtep_mac: me.vtep_mac,
         underlay_mac: iface.mac,
         cluster_cidr: cfg.cluster_cidr,
+        // IPv6 pods are not configured by the agent yet (issue #24): the
+        // programs carry IPv6 once a cluster CIDR for it is set.
+        cluster_cidr6: None,
         bpf_log_level: if cfg.bpf_debug_log {
             aya_log::Level::Debug as u8
         } else {

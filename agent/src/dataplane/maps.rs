@@ -4,7 +4,7 @@
 use std::{net::Ipv4Addr, path::Path};
 
 use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray};
-use weft_common::{Endpoint, FlowKey, FlowState, RemoteNode, Vtep, names};
+use weft_common::{Endpoint, FlowKey, FlowState, Ipv6Key, RemoteNode, Vtep, names};
 
 use super::DataplaneError;
 
@@ -13,6 +13,10 @@ use super::DataplaneError;
 pub struct Maps {
     pub remotes: LpmTrie<MapData, [u8; 4], RemoteNode>,
     pub endpoints: HashMap<MapData, u32, Endpoint>,
+    /// IPv6 pod CIDR → owner (the IPv4 map's twin).
+    pub remotes6: LpmTrie<MapData, Ipv6Key, RemoteNode>,
+    /// Local pod IPv6 → its veth (the IPv4 map's twin).
+    pub endpoints6: HashMap<MapData, Ipv6Key, Endpoint>,
     pub nodes: HashMap<MapData, u32, Vtep>,
     pub drops: PerCpuArray<MapData, u64>,
     pub fwds: PerCpuArray<MapData, u64>,
@@ -31,6 +35,8 @@ impl Maps {
         Ok(Self {
             remotes: open(pin_dir, names::REMOTE_CIDRS, aya::maps::Map::LpmTrie)?,
             endpoints: open(pin_dir, names::ENDPOINTS, aya::maps::Map::HashMap)?,
+            remotes6: open(pin_dir, names::REMOTE_CIDRS6, aya::maps::Map::LpmTrie)?,
+            endpoints6: open(pin_dir, names::ENDPOINTS6, aya::maps::Map::HashMap)?,
             nodes: open(pin_dir, names::NODES, aya::maps::Map::HashMap)?,
             drops: open(pin_dir, names::DROP_STATS, aya::maps::Map::PerCpuArray)?,
             fwds: open(pin_dir, names::FWD_STATS, aya::maps::Map::PerCpuArray)?,

@@ -43,7 +43,7 @@ use aya::{
 };
 use weft_common::names;
 
-use crate::cidr::Ipv4Cidr;
+use crate::cidr::{Ipv4Cidr, Ipv6Cidr};
 
 /// The BPF object, built from `dataplane-ebpf` by the build script.
 pub static OBJECT: &[u8] =
@@ -144,6 +144,9 @@ pub struct Globals {
     pub vtep_mac: [u8; 6],
     pub underlay_mac: [u8; 6],
     pub cluster_cidr: Ipv4Cidr,
+    /// The IPv6 cluster CIDR, for IPv6 pods (`None`: IPv4 only; the
+    /// programs then forward no IPv6).
+    pub cluster_cidr6: Option<Ipv6Cidr>,
     /// aya-log level compiled into the programs at load (0 = off; 4 = debug).
     /// A load-time constant: the verifier prunes log calls above it.
     pub bpf_log_level: u8,
@@ -195,6 +198,12 @@ impl Dataplane {
         let local_ip = globals.local_ip.octets();
         let cluster_net = globals.cluster_cidr.addr().octets();
         let cluster_mask = globals.cluster_cidr.netmask().octets();
+        // No IPv6 cluster: net :: with an all-ones mask matches only ::,
+        // which no packet the programs forward carries.
+        let (cluster6_net, cluster6_mask) = match globals.cluster_cidr6 {
+            Some(c) => (c.addr().octets(), c.netmask().octets()),
+            None => ([0; 16], [0xff; 16]),
+        };
         replace_stale_pins(pin_dir)?;
         let mut loader = EbpfLoader::new();
         loader
@@ -211,6 +220,8 @@ impl Dataplane {
             .override_global(names::GLOBAL_UNDERLAY_MAC, &globals.underlay_mac, true)
             .override_global(names::GLOBAL_CLUSTER_NET, &cluster_net, true)
             .override_global(names::GLOBAL_CLUSTER_MASK, &cluster_mask, true)
+            .override_global(names::GLOBAL_CLUSTER6_NET, &cluster6_net, true)
+            .override_global(names::GLOBAL_CLUSTER6_MASK, &cluster6_mask, true)
             .override_global(aya_log::LEVEL, &globals.bpf_log_level, false);
         let mut ebpf = loader.load(OBJECT)?;
         for name in [
