@@ -55,6 +55,51 @@ pub type Ipv4Cidr = Cidr<Ipv4Addr>;
 /// An IPv6 network.
 pub type Ipv6Cidr = Cidr<Ipv6Addr>;
 
+/// The cluster's pod networks: IPv4 always, IPv6 in a dual-stack cluster.
+/// Every pod address, and every node's pod CIDR of a family, lies in that
+/// family's network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClusterCidrs {
+    pub v4: Ipv4Cidr,
+    pub v6: Option<Ipv6Cidr>,
+}
+
+impl From<Ipv4Cidr> for ClusterCidrs {
+    /// An IPv4-only cluster.
+    fn from(v4: Ipv4Cidr) -> Self {
+        Self { v4, v6: None }
+    }
+}
+
+/// A pod CIDR of either family, as the node maps are keyed (IPv4 ones
+/// sort first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AnyCidr {
+    V4(Ipv4Cidr),
+    V6(Ipv6Cidr),
+}
+
+impl From<Ipv4Cidr> for AnyCidr {
+    fn from(c: Ipv4Cidr) -> Self {
+        Self::V4(c)
+    }
+}
+
+impl From<Ipv6Cidr> for AnyCidr {
+    fn from(c: Ipv6Cidr) -> Self {
+        Self::V6(c)
+    }
+}
+
+impl fmt::Display for AnyCidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::V4(c) => c.fmt(f),
+            Self::V6(c) => c.fmt(f),
+        }
+    }
+}
+
 /// Why a string is not a usable CIDR.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CidrError {

@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
@@ -12,7 +12,7 @@ use std::{
 use weft_common::Endpoint;
 
 use crate::{
-    cidr::Ipv4Cidr,
+    cidr::{Ipv4Cidr, Ipv6Cidr},
     dataplane::{self, DataplaneError, Maps, TcMode, ip_key},
     host::{
         netdev,
@@ -28,7 +28,11 @@ pub enum EndpointError {
     #[error("network namespace {0} does not exist (was the pod deleted?)")]
     NetnsGone(PathBuf),
     #[error("{ip} is outside this node's pod CIDR {subnet}")]
-    OutsideSubnet { ip: Ipv4Addr, subnet: String },
+    OutsideSubnet { ip: IpAddr, subnet: String },
+    #[error(
+        "{ip} is IPv6, but this node has no IPv6 pod CIDR (is the agent running with cluster-cidr6, and does the node have an IPv6 pod CIDR?)"
+    )]
+    NoIpv6 { ip: Ipv6Addr },
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
@@ -57,6 +61,8 @@ pub struct EndpointSpec {
     pub host_ifname: String,
     /// The pod's address.
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, on a dual-stack node.
+    pub ip6: Option<Ipv6Addr>,
     /// Whether its veth is about to be shaped (the runtime passed bandwidth
     /// limits, which a `bandwidth` plugin after weft applies as qdiscs on the
     /// veth): its traffic then takes the node's stack from the first packet
@@ -101,9 +107,18 @@ pub fn add(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointE
         || spec.ip == node.subnet.broadcast()
     {
         return Err(EndpointError::OutsideSubnet {
-            ip: spec.ip,
+            ip: spec.ip.into(),
             subnet: node.subnet.to_string(),
         });
+    }
+    if let Some(ip6) = spec.ip6 {
+        let v6 = node.v6.ok_or(EndpointError::NoIpv6 { ip: ip6 })?;
+        if !v6.subnet.contains(ip6) || ip6 == v6.gateway || ip6 == v6.subnet.addr() {
+            return Err(EndpointError::OutsideSubnet {
+                ip: ip6.into(),
+                subnet: v6.subnet.to_string(),
+            });
+        }
     }
     let result = wire(spec, node);
     if result.is_err() {
@@ -135,8 +150,9 @@ fn wire(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointErro
     })?;
     // The pod side, from a thread inside its namespace: address, routes via
     // the gateway, and a permanent neighbour for the gateway (the host
-    // veth's MAC), so no ARP is needed; GRO on, which gives its veth NAPI,
-    // which XDP redirects into it need.
+    // veth's MAC), so no ARP is needed; the same for IPv6 on a dual-stack
+    // node (no neighbour discovery either); GRO on, which gives its veth
+    // NAPI, which XDP redirects into it need.
     let xdp_ok = netns::run_in(&spec.netns, || -> Result<bool, EndpointError> {
         let mut nl = Netlink::open()?;
         let eth = nl
@@ -165,6 +181,21 @@ fn wire(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointErro
             mtu: None,
         })?;
         nl.replace_neighbour(eth.index, gw, host_mac)?;
+        if let (Some(ip6), Some(v6)) = (spec.ip6, &node.v6) {
+            let gw6 = IpAddr::V6(v6.gateway);
+            nl.replace_address(eth.index, IpAddr::V6(ip6), 128)?;
+            nl.replace_route(&Route::on_link(gw6, 128, eth.index))?;
+            nl.replace_route(&Route {
+                dst: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                prefix: 0,
+                oif: Some(eth.index),
+                gateway: Some(gw6),
+                src: None,
+                scope_link: false,
+                mtu: None,
+            })?;
+            nl.replace_neighbour(eth.index, gw6, host_mac)?;
+        }
         Ok(netdev::set_gro(&spec.ifname, true).is_ok())
     })??;
     let host_if = netdev::get(host).map_err(|e| EndpointError::Mac(e.to_string()))?;
@@ -182,19 +213,21 @@ fn wire(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointErro
     // MAC as a permanent neighbour (no ARP on either side of the veth).
     nl.replace_route(&Route::on_link(IpAddr::V4(spec.ip), 32, host_if.index))?;
     nl.replace_neighbour(host_if.index, IpAddr::V4(spec.ip), pod_mac)?;
+    if let Some(ip6) = spec.ip6 {
+        nl.replace_route(&Route::on_link(IpAddr::V6(ip6), 128, host_if.index))?;
+        nl.replace_neighbour(host_if.index, IpAddr::V6(ip6), pod_mac)?;
+    }
     // The programs go in before the endpoint: the keeper checks the hooks
     // of every pod in the endpoints map, and must not find one half-wired.
     // Nothing runs in the pod yet (its containers start after ADD), so
     // `weft_from_pod` has nothing to drop meanwhile.
     let mut maps = Maps::open(&node.bpffs)?;
     dataplane::attach_pod(&node.bpffs, host, spec.tc)?;
-    put_endpoint(
-        &mut maps,
-        spec.ip,
-        &host_if,
-        pod_mac,
-        flags(xdp_ok, spec.shaped),
-    )?;
+    let flags = flags(xdp_ok, spec.shaped);
+    if let Some(ip6) = spec.ip6 {
+        put_endpoint(&mut maps, ip6.into(), &host_if, pod_mac, flags)?;
+    }
+    put_endpoint(&mut maps, spec.ip.into(), &host_if, pod_mac, flags)?;
     Ok(Attached {
         host_ifname: host.into(),
         host_mac,
@@ -216,10 +249,11 @@ fn flags(xdp_ok: bool, shaped: bool) -> u32 {
     flags
 }
 
-/// Writes pod `ip`'s entry: behind `host_if`, with MAC `pod_mac`.
+/// Writes pod `ip`'s entry (in its family's map): behind `host_if`, with
+/// MAC `pod_mac`.
 fn put_endpoint(
     maps: &mut Maps,
-    ip: Ipv4Addr,
+    ip: IpAddr,
     host_if: &netdev::Interface,
     pod_mac: [u8; 6],
     flags: u32,
@@ -230,27 +264,47 @@ fn put_endpoint(
         host_mac: host_if.mac,
         flags,
     };
-    maps.endpoints
-        .insert(ip_key(ip), ep, 0)
-        .map_err(|source| DataplaneError::Map {
-            name: weft_common::names::ENDPOINTS,
-            source,
-        })?;
+    let (name, r) = match ip {
+        IpAddr::V4(ip) => (
+            weft_common::names::ENDPOINTS,
+            maps.endpoints.insert(ip_key(ip), ep, 0),
+        ),
+        IpAddr::V6(ip) => (
+            weft_common::names::ENDPOINTS6,
+            maps.endpoints6.insert(ip.octets(), ep, 0),
+        ),
+    };
+    r.map_err(|source| DataplaneError::Map { name, source })?;
     Ok(())
 }
 
-/// Removes a pod's endpoint entry, link pin, route and veth. Idempotent:
-/// whatever is already gone is skipped.
-pub fn del(
-    host_ifname: &str,
-    ip: Option<Ipv4Addr>,
-    node: &NodeConfig,
-) -> Result<(), EndpointError> {
-    // The pod's route goes with its veth.
-    if let Some(ip) = ip
-        && let Ok(mut endpoints) = dataplane::maps::endpoints(&node.bpffs)
+/// Whether pod `ip`'s entry is in its family's map.
+fn has_endpoint(maps: &Maps, ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(ip) => maps.endpoints.get(&ip_key(ip), 0).is_ok(),
+        IpAddr::V6(ip) => maps.endpoints6.get(&ip.octets(), 0).is_ok(),
+    }
+}
+
+/// Removes pod `ip`'s entry from its family's map, if there.
+fn remove_endpoint(maps: &mut Maps, ip: IpAddr) {
+    let _ = match ip {
+        IpAddr::V4(ip) => maps.endpoints.remove(&ip_key(ip)),
+        IpAddr::V6(ip) => maps.endpoints6.remove(&ip.octets()),
+    };
+}
+
+/// Removes a pod's endpoint entries (`ips`: its addresses, either family),
+/// link pin, routes and veth. Idempotent: whatever is already gone is
+/// skipped.
+pub fn del(host_ifname: &str, ips: &[IpAddr], node: &NodeConfig) -> Result<(), EndpointError> {
+    // The pod's routes go with its veth.
+    if !ips.is_empty()
+        && let Ok(mut maps) = Maps::open(&node.bpffs)
     {
-        let _ = endpoints.remove(&ip_key(ip));
+        for ip in ips {
+            remove_endpoint(&mut maps, *ip);
+        }
     }
     // The veth first: its programs go down with it. Detaching a TCX link
     // from a live device would wait for a grace period, twice.
@@ -276,11 +330,11 @@ pub const ALIAS: &str = "weft pod";
 /// redirect into it ([`Endpoint::FLAG_XDP_REDIRECT`]).
 pub const ALIAS_XDP: &str = "weft pod, xdp-redirect";
 
-/// A pod as the node's kernel shows it: the /32 route and the permanent
-/// neighbour [`add`] put on its host-side veth.
+/// A pod address as the node's kernel shows it: the /32 (or /128) route
+/// and the permanent neighbour [`add`] put on its host-side veth.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Found {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub host_ifname: String,
     pub pod_mac: [u8; 6],
 }
@@ -299,28 +353,31 @@ fn is_pod_ifname(name: &str) -> bool {
     name.len() == 14 && name.starts_with("weft") && name[4..].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// The node's pods in `subnet`, from its routes and neighbours (`names`
-/// maps link indexes to names): a pod is an address with both a /32 route
-/// and a permanent neighbour on the same weft host-side veth.
+/// The node's pods in `subnet` (and, on a dual-stack node, `subnet6`),
+/// from its routes and neighbours (`names` maps link indexes to names): a
+/// pod address is one with both a host route (/32, /128) and a permanent
+/// neighbour on the same weft host-side veth.
 pub fn pods_in(
     routes: &[Route],
     neighbours: &[Neighbour],
     names: &std::collections::HashMap<u32, String>,
     subnet: &Ipv4Cidr,
+    subnet6: Option<&Ipv6Cidr>,
 ) -> Vec<Found> {
-    let v4 = |ip: &IpAddr| match ip {
-        IpAddr::V4(a) => Some(*a),
-        IpAddr::V6(_) => None,
+    let pod_address = |ip: &IpAddr| match ip {
+        IpAddr::V4(a) => subnet.contains(*a),
+        IpAddr::V6(a) => subnet6.is_some_and(|s| s.contains(*a)),
     };
+    let host_prefix = |ip: &IpAddr| if ip.is_ipv4() { 32 } else { 128 };
     let mut found: Vec<Found> = neighbours
         .iter()
         .filter_map(|n| {
-            let ip = v4(&n.ip)?;
+            let ip = n.ip;
             let dev = names.get(&n.index)?;
             let routed = routes
                 .iter()
-                .any(|r| r.prefix == 32 && v4(&r.dst) == Some(ip) && r.oif == Some(n.index));
-            (n.permanent && is_pod_ifname(dev) && subnet.contains(ip) && routed).then(|| {
+                .any(|r| r.prefix == host_prefix(&ip) && r.dst == ip && r.oif == Some(n.index));
+            (n.permanent && is_pod_ifname(dev) && pod_address(&ip) && routed).then(|| {
                 Some(Found {
                     ip,
                     pod_mac: n.mac?,
@@ -341,10 +398,17 @@ pub fn pods_in(
 /// comes from the veth's alias ([`ALIAS_XDP`]); a veth without one (made
 /// by a version before the alias) gets it off: XDP decap then hands that
 /// pod's packets to the stack, which delivers them by the pod's route.
-pub fn restore(pin_dir: &Path, subnet: &Ipv4Cidr) -> Result<Restored, EndpointError> {
+pub fn restore(
+    pin_dir: &Path,
+    subnet: &Ipv4Cidr,
+    subnet6: Option<&Ipv6Cidr>,
+) -> Result<Restored, EndpointError> {
     let mut nl = Netlink::open()?;
     let kernel = |what: &'static str| move |source| EndpointError::KernelState { what, source };
-    let routes = nl.routes(true).map_err(kernel("routes"))?;
+    let mut routes = nl.routes(true).map_err(kernel("routes"))?;
+    if subnet6.is_some() {
+        routes.extend(nl.routes(false).map_err(kernel("IPv6 routes"))?);
+    }
     let neighbours = nl.neighbours().map_err(kernel("neighbours"))?;
     let names: std::collections::HashMap<u32, String> = nl
         .links()
@@ -363,8 +427,8 @@ pub fn restore(pin_dir: &Path, subnet: &Ipv4Cidr) -> Result<Restored, EndpointEr
         .map(|(index, _)| index)
         .collect();
     let mut done = Restored::default();
-    for pod in pods_in(&routes, &neighbours, &names, subnet) {
-        if maps.endpoints.get(&ip_key(pod.ip), 0).is_ok() {
+    for pod in pods_in(&routes, &neighbours, &names, subnet, subnet6) {
+        if has_endpoint(&maps, pod.ip) {
             done.present += 1;
             continue;
         }
@@ -384,7 +448,7 @@ pub fn restore(pin_dir: &Path, subnet: &Ipv4Cidr) -> Result<Restored, EndpointEr
             && let Err(e) = dataplane::attach_pod(pin_dir, &pod.host_ifname, mode)
         {
             // Say a DEL removed the veth meanwhile; the others still count.
-            let _ = maps.endpoints.remove(&ip_key(pod.ip));
+            remove_endpoint(&mut maps, pod.ip);
             tracing::warn!(pod = %pod.ip, iface = %pod.host_ifname, "not restored: {e}");
             continue;
         }
@@ -441,6 +505,23 @@ pub fn sync_shaping(maps: &mut Maps, unshaped_before: &mut BTreeSet<u32>) -> Vec
         }
     }
     *unshaped_before = unshaped_now;
+    // A dual-stack pod's IPv6 entry follows its IPv4 one (same veth).
+    let shaped_by_veth: std::collections::HashMap<u32, bool> = maps
+        .endpoints
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(_, ep)| (ep.ifindex, ep.shaped()))
+        .collect();
+    let entries6: Vec<([u8; 16], Endpoint)> =
+        maps.endpoints6.iter().filter_map(Result::ok).collect();
+    for (key, mut ep) in entries6 {
+        if let Some(&shaped) = shaped_by_veth.get(&ep.ifindex)
+            && shaped != ep.shaped()
+        {
+            ep.flags ^= Endpoint::FLAG_SHAPED;
+            let _ = maps.endpoints6.insert(key, ep, BPF_EXIST);
+        }
+    }
     changes
 }
 
@@ -542,13 +623,13 @@ mod tests {
         // another device than its route, .8 is outside the subnet, .9 is
         // not behind a weft veth.
         assert_eq!(
-            pods_in(&routes, &neighbours, &names, &subnet),
+            pods_in(&routes, &neighbours, &names, &subnet, None),
             vec![Found {
                 ip: "198.19.1.5".parse().unwrap(),
                 host_ifname: "weft00000000a5".into(),
                 pod_mac: [2, 0, 0, 0, 0, 5],
             }]
         );
-        assert!(pods_in(&[], &[], &names, &subnet).is_empty());
+        assert!(pods_in(&[], &[], &names, &subnet, None).is_empty());
     }
 }

@@ -1,6 +1,10 @@
 //! `weft`: the node agent and its CLI.
 
-use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    process::ExitCode,
+};
 
 use clap::{Parser, Subcommand};
 use weft_agent::{
@@ -90,6 +94,9 @@ enum EndpointCmd {
         /// The pod's address (in this node's pod CIDR).
         #[arg(long)]
         ip: Ipv4Addr,
+        /// Its IPv6 address, on a dual-stack node (in its IPv6 pod CIDR).
+        #[arg(long)]
+        ip6: Option<Ipv6Addr>,
         #[command(flatten)]
         paths: Paths,
     },
@@ -101,6 +108,8 @@ enum EndpointCmd {
         ifname: String,
         #[arg(long)]
         ip: Option<Ipv4Addr>,
+        #[arg(long)]
+        ip6: Option<Ipv6Addr>,
         #[command(flatten)]
         paths: Paths,
     },
@@ -180,6 +189,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ifname,
             id,
             ip,
+            ip6,
             paths,
         }) => {
             let node = NodeConfig::read(&paths.run_dir)?;
@@ -188,6 +198,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 host_ifname: endpoint::host_ifname(&id, &ifname),
                 ifname,
                 ip,
+                ip6,
                 shaped: false,
                 tc: weft_agent::dataplane::TcMode::pod(false),
             };
@@ -198,10 +209,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             id,
             ifname,
             ip,
+            ip6,
             paths,
         }) => {
             let node = NodeConfig::read(&paths.run_dir)?;
-            endpoint::del(&endpoint::host_ifname(&id, &ifname), ip, &node)?;
+            let ips: Vec<IpAddr> = ip
+                .map(IpAddr::V4)
+                .into_iter()
+                .chain(ip6.map(IpAddr::V6))
+                .collect();
+            endpoint::del(&endpoint::host_ifname(&id, &ifname), &ips, &node)?;
         }
     }
     Ok(())

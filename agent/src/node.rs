@@ -9,16 +9,19 @@
 //! WEFT_GATEWAY=10.244.1.1         # pods' default gateway (on weft0)
 //! WEFT_MTU=1450                   # pod MTU: underlay MTU - 50
 //! WEFT_BPFFS=/sys/fs/bpf/weft     # where the dataplane is pinned
+//! WEFT_NETWORK6=2001:2::/48       # dual-stack only: the IPv6 cluster CIDR,
+//! WEFT_SUBNET6=2001:2:0:1::/64    #   this node's IPv6 pod CIDR
+//! WEFT_GATEWAY6=2001:2:0:1::1     #   and the pods' IPv6 gateway
 //! ```
 
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
-use crate::cidr::Ipv4Cidr;
+use crate::cidr::{Cidr, Family, Ipv4Cidr, Ipv6Cidr};
 
 /// Default run directory.
 pub const DEFAULT_RUN_DIR: &str = "/run/weft";
@@ -34,6 +37,16 @@ pub struct NodeConfig {
     pub gateway: Ipv4Addr,
     pub mtu: u32,
     pub bpffs: PathBuf,
+    /// The IPv6 side of a dual-stack node.
+    pub v6: Option<NodeV6>,
+}
+
+/// A dual-stack node's IPv6 network, pod CIDR and pods' gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NodeV6 {
+    pub network: Ipv6Cidr,
+    pub subnet: Ipv6Cidr,
+    pub gateway: Ipv6Addr,
 }
 
 /// Errors reading the node config.
@@ -52,7 +65,7 @@ pub enum NodeConfigError {
 
 impl NodeConfig {
     /// The gateway of a pod CIDR: its first address.
-    pub fn gateway_of(subnet: &Ipv4Cidr) -> Ipv4Addr {
+    pub fn gateway_of<A: Family>(subnet: &Cidr<A>) -> A {
         subnet.nth(1).unwrap_or(subnet.addr())
     }
 
@@ -64,6 +77,11 @@ impl NodeConfig {
         let _ = writeln!(s, "WEFT_GATEWAY={}", self.gateway);
         let _ = writeln!(s, "WEFT_MTU={}", self.mtu);
         let _ = writeln!(s, "WEFT_BPFFS={}", self.bpffs.display());
+        if let Some(v6) = &self.v6 {
+            let _ = writeln!(s, "WEFT_NETWORK6={}", v6.network);
+            let _ = writeln!(s, "WEFT_SUBNET6={}", v6.subnet);
+            let _ = writeln!(s, "WEFT_GATEWAY6={}", v6.gateway);
+        }
         s
     }
 
@@ -111,6 +129,20 @@ impl NodeConfig {
                 .parse()
                 .map_err(|e| format!("WEFT_MTU: {e}"))?,
             bpffs: PathBuf::from(get("WEFT_BPFFS")?),
+            v6: match kv.get("WEFT_SUBNET6") {
+                None => None,
+                Some(_) => Some(NodeV6 {
+                    network: get("WEFT_NETWORK6")?
+                        .parse()
+                        .map_err(|e| format!("WEFT_NETWORK6: {e}"))?,
+                    subnet: get("WEFT_SUBNET6")?
+                        .parse()
+                        .map_err(|e| format!("WEFT_SUBNET6: {e}"))?,
+                    gateway: get("WEFT_GATEWAY6")?
+                        .parse()
+                        .map_err(|e| format!("WEFT_GATEWAY6: {e}"))?,
+                }),
+            },
         })
     }
 }
@@ -128,8 +160,24 @@ mod tests {
             gateway: "198.19.1.1".parse().unwrap(),
             mtu: 1450,
             bpffs: "/sys/fs/bpf/weft".into(),
+            v6: None,
         };
         assert_eq!(NodeConfig::parse(&c.render()).unwrap(), c);
+        let dual = NodeConfig {
+            v6: Some(NodeV6 {
+                network: "2001:2::/48".parse().unwrap(),
+                subnet: "2001:2:0:1::/64".parse().unwrap(),
+                gateway: "2001:2:0:1::1".parse().unwrap(),
+            }),
+            ..c.clone()
+        };
+        assert_eq!(NodeConfig::parse(&dual.render()).unwrap(), dual);
+        let half = dual.render().replace("WEFT_GATEWAY6", "# WEFT_GATEWAY6");
+        assert!(
+            NodeConfig::parse(&half)
+                .unwrap_err()
+                .contains("WEFT_GATEWAY6")
+        );
         assert!(
             NodeConfig::parse("WEFT_NODE=x\n")
                 .unwrap_err()

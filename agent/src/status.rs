@@ -5,13 +5,14 @@ use std::{fmt::Write as _, path::Path};
 use serde::Serialize;
 
 use crate::{
-    cidr::Ipv4Cidr,
+    cidr::AnyCidr,
     dataplane::{
         self, DataplaneError, Maps, ip_from_key,
         stats::{self, Counters},
     },
     host::netdev::mac_to_string,
     node::NodeConfig,
+    registry::sync::NodeMaps as _,
 };
 
 #[derive(Debug, Serialize)]
@@ -30,6 +31,8 @@ pub struct Status {
 #[derive(Debug, Serialize)]
 pub struct NodeRow {
     pub pod_cidr: String,
+    /// `ipv4` or `ipv6`: the pod CIDR's family.
+    pub family: &'static str,
     pub underlay_ip: String,
     pub vtep_mac: String,
     /// `local`, `remote` (VXLAN accepted from it) or `remote-unverified`.
@@ -39,6 +42,8 @@ pub struct NodeRow {
 #[derive(Debug, Serialize)]
 pub struct EndpointRow {
     pub ip: String,
+    /// `ipv4` or `ipv6`.
+    pub family: &'static str,
     pub ifindex: u32,
     pub pod_mac: String,
     pub xdp_redirect: bool,
@@ -52,14 +57,16 @@ pub fn collect(bpffs: &Path, run_dir: &Path) -> Result<Status, DataplaneError> {
     let node = NodeConfig::read(run_dir).ok();
     let vteps: Vec<u32> = maps.nodes.keys().filter_map(Result::ok).collect();
     let mut nodes: Vec<NodeRow> = maps
-        .remotes
-        .iter()
-        .filter_map(Result::ok)
-        .map(|(k, v)| {
-            let cidr = Ipv4Cidr::new(k.data().into(), k.prefix_len() as u8);
-            let local = node.as_ref().is_some_and(|n| n.subnet == cidr);
+        .remotes()
+        .into_iter()
+        .map(|(cidr, v)| {
+            let local = node.as_ref().is_some_and(|n| match cidr {
+                AnyCidr::V4(c) => n.subnet == c,
+                AnyCidr::V6(c) => n.v6.is_some_and(|v6| v6.subnet == c),
+            });
             NodeRow {
                 pod_cidr: cidr.to_string(),
+                family: family(matches!(cidr, AnyCidr::V6(_))),
                 underlay_ip: ip_from_key(v.underlay_ip).to_string(),
                 vtep_mac: mac_to_string(&v.vtep_mac),
                 state: if local {
@@ -72,20 +79,27 @@ pub fn collect(bpffs: &Path, run_dir: &Path) -> Result<Status, DataplaneError> {
             }
         })
         .collect();
-    nodes.sort_by(|a, b| a.pod_cidr.cmp(&b.pod_cidr));
-    let mut endpoints: Vec<EndpointRow> = maps
+    nodes.sort_by(|a, b| (a.family, &a.pod_cidr).cmp(&(b.family, &b.pod_cidr)));
+    let row = |ip: String, v6: bool, e: weft_common::Endpoint| EndpointRow {
+        ip,
+        family: family(v6),
+        ifindex: e.ifindex,
+        pod_mac: mac_to_string(&e.pod_mac),
+        xdp_redirect: e.flags & weft_common::Endpoint::FLAG_XDP_REDIRECT != 0,
+        shaped: e.shaped(),
+    };
+    let v4 = maps
         .endpoints
         .iter()
         .filter_map(Result::ok)
-        .map(|(ip, e)| EndpointRow {
-            ip: ip_from_key(ip).to_string(),
-            ifindex: e.ifindex,
-            pod_mac: mac_to_string(&e.pod_mac),
-            xdp_redirect: e.flags & weft_common::Endpoint::FLAG_XDP_REDIRECT != 0,
-            shaped: e.shaped(),
-        })
-        .collect();
-    endpoints.sort_by(|a, b| a.ip.cmp(&b.ip));
+        .map(|(ip, e)| row(ip_from_key(ip).to_string(), false, e));
+    let v6 = maps
+        .endpoints6
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(ip, e)| row(std::net::Ipv6Addr::from(ip).to_string(), true, e));
+    let mut endpoints: Vec<EndpointRow> = v4.chain(v6).collect();
+    endpoints.sort_by(|a, b| (a.family, &a.ip).cmp(&(b.family, &b.ip)));
     let decap = if bpffs.join(dataplane::PIN_LINK_XDP).exists() {
         "xdp"
     } else if bpffs.join(dataplane::PIN_LINK_UNDERLAY).exists()
@@ -104,6 +118,10 @@ pub fn collect(bpffs: &Path, run_dir: &Path) -> Result<Status, DataplaneError> {
         endpoints,
         counters: stats::read(&maps.drops, &maps.fwds),
     })
+}
+
+fn family(v6: bool) -> &'static str {
+    if v6 { "ipv6" } else { "ipv4" }
 }
 
 /// Counters as two readable lines.
@@ -127,6 +145,13 @@ pub fn format(s: &Status) -> String {
                 "node {}: pod CIDR {} (gateway {}), cluster {}, pod MTU {}",
                 n.node, n.subnet, n.gateway, n.network, n.mtu
             );
+            if let Some(v6) = &n.v6 {
+                let _ = writeln!(
+                    out,
+                    "  ipv6: pod CIDR {} (gateway {}), cluster {}",
+                    v6.subnet, v6.gateway, v6.network
+                );
+            }
         }
         None => {
             let _ = writeln!(
@@ -147,13 +172,13 @@ pub fn format(s: &Status) -> String {
     let _ = writeln!(out, "\nnodes ({}):", s.nodes.len());
     let _ = writeln!(
         out,
-        "  {:<20} {:<16} {:<18} state",
+        "  {:<24} {:<16} {:<18} state",
         "pod CIDR", "underlay IP", "VTEP MAC"
     );
     for n in &s.nodes {
         let _ = writeln!(
             out,
-            "  {:<20} {:<16} {:<18} {}",
+            "  {:<24} {:<16} {:<18} {}",
             n.pod_cidr, n.underlay_ip, n.vtep_mac, n.state
         );
     }
@@ -161,7 +186,7 @@ pub fn format(s: &Status) -> String {
     for e in &s.endpoints {
         let _ = writeln!(
             out,
-            "  {:<16} ifindex {:<5} mac {} xdp-redirect {}{}",
+            "  {:<24} ifindex {:<5} mac {} xdp-redirect {}{}",
             e.ip,
             e.ifindex,
             e.pod_mac,

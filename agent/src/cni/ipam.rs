@@ -6,17 +6,19 @@
 //! last allocation was, so addresses are reused round-robin rather than
 //! immediately; `<dir>/lock` is held (flock) for every change, so concurrent
 //! plugin invocations are safe. The network address, the gateway and the
-//! broadcast address are never handed out.
+//! broadcast address are never handed out. One store per address family
+//! ([`Ipam`] over IPv4 or IPv6: a dual-stack pod holds one address in each).
+//! The round-robin search steps over the allocated addresses only, so it
+//! ends after at most (allocations + 1) tries even in an IPv6 /64.
 
 use std::{
     fs::{self, File, OpenOptions},
     io::Write as _,
-    net::Ipv4Addr,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
 
-use crate::cidr::Ipv4Cidr;
+use crate::cidr::{Cidr, Family};
 
 /// IPAM errors.
 #[derive(Debug, thiserror::Error)]
@@ -24,7 +26,7 @@ pub enum IpamError {
     #[error(
         "no free address left in {0}: every address is allocated (release some with DEL or GC)"
     )]
-    Exhausted(Ipv4Cidr),
+    Exhausted(String),
     #[error("IPAM store {path}: {source}")]
     Io {
         path: PathBuf,
@@ -32,16 +34,16 @@ pub enum IpamError {
     },
 }
 
-/// The allocator for one network on one node.
-pub struct Ipam {
+/// The allocator for one network (of one address family) on one node.
+pub struct Ipam<A> {
     dir: PathBuf,
-    subnet: Ipv4Cidr,
-    gateway: Ipv4Addr,
+    subnet: Cidr<A>,
+    gateway: A,
 }
 
 /// Held while the store is locked.
-pub struct Locked<'a> {
-    ipam: &'a Ipam,
+pub struct Locked<'a, A> {
+    ipam: &'a Ipam<A>,
     _lock: File,
 }
 
@@ -70,8 +72,8 @@ fn flock(path: &Path) -> Result<File, IpamError> {
     Ok(f)
 }
 
-impl Ipam {
-    pub fn new(dir: PathBuf, subnet: Ipv4Cidr, gateway: Ipv4Addr) -> Self {
+impl<A: Family> Ipam<A> {
+    pub fn new(dir: PathBuf, subnet: Cidr<A>, gateway: A) -> Self {
         Self {
             dir,
             subnet,
@@ -80,7 +82,7 @@ impl Ipam {
     }
 
     /// Takes the store's lock (blocking until other invocations are done).
-    pub fn lock(&self) -> Result<Locked<'_>, IpamError> {
+    pub fn lock(&self) -> Result<Locked<'_, A>, IpamError> {
         fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
         Ok(Locked {
             ipam: self,
@@ -89,8 +91,8 @@ impl Ipam {
     }
 }
 
-impl Locked<'_> {
-    fn owner_of(&self, ip: Ipv4Addr) -> Option<(String, String)> {
+impl<A: Family> Locked<'_, A> {
+    fn owner_of(&self, ip: A) -> Option<(String, String)> {
         let text = fs::read_to_string(self.ipam.dir.join(ip.to_string())).ok()?;
         let mut lines = text.lines();
         Some((
@@ -100,11 +102,11 @@ impl Locked<'_> {
     }
 
     /// Every allocation: (address, container id, ifname).
-    pub fn allocations(&self) -> Result<Vec<(Ipv4Addr, String, String)>, IpamError> {
+    pub fn allocations(&self) -> Result<Vec<(A, String, String)>, IpamError> {
         let dir = &self.ipam.dir;
         let mut out = Vec::new();
         for e in fs::read_dir(dir).map_err(io(dir))?.flatten() {
-            if let Ok(ip) = e.file_name().to_string_lossy().parse::<Ipv4Addr>()
+            if let Ok(ip) = e.file_name().to_string_lossy().parse::<A>()
                 && let Some((id, ifname)) = self.owner_of(ip)
             {
                 out.push((ip, id, ifname));
@@ -115,7 +117,7 @@ impl Locked<'_> {
     }
 
     /// The address already held by (container, ifname), if any.
-    pub fn find(&self, id: &str, ifname: &str) -> Result<Option<Ipv4Addr>, IpamError> {
+    pub fn find(&self, id: &str, ifname: &str) -> Result<Option<A>, IpamError> {
         Ok(self
             .allocations()?
             .into_iter()
@@ -125,26 +127,30 @@ impl Locked<'_> {
 
     /// Allocates an address for (container, ifname); returns the one it
     /// already holds if there is one (a retried ADD).
-    pub fn allocate(&self, id: &str, ifname: &str) -> Result<Ipv4Addr, IpamError> {
+    pub fn allocate(&self, id: &str, ifname: &str) -> Result<A, IpamError> {
         if let Some(ip) = self.find(id, ifname)? {
             return Ok(ip);
         }
         let s = &self.ipam.subnet;
-        let first = u32::from(s.addr()) + 1;
-        let last = u32::from(s.broadcast()).saturating_sub(1);
+        let exhausted = || IpamError::Exhausted(s.to_string());
+        let first = s.addr().to_bits() + 1;
+        let last = s.broadcast().to_bits().saturating_sub(1);
         if last < first {
-            return Err(IpamError::Exhausted(*s));
+            return Err(exhausted());
         }
         let marker = self.ipam.dir.join("last_reserved_ip");
         let start = fs::read_to_string(&marker)
             .ok()
-            .and_then(|t| t.trim().parse::<Ipv4Addr>().ok())
-            .map(u32::from)
+            .and_then(|t| t.trim().parse::<A>().ok())
+            .map(A::to_bits)
             .filter(|a| (first..=last).contains(a))
             .map_or(first, |a| if a >= last { first } else { a + 1 });
+        // Every address but the gateway is tried once, round robin from
+        // `start`; each one tried and skipped is an allocated one (or the
+        // gateway), so a free one turns up within allocations + 2 tries.
         let span = last - first + 1;
         for k in 0..span {
-            let cand = Ipv4Addr::from(first + (start - first + k) % span);
+            let cand = A::from_bits(first + (start - first + k) % span);
             if cand == self.ipam.gateway {
                 continue;
             }
@@ -161,7 +167,7 @@ impl Locked<'_> {
                 Err(e) => return Err(IpamError::Io { path, source: e }),
             }
         }
-        Err(IpamError::Exhausted(*s))
+        Err(exhausted())
     }
 
     /// Reserves here every address of this network that the `host-local`
@@ -171,7 +177,7 @@ impl Locked<'_> {
     /// address (nothing here hands it out again), and its DEL through weft
     /// releases it. Addresses already allocated here are left as they are.
     /// Returns the addresses adopted now; a missing `dir` adopts nothing.
-    pub fn adopt_host_local(&self, dir: &Path) -> Result<Vec<Ipv4Addr>, IpamError> {
+    pub fn adopt_host_local(&self, dir: &Path) -> Result<Vec<A>, IpamError> {
         if !dir.is_dir() {
             return Ok(Vec::new());
         }
@@ -181,7 +187,7 @@ impl Locked<'_> {
         let s = &self.ipam.subnet;
         let mut adopted = Vec::new();
         for e in fs::read_dir(dir).map_err(io(dir))?.flatten() {
-            let Ok(ip) = e.file_name().to_string_lossy().parse::<Ipv4Addr>() else {
+            let Ok(ip) = e.file_name().to_string_lossy().parse::<A>() else {
                 continue;
             };
             if !s.contains(ip) || ip == s.addr() || ip == s.broadcast() || ip == self.ipam.gateway {
@@ -213,7 +219,7 @@ impl Locked<'_> {
     }
 
     /// Releases what (container, ifname) holds; fine if it holds nothing.
-    pub fn release(&self, id: &str, ifname: &str) -> Result<Option<Ipv4Addr>, IpamError> {
+    pub fn release(&self, id: &str, ifname: &str) -> Result<Option<A>, IpamError> {
         let ip = self.find(id, ifname)?;
         if let Some(ip) = ip {
             let path = self.ipam.dir.join(ip.to_string());
@@ -225,18 +231,51 @@ impl Locked<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
     use super::*;
 
-    fn ipam(tag: &str, cidr: &str) -> Ipam {
+    fn ipam<A: Family>(tag: &str, cidr: &str) -> Ipam<A> {
         let dir = std::env::temp_dir().join(format!("weft-ipam-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        let c: Ipv4Cidr = cidr.parse().unwrap();
+        let c: Cidr<A> = cidr.parse().ok().unwrap();
         Ipam::new(dir, c, c.nth(1).unwrap())
     }
 
     #[test]
+    fn ipv6_allocates_after_the_gateway_and_steps_over_the_taken() {
+        let i = ipam::<Ipv6Addr>("v6", "2001:2:0:1::/64");
+        let l = i.lock().unwrap();
+        let got: Vec<String> = (0..3)
+            .map(|n| l.allocate(&format!("c{n}"), "eth0").unwrap().to_string())
+            .collect();
+        assert_eq!(got, ["2001:2:0:1::2", "2001:2:0:1::3", "2001:2:0:1::4"]);
+        assert_eq!(
+            l.allocate("c1", "eth0").unwrap().to_string(),
+            "2001:2:0:1::3"
+        );
+        assert_eq!(
+            l.release("c0", "eth0").unwrap(),
+            Some("2001:2:0:1::2".parse().unwrap())
+        );
+        assert_eq!(
+            l.allocate("c9", "eth0").unwrap().to_string(),
+            "2001:2:0:1::5"
+        );
+        drop(l);
+        // An IPv4 store in the same directory sees none of these.
+        let v4: Ipam<Ipv4Addr> = Ipam::new(
+            i.dir.clone(),
+            "198.19.1.0/24".parse().unwrap(),
+            "198.19.1.1".parse().unwrap(),
+        );
+        assert!(v4.lock().unwrap().allocations().unwrap().is_empty());
+        fs::remove_dir_all(&i.dir).unwrap();
+    }
+
+    #[test]
     fn allocates_round_robin_skipping_reserved() {
-        let i = ipam("rr", "198.19.1.0/29"); // .1 gateway, .7 broadcast: .2-.6 usable
+        let i = ipam::<Ipv4Addr>("rr", "198.19.1.0/29"); // .1 gateway, .7 broadcast: .2-.6 usable
         let l = i.lock().unwrap();
         let got: Vec<String> = (0..5)
             .map(|n| l.allocate(&format!("c{n}"), "eth0").unwrap().to_string())
@@ -288,7 +327,7 @@ mod tests {
 
     #[test]
     fn host_local_allocations_are_adopted_and_released_by_weft() {
-        let i = ipam("adopt", "198.19.1.0/29");
+        let i = ipam::<Ipv4Addr>("adopt", "198.19.1.0/29");
         let theirs = i.dir.with_extension("cbr0");
         let _ = fs::remove_dir_all(&theirs);
         fs::create_dir_all(&theirs).unwrap();

@@ -21,7 +21,7 @@ pub mod ipam;
 
 use std::{
     collections::HashMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -179,12 +179,27 @@ impl NetConf {
             .unwrap_or_else(|| crate::node::DEFAULT_RUN_DIR.into())
     }
 
-    fn ipam(&self, node: &NodeConfig) -> ipam::Ipam {
+    /// The IPAM store of this network's IPv4 addresses on this node.
+    fn ipam(&self, node: &NodeConfig) -> ipam::Ipam<Ipv4Addr> {
+        ipam::Ipam::new(self.ipam_dir(), node.subnet, node.gateway)
+    }
+
+    /// The IPv6 store, on a dual-stack node: `v6/` in the IPv4 one.
+    fn ipam6(&self, node: &NodeConfig) -> Option<ipam::Ipam<Ipv6Addr>> {
+        let v6 = node.v6?;
+        Some(ipam::Ipam::new(
+            self.ipam_dir().join("v6"),
+            v6.subnet,
+            v6.gateway,
+        ))
+    }
+
+    fn ipam_dir(&self) -> PathBuf {
         let root = self
             .data_dir
             .clone()
             .unwrap_or_else(|| DEFAULT_DATA_DIR.into());
-        ipam::Ipam::new(root.join(&self.name), node.subnet, node.gateway)
+        root.join(&self.name)
     }
 }
 
@@ -315,23 +330,42 @@ fn add(conf: &NetConf, id: &str, ifname: &str, netns: &str) -> Result<Value, Cni
         ));
     }
     let ipam = conf.ipam(&node);
+    let ipam6 = conf.ipam6(&node);
     let ip = ipam
         .lock()
         .and_then(|l| l.allocate(id, ifname))
         .map_err(ipam_err)?;
+    // Gives back what was allocated, when the ADD fails after it.
+    let release = || {
+        let _ = ipam.lock().and_then(|l| l.release(id, ifname));
+        if let Some(i) = &ipam6 {
+            let _ = i.lock().and_then(|l| l.release(id, ifname));
+        }
+    };
+    let ip6 = match &ipam6 {
+        None => None,
+        Some(i) => match i.lock().and_then(|l| l.allocate(id, ifname)) {
+            Ok(ip6) => Some(ip6),
+            Err(e) => {
+                release();
+                return Err(ipam_err(e));
+            }
+        },
+    };
     let spec = EndpointSpec {
         netns: netns.into(),
         ifname: ifname.into(),
         host_ifname: endpoint::host_ifname(id, ifname),
         ip,
+        ip6,
         shaped,
         tc: conf.tc_mode(crate::dataplane::has_tcx())?,
     };
     let attached = match endpoint::add(&spec, &node) {
         Ok(a) => a,
         Err(e) => {
-            // Nothing half-built stays: endpoint::add cleaned its part; give the address back.
-            let _ = ipam.lock().and_then(|l| l.release(id, ifname));
+            // Nothing half-built stays: endpoint::add cleaned its part; give the addresses back.
+            release();
             return Err(CniError::new(
                 code::IO,
                 format!("setting up {ifname} in {netns}"),
@@ -345,8 +379,8 @@ fn add(conf: &NetConf, id: &str, ifname: &str, netns: &str) -> Result<Value, Cni
         &attached,
         ifname,
         netns,
-        ip,
-        node.gateway,
+        (ip, node.gateway),
+        ip6.zip(node.v6.map(|v| v.gateway)),
     ))
 }
 
@@ -357,12 +391,24 @@ fn result(
     a: &endpoint::Attached,
     ifname: &str,
     netns: &str,
-    ip: Ipv4Addr,
-    gw: Ipv4Addr,
+    (ip, gw): (Ipv4Addr, Ipv4Addr),
+    v6: Option<(Ipv6Addr, Ipv6Addr)>,
 ) -> Value {
     let mut ipc = json!({"address": format!("{ip}/32"), "gateway": gw.to_string(), "interface": 1});
+    let mut routes = vec![json!({"dst": "0.0.0.0/0", "gw": gw.to_string()})];
+    let mut ips = vec![];
     if version.starts_with("0.") {
         ipc["version"] = json!("4");
+    }
+    ips.push(ipc);
+    if let Some((ip6, gw6)) = v6 {
+        let mut ipc =
+            json!({"address": format!("{ip6}/128"), "gateway": gw6.to_string(), "interface": 1});
+        if version.starts_with("0.") {
+            ipc["version"] = json!("6");
+        }
+        ips.push(ipc);
+        routes.push(json!({"dst": "::/0", "gw": gw6.to_string()}));
     }
     json!({
         "cniVersion": version,
@@ -370,8 +416,8 @@ fn result(
             {"name": a.host_ifname, "mac": netdev::mac_to_string(&a.host_mac)},
             {"name": ifname, "mac": netdev::mac_to_string(&a.pod_mac), "sandbox": netns},
         ],
-        "ips": [ipc],
-        "routes": [{"dst": "0.0.0.0/0", "gw": gw.to_string()}],
+        "ips": ips,
+        "routes": routes,
         "dns": dns.unwrap_or_else(|| json!({})),
     })
 }
@@ -380,12 +426,23 @@ fn del(conf: &NetConf, id: &str, ifname: &str) -> Result<(), CniError> {
     let host = endpoint::host_ifname(id, ifname);
     match node_config(conf) {
         Ok(node) => {
-            let ip = conf
-                .ipam(&node)
-                .lock()
-                .and_then(|l| l.release(id, ifname))
-                .map_err(ipam_err)?;
-            endpoint::del(&host, ip, &node)
+            let mut ips: Vec<IpAddr> = Vec::new();
+            ips.extend(
+                conf.ipam(&node)
+                    .lock()
+                    .and_then(|l| l.release(id, ifname))
+                    .map_err(ipam_err)?
+                    .map(IpAddr::V4),
+            );
+            if let Some(i) = conf.ipam6(&node) {
+                ips.extend(
+                    i.lock()
+                        .and_then(|l| l.release(id, ifname))
+                        .map_err(ipam_err)?
+                        .map(IpAddr::V6),
+                );
+            }
+            endpoint::del(&host, &ips, &node)
                 .map_err(|e| CniError::new(code::IO, format!("removing {host}"), e.to_string()))
         }
         // No agent configuration (e.g. weft removed): still remove the veth.
@@ -419,9 +476,28 @@ fn check(conf: &NetConf, id: &str, ifname: &str, netns: &str) -> Result<(), CniE
             return Err(drift(format!("prevResult does not list {want}")));
         }
     }
+    let ip6 = match conf.ipam6(&node) {
+        None => None,
+        Some(i) => Some(
+            i.lock()
+                .and_then(|l| l.find(id, ifname))
+                .map_err(ipam_err)?
+                .ok_or_else(|| drift(format!("no IPv6 address is allocated to {id}/{ifname}")))?,
+        ),
+    };
+    if let (Some(prev), Some(ip6)) = (&conf.prev_result, ip6) {
+        let want = format!("{ip6}/128");
+        if !prev["ips"]
+            .as_array()
+            .is_some_and(|ips| ips.iter().any(|i| i["address"] == want.as_str()))
+        {
+            return Err(drift(format!("prevResult does not list {want}")));
+        }
+    }
     let host_if = netdev::get(&host).map_err(|e| drift(format!("host-side veth: {e}")))?;
     // What the pod's side has, read from a thread inside its namespace.
     let gw = std::net::IpAddr::V4(node.gateway);
+    let gw6 = node.v6.map(|v| IpAddr::V6(v.gateway));
     let seen = crate::host::netns::run_in(Path::new(netns), || {
         let mut nl = crate::host::netlink::Netlink::open()?;
         let Some(eth) = nl.link(ifname)? else {
@@ -435,13 +511,37 @@ fn check(conf: &NetConf, id: &str, ifname: &str, netns: &str) -> Result<(), CniE
             .routes(true)?
             .iter()
             .any(|r| r.prefix == 0 && r.gateway == Some(gw) && r.oif == Some(eth.index));
-        Ok(Some((has_ip, default_via_gw)))
+        let v6_ok = match ip6 {
+            None => true,
+            Some(ip6) => {
+                let has_ip6 = nl
+                    .addresses()?
+                    .iter()
+                    .any(|(i, a, p)| *i == eth.index && *a == IpAddr::V6(ip6) && *p == 128);
+                has_ip6
+                    && nl
+                        .routes(false)?
+                        .iter()
+                        .any(|r| r.prefix == 0 && r.gateway == gw6 && r.oif == Some(eth.index))
+            }
+        };
+        Ok(Some((has_ip && v6_ok, default_via_gw)))
     })
     .map_err(|e| drift(format!("{ifname} in {netns}: {e}")))?
     .map_err(|e| drift(format!("{ifname} in {netns}: {e}")))?;
     match seen {
         None => return Err(drift(format!("{netns} has no {ifname}"))),
-        Some((false, _)) => return Err(drift(format!("{ifname} does not have {ip}/32"))),
+        Some((false, _)) => {
+            let v6 = ip6
+                .map(|a| {
+                    format!(
+                        " (and {a}/128 with a default route via {})",
+                        gw6.map(|g| g.to_string()).unwrap_or_default()
+                    )
+                })
+                .unwrap_or_default();
+            return Err(drift(format!("{ifname} does not have {ip}/32{v6}")));
+        }
         Some((_, false)) => {
             return Err(drift(format!(
                 "no default route via {} in the pod",
@@ -457,6 +557,18 @@ fn check(conf: &NetConf, id: &str, ifname: &str, netns: &str) -> Result<(), CniE
             e.to_string(),
         )
     })?;
+    if let Some(ip6) = ip6 {
+        match maps.endpoints6.get(&ip6.octets(), 0) {
+            Ok(ep) if ep.ifindex == host_if.index => {}
+            Ok(ep) => {
+                return Err(drift(format!(
+                    "the dataplane sends {ip6} to ifindex {}, not {host} ({})",
+                    ep.ifindex, host_if.index
+                )));
+            }
+            Err(_) => return Err(drift(format!("the dataplane has no endpoint for {ip6}"))),
+        }
+    }
     match maps.endpoints.get(&ip_key(ip), 0) {
         Ok(ep) if ep.ifindex == host_if.index => Ok(()),
         Ok(ep) => Err(drift(format!(
@@ -488,17 +600,29 @@ fn status(conf: &NetConf) -> Result<(), CniError> {
 fn gc(conf: &NetConf) -> Result<(), CniError> {
     let node = node_config(conf)?;
     let valid = conf.valid_attachments.as_deref().unwrap_or_default();
+    let live = |id: &str, ifname: &str| {
+        valid
+            .iter()
+            .any(|a| a.container_id == id && a.ifname == ifname)
+    };
+    if let Some(ipam6) = conf.ipam6(&node) {
+        let locked = ipam6.lock().map_err(ipam_err)?;
+        for (ip, id, ifname) in locked.allocations().map_err(ipam_err)? {
+            if !live(&id, &ifname) {
+                locked.release(&id, &ifname).map_err(ipam_err)?;
+                let host = endpoint::host_ifname(&id, &ifname);
+                let _ = endpoint::del(&host, &[IpAddr::V6(ip)], &node);
+            }
+        }
+    }
     let ipam = conf.ipam(&node);
     let locked = ipam.lock().map_err(ipam_err)?;
     for (ip, id, ifname) in locked.allocations().map_err(ipam_err)? {
-        if valid
-            .iter()
-            .any(|a| a.container_id == id && a.ifname == ifname)
-        {
-            continue;
+        if !live(&id, &ifname) {
+            locked.release(&id, &ifname).map_err(ipam_err)?;
+            let host = endpoint::host_ifname(&id, &ifname);
+            let _ = endpoint::del(&host, &[IpAddr::V4(ip)], &node);
         }
-        locked.release(&id, &ifname).map_err(ipam_err)?;
-        let _ = endpoint::del(&endpoint::host_ifname(&id, &ifname), Some(ip), &node);
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use crate::{
-    cidr::Ipv4Cidr,
+    cidr::{Ipv4Cidr, Ipv6Cidr},
     daemon::{
         AgentError,
         config::{AgentConfig, DecapMode, RegistryKind},
@@ -83,9 +83,10 @@ pub(super) fn bring_up(
     globals: &Globals,
     underlay: &str,
     pod_cidr: &Ipv4Cidr,
+    pod_cidr6: Option<&Ipv6Cidr>,
 ) -> Result<(Dataplane, Hook), AgentError> {
     let mut dp = load(cfg, globals)?;
-    let hook = attach(&mut dp, cfg, underlay, pod_cidr)?;
+    let hook = attach(&mut dp, cfg, underlay, pod_cidr, pod_cidr6)?;
     Ok((dp, hook))
 }
 
@@ -108,13 +109,14 @@ pub(super) fn attach(
     cfg: &AgentConfig,
     underlay: &str,
     pod_cidr: &Ipv4Cidr,
+    pod_cidr6: Option<&Ipv6Cidr>,
 ) -> Result<Hook, AgentError> {
     let (decap_hook, decap) = attach_decap(dp, cfg.decap, underlay)?;
     dp.attach_host(HOST_IFACE)?;
     dp.pin_pod_programs()?;
     // Before re-pointing: the pods' links then run programs whose endpoints
     // map knows them (it may be new: replaced, or its pin lost).
-    match crate::endpoint::restore(&cfg.bpffs_dir, pod_cidr) {
+    match crate::endpoint::restore(&cfg.bpffs_dir, pod_cidr, pod_cidr6) {
         Ok(r) if r.restored > 0 => {
             tracing::warn!(
                 restored = r.restored,
@@ -168,14 +170,14 @@ pub(super) fn spawn_registry(cfg: &AgentConfig, local_ip: Ipv4Addr) -> Started {
     let registry: Box<dyn Registry> = match cfg.registry {
         RegistryKind::File => Box::new(FileRegistry {
             path: cfg.nodes_file.clone(),
-            cluster: cfg.cluster_cidr,
+            cluster: cfg.clusters(),
             poll: Duration::from_millis(200),
         }),
         RegistryKind::Kube => {
             let mut r = crate::registry::kube::KubeRegistry::new(
                 cfg.kubeconfig.clone(),
                 cfg.node_name.clone(),
-                cfg.cluster_cidr,
+                cfg.clusters(),
             );
             r.own = Some((local_ip, netdev::vtep_mac_for(local_ip)));
             r.flannel = cfg

@@ -32,7 +32,10 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{cidr::Ipv4Cidr, registry::file::toml_error};
+use crate::{
+    cidr::{ClusterCidrs, Ipv4Cidr, Ipv6Cidr},
+    registry::file::toml_error,
+};
 use std::time::Duration;
 
 /// Default config file; read when it exists and `--config` is not given.
@@ -95,6 +98,10 @@ pub struct AgentSettings {
     /// Cluster CIDR: every pod address lies in it [default: 10.244.0.0/16].
     #[arg(long)]
     pub cluster_cidr: Option<Ipv4Cidr>,
+    /// IPv6 cluster CIDR, for a dual-stack cluster: pods get an address of
+    /// each family (nodes' IPv6 pod CIDRs lie in it) [default: none, IPv4 only].
+    #[arg(long)]
+    pub cluster_cidr6: Option<Ipv6Cidr>,
     /// VXLAN network identifier [default: 1, as flannel].
     #[arg(long)]
     pub vni: Option<u32>,
@@ -159,6 +166,7 @@ pub struct AgentConfig {
     pub nodes_file: PathBuf,
     pub kubeconfig: Option<PathBuf>,
     pub cluster_cidr: Ipv4Cidr,
+    pub cluster_cidr6: Option<Ipv6Cidr>,
     pub vni: u32,
     pub port: u16,
     pub bpffs_dir: PathBuf,
@@ -197,6 +205,14 @@ pub enum SettingsError {
 }
 
 impl AgentConfig {
+    /// The cluster's pod networks, both families.
+    pub fn clusters(&self) -> ClusterCidrs {
+        ClusterCidrs {
+            v4: self.cluster_cidr,
+            v6: self.cluster_cidr6,
+        }
+    }
+
     /// Applies the defaults to settings merged from flags and file.
     pub fn from_settings(
         s: AgentSettings,
@@ -235,6 +251,7 @@ impl AgentConfig {
             cluster_cidr: s
                 .cluster_cidr
                 .unwrap_or_else(|| Ipv4Cidr::new(Ipv4Addr::new(10, 244, 0, 0), 16)),
+            cluster_cidr6: s.cluster_cidr6,
             vni: s.vni.unwrap_or(1),
             port: s.port.unwrap_or(8472),
             bpffs_dir: s
@@ -293,6 +310,7 @@ impl AgentSettings {
             nodes_file: self.nodes_file.or(file.nodes_file),
             kubeconfig: self.kubeconfig.or(file.kubeconfig),
             cluster_cidr: self.cluster_cidr.or(file.cluster_cidr),
+            cluster_cidr6: self.cluster_cidr6.or(file.cluster_cidr6),
             vni: self.vni.or(file.vni),
             port: self.port.or(file.port),
             bpffs_dir: self.bpffs_dir.or(file.bpffs_dir),
@@ -321,7 +339,7 @@ mod tests {
     #[test]
     fn flags_override_file_override_defaults() {
         let file: AgentSettings = toml::from_str(
-            "vni = 7\nport = 4789\ncluster-cidr = \"198.19.0.0/16\"\nregistry = \"kube\"\nip-masq = false\n",
+            "vni = 7\nport = 4789\ncluster-cidr = \"198.19.0.0/16\"\ncluster-cidr6 = \"2001:2::/48\"\nregistry = \"kube\"\nip-masq = false\n",
         )
         .unwrap();
         let flags = AgentSettings {
@@ -333,6 +351,7 @@ mod tests {
         assert_eq!(s.port, Some(4789));
         assert_eq!(s.registry, Some(RegistryKind::Kube));
         assert_eq!(s.cluster_cidr.unwrap().to_string(), "198.19.0.0/16");
+        assert_eq!(s.cluster_cidr6.unwrap().to_string(), "2001:2::/48");
         assert_eq!(s.iface, None);
         assert_eq!(s.ip_masq, Some(false));
     }

@@ -28,6 +28,8 @@ pub(super) struct Keeper {
     pub(super) local_ip: Option<Ipv4Addr>,
     pub(super) decap: Hook,
     pub(super) subnet: Ipv4Cidr,
+    /// This node's IPv6 network, on a dual-stack node.
+    pub(super) v6: Option<crate::node::NodeV6>,
     pub(super) pod_mtu: u32,
     pub(super) last_problem: Option<String>,
     /// Set (for `/healthz`) when only a restart can help.
@@ -89,7 +91,13 @@ impl Keeper {
                     tracing::warn!(
                         "{HOST_IFACE} is gone (deleted by something else?); creating it again"
                     );
-                    match weft0::setup(&cfg.cluster_cidr, &self.subnet, self.pod_mtu, &self.underlay) {
+                    match weft0::setup(
+                        &cfg.cluster_cidr,
+                        &self.subnet,
+                        self.v6.as_ref(),
+                        self.pod_mtu,
+                        &self.underlay,
+                    ) {
                         Ok(()) => repaired("weft0"),
                         Err(e) => problems.push(format!("re-creating {HOST_IFACE}: {e}")),
                     }
@@ -184,6 +192,7 @@ impl Keeper {
         weft0::setup(
             &cfg.cluster_cidr,
             &self.subnet,
+            self.v6.as_ref(),
             self.pod_mtu,
             &self.underlay,
         )?;
@@ -192,7 +201,14 @@ impl Keeper {
             underlay_mac: iface.mac,
             ..self.globals.clone()
         };
-        let (new, decap) = bring_up(cfg, &globals, &self.underlay, &self.subnet)?;
+        let subnet6 = self.v6.map(|v| v.subnet);
+        let (new, decap) = bring_up(
+            cfg,
+            &globals,
+            &self.underlay,
+            &self.subnet,
+            subnet6.as_ref(),
+        )?;
         *dp = new;
         self.globals = globals;
         self.decap = decap;

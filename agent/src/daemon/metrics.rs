@@ -71,6 +71,8 @@ impl Collector for DataplaneCollector {
         let sizes = [
             ("remote_cidrs", maps.remotes.keys().count()),
             ("endpoints", maps.endpoints.keys().count()),
+            ("remote_cidrs_ipv6", maps.remotes6.keys().count()),
+            ("endpoints_ipv6", maps.endpoints6.keys().count()),
             ("nodes", maps.nodes.keys().count()),
         ];
         let mut family = encoder.encode_descriptor(

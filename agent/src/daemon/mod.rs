@@ -31,8 +31,8 @@ use crate::{
     },
     dataplane::{self, DataplaneError, Globals, Maps, stats},
     host::{gro::GroError, netdev::NetdevError, weft0},
-    node::{NodeConfig, NodeConfigError},
-    registry::{Published, file::RegistryError},
+    node::{NodeConfig, NodeConfigError, NodeV6},
+    registry::{Node, Published, file::RegistryError},
 };
 
 pub use down::down;
@@ -134,7 +134,13 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         tracing::warn!(registry = %me.underlay_ip, detected = %local_ip, "the registry's underlay IP for this node differs from this node's address (the interface's, or --public-ip); using this node's");
     }
 
-    weft0::setup(&cfg.cluster_cidr, &me.pod_cidr, pod_mtu, &iface.name)?;
+    weft0::setup(
+        &cfg.cluster_cidr,
+        &me.pod_cidr,
+        node_v6(&cfg, &me).as_ref(),
+        pod_mtu,
+        &iface.name,
+    )?;
     bringup::set_up_masquerade(&cfg);
     // With flannel's device still on the node the port is flannel's (and
     // so is GRO on it) until the takeover below.
@@ -147,9 +153,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         vtep_mac: me.vtep_mac,
         underlay_mac: iface.mac,
         cluster_cidr: cfg.cluster_cidr,
-        // IPv6 pods are not configured by the agent yet (issue #24): the
-        // programs carry IPv6 once a cluster CIDR for it is set.
-        cluster_cidr6: None,
+        cluster_cidr6: cfg.cluster_cidr6,
         bpf_log_level: if cfg.bpf_debug_log {
             aya_log::Level::Debug as u8
         } else {
@@ -197,7 +201,13 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     // moment it is (a node taken over from flannel carries traffic already)
     // comes from a known node.
     apply(&mut rx, &mut maps);
-    let decap_hook = bringup::attach(&mut dp, &cfg, &iface.name, &me.pod_cidr)?;
+    let decap_hook = bringup::attach(
+        &mut dp,
+        &cfg,
+        &iface.name,
+        &me.pod_cidr,
+        me.pod_cidr6.as_ref(),
+    )?;
     if cfg.flannel.is_some() {
         takeover::remove_device(cfg.vni, cfg.port);
         if gro_port.is_none() {
@@ -217,6 +227,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         gateway,
         mtu: pod_mtu,
         bpffs: cfg.bpffs_dir.clone(),
+        v6: node_v6(&cfg, &me),
     }
     .write(&cfg.run_dir)?;
     ready.store(true, Ordering::Relaxed);
@@ -245,6 +256,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         local_ip: cfg.public_ip.is_none().then_some(local_ip),
         decap: decap_hook,
         subnet: me.pod_cidr,
+        v6: node_v6(&cfg, &me),
         pod_mtu,
         last_problem: None,
         unhealthy,
@@ -278,6 +290,17 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
 
 /// Creates `weft_gro` on `port` ([`bringup::hold_gro_port`]); the port, if
 /// it is held now.
+/// This node's IPv6 network, pod CIDR and gateway, on a dual-stack node
+/// (an IPv6 cluster CIDR, and an IPv6 pod CIDR for this node).
+pub(crate) fn node_v6(cfg: &AgentConfig, me: &Node) -> Option<NodeV6> {
+    let (network, subnet) = (cfg.cluster_cidr6?, me.pod_cidr6?);
+    Some(NodeV6 {
+        network,
+        subnet,
+        gateway: NodeConfig::gateway_of(&subnet),
+    })
+}
+
 async fn gro_port(port: u16) -> Option<u16> {
     match bringup::hold_gro_port(port).await {
         Ok(_) => {

@@ -137,6 +137,7 @@ mod tests {
     use weft_common::{RemoteNode, Vtep};
 
     use super::*;
+    use crate::cidr::{AnyCidr, ClusterCidrs};
     use crate::dataplane::{ip_from_key, ip_key};
     use crate::registry::Snapshot;
 
@@ -144,7 +145,7 @@ mod tests {
     /// fail as a full map does.
     #[derive(Default)]
     struct Fake {
-        remotes: BTreeMap<Ipv4Cidr, RemoteNode>,
+        remotes: BTreeMap<AnyCidr, RemoteNode>,
         vteps: BTreeMap<u32, Vtep>,
         writes: usize,
         reads: std::cell::Cell<usize>,
@@ -152,11 +153,11 @@ mod tests {
     }
 
     impl NodeMaps for Fake {
-        fn remotes(&self) -> BTreeMap<Ipv4Cidr, RemoteNode> {
+        fn remotes(&self) -> BTreeMap<AnyCidr, RemoteNode> {
             self.reads.set(self.reads.get() + 1);
             self.remotes.clone()
         }
-        fn put_remote(&mut self, cidr: &Ipv4Cidr, node: RemoteNode) -> Result<(), DataplaneError> {
+        fn put_remote(&mut self, cidr: &AnyCidr, node: RemoteNode) -> Result<(), DataplaneError> {
             if self.fail {
                 return Err(DataplaneError::Map {
                     name: weft_common::names::REMOTE_CIDRS,
@@ -167,7 +168,7 @@ mod tests {
             self.remotes.insert(*cidr, node);
             Ok(())
         }
-        fn del_remote(&mut self, cidr: &Ipv4Cidr) -> Result<(), DataplaneError> {
+        fn del_remote(&mut self, cidr: &AnyCidr) -> Result<(), DataplaneError> {
             self.writes += 1;
             self.remotes.remove(cidr);
             Ok(())
@@ -194,7 +195,15 @@ mod tests {
             name: name.into(),
             underlay_ip,
             pod_cidr: cidr.parse().unwrap(),
+            pod_cidr6: None,
             vtep_mac: crate::host::netdev::vtep_mac_for(underlay_ip),
+        }
+    }
+
+    fn clusters() -> ClusterCidrs {
+        ClusterCidrs {
+            v4: "198.19.0.0/16".parse().unwrap(),
+            v6: Some("2001:2::/48".parse().unwrap()),
         }
     }
 
@@ -202,7 +211,7 @@ mod tests {
         Snapshot::validated(
             nodes,
             Vec::new(),
-            &"198.19.0.0/16".parse().unwrap(),
+            &clusters(),
             crate::registry::Vocabulary::FILE,
         )
     }
@@ -241,7 +250,7 @@ mod tests {
             "two CIDRs, one peer"
         );
         assert_eq!(r.pod_cidr_changed, None);
-        let own = maps.remotes[&me.pod_cidr];
+        let own = maps.remotes[&AnyCidr::V4(me.pod_cidr)];
         assert_eq!(
             ip_from_key(own.underlay_ip),
             local,
@@ -370,7 +379,7 @@ mod tests {
     fn changes_applied_node_by_node_leave_what_a_full_apply_would() {
         let me = node("a", "198.18.0.1", "198.19.0.0/24");
         let local: Ipv4Addr = "198.18.0.200".parse().unwrap();
-        let cluster: Ipv4Cidr = "198.19.0.0/16".parse().unwrap();
+        let cluster = clusters();
         let mut next = crate::registry::tests::rng(11);
         let mut a = Agent::default();
         let mut maps = Fake::default();
@@ -386,11 +395,17 @@ mod tests {
                         continue;
                     }
                 } else {
-                    let n = node(
+                    let mut n = node(
                         &name,
                         &format!("198.18.0.{}", 2 + next(40)),
                         &format!("198.19.{}.0/24", 1 + next(40)),
                     );
+                    // Dual-stack nodes among IPv4-only ones: their IPv6
+                    // entries come and go with them.
+                    if next(2) == 0 {
+                        n.pod_cidr6 =
+                            Some(format!("2001:2:0:{:x}::/64", 1 + next(40)).parse().unwrap());
+                    }
                     source.insert(name.clone(), n.clone());
                     if next(2) == 0 && a.published.update(&name, Some(n), &cluster) {
                         continue;

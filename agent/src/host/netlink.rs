@@ -20,7 +20,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
-    address::{AddressAttribute, AddressMessage},
+    address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage},
     link::{
         InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
         LinkXdp,
@@ -421,6 +421,9 @@ impl Netlink {
     // ---- addresses
 
     /// Gives link `index` the address `ip/prefix` (replacing it if there).
+    /// An IPv6 address skips duplicate address detection (`nodad`): it is
+    /// weft's own on a link weft made, and usable at once rather than
+    /// tentative for a second.
     pub fn replace_address(
         &mut self,
         index: u32,
@@ -433,6 +436,11 @@ impl Netlink {
         msg.header.index = index;
         msg.attributes.push(AddressAttribute::Local(ip));
         msg.attributes.push(AddressAttribute::Address(ip));
+        if ip.is_ipv6() {
+            msg.header.flags = AddressHeaderFlags::Nodad;
+            msg.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
         self.request(
             &|| format!("adding address {ip}/{prefix} to link {index}"),
             RouteNetlinkMessage::NewAddress(msg),

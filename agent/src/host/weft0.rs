@@ -13,7 +13,7 @@ use crate::{
         netlink::{LinkChange, Netlink, NetlinkError, Route, Veth},
         sysctl::{self, SysctlError},
     },
-    node::NodeConfig,
+    node::{NodeConfig, NodeV6},
 };
 
 /// The node's own device for host → remote pod traffic; holds the gateway
@@ -37,12 +37,14 @@ pub enum Weft0Error {
     Gone,
 }
 
-/// Sets up `weft0` for pod CIDR `subnet` in `cluster`, with pod MTU `mtu`,
-/// and the forwarding sysctls (`underlay`'s reverse-path filter included).
-/// Idempotent: also what puts it back when something removed it.
+/// Sets up `weft0` for pod CIDR `subnet` in `cluster` (and, on a
+/// dual-stack node, `v6`'s), with pod MTU `mtu`, and the forwarding
+/// sysctls (`underlay`'s reverse-path filter included). Idempotent: also
+/// what puts it back when something removed it.
 pub fn setup(
     cluster: &Ipv4Cidr,
     subnet: &Ipv4Cidr,
+    v6: Option<&NodeV6>,
     mtu: u32,
     underlay: &str,
 ) -> Result<(), Weft0Error> {
@@ -60,7 +62,13 @@ pub fn setup(
     }
     let mut host_index = 0;
     for dev in [HOST_IFACE, HOST_PEER] {
-        let _ = sysctl::set(&format!("net.ipv6.conf.{dev}.disable_ipv6"), "1");
+        // IPv6 only where it carries the node's IPv6 pod traffic.
+        let off = if dev == HOST_IFACE && v6.is_some() {
+            "0"
+        } else {
+            "1"
+        };
+        let _ = sysctl::set(&format!("net.ipv6.conf.{dev}.disable_ipv6"), off);
         let link = nl.link(dev)?.ok_or(Weft0Error::Gone)?;
         nl.set_link(
             link.index,
@@ -86,6 +94,19 @@ pub fn setup(
         scope_link: true,
         mtu: Some(mtu),
     })?;
+    if let Some(v6) = v6 {
+        nl.replace_address(host_index, IpAddr::V6(v6.gateway), 128)?;
+        nl.replace_route(&Route {
+            dst: IpAddr::V6(v6.network.addr()),
+            prefix: v6.network.prefix(),
+            oif: Some(host_index),
+            gateway: None,
+            src: Some(IpAddr::V6(v6.gateway)),
+            scope_link: false,
+            mtu: Some(mtu),
+        })?;
+        sysctl::set("net.ipv6.conf.all.forwarding", "1")?;
+    }
     sysctl::set("net.ipv4.ip_forward", "1")?;
     // Decapsulated packets arrive on the underlay from pod sources routed via
     // weft0: loose reverse-path filtering accepts them.

@@ -6,6 +6,11 @@
 //! underlay_ip = "198.18.0.1"
 //! pod_cidr = "198.19.1.0/24"
 //! vtep_mac = "0e:77:c6:12:00:01"   # optional; derived from underlay_ip when absent
+//!
+//! [[node]]                         # dual-stack: a list, one CIDR per family
+//! name = "node-2"
+//! underlay_ip = "198.18.0.2"
+//! pod_cidrs = ["198.19.2.0/24", "2001:2:0:2::/64"]
 //! ```
 
 use std::{net::Ipv4Addr, path::Path};
@@ -13,9 +18,9 @@ use std::{net::Ipv4Addr, path::Path};
 use serde::Deserialize;
 
 use crate::{
-    cidr::Ipv4Cidr,
+    cidr::{ClusterCidrs, Ipv4Cidr},
     host::netdev,
-    registry::{BoxFuture, Node, Published, Registry, Snapshot, Vocabulary},
+    registry::{BoxFuture, Node, Published, Registry, Snapshot, Vocabulary, pod_cidrs_of},
 };
 
 /// Errors reading a registry as a whole (as opposed to one bad entry).
@@ -44,7 +49,8 @@ struct FileNodes {
 struct FileNode {
     name: String,
     underlay_ip: String,
-    pod_cidr: String,
+    pod_cidr: Option<String>,
+    pod_cidrs: Option<Vec<String>>,
     vtep_mac: Option<String>,
 }
 
@@ -133,10 +139,26 @@ fn node_of(i: usize, n: FileNode) -> Result<Node, String> {
             n.underlay_ip
         )
     })?;
-    let cidr: Ipv4Cidr = n
-        .pod_cidr
-        .parse()
-        .map_err(|e| format!("{what}: pod_cidr: {e}"))?;
+    let (cidr, cidr6) = match (n.pod_cidr, n.pod_cidrs) {
+        (Some(one), None) => (
+            one.parse::<Ipv4Cidr>()
+                .map_err(|e| format!("{what}: pod_cidr: {e}"))?,
+            None,
+        ),
+        (None, Some(list)) => {
+            pod_cidrs_of(&list, "pod_cidrs").map_err(|e| format!("{what}: {e}"))?
+        }
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "{what}: both pod_cidr and pod_cidrs; give one (pod_cidrs for a dual-stack node)"
+            ));
+        }
+        (None, None) => {
+            return Err(format!(
+                "{what}: no pod_cidr (or pod_cidrs, for a dual-stack node)"
+            ));
+        }
+    };
     let mac = match &n.vtep_mac {
         None => netdev::vtep_mac_for(ip),
         Some(s) => match netdev::parse_mac(s) {
@@ -152,12 +174,13 @@ fn node_of(i: usize, n: FileNode) -> Result<Node, String> {
         name: n.name,
         underlay_ip: ip,
         pod_cidr: cidr,
+        pod_cidr6: cidr6,
         vtep_mac: mac,
     })
 }
 
 /// Parses node-file text; `Err` only when the TOML itself is unreadable.
-pub fn parse_file(text: &str, cluster: &Ipv4Cidr) -> Result<Snapshot, String> {
+pub fn parse_file(text: &str, cluster: &ClusterCidrs) -> Result<Snapshot, String> {
     Ok(read_tables(text.to_string(), table_starts(text), cluster)?.0)
 }
 
@@ -166,7 +189,7 @@ pub fn parse_file(text: &str, cluster: &Ipv4Cidr) -> Result<Snapshot, String> {
 fn read_tables(
     text: String,
     starts: Vec<usize>,
-    cluster: &Ipv4Cidr,
+    cluster: &ClusterCidrs,
 ) -> Result<(Snapshot, LastRead), String> {
     let tables = parse_tables(&text, &starts)?;
     // Parsed whole: no tables to compare next time.
@@ -394,7 +417,7 @@ pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
 /// The `file` registry: a TOML file, re-read when it changes.
 pub struct FileRegistry {
     pub path: std::path::PathBuf,
-    pub cluster: Ipv4Cidr,
+    pub cluster: ClusterCidrs,
     pub poll: std::time::Duration,
 }
 
@@ -488,8 +511,11 @@ impl Registry for FileRegistry {
 mod tests {
     use super::*;
 
-    fn cluster() -> Ipv4Cidr {
-        "198.19.0.0/16".parse().unwrap()
+    fn cluster() -> ClusterCidrs {
+        ClusterCidrs {
+            v4: "198.19.0.0/16".parse().unwrap(),
+            v6: Some("2001:2::/48".parse().unwrap()),
+        }
     }
 
     #[test]
@@ -574,6 +600,102 @@ mod tests {
                 s.problems
             );
         }
+    }
+
+    #[test]
+    fn dual_stack_nodes_and_their_bad_entries() {
+        let node = |name: &str, n: u8, cidrs: &str| {
+            format!("[[node]]\nname = \"{name}\"\nunderlay_ip = \"198.18.0.{n}\"\n{cidrs}\n")
+        };
+        let text = [
+            node(
+                "a",
+                1,
+                r#"pod_cidrs = ["198.19.1.0/24", "2001:2:0:1::/64"]"#,
+            ),
+            node("v4only", 2, r#"pod_cidrs = ["198.19.2.0/24"]"#),
+            node(
+                "two6",
+                3,
+                r#"pod_cidrs = ["198.19.3.0/24", "2001:2:0:3::/64", "2001:2:0:4::/64"]"#,
+            ),
+            node(
+                "two4",
+                4,
+                r#"pod_cidrs = ["198.19.4.0/24", "198.19.5.0/24"]"#,
+            ),
+            node("only6", 5, r#"pod_cidrs = ["2001:2:0:5::/64"]"#),
+            node(
+                "both",
+                6,
+                "pod_cidr = \"198.19.6.0/24\"\npod_cidrs = [\"198.19.6.0/24\"]",
+            ),
+            node(
+                "outside6",
+                7,
+                r#"pod_cidrs = ["198.19.7.0/24", "2001:3::/64"]"#,
+            ),
+            node(
+                "overlap6",
+                8,
+                r#"pod_cidrs = ["198.19.8.0/24", "2001:2:0:1:8000::/65"]"#,
+            ),
+            node(
+                "bad6",
+                9,
+                r#"pod_cidrs = ["198.19.9.0/24", "2001:2:0:9::1/64"]"#,
+            ),
+            node("none", 10, ""),
+        ]
+        .concat();
+        let s = parse_file(&text, &cluster()).unwrap();
+        let kept: Vec<_> = s
+            .nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.pod_cidr6))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                ("a", Some("2001:2:0:1::/64".parse().unwrap())),
+                ("v4only", None)
+            ]
+        );
+        for needle in [
+            "node `two6`: pod_cidrs has two IPv6 CIDRs",
+            "node `two4`: pod_cidrs has two IPv4 CIDRs",
+            "node `only6`: pod_cidrs has no IPv4 CIDR",
+            "node `both`: both pod_cidr and pod_cidrs",
+            "node `outside6`: pod_cidr 2001:3::/64 is outside the IPv6 cluster CIDR 2001:2::/48",
+            "node `overlap6`: pod_cidr 2001:2:0:1:8000::/65 overlaps node `a`'s 2001:2:0:1::/64",
+            "did you mean 2001:2:0:9::/64",
+            "node `none`: no pod_cidr",
+        ] {
+            assert!(
+                s.problems.iter().any(|p| p.contains(needle)),
+                "no problem says {needle:?}: {:#?}",
+                s.problems
+            );
+        }
+        assert_eq!(s.problems.len(), 8, "{:#?}", s.problems);
+
+        // An agent without an IPv6 cluster CIDR says what to set.
+        let v4_only: ClusterCidrs = cluster().v4.into();
+        let s = parse_file(
+            &node(
+                "a",
+                1,
+                r#"pod_cidrs = ["198.19.1.0/24", "2001:2:0:1::/64"]"#,
+            ),
+            &v4_only,
+        )
+        .unwrap();
+        assert!(s.nodes.is_empty());
+        assert!(
+            s.problems[0].contains("no IPv6 CIDR") && s.problems[0].contains("cluster-cidr6"),
+            "{:?}",
+            s.problems
+        );
     }
 
     #[test]

@@ -34,9 +34,9 @@ use kube::{
 };
 
 use crate::{
-    cidr::Ipv4Cidr,
+    cidr::{ClusterCidrs, Ipv4Cidr, Ipv6Cidr},
     host::netdev,
-    registry::{BoxFuture, Node, Published, Registry, Snapshot, Vocabulary, flannel},
+    registry::{BoxFuture, Node, Published, Registry, Snapshot, Vocabulary, flannel, pod_cidrs_of},
 };
 
 /// Annotation with the node's underlay IPv4 address.
@@ -68,7 +68,7 @@ pub struct FlannelCompat {
 pub struct KubeRegistry {
     kubeconfig: Option<PathBuf>,
     node_name: String,
-    cluster: Ipv4Cidr,
+    cluster: ClusterCidrs,
     /// This node's underlay IP and VTEP MAC, filled in by the agent: what
     /// the registry says of this node, and what it publishes on its Node.
     pub own: Option<(Ipv4Addr, [u8; 6])>,
@@ -84,7 +84,7 @@ pub struct KubeRegistry {
 impl KubeRegistry {
     /// The registry as node `node_name` of cluster CIDR `cluster` sees it,
     /// through `kubeconfig` (default: in-cluster, then $KUBECONFIG).
-    pub fn new(kubeconfig: Option<PathBuf>, node_name: String, cluster: Ipv4Cidr) -> Self {
+    pub fn new(kubeconfig: Option<PathBuf>, node_name: String, cluster: ClusterCidrs) -> Self {
         Self {
             kubeconfig,
             node_name,
@@ -128,7 +128,7 @@ impl KubeRegistry {
 /// annotations left over from its weft days).
 pub fn convert(n: &KNode, flannel: Option<&FlannelCompat>) -> Result<Node, String> {
     let name = n.metadata.name.clone().unwrap_or_default();
-    let pod_cidr = pod_cidr_of(n, &name)?;
+    let (pod_cidr, pod_cidr6) = pod_cidr_of(n, &name)?;
     let annotations = n.metadata.annotations.clone().unwrap_or_default();
     if let Some(f) = flannel
         && let Some(lease) = flannel::lease(&name, &annotations, &f.keys, f.vni)
@@ -138,6 +138,7 @@ pub fn convert(n: &KNode, flannel: Option<&FlannelCompat>) -> Result<Node, Strin
             name,
             underlay_ip: lease.public_ip,
             pod_cidr,
+            pod_cidr6,
             vtep_mac: lease.vtep_mac,
         });
     }
@@ -160,6 +161,7 @@ pub fn convert(n: &KNode, flannel: Option<&FlannelCompat>) -> Result<Node, Strin
         name,
         underlay_ip,
         pod_cidr,
+        pod_cidr6,
         vtep_mac,
     })
 }
@@ -167,24 +169,29 @@ pub fn convert(n: &KNode, flannel: Option<&FlannelCompat>) -> Result<Node, Strin
 /// This node's entry: its pod CIDR from `n`, the rest as the agent says.
 fn own_node(n: &KNode, underlay_ip: Ipv4Addr, vtep_mac: [u8; 6]) -> Result<Node, String> {
     let name = n.metadata.name.clone().unwrap_or_default();
+    let (pod_cidr, pod_cidr6) = pod_cidr_of(n, &name)?;
     Ok(Node {
-        pod_cidr: pod_cidr_of(n, &name)?,
+        pod_cidr,
+        pod_cidr6,
         name,
         underlay_ip,
         vtep_mac,
     })
 }
 
-/// `spec.podCIDR`, or the first IPv4 entry of `spec.podCIDRs`.
-fn pod_cidr_of(n: &KNode, name: &str) -> Result<Ipv4Cidr, String> {
+/// The Node's pod CIDRs: `spec.podCIDRs` (one per family, as the
+/// controller-manager allocates them in a dual-stack cluster), or
+/// `spec.podCIDR` alone.
+fn pod_cidr_of(n: &KNode, name: &str) -> Result<(Ipv4Cidr, Option<Ipv6Cidr>), String> {
     let spec = n.spec.as_ref();
-    let cidr_text = spec
-        .and_then(|s| s.pod_cidr.clone())
-        .or_else(|| spec.and_then(|s| s.pod_cidrs.as_ref()).and_then(|v| v.iter().find(|c| !c.contains(':')).cloned()))
-        .ok_or_else(|| format!("Node {name}: no spec.podCIDR (is the controller-manager allocating node CIDRs?); skipped"))?;
-    cidr_text
-        .parse()
-        .map_err(|e| format!("Node {name}: spec.podCIDR: {e}; skipped"))
+    let list: Vec<String> = match spec.and_then(|s| s.pod_cidrs.clone()).filter(|l| !l.is_empty()) {
+        Some(list) => list,
+        None => spec
+            .and_then(|s| s.pod_cidr.clone())
+            .map(|c| vec![c])
+            .ok_or_else(|| format!("Node {name}: no spec.podCIDR (is the controller-manager allocating node CIDRs?); skipped"))?,
+    };
+    pod_cidrs_of(&list, "spec.podCIDRs").map_err(|e| format!("Node {name}: {e}; skipped"))
 }
 
 /// What weft reads from one Node object: when it was created (the older of
@@ -236,7 +243,7 @@ impl Seen {
     }
 }
 
-fn snapshot(store: &BTreeMap<String, Seen>, cluster: &Ipv4Cidr) -> Snapshot {
+fn snapshot(store: &BTreeMap<String, Seen>, cluster: &ClusterCidrs) -> Snapshot {
     let mut problems = Vec::new();
     let mut seen: Vec<&Seen> = store.values().collect();
     // Oldest first (then by name, as the store is): what a Node claims first
@@ -623,7 +630,11 @@ mod tests {
     #[test]
     fn a_node_taken_over_from_flannel_keeps_flannel_s_vtep_mac() {
         let ip = Ipv4Addr::new(198, 18, 0, 7);
-        let mut r = KubeRegistry::new(None, "fl".into(), "198.19.0.0/16".parse().unwrap());
+        let mut r = KubeRegistry::new(
+            None,
+            "fl".into(),
+            "198.19.0.0/16".parse::<Ipv4Cidr>().unwrap().into(),
+        );
         r.own = Some((ip, netdev::vtep_mac_for(ip)));
         let flanneld_s = node(serde_json::json!({
             "metadata": {"name": "fl", "annotations": {
@@ -671,7 +682,7 @@ mod tests {
                 "spec": {"podCIDR": "198.19.1.0/24"}
             }))
         };
-        let cluster: Ipv4Cidr = "198.19.0.0/16".parse().unwrap();
+        let cluster: ClusterCidrs = "198.19.0.0/16".parse::<Ipv4Cidr>().unwrap().into();
         let good = Seen::of(&mk("198.18.0.1"), None, None);
         let bad = Seen::of(&mk("nope"), None, Some(&good));
         let worse = Seen::of(&mk("still nope"), None, Some(&bad));
@@ -721,7 +732,7 @@ mod tests {
                 ),
             ),
         ]);
-        let snap = snapshot(&store, &"198.19.0.0/16".parse().unwrap());
+        let snap = snapshot(&store, &"198.19.0.0/16".parse::<Ipv4Cidr>().unwrap().into());
         assert_eq!(snap.nodes.len(), 1);
         assert_eq!(snap.nodes[0].name, "z-old");
         assert_eq!(

@@ -17,7 +17,10 @@ use std::{
     net::Ipv4Addr,
 };
 
-use crate::{cidr::Ipv4Cidr, host::netdev};
+use crate::{
+    cidr::{Cidr, ClusterCidrs, Family, Ipv4Cidr, Ipv6Cidr},
+    host::netdev,
+};
 
 /// A node as the dataplane needs it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -25,8 +28,43 @@ pub struct Node {
     pub name: String,
     pub underlay_ip: Ipv4Addr,
     pub pod_cidr: Ipv4Cidr,
+    /// The node's IPv6 pod CIDR, in a dual-stack cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_cidr6: Option<Ipv6Cidr>,
     #[serde(serialize_with = "ser_mac")]
     pub vtep_mac: [u8; 6],
+}
+
+/// A node's pod CIDRs as a registry lists them (`field` names the list in
+/// problems): one of each family at most, the IPv4 one required (weft
+/// does not run IPv6-only clusters yet). Each entry is parsed by its
+/// family; the problem says which entry is wrong and why.
+pub fn pod_cidrs_of(list: &[String], field: &str) -> Result<(Ipv4Cidr, Option<Ipv6Cidr>), String> {
+    let (mut v4, mut v6): (Option<Ipv4Cidr>, Option<Ipv6Cidr>) = (None, None);
+    for text in list {
+        let text = text.trim();
+        if text.contains(':') {
+            let c: Ipv6Cidr = text.parse().map_err(|e| format!("{field}: {e}"))?;
+            if let Some(first) = v6 {
+                return Err(format!(
+                    "{field} has two IPv6 CIDRs ({first}, {c}): a node has one pod CIDR per family"
+                ));
+            }
+            v6 = Some(c);
+        } else {
+            let c: Ipv4Cidr = text.parse().map_err(|e| format!("{field}: {e}"))?;
+            if let Some(first) = v4 {
+                return Err(format!(
+                    "{field} has two IPv4 CIDRs ({first}, {c}): a node has one pod CIDR per family"
+                ));
+            }
+            v4 = Some(c);
+        }
+    }
+    let v4 = v4.ok_or_else(|| {
+        format!("{field} has no IPv4 CIDR: weft runs IPv4 and dual-stack clusters, not IPv6-only ones yet")
+    })?;
+    Ok((v4, v6))
 }
 
 fn ser_mac<S: serde::Serializer>(mac: &[u8; 6], s: S) -> Result<S::Ok, S::Error> {
@@ -90,7 +128,7 @@ impl Snapshot {
     pub fn validated(
         nodes: Vec<Node>,
         mut problems: Vec<String>,
-        cluster: &Ipv4Cidr,
+        cluster: &ClusterCidrs,
         words: Vocabulary,
     ) -> Self {
         let mut claims = Claims::default();
@@ -116,31 +154,68 @@ impl Snapshot {
 }
 
 /// What the nodes kept so far claim: their names, underlay addresses and
-/// pod CIDRs (as disjoint address ranges, by first address). One node is
-/// checked against them in O(log n).
+/// pod CIDRs (as disjoint address ranges, by first address, one set per
+/// family). One node is checked against them in O(log n).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Claims {
-    /// Name → (underlay address, pod CIDR).
-    names: HashMap<String, (Ipv4Addr, Ipv4Cidr)>,
+    /// Name → (underlay address, pod CIDR, IPv6 pod CIDR).
+    names: HashMap<String, (Ipv4Addr, Ipv4Cidr, Option<Ipv6Cidr>)>,
     ips: HashMap<Ipv4Addr, String>,
     /// First address → (last address, the owner's name).
-    ranges: BTreeMap<u32, (u32, String)>,
+    ranges: Ranges,
+    /// The same for IPv6 pod CIDRs.
+    ranges6: Ranges,
 }
 
-fn range(c: &Ipv4Cidr) -> (u32, u32) {
-    let lo = u32::from(c.addr());
-    (lo, lo + (c.size() - 1) as u32)
+/// Disjoint address ranges, first address → (last address, owner), of
+/// either family (an address as its number).
+type Ranges = BTreeMap<u128, (u128, String)>;
+
+fn range<A: Family>(c: &Cidr<A>) -> (u128, u128) {
+    (c.addr().to_bits(), c.broadcast().to_bits())
+}
+
+/// The owner of a range in `ranges` that overlaps `c`'s, if any. The ranges
+/// are disjoint: if any overlaps [lo, hi], the last one that starts at or
+/// before hi does.
+fn overlapping<'a, A: Family>(ranges: &'a Ranges, c: &Cidr<A>) -> Option<&'a str> {
+    let (lo, hi) = range(c);
+    ranges
+        .range(..=hi)
+        .next_back()
+        .filter(|(_, (end, _))| *end >= lo)
+        .map(|(_, (_, owner))| owner.as_str())
 }
 
 impl Claims {
     /// Whether `n` can join the nodes kept so far; the problem if not.
-    fn check(&self, n: &Node, cluster: &Ipv4Cidr, w: Vocabulary) -> Result<(), String> {
+    fn check(&self, n: &Node, clusters: &ClusterCidrs, w: Vocabulary) -> Result<(), String> {
         let this = w.name(&n.name);
+        let cluster = &clusters.v4;
         if !cluster.contains(n.pod_cidr.addr()) || n.pod_cidr.prefix() < cluster.prefix() {
             return Err(format!(
                 "{this}: {} {} is outside the cluster CIDR {}; skipped",
                 w.pod_cidr, n.pod_cidr, cluster
             ));
+        }
+        if let Some(c6) = &n.pod_cidr6 {
+            match &clusters.v6 {
+                None => {
+                    return Err(format!(
+                        "{this}: {} {c6} is IPv6, but this cluster has no IPv6 CIDR (set the agent's cluster-cidr6 for a dual-stack cluster); skipped",
+                        w.pod_cidr
+                    ));
+                }
+                Some(cluster6)
+                    if !cluster6.contains(c6.addr()) || c6.prefix() < cluster6.prefix() =>
+                {
+                    return Err(format!(
+                        "{this}: {} {c6} is outside the IPv6 cluster CIDR {cluster6}; skipped",
+                        w.pod_cidr
+                    ));
+                }
+                Some(_) => {}
+            }
         }
         if self.names.contains_key(&n.name) {
             return Err(format!(
@@ -155,12 +230,7 @@ impl Claims {
                 w.name(other)
             ));
         }
-        // The ranges are disjoint: if any overlaps [lo, hi], the last one
-        // that starts at or before hi does.
-        let (lo, hi) = range(&n.pod_cidr);
-        if let Some((_, (end, other))) = self.ranges.range(..=hi).next_back()
-            && *end >= lo
-        {
+        if let Some(other) = overlapping(&self.ranges, &n.pod_cidr) {
             return Err(format!(
                 "{this}: {} {} overlaps {}'s {}; skipped",
                 w.pod_cidr,
@@ -169,21 +239,41 @@ impl Claims {
                 self.names[other].1
             ));
         }
+        if let Some(c6) = &n.pod_cidr6
+            && let Some(other) = overlapping(&self.ranges6, c6)
+        {
+            let theirs = self.names[other]
+                .2
+                .map(|c| c.to_string())
+                .unwrap_or_default();
+            return Err(format!(
+                "{this}: {} {c6} overlaps {}'s {theirs}; skipped",
+                w.pod_cidr,
+                w.name(other),
+            ));
+        }
         Ok(())
     }
 
     fn insert(&mut self, n: &Node) {
         self.names
-            .insert(n.name.clone(), (n.underlay_ip, n.pod_cidr));
+            .insert(n.name.clone(), (n.underlay_ip, n.pod_cidr, n.pod_cidr6));
         self.ips.insert(n.underlay_ip, n.name.clone());
         let (lo, hi) = range(&n.pod_cidr);
         self.ranges.insert(lo, (hi, n.name.clone()));
+        if let Some(c6) = &n.pod_cidr6 {
+            let (lo, hi) = range(c6);
+            self.ranges6.insert(lo, (hi, n.name.clone()));
+        }
     }
 
     fn remove(&mut self, name: &str) {
-        if let Some((ip, cidr)) = self.names.remove(name) {
+        if let Some((ip, cidr, cidr6)) = self.names.remove(name) {
             self.ips.remove(&ip);
             self.ranges.remove(&range(&cidr).0);
+            if let Some(c6) = cidr6 {
+                self.ranges6.remove(&range(&c6).0);
+            }
         }
     }
 }
@@ -244,7 +334,7 @@ impl Published {
     /// [`settled`](Published::settled), and the new entry claims nothing
     /// another node has and lies in the cluster CIDR. `false` (nothing
     /// changed): publish a full set with [`Published::replace`] instead.
-    pub fn update(&mut self, name: &str, node: Option<Node>, cluster: &Ipv4Cidr) -> bool {
+    pub fn update(&mut self, name: &str, node: Option<Node>, cluster: &ClusterCidrs) -> bool {
         // With a problem listed, the node it names may be this one (a
         // problem that would then go away): only a full set says.
         if !self.settled() {
@@ -257,12 +347,13 @@ impl Published {
             let ok = claims.check(n, cluster, Vocabulary::FILE).is_ok();
             if ok {
                 claims.insert(n);
-            } else if let Some((ip, cidr)) = before {
+            } else if let Some((ip, cidr, cidr6)) = before {
                 // Put back what was there.
                 let old = Node {
                     name: name.to_string(),
                     underlay_ip: ip,
                     pod_cidr: cidr,
+                    pod_cidr6: cidr6,
                     vtep_mac: [0; 6],
                 };
                 claims.insert(&old);
@@ -343,24 +434,33 @@ pub(crate) mod tests {
             name: name.into(),
             underlay_ip: ip.parse().unwrap(),
             pod_cidr: cidr.parse().unwrap(),
+            pod_cidr6: None,
             vtep_mac: [2, 0, 0, 0, 0, 1],
         }
     }
 
-    fn cluster() -> Ipv4Cidr {
-        "198.19.0.0/16".parse().unwrap()
+    fn cluster() -> ClusterCidrs {
+        ClusterCidrs {
+            v4: "198.19.0.0/16".parse().unwrap(),
+            v6: Some("2001:2::/48".parse().unwrap()),
+        }
     }
 
     /// The rule as first written: each node against every one kept.
-    fn quadratic(nodes: &[Node], cluster: &Ipv4Cidr) -> Vec<String> {
+    fn quadratic(nodes: &[Node], clusters: &ClusterCidrs) -> Vec<String> {
+        let (cluster, cluster6) = (clusters.v4, clusters.v6.unwrap());
         let mut kept: Vec<&Node> = Vec::new();
         for n in nodes {
             let fits = cluster.contains(n.pod_cidr.addr())
                 && n.pod_cidr.prefix() >= cluster.prefix()
+                && n.pod_cidr6.is_none_or(|c| {
+                    cluster6.contains(c.addr()) && c.prefix() >= cluster6.prefix()
+                })
                 && !kept.iter().any(|k| {
                     k.name == n.name
                         || k.underlay_ip == n.underlay_ip
                         || k.pod_cidr.overlaps(&n.pod_cidr)
+                        || matches!((k.pod_cidr6, n.pod_cidr6), (Some(a), Some(b)) if a.overlaps(&b))
                 });
             if fits {
                 kept.push(n);
@@ -386,10 +486,20 @@ pub(crate) mod tests {
         let addr = addr & (u32::MAX << (32 - prefix));
         // Now and then outside the cluster.
         let addr = if r(20) == 0 { addr ^ 0x0100_0000 } else { addr };
+        // Half of them dual-stack: an IPv6 CIDR /58 … /66 in 2001:2::/48,
+        // now and then outside it.
+        let pod_cidr6 = (r(2) == 0).then(|| {
+            let prefix = 58 + r(9) as u8;
+            let base = u128::from("2001:2::".parse::<std::net::Ipv6Addr>().unwrap());
+            let addr = base + (u128::from(r(1 << 12)) << 62);
+            let addr = if r(20) == 0 { addr ^ (1 << 80) } else { addr };
+            Ipv6Cidr::new(addr.into(), prefix)
+        });
         Node {
             name: format!("n{}", r(200)),
             underlay_ip: Ipv4Addr::new(198, 18, 0, r(250) as u8),
             pod_cidr: Ipv4Cidr::new(addr.into(), prefix),
+            pod_cidr6,
             vtep_mac: [2, 0, 0, 0, 0, 1],
         }
     }

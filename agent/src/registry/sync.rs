@@ -7,10 +7,10 @@ use std::{
 };
 
 use aya::maps::lpm_trie::Key;
-use weft_common::{RemoteNode, Vtep};
+use weft_common::{RemoteNode, Vtep, names};
 
 use crate::{
-    cidr::Ipv4Cidr,
+    cidr::{AnyCidr, Ipv4Cidr, Ipv6Cidr},
     dataplane::{DataplaneError, Maps, ip_from_key, ip_key},
     registry::Node,
 };
@@ -18,8 +18,9 @@ use crate::{
 /// What the node-facing maps should hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    /// Pod CIDR → owner. Our own CIDR maps to our own underlay address.
-    pub remotes: BTreeMap<Ipv4Cidr, RemoteNode>,
+    /// Pod CIDR (either family) → owner. Our own CIDRs map to our own
+    /// underlay address.
+    pub remotes: BTreeMap<AnyCidr, RemoteNode>,
     /// Underlay addresses of peers (not ourselves).
     pub vteps: BTreeMap<u32, Vtep>,
 }
@@ -32,28 +33,40 @@ pub struct Local<'a> {
     pub ip: Ipv4Addr,
 }
 
-/// One node's entries: its pod CIDR and owner, and (for a peer) its
+/// One node's entries: its pod CIDRs' owner, and (for a peer) its
 /// underlay address as a VTEP key.
-fn entries(n: &Node, local: Local<'_>) -> (Ipv4Cidr, RemoteNode, Option<u32>) {
+fn entries(n: &Node, local: Local<'_>) -> (RemoteNode, Option<u32>) {
     let me = n.name == local.name;
     let owner = RemoteNode {
         underlay_ip: ip_key(if me { local.ip } else { n.underlay_ip }),
         vtep_mac: n.vtep_mac,
         _pad: [0; 2],
     };
-    (n.pod_cidr, owner, (!me).then(|| ip_key(n.underlay_ip)))
+    (owner, (!me).then(|| ip_key(n.underlay_ip)))
+}
+
+/// A node's pod CIDRs: the IPv4 one, and the IPv6 one in a dual-stack
+/// cluster.
+pub fn cidrs(n: &Node) -> NodeCidrs {
+    std::iter::once(AnyCidr::V4(n.pod_cidr)).chain(n.pod_cidr6.map(AnyCidr::V6))
 }
 
 /// Builds the desired state from the registry's nodes. Collected rather
 /// than inserted one by one: a `BTreeMap` built from an iterator is sorted
 /// once and bulk-built.
 pub fn desired<'a>(nodes: impl IntoIterator<Item = &'a Node>, local: Local<'_>) -> Desired {
-    let all: Vec<_> = nodes.into_iter().map(|n| entries(n, local)).collect();
+    let all: Vec<_> = nodes
+        .into_iter()
+        .map(|n| (cidrs(n), entries(n, local)))
+        .collect();
     Desired {
-        remotes: all.iter().map(|(c, o, _)| (*c, *o)).collect(),
+        remotes: all
+            .iter()
+            .flat_map(|(cs, (o, _))| cs.clone().map(move |c| (c, *o)))
+            .collect(),
         vteps: all
             .iter()
-            .filter_map(|(_, _, v)| v.map(|ip| (ip, Vtep::default())))
+            .filter_map(|(_, (_, v))| v.map(|ip| (ip, Vtep::default())))
             .collect(),
     }
 }
@@ -112,45 +125,53 @@ fn differences<K: Ord + Copy, V: PartialEq + Copy>(
 /// The node-facing maps as [`apply`] reads and writes them: the pinned BPF
 /// maps ([`Maps`]), or a store in memory in tests.
 pub trait NodeMaps {
-    /// Pod CIDR → owner, as the map holds it now.
-    fn remotes(&self) -> BTreeMap<Ipv4Cidr, RemoteNode>;
-    fn put_remote(&mut self, cidr: &Ipv4Cidr, node: RemoteNode) -> Result<(), DataplaneError>;
-    fn del_remote(&mut self, cidr: &Ipv4Cidr) -> Result<(), DataplaneError>;
+    /// Pod CIDR → owner, as the maps (one per family) hold it now.
+    fn remotes(&self) -> BTreeMap<AnyCidr, RemoteNode>;
+    fn put_remote(&mut self, cidr: &AnyCidr, node: RemoteNode) -> Result<(), DataplaneError>;
+    fn del_remote(&mut self, cidr: &AnyCidr) -> Result<(), DataplaneError>;
     /// Peers' underlay addresses, as the map holds them now.
     fn vteps(&self) -> BTreeMap<u32, Vtep>;
     fn put_vtep(&mut self, ip: u32, vtep: Vtep) -> Result<(), DataplaneError>;
     fn del_vtep(&mut self, ip: u32) -> Result<(), DataplaneError>;
 }
 
-fn lpm_key(cidr: &Ipv4Cidr) -> Key<[u8; 4]> {
-    Key::new(u32::from(cidr.prefix()), cidr.addr().octets())
-}
-
 impl NodeMaps for Maps {
-    fn remotes(&self) -> BTreeMap<Ipv4Cidr, RemoteNode> {
-        self.remotes
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| (Ipv4Cidr::new(k.data().into(), k.prefix_len() as u8), v))
-            .collect()
+    fn remotes(&self) -> BTreeMap<AnyCidr, RemoteNode> {
+        let v4 = self.remotes.iter().filter_map(Result::ok).map(|(k, v)| {
+            let c = Ipv4Cidr::new(k.data().into(), k.prefix_len() as u8);
+            (AnyCidr::V4(c), v)
+        });
+        let v6 = self.remotes6.iter().filter_map(Result::ok).map(|(k, v)| {
+            let c = Ipv6Cidr::new(k.data().into(), k.prefix_len() as u8);
+            (AnyCidr::V6(c), v)
+        });
+        v4.chain(v6).collect()
     }
 
-    fn put_remote(&mut self, cidr: &Ipv4Cidr, node: RemoteNode) -> Result<(), DataplaneError> {
-        self.remotes
-            .insert(&lpm_key(cidr), node, 0)
-            .map_err(|source| DataplaneError::Map {
-                name: weft_common::names::REMOTE_CIDRS,
-                source,
-            })
+    fn put_remote(&mut self, cidr: &AnyCidr, node: RemoteNode) -> Result<(), DataplaneError> {
+        match cidr {
+            AnyCidr::V4(c) => self
+                .remotes
+                .insert(&Key::new(c.prefix().into(), c.addr().octets()), node, 0)
+                .map_err(map_error(names::REMOTE_CIDRS)),
+            AnyCidr::V6(c) => self
+                .remotes6
+                .insert(&Key::new(c.prefix().into(), c.addr().octets()), node, 0)
+                .map_err(map_error(names::REMOTE_CIDRS6)),
+        }
     }
 
-    fn del_remote(&mut self, cidr: &Ipv4Cidr) -> Result<(), DataplaneError> {
-        self.remotes
-            .remove(&lpm_key(cidr))
-            .map_err(|source| DataplaneError::Map {
-                name: weft_common::names::REMOTE_CIDRS,
-                source,
-            })
+    fn del_remote(&mut self, cidr: &AnyCidr) -> Result<(), DataplaneError> {
+        match cidr {
+            AnyCidr::V4(c) => self
+                .remotes
+                .remove(&Key::new(c.prefix().into(), c.addr().octets()))
+                .map_err(map_error(names::REMOTE_CIDRS)),
+            AnyCidr::V6(c) => self
+                .remotes6
+                .remove(&Key::new(c.prefix().into(), c.addr().octets()))
+                .map_err(map_error(names::REMOTE_CIDRS6)),
+        }
     }
 
     fn vteps(&self) -> BTreeMap<u32, Vtep> {
@@ -176,6 +197,14 @@ impl NodeMaps for Maps {
     }
 }
 
+/// A node's pod CIDRs as [`cidrs`] lists them.
+pub type NodeCidrs = std::iter::Chain<std::iter::Once<AnyCidr>, std::option::IntoIter<AnyCidr>>;
+
+/// The map error of a failed write to map `name`.
+fn map_error(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
 /// What one apply changed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
@@ -195,8 +224,8 @@ pub struct Written(Option<State>);
 #[derive(Debug)]
 struct State {
     desired: Desired,
-    /// Each node's entries: pod CIDR and VTEP key (none for this node).
-    owners: HashMap<String, (Ipv4Cidr, Option<u32>)>,
+    /// Each node's entries: pod CIDRs and VTEP key (none for this node).
+    owners: HashMap<String, (NodeCidrs, Option<u32>)>,
     /// The registry's generation these are (`Published::generation`).
     generation: u64,
 }
@@ -222,7 +251,7 @@ type Diff<K, V> = (Vec<(K, V)>, Vec<K>);
 /// node whose pod CIDR moves is never without an entry).
 fn write(
     maps: &mut impl NodeMaps,
-    (put_r, del_r): Diff<Ipv4Cidr, RemoteNode>,
+    (put_r, del_r): Diff<AnyCidr, RemoteNode>,
     (put_v, del_v): Diff<u32, Vtep>,
 ) -> Result<Changes, DataplaneError> {
     let mut c = Changes::default();
@@ -269,10 +298,7 @@ pub fn apply<'a>(
     }
     let owners = nodes
         .into_iter()
-        .map(|n| {
-            let (cidr, _, vtep) = entries(n, local);
-            (n.name.clone(), (cidr, vtep))
-        })
+        .map(|n| (n.name.clone(), (cidrs(n), entries(n, local).1)))
         .collect();
     written.0 = Some(State {
         desired: want,
@@ -299,15 +325,17 @@ pub fn apply_changes(
         return Ok(None);
     };
     // What each touched key held before, recorded before it changes.
-    let mut before_r: BTreeMap<Ipv4Cidr, Option<RemoteNode>> = BTreeMap::new();
+    let mut before_r: BTreeMap<AnyCidr, Option<RemoteNode>> = BTreeMap::new();
     let mut before_v: BTreeMap<u32, Option<Vtep>> = BTreeMap::new();
     let d = &mut s.desired;
     for (name, _) in changes {
-        if let Some((cidr, vtep)) = s.owners.remove(name) {
-            before_r
-                .entry(cidr)
-                .or_insert_with(|| d.remotes.get(&cidr).copied());
-            d.remotes.remove(&cidr);
+        if let Some((cidrs, vtep)) = s.owners.remove(name) {
+            for cidr in cidrs {
+                before_r
+                    .entry(cidr)
+                    .or_insert_with(|| d.remotes.get(&cidr).copied());
+                d.remotes.remove(&cidr);
+            }
             if let Some(ip) = vtep {
                 before_v
                     .entry(ip)
@@ -318,18 +346,20 @@ pub fn apply_changes(
     }
     for (name, node) in changes {
         let Some(n) = node else { continue };
-        let (cidr, owner, vtep) = entries(n, local);
-        before_r
-            .entry(cidr)
-            .or_insert_with(|| d.remotes.get(&cidr).copied());
-        d.remotes.insert(cidr, owner);
+        let (owner, vtep) = entries(n, local);
+        for cidr in cidrs(n) {
+            before_r
+                .entry(cidr)
+                .or_insert_with(|| d.remotes.get(&cidr).copied());
+            d.remotes.insert(cidr, owner);
+        }
         if let Some(ip) = vtep {
             before_v
                 .entry(ip)
                 .or_insert_with(|| d.vteps.get(&ip).copied());
             d.vteps.insert(ip, Vtep::default());
         }
-        s.owners.insert(name.clone(), (cidr, vtep));
+        s.owners.insert(name.clone(), (cidrs(n), vtep));
     }
     fn split<K: Ord + Copy, V: PartialEq + Copy>(
         before: BTreeMap<K, Option<V>>,
@@ -379,12 +409,14 @@ mod tests {
                 name: "a".into(),
                 underlay_ip: "198.18.0.1".parse().unwrap(),
                 pod_cidr: "198.19.1.0/24".parse().unwrap(),
+                pod_cidr6: None,
                 vtep_mac: [2, 0, 0, 0, 0, 1],
             },
             Node {
                 name: "b".into(),
                 underlay_ip: "198.18.0.2".parse().unwrap(),
                 pod_cidr: "198.19.2.0/24".parse().unwrap(),
+                pod_cidr6: None,
                 vtep_mac: [2, 0, 0, 0, 0, 2],
             },
         ];
@@ -398,7 +430,7 @@ mod tests {
         assert_eq!(d.remotes.len(), 2);
         assert_eq!(d.vteps.len(), 1);
         assert!(d.vteps.contains_key(&ip_key("198.18.0.2".parse().unwrap())));
-        let own = d.remotes[&"198.19.1.0/24".parse().unwrap()];
+        let own = d.remotes[&AnyCidr::V4("198.19.1.0/24".parse().unwrap())];
         assert_eq!(
             ip_from_key(own.underlay_ip),
             "198.18.0.1".parse::<std::net::Ipv4Addr>().unwrap()
