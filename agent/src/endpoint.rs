@@ -33,6 +33,8 @@ pub enum EndpointError {
         "{ip} is IPv6, but this node has no IPv6 pod CIDR (is the agent running with cluster-cidr6, and does the node have an IPv6 pod CIDR?)"
     )]
     NoIpv6 { ip: Ipv6Addr },
+    #[error("turning IPv6 on for the pod's interface: {0}")]
+    Ipv6Off(crate::host::sysctl::SysctlError),
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
@@ -183,6 +185,12 @@ fn wire(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointErro
         nl.replace_neighbour(eth.index, gw, host_mac)?;
         if let (Some(ip6), Some(v6)) = (spec.ip6, &node.v6) {
             let gw6 = IpAddr::V6(v6.gateway);
+            // A runtime may create the namespace with IPv6 off (as the
+            // bridge plugin does, turned on for the interface it gives an
+            // IPv6 address).
+            enable_ipv6(&spec.ifname)?;
+            // The pod's traffic to its own address takes `lo`.
+            enable_ipv6("lo")?;
             nl.replace_address(eth.index, IpAddr::V6(ip6), 128)?;
             nl.replace_route(&Route::on_link(gw6, 128, eth.index))?;
             nl.replace_route(&Route {
@@ -214,6 +222,7 @@ fn wire(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointErro
     nl.replace_route(&Route::on_link(IpAddr::V4(spec.ip), 32, host_if.index))?;
     nl.replace_neighbour(host_if.index, IpAddr::V4(spec.ip), pod_mac)?;
     if let Some(ip6) = spec.ip6 {
+        enable_ipv6(host)?;
         nl.replace_route(&Route::on_link(IpAddr::V6(ip6), 128, host_if.index))?;
         nl.replace_neighbour(host_if.index, IpAddr::V6(ip6), pod_mac)?;
     }
@@ -234,6 +243,12 @@ fn wire(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointErro
         pod_mac,
         host_ifindex: host_if.index,
     })
+}
+
+/// Turns IPv6 on for interface `ifname` of the caller's namespace.
+fn enable_ipv6(ifname: &str) -> Result<(), EndpointError> {
+    crate::host::sysctl::set(&format!("net.ipv6.conf.{ifname}.disable_ipv6"), "0")
+        .map_err(EndpointError::Ipv6Off)
 }
 
 /// An entry's flags: whether XDP decap may redirect into the pod's veth,

@@ -120,9 +120,9 @@ fn forward_v4(ctx: &TcContext, origin: Origin, eth: *mut EthHdr) -> Verdict<i32>
     encap::encap_and_redirect(ctx, &remote, ETH_P_IP)
 }
 
-/// [`forward`] for IPv6. What a pod's stack keeps on its link (neighbour
-/// discovery, MLD: link-local, multicast or unspecified addresses) is the
-/// node's; the rest is checked and forwarded as IPv4 is, with the hop
+/// [`forward`] for IPv6. What a stack keeps on its link (neighbour
+/// discovery, MLD: link-local, multicast or unspecified addresses) is left
+/// to it; the rest is checked and forwarded as IPv4 is, with the hop
 /// limit in place of the TTL (no header checksum to mend).
 #[inline(always)]
 fn forward_v6(ctx: &TcContext, origin: Origin, eth: *mut EthHdr) -> Verdict<i32> {
@@ -134,7 +134,11 @@ fn forward_v6(ctx: &TcContext, origin: Origin, eth: *mut EthHdr) -> Verdict<i32>
         return Err(DropReason::Malformed);
     }
     if ipv6_link_scoped(&hdr.src) || ipv6_link_scoped(&hdr.dst) {
-        return not_ours(origin);
+        // Also on weft0, whose own link-local chatter (MLD reports, router
+        // solicitations) goes on to its peer, a dead end, uncounted as a
+        // drop: it is the node's, not a packet weft failed to route.
+        count_fwd(FwdReason::Passthrough);
+        return Ok(TC_ACT_UNSPEC);
     }
     if origin == Origin::Pod {
         match its_pod6(ctx, &hdr.src) {

@@ -9,8 +9,13 @@ use weft_tests::{
 
 const ECHO_PORT: u16 = 7000;
 
+/// The dual-stack cases.
+#[path = "dataplane/ipv6.rs"]
+mod ipv6;
+
 /// ICMP, TCP and UDP from `from` to `to`; returns the protocols that failed.
-fn reach(from: &Netns, to: Ipv4Addr) -> Vec<&'static str> {
+fn reach(from: &Netns, to: impl Into<std::net::IpAddr>) -> Vec<&'static str> {
+    let to = to.into();
     let mut failed = Vec::new();
     if !ping(from, to, 1) {
         failed.push("icmp");

@@ -156,6 +156,7 @@ impl Mixed {
             name: ns.name.clone(),
             ns,
             ip,
+            ip6: None,
             node: i,
         };
         self.pods.push(pod.clone());

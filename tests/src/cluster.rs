@@ -14,6 +14,10 @@ use crate::lab::{Lab, Netns};
 pub const UNDERLAY_PREFIX: &str = "198.18.0";
 /// Cluster CIDR used by labs.
 pub const CLUSTER_CIDR: &str = "198.19.0.0/16";
+/// The IPv6 cluster CIDR of a dual-stack lab: in 2001:2::/48, IPv6's
+/// benchmarking range (RFC 5180), as 198.18.0.0/15 is IPv4's; node N's pod
+/// CIDR is 2001:2:0:N::/64.
+pub const CLUSTER_CIDR6: &str = "2001:2::/48";
 
 /// Path of the `weft` binary next to the running test/xtask executable.
 pub fn weft_bin() -> PathBuf {
@@ -82,6 +86,8 @@ pub struct NodeInfo {
     pub ns: Netns,
     pub underlay_ip: Ipv4Addr,
     pub pod_cidr: String,
+    /// Its IPv6 pod CIDR, in a dual-stack cluster.
+    pub pod_cidr6: Option<String>,
     pub bpffs: PathBuf,
     pub run_dir: PathBuf,
 }
@@ -92,6 +98,8 @@ pub struct PodInfo {
     pub name: String,
     pub ns: Netns,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, in a dual-stack cluster.
+    pub ip6: Option<std::net::Ipv6Addr>,
     pub node: usize,
 }
 
@@ -172,9 +180,18 @@ pub struct ClusterSpec {
     /// The CNI configuration's `tcAttach` for the pods (none: the plugin's
     /// default, `auto`).
     pub tc_attach: Option<&'static str>,
+    /// Dual-stack: agents with `--cluster-cidr6` ([`CLUSTER_CIDR6`]), nodes
+    /// with an IPv6 pod CIDR each, pods with an address of each family.
+    pub dual_stack: bool,
 }
 
 impl ClusterSpec {
+    /// This spec, dual-stack.
+    pub fn dual_stack(mut self) -> Self {
+        self.dual_stack = true;
+        self
+    }
+
     /// Two nodes with one pod each: the smallest cluster with a cross-node path.
     pub fn pair() -> Self {
         Self {
@@ -212,6 +229,7 @@ impl Default for ClusterSpec {
             agent_args: Vec::new(),
             underlay: UnderlayKind::default(),
             tc_attach: None,
+            dual_stack: false,
         }
     }
 }
@@ -262,6 +280,9 @@ impl Cluster {
                 ns,
                 underlay_ip: ip,
                 pod_cidr: format!("198.19.{}.0/24", i + 1),
+                pod_cidr6: spec
+                    .dual_stack
+                    .then(|| format!("2001:2:0:{:x}::/64", i + 1)),
                 bpffs: bpffs.join(format!("node-{}", i + 1)),
                 run_dir: lab.dir.join(format!("node-{}", i + 1)),
             });
@@ -316,9 +337,13 @@ impl Cluster {
     pub fn write_nodes_file(&self) {
         let mut s = String::new();
         for n in &self.nodes {
+            let cidrs = match &n.pod_cidr6 {
+                Some(c6) => format!("pod_cidrs = [\"{}\", \"{c6}\"]", n.pod_cidr),
+                None => format!("pod_cidr = \"{}\"", n.pod_cidr),
+            };
             s += &format!(
-                "[[node]]\nname = \"{}\"\nunderlay_ip = \"{}\"\npod_cidr = \"{}\"\n\n",
-                n.name, n.underlay_ip, n.pod_cidr
+                "[[node]]\nname = \"{}\"\nunderlay_ip = \"{}\"\n{cidrs}\n\n",
+                n.name, n.underlay_ip
             );
         }
         for f in &self.foreign {
@@ -363,6 +388,9 @@ impl Cluster {
         .arg(&n.run_dir)
         .args(&self.spec.agent_args)
         .env("WEFT_LOG", "info");
+        if self.spec.dual_stack {
+            cmd.args(["--cluster-cidr6", CLUSTER_CIDR6]);
+        }
         if let Some(p) = &self.path {
             cmd.env("PATH", p);
         }
@@ -485,10 +513,24 @@ impl Cluster {
             .next()
             .and_then(|a| a.parse().ok())
             .expect("IPv4 address");
+        // A dual-stack pod's IPv6 address comes second.
+        let ip6 = result["ips"].get(1).map(|v6| {
+            let addr = v6["address"].as_str().expect("an IPv6 address");
+            addr.split('/')
+                .next()
+                .and_then(|a| a.parse().ok())
+                .expect("IPv6 address")
+        });
+        assert_eq!(
+            ip6.is_some(),
+            self.spec.dual_stack,
+            "CNI ADD result: {result}"
+        );
         let pod = PodInfo {
             name: ns.name.clone(),
             ns,
             ip,
+            ip6,
             node: i,
         };
         self.pods.push(pod.clone());

@@ -26,8 +26,8 @@ pub mod traffic;
 
 pub use baselines::{FlannelNode, bridge_pod};
 pub use cluster::{
-    CLUSTER_CIDR, Cluster, ClusterSpec, ForeignNode, NodeInfo, PodInfo, UNDERLAY_PREFIX, Underlay,
-    UnderlayKind, cni_bin, run_cni_plugin, weft_bin,
+    CLUSTER_CIDR, CLUSTER_CIDR6, Cluster, ClusterSpec, ForeignNode, NodeInfo, PodInfo,
+    UNDERLAY_PREFIX, Underlay, UnderlayKind, cni_bin, run_cni_plugin, weft_bin,
 };
 pub use lab::{InNetns, Lab, Netns, Proc, logged_tools, privileged, sh, try_sh, wait_for};
 pub use runtime::{busybox_image, podman_store_args};

@@ -10,7 +10,7 @@
 use std::{
     collections::HashSet,
     io::{Read, Write},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::PathBuf,
     sync::{
         Arc,
@@ -160,7 +160,7 @@ impl TcpStream {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         // Long enough for a node's dataplane to be replaced under it.
-        let receiver = checked_receiver(to, dst, port, Duration::from_secs(30));
+        let receiver = checked_receiver(to, dst.into(), port, Duration::from_secs(30));
         let (flag, count) = (stop.clone(), sent.clone());
         let sender = std::thread::spawn(move || -> Result<(), String> {
             let _inside = InNetns::enter_path(&from);
@@ -238,13 +238,14 @@ impl Drop for TcpStream {
 /// `secs` seconds with `extra` client flags; the received rate in Gbit/s.
 pub fn iperf_gbps(
     server: &Netns,
-    server_ip: Ipv4Addr,
+    server_ip: impl Into<IpAddr>,
     client: &Netns,
     lab: &mut Lab,
     name: &str,
     secs: u32,
     extra: &[&str],
 ) -> f64 {
+    let server_ip = server_ip.into();
     let mut cmd = server.command("iperf3");
     cmd.args(["-s", "-1", "--forceflush", "-B", &server_ip.to_string()]);
     lab.spawn(name, cmd);
@@ -274,7 +275,8 @@ pub fn iperf_gbps(
 }
 
 /// `ping -c COUNT -W 1 -i 0.05 DST` from `ns`; true when every reply came.
-pub fn ping(ns: &Netns, dst: Ipv4Addr, count: u32) -> bool {
+pub fn ping(ns: &Netns, dst: impl Into<IpAddr>, count: u32) -> bool {
+    let dst = dst.into();
     ns.try_sh(
         "ping",
         &[
@@ -300,8 +302,9 @@ pub struct EchoServer {
 }
 
 impl EchoServer {
-    pub fn start(ns: &Netns, ip: Ipv4Addr, port: u16) -> Self {
+    pub fn start(ns: &Netns, ip: impl Into<IpAddr>, port: u16) -> Self {
         use std::io::{Read, Write};
+        let ip = ip.into();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let ns = ns.clone();
@@ -365,11 +368,12 @@ pub(crate) fn bulk_word(i: u64) -> [u8; 8] {
 /// went wrong.
 pub fn bulk_tcp_intact(
     server: &Netns,
-    ip: Ipv4Addr,
+    ip: impl Into<IpAddr>,
     port: u16,
     client: &Netns,
     bytes: u64,
 ) -> Result<(), String> {
+    let ip = ip.into();
     let receiver = checked_receiver(server.path(), ip, port, Duration::from_secs(10))?;
     let sent = (|| {
         let _inside = InNetns::enter(client);
@@ -401,7 +405,7 @@ pub fn bulk_tcp_intact(
 /// then says how many bytes came, or where they went wrong.
 fn checked_receiver(
     netns: PathBuf,
-    ip: Ipv4Addr,
+    ip: IpAddr,
     port: u16,
     read_timeout: Duration,
 ) -> Result<JoinHandle<Result<u64, String>>, String> {
@@ -437,8 +441,9 @@ fn checked_receiver(
 }
 
 /// One TCP round trip from inside `from` to `ip:port`: true when the echo matches.
-pub fn tcp_roundtrip(from: &Netns, ip: Ipv4Addr, port: u16) -> bool {
+pub fn tcp_roundtrip(from: &Netns, ip: impl Into<IpAddr>, port: u16) -> bool {
     use std::io::{Read, Write};
+    let ip = ip.into();
     let _inside = InNetns::enter(from);
     let Ok(mut s) =
         std::net::TcpStream::connect_timeout(&(ip, port).into(), Duration::from_secs(2))
@@ -457,9 +462,15 @@ pub fn tcp_roundtrip(from: &Netns, ip: Ipv4Addr, port: u16) -> bool {
 /// One UDP round trip (3 tries) from inside `from` to `ip:port`: true when
 /// the echo comes back from `ip:port` itself (a reply from any other address,
 /// e.g. a Service backend whose reply missed its reverse NAT, does not count).
-pub fn udp_roundtrip(from: &Netns, ip: Ipv4Addr, port: u16) -> bool {
+pub fn udp_roundtrip(from: &Netns, ip: impl Into<IpAddr>, port: u16) -> bool {
+    let ip = ip.into();
     let _inside = InNetns::enter(from);
-    let Ok(s) = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
+    let any: IpAddr = if ip.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    let Ok(s) = std::net::UdpSocket::bind((any, 0)) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(700)));

@@ -106,6 +106,10 @@ pub fn setup(
             mtu: Some(mtu),
         })?;
         sysctl::set("net.ipv6.conf.all.forwarding", "1")?;
+        // Decapsulated IPv6 for the node itself (its gateway address) goes
+        // up the stack on the underlay device, which drops IPv6 where it
+        // is turned off.
+        sysctl::set(&format!("net.ipv6.conf.{underlay}.disable_ipv6"), "0")?;
     }
     sysctl::set("net.ipv4.ip_forward", "1")?;
     // Decapsulated packets arrive on the underlay from pod sources routed via
