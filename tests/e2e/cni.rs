@@ -598,3 +598,140 @@ fn chained_with_debian_portmap_and_bandwidth() {
     }
     assert!(c.cni(0, "DEL", "web", &netns, &weft).status.success());
 }
+
+/// Addresses in node-1's IPv6 IPAM store (`v6/` in the IPv4 one).
+fn ipam6_files(c: &Cluster) -> Vec<String> {
+    let dir = c.nodes[0].run_dir.join("ipam/weft/v6");
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.parse::<std::net::Ipv6Addr>().is_ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn dual_stack_add_check_del_gc_in_every_version() {
+    if !privileged("dual_stack_add_check_del_gc_in_every_version") {
+        return;
+    }
+    let mut lab = Lab::new("cn6");
+    let mut c = Cluster::new(&mut lab, ClusterSpec::nodes_only(1).dual_stack());
+    c.launch(&mut lab);
+    for version in ["0.3.1", "0.4.0", "1.0.0", "1.1.0"] {
+        let pod = lab.netns(&format!("q{}", version.replace('.', "")));
+        let netns = pod.path().display().to_string();
+        let id = format!("ds-{version}");
+        let conf = c.cni_conf(0, version);
+        let out = c.cni(0, "ADD", &id, &netns, &conf);
+        assert!(
+            out.status.success(),
+            "ADD {version}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let r = json_of(&out);
+        let ips = r["ips"].as_array().expect("ips");
+        assert_eq!(ips.len(), 2, "an address of each family: {r}");
+        let v6 = &ips[1];
+        let addr6 = v6["address"].as_str().unwrap().to_string();
+        assert!(
+            addr6.starts_with("2001:2:0:1::") && addr6.ends_with("/128"),
+            "{r}"
+        );
+        assert_eq!(v6["gateway"], "2001:2:0:1::1");
+        assert_eq!(v6["interface"], 1);
+        assert_eq!(
+            v6.get("version").map(|v| v == "6"),
+            version.starts_with("0.").then_some(true),
+            "the 0.x result format: {r}"
+        );
+        assert!(
+            r["routes"]
+                .as_array()
+                .unwrap()
+                .contains(&json!({"dst": "::/0", "gw": "2001:2:0:1::1"})),
+            "{r}"
+        );
+        let ip6 = addr6.trim_end_matches("/128");
+        assert!(
+            pod.ip(&["-6", "-o", "addr", "show", "dev", "eth0"])
+                .contains(&addr6),
+            "the pod has {addr6}"
+        );
+        assert!(
+            ping(
+                &pod,
+                "2001:2:0:1::1".parse::<std::net::Ipv6Addr>().unwrap(),
+                1
+            ),
+            "the pod reaches its IPv6 gateway"
+        );
+        assert_eq!(ipam6_files(&c), [ip6.to_string()]);
+        if version != "0.3.1" {
+            let mut with_prev = conf.clone();
+            with_prev["prevResult"] = r.clone();
+            let out = c.cni(0, "CHECK", &id, &netns, &with_prev);
+            assert!(
+                out.status.success(),
+                "CHECK {version}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            pod.ip(&["-6", "route", "del", "default", "dev", "eth0"]);
+            let v = spec_error(&c.cni(0, "CHECK", &id, &netns, &with_prev), 101, version);
+            assert!(v["details"].as_str().unwrap().contains(&addr6), "{v}");
+        }
+        for round in ["DEL", "DEL again"] {
+            let out = c.cni(0, "DEL", &id, &netns, &conf);
+            assert!(
+                out.status.success(),
+                "{round} {version}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        assert!(
+            ipam_files(&c).is_empty() && ipam6_files(&c).is_empty(),
+            "both addresses released"
+        );
+        assert_eq!(
+            endpoints(&c),
+            0,
+            "both endpoint entries removed: {}",
+            c.status(0)["endpoints"]
+        );
+        assert_eq!(host_veths(&c), 0, "host veth removed");
+    }
+
+    // GC: what no valid attachment holds goes, in both stores.
+    let conf = c.cni_conf(0, "1.1.0");
+    let pods: Vec<Netns> = (0..2).map(|i| lab.netns(&format!("h{i}"))).collect();
+    for p in &pods {
+        assert!(
+            c.cni(0, "ADD", &p.name, p.path().to_str().unwrap(), &conf)
+                .status
+                .success()
+        );
+    }
+    assert_eq!(
+        (ipam_files(&c).len(), ipam6_files(&c).len(), endpoints(&c)),
+        (2, 2, 4)
+    );
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": pods[1].name, "ifname": "eth0"}]);
+    assert!(c.cni(0, "GC", "", "", &gc).status.success());
+    assert_eq!(
+        (ipam_files(&c).len(), ipam6_files(&c).len(), endpoints(&c)),
+        (1, 1, 2)
+    );
+    assert!(
+        ping(
+            &pods[1],
+            "2001:2:0:1::1".parse::<std::net::Ipv6Addr>().unwrap(),
+            1
+        ),
+        "the kept pod still works over IPv6"
+    );
+}

@@ -552,10 +552,23 @@ mod tests {
                 netdev::vtep_mac_for(Ipv4Addr::new(198, 18, 0, 2))
             )
         );
+        // Dual-stack: spec.podCIDRs, one per family, in either order.
+        assert_eq!(
+            (n.pod_cidr.to_string(), n.pod_cidr6.map(|c| c.to_string())),
+            ("198.19.2.0/24".into(), Some("fd00::/64".into()))
+        );
         for (json, needle) in [
             (
                 serde_json::json!({"metadata": {"name": "c"}, "spec": {}}),
                 "no spec.podCIDR",
+            ),
+            (
+                serde_json::json!({"metadata": {"name": "c6"}, "spec": {"podCIDRs": ["fd00::/64", "fd00:1::/64"]}}),
+                "spec.podCIDRs has two IPv6 CIDRs",
+            ),
+            (
+                serde_json::json!({"metadata": {"name": "c7"}, "spec": {"podCIDRs": ["fd00::/64"]}}),
+                "not IPv6-only ones yet",
             ),
             (
                 serde_json::json!({"metadata": {"name": "d", "annotations": {ANNOTATION_UNDERLAY_IP: "nope"}}, "spec": {"podCIDR": "198.19.4.0/24"}}),

@@ -238,6 +238,52 @@ fn tc_encap_and_local_cases_ipv6() {
         assert_deltas(case, &before, &fx.counters(), &[(reason, 1)], &[]);
     }
 
+    // From the node (weft0's egress): to a remote pod, encapsulated; its
+    // own link-local chatter (an MLD report) passes to weft0's dead-end peer,
+    // not counted as a drop; to nowhere in the cluster, dropped.
+    let weft0_mac = [0x02, 0xdd, 0, 0, 0, 1];
+    let from_node =
+        |ip: &[u8]| pktgen::eth([0x02, 0xde, 0, 0, 0, 1], weft0_mac, pktgen::ETH_P_IPV6, ip);
+    let mld = Ipv6 {
+        hop_limit: 1,
+        ..Ipv6::new(LINK_LOCAL, Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x16), 0)
+    }
+    .icmp6(143, 0, &[0u8; 4]);
+    for (case, sent, action, fwd) in [
+        (
+            "node to a remote pod",
+            Ipv6::new(GATEWAY6, REMOTE_POD6, 0).echo(2, 2, b"x"),
+            TC_ACT_REDIRECT,
+            Some(FwdReason::Encap),
+        ),
+        (
+            "weft0's MLD report",
+            mld,
+            TC_ACT_UNSPEC,
+            Some(FwdReason::Passthrough),
+        ),
+        (
+            "node to no node's CIDR",
+            Ipv6::new(GATEWAY6, NOWHERE6, 0).echo(2, 2, b"x"),
+            TC_ACT_SHOT,
+            None,
+        ),
+    ] {
+        let before = fx.counters();
+        let (got, _) = fx.tc_prog(weft_common::names::PROG_FROM_HOST, &from_node(&sent));
+        assert_eq!(got, action, "{case}");
+        match fwd {
+            Some(f) => assert_deltas(case, &before, &fx.counters(), &[], &[(f, 1)]),
+            None => assert_deltas(
+                case,
+                &before,
+                &fx.counters(),
+                &[(DropReason::NoRoute, 1)],
+                &[],
+            ),
+        }
+    }
+
     // A pod's own address from another veth is spoofed too.
     let und = fx.und.index;
     let before = fx.counters();
