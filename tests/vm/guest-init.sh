@@ -6,7 +6,8 @@
 # tc and xdp force that decap on a veth underlay; nic puts each node on one
 # of the guest's two virtio-net NICs (wired to each other by the runner) with
 # the default `--decap auto`, then checks `--decap tc` there too, and `auto`
-# again on a jumbo MTU and on a VLAN.
+# again on a jumbo MTU and on a VLAN. The nodes are dual-stack: the pods
+# also talk IPv6 (2001:2:0:N::/64) in the same IPv4 tunnel.
 # The guest has no iptables: masquerading is off (--ip-masq=false).
 # Busybox's sh prefers its own applets: host binaries are called by path.
 export PATH=/usr/sbin:/usr/bin:/bin
@@ -48,16 +49,16 @@ cat > /tmp/nodes.toml <<T
 [[node]]
 name = "node-1"
 underlay_ip = "198.18.0.1"
-pod_cidr = "198.19.1.0/24"
+pod_cidrs = ["198.19.1.0/24", "2001:2:0:1::/64"]
 [[node]]
 name = "node-2"
 underlay_ip = "198.18.0.2"
-pod_cidr = "198.19.2.0/24"
+pod_cidrs = ["198.19.2.0/24", "2001:2:0:2::/64"]
 T
 UND=u  # the underlay is $UND1 on node-1, $UND2 on node-2
 agent() { # node-index log
   $NS --net=/run/netns/n$1 $WEFT agent --node-name node-$1 --iface $UND$1 --cluster-cidr 198.19.0.0/16 \
-    --nodes-file /tmp/nodes.toml --bpffs-dir /bpf/n$1 --run-dir /tmp/run$1 --decap $DECAP \
+    --cluster-cidr6 2001:2::/48 --nodes-file /tmp/nodes.toml --bpffs-dir /bpf/n$1 --run-dir /tmp/run$1 --decap $DECAP \
     --metrics-addr 127.0.0.1:980$1 --ip-masq=false > $2 2>&1 &
   echo $! > $2.pid
   for t in $(seq 1 120); do grep -q "ready run_dir=" $2 && break; sleep 0.5; done
@@ -66,7 +67,7 @@ agent() { # node-index log
 agent 1 /tmp/a1.log; agent 2 /tmp/a2.log
 for i in 1 2; do
   $NS --net=/run/netns/n$i $WEFT endpoint add --netns /run/netns/p$i --id pod$i --ip 198.19.$i.10 \
-    --run-dir /tmp/run$i > /dev/null 2>&1 || echo "GUEST endpoint add FAILED on node-$i"
+    --ip6 2001:2:0:$i::10 --run-dir /tmp/run$i > /dev/null 2>&1 || echo "GUEST endpoint add FAILED on node-$i"
 done
 $NS --net=/run/netns/p1 ping -c 3 -W 2 198.19.2.10 > /dev/null 2>&1 && echo "GUEST ping ok" || echo "GUEST ping FAILED"
 iperf() { # client-netns server-netns server-ip seconds: "iperf3 <its receiver line>" or "iperf3 FAILED"
@@ -76,6 +77,10 @@ iperf() { # client-netns server-netns server-ip seconds: "iperf3 <its receiver l
     && echo "iperf3 $(grep receiver /tmp/iperf.log)" || echo "iperf3 FAILED"
 }
 echo "GUEST $(iperf p1 p2 198.19.2.10 3)"
+# IPv6 pods in the same tunnel (TC decap before 6.3 delivers them through
+# the veth, as the kernel cannot retype a stripped skb there).
+$NS --net=/run/netns/p1 ping -6 -c 3 -W 2 2001:2:0:2::10 > /dev/null 2>&1 && echo "GUEST ping6 ok" || echo "GUEST ping6 FAILED"
+echo "GUEST ipv6 $(iperf p1 p2 2001:2:0:2::10 2)"
 $NS --net=/run/netns/n2 $WEFT status --bpffs-dir /bpf/n2 --run-dir /tmp/run2 | grep -E "^decap|^vxlan gro|forwarded|dropped" | sed 's/^/GUEST /'
 # A counter from node-N's `weft status`; the sum of its drop counters; a
 # pod's TCP checksum errors (what a frame whose checksum state the decap got

@@ -122,8 +122,10 @@ for mode in tc xdp nic; do
   fi
   check "^GUEST ping ok"
   check "^GUEST iperf3 .*receiver"
+  check "^GUEST ping6 ok"
+  check "^GUEST ipv6 iperf3 .*receiver"
   check "^GUEST decap: $decap"
-  check "^GUEST dropped: +malformed=0 unknown_vtep=0 wrong_vni=0 no_route=0 mtu=0 helper_failed=0 fib_lookup_failed=0 inner_not_ipv4=0"
+  check "^GUEST dropped: +malformed=0 unknown_vtep=0 wrong_vni=0 no_route=0 mtu=0 helper_failed=0 fib_lookup_failed=0 inner_not_ip=0"
   check "node-2: .*dataplane attached .*pods=1"
   check "^GUEST ping after restart ok"
   check "^GUEST pod veth filters: ingress 1, egress 1"
