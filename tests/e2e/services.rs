@@ -79,7 +79,8 @@ fn host_port(node: &Netns, node_ip: Ipv4Addr, pod: Ipv4Addr) {
 }
 
 /// TCP and UDP round trips from `from` to `ip:port`; the protocols that failed.
-fn round_trips(from: &Netns, ip: Ipv4Addr, port: u16) -> Vec<&'static str> {
+fn round_trips(from: &Netns, ip: impl Into<std::net::IpAddr>, port: u16) -> Vec<&'static str> {
+    let ip = ip.into();
     let mut failed = Vec::new();
     if !tcp_roundtrip(from, ip, port) {
         failed.push("tcp");
@@ -527,5 +528,78 @@ fn a_node_with_only_nftables_gets_the_masquerade_too() {
             .status
             .success(),
         "weft down removed the table"
+    );
+}
+
+#[test]
+fn dual_stack_pods_reach_the_outside_over_ipv6_behind_their_nodes_address() {
+    if !privileged("dual_stack_pods_reach_the_outside_over_ipv6_behind_their_nodes_address") {
+        return;
+    }
+    let mut lab = Lab::new("ms6");
+    let c = Cluster::start(&mut lab, ClusterSpec::pair().dual_stack());
+    // The underlay gets IPv6 too (outside the cluster's 2001:2::/48): an
+    // outside host on it, and node-1 an address there. The outside host has
+    // no route to the pods: only an answer to node-1's own address can come
+    // back.
+    let outside = lab.netns("out6");
+    let outside4 = c.underlay.plug(&outside, 200);
+    let (outside_ip, node_ip): (std::net::Ipv6Addr, std::net::Ipv6Addr) = (
+        "2001:2:ff::c8".parse().unwrap(),
+        "2001:2:ff::1".parse().unwrap(),
+    );
+    for (ns, dev) in [
+        (&c.underlay.ns, "br0"),
+        (&outside, "und0"),
+        (&c.nodes[0].ns, "und0"),
+    ] {
+        ns.sysctl(&format!("net.ipv6.conf.{dev}.disable_ipv6"), "0");
+    }
+    outside.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{outside_ip}/64"),
+        "dev",
+        "und0",
+        "nodad",
+    ]);
+    c.nodes[0].ns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{node_ip}/64"),
+        "dev",
+        "und0",
+        "nodad",
+    ]);
+    let _echo = EchoServer::start(&outside, outside_ip, ECHO_PORT);
+    let node = &c.nodes[0].ns;
+    assert!(
+        node.sh("ip6tables", &["-t", "nat", "-S"])
+            .contains(weft_agent::host::masq::CHAIN),
+        "IPv6 rules installed for the IPv6 cluster CIDR"
+    );
+    let pod = &c.pods[0];
+    let failed = round_trips(&pod.ns, outside_ip, ECHO_PORT);
+    assert!(
+        failed.is_empty(),
+        "pod → outside host over IPv6: {failed:?}"
+    );
+    // IPv4 beside it, as before.
+    let _echo4 = EchoServer::start(&outside, outside4, ECHO_PORT);
+    assert!(round_trips(&pod.ns, outside4, ECHO_PORT).is_empty());
+
+    restart_agent(&mut lab, &c, 0, &["--ip-masq=false"]);
+    assert!(
+        !node
+            .sh("ip6tables", &["-t", "nat", "-S"])
+            .contains(weft_agent::host::masq::CHAIN),
+        "removed with --ip-masq=false"
+    );
+    assert_eq!(
+        round_trips(&pod.ns, outside_ip, ECHO_PORT),
+        ["tcp", "udp"],
+        "without masquerade the outside host cannot answer the pod over IPv6"
     );
 }

@@ -146,9 +146,9 @@ pub(super) fn set_up_masquerade(cfg: &AgentConfig) {
         }
         return;
     }
-    match crate::host::masq::install(&cfg.cluster_cidr) {
+    match crate::host::masq::install(&cfg.clusters()) {
         Ok(backend) => {
-            tracing::info!(cluster = %cfg.cluster_cidr, chain = crate::host::masq::CHAIN, ?backend, "masquerading pods' traffic leaving the cluster")
+            tracing::info!(cluster = %cfg.cluster_cidr, cluster6 = ?cfg.cluster_cidr6, chain = crate::host::masq::CHAIN, ?backend, "masquerading pods' traffic leaving the cluster")
         }
         Err(e) => tracing::error!(
             "could not install the masquerade rules ({e}): pods cannot reach addresses outside the cluster; install iptables (with iptables-restore) or nftables (nft), or pass --ip-masq=false if something else masquerades"

@@ -27,10 +27,49 @@
 //! ship only nftables) gets the same rules as nftables' own table `ip weft`,
 //! one `nft -f` transaction.
 //!
+//! A dual-stack cluster gets the same rules for its IPv6 cluster CIDR, in
+//! `ip6tables` (of the same flavour) or nftables' table `ip6 weft`.
+//!
 //! These are the only processes weft runs, once at start (and at `weft
 //! down`): no interface exists for a firewall transaction.
 
-use crate::{cidr::Ipv4Cidr, host::cmd::CmdError};
+use std::fmt::Display;
+
+use crate::{cidr::ClusterCidrs, host::cmd::CmdError};
+
+/// The address family a ruleset is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The family's multicast range: its pods' traffic there is not
+    /// masqueraded.
+    fn multicast(self) -> &'static str {
+        match self {
+            Self::V4 => "224.0.0.0/4",
+            Self::V6 => "ff00::/8",
+        }
+    }
+
+    /// `iptables` or `ip6tables`.
+    fn iptables(self) -> &'static str {
+        match self {
+            Self::V4 => "iptables",
+            Self::V6 => "ip6tables",
+        }
+    }
+
+    /// nftables' family and its address expression: `ip`, `ip6`.
+    fn nft(self) -> &'static str {
+        match self {
+            Self::V4 => "ip",
+            Self::V6 => "ip6",
+        }
+    }
+}
 
 /// weft's chain in the `nat` table.
 pub const CHAIN: &str = "WEFT-POSTRTG";
@@ -91,58 +130,67 @@ impl Backend {
             .filter(move |b| *b != self)
     }
 
-    fn iptables(self, args: &[&str]) -> Result<String, CmdError> {
-        let program = match self {
-            Self::Default => "iptables",
-            Self::Legacy => "iptables-legacy",
+    /// This flavour's `iptables` of `family` (`ip6tables-legacy`, say),
+    /// with `suffix` (`-restore`).
+    fn program(self, family: Family, suffix: &str) -> String {
+        let flavour = match self {
+            Self::Default => "",
+            Self::Legacy => "-legacy",
             Self::Nft => unreachable!("nft has no iptables command"),
         };
-        crate::host::cmd::run(program, args)
+        format!("{}{flavour}{suffix}", family.iptables())
     }
 
-    /// Installs `cluster`'s rules in one transaction.
-    fn restore(self, cluster: &Ipv4Cidr) -> Result<String, CmdError> {
-        let (program, args): (&str, &[&str]) = match self {
-            Self::Default => ("iptables-restore", &["--noflush", "-w"]),
-            Self::Legacy => ("iptables-legacy-restore", &["--noflush", "-w"]),
-            Self::Nft => {
-                return crate::host::cmd::run_with_input(
-                    "nft",
-                    &["-f", "-"],
-                    Some(&nft_ruleset(cluster)),
-                );
-            }
-        };
-        crate::host::cmd::run_with_input(program, args, Some(&ruleset(cluster)))
+    fn iptables(self, family: Family, args: &[&str]) -> Result<String, CmdError> {
+        crate::host::cmd::run(&self.program(family, ""), args)
     }
 
-    /// Whether this backend's tool is installed.
-    fn available(self) -> bool {
-        on_path(match self {
-            Self::Default => "iptables",
-            Self::Legacy => "iptables-legacy",
-            Self::Nft => "nft",
-        })
+    /// Installs `cluster`'s rules (of `family`) in one transaction.
+    fn restore(self, family: Family, cluster: &dyn Display) -> Result<String, CmdError> {
+        if self == Self::Nft {
+            return crate::host::cmd::run_with_input(
+                "nft",
+                &["-f", "-"],
+                Some(&nft_ruleset(family, cluster)),
+            );
+        }
+        crate::host::cmd::run_with_input(
+            &self.program(family, "-restore"),
+            &["--noflush", "-w"],
+            Some(&ruleset(family, cluster)),
+        )
     }
 
-    /// Removes the jump and the chain (the table, for nft), if there.
-    /// Returns whether anything was.
-    fn remove(self) -> bool {
-        if !self.available() {
+    /// Whether this backend's tool for `family` is installed.
+    fn available(self, family: Family) -> bool {
+        match self {
+            Self::Nft => on_path("nft"),
+            _ => on_path(&self.program(family, "")),
+        }
+    }
+
+    /// Removes the jump and the chain (the table, for nft) of `family`, if
+    /// there. Returns whether anything was.
+    fn remove(self, family: Family) -> bool {
+        if !self.available(family) {
             return false;
         }
         if self == Self::Nft {
-            return crate::host::cmd::run("nft", &["delete", "table", "ip", NFT_TABLE]).is_ok();
+            return crate::host::cmd::run("nft", &["delete", "table", family.nft(), NFT_TABLE])
+                .is_ok();
         }
         let mut del = vec!["-t", "nat", "-D"];
         del.extend(jump());
         let mut removed = false;
-        while self.iptables(&del).is_ok() {
+        while self.iptables(family, &del).is_ok() {
             removed = true;
         }
-        if self.iptables(&["-t", "nat", "-F", CHAIN, "-w"]).is_ok() {
+        if self
+            .iptables(family, &["-t", "nat", "-F", CHAIN, "-w"])
+            .is_ok()
+        {
             removed = true;
-            let _ = self.iptables(&["-t", "nat", "-X", CHAIN, "-w"]);
+            let _ = self.iptables(family, &["-t", "nat", "-X", CHAIN, "-w"]);
         }
         removed
     }
@@ -162,67 +210,86 @@ fn jump() -> [&'static str; 8] {
     ]
 }
 
-/// The chain's rules for `cluster`, in `iptables-restore` syntax: declaring
-/// the chain replaces its rules in one transaction (no moment without them).
-pub fn ruleset(cluster: &Ipv4Cidr) -> String {
+/// The chain's rules for `cluster` (of `family`), in `iptables-restore`
+/// syntax: declaring the chain replaces its rules in one transaction (no
+/// moment without them).
+pub fn ruleset(family: Family, cluster: &dyn Display) -> String {
     let host = crate::host::weft0::HOST_IFACE;
+    let multicast = family.multicast();
     format!(
         "*nat\n:{CHAIN} - [0:0]\n\
          -A {CHAIN} -s {cluster} -d {cluster} -j RETURN\n\
          -A {CHAIN} ! -s {cluster} -d {cluster} -o {host} -j MASQUERADE --random-fully\n\
-         -A {CHAIN} -s {cluster} -d 224.0.0.0/4 -j RETURN\n\
+         -A {CHAIN} -s {cluster} -d {multicast} -j RETURN\n\
          -A {CHAIN} -s {cluster} -j MASQUERADE --random-fully\n\
          COMMIT\n"
     )
 }
 
-/// The same rules as [`ruleset`], as nftables' table `ip weft`, replaced
-/// whole in one transaction (the empty declaration makes the delete
-/// succeed on a first run).
-pub fn nft_ruleset(cluster: &Ipv4Cidr) -> String {
+/// The same rules as [`ruleset`], as nftables' table `ip weft` (`ip6 weft`),
+/// replaced whole in one transaction (the empty declaration makes the
+/// delete succeed on a first run).
+pub fn nft_ruleset(family: Family, cluster: &dyn Display) -> String {
     let host = crate::host::weft0::HOST_IFACE;
+    let (ip, multicast) = (family.nft(), family.multicast());
     format!(
-        "table ip {NFT_TABLE} {{\n}}\n\
-         delete table ip {NFT_TABLE}\n\
-         table ip {NFT_TABLE} {{\n\
+        "table {ip} {NFT_TABLE} {{\n}}\n\
+         delete table {ip} {NFT_TABLE}\n\
+         table {ip} {NFT_TABLE} {{\n\
          \tchain postrouting {{\n\
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-         \t\tip saddr {cluster} ip daddr {cluster} return\n\
-         \t\tip saddr != {cluster} ip daddr {cluster} oifname \"{host}\" masquerade fully-random\n\
-         \t\tip saddr {cluster} ip daddr 224.0.0.0/4 return\n\
-         \t\tip saddr {cluster} masquerade fully-random\n\
+         \t\t{ip} saddr {cluster} {ip} daddr {cluster} return\n\
+         \t\t{ip} saddr != {cluster} {ip} daddr {cluster} oifname \"{host}\" masquerade fully-random\n\
+         \t\t{ip} saddr {cluster} {ip} daddr {multicast} return\n\
+         \t\t{ip} saddr {cluster} masquerade fully-random\n\
          \t}}\n\
          }}\n"
     )
 }
 
-/// Installs (or updates) the rules for `cluster` in the node's firewall
-/// flavour, removing any an earlier run left in another. Idempotent.
-/// Returns the flavour used.
-pub fn install(cluster: &Ipv4Cidr) -> Result<Backend, CmdError> {
+/// Installs (or updates) the rules for the cluster's CIDRs (IPv6 too, in a
+/// dual-stack cluster) in the node's firewall flavour, removing any an
+/// earlier run left in another (or, for IPv6, left when the cluster had
+/// an IPv6 CIDR). Idempotent. Returns the flavour used.
+pub fn install(clusters: &ClusterCidrs) -> Result<Backend, CmdError> {
     let backend = Backend::detect();
-    for other in backend.others() {
-        other.remove();
-    }
-    backend.restore(cluster)?;
-    if backend == Backend::Nft {
-        return Ok(backend);
-    }
-    let mut check = vec!["-t", "nat", "-C"];
-    check.extend(jump());
-    if backend.iptables(&check).is_err() {
-        let mut add = vec!["-t", "nat", "-A"];
-        add.extend(jump());
-        backend.iptables(&add)?;
+    let v6 = clusters.v6.as_ref().map(|c| c as &dyn Display);
+    for (family, cluster) in [
+        (Family::V4, Some(&clusters.v4 as &dyn Display)),
+        (Family::V6, v6),
+    ] {
+        for other in backend.others() {
+            other.remove(family);
+        }
+        let Some(cluster) = cluster else {
+            backend.remove(family);
+            continue;
+        };
+        backend.restore(family, cluster)?;
+        if backend == Backend::Nft {
+            continue;
+        }
+        let mut check = vec!["-t", "nat", "-C"];
+        check.extend(jump());
+        if backend.iptables(family, &check).is_err() {
+            let mut add = vec!["-t", "nat", "-A"];
+            add.extend(jump());
+            backend.iptables(family, &add)?;
+        }
     }
     Ok(backend)
 }
 
-/// Removes the rules from every flavour, if there. Returns whether anything
-/// was.
+/// Removes the rules of both families from every flavour, if there.
+/// Returns whether anything was.
 pub fn remove() -> bool {
-    // All run: `|` does not short-circuit.
-    Backend::Default.remove() | Backend::Legacy.remove() | Backend::Nft.remove()
+    let mut removed = false;
+    for family in [Family::V4, Family::V6] {
+        for backend in [Backend::Default, Backend::Legacy, Backend::Nft] {
+            removed |= backend.remove(family);
+        }
+    }
+    removed
 }
 
 #[cfg(test)]
@@ -231,7 +298,7 @@ mod tests {
 
     #[test]
     fn ruleset_returns_cluster_traffic_and_masquerades_the_rest() {
-        let r = ruleset(&"10.244.0.0/16".parse().unwrap());
+        let r = ruleset(Family::V4, &"10.244.0.0/16");
         assert!(r.starts_with("*nat\n:WEFT-POSTRTG - [0:0]\n"), "{r}");
         let rules: Vec<&str> = r.lines().filter(|l| l.starts_with("-A")).collect();
         assert_eq!(
@@ -248,7 +315,7 @@ mod tests {
 
     #[test]
     fn the_nft_ruleset_is_the_same_rules_replaced_whole() {
-        let r = nft_ruleset(&"10.244.0.0/16".parse().unwrap());
+        let r = nft_ruleset(Family::V4, &"10.244.0.0/16");
         assert!(
             r.starts_with("table ip weft {\n}\ndelete table ip weft\ntable ip weft {\n"),
             "{r}"
@@ -268,5 +335,32 @@ mod tests {
             ]
         );
         assert!(r.contains("type nat hook postrouting priority srcnat;"));
+    }
+
+    #[test]
+    fn the_ipv6_rules_are_the_same_in_ip6tables_and_nft_ip6() {
+        let r = ruleset(Family::V6, &"2001:2::/48");
+        assert!(
+            r.contains("-A WEFT-POSTRTG -s 2001:2::/48 -d ff00::/8 -j RETURN"),
+            "{r}"
+        );
+        assert!(
+            r.contains("-A WEFT-POSTRTG -s 2001:2::/48 -j MASQUERADE --random-fully"),
+            "{r}"
+        );
+        let n = nft_ruleset(Family::V6, &"2001:2::/48");
+        assert!(
+            n.starts_with("table ip6 weft {\n}\ndelete table ip6 weft\n"),
+            "{n}"
+        );
+        assert!(
+            n.contains("ip6 saddr 2001:2::/48 ip6 daddr ff00::/8 return"),
+            "{n}"
+        );
+        assert_eq!(
+            Backend::Legacy.program(Family::V6, "-restore"),
+            "ip6tables-legacy-restore"
+        );
+        assert_eq!(Backend::Default.program(Family::V4, ""), "iptables");
     }
 }
