@@ -115,7 +115,41 @@ impl FlowKey {
     }
 }
 
-/// Value of [`names::STACK_FLOWS`]: until when the entry holds.
+/// Key of [`names::STACK_FLOWS6`]: [`FlowKey`] for IPv6. All fields network
+/// order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub struct FlowKey6 {
+    /// IPv6 source.
+    pub saddr: [u8; 16],
+    /// IPv6 destination.
+    pub daddr: [u8; 16],
+    /// Source port, bytes as on the wire.
+    pub sport: [u8; 2],
+    /// Destination port, bytes as on the wire.
+    pub dport: [u8; 2],
+    /// Next header: the L4 protocol (6, 17 or 132).
+    pub proto: u8,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey6 {
+    /// The other direction of the same flow.
+    pub const fn reversed(&self) -> Self {
+        Self {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Value of [`names::STACK_FLOWS`] and [`names::STACK_FLOWS6`]: until when
+/// the entry holds.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowState {
@@ -149,6 +183,7 @@ mod pod {
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::Vtep {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowKey6 {}
     unsafe impl aya::Pod for super::FlowState {}
 }
 
@@ -156,4 +191,5 @@ const _: () = assert!(core::mem::size_of::<RemoteNode>() == 12);
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 20);
 const _: () = assert!(core::mem::size_of::<Vtep>() == 4);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowKey6>() == 40);
 const _: () = assert!(core::mem::size_of::<FlowState>() == 16);

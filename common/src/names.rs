@@ -30,6 +30,8 @@ pub const NODES: &str = "WEFT_NODES";
 /// of flows the node's stack forwarded (and so may have NATed: kube-proxy
 /// Services, hostPorts) take the stack back instead of a fast path.
 pub const STACK_FLOWS: &str = "WEFT_STACKFLOWS";
+/// LRU hash: [`crate::FlowKey6`] of an IPv6 reply → [`crate::FlowState`].
+pub const STACK_FLOWS6: &str = "WEFT_STACKFLOWS6";
 /// Per-CPU array of drop counters indexed by [`crate::DropReason`].
 pub const DROP_STATS: &str = "WEFT_DROPS";
 /// Per-CPU array of forward counters indexed by [`crate::FwdReason`].

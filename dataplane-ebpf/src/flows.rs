@@ -27,7 +27,7 @@
 //! well above a node's usual Service flows).
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::LruHashMap};
-use weft_common::{FlowKey, FlowState};
+use weft_common::{FlowKey, FlowKey6, FlowState};
 
 use crate::parse::{
     ptr_at, Ipv4Hdr, Ipv6Hdr, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
@@ -37,6 +37,10 @@ use crate::parse::{
 /// Reply tuple → until when it takes the stack.
 #[map]
 static WEFT_STACKFLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::pinned(131072, 0);
+
+/// The same for IPv6 flows.
+#[map]
+static WEFT_STACKFLOWS6: LruHashMap<FlowKey6, FlowState> = LruHashMap::pinned(65536, 0);
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -58,24 +62,44 @@ const TIME_WAIT_NS: u64 = 120 * SEC;
 /// Above conntrack's `nf_conntrack_udp_timeout_stream` (120 s).
 const UDP_NS: u64 = 180 * SEC;
 
-/// One packet's flow tuple and its TCP flags (0 for other protocols).
-struct Flow {
-    key: FlowKey,
+/// A flow tuple of either family: its key the other way round.
+trait Tuple: Copy {
+    fn reversed(&self) -> Self;
+}
+
+impl Tuple for FlowKey {
+    #[inline(always)]
+    fn reversed(&self) -> Self {
+        FlowKey::reversed(self)
+    }
+}
+
+impl Tuple for FlowKey6 {
+    #[inline(always)]
+    fn reversed(&self) -> Self {
+        FlowKey6::reversed(self)
+    }
+}
+
+/// One packet's flow tuple, its L4 protocol and its TCP flags (0 for other
+/// protocols).
+struct Flow<K> {
+    key: K,
+    proto: u8,
     tcp_flags: u8,
 }
 
-/// The flow of the IPv4 packet whose header `ip` starts at `ip_off` in
+/// The ports and TCP flags of an L4 header of `proto` at `l4` in
 /// `[start, end)`, if it is TCP, UDP or SCTP with its ports in reach.
 #[inline(always)]
-fn flow(start: usize, end: usize, ip_off: usize, ip: &Ipv4Hdr) -> Option<Flow> {
-    if !matches!(ip.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+fn ports(start: usize, end: usize, l4: usize, proto: u8) -> Option<([u8; 2], [u8; 2], u8)> {
+    if !matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
         return None;
     }
-    let l4 = ip_off + ip.header_len();
     let ports: *const [[u8; 2]; 2] = ptr_at(start, end, l4).ok()?;
     // SAFETY: ptr_at checked the four port bytes lie inside the packet.
     let [sport, dport] = unsafe { *ports };
-    let tcp_flags = match ip.proto {
+    let tcp_flags = match proto {
         IPPROTO_TCP => match ptr_at::<[u8; 2]>(start, end, l4 + TCP_OFF_FLAGS) {
             // SAFETY: as above.
             Ok(off_flags) => unsafe { (*off_flags)[1] },
@@ -83,6 +107,14 @@ fn flow(start: usize, end: usize, ip_off: usize, ip: &Ipv4Hdr) -> Option<Flow> {
         },
         _ => 0,
     };
+    Some((sport, dport, tcp_flags))
+}
+
+/// The flow of the IPv4 packet whose header `ip` starts at `ip_off` in
+/// `[start, end)`, if it is TCP, UDP or SCTP with its ports in reach.
+#[inline(always)]
+fn flow(start: usize, end: usize, ip_off: usize, ip: &Ipv4Hdr) -> Option<Flow<FlowKey>> {
+    let (sport, dport, tcp_flags) = ports(start, end, ip_off + ip.header_len(), ip.proto)?;
     Some(Flow {
         key: FlowKey {
             saddr: u32::from_ne_bytes(ip.src),
@@ -92,6 +124,27 @@ fn flow(start: usize, end: usize, ip_off: usize, ip: &Ipv4Hdr) -> Option<Flow> {
             proto: ip.proto,
             _pad: [0; 3],
         },
+        proto: ip.proto,
+        tcp_flags,
+    })
+}
+
+/// The flow of an IPv6 packet whose L4 header follows the fixed header
+/// (one behind extension headers is not followed: such a packet is not
+/// recorded, and takes the fast path).
+#[inline(always)]
+fn flow6(start: usize, end: usize, ip_off: usize, ip: &Ipv6Hdr) -> Option<Flow<FlowKey6>> {
+    let (sport, dport, tcp_flags) = ports(start, end, ip_off + IPV6_HLEN, ip.next_hdr)?;
+    Some(Flow {
+        key: FlowKey6 {
+            saddr: ip.src,
+            daddr: ip.dst,
+            sport,
+            dport,
+            proto: ip.next_hdr,
+            _pad: [0; 3],
+        },
+        proto: ip.next_hdr,
         tcp_flags,
     })
 }
@@ -119,29 +172,13 @@ pub fn must_take_stack(start: usize, end: usize, ip_off: usize, ip: &Ipv4Hdr) ->
             Err(_) => false,
         };
     }
-    let Some(f) = flow(start, end, ip_off, ip) else {
-        return false;
-    };
-    let Some(state) = WEFT_STACKFLOWS.get_ptr_mut(f.key) else {
-        return false;
-    };
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: a map value; a concurrent writer at worst stores its own
-    // refresh of the same entry.
-    let state = unsafe { &mut *state };
-    if state.expires_ns <= now {
-        return false;
-    }
-    refresh(state, &f, now);
-    true
+    flow(start, end, ip_off, ip).is_some_and(|f| recorded(&WEFT_STACKFLOWS, &f))
 }
 
 /// [`must_take_stack`] for the IPv6 packet whose fixed header `ip` starts at
-/// `ip_off`: a fragment (the stack reassembles) or an ICMPv6 error (types
-/// below 128 quote the packet that caused them) goes up the stack. IPv6
-/// flows the stack forwarded are not recorded yet: weft does not carry
-/// IPv6 Services (docs/DATAPLANE.md, "Known limits").
+/// `ip_off`: a fragment (the stack reassembles), an ICMPv6 error (types
+/// below 128 quote the packet that caused them) or a recorded reply goes up
+/// the stack.
 #[inline(always)]
 pub fn must_take_stack6(start: usize, end: usize, ip_off: usize, ip: &Ipv6Hdr) -> bool {
     match ip.next_hdr {
@@ -152,8 +189,27 @@ pub fn must_take_stack6(start: usize, end: usize, ip_off: usize, ip: &Ipv6Hdr) -
             Ok(type_code) => (unsafe { (*type_code)[0] }) < 128,
             Err(_) => false,
         },
-        _ => false,
+        _ => flow6(start, end, ip_off, ip).is_some_and(|f| recorded(&WEFT_STACKFLOWS6, &f)),
     }
+}
+
+/// Whether `f` is a live entry of `map` (a recorded reply); a hit keeps it
+/// alive.
+#[inline(always)]
+fn recorded<K: Copy>(map: &LruHashMap<K, FlowState>, f: &Flow<K>) -> bool {
+    let Some(state) = map.get_ptr_mut(f.key) else {
+        return false;
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: a map value; a concurrent writer at worst stores its own
+    // refresh of the same entry.
+    let state = unsafe { &mut *state };
+    if state.expires_ns <= now {
+        return false;
+    }
+    refresh(state, f, now);
+    true
 }
 
 /// Records that replies to this packet's flow must take the stack: called on
@@ -161,39 +217,52 @@ pub fn must_take_stack6(start: usize, end: usize, ip_off: usize, ip: &Ipv6Hdr) -
 /// forwarded from a pod.
 #[inline(always)]
 pub fn record_reply(start: usize, end: usize, ip_off: usize, ip: &Ipv4Hdr) {
-    let Some(f) = flow(start, end, ip_off, ip) else {
-        return;
-    };
+    if let Some(f) = flow(start, end, ip_off, ip) {
+        record(&WEFT_STACKFLOWS, &f);
+    }
+}
+
+/// [`record_reply`] for an IPv6 packet.
+#[inline(always)]
+pub fn record_reply6(start: usize, end: usize, ip_off: usize, ip: &Ipv6Hdr) {
+    if let Some(f) = flow6(start, end, ip_off, ip) {
+        record(&WEFT_STACKFLOWS6, &f);
+    }
+}
+
+/// Records `f`'s reply in `map`.
+#[inline(always)]
+fn record<K: Tuple>(map: &LruHashMap<K, FlowState>, f: &Flow<K>) {
     let key = f.key.reversed();
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     let new_conn = f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if let Some(state) = WEFT_STACKFLOWS.get_ptr_mut(key) {
-        // SAFETY: as in must_take_stack.
+    if let Some(state) = map.get_ptr_mut(key) {
+        // SAFETY: as in `recorded`.
         let state = unsafe { &mut *state };
         if state.expires_ns <= now || new_conn {
             // A stale entry, or a new connection on an old tuple: start over.
             state.flags = 0;
         }
-        refresh(state, &f, now);
+        refresh(state, f, now);
         return;
     }
     let mut state = FlowState::default();
-    refresh(&mut state, &f, now);
+    refresh(&mut state, f, now);
     // Best effort: on failure the reply takes the fast path, as before.
-    let _ = WEFT_STACKFLOWS.insert(key, state, 0);
+    let _ = map.insert(key, state, 0);
 }
 
 /// Moves the entry's expiry on for a packet of its flow seen at `now`: as
 /// conntrack, every packet restarts the timeout of the flow's state (a
 /// half-closed TCP flow that still carries data stays).
 #[inline(always)]
-fn refresh(state: &mut FlowState, f: &Flow, now: u64) {
+fn refresh<K>(state: &mut FlowState, f: &Flow<K>, now: u64) {
     if f.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         state.flags |= FlowState::CLOSING;
     }
     state.expires_ns = now
-        + match f.key.proto {
+        + match f.proto {
             _ if state.flags & FlowState::CLOSING != 0 => TIME_WAIT_NS,
             IPPROTO_UDP => UDP_NS,
             _ => ESTABLISHED_NS,

@@ -154,8 +154,16 @@ fn forward_v6(ctx: &TcContext, origin: Origin, eth: *mut EthHdr) -> Verdict<i32>
         // From a pod, the stack answers with ICMPv6 time exceeded.
         return not_ours(origin);
     }
-    if origin == Origin::Pod && flows::must_take_stack6(start, end, ETH_HLEN, &hdr) {
-        return Ok(to_stack());
+    match origin {
+        // As for IPv4: replies of flows the stack forwarded, fragments and
+        // ICMPv6 errors take the stack.
+        Origin::Pod if flows::must_take_stack6(start, end, ETH_HLEN, &hdr) => {
+            return Ok(to_stack());
+        }
+        Origin::Host if is_unshaped_pod6(&hdr.src) => {
+            flows::record_reply6(start, end, ETH_HLEN, &hdr)
+        }
+        _ => {}
     }
 
     if let Some(ep) = maps::endpoint6(&hdr.dst) {
@@ -201,14 +209,26 @@ pub fn note_stack_delivery(ctx: &TcContext) -> i32 {
     let (start, end) = (ctx.data(), ctx.data_end());
     if let Ok(eth) = ptr_at::<EthHdr>(start, end, 0) {
         // SAFETY: ptr_at checked bounds.
-        if unsafe { (*eth).proto } == ETH_P_IP {
-            if let Ok(ip) = ptr_at::<Ipv4Hdr>(start, end, ETH_HLEN) {
-                // SAFETY: as above.
-                let hdr = unsafe { *ip };
-                if hdr.is_valid() && is_pod(hdr.src) && !is_shaped(hdr.dst) {
-                    flows::record_reply(start, end, ETH_HLEN, &hdr);
+        match unsafe { (*eth).proto } {
+            ETH_P_IP => {
+                if let Ok(ip) = ptr_at::<Ipv4Hdr>(start, end, ETH_HLEN) {
+                    // SAFETY: as above.
+                    let hdr = unsafe { *ip };
+                    if hdr.is_valid() && is_pod(hdr.src) && !is_shaped(hdr.dst) {
+                        flows::record_reply(start, end, ETH_HLEN, &hdr);
+                    }
                 }
             }
+            ETH_P_IPV6 => {
+                if let Ok(ip) = ptr_at::<Ipv6Hdr>(start, end, ETH_HLEN) {
+                    // SAFETY: as above.
+                    let hdr = unsafe { *ip };
+                    if hdr.is_valid() && is_pod6(&hdr.src) && !is_shaped6(&hdr.dst) {
+                        flows::record_reply6(start, end, ETH_HLEN, &hdr);
+                    }
+                }
+            }
+            _ => {}
         }
     }
     TC_ACT_UNSPEC
@@ -240,6 +260,33 @@ fn is_unshaped_pod(ip: [u8; 4]) -> bool {
 #[inline(always)]
 fn is_remote_pod(ip: [u8; 4]) -> bool {
     maps::remote(ip).is_some_and(|r| !maps::is_own(r))
+}
+
+/// [`is_shaped`] for an IPv6 address.
+#[inline(always)]
+fn is_shaped6(ip: &[u8; 16]) -> bool {
+    maps::endpoint6(ip).is_some_and(|ep| ep.shaped())
+}
+
+/// [`is_pod`] for an IPv6 address.
+#[inline(always)]
+fn is_pod6(ip: &[u8; 16]) -> bool {
+    maps::endpoint6(ip).is_some() || is_remote_pod6(ip)
+}
+
+/// [`is_unshaped_pod`] for an IPv6 address.
+#[inline(always)]
+fn is_unshaped_pod6(ip: &[u8; 16]) -> bool {
+    match maps::endpoint6(ip) {
+        Some(ep) => !ep.shaped(),
+        None => is_remote_pod6(ip),
+    }
+}
+
+/// [`is_remote_pod`] for an IPv6 address.
+#[inline(always)]
+fn is_remote_pod6(ip: &[u8; 16]) -> bool {
+    maps::remote6(ip).is_some_and(|r| !maps::is_own(r))
 }
 
 /// The entry of the pod behind the veth this packet arrived on, if `src` is

@@ -603,3 +603,115 @@ fn dual_stack_pods_reach_the_outside_over_ipv6_behind_their_nodes_address() {
         "without masquerade the outside host cannot answer the pod over IPv6"
     );
 }
+
+/// An IPv6 Service address (outside the IPv6 cluster CIDR 2001:2::/48).
+const SERVICE6: &str = "2001:2:100::10";
+
+/// [`point_service_at`] in ip6tables: `[SERVICE6]:80` → `[backend]:7000`.
+fn point_service6_at(node: &Netns, backend: std::net::Ipv6Addr) {
+    const CHAIN: &str = "TEST-SERVICES6";
+    if node
+        .try_sh("ip6tables", &["-t", "nat", "-N", CHAIN])
+        .status
+        .success()
+    {
+        for hook in ["PREROUTING", "OUTPUT"] {
+            node.sh("ip6tables", &["-t", "nat", "-I", hook, "-j", CHAIN]);
+        }
+    }
+    node.sh("ip6tables", &["-t", "nat", "-F", CHAIN]);
+    for proto in ["tcp", "udp"] {
+        node.sh(
+            "ip6tables",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                CHAIN,
+                "-d",
+                SERVICE6,
+                "-p",
+                proto,
+                "--dport",
+                "80",
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &format!("[{backend}]:{ECHO_PORT}"),
+            ],
+        );
+    }
+}
+
+#[test]
+fn ipv6_services_nated_by_the_node_return_through_the_stack() {
+    if !privileged("ipv6_services_nated_by_the_node_return_through_the_stack") {
+        return;
+    }
+    let mut lab = Lab::new("sv6");
+    let c = Cluster::start(
+        &mut lab,
+        ClusterSpec {
+            nodes: 2,
+            pods_per_node: 2,
+            ..ClusterSpec::default()
+        }
+        .dual_stack(),
+    );
+    let _servers: Vec<EchoServer> = c
+        .pods
+        .iter()
+        .map(|p| EchoServer::start(&p.ns, p.ip6.unwrap(), ECHO_PORT))
+        .collect();
+    let on = |n: usize| c.pods.iter().filter(move |p| p.node == n);
+    let (client, local_backend) = {
+        let mut l = on(0);
+        (l.next().unwrap(), l.next().unwrap())
+    };
+    let remote_backend = on(1).next().unwrap();
+    let node = &c.nodes[0].ns;
+    let service: std::net::Ipv6Addr = SERVICE6.parse().unwrap();
+    let to_stack = || c.counter(0, "to_stack");
+
+    let mut failures = Vec::new();
+    let mut check = |case: &str, failed: Vec<&str>| {
+        if !failed.is_empty() {
+            failures.push(format!("{case}: {failed:?}"));
+        }
+    };
+    // The backend on another node: its reply arrives in VXLAN and must go up
+    // node-1's stack (recorded by weft_from_host), not into the pod.
+    point_service6_at(node, remote_backend.ip6.unwrap());
+    let before = to_stack();
+    check(
+        "pod → IPv6 Service → backend on another node",
+        round_trips(&client.ns, service, 80),
+    );
+    let handed_to_stack = to_stack() > before;
+    // The backend on the same node: its reply leaves through its own veth
+    // and must not be short-cut into the client (recorded by weft_to_pod).
+    point_service6_at(node, local_backend.ip6.unwrap());
+    check(
+        "pod → IPv6 Service → backend on the same node",
+        round_trips(&client.ns, service, 80),
+    );
+    // The node itself calls the Service (OUTPUT), the address routable first.
+    point_service6_at(node, remote_backend.ip6.unwrap());
+    node.ip(&[
+        "-6",
+        "route",
+        "add",
+        &format!("{SERVICE6}/128"),
+        "dev",
+        "und0",
+    ]);
+    check(
+        "node → IPv6 Service → backend on another node",
+        round_trips(node, service, 80),
+    );
+    assert!(failures.is_empty(), "failed:\n{}", failures.join("\n"));
+    assert!(
+        handed_to_stack,
+        "the remote backend's IPv6 replies were handed to node-1's stack"
+    );
+}

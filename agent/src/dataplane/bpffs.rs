@@ -33,11 +33,14 @@ impl std::fmt::Display for MapLayout {
 /// the next sync, the counters and recorded flows start empty, and the
 /// endpoints (the CNI plugin's record of the node's pods) are restored from
 /// the pods' routes and neighbours ([`crate::endpoint::restore`]).
-const PINNED_MAPS: [&str; 6] = [
+const PINNED_MAPS: [&str; 9] = [
     names::ENDPOINTS,
     names::REMOTE_CIDRS,
+    names::ENDPOINTS6,
+    names::REMOTE_CIDRS6,
     names::NODES,
     names::STACK_FLOWS,
+    names::STACK_FLOWS6,
     names::DROP_STATS,
     names::FWD_STATS,
 ];

@@ -4,7 +4,7 @@
 use std::{net::Ipv4Addr, path::Path};
 
 use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray};
-use weft_common::{Endpoint, FlowKey, FlowState, Ipv6Key, RemoteNode, Vtep, names};
+use weft_common::{Endpoint, FlowKey, FlowKey6, FlowState, Ipv6Key, RemoteNode, Vtep, names};
 
 use super::DataplaneError;
 
@@ -56,6 +56,15 @@ pub fn endpoints(pin_dir: &Path) -> Result<HashMap<MapData, u32, Endpoint>, Data
 /// the CNI plugin has no use for it.
 pub fn stack_flows(pin_dir: &Path) -> Result<HashMap<MapData, FlowKey, FlowState>, DataplaneError> {
     let name = names::STACK_FLOWS;
+    HashMap::try_from(aya::maps::Map::LruHashMap(open_pinned(pin_dir, name)?))
+        .map_err(|source| DataplaneError::Map { name, source })
+}
+
+/// The IPv6 twin of [`stack_flows`].
+pub fn stack_flows6(
+    pin_dir: &Path,
+) -> Result<HashMap<MapData, FlowKey6, FlowState>, DataplaneError> {
+    let name = names::STACK_FLOWS6;
     HashMap::try_from(aya::maps::Map::LruHashMap(open_pinned(pin_dir, name)?))
         .map_err(|source| DataplaneError::Map { name, source })
 }

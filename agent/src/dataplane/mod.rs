@@ -26,7 +26,7 @@ pub use attach::{
 };
 use attach::{attach_tc, nl_options};
 pub use bpffs::{ensure_bpffs, is_bpffs, replace_stale_pins};
-pub use maps::{Maps, ip_from_key, ip_key, stack_flows};
+pub use maps::{Maps, ip_from_key, ip_key, stack_flows, stack_flows6};
 
 use std::{
     fs,

@@ -430,3 +430,142 @@ fn decap_cases(hook: Hook) {
         assert_deltas(case, &before, &fx.counters(), &[(reason, 1)], &[]);
     }
 }
+
+#[test]
+fn ipv6_stack_forwarded_flows_return_through_the_stack() {
+    if !privileged("ipv6_stack_forwarded_flows_return_through_the_stack") {
+        return;
+    }
+    let mut fx = Fixture::new("pf6", 1, 8472);
+    let flows =
+        weft_agent::dataplane::stack_flows6(&fx.pins).expect("open the IPv6 stack flows map");
+    let tcp = |src, sport, dst, dport, flags| {
+        Ipv6::new(src, dst, 6).build(&pktgen::tcp(sport, dport, flags, b"x"))
+    };
+    // The stack delivers a SYN from a remote pod to the local pod (after a
+    // Service's DNAT, say) through the pod veth's egress: weft_to_pod lets
+    // it through, counts nothing, records the reply.
+    let syn = tcp(REMOTE_POD6, 40000, POD6, 8080, pktgen::TCP_SYN);
+    let frame = pktgen::eth(POD_MAC, HOST_VETH_MAC, pktgen::ETH_P_IPV6, &syn);
+    let before = fx.counters();
+    let (action, out) = fx.tc_prog(weft_common::names::PROG_TO_POD, &frame);
+    assert_eq!(
+        (action, &out),
+        (TC_ACT_UNSPEC, &frame),
+        "weft_to_pod passes"
+    );
+    assert_deltas("weft_to_pod", &before, &fx.counters(), &[], &[]);
+    let reply = weft_common::FlowKey6 {
+        saddr: POD6.octets(),
+        daddr: REMOTE_POD6.octets(),
+        sport: 8080u16.to_be_bytes(),
+        dport: 40000u16.to_be_bytes(),
+        proto: 6,
+        _pad: [0; 3],
+    };
+    assert!(flows.get(&reply, 0).is_ok(), "the reply is recorded");
+    // The pod's reply goes to the stack; another flow is encapsulated.
+    let synack = from_pod(&tcp(
+        POD6,
+        8080,
+        REMOTE_POD6,
+        40000,
+        pktgen::TCP_SYN | pktgen::TCP_ACK,
+    ));
+    let before = fx.counters();
+    assert_eq!(
+        fx.tc(&synack),
+        (TC_ACT_UNSPEC, synack.clone()),
+        "reply to the stack"
+    );
+    assert_deltas(
+        "reply",
+        &before,
+        &fx.counters(),
+        &[],
+        &[(FwdReason::ToStack, 1)],
+    );
+    let other = from_pod(&tcp(POD6, 8081, REMOTE_POD6, 40000, pktgen::TCP_ACK));
+    let before = fx.counters();
+    assert_eq!(
+        fx.tc(&other).0,
+        TC_ACT_REDIRECT,
+        "another flow is encapsulated"
+    );
+    assert_deltas(
+        "other flow",
+        &before,
+        &fx.counters(),
+        &[],
+        &[(FwdReason::Encap, 1)],
+    );
+    // VXLAN from the remote pod on the same flow, the other way: not a
+    // recorded reply, delivered straight into the pod.
+    let inbound = tcp(REMOTE_POD6, 40000, POD6, 8080, pktgen::TCP_ACK);
+    let recorded_back = weft_common::FlowKey6 {
+        saddr: REMOTE_POD6.octets(),
+        daddr: POD6.octets(),
+        sport: 40000u16.to_be_bytes(),
+        dport: 8080u16.to_be_bytes(),
+        proto: 6,
+        _pad: [0; 3],
+    };
+    assert!(
+        flows.get(&recorded_back, 0).is_err(),
+        "only the reply direction is recorded"
+    );
+    let inner = pktgen::eth(LOCAL_VTEP, PEER_VTEP, pktgen::ETH_P_IPV6, &inbound);
+    let before = fx.counters();
+    let (action, _) = fx.decap(Hook::Tc, &fx.vxlan_frame(PEER, 1, 8472, &inner));
+    assert_eq!(
+        action, TC_ACT_REDIRECT,
+        "a flow not recorded this way is delivered"
+    );
+    assert_deltas(
+        "inbound",
+        &before,
+        &fx.counters(),
+        &[],
+        &[(FwdReason::DecapPeer, 1)],
+    );
+
+    // From weft0: the stack forwarded a pod's packet to a remote pod (a
+    // Service's backend elsewhere): recorded, so the backend's reply, in
+    // VXLAN, takes the stack back.
+    let weft0_mac = [0x02, 0xdd, 0, 0, 0, 1];
+    let fwd = tcp(POD6_NO_XDP, 41000, REMOTE_POD6, 7000, pktgen::TCP_SYN);
+    let (action, _) = fx.tc_prog(
+        weft_common::names::PROG_FROM_HOST,
+        &pktgen::eth(
+            [0x02, 0xde, 0, 0, 0, 1],
+            weft0_mac,
+            pktgen::ETH_P_IPV6,
+            &fwd,
+        ),
+    );
+    assert_eq!(action, TC_ACT_REDIRECT, "encapsulated from weft0");
+    let back = tcp(
+        REMOTE_POD6,
+        7000,
+        POD6_NO_XDP,
+        41000,
+        pktgen::TCP_SYN | pktgen::TCP_ACK,
+    );
+    let inner = pktgen::eth(LOCAL_VTEP, PEER_VTEP, pktgen::ETH_P_IPV6, &back);
+    for hook in [Hook::Tc, Hook::Xdp] {
+        let before = fx.counters();
+        let (action, _) = fx.decap(hook, &fx.vxlan_frame(PEER, 1, 8472, &inner));
+        assert_eq!(
+            action,
+            hook.verdicts().1,
+            "{hook:?}: the backend's reply goes up the stack"
+        );
+        assert_deltas(
+            "backend reply",
+            &before,
+            &fx.counters(),
+            &[],
+            &[(FwdReason::ToStack, 1)],
+        );
+    }
+}
