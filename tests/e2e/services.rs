@@ -715,3 +715,139 @@ fn ipv6_services_nated_by_the_node_return_through_the_stack() {
         "the remote backend's IPv6 replies were handed to node-1's stack"
     );
 }
+
+#[test]
+fn a_real_kube_proxy_serves_ipv6_services_across_the_fast_paths() {
+    if !privileged("a_real_kube_proxy_serves_ipv6_services_across_the_fast_paths") {
+        return;
+    }
+    let mut lab = Lab::new("kp6");
+    let c = Cluster::start(
+        &mut lab,
+        ClusterSpec {
+            nodes: 2,
+            pods_per_node: 2,
+            ..ClusterSpec::default()
+        }
+        .dual_stack(),
+    );
+    let _servers: Vec<EchoServer> = c
+        .pods
+        .iter()
+        .map(|p| EchoServer::start(&p.ns, p.ip6.unwrap(), ECHO_PORT))
+        .collect();
+    let on = |n: usize| c.pods.iter().filter(move |p| p.node == n);
+    let (client, local_backend) = {
+        let mut l = on(0);
+        (l.next().unwrap(), l.next().unwrap())
+    };
+    let remote_backend = on(1).next().unwrap();
+    let und = c.underlay.ns.clone();
+    let api = KubeApi::start_with(
+        &mut lab,
+        &und,
+        "br0",
+        weft_tests::kube::ApiOptions {
+            dual_stack: true,
+            ..Default::default()
+        },
+    );
+    let node = &c.nodes[0].ns;
+    api.start_proxy(
+        &mut lab,
+        node,
+        "node-1",
+        c.nodes[0].underlay_ip,
+        &format!("{CLUSTER_CIDR},{}", weft_tests::CLUSTER_CIDR6),
+    );
+    let cluster_ip: std::net::Ipv6Addr = "2001:2:200::10".parse().unwrap();
+    api.request(
+        "POST",
+        "/api/v1/namespaces/default/services",
+        &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo6"},
+        "spec": {"clusterIP": cluster_ip.to_string(), "ipFamilies": ["IPv6"],
+                 "ipFamilyPolicy": "SingleStack", "ports": [
+            {"name": "tcp", "protocol": "TCP", "port": 80, "targetPort": ECHO_PORT},
+            {"name": "udp", "protocol": "UDP", "port": 80, "targetPort": ECHO_PORT},
+        ]}}),
+    );
+    node.ip(&[
+        "-6",
+        "route",
+        "add",
+        weft_tests::kube::SERVICE_CIDR6,
+        "dev",
+        "und0",
+    ]);
+    let proxy_log = || lab.log("kube-proxy-node-1");
+    let endpoints_at = |backend: std::net::Ipv6Addr, create: bool| {
+        let subsets = json!([{
+            "addresses": [{"ip": backend.to_string()}],
+            "ports": [
+                {"name": "tcp", "port": ECHO_PORT, "protocol": "TCP"},
+                {"name": "udp", "port": ECHO_PORT, "protocol": "UDP"},
+            ],
+        }]);
+        if create {
+            api.request(
+                "POST",
+                "/api/v1/namespaces/default/endpoints",
+                &json!({"apiVersion": "v1", "kind": "Endpoints",
+                        "metadata": {"name": "echo6"}, "subsets": subsets}),
+            );
+        } else {
+            api.request(
+                "PATCH",
+                "/api/v1/namespaces/default/endpoints/echo6",
+                &json!({"subsets": subsets}),
+            );
+        }
+        let want = format!("--to-destination [{backend}]:{ECHO_PORT}");
+        wait_for(
+            "kube-proxy's ip6tables DNAT",
+            Duration::from_secs(30),
+            || {
+                node.sh("ip6tables", &["-t", "nat", "-S"])
+                    .contains(&want)
+                    .then_some(())
+            },
+        );
+    };
+    let mut failures = Vec::new();
+    let mut check = |case: &str, failed: Vec<&str>| {
+        if !failed.is_empty() {
+            failures.push(format!("{case}: {failed:?}"));
+        }
+    };
+    let before = c.counter(0, "to_stack");
+    endpoints_at(remote_backend.ip6.unwrap(), true);
+    check(
+        "pod → IPv6 ClusterIP → backend on another node",
+        round_trips(&client.ns, cluster_ip, 80),
+    );
+    check(
+        "node → IPv6 ClusterIP → backend on another node",
+        round_trips(node, cluster_ip, 80),
+    );
+    let handed_to_stack = c.counter(0, "to_stack") > before;
+    endpoints_at(local_backend.ip6.unwrap(), false);
+    check(
+        "pod → IPv6 ClusterIP → backend on the same node",
+        round_trips(&client.ns, cluster_ip, 80),
+    );
+    assert!(
+        failures.is_empty(),
+        "through kube-proxy's ip6tables rules:\n{}\nkube-proxy log (tail):\n{}",
+        failures.join("\n"),
+        proxy_log()
+            .lines()
+            .rev()
+            .take(15)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        handed_to_stack,
+        "the remote backend's IPv6 replies went up node-1's stack"
+    );
+}

@@ -62,7 +62,14 @@ pub struct ApiOptions {
     /// authorizer before RBAC, kubelets reached at their InternalIP, and the
     /// `kubernetes` Service's endpoints kept (in-cluster clients use it).
     pub cluster: bool,
+    /// Dual-stack Services: 1.20's alpha `IPv6DualStack` gate on, and an
+    /// IPv6 service range ([`SERVICE_CIDR6`]) beside the IPv4 one.
+    pub dual_stack: bool,
 }
+
+/// The IPv6 service range of a dual-stack API server (outside the lab's
+/// IPv6 cluster CIDR 2001:2::/48).
+pub const SERVICE_CIDR6: &str = "2001:2:200::/112";
 
 /// Running etcd + kube-apiserver.
 pub struct KubeApi {
@@ -202,11 +209,18 @@ impl KubeApi {
             &format!("--service-account-key-file={}", d("sa.pub")),
             &format!("--service-account-signing-key-file={}", d("sa.key")),
             "--service-account-issuer=https://kubernetes.default.svc",
-            &format!("--service-cluster-ip-range={SERVICE_CIDR}"),
             // As kubeadm and every installer: kube-proxy's DaemonSet and
             // weft's are privileged.
             "--allow-privileged=true",
         ]);
+        if self.opts.dual_stack {
+            cmd.args([
+                "--feature-gates=IPv6DualStack=true".to_string(),
+                format!("--service-cluster-ip-range={SERVICE_CIDR},{SERVICE_CIDR6}"),
+            ]);
+        } else {
+            cmd.arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"));
+        }
         if self.opts.cluster {
             cmd.args([
                 // As kubeadm: kubelets may read what their own pods use.
@@ -320,8 +334,13 @@ impl KubeApi {
         let mut cmd = node.command(bin);
         cmd.args(proxy_args(&kubeconfig, name, node_ip, cluster_cidr))
             // Endpoints, not EndpointSlices: no controller manager here
-            // turns the one into the other.
-            .arg("--feature-gates=EndpointSliceProxying=false");
+            // turns the one into the other. Both families' proxier when the
+            // cluster CIDRs name both (`V4,V6`).
+            .arg(if cluster_cidr.contains(',') {
+                "--feature-gates=EndpointSliceProxying=false,IPv6DualStack=true"
+            } else {
+                "--feature-gates=EndpointSliceProxying=false"
+            });
         lab.spawn(&format!("kube-proxy-{name}"), cmd);
     }
 

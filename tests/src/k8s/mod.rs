@@ -171,6 +171,7 @@ impl KubeCluster {
             ApiOptions {
                 tokens,
                 cluster: true,
+                dual_stack: false,
             },
         );
         let kubeconfig = api.kubeconfig("admin", kube::ADMIN_TOKEN);
