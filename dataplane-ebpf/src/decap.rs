@@ -359,6 +359,11 @@ pub fn tc(ctx: &TcContext) -> Verdict<i32> {
             }
             count_fwd(FwdReason::DecapPeer);
             if stale_proto {
+                // Through the veth's egress, where weft_to_pod must not take
+                // it for the stack's delivery (the mark tells it).
+                // SAFETY: ctx.skb.skb points at the program's __sk_buff,
+                // whose mark TC programs may write.
+                unsafe { (*ctx.skb.skb).mark |= maps::DECAP_DELIVERY_MARK };
                 return Ok(deliver_retyped(ep.ifindex, 0));
             }
             // SAFETY: plain helper call.

@@ -206,6 +206,14 @@ fn forward_v6(ctx: &TcContext, origin: Origin, eth: *mut EthHdr) -> Verdict<i32>
 /// Never decides: what follows on the hook, then the veth's qdisc, does.
 #[inline(always)]
 pub fn note_stack_delivery(ctx: &TcContext) -> i32 {
+    // SAFETY: ctx.skb.skb points at the program's __sk_buff.
+    let skb = unsafe { &mut *ctx.skb.skb };
+    if skb.mark & maps::DECAP_DELIVERY_MARK != 0 {
+        // The TC decap's own delivery (its fallback before 6.3), not the
+        // stack's: nothing to note; the mark goes no further.
+        skb.mark &= !maps::DECAP_DELIVERY_MARK;
+        return TC_ACT_UNSPEC;
+    }
     let (start, end) = (ctx.data(), ctx.data_end());
     if let Ok(eth) = ptr_at::<EthHdr>(start, end, 0) {
         // SAFETY: ptr_at checked bounds.

@@ -111,6 +111,12 @@ pub fn count_fwd(reason: FwdReason) {
     bump(&WEFT_FWDS, reason.index());
 }
 
+/// A bit of skb->mark that the TC decap sets on a frame it hands to a pod's
+/// host-side veth egress (the fallback before Linux 6.3, decap.rs) and that
+/// `weft_to_pod` clears there at once: that frame is weft's delivery, not
+/// the stack's. Never seen by netfilter (a redirect to egress skips it).
+pub const DECAP_DELIVERY_MARK: u32 = 0x0800_0000;
+
 macro_rules! global {
     ($(#[$m:meta])* $name:ident: $ty:ty = $default:expr, $getter:ident) => {
         $(#[$m])*

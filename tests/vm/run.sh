@@ -124,6 +124,7 @@ for mode in tc xdp nic; do
   check "^GUEST iperf3 .*receiver"
   check "^GUEST ping6 ok"
   check "^GUEST ipv6 iperf3 .*receiver"
+  check "^GUEST ipv6 to_stack on node-2 \\+0$"
   check "^GUEST decap: $decap"
   check "^GUEST dropped: +malformed=0 unknown_vtep=0 wrong_vni=0 no_route=0 mtu=0 helper_failed=0 fib_lookup_failed=0 inner_not_ip=0"
   check "node-2: .*dataplane attached .*pods=1"
@@ -153,7 +154,7 @@ for mode in tc xdp nic; do
     check "^GUEST nic vlan: ping ok, iperf3 .*receiver"
     check "^GUEST nic vlan: decap_peer \\+[1-9][0-9]*, frames on v2 \\+[1-9][0-9]*, dropped 0 0, checksum errors 0"
   fi
-  check "^GUEST shaped pod: flagged 1, ping ok, to_stack \+6, 50 Mbit/s limit held; unshaped: flagged 0, ping ok, to_stack \+0"
+  check "^GUEST shaped pod: flagged 2, ping ok, to_stack \+6, 50 Mbit/s limit held; unshaped: flagged 0, ping ok, to_stack \+0"
   check "^GUEST after clsact removed: decap 1, host 1, pod 1 1, pod ping ok, node ping ok, repairs logged $repairs"
   check "^GUEST after down: tc filters on u2 0, xdp 0, pod veth 0 0"
   check "^GUEST after down: weft_gro 0$"
