@@ -89,18 +89,8 @@ fn forward_v4(ctx: &TcContext, origin: Origin, eth: *mut EthHdr) -> Verdict<i32>
         unsafe {
             (*ip).ttl = hdr.ttl - 1;
             (*ip).check = csum::after_ttl_decrement(hdr.check);
-            (*eth).dst = ep.pod_mac;
-            (*eth).src = ep.host_mac;
         }
-        count_fwd(FwdReason::Local);
-        // SAFETY: plain helper calls.
-        let action = unsafe {
-            match origin {
-                Origin::Pod => bpf_redirect_peer(ep.ifindex, 0),
-                Origin::Host => bpf_redirect(ep.ifindex, 0),
-            }
-        };
-        return Ok(action as i32);
+        return Ok(deliver_local(eth, &ep, origin));
     }
 
     let Some(remote) = maps::remote(hdr.dst) else {
@@ -171,20 +161,8 @@ fn forward_v6(ctx: &TcContext, origin: Origin, eth: *mut EthHdr) -> Verdict<i32>
             return Ok(to_stack());
         }
         // SAFETY: header bounds checked above; TC makes the data writable.
-        unsafe {
-            (*ip).hop_limit = hdr.hop_limit - 1;
-            (*eth).dst = ep.pod_mac;
-            (*eth).src = ep.host_mac;
-        }
-        count_fwd(FwdReason::Local);
-        // SAFETY: plain helper calls.
-        let action = unsafe {
-            match origin {
-                Origin::Pod => bpf_redirect_peer(ep.ifindex, 0),
-                Origin::Host => bpf_redirect(ep.ifindex, 0),
-            }
-        };
-        return Ok(action as i32);
+        unsafe { (*ip).hop_limit = hdr.hop_limit - 1 };
+        return Ok(deliver_local(eth, &ep, origin));
     }
 
     let Some(remote) = maps::remote6(&hdr.dst) else {
@@ -197,6 +175,28 @@ fn forward_v6(ctx: &TcContext, origin: Origin, eth: *mut EthHdr) -> Verdict<i32>
     // SAFETY: header bounds checked above.
     unsafe { (*ip).hop_limit = hdr.hop_limit - 1 };
     encap::encap_and_redirect(ctx, &remote, ETH_P_IPV6)
+}
+
+/// Delivers the frame (its TTL or hop limit already lowered) to pod `ep` on
+/// this node: MACs rewritten, then into the pod (`bpf_redirect_peer`, from
+/// a pod's veth ingress) or to its veth's egress (from weft0).
+#[inline(always)]
+fn deliver_local(eth: *mut EthHdr, ep: &Endpoint, origin: Origin) -> i32 {
+    // SAFETY: the caller checked the Ethernet header lies in the packet;
+    // TC makes the data writable.
+    unsafe {
+        (*eth).dst = ep.pod_mac;
+        (*eth).src = ep.host_mac;
+    }
+    count_fwd(FwdReason::Local);
+    // SAFETY: plain helper calls.
+    let action = unsafe {
+        match origin {
+            Origin::Pod => bpf_redirect_peer(ep.ifindex, 0),
+            Origin::Host => bpf_redirect(ep.ifindex, 0),
+        }
+    };
+    action as i32
 }
 
 /// `weft_to_pod`: the node's stack is delivering this packet to a pod (the

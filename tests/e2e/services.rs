@@ -604,6 +604,37 @@ fn dual_stack_pods_reach_the_outside_over_ipv6_behind_their_nodes_address() {
     );
 }
 
+/// [`TwoByTwo`], dual-stack, the echo servers on the pods' IPv6 addresses.
+struct DualStackTwoByTwo {
+    c: Cluster,
+    _servers: Vec<EchoServer>,
+}
+
+impl DualStackTwoByTwo {
+    fn start(lab: &mut Lab) -> Self {
+        let spec = ClusterSpec {
+            nodes: 2,
+            pods_per_node: 2,
+            ..ClusterSpec::default()
+        };
+        let c = Cluster::start(lab, spec.dual_stack());
+        let _servers = c
+            .pods
+            .iter()
+            .map(|p| EchoServer::start(&p.ns, p.ip6.unwrap(), ECHO_PORT))
+            .collect();
+        Self { c, _servers }
+    }
+
+    /// (client, backend on the same node, backend on the other node).
+    fn roles(&self) -> (&PodInfo, &PodInfo, &PodInfo) {
+        let on = |n: usize| self.c.pods.iter().filter(move |p| p.node == n);
+        let mut local = on(0);
+        let client = local.next().unwrap();
+        (client, local.next().unwrap(), on(1).next().unwrap())
+    }
+}
+
 /// An IPv6 Service address (outside the IPv6 cluster CIDR 2001:2::/48).
 const SERVICE6: &str = "2001:2:100::10";
 
@@ -649,26 +680,8 @@ fn ipv6_services_nated_by_the_node_return_through_the_stack() {
         return;
     }
     let mut lab = Lab::new("sv6");
-    let c = Cluster::start(
-        &mut lab,
-        ClusterSpec {
-            nodes: 2,
-            pods_per_node: 2,
-            ..ClusterSpec::default()
-        }
-        .dual_stack(),
-    );
-    let _servers: Vec<EchoServer> = c
-        .pods
-        .iter()
-        .map(|p| EchoServer::start(&p.ns, p.ip6.unwrap(), ECHO_PORT))
-        .collect();
-    let on = |n: usize| c.pods.iter().filter(move |p| p.node == n);
-    let (client, local_backend) = {
-        let mut l = on(0);
-        (l.next().unwrap(), l.next().unwrap())
-    };
-    let remote_backend = on(1).next().unwrap();
+    let t = DualStackTwoByTwo::start(&mut lab);
+    let (c, (client, local_backend, remote_backend)) = (&t.c, t.roles());
     let node = &c.nodes[0].ns;
     let service: std::net::Ipv6Addr = SERVICE6.parse().unwrap();
     let to_stack = || c.counter(0, "to_stack");
@@ -722,26 +735,8 @@ fn a_real_kube_proxy_serves_ipv6_services_across_the_fast_paths() {
         return;
     }
     let mut lab = Lab::new("kp6");
-    let c = Cluster::start(
-        &mut lab,
-        ClusterSpec {
-            nodes: 2,
-            pods_per_node: 2,
-            ..ClusterSpec::default()
-        }
-        .dual_stack(),
-    );
-    let _servers: Vec<EchoServer> = c
-        .pods
-        .iter()
-        .map(|p| EchoServer::start(&p.ns, p.ip6.unwrap(), ECHO_PORT))
-        .collect();
-    let on = |n: usize| c.pods.iter().filter(move |p| p.node == n);
-    let (client, local_backend) = {
-        let mut l = on(0);
-        (l.next().unwrap(), l.next().unwrap())
-    };
-    let remote_backend = on(1).next().unwrap();
+    let t = DualStackTwoByTwo::start(&mut lab);
+    let (c, (client, local_backend, remote_backend)) = (&t.c, t.roles());
     let und = c.underlay.ns.clone();
     let api = KubeApi::start_with(
         &mut lab,
