@@ -646,6 +646,11 @@ mod tests {
                 r#"pod_cidrs = ["198.19.9.0/24", "2001:2:0:9::1/64"]"#,
             ),
             node("none", 10, ""),
+            node(
+                "wide6",
+                11,
+                r#"pod_cidrs = ["198.19.11.0/24", "2001:2::/40"]"#,
+            ),
         ]
         .concat();
         let s = parse_file(&text, &cluster()).unwrap();
@@ -670,6 +675,7 @@ mod tests {
             "node `overlap6`: pod_cidr 2001:2:0:1:8000::/65 overlaps node `a`'s 2001:2:0:1::/64",
             "did you mean 2001:2:0:9::/64",
             "node `none`: no pod_cidr",
+            "node `wide6`: pod_cidr 2001:2::/40 is wider than the IPv6 cluster CIDR 2001:2::/48",
         ] {
             assert!(
                 s.problems.iter().any(|p| p.contains(needle)),
@@ -677,7 +683,7 @@ mod tests {
                 s.problems
             );
         }
-        assert_eq!(s.problems.len(), 8, "{:#?}", s.problems);
+        assert_eq!(s.problems.len(), 9, "{:#?}", s.problems);
 
         // An agent without an IPv6 cluster CIDR says what to set.
         let v4_only: ClusterCidrs = cluster().v4.into();

@@ -206,9 +206,13 @@ impl Claims {
                         w.pod_cidr
                     ));
                 }
-                Some(cluster6)
-                    if !cluster6.contains(c6.addr()) || c6.prefix() < cluster6.prefix() =>
-                {
+                Some(cluster6) if c6.prefix() < cluster6.prefix() => {
+                    return Err(format!(
+                        "{this}: {} {c6} is wider than the IPv6 cluster CIDR {cluster6} (a node's pod CIDR lies inside it, with a longer prefix); skipped",
+                        w.pod_cidr
+                    ));
+                }
+                Some(cluster6) if !cluster6.contains(c6.addr()) => {
                     return Err(format!(
                         "{this}: {} {c6} is outside the IPv6 cluster CIDR {cluster6}; skipped",
                         w.pod_cidr
