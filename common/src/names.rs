@@ -55,6 +55,9 @@ pub const GLOBAL_UNDERLAY_MAC: &str = "WEFT_UNDERLAY_MAC";
 pub const GLOBAL_CLUSTER_NET: &str = "WEFT_CLUSTER_NET";
 /// Load-time global: cluster CIDR netmask (network order).
 pub const GLOBAL_CLUSTER_MASK: &str = "WEFT_CLUSTER_MASK";
+/// Load-time global: 1 when TC decap may retype IPv6 with
+/// `BPF_F_ADJ_ROOM_DECAP_L3_IPV6` (Linux 6.3+), else 0.
+pub const GLOBAL_DECAP_RETYPE: &str = "WEFT_DECAP_RETYPE";
 /// Load-time global: IPv6 cluster CIDR network address (bytes as on the wire).
 pub const GLOBAL_CLUSTER6_NET: &str = "WEFT_CLUSTER6_NET";
 /// Load-time global: IPv6 cluster CIDR mask (bytes as on the wire).

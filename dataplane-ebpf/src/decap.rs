@@ -339,7 +339,7 @@ pub fn tc(ctx: &TcContext) -> Verdict<i32> {
         )
         .is_ok()
     };
-    let retyped = v6 && strip(BPF_F_ADJ_ROOM_DECAP_L3_IPV6);
+    let retyped = v6 && maps::decap_retype() != 0 && strip(BPF_F_ADJ_ROOM_DECAP_L3_IPV6);
     if !retyped && !strip(0) {
         return Err(DropReason::HelperFailed);
     }
@@ -359,12 +359,13 @@ pub fn tc(ctx: &TcContext) -> Verdict<i32> {
             }
             count_fwd(FwdReason::DecapPeer);
             if stale_proto {
-                // Through the veth's egress, where weft_to_pod must not take
-                // it for the stack's delivery (the mark tells it).
+                // Into the pod's host-side veth's ingress, where the skb is
+                // retyped and weft_from_pod, seeing the mark, sends it on
+                // into the pod.
                 // SAFETY: ctx.skb.skb points at the program's __sk_buff,
                 // whose mark TC programs may write.
                 unsafe { (*ctx.skb.skb).mark |= maps::DECAP_DELIVERY_MARK };
-                return Ok(deliver_retyped(ep.ifindex, 0));
+                return Ok(deliver_retyped(ep.ifindex, BPF_F_INGRESS as u64));
             }
             // SAFETY: plain helper call.
             Ok(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
@@ -385,10 +386,13 @@ pub fn tc(ctx: &TcContext) -> Verdict<i32> {
 }
 
 /// Delivers a stripped IPv6 frame whose skb still says IPv4 (a kernel
-/// before 6.3, without `BPF_F_ADJ_ROOM_DECAP_L3_IPV6`): a redirect to a
-/// pod's host-side veth (whose peer receives it with `eth_type_trans`) or
-/// into the underlay's ingress again (`BPF_F_INGRESS` also runs it), where
-/// the frame is no longer VXLAN and goes up the stack.
+/// before 6.3, without `BPF_F_ADJ_ROOM_DECAP_L3_IPV6`) through the ingress
+/// of `ifindex` (`BPF_F_INGRESS` runs `eth_type_trans`, which retypes it):
+/// a pod's host-side veth, whose `weft_from_pod` then redirects it into the
+/// pod (the skb keeps its GSO state, as with `bpf_redirect_peer` here; a
+/// transmit through the veth would not carry a tunnel GSO skb), or the
+/// underlay again, where the frame is no longer VXLAN and goes up the
+/// stack.
 #[inline(always)]
 fn deliver_retyped(ifindex: u32, flags: u64) -> i32 {
     // SAFETY: plain helper call.

@@ -29,6 +29,11 @@ pub enum Origin {
 /// Forwards what a pod or the node sends: the action, or why it is dropped.
 #[inline(always)]
 pub fn forward(ctx: &TcContext, origin: Origin) -> Verdict<i32> {
+    if origin == Origin::Pod {
+        if let Some(action) = decapsulated_for_the_pod(ctx) {
+            return Ok(action);
+        }
+    }
     let (start, end) = (ctx.data(), ctx.data_end());
     // Shorter than an Ethernet header: malformed, counted like the rest.
     let eth: *mut EthHdr = ptr_at(start, end, 0)?;
@@ -38,6 +43,23 @@ pub fn forward(ctx: &TcContext, origin: Origin) -> Verdict<i32> {
         ETH_P_IPV6 => forward_v6(ctx, origin, eth),
         _ => not_ours(origin),
     }
+}
+
+/// A frame the TC decap sent through this veth's ingress for the pod
+/// behind it (its fallback before Linux 6.3, decap.rs: the mark says so; no
+/// pod can set it, a namespace crossing clears marks): on into the pod,
+/// the mark cleared.
+#[inline(always)]
+fn decapsulated_for_the_pod(ctx: &TcContext) -> Option<i32> {
+    // SAFETY: ctx.skb.skb points at the program's __sk_buff, whose mark TC
+    // programs may write.
+    let skb = unsafe { &mut *ctx.skb.skb };
+    if skb.mark & maps::DECAP_DELIVERY_MARK == 0 {
+        return None;
+    }
+    skb.mark &= !maps::DECAP_DELIVERY_MARK;
+    // SAFETY: plain helper call.
+    Some(unsafe { bpf_redirect_peer(skb.ifindex, 0) } as i32)
 }
 
 /// [`forward`] for IPv4.
@@ -206,14 +228,6 @@ fn deliver_local(eth: *mut EthHdr, ep: &Endpoint, origin: Origin) -> i32 {
 /// Never decides: what follows on the hook, then the veth's qdisc, does.
 #[inline(always)]
 pub fn note_stack_delivery(ctx: &TcContext) -> i32 {
-    // SAFETY: ctx.skb.skb points at the program's __sk_buff.
-    let skb = unsafe { &mut *ctx.skb.skb };
-    if skb.mark & maps::DECAP_DELIVERY_MARK != 0 {
-        // The TC decap's own delivery (its fallback before 6.3), not the
-        // stack's: nothing to note; the mark goes no further.
-        skb.mark &= !maps::DECAP_DELIVERY_MARK;
-        return TC_ACT_UNSPEC;
-    }
     let (start, end) = (ctx.data(), ctx.data_end());
     if let Ok(eth) = ptr_at::<EthHdr>(start, end, 0) {
         // SAFETY: ptr_at checked bounds.

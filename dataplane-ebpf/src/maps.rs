@@ -111,10 +111,10 @@ pub fn count_fwd(reason: FwdReason) {
     bump(&WEFT_FWDS, reason.index());
 }
 
-/// A bit of skb->mark that the TC decap sets on a frame it hands to a pod's
-/// host-side veth egress (the fallback before Linux 6.3, decap.rs) and that
-/// `weft_to_pod` clears there at once: that frame is weft's delivery, not
-/// the stack's. Never seen by netfilter (a redirect to egress skips it).
+/// A bit of skb->mark that the TC decap sets on a frame it sends through a
+/// pod's host-side veth ingress (its fallback before Linux 6.3, decap.rs)
+/// and that `weft_from_pod` clears there at once, sending the frame on into
+/// the pod. Never seen by netfilter: the frame goes from TC to TC.
 pub const DECAP_DELIVERY_MARK: u32 = 0x0800_0000;
 
 macro_rules! global {
@@ -172,6 +172,14 @@ global!(
 global!(
     /// IPv6 cluster CIDR mask, bytes as on the wire.
     WEFT_CLUSTER6_MASK: [u8; 16] = [0xff; 16], cluster6_mask
+);
+
+global!(
+    /// 1: strip IPv6 in TC with `BPF_F_ADJ_ROOM_DECAP_L3_IPV6` (Linux 6.3+);
+    /// 0: without it, delivering through a device that retypes the skb
+    /// (decap.rs). The agent writes 0 on older kernels, where the flag would
+    /// be refused on every packet.
+    WEFT_DECAP_RETYPE: u8 = 1, decap_retype
 );
 
 /// Whether `ip` lies in the IPv6 cluster CIDR.

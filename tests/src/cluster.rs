@@ -183,6 +183,8 @@ pub struct ClusterSpec {
     /// Dual-stack: agents with `--cluster-cidr6` ([`CLUSTER_CIDR6`]), nodes
     /// with an IPv6 pod CIDR each, pods with an address of each family.
     pub dual_stack: bool,
+    /// Extra environment for every agent.
+    pub agent_env: Vec<(String, String)>,
 }
 
 impl ClusterSpec {
@@ -230,6 +232,7 @@ impl Default for ClusterSpec {
             underlay: UnderlayKind::default(),
             tc_attach: None,
             dual_stack: false,
+            agent_env: Vec::new(),
         }
     }
 }
@@ -391,6 +394,7 @@ impl Cluster {
         if self.spec.dual_stack {
             cmd.args(["--cluster-cidr6", CLUSTER_CIDR6]);
         }
+        cmd.envs(self.spec.agent_env.iter().map(|(k, v)| (k, v)));
         if let Some(p) = &self.path {
             cmd.env("PATH", p);
         }

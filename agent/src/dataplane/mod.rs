@@ -152,6 +152,18 @@ pub struct Globals {
     pub bpf_log_level: u8,
 }
 
+/// Whether TC decap may strip IPv6 with `BPF_F_ADJ_ROOM_DECAP_L3_IPV6`:
+/// Linux 6.3 and later have it (an older kernel refuses the flag, and the
+/// programs deliver the other way, dataplane-ebpf/src/decap.rs).
+/// `WEFT_DECAP_RETYPE=0` in the environment forces the other way, so that
+/// it is tested on a new kernel too.
+pub fn decap_retype() -> bool {
+    if std::env::var_os("WEFT_DECAP_RETYPE").is_some_and(|v| v == "0") {
+        return false;
+    }
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 3, 0))
+}
+
 /// A loaded dataplane: the programs and maps, pinned under `pin_dir`.
 pub struct Dataplane {
     pub ebpf: Ebpf,
@@ -204,6 +216,7 @@ impl Dataplane {
             Some(c) => (c.addr().octets(), c.netmask().octets()),
             None => ([0; 16], [0xff; 16]),
         };
+        let decap_retype = u8::from(decap_retype());
         replace_stale_pins(pin_dir)?;
         let mut loader = EbpfLoader::new();
         loader
@@ -222,6 +235,7 @@ impl Dataplane {
             .override_global(names::GLOBAL_CLUSTER_MASK, &cluster_mask, true)
             .override_global(names::GLOBAL_CLUSTER6_NET, &cluster6_net, true)
             .override_global(names::GLOBAL_CLUSTER6_MASK, &cluster6_mask, true)
+            .override_global(names::GLOBAL_DECAP_RETYPE, &decap_retype, true)
             .override_global(aya_log::LEVEL, &globals.bpf_log_level, false);
         let mut ebpf = loader.load(OBJECT)?;
         for name in [

@@ -195,3 +195,47 @@ fn ipv6_pods_through_xdp_decap() {
         c.status(1)["counters"]
     );
 }
+
+#[test]
+fn ipv6_through_tc_decap_as_before_linux_6_3() {
+    if !privileged("ipv6_through_tc_decap_as_before_linux_6_3") {
+        return;
+    }
+    // The agent forces what it does on kernels without
+    // BPF_F_ADJ_ROOM_DECAP_L3_IPV6: stripped without retyping, the frame is
+    // retyped on its way through the pod veth's ingress.
+    let mut lab = Lab::new("r6");
+    let mut spec = ClusterSpec::pair().dual_stack();
+    spec.agent_env = vec![("WEFT_DECAP_RETYPE".into(), "0".into())];
+    let c = Cluster::start(&mut lab, spec);
+    let _servers = echo_servers(&c);
+    let (failures, paths) = ipv6_matrix(&c);
+    assert!(
+        failures.is_empty(),
+        "{} of {paths}:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    let (a, b) = (&c.pods[0], &c.pods[1]);
+    bulk_tcp_intact(&b.ns, b.ip6.unwrap(), 7001, &a.ns, 32 << 20).expect("32 MiB, node 1 → 2");
+    bulk_tcp_intact(&a.ns, a.ip6.unwrap(), 7001, &b.ns, 32 << 20).expect("32 MiB, node 2 → 1");
+    for i in 0..2 {
+        // Nothing took the stack for the pods' sake (the way through the
+        // veth is not the stack's delivery), nothing dropped.
+        assert_eq!(
+            c.counter(i, "to_stack"),
+            0,
+            "node {}: {}",
+            i + 1,
+            c.status(i)["counters"]
+        );
+        assert_eq!(
+            total_drops(&c, i),
+            0,
+            "node {}: {}",
+            i + 1,
+            c.status(i)["counters"]
+        );
+        assert!(c.counter(i, "decap_peer") > 0);
+    }
+}

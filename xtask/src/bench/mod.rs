@@ -49,8 +49,10 @@ pub const DIAGNOSTICS: &[(&str, &str)] = &[
     ),
 ];
 /// Modes run only when named with --modes: weft with XDP decap (needs
-/// `--underlay nic-like`: see [`UnderlayKind::NicLike`]).
-pub const EXTRA_MODES: &[&str] = &["weft-xdp"];
+/// `--underlay nic-like`: see [`UnderlayKind::NicLike`]); weft carrying the
+/// pods' IPv6 (dual-stack, IPv6 inside the same IPv4 tunnel), measured
+/// between the pods' IPv6 addresses.
+pub const EXTRA_MODES: &[&str] = &["weft-xdp", "weft-ipv6"];
 /// The targets that are ratios: (baseline, figure, weft / baseline
 /// at least, name). The bench prints each against the run and marks it on
 /// the chart.
@@ -301,17 +303,21 @@ pub fn run(o: &Opts) -> Result<Value> {
             ratios.insert(format!("weft/{base}"), Value::Object(r));
         }
     }
-    // The same dataplane with a large cluster's state: how flat it stays.
-    if modes.contains_key("weft") && modes.contains_key("weft-scale") {
+    // The same dataplane with a large cluster's state (how flat it stays),
+    // and carrying IPv6 pods: each against weft in the same run.
+    for variant in ["weft-scale", "weft-ipv6"] {
+        if !(modes.contains_key("weft") && modes.contains_key(variant)) {
+            continue;
+        }
         let r: serde_json::Map<String, Value> = FIGURES
             .iter()
             .filter_map(|(f, _, _)| {
-                let s = modes["weft-scale"][f]["median"].as_f64()?;
+                let s = modes[variant][f]["median"].as_f64()?;
                 let w = modes["weft"][f]["median"].as_f64().filter(|w| *w != 0.0)?;
                 Some((f.to_string(), json!(s / w)))
             })
             .collect();
-        ratios.insert("weft-scale/weft".into(), Value::Object(r));
+        ratios.insert(format!("{variant}/weft"), Value::Object(r));
     }
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()

@@ -2,7 +2,12 @@
 //! bridged underlay with one pod each (node to node for `underlay`;
 //! `weft-scale` is `weft` with a large cluster's state in the maps).
 
-use std::{fmt::Write as _, net::Ipv4Addr, path::Path, time::Duration};
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::{Result, bail};
 use weft_tests::{
@@ -16,7 +21,7 @@ use super::measure::on_cpu;
 pub(super) struct Path2 {
     pub(super) client: Netns,
     pub(super) server: Netns,
-    pub(super) server_ip: Ipv4Addr,
+    pub(super) server_ip: IpAddr,
 }
 
 fn two_nodes(lab: &mut Lab, kind: UnderlayKind) -> (Underlay, Netns, Netns) {
@@ -44,15 +49,16 @@ fn pods_on_cni0(lab: &mut Lab, a: &Netns, b: &Netns, mtu: u32) -> Path2 {
     Path2 {
         client: pa,
         server: pb,
-        server_ip: Ipv4Addr::new(198, 19, 2, 10),
+        server_ip: Ipv4Addr::new(198, 19, 2, 10).into(),
     }
 }
 
 pub(super) fn build(mode: &str, lab: &mut Lab, xtask: &Path, kind: UnderlayKind) -> Result<Path2> {
     Ok(match mode {
-        "weft" | "weft-xdp" => {
+        "weft" | "weft-xdp" | "weft-ipv6" => {
             // `weft` runs the agent's defaults (`--decap auto`: TC on a veth
-            // underlay); `weft-xdp` forces XDP decap.
+            // underlay); `weft-xdp` forces XDP decap; `weft-ipv6` is
+            // dual-stack and measured over the pods' IPv6 addresses.
             let mut spec = ClusterSpec {
                 underlay: kind,
                 ..ClusterSpec::pair()
@@ -60,12 +66,16 @@ pub(super) fn build(mode: &str, lab: &mut Lab, xtask: &Path, kind: UnderlayKind)
             if mode == "weft-xdp" {
                 spec.agent_args = vec!["--decap".into(), "xdp".into()];
             }
+            if mode == "weft-ipv6" {
+                spec = spec.dual_stack();
+            }
             let c = Cluster::start(lab, spec);
+            let server = &c.pods[1];
             // The lab owns every namespace and process the cluster made.
             Path2 {
                 client: c.pods[0].ns.clone(),
-                server: c.pods[1].ns.clone(),
-                server_ip: c.pods[1].ip,
+                server: server.ns.clone(),
+                server_ip: server.ip6.map_or(server.ip.into(), IpAddr::V6),
             }
         }
         "weft-scale" => {
@@ -95,7 +105,7 @@ pub(super) fn build(mode: &str, lab: &mut Lab, xtask: &Path, kind: UnderlayKind)
             Path2 {
                 client: c.pods[0].ns.clone(),
                 server: c.pods[1].ns.clone(),
-                server_ip: c.pods[1].ip,
+                server_ip: c.pods[1].ip.into(),
             }
         }
         "kernel-vxlan" => {
@@ -153,7 +163,7 @@ pub(super) fn build(mode: &str, lab: &mut Lab, xtask: &Path, kind: UnderlayKind)
             Path2 {
                 client: a,
                 server: b,
-                server_ip: Ipv4Addr::new(198, 18, 0, 2),
+                server_ip: Ipv4Addr::new(198, 18, 0, 2).into(),
             }
         }
         other => bail!("unknown mode `{other}`"),
