@@ -339,7 +339,8 @@ pub fn tc(ctx: &TcContext) -> Verdict<i32> {
         )
         .is_ok()
     };
-    let retyped = v6 && maps::decap_retype() != 0 && strip(BPF_F_ADJ_ROOM_DECAP_L3_IPV6);
+    let way = maps::decap_retype();
+    let retyped = v6 && way == maps::RETYPE_FLAG && strip(BPF_F_ADJ_ROOM_DECAP_L3_IPV6);
     if !retyped && !strip(0) {
         return Err(DropReason::HelperFailed);
     }
@@ -358,6 +359,12 @@ pub fn tc(ctx: &TcContext) -> Verdict<i32> {
                 (*eth).src = ep.host_mac;
             }
             count_fwd(FwdReason::DecapPeer);
+            if stale_proto && way == maps::RETYPE_VIA_EGRESS {
+                // Through the veth (Linux 5.15: the way below fails there);
+                // weft_to_pod takes it for the stack's delivery, so the
+                // pod's replies take the stack.
+                return Ok(deliver_retyped(ep.ifindex, 0));
+            }
             if stale_proto {
                 // Into the pod's host-side veth's ingress, where the skb is
                 // retyped and weft_from_pod, seeing the mark, sends it on

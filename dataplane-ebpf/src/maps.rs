@@ -175,12 +175,17 @@ global!(
 );
 
 global!(
-    /// 1: strip IPv6 in TC with `BPF_F_ADJ_ROOM_DECAP_L3_IPV6` (Linux 6.3+);
-    /// 0: without it, delivering through a device that retypes the skb
-    /// (decap.rs). The agent writes 0 on older kernels, where the flag would
-    /// be refused on every packet.
-    WEFT_DECAP_RETYPE: u8 = 1, decap_retype
+    /// How TC decap retypes a stripped IPv6 frame (decap.rs): one of the
+    /// `RETYPE_*` below, which the agent picks from the kernel version.
+    WEFT_DECAP_RETYPE: u8 = RETYPE_FLAG, decap_retype
 );
+
+/// `BPF_F_ADJ_ROOM_DECAP_L3_IPV6` (Linux 6.3+). (1, any other value: through
+/// the pod veth's ingress, then `bpf_redirect_peer`, as on 6.1.)
+pub const RETYPE_FLAG: u8 = 2;
+/// Through the pod veth's egress, the pod's replies through the stack
+/// (5.15, where the ingress way delivers nothing).
+pub const RETYPE_VIA_EGRESS: u8 = 0;
 
 /// Whether `ip` lies in the IPv6 cluster CIDR.
 #[inline(always)]

@@ -152,16 +152,32 @@ pub struct Globals {
     pub bpf_log_level: u8,
 }
 
-/// Whether TC decap may strip IPv6 with `BPF_F_ADJ_ROOM_DECAP_L3_IPV6`:
-/// Linux 6.3 and later have it (an older kernel refuses the flag, and the
-/// programs deliver the other way, dataplane-ebpf/src/decap.rs).
-/// `WEFT_DECAP_RETYPE=0` in the environment forces the other way, so that
-/// it is tested on a new kernel too.
-pub fn decap_retype() -> bool {
-    if std::env::var_os("WEFT_DECAP_RETYPE").is_some_and(|v| v == "0") {
-        return false;
+/// How TC decap retypes a stripped IPv6 frame (`WEFT_DECAP_RETYPE`,
+/// dataplane-ebpf/src/maps.rs): 2, with `BPF_F_ADJ_ROOM_DECAP_L3_IPV6` (Linux
+/// 6.3 and later have it); 1, through the pod veth's ingress (measured to
+/// work on 6.1); 0, through its egress (5.15, where the ingress way
+/// delivers nothing; the pod's replies then take the stack).
+/// `WEFT_DECAP_RETYPE=0|1|2` in the environment forces one, so that each
+/// is tested on a new kernel too.
+pub fn decap_retype() -> u8 {
+    if let Some(way) = std::env::var("WEFT_DECAP_RETYPE")
+        .ok()
+        .and_then(|v| v.parse::<u8>().ok())
+        .filter(|w| *w <= 2)
+    {
+        return way;
     }
-    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 3, 0))
+    let at_least = |major, minor| {
+        aya::util::KernelVersion::current()
+            .is_ok_and(|v| v >= aya::util::KernelVersion::new(major, minor, 0))
+    };
+    if at_least(6, 3) {
+        2
+    } else if at_least(6, 0) {
+        1
+    } else {
+        0
+    }
 }
 
 /// A loaded dataplane: the programs and maps, pinned under `pin_dir`.
@@ -216,7 +232,7 @@ impl Dataplane {
             Some(c) => (c.addr().octets(), c.netmask().octets()),
             None => ([0; 16], [0xff; 16]),
         };
-        let decap_retype = u8::from(decap_retype());
+        let decap_retype = decap_retype();
         replace_stale_pins(pin_dir)?;
         let mut loader = EbpfLoader::new();
         loader

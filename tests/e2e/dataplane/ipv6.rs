@@ -201,12 +201,12 @@ fn ipv6_through_tc_decap_as_before_linux_6_3() {
     if !privileged("ipv6_through_tc_decap_as_before_linux_6_3") {
         return;
     }
-    // The agent forces what it does on kernels without
+    // The agent forces what it does on 6.0 to 6.2, without
     // BPF_F_ADJ_ROOM_DECAP_L3_IPV6: stripped without retyping, the frame is
     // retyped on its way through the pod veth's ingress.
     let mut lab = Lab::new("r6");
     let mut spec = ClusterSpec::pair().dual_stack();
-    spec.agent_env = vec![("WEFT_DECAP_RETYPE".into(), "0".into())];
+    spec.agent_env = vec![("WEFT_DECAP_RETYPE".into(), "1".into())];
     let c = Cluster::start(&mut lab, spec);
     let _servers = echo_servers(&c);
     let (failures, paths) = ipv6_matrix(&c);
