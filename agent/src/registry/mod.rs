@@ -134,6 +134,7 @@ impl Snapshot {
         let mut claims = Claims::default();
         let nodes = nodes
             .into_iter()
+            .map(|n| for_cluster(n, cluster))
             .filter(|n| match claims.check(n, cluster, words) {
                 Ok(()) => {
                     claims.insert(n);
@@ -151,6 +152,26 @@ impl Snapshot {
             claims,
         }
     }
+}
+
+/// `n` as this agent's cluster carries it: an IPv6 pod CIDR is dropped when
+/// the agent runs IPv4 only (no `cluster-cidr6`), as flannel without
+/// `EnableIPv6` ignores a dual-stack Node's: its IPv4 side still works, and
+/// that the IPv6 side is not carried is said once, at the first such node.
+fn for_cluster(mut n: Node, cluster: &ClusterCidrs) -> Node {
+    if cluster.v6.is_none()
+        && let Some(c6) = n.pod_cidr6.take()
+    {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            tracing::info!(
+                node = %n.name,
+                pod_cidr6 = %c6,
+                "nodes list IPv6 pod CIDRs, but this agent has no cluster-cidr6: it carries their IPv4 pods only (set cluster-cidr6 for dual-stack)"
+            );
+        });
+    }
+    n
 }
 
 /// What the nodes kept so far claim: their names, underlay addresses and
@@ -200,12 +221,8 @@ impl Claims {
         }
         if let Some(c6) = &n.pod_cidr6 {
             match &clusters.v6 {
-                None => {
-                    return Err(format!(
-                        "{this}: {} {c6} is IPv6, but this cluster has no IPv6 CIDR (set the agent's cluster-cidr6 for a dual-stack cluster); skipped",
-                        w.pod_cidr
-                    ));
-                }
+                // for_cluster dropped it already.
+                None => {}
                 Some(cluster6) if c6.prefix() < cluster6.prefix() => {
                     return Err(format!(
                         "{this}: {} {c6} is wider than the IPv6 cluster CIDR {cluster6} (a node's pod CIDR lies inside it, with a longer prefix); skipped",
@@ -344,6 +361,7 @@ impl Published {
         if !self.settled() {
             return false;
         }
+        let node = node.map(|n| for_cluster(n, cluster));
         if let Some(n) = &node {
             let mut claims = std::mem::take(&mut self.claims);
             let before = claims.names.get(name).copied();
