@@ -313,13 +313,17 @@ fn remove_endpoint(maps: &mut Maps, ip: IpAddr) {
 /// link pin, routes and veth. Idempotent: whatever is already gone is
 /// skipped.
 pub fn del(host_ifname: &str, ips: &[IpAddr], node: &NodeConfig) -> Result<(), EndpointError> {
-    // The pod's routes go with its veth.
-    if !ips.is_empty()
-        && let Ok(mut maps) = Maps::open(&node.bpffs)
-    {
-        for ip in ips {
-            remove_endpoint(&mut maps, *ip);
-        }
+    // The pod's routes go with its veth. Only the endpoint maps a pod's
+    // addresses are in are opened (a DEL is on the pod-deletion path).
+    for ip in ips {
+        let _ = match ip {
+            IpAddr::V4(ip) => {
+                dataplane::maps::endpoints(&node.bpffs).map(|mut m| m.remove(&ip_key(*ip)))
+            }
+            IpAddr::V6(ip) => {
+                dataplane::maps::endpoints6(&node.bpffs).map(|mut m| m.remove(&ip.octets()))
+            }
+        };
     }
     // The veth first: its programs go down with it. Detaching a TCX link
     // from a live device would wait for a grace period, twice.

@@ -51,6 +51,13 @@ pub fn endpoints(pin_dir: &Path) -> Result<HashMap<MapData, u32, Endpoint>, Data
         .map_err(|source| DataplaneError::Map { name, source })
 }
 
+/// The IPv6 endpoints map alone, opened from its pin.
+pub fn endpoints6(pin_dir: &Path) -> Result<HashMap<MapData, Ipv6Key, Endpoint>, DataplaneError> {
+    let name = names::ENDPOINTS6;
+    HashMap::try_from(aya::maps::Map::HashMap(open_pinned(pin_dir, name)?))
+        .map_err(|source| DataplaneError::Map { name, source })
+}
+
 /// The map of flows whose replies take the stack (see
 /// dataplane-ebpf/src/flows.rs), opened from its pin. Not part of [`Maps`]:
 /// the CNI plugin has no use for it.
