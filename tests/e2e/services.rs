@@ -316,12 +316,14 @@ fn pods_reach_the_outside_behind_their_nodes_address() {
 /// service range (198.18.200.0/24), TCP and UDP port 80 → 7000.
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 10);
 
-/// Points the `echo` Service's Endpoints at `backend` and waits until node
-/// `node`'s kube-proxy (log `proxy_log`) has written the DNAT to it.
+/// Points Service `name`'s Endpoints at `backend` (created, or patched) and
+/// waits until node `node`'s kube-proxy (log `proxy_log`) has written the
+/// DNAT to it, in iptables or, for an IPv6 backend, ip6tables.
 fn endpoints_at(
     api: &KubeApi,
     node: &Netns,
-    backend: Ipv4Addr,
+    name: &str,
+    backend: std::net::IpAddr,
     create: bool,
     proxy_log: &dyn Fn() -> String,
 ) {
@@ -337,18 +339,21 @@ fn endpoints_at(
             "POST",
             "/api/v1/namespaces/default/endpoints",
             &json!({"apiVersion": "v1", "kind": "Endpoints",
-                    "metadata": {"name": "echo"}, "subsets": subsets}),
+                    "metadata": {"name": name}, "subsets": subsets}),
         );
     } else {
         api.request(
             "PATCH",
-            "/api/v1/namespaces/default/endpoints/echo",
+            &format!("/api/v1/namespaces/default/endpoints/{name}"),
             &json!({"subsets": subsets}),
         );
     }
-    let want = format!("--to-destination {backend}:{ECHO_PORT}");
+    let (iptables, want) = match backend {
+        std::net::IpAddr::V4(b) => ("iptables", format!("--to-destination {b}:{ECHO_PORT}")),
+        std::net::IpAddr::V6(b) => ("ip6tables", format!("--to-destination [{b}]:{ECHO_PORT}")),
+    };
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !node.sh("iptables", &["-t", "nat", "-S"]).contains(&want) {
+    while !node.sh(iptables, &["-t", "nat", "-S"]).contains(&want) {
         assert!(
             std::time::Instant::now() < deadline,
             "kube-proxy did not program {backend} in 30 s; its log:\n{}",
@@ -390,7 +395,14 @@ fn a_real_kube_proxy_serves_services_across_the_fast_paths() {
     };
     let before = c.counter(0, "to_stack");
     let proxy_log = || lab.log("kube-proxy-node-1");
-    endpoints_at(&api, node, remote_backend.ip, true, &proxy_log);
+    endpoints_at(
+        &api,
+        node,
+        "echo",
+        remote_backend.ip.into(),
+        true,
+        &proxy_log,
+    );
     check(
         "pod → ClusterIP → backend on another node",
         round_trips(&client.ns, CLUSTER_IP, 80),
@@ -400,7 +412,14 @@ fn a_real_kube_proxy_serves_services_across_the_fast_paths() {
         round_trips(node, CLUSTER_IP, 80),
     );
     let handed_to_stack = c.counter(0, "to_stack") > before;
-    endpoints_at(&api, node, local_backend.ip, false, &proxy_log);
+    endpoints_at(
+        &api,
+        node,
+        "echo",
+        local_backend.ip.into(),
+        false,
+        &proxy_log,
+    );
     check(
         "pod → ClusterIP → backend on the same node",
         round_trips(&client.ns, CLUSTER_IP, 80),
@@ -775,39 +794,6 @@ fn a_real_kube_proxy_serves_ipv6_services_across_the_fast_paths() {
         "und0",
     ]);
     let proxy_log = || lab.log("kube-proxy-node-1");
-    let endpoints_at = |backend: std::net::Ipv6Addr, create: bool| {
-        let subsets = json!([{
-            "addresses": [{"ip": backend.to_string()}],
-            "ports": [
-                {"name": "tcp", "port": ECHO_PORT, "protocol": "TCP"},
-                {"name": "udp", "port": ECHO_PORT, "protocol": "UDP"},
-            ],
-        }]);
-        if create {
-            api.request(
-                "POST",
-                "/api/v1/namespaces/default/endpoints",
-                &json!({"apiVersion": "v1", "kind": "Endpoints",
-                        "metadata": {"name": "echo6"}, "subsets": subsets}),
-            );
-        } else {
-            api.request(
-                "PATCH",
-                "/api/v1/namespaces/default/endpoints/echo6",
-                &json!({"subsets": subsets}),
-            );
-        }
-        let want = format!("--to-destination [{backend}]:{ECHO_PORT}");
-        wait_for(
-            "kube-proxy's ip6tables DNAT",
-            Duration::from_secs(30),
-            || {
-                node.sh("ip6tables", &["-t", "nat", "-S"])
-                    .contains(&want)
-                    .then_some(())
-            },
-        );
-    };
     let mut failures = Vec::new();
     let mut check = |case: &str, failed: Vec<&str>| {
         if !failed.is_empty() {
@@ -815,7 +801,8 @@ fn a_real_kube_proxy_serves_ipv6_services_across_the_fast_paths() {
         }
     };
     let before = c.counter(0, "to_stack");
-    endpoints_at(remote_backend.ip6.unwrap(), true);
+    let ip6 = |p: &PodInfo| std::net::IpAddr::V6(p.ip6.unwrap());
+    endpoints_at(&api, node, "echo6", ip6(remote_backend), true, &proxy_log);
     check(
         "pod → IPv6 ClusterIP → backend on another node",
         round_trips(&client.ns, cluster_ip, 80),
@@ -825,7 +812,7 @@ fn a_real_kube_proxy_serves_ipv6_services_across_the_fast_paths() {
         round_trips(node, cluster_ip, 80),
     );
     let handed_to_stack = c.counter(0, "to_stack") > before;
-    endpoints_at(local_backend.ip6.unwrap(), false);
+    endpoints_at(&api, node, "echo6", ip6(local_backend), false, &proxy_log);
     check(
         "pod → IPv6 ClusterIP → backend on the same node",
         round_trips(&client.ns, cluster_ip, 80),
