@@ -258,6 +258,33 @@ fn pcap_packets(bytes: &[u8]) -> Vec<Vec<u8>> {
 }
 
 /// (original length, captured bytes) of each packet in a pcap file.
+/// Starts `tcpdump` on `node`'s `und0` for the first 400 VXLAN packets it
+/// sends, `snaplen` bytes of each, into `<lab>/<name>.pcap` (returned), and
+/// waits until it listens. Stop it with `lab.stop("tcpdump")`.
+fn capture_vxlan(lab: &mut Lab, node: &Netns, name: &str, snaplen: u32) -> std::path::PathBuf {
+    let pcap = lab.dir.join(format!("{name}.pcap"));
+    let mut cmd = node.command("tcpdump");
+    cmd.args([
+        "-i",
+        "und0",
+        "-n",
+        "-U",
+        "--immediate-mode",
+        "-Z",
+        "root",
+        "-s",
+    ])
+    .arg(snaplen.to_string())
+    .args(["-c", "400", "-w"])
+    .arg(&pcap)
+    .args(["udp", "dst", "port", "8472"]);
+    lab.spawn("tcpdump", cmd);
+    wait_for("tcpdump to listen", Duration::from_secs(10), || {
+        lab.log("tcpdump").contains("listening").then_some(())
+    });
+    pcap
+}
+
 fn pcap_records(bytes: &[u8]) -> Vec<(usize, Vec<u8>)> {
     assert!(bytes.len() >= 24, "pcap too short: {} bytes", bytes.len());
     assert_eq!(
@@ -412,28 +439,7 @@ fn iperf3_5_seconds_across_nodes() {
     let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
     // Watch what leaves node-1: the stack hands the underlay device whole
     // tunnel GSO packets (bigger than the MTU) when encap keeps GSO working.
-    let pcap = lab.dir.join("gso.pcap");
-    let mut cmd = c.nodes[0].ns.command("tcpdump");
-    cmd.args([
-        "-i",
-        "und0",
-        "-n",
-        "-U",
-        "--immediate-mode",
-        "-Z",
-        "root",
-        "-s",
-        "96",
-        "-c",
-        "400",
-        "-w",
-    ])
-    .arg(&pcap)
-    .args(["udp", "dst", "port", "8472"]);
-    lab.spawn("tcpdump", cmd);
-    wait_for("tcpdump to listen", Duration::from_secs(10), || {
-        lab.log("tcpdump").contains("listening").then_some(())
-    });
+    let pcap = capture_vxlan(&mut lab, &c.nodes[0].ns, "gso", 96);
     let gbps = iperf_gbps(&b.ns, b.ip, &a.ns, &mut lab, "iperf", 5, &[]);
     println!("iperf3 pod→pod across nodes, 5 s: {gbps:.2} Gbit/s");
     lab.stop("tcpdump");

@@ -2,13 +2,13 @@
 //! pods wired by the CNI plugin with an address of each family, IPv6 pod
 //! traffic in VXLAN over the IPv4 underlay.
 
-use std::{net::IpAddr, time::Duration};
+use std::net::IpAddr;
 
 use weft_tests::{
-    Cluster, ClusterSpec, EchoServer, Lab, Netns, bulk_tcp_intact, iperf_gbps, privileged, wait_for,
+    Cluster, ClusterSpec, EchoServer, Lab, Netns, bulk_tcp_intact, iperf_gbps, privileged,
 };
 
-use super::{ECHO_PORT, pcap_records, reach, total_drops};
+use super::{ECHO_PORT, capture_vxlan, pcap_records, reach, total_drops};
 
 /// Every pod and every node host → every pod's IPv6 address (ICMPv6, TCP,
 /// UDP); the failures, and how many paths were tried.
@@ -116,28 +116,7 @@ fn ipv6_iperf3_across_nodes_keeps_tunnel_gso_and_every_byte() {
     let c = Cluster::start(&mut lab, ClusterSpec::pair().dual_stack());
     let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
     let (a6, b6) = (a.ip6.unwrap(), b.ip6.unwrap());
-    let pcap = lab.dir.join("gso6.pcap");
-    let mut cmd = c.nodes[0].ns.command("tcpdump");
-    cmd.args([
-        "-i",
-        "und0",
-        "-n",
-        "-U",
-        "--immediate-mode",
-        "-Z",
-        "root",
-        "-s",
-        "128",
-        "-c",
-        "400",
-        "-w",
-    ])
-    .arg(&pcap)
-    .args(["udp", "dst", "port", "8472"]);
-    lab.spawn("tcpdump", cmd);
-    wait_for("tcpdump to listen", Duration::from_secs(10), || {
-        lab.log("tcpdump").contains("listening").then_some(())
-    });
+    let pcap = capture_vxlan(&mut lab, &c.nodes[0].ns, "gso6", 128);
     let gbps = iperf_gbps(&b.ns, b6, &a.ns, &mut lab, "iperf6", 3, &[]);
     println!("iperf3 over IPv6, pod→pod across nodes, 3 s: {gbps:.2} Gbit/s");
     lab.stop("tcpdump");
