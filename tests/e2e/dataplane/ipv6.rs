@@ -8,7 +8,20 @@ use weft_tests::{
     Cluster, ClusterSpec, EchoServer, Lab, Netns, bulk_tcp_intact, iperf_gbps, privileged,
 };
 
-use super::{ECHO_PORT, capture_vxlan, pcap_records, reach, total_drops};
+use super::{
+    ECHO_PORT, assert_pair_dropped_nothing, capture_vxlan, pcap_records, reach, total_drops,
+};
+
+/// [`ipv6_matrix`], every path working.
+fn assert_ipv6_matrix(c: &Cluster) {
+    let (failures, paths) = ipv6_matrix(c);
+    assert!(
+        failures.is_empty(),
+        "{} of {paths} IPv6 paths failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
 
 /// Every pod and every node host → every pod's IPv6 address (ICMPv6, TCP,
 /// UDP); the failures, and how many paths were tried.
@@ -54,13 +67,7 @@ fn dual_stack_matrix_3_nodes_2_pods() {
     let mut lab = Lab::new("ds");
     let c = Cluster::start(&mut lab, ClusterSpec::default().dual_stack());
     let _servers = echo_servers(&c);
-    let (failures, paths) = ipv6_matrix(&c);
-    assert!(
-        failures.is_empty(),
-        "{} of {paths} IPv6 paths failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_ipv6_matrix(&c);
     // IPv4 beside it, every pod → every pod.
     let v4: Vec<String> = c
         .pods
@@ -138,13 +145,7 @@ fn ipv6_iperf3_across_nodes_keeps_tunnel_gso_and_every_byte() {
     );
     bulk_tcp_intact(&b.ns, b6, 7001, &a.ns, 32 << 20).expect("32 MiB over IPv6, node 1 → 2");
     bulk_tcp_intact(&a.ns, a6, 7001, &b.ns, 32 << 20).expect("32 MiB over IPv6, node 2 → 1");
-    assert_eq!(
-        total_drops(&c, 0) + total_drops(&c, 1),
-        0,
-        "drops: {} / {}",
-        c.status(0)["counters"],
-        c.status(1)["counters"]
-    );
+    assert_pair_dropped_nothing(&c);
 }
 
 #[test]
@@ -155,24 +156,12 @@ fn ipv6_pods_through_xdp_decap() {
     let mut lab = Lab::new("x6");
     let c = Cluster::start(&mut lab, ClusterSpec::pair().xdp_decap().dual_stack());
     let _servers = echo_servers(&c);
-    let (failures, paths) = ipv6_matrix(&c);
-    assert!(
-        failures.is_empty(),
-        "{} of {paths}:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_ipv6_matrix(&c);
     assert!(
         c.counter(0, "decap_redirect") + c.counter(1, "decap_redirect") > 0,
         "XDP redirected decapsulated IPv6 into the pods"
     );
-    assert_eq!(
-        total_drops(&c, 0) + total_drops(&c, 1),
-        0,
-        "drops: {} / {}",
-        c.status(0)["counters"],
-        c.status(1)["counters"]
-    );
+    assert_pair_dropped_nothing(&c);
 }
 
 #[test]
@@ -188,13 +177,7 @@ fn ipv6_through_tc_decap_as_before_linux_6_3() {
     spec.agent_env = vec![("WEFT_DECAP_RETYPE".into(), "1".into())];
     let c = Cluster::start(&mut lab, spec);
     let _servers = echo_servers(&c);
-    let (failures, paths) = ipv6_matrix(&c);
-    assert!(
-        failures.is_empty(),
-        "{} of {paths}:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_ipv6_matrix(&c);
     let (a, b) = (&c.pods[0], &c.pods[1]);
     bulk_tcp_intact(&b.ns, b.ip6.unwrap(), 7001, &a.ns, 32 << 20).expect("32 MiB, node 1 → 2");
     bulk_tcp_intact(&a.ns, a.ip6.unwrap(), 7001, &b.ns, 32 << 20).expect("32 MiB, node 2 → 1");
