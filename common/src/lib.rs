@@ -30,10 +30,27 @@ pub struct RemoteNode {
     /// The remote node's underlay IPv4 address, network order.
     pub underlay_ip: u32,
     /// The remote node's VTEP MAC: the inner Ethernet destination, like the
-    /// neighbour entry flannel installs on `flannel.1`.
+    /// neighbour entry flannel installs on `flannel.1` (with
+    /// [`RemoteNode::FLAG_UNDERLAY6`], its IPv6 VTEP's, as on `flannel-v6.1`).
     pub vtep_mac: [u8; 6],
-    /// Explicit padding; always zero.
-    pub _pad: [u8; 2],
+    /// [`RemoteNode::FLAG_UNDERLAY6`] (host order).
+    pub flags: u16,
+    /// With [`RemoteNode::FLAG_UNDERLAY6`]: the remote node's underlay IPv6
+    /// address, bytes as on the wire; else all zero.
+    pub underlay_ip6: [u8; 16],
+}
+
+impl RemoteNode {
+    /// The CIDR's VXLAN goes over the IPv6 underlay, to `underlay_ip6`
+    /// (IPv6 pods between two nodes that both have an IPv6 underlay
+    /// address, as flannel's `flannel-v6.1`).
+    pub const FLAG_UNDERLAY6: u16 = 1;
+
+    /// Whether [`RemoteNode::FLAG_UNDERLAY6`] is set.
+    #[inline(always)]
+    pub fn over_underlay6(&self) -> bool {
+        self.flags & Self::FLAG_UNDERLAY6 != 0
+    }
 }
 
 /// Value of [`names::ENDPOINTS`] (keyed by the pod's IPv4 address, network
@@ -73,8 +90,9 @@ impl Endpoint {
     }
 }
 
-/// Value of [`names::NODES`] (keyed by underlay IPv4 address, network order):
-/// a peer VTEP we accept VXLAN from.
+/// Value of [`names::NODES`] (keyed by underlay IPv4 address, network order)
+/// and [`names::NODES6`] (keyed by underlay IPv6 address): a peer VTEP we
+/// accept VXLAN from.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Vtep {
@@ -174,6 +192,9 @@ pub const VXLAN_HLEN: usize = 8;
 pub const VXLAN_ENCAP_LEN: usize = 20 + 8 + VXLAN_HLEN + 14;
 /// The default pod MTU is the underlay MTU minus this (as flannel's vxlan backend).
 pub const VXLAN_OVERHEAD: u32 = VXLAN_ENCAP_LEN as u32;
+/// The same over an IPv6 underlay: the outer IPv6 header is 40 bytes, so 70
+/// (flannel's `flannel-v6.1` MTU is the underlay's minus 70).
+pub const VXLAN6_OVERHEAD: u32 = VXLAN_OVERHEAD + 20;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -187,7 +208,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowState {}
 }
 
-const _: () = assert!(core::mem::size_of::<RemoteNode>() == 12);
+const _: () = assert!(core::mem::size_of::<RemoteNode>() == 28);
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 20);
 const _: () = assert!(core::mem::size_of::<Vtep>() == 4);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);

@@ -26,6 +26,8 @@ pub const REMOTE_CIDRS6: &str = "WEFT_REMOTES6";
 pub const ENDPOINTS6: &str = "WEFT_ENDPOINTS6";
 /// Hash: peer underlay IPv4 → [`crate::Vtep`]; VXLAN from anyone else is dropped.
 pub const NODES: &str = "WEFT_NODES";
+/// Hash: peer underlay IPv6 → [`crate::Vtep`]: the IPv6 twin of [`NODES`].
+pub const NODES6: &str = "WEFT_NODES6";
 /// LRU hash: [`crate::FlowKey`] of a reply → [`crate::FlowState`]. Replies
 /// of flows the node's stack forwarded (and so may have NATed: kube-proxy
 /// Services, hostPorts) take the stack back instead of a fast path.
@@ -62,3 +64,9 @@ pub const GLOBAL_DECAP_RETYPE: &str = "WEFT_DECAP_RETYPE";
 pub const GLOBAL_CLUSTER6_NET: &str = "WEFT_CLUSTER6_NET";
 /// Load-time global: IPv6 cluster CIDR mask (bytes as on the wire).
 pub const GLOBAL_CLUSTER6_MASK: &str = "WEFT_CLUSTER6_MASK";
+/// Load-time global: this node's underlay IPv6 address (bytes as on the
+/// wire; all zero: no IPv6 underlay, nothing VXLAN over IPv6 is taken).
+pub const GLOBAL_LOCAL_IP6: &str = "WEFT_LOCAL_IP6";
+/// Load-time global: ifindex of the VXLAN device that sends over the IPv6
+/// underlay (host order; 0: none).
+pub const GLOBAL_TUNNEL6_IFINDEX: &str = "WEFT_TUNNEL6_IF";

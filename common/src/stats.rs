@@ -53,6 +53,9 @@ counter_enum! {
         /// VXLAN whose inner destination is neither a pod on this node nor in
         /// this node's pod CIDR: nothing a node should forward for others.
         NotLocal = 9 => "not_local",
+        /// VXLAN over the IPv6 underlay carrying IPv4: weft (as flannel)
+        /// carries IPv4 pods over the IPv4 underlay only.
+        InnerFamily = 10 => "inner_family",
     }
 }
 

@@ -66,6 +66,8 @@ pub enum Vxlan {
         inner_off: usize,
         inner_ip: InnerIp,
         ep: Option<Endpoint>,
+        /// The outer header is IPv6 (so is the inner one, then).
+        outer_v6: bool,
     },
 }
 
@@ -111,43 +113,69 @@ fn linear(ctx: &TcContext, len: usize) -> bool {
     ctx.data() + want <= ctx.data_end() || ctx.pull_data(want as u32).is_ok()
 }
 
+/// Where the VXLAN header of a packet for this node's UDP port starts, and
+/// whether the outer header is IPv6; `None` when the packet is not VXLAN
+/// for this node (a fragment too: the stack reassembles it), `Some(Err)`
+/// when it is but comes from no known node.
+#[inline(always)]
+fn outer(start: usize, end: usize) -> Option<Result<(usize, bool), DropReason>> {
+    let eth = ptr_at::<EthHdr>(start, end, 0).ok()?;
+    // SAFETY: ptr_at checked bounds.
+    let (udp_off, known, v6) = match unsafe { (*eth).proto } {
+        ETH_P_IP => {
+            let ip = ptr_at::<Ipv4Hdr>(start, end, ETH_HLEN).ok()?;
+            // SAFETY: as above.
+            let ip = unsafe { *ip };
+            if !ip.is_valid()
+                || ip.proto != IPPROTO_UDP
+                || ip.dst != maps::local_ip()
+                || ip.is_fragment()
+            {
+                return None;
+            }
+            let ihl = ip.header_len();
+            if ihl > 60 {
+                return None;
+            }
+            (
+                ETH_HLEN + ihl,
+                maps::is_known_vtep(u32::from_ne_bytes(ip.src)),
+                false,
+            )
+        }
+        ETH_P_IPV6 => {
+            let ip = ptr_at::<Ipv6Hdr>(start, end, ETH_HLEN).ok()?;
+            // SAFETY: as above.
+            let ip = unsafe { *ip };
+            // UDP right after the fixed header: what a VXLAN sender writes
+            // (extension headers, fragments among them, go to the stack).
+            if !ip.is_valid() || ip.next_hdr != IPPROTO_UDP || ip.dst != maps::local_ip6() {
+                return None;
+            }
+            (ETH_HLEN + IPV6_HLEN, maps::is_known_vtep6(&ip.src), true)
+        }
+        _ => return None,
+    };
+    let udp = ptr_at::<UdpHdr>(start, end, udp_off).ok()?;
+    // SAFETY: as above.
+    if u16::from_be_bytes(unsafe { (*udp).dport }) != maps::vxlan_port() {
+        return None;
+    }
+    // From here on the packet claims to be ours.
+    if !known {
+        return Some(Err(DropReason::UnknownVtep));
+    }
+    Some(Ok((udp_off + UDP_HLEN, v6)))
+}
+
 /// Checks the packet in `[start, end)` against the rules above.
 #[inline(always)]
 pub fn classify(start: usize, end: usize) -> Vxlan {
-    let Ok(eth) = ptr_at::<EthHdr>(start, end, 0) else {
-        return Vxlan::NotOurs;
+    let (vx_off, outer_v6) = match outer(start, end) {
+        None => return Vxlan::NotOurs,
+        Some(Err(reason)) => return Vxlan::Drop(reason),
+        Some(Ok(o)) => o,
     };
-    // SAFETY: ptr_at checked bounds.
-    if unsafe { (*eth).proto } != ETH_P_IP {
-        return Vxlan::NotOurs;
-    }
-    let Ok(ip) = ptr_at::<Ipv4Hdr>(start, end, ETH_HLEN) else {
-        return Vxlan::NotOurs;
-    };
-    // SAFETY: as above.
-    let ip = unsafe { *ip };
-    if !ip.is_valid() || ip.proto != IPPROTO_UDP || ip.dst != maps::local_ip() || ip.is_fragment() {
-        // Not VXLAN for us (fragments are left to the stack to reassemble).
-        return Vxlan::NotOurs;
-    }
-    let ihl = ip.header_len();
-    if ihl > 60 {
-        return Vxlan::NotOurs;
-    }
-    let udp_off = ETH_HLEN + ihl;
-    let Ok(udp) = ptr_at::<UdpHdr>(start, end, udp_off) else {
-        return Vxlan::NotOurs;
-    };
-    // SAFETY: as above.
-    if u16::from_be_bytes(unsafe { (*udp).dport }) != maps::vxlan_port() {
-        return Vxlan::NotOurs;
-    }
-
-    // From here on the packet claims to be ours.
-    if !maps::is_known_vtep(u32::from_ne_bytes(ip.src)) {
-        return Vxlan::Drop(DropReason::UnknownVtep);
-    }
-    let vx_off = udp_off + UDP_HLEN;
     let Ok(vx) = ptr_at::<VxlanHdr>(start, end, vx_off) else {
         return Vxlan::Drop(DropReason::Malformed);
     };
@@ -164,6 +192,7 @@ pub fn classify(start: usize, end: usize) -> Vxlan {
     // For a local pod or this node (its pod CIDR); nothing is forwarded on.
     // SAFETY: as above.
     let (inner_ip, ep) = match unsafe { (*inner_eth).proto } {
+        ETH_P_IP if outer_v6 => return Vxlan::Drop(DropReason::InnerFamily),
         ETH_P_IP => {
             let Ok(ip) = ptr_at::<Ipv4Hdr>(start, end, inner_off + ETH_HLEN) else {
                 return Vxlan::Drop(DropReason::Malformed);
@@ -200,6 +229,7 @@ pub fn classify(start: usize, end: usize) -> Vxlan {
         inner_off,
         inner_ip,
         ep,
+        outer_v6,
     }
 }
 
@@ -227,6 +257,7 @@ pub fn xdp(ctx: &XdpContext) -> Verdict<u32> {
             inner_off,
             inner_ip,
             ep,
+            ..
         } => (inner_off, inner_ip, ep),
     };
     // A local pod, unless the stack must see the packet (its veth is shaped,
@@ -275,26 +306,34 @@ pub fn tc(ctx: &TcContext) -> Verdict<i32> {
     // linear. Only as many as this packet has: pulling more would copy
     // payload out of the fragments of every GSO skb (a veth delivers the
     // headers, and only they, in the linear part).
-    // The outer IHL is read once those are linear (a NIC may have left even
-    // the outer IPv4 header in a fragment).
+    // The outer header's length is read once those are linear (a NIC may
+    // have left even the outer IPv4 header in a fragment).
     let linear_ok = linear(ctx, MIN_HEADERS) && {
-        let ihl = match ptr_at::<Ipv4Hdr>(ctx.data(), ctx.data_end(), ETH_HLEN) {
+        let outer_v6 = match ptr_at::<[u8; 2]>(ctx.data(), ctx.data_end(), 12) {
             // SAFETY: ptr_at checked bounds.
-            Ok(ip) => unsafe { (*ip).header_len() },
-            Err(_) => IPV4_HLEN,
+            Ok(proto) => (unsafe { *proto }) == ETH_P_IPV6,
+            Err(_) => false,
         };
-        let outer_opts = ihl.saturating_sub(IPV4_HLEN);
-        let headers = MIN_HEADERS + outer_opts;
+        let outer_len = if outer_v6 {
+            IPV6_HLEN
+        } else {
+            match ptr_at::<Ipv4Hdr>(ctx.data(), ctx.data_end(), ETH_HLEN) {
+                // SAFETY: ptr_at checked bounds.
+                Ok(ip) => unsafe { (*ip).header_len() },
+                Err(_) => IPV4_HLEN,
+            }
+        };
+        let headers = MIN_HEADERS + outer_len - IPV4_HLEN;
         // An inner IPv6 header is 20 bytes longer than the IPv4 one
         // MIN_HEADERS counts. (Its EtherType's offset is computed from the
-        // IHL itself, which the verifier knows is never negative.)
-        let inner_proto_off = ETH_HLEN + ihl + UDP_HLEN + VXLAN_HLEN + 12;
+        // header length itself, which the verifier knows is never negative.)
+        let inner_proto_off = ETH_HLEN + outer_len + UDP_HLEN + VXLAN_HLEN + 12;
         let inner_v6 = match ptr_at::<[u8; 2]>(ctx.data(), ctx.data_end(), inner_proto_off) {
             // SAFETY: ptr_at checked bounds.
             Ok(proto) => (unsafe { *proto }) == ETH_P_IPV6,
             Err(_) => false,
         };
-        (outer_opts == 0 || linear(ctx, headers))
+        (headers == MIN_HEADERS || linear(ctx, headers))
             && (!inner_v6 || linear(ctx, headers + IPV6_HLEN - IPV4_HLEN))
     };
     if !linear_ok {
@@ -302,7 +341,7 @@ pub fn tc(ctx: &TcContext) -> Verdict<i32> {
         count_fwd(FwdReason::Passthrough);
         return Ok(TC_ACT_UNSPEC);
     }
-    let (inner_off, inner_ip, ep) = match classify(ctx.data(), ctx.data_end()) {
+    let (inner_off, inner_ip, ep, outer_v6) = match classify(ctx.data(), ctx.data_end()) {
         Vxlan::NotOurs => {
             count_fwd(FwdReason::Passthrough);
             return Ok(TC_ACT_UNSPEC);
@@ -312,7 +351,8 @@ pub fn tc(ctx: &TcContext) -> Verdict<i32> {
             inner_off,
             inner_ip,
             ep,
-        } => (inner_off, inner_ip, ep),
+            outer_v6,
+        } => (inner_off, inner_ip, ep, outer_v6),
     };
     // A local pod, unless the stack must see the packet (its veth is shaped,
     // or flows.rs). flows.rs reads the start of the inner L4 header, which
@@ -323,14 +363,15 @@ pub fn tc(ctx: &TcContext) -> Verdict<i32> {
             || (linear(ctx, inner_ip_off + inner_ip.header_len() + flows::L4_PEEK)
                 && inner_ip.must_take_stack(ctx.data(), ctx.data_end(), inner_ip_off))
     });
-    // Remove outer IPv4, UDP, VXLAN and the inner Ethernet header right after
+    // Remove outer IPv4 (or IPv6), UDP, VXLAN and the inner Ethernet header right after
     // the outer Ethernet header, which stays and is rewritten below.
     // `inner_off` bytes in all. FIXED_GSO: gso_size is already the inner MSS.
     // An IPv6 frame also needs skb->protocol changed (DECAP_L3_IPV6, Linux
     // 6.3); an older kernel rejects the flag, and the frame is then stripped
     // without it and delivered the slower way, through a device that reads
     // its protocol afresh ([`deliver_retyped`]).
-    let v6 = matches!(inner_ip, InnerIp::V6(_));
+    // (Over an IPv6 underlay the skb is IPv6 already.)
+    let v6 = matches!(inner_ip, InnerIp::V6(_)) && !outer_v6;
     let strip = |flags: u64| {
         ctx.adjust_room(
             -(inner_off as i32),

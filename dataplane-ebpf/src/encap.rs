@@ -11,17 +11,30 @@
 //! destination port and VNI configurable (8472 / 1 by default), source port
 //! from the inner flow hash, outer UDP checksum 0, TTL 64, DF clear (the
 //! vxlan default `df unset`), inner destination MAC = the remote VTEP MAC.
+//!
+//! Over an IPv6 underlay ([`over_underlay6`]) the outer headers are the
+//! kernel's: the UDP checksum is mandatory there (RFC 8200; a Linux vxlan
+//! device such as flannel's `flannel-v6.1` drops a zero one), and a GSO skb
+//! gets one per segment only when marked `SKB_GSO_UDP_TUNNEL_CSUM`, which
+//! `bpf_skb_adjust_room` cannot set. So the program writes the inner
+//! Ethernet header, sets the tunnel key (remote address, VNI) and redirects
+//! to weft's collect-metadata VXLAN device (`weft_gro`), whose transmit
+//! builds outer IPv6, UDP with its checksum, VXLAN, and segments GSO.
 
 use core::mem::{size_of, MaybeUninit};
 
 use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams,
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
-        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
+        bpf_tunnel_key as TunnelKey, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
+        BPF_F_TUNINFO_IPV6,
     },
-    helpers::{bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh},
+    helpers::{
+        bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh,
+        bpf_skb_set_tunnel_key,
+    },
     programs::TcContext,
     EbpfContext,
 };
@@ -145,6 +158,66 @@ pub fn encap_and_redirect(
         // (outer) network header and resolves the neighbour.
         Ok(unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) as i32 })
     }
+}
+
+/// `struct bpf_tunnel_key` (44 bytes) padded to 8-byte words for [`Zeroed`].
+#[repr(C)]
+struct TunnelKeyBuf {
+    key: TunnelKey,
+    _pad: [u8; 4],
+}
+
+/// `struct bpf_tunnel_key` up to `local_ipv6` (Linux 5.15's whole struct):
+/// the size a kernel without a settable tunnel source takes.
+const TUNNEL_KEY_NO_LOCAL: u32 = 28;
+
+/// Sends the frame in `ctx` to `remote` over the IPv6 underlay: inner
+/// Ethernet written here, the rest by the kernel's VXLAN transmit (see the
+/// module comment).
+#[inline(always)]
+pub fn over_underlay6(ctx: &TcContext, remote: &RemoteNode) -> Verdict<i32> {
+    let ifindex = maps::tunnel6_ifindex();
+    if ifindex == 0 {
+        // The agent writes such entries only with the device in place.
+        return Err(DropReason::HelperFailed);
+    }
+    let mut macs = [0u8; 12];
+    macs[0..6].copy_from_slice(&remote.vtep_mac);
+    macs[6..12].copy_from_slice(&maps::vtep_mac());
+    if ctx.store(0, &macs, 0).is_err() {
+        return Err(DropReason::HelperFailed);
+    }
+    let mut key = MaybeUninit::uninit();
+    // SAFETY: all-zero is a valid bpf_tunnel_key (and 4 bytes of padding).
+    let key: &mut TunnelKeyBuf = unsafe { Zeroed::init(&mut key) };
+    let key = &mut key.key;
+    key.tunnel_id = maps::vni();
+    key.tunnel_ttl = OUTER_TTL;
+    key.__bindgen_anon_1.remote_ipv6 = words(&remote.underlay_ip6);
+    key.__bindgen_anon_3.local_ipv6 = words(&maps::local_ip6());
+    let key: *mut TunnelKey = key;
+    let set = |size: u32| {
+        // SAFETY: key is a valid bpf_tunnel_key of at least `size` bytes.
+        unsafe {
+            bpf_skb_set_tunnel_key(ctx.as_ptr() as *mut _, key, size, BPF_F_TUNINFO_IPV6 as u64)
+        }
+    };
+    // The source address is settable from Linux 6.1; before, the kernel
+    // takes the route's (the node's underlay address, as a rule).
+    if set(size_of::<TunnelKey>() as u32) != 0 && set(TUNNEL_KEY_NO_LOCAL) != 0 {
+        return Err(DropReason::HelperFailed);
+    }
+    count_fwd(FwdReason::Encap);
+    // SAFETY: plain helper call.
+    Ok(unsafe { bpf_redirect(ifindex, 0) as i32 })
+}
+
+/// An IPv6 address as `struct bpf_tunnel_key` holds it: four words whose
+/// bytes are the address's, in order.
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
 }
 
 /// The 64 bytes in front of the inner IP header, written into `h`, which

@@ -196,6 +196,9 @@ fn forward_v6(ctx: &TcContext, origin: Origin, eth: *mut EthHdr) -> Verdict<i32>
     }
     // SAFETY: header bounds checked above.
     unsafe { (*ip).hop_limit = hdr.hop_limit - 1 };
+    if remote.over_underlay6() {
+        return encap::over_underlay6(ctx, &remote);
+    }
     encap::encap_and_redirect(ctx, &remote, ETH_P_IPV6)
 }
 

@@ -34,6 +34,10 @@ static WEFT_ENDPOINTS6: HashMap<Ipv6Key, Endpoint> = HashMap::pinned(16384, 0);
 #[map]
 static WEFT_NODES: HashMap<u32, Vtep> = HashMap::pinned(65536, 0);
 
+/// Underlay IPv6 address of every node we accept VXLAN over IPv6 from.
+#[map]
+static WEFT_NODES6: HashMap<Ipv6Key, Vtep> = HashMap::pinned(65536, 0);
+
 /// Drops per [`DropReason`], per CPU.
 #[map]
 static WEFT_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT, 0);
@@ -89,6 +93,12 @@ pub fn endpoint6(ip: &Ipv6Key) -> Option<Endpoint> {
 #[inline(always)]
 pub fn is_known_vtep(ip: u32) -> bool {
     WEFT_NODES.get_ptr(ip).is_some()
+}
+
+/// [`is_known_vtep`] for an IPv6 underlay address.
+#[inline(always)]
+pub fn is_known_vtep6(ip: &Ipv6Key) -> bool {
+    WEFT_NODES6.get_ptr(ip).is_some()
 }
 
 #[inline(always)]
@@ -172,6 +182,16 @@ global!(
 global!(
     /// IPv6 cluster CIDR mask, bytes as on the wire.
     WEFT_CLUSTER6_MASK: [u8; 16] = [0xff; 16], cluster6_mask
+);
+
+global!(
+    /// This node's underlay IPv6 address, bytes as on the wire (all zero:
+    /// none; VXLAN over IPv6 is then never taken).
+    WEFT_LOCAL_IP6: [u8; 16] = [0; 16], local_ip6
+);
+global!(
+    /// The VXLAN device that sends over the IPv6 underlay (0: none).
+    WEFT_TUNNEL6_IF: u32 = 0, tunnel6_ifindex
 );
 
 global!(

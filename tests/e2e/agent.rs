@@ -201,6 +201,8 @@ fn registry_edits_apply_live_and_bad_input_never_wipes_the_dataplane() {
         underlay_ip: Ipv4Addr::new(198, 18, 0, 9),
         pod_cidr: "198.19.9.0/24".into(),
         vtep_mac: "0e:77:c6:12:00:09".into(),
+        pod_cidr6: None,
+        underlay6: None,
     });
     c.write_nodes_file();
     let t = Instant::now();

@@ -193,6 +193,8 @@ fn interop(vni: u32, port: u16) {
         underlay_ip: Ipv4Addr::new(198, 18, 0, 2),
         pod_cidr: "198.19.2.0/24".into(),
         vtep_mac: fl.vtep_mac.clone(),
+        pod_cidr6: None,
+        underlay6: None,
     });
     c.launch(&mut lab);
     let weft_pod = c.pods[0].clone();

@@ -107,6 +107,8 @@ impl Fixture {
             underlay_mac: und.mac,
             cluster_cidr: "198.19.0.0/16".parse().unwrap(),
             cluster_cidr6: Some(CLUSTER6.parse().unwrap()),
+            // No tunnel device: these tests take VXLAN over IPv6 in only.
+            underlay6: Some((ipv6::LOCAL6, 0)),
             bpf_log_level: 0,
         };
         let dp = Dataplane::load(&globals, &pins).expect("load dataplane");
@@ -121,7 +123,7 @@ impl Fixture {
                 RemoteNode {
                     underlay_ip: ip_key(LOCAL),
                     vtep_mac: LOCAL_VTEP,
-                    _pad: [0; 2],
+                    ..RemoteNode::default()
                 },
                 0,
             )
@@ -132,7 +134,7 @@ impl Fixture {
                 RemoteNode {
                     underlay_ip: ip_key(PEER),
                     vtep_mac: PEER_VTEP,
-                    _pad: [0; 2],
+                    ..RemoteNode::default()
                 },
                 0,
             )

@@ -18,6 +18,9 @@ pub const CLUSTER_CIDR: &str = "198.19.0.0/16";
 /// benchmarking range (RFC 5180), as 198.18.0.0/15 is IPv4's; node N's pod
 /// CIDR is 2001:2:0:N::/64.
 pub const CLUSTER_CIDR6: &str = "2001:2::/48";
+/// The IPv6 underlay of a lab whose nodes talk IPv6 too ([`ClusterSpec::underlay6`]):
+/// node N is 2001:2:ff::N/64, outside the pods' [`CLUSTER_CIDR6`].
+pub const UNDERLAY6_PREFIX: &str = "2001:2:ff::";
 
 /// Path of the `weft` binary next to the running test/xtask executable.
 pub fn weft_bin() -> PathBuf {
@@ -88,6 +91,8 @@ pub struct NodeInfo {
     pub pod_cidr: String,
     /// Its IPv6 pod CIDR, in a dual-stack cluster.
     pub pod_cidr6: Option<String>,
+    /// Its IPv6 underlay address, with [`ClusterSpec::underlay6`].
+    pub underlay_ip6: Option<std::net::Ipv6Addr>,
     pub bpffs: PathBuf,
     pub run_dir: PathBuf,
 }
@@ -165,6 +170,17 @@ impl Underlay {
         }
         ip
     }
+
+    /// Gives `node` (plugged in already) an IPv6 address on the underlay
+    /// too: [`UNDERLAY6_PREFIX`]`host`/64.
+    pub fn plug6(&self, node: &Netns, host: u8) -> std::net::Ipv6Addr {
+        for (ns, dev) in [(&self.ns, "br0"), (node, "und0")] {
+            ns.sysctl(&format!("net.ipv6.conf.{dev}.disable_ipv6"), "0");
+        }
+        let ip: std::net::Ipv6Addr = format!("{UNDERLAY6_PREFIX}{host:x}").parse().unwrap();
+        node.ip(&["addr", "add", &format!("{ip}/64"), "dev", "und0", "nodad"]);
+        ip
+    }
 }
 
 /// Settings of a weft cluster built in a lab.
@@ -185,12 +201,22 @@ pub struct ClusterSpec {
     pub dual_stack: bool,
     /// Extra environment for every agent.
     pub agent_env: Vec<(String, String)>,
+    /// Dual-stack, and the nodes talk IPv6 on the underlay too: each has an
+    /// address there (`--public-ipv6`), and IPv6 pods' VXLAN goes over IPv6.
+    pub underlay6: bool,
 }
 
 impl ClusterSpec {
     /// This spec, dual-stack.
     pub fn dual_stack(mut self) -> Self {
         self.dual_stack = true;
+        self
+    }
+
+    /// This spec, dual-stack with an IPv6 underlay beside the IPv4 one.
+    pub fn underlay6(mut self) -> Self {
+        self.dual_stack = true;
+        self.underlay6 = true;
         self
     }
 
@@ -233,6 +259,7 @@ impl Default for ClusterSpec {
             tc_attach: None,
             dual_stack: false,
             agent_env: Vec::new(),
+            underlay6: false,
         }
     }
 }
@@ -245,6 +272,10 @@ pub struct ForeignNode {
     pub underlay_ip: Ipv4Addr,
     pub pod_cidr: String,
     pub vtep_mac: String,
+    /// Its IPv6 pod CIDR, if dual-stack.
+    pub pod_cidr6: Option<String>,
+    /// Its IPv6 underlay address and IPv6 VTEP MAC (flannel-v6.1's), if any.
+    pub underlay6: Option<(std::net::Ipv6Addr, String)>,
 }
 
 /// Nodes running the real `weft agent` (file registry), pods attached
@@ -278,6 +309,7 @@ impl Cluster {
         for i in 0..spec.nodes {
             let ns = lab.netns(&format!("n{}", i + 1));
             let ip = underlay.plug(&ns, (i + 1) as u8);
+            let underlay_ip6 = spec.underlay6.then(|| underlay.plug6(&ns, (i + 1) as u8));
             nodes.push(NodeInfo {
                 name: format!("node-{}", i + 1),
                 ns,
@@ -286,6 +318,7 @@ impl Cluster {
                 pod_cidr6: spec
                     .dual_stack
                     .then(|| format!("2001:2:0:{:x}::/64", i + 1)),
+                underlay_ip6,
                 bpffs: bpffs.join(format!("node-{}", i + 1)),
                 run_dir: lab.dir.join(format!("node-{}", i + 1)),
             });
@@ -345,15 +378,27 @@ impl Cluster {
                 None => format!("pod_cidr = \"{}\"", n.pod_cidr),
             };
             s += &format!(
-                "[[node]]\nname = \"{}\"\nunderlay_ip = \"{}\"\n{cidrs}\n\n",
+                "[[node]]\nname = \"{}\"\nunderlay_ip = \"{}\"\n{cidrs}\n",
                 n.name, n.underlay_ip
             );
+            if let Some(ip6) = n.underlay_ip6 {
+                s += &format!("underlay_ip6 = \"{ip6}\"\n");
+            }
+            s += "\n";
         }
         for f in &self.foreign {
+            let cidrs = match &f.pod_cidr6 {
+                Some(c6) => format!("pod_cidrs = [\"{}\", \"{c6}\"]", f.pod_cidr),
+                None => format!("pod_cidr = \"{}\"", f.pod_cidr),
+            };
             s += &format!(
-                "[[node]]\nname = \"{}\"\nunderlay_ip = \"{}\"\npod_cidr = \"{}\"\nvtep_mac = \"{}\"\n\n",
-                f.name, f.underlay_ip, f.pod_cidr, f.vtep_mac
+                "[[node]]\nname = \"{}\"\nunderlay_ip = \"{}\"\n{cidrs}\nvtep_mac = \"{}\"\n",
+                f.name, f.underlay_ip, f.vtep_mac
             );
+            if let Some((ip6, mac6)) = &f.underlay6 {
+                s += &format!("underlay_ip6 = \"{ip6}\"\nvtep_mac6 = \"{mac6}\"\n");
+            }
+            s += "\n";
         }
         let tmp = self.nodes_file.with_extension("tmp");
         std::fs::write(&tmp, s).expect("write nodes file");
@@ -393,6 +438,9 @@ impl Cluster {
         .env("WEFT_LOG", "info");
         if self.spec.dual_stack {
             cmd.args(["--cluster-cidr6", CLUSTER_CIDR6]);
+        }
+        if let Some(ip6) = n.underlay_ip6 {
+            cmd.args(["--public-ipv6", &ip6.to_string()]);
         }
         cmd.envs(self.spec.agent_env.iter().map(|(k, v)| (k, v)));
         if let Some(p) = &self.path {

@@ -6,6 +6,7 @@
 //! node-name = "node-1"
 //! iface = "eth0"              # or iface-regex = "^en", or neither: default route
 //! public-ip = "192.0.2.1"
+//! public-ipv6 = "2001:db8::1" # with cluster-cidr6: IPv6 pods' VXLAN over IPv6 (flannel-v6.1)
 //! registry = "file"           # or "kube"
 //! nodes-file = "/etc/weft/nodes.toml"
 //! kubeconfig = "/etc/weft/kubeconfig"
@@ -26,7 +27,7 @@
 //! ```
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -86,6 +87,12 @@ pub struct AgentSettings {
     /// Underlay address to use instead of the interface's first IPv4 address.
     #[arg(long)]
     pub public_ip: Option<Ipv4Addr>,
+    /// This node's IPv6 underlay address (flannel's --public-ipv6): with
+    /// --cluster-cidr6, IPv6 pods' VXLAN goes over IPv6 to and from nodes
+    /// that have one too, as flannel's `flannel-v6.1` [default: none, IPv6
+    /// pods over the IPv4 underlay].
+    #[arg(long)]
+    pub public_ipv6: Option<Ipv6Addr>,
     /// Node registry [default: file].
     #[arg(long, value_enum)]
     pub registry: Option<RegistryKind>,
@@ -162,6 +169,7 @@ pub struct AgentConfig {
     pub iface: Option<String>,
     pub iface_regex: Option<String>,
     pub public_ip: Option<Ipv4Addr>,
+    pub public_ipv6: Option<Ipv6Addr>,
     pub registry: RegistryKind,
     pub nodes_file: PathBuf,
     pub kubeconfig: Option<PathBuf>,
@@ -202,6 +210,12 @@ pub enum SettingsError {
     FlannelNeedsKube,
     #[error("{0}")]
     FlannelPrefix(String),
+    #[error(
+        "public-ipv6 is set but cluster-cidr6 is not: the IPv6 underlay carries IPv6 pods; set cluster-cidr6 too (or drop public-ipv6)"
+    )]
+    Ipv6UnderlayWithoutPods,
+    #[error("public-ipv6: {0}")]
+    PublicIpv6(String),
 }
 
 impl AgentConfig {
@@ -238,11 +252,21 @@ impl AgentConfig {
             }
             _ => None,
         };
+        let public_ipv6 = match s.public_ipv6 {
+            Some(_) if s.cluster_cidr6.is_none() => {
+                return Err(SettingsError::Ipv6UnderlayWithoutPods);
+            }
+            Some(ip) => {
+                Some(crate::registry::Underlay6::check_ip(ip).map_err(SettingsError::PublicIpv6)?)
+            }
+            None => None,
+        };
         Ok(Self {
             node_name: s.node_name.unwrap_or_else(hostname),
             iface: s.iface,
             iface_regex: s.iface_regex,
             public_ip: s.public_ip,
+            public_ipv6,
             registry,
             nodes_file: s
                 .nodes_file
@@ -306,6 +330,7 @@ impl AgentSettings {
             iface: self.iface.or(file.iface),
             iface_regex: self.iface_regex.or(file.iface_regex),
             public_ip: self.public_ip.or(file.public_ip),
+            public_ipv6: self.public_ipv6.or(file.public_ipv6),
             registry: self.registry.or(file.registry),
             nodes_file: self.nodes_file.or(file.nodes_file),
             kubeconfig: self.kubeconfig.or(file.kubeconfig),

@@ -124,6 +124,13 @@ impl Keeper {
                         Ok(gro::Ensured::Created) => {
                             tracing::warn!("{} was gone or changed (by something else?); made it again", gro::GRO_IFACE);
                             repaired(gro::GRO_IFACE);
+                            // It sends VXLAN over IPv6: its new index is a
+                            // load-time constant of the programs.
+                            if self.globals.underlay6.is_some()
+                                && let Err(e) = self.reload(dp, cfg)
+                            {
+                                restart.push(format!("{} was made again and reloading the dataplane for its new index failed: {e}; restart the agent", gro::GRO_IFACE));
+                            }
                         }
                         // Deleted just now, the old socket may still hold
                         // the port for a moment: the next check retries.
@@ -199,6 +206,10 @@ impl Keeper {
         let globals = Globals {
             underlay_ifindex: iface.index,
             underlay_mac: iface.mac,
+            underlay6: self
+                .globals
+                .underlay6
+                .map(|(ip, index)| (ip, netdev::index(gro::GRO_IFACE).unwrap_or(index))),
             ..self.globals.clone()
         };
         let subnet6 = self.v6.map(|v| v.subnet);

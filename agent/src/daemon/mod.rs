@@ -17,9 +17,13 @@ pub mod metrics;
 pub mod reconcile;
 pub mod takeover;
 
-use std::{net::SocketAddr, sync::atomic::Ordering, time::Duration};
+use std::{
+    net::{Ipv6Addr, SocketAddr},
+    sync::atomic::Ordering,
+    time::Duration,
+};
 
-use weft_common::VXLAN_OVERHEAD;
+use weft_common::{VXLAN_OVERHEAD, VXLAN6_OVERHEAD};
 
 use crate::{
     cni::conflist::{CniConf, CniConfError},
@@ -30,7 +34,11 @@ use crate::{
         reconcile::{ReconcileError, Update, reconcile},
     },
     dataplane::{self, DataplaneError, Globals, Maps, stats},
-    host::{gro::GroError, netdev::NetdevError, weft0},
+    host::{
+        gro::GroError,
+        netdev::{self, NetdevError},
+        weft0,
+    },
     node::{NodeConfig, NodeConfigError, NodeV6},
     registry::{Node, Published, file::RegistryError},
 };
@@ -54,7 +62,7 @@ pub enum AgentError {
     CniConf(#[from] CniConfError),
     #[error("--vni {0} is out of range: VXLAN VNIs are 1 to 16777215")]
     Vni(u32),
-    #[error("underlay MTU {0} is too small for VXLAN (needs at least {min})", min = 68 + VXLAN_OVERHEAD)]
+    #[error("underlay MTU {0} is too small for VXLAN (needs at least {min}, {min6} over IPv6)", min = 68 + VXLAN_OVERHEAD, min6 = 68 + VXLAN6_OVERHEAD)]
     Mtu(u32),
     #[error("--iface-regex `{0}` is not a valid regular expression: {1}")]
     Regex(String, String),
@@ -85,10 +93,17 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     )?;
     dataplane::ensure_bpffs(&cfg.bpffs_dir)?;
     let (iface, local_ip) = bringup::underlay(&cfg)?;
-    if iface.mtu < 68 + VXLAN_OVERHEAD {
+    // Over an IPv6 underlay the outer header is 20 bytes longer; the pod's
+    // one MTU fits both (flannel's does too, for flannel-v6.1).
+    let overhead = if cfg.public_ipv6.is_some() {
+        VXLAN6_OVERHEAD
+    } else {
+        VXLAN_OVERHEAD
+    };
+    if iface.mtu < 68 + overhead {
         return Err(AgentError::Mtu(iface.mtu));
     }
-    let pod_mtu = iface.mtu - VXLAN_OVERHEAD;
+    let pod_mtu = iface.mtu - overhead;
     tracing::info!(iface = %iface.name, %local_ip, mtu = iface.mtu, registry = ?cfg.registry, "underlay");
 
     let metrics = AgentMetrics::default();
@@ -145,6 +160,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     // With flannel's device still on the node the port is flannel's (and
     // so is GRO on it) until the takeover below.
     let mut gro_port = gro_port(cfg.port).await;
+    let underlay6 = underlay6(&cfg, gro_port);
+    let local_ip6 = underlay6.map(|(ip, _)| ip);
     let globals = Globals {
         vni: cfg.vni,
         port: cfg.port,
@@ -154,6 +171,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         underlay_mac: iface.mac,
         cluster_cidr: cfg.cluster_cidr,
         cluster_cidr6: cfg.cluster_cidr6,
+        underlay6,
         bpf_log_level: if cfg.bpf_debug_log {
             aya_log::Level::Debug as u8
         } else {
@@ -169,7 +187,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         metrics.reconciles.inc();
         metrics.registry_problems.set(update.problems as i64);
         metrics.known_nodes.set(update.nodes as i64);
-        match reconcile(&update, &me, local_ip, maps, &mut written) {
+        match reconcile(&update, &me, local_ip, local_ip6, maps, &mut written) {
             Ok(r) => {
                 if let Some(new) = r.pod_cidr_changed {
                     tracing::error!(old = %me.pod_cidr, %new, "this node's pod CIDR changed; restart the agent to apply it (pods keep their addresses until then)");
@@ -288,8 +306,25 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// Creates `weft_gro` on `port` ([`bringup::hold_gro_port`]); the port, if
-/// it is held now.
+/// This node's IPv6 underlay address and the device that sends VXLAN over
+/// it (`weft_gro`, in external mode: the programs set each packet's tunnel
+/// key), when `public-ipv6` is set and that device holds the port.
+fn underlay6(cfg: &AgentConfig, gro_port: Option<u16>) -> Option<(Ipv6Addr, u32)> {
+    let ip = cfg.public_ipv6?;
+    let device = crate::host::gro::GRO_IFACE;
+    let index = gro_port.and_then(|_| netdev::index(device));
+    match index {
+        Some(index) => {
+            tracing::info!(%ip, device, "IPv6 pods' VXLAN goes over the IPv6 underlay to nodes that have one");
+            Some((ip, index))
+        }
+        None => {
+            tracing::error!(%ip, "public-ipv6 is set, but VXLAN over IPv6 is sent through {device}, which this node does not have (see the message about it above); IPv6 pods' VXLAN goes over the IPv4 underlay, and nodes that send theirs over IPv6 (flannel-v6.1) are not reached. Restart the agent once {device} can be made");
+            None
+        }
+    }
+}
+
 /// This node's IPv6 network, pod CIDR and gateway, on a dual-stack node
 /// (an IPv6 cluster CIDR, and an IPv6 pod CIDR for this node).
 pub(crate) fn node_v6(cfg: &AgentConfig, me: &Node) -> Option<NodeV6> {

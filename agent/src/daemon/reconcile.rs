@@ -5,7 +5,7 @@
 //! registry's journal says which nodes changed since the last reconcile,
 //! only theirs are looked at and written.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::{
     cidr::Ipv4Cidr,
@@ -95,7 +95,8 @@ impl Update {
 
 /// Makes `maps` hold what `update` says about the other nodes, and this
 /// node `me` (as the agent started with it) at its detected `local_ip`,
-/// which wins over the registry's. An update that does not list `me`
+/// which wins over the registry's (and its IPv6 underlay address
+/// `local_ip6`, when it sends VXLAN over IPv6). An update that does not list `me`
 /// changes nothing: the registry may be mid-update, and an empty map would
 /// cut every pod off (what changed meanwhile is applied once it lists `me`
 /// again).
@@ -103,6 +104,7 @@ pub fn reconcile(
     update: &Update,
     me: &Node,
     local_ip: Ipv4Addr,
+    local_ip6: Option<Ipv6Addr>,
     maps: &mut impl NodeMaps,
     written: &mut Written,
 ) -> Result<Reconciled, ReconcileError> {
@@ -114,6 +116,7 @@ pub fn reconcile(
     let local = Local {
         name: &me.name,
         ip: local_ip,
+        ip6: local_ip6,
     };
     let (changes, incremental) = match &update.work {
         Work::Changed(c) => match sync::apply_changes(maps, written, c, local)? {
@@ -137,16 +140,19 @@ mod tests {
     use weft_common::{RemoteNode, Vtep};
 
     use super::*;
-    use crate::cidr::{AnyCidr, ClusterCidrs};
     use crate::dataplane::{ip_from_key, ip_key};
     use crate::registry::Snapshot;
+    use crate::{
+        cidr::{AnyCidr, ClusterCidrs},
+        registry::sync::VtepKey,
+    };
 
     /// The maps in memory, counting reads and writes; `fail` makes writes
     /// fail as a full map does.
     #[derive(Default)]
     struct Fake {
         remotes: BTreeMap<AnyCidr, RemoteNode>,
-        vteps: BTreeMap<u32, Vtep>,
+        vteps: BTreeMap<VtepKey, Vtep>,
         writes: usize,
         reads: std::cell::Cell<usize>,
         fail: bool,
@@ -173,16 +179,16 @@ mod tests {
             self.remotes.remove(cidr);
             Ok(())
         }
-        fn vteps(&self) -> BTreeMap<u32, Vtep> {
+        fn vteps(&self) -> BTreeMap<VtepKey, Vtep> {
             self.reads.set(self.reads.get() + 1);
             self.vteps.clone()
         }
-        fn put_vtep(&mut self, ip: u32, vtep: Vtep) -> Result<(), DataplaneError> {
+        fn put_vtep(&mut self, ip: VtepKey, vtep: Vtep) -> Result<(), DataplaneError> {
             self.writes += 1;
             self.vteps.insert(ip, vtep);
             Ok(())
         }
-        fn del_vtep(&mut self, ip: u32) -> Result<(), DataplaneError> {
+        fn del_vtep(&mut self, ip: VtepKey) -> Result<(), DataplaneError> {
             self.writes += 1;
             self.vteps.remove(&ip);
             Ok(())
@@ -197,6 +203,7 @@ mod tests {
             pod_cidr: cidr.parse().unwrap(),
             pod_cidr6: None,
             vtep_mac: crate::host::netdev::vtep_mac_for(underlay_ip),
+            underlay6: None,
         }
     }
 
@@ -233,7 +240,7 @@ mod tests {
     ) -> Result<Reconciled, ReconcileError> {
         a.published.replace(s.clone());
         let u = Update::read(&a.published, &a.written, &me.name);
-        reconcile(&u, me, local, maps, &mut a.written)
+        reconcile(&u, me, local, None, maps, &mut a.written)
     }
 
     #[test]
@@ -258,7 +265,7 @@ mod tests {
         );
         assert_eq!(
             maps.vteps.keys().copied().collect::<Vec<_>>(),
-            [ip_key("198.18.0.2".parse().unwrap())]
+            [VtepKey::V4(ip_key("198.18.0.2".parse().unwrap()))]
         );
         let writes = maps.writes;
         let r = run_snap(&s, &me, local, &mut maps, &mut w).unwrap();
@@ -286,7 +293,7 @@ mod tests {
         assert_eq!(maps.remotes.len(), 2);
         assert_eq!(
             maps.vteps.keys().copied().collect::<Vec<_>>(),
-            [ip_key("198.18.0.22".parse().unwrap())]
+            [VtepKey::V4(ip_key("198.18.0.22".parse().unwrap()))]
         );
     }
 
@@ -325,7 +332,7 @@ mod tests {
         assert_eq!((r.changes.upserts, r.changes.removals), (2, 1));
         assert_eq!(
             maps.vteps.keys().copied().collect::<Vec<_>>(),
-            [ip_key(b.underlay_ip)]
+            [VtepKey::V4(ip_key(b.underlay_ip))]
         );
     }
 
@@ -415,13 +422,14 @@ mod tests {
                     .replace(snap(source.values().cloned().collect()));
             }
             let u = Update::read(&a.published, &a.written, &me.name);
-            let r = reconcile(&u, &me, local, &mut maps, &mut a.written).unwrap();
+            let r = reconcile(&u, &me, local, None, &mut maps, &mut a.written).unwrap();
             incremental += usize::from(r.incremental);
             let want = sync::desired(
                 a.published.nodes.values(),
                 Local {
                     name: &me.name,
                     ip: local,
+                    ip6: None,
                 },
             );
             assert_eq!(maps.remotes, want.remotes, "round {round}");

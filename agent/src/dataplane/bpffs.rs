@@ -33,12 +33,13 @@ impl std::fmt::Display for MapLayout {
 /// the next sync, the counters and recorded flows start empty, and the
 /// endpoints (the CNI plugin's record of the node's pods) are restored from
 /// the pods' routes and neighbours ([`crate::endpoint::restore`]).
-const PINNED_MAPS: [&str; 9] = [
+const PINNED_MAPS: [&str; 10] = [
     names::ENDPOINTS,
     names::REMOTE_CIDRS,
     names::ENDPOINTS6,
     names::REMOTE_CIDRS6,
     names::NODES,
+    names::NODES6,
     names::STACK_FLOWS,
     names::STACK_FLOWS6,
     names::DROP_STATS,

@@ -18,6 +18,8 @@ pub struct Maps {
     /// Local pod IPv6 → its veth (the IPv4 map's twin).
     pub endpoints6: HashMap<MapData, Ipv6Key, Endpoint>,
     pub nodes: HashMap<MapData, u32, Vtep>,
+    /// Peer underlay IPv6 → VTEP (the IPv4 map's twin).
+    pub nodes6: HashMap<MapData, Ipv6Key, Vtep>,
     pub drops: PerCpuArray<MapData, u64>,
     pub fwds: PerCpuArray<MapData, u64>,
 }
@@ -38,6 +40,7 @@ impl Maps {
             remotes6: open(pin_dir, names::REMOTE_CIDRS6, aya::maps::Map::LpmTrie)?,
             endpoints6: open(pin_dir, names::ENDPOINTS6, aya::maps::Map::HashMap)?,
             nodes: open(pin_dir, names::NODES, aya::maps::Map::HashMap)?,
+            nodes6: open(pin_dir, names::NODES6, aya::maps::Map::HashMap)?,
             drops: open(pin_dir, names::DROP_STATS, aya::maps::Map::PerCpuArray)?,
             fwds: open(pin_dir, names::FWD_STATS, aya::maps::Map::PerCpuArray)?,
         })

@@ -147,6 +147,10 @@ pub struct Globals {
     /// The IPv6 cluster CIDR, for IPv6 pods (`None`: IPv4 only; the
     /// programs then forward no IPv6).
     pub cluster_cidr6: Option<Ipv6Cidr>,
+    /// This node's IPv6 underlay address and the ifindex of the VXLAN
+    /// device that sends over it (`weft_gro`), when IPv6 pods' VXLAN goes
+    /// over IPv6 (`None`: over the IPv4 underlay only).
+    pub underlay6: Option<(std::net::Ipv6Addr, u32)>,
     /// aya-log level compiled into the programs at load (0 = off; 4 = debug).
     /// A load-time constant: the verifier prunes log calls above it.
     pub bpf_log_level: u8,
@@ -233,6 +237,10 @@ impl Dataplane {
             None => ([0; 16], [0xff; 16]),
         };
         let decap_retype = decap_retype();
+        let (local_ip6, tunnel6_ifindex) = match globals.underlay6 {
+            Some((ip, ifindex)) => (ip.octets(), ifindex),
+            None => ([0; 16], 0),
+        };
         replace_stale_pins(pin_dir)?;
         let mut loader = EbpfLoader::new();
         loader
@@ -252,6 +260,8 @@ impl Dataplane {
             .override_global(names::GLOBAL_CLUSTER6_NET, &cluster6_net, true)
             .override_global(names::GLOBAL_CLUSTER6_MASK, &cluster6_mask, true)
             .override_global(names::GLOBAL_DECAP_RETYPE, &decap_retype, true)
+            .override_global(names::GLOBAL_LOCAL_IP6, &local_ip6, true)
+            .override_global(names::GLOBAL_TUNNEL6_IFINDEX, &tunnel6_ifindex, true)
             .override_global(aya_log::LEVEL, &globals.bpf_log_level, false);
         let mut ebpf = loader.load(OBJECT)?;
         for name in [

@@ -11,6 +11,9 @@
 //! name = "node-2"
 //! underlay_ip = "198.18.0.2"
 //! pod_cidrs = ["198.19.2.0/24", "2001:2:0:2::/64"]
+//! underlay_ip6 = "2001:2:ffff::2"  # optional: IPv6 pods' VXLAN goes over IPv6
+//! vtep_mac6 = "0e:77:c6:12:00:02"  # optional; vtep_mac when absent (a flannel
+//!                                  # node: flannel-v6.1's MAC)
 //! ```
 
 use std::{net::Ipv4Addr, path::Path};
@@ -20,7 +23,9 @@ use serde::Deserialize;
 use crate::{
     cidr::{ClusterCidrs, Ipv4Cidr},
     host::netdev,
-    registry::{BoxFuture, Node, Published, Registry, Snapshot, Vocabulary, pod_cidrs_of},
+    registry::{
+        BoxFuture, Node, Published, Registry, Snapshot, Underlay6, Vocabulary, pod_cidrs_of,
+    },
 };
 
 /// Errors reading a registry as a whole (as opposed to one bad entry).
@@ -52,6 +57,8 @@ struct FileNode {
     pod_cidr: Option<String>,
     pod_cidrs: Option<Vec<String>>,
     vtep_mac: Option<String>,
+    underlay_ip6: Option<String>,
+    vtep_mac6: Option<String>,
 }
 
 /// Where each `[[node]]` table of `text` starts (a line holding only the
@@ -159,16 +166,36 @@ fn node_of(i: usize, n: FileNode) -> Result<Node, String> {
             ));
         }
     };
+    let unicast = |field: &str, s: &str| match netdev::parse_mac(s) {
+        Some(m) if m[0] & 1 == 0 => Ok(m),
+        _ => Err(format!(
+            "{what}: {field} `{s}` is not a unicast MAC like 0e:77:c6:12:00:01"
+        )),
+    };
     let mac = match &n.vtep_mac {
         None => netdev::vtep_mac_for(ip),
-        Some(s) => match netdev::parse_mac(s) {
-            Some(m) if m[0] & 1 == 0 => m,
-            _ => {
-                return Err(format!(
-                    "{what}: vtep_mac `{s}` is not a unicast MAC like 0e:77:c6:12:00:01"
-                ));
-            }
-        },
+        Some(s) => unicast("vtep_mac", s)?,
+    };
+    let underlay6 = match (&n.underlay_ip6, &n.vtep_mac6) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(format!(
+                "{what}: vtep_mac6 without underlay_ip6; give the node's IPv6 underlay address too, or drop vtep_mac6"
+            ));
+        }
+        (Some(text), mac6) => {
+            let ip6 = text
+                .parse()
+                .map_err(|_| format!("{what}: underlay_ip6 `{text}` is not an IPv6 address"))
+                .and_then(|ip| {
+                    Underlay6::check_ip(ip).map_err(|e| format!("{what}: underlay_ip6: {e}"))
+                })?;
+            let vtep_mac = match mac6 {
+                None => mac,
+                Some(s) => unicast("vtep_mac6", s)?,
+            };
+            Some(Underlay6 { ip: ip6, vtep_mac })
+        }
     };
     Ok(Node {
         name: n.name,
@@ -176,6 +203,7 @@ fn node_of(i: usize, n: FileNode) -> Result<Node, String> {
         pod_cidr: cidr,
         pod_cidr6: cidr6,
         vtep_mac: mac,
+        underlay6,
     })
 }
 
@@ -704,6 +732,70 @@ mod tests {
                 .collect::<Vec<_>>(),
             [("198.19.1.0/24".to_string(), None)]
         );
+    }
+
+    #[test]
+    fn ipv6_underlay_addresses_and_their_bad_entries() {
+        let node = |name: &str, n: u8, rest: &str| {
+            format!("[[node]]\nname = \"{name}\"\nunderlay_ip = \"198.18.0.{n}\"\n{rest}\n")
+        };
+        let text = [
+            node(
+                "a",
+                1,
+                "pod_cidrs = [\"198.19.1.0/24\", \"2001:2:0:1::/64\"]\nunderlay_ip6 = \"2001:2:ff::1\"",
+            ),
+            node(
+                "flannel",
+                2,
+                "pod_cidrs = [\"198.19.2.0/24\", \"2001:2:0:2::/64\"]\nunderlay_ip6 = \"2001:2:ff::2\"\nvtep_mac6 = \"0e:00:00:00:06:02\"",
+            ),
+            node("dup6", 3, "pod_cidr = \"198.19.3.0/24\"\nunderlay_ip6 = \"2001:2:ff::1\""),
+            node("v4addr", 4, "pod_cidr = \"198.19.4.0/24\"\nunderlay_ip6 = \"198.18.0.4\""),
+            node("linklocal", 5, "pod_cidr = \"198.19.5.0/24\"\nunderlay_ip6 = \"fe80::5\""),
+            node("maconly", 6, "pod_cidr = \"198.19.6.0/24\"\nvtep_mac6 = \"0e:00:00:00:06:06\""),
+            node("badmac", 7, "pod_cidr = \"198.19.7.0/24\"\nunderlay_ip6 = \"2001:2:ff::7\"\nvtep_mac6 = \"ff:ff:ff:ff:ff:ff\""),
+        ]
+        .concat();
+        let s = parse_file(&text, &cluster()).unwrap();
+        let kept: Vec<_> = s
+            .nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.underlay6))
+            .collect();
+        let u6 = |ip: &str, mac| {
+            Some(crate::registry::Underlay6 {
+                ip: ip.parse().unwrap(),
+                vtep_mac: mac,
+            })
+        };
+        assert_eq!(
+            kept,
+            [
+                (
+                    "a",
+                    u6(
+                        "2001:2:ff::1",
+                        netdev::vtep_mac_for("198.18.0.1".parse().unwrap())
+                    )
+                ),
+                ("flannel", u6("2001:2:ff::2", [0x0e, 0, 0, 0, 6, 2])),
+            ]
+        );
+        for needle in [
+            "node `dup6`: IPv6 underlay_ip 2001:2:ff::1 is already node `a`'s",
+            "node `v4addr`: underlay_ip6 `198.18.0.4` is not an IPv6 address",
+            "node `linklocal`: underlay_ip6: fe80::5 cannot be an underlay address",
+            "node `maconly`: vtep_mac6 without underlay_ip6",
+            "node `badmac`: vtep_mac6 `ff:ff:ff:ff:ff:ff` is not a unicast MAC",
+        ] {
+            assert!(
+                s.problems.iter().any(|p| p.contains(needle)),
+                "no problem says {needle:?}: {:#?}",
+                s.problems
+            );
+        }
+        assert_eq!(s.problems.len(), 5, "{:#?}", s.problems);
     }
 
     #[test]

@@ -36,13 +36,19 @@ use kube::{
 use crate::{
     cidr::{ClusterCidrs, Ipv4Cidr, Ipv6Cidr},
     host::netdev,
-    registry::{BoxFuture, Node, Published, Registry, Snapshot, Vocabulary, flannel, pod_cidrs_of},
+    registry::{
+        BoxFuture, Node, Published, Registry, Snapshot, Underlay6, Vocabulary, flannel,
+        pod_cidrs_of,
+    },
 };
 
 /// Annotation with the node's underlay IPv4 address.
 pub const ANNOTATION_UNDERLAY_IP: &str = "weft.dev/underlay-ip";
 /// Annotation with the node's VTEP MAC.
 pub const ANNOTATION_VTEP_MAC: &str = "weft.dev/vtep-mac";
+/// A node's IPv6 underlay address, where it has one (its IPv6 pods' VXLAN
+/// then goes over IPv6 to and from other such nodes).
+pub const ANNOTATION_UNDERLAY_IP6: &str = "weft.dev/underlay-ip6";
 
 /// Errors setting up the kube registry.
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +146,7 @@ pub fn convert(n: &KNode, flannel: Option<&FlannelCompat>) -> Result<Node, Strin
             pod_cidr,
             pod_cidr6,
             vtep_mac: lease.vtep_mac,
+            underlay6: None,
         });
     }
     let underlay_ip = match annotations.get(ANNOTATION_UNDERLAY_IP) {
@@ -157,12 +164,27 @@ pub fn convert(n: &KNode, flannel: Option<&FlannelCompat>) -> Result<Node, Strin
             .ok_or_else(|| format!("Node {name}: annotation {ANNOTATION_VTEP_MAC}=`{v}` is not a unicast MAC; skipped"))?,
         None => netdev::vtep_mac_for(underlay_ip),
     };
+    let underlay6 = match annotations.get(ANNOTATION_UNDERLAY_IP6) {
+        None => None,
+        Some(v) => {
+            let ip = v
+                .parse()
+                .map_err(|_| format!("Node {name}: annotation {ANNOTATION_UNDERLAY_IP6}=`{v}` is not an IPv6 address; skipped"))
+                .and_then(|ip| {
+                    Underlay6::check_ip(ip).map_err(|e| {
+                        format!("Node {name}: annotation {ANNOTATION_UNDERLAY_IP6}: {e}; skipped")
+                    })
+                })?;
+            Some(Underlay6 { ip, vtep_mac })
+        }
+    };
     Ok(Node {
         name,
         underlay_ip,
         pod_cidr,
         pod_cidr6,
         vtep_mac,
+        underlay6,
     })
 }
 
@@ -176,6 +198,7 @@ fn own_node(n: &KNode, underlay_ip: Ipv4Addr, vtep_mac: [u8; 6]) -> Result<Node,
         name,
         underlay_ip,
         vtep_mac,
+        underlay6: None,
     })
 }
 

@@ -14,7 +14,7 @@ pub mod sync;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
 };
 
 use crate::{
@@ -33,6 +33,37 @@ pub struct Node {
     pub pod_cidr6: Option<Ipv6Cidr>,
     #[serde(serialize_with = "ser_mac")]
     pub vtep_mac: [u8; 6],
+    /// The node's IPv6 underlay, where it has one: its IPv6 pods' VXLAN
+    /// goes over IPv6 between two such nodes (as flannel's `flannel-v6.1`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub underlay6: Option<Underlay6>,
+}
+
+/// A node's IPv6 VTEP: its underlay IPv6 address and the VTEP MAC its
+/// VXLAN over IPv6 is addressed to (a weft node's one MAC; a flannel
+/// node's `flannel-v6.1`'s, which differs from its `flannel.1`'s).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Underlay6 {
+    pub ip: Ipv6Addr,
+    #[serde(serialize_with = "ser_mac")]
+    pub vtep_mac: [u8; 6],
+}
+
+impl Underlay6 {
+    /// `ip` if it can be a node's underlay address (a unicast address that
+    /// is not link-local, loopback or unspecified), else why not.
+    pub fn check_ip(ip: Ipv6Addr) -> Result<Ipv6Addr, String> {
+        if ip.is_unspecified()
+            || ip.is_loopback()
+            || ip.is_multicast()
+            || ip.is_unicast_link_local()
+        {
+            return Err(format!(
+                "{ip} cannot be an underlay address (give the node's global or unique-local IPv6 address, as routed between nodes)"
+            ));
+        }
+        Ok(ip)
+    }
 }
 
 /// A node's pod CIDRs as a registry lists them (`field` names the list in
@@ -179,9 +210,11 @@ fn for_cluster(mut n: Node, cluster: &ClusterCidrs) -> Node {
 /// family). One node is checked against them in O(log n).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Claims {
-    /// Name → (underlay address, pod CIDR, IPv6 pod CIDR).
-    names: HashMap<String, (Ipv4Addr, Ipv4Cidr, Option<Ipv6Cidr>)>,
+    /// Name → (underlay address, pod CIDR, IPv6 pod CIDR, IPv6 underlay
+    /// address).
+    names: HashMap<String, (Ipv4Addr, Ipv4Cidr, Option<Ipv6Cidr>, Option<Ipv6Addr>)>,
     ips: HashMap<Ipv4Addr, String>,
+    ips6: HashMap<Ipv6Addr, String>,
     /// First address → (last address, the owner's name).
     ranges: Ranges,
     /// The same for IPv6 pod CIDRs.
@@ -251,6 +284,16 @@ impl Claims {
                 w.name(other)
             ));
         }
+        if let Some(u6) = &n.underlay6
+            && let Some(other) = self.ips6.get(&u6.ip)
+        {
+            return Err(format!(
+                "{this}: IPv6 {} {} is already {}'s; skipped",
+                w.underlay_ip,
+                u6.ip,
+                w.name(other)
+            ));
+        }
         if let Some(other) = overlapping(&self.ranges, &n.pod_cidr) {
             return Err(format!(
                 "{this}: {} {} overlaps {}'s {}; skipped",
@@ -277,9 +320,15 @@ impl Claims {
     }
 
     fn insert(&mut self, n: &Node) {
-        self.names
-            .insert(n.name.clone(), (n.underlay_ip, n.pod_cidr, n.pod_cidr6));
+        let ip6 = n.underlay6.map(|u| u.ip);
+        self.names.insert(
+            n.name.clone(),
+            (n.underlay_ip, n.pod_cidr, n.pod_cidr6, ip6),
+        );
         self.ips.insert(n.underlay_ip, n.name.clone());
+        if let Some(ip6) = ip6 {
+            self.ips6.insert(ip6, n.name.clone());
+        }
         let (lo, hi) = range(&n.pod_cidr);
         self.ranges.insert(lo, (hi, n.name.clone()));
         if let Some(c6) = &n.pod_cidr6 {
@@ -289,8 +338,11 @@ impl Claims {
     }
 
     fn remove(&mut self, name: &str) {
-        if let Some((ip, cidr, cidr6)) = self.names.remove(name) {
+        if let Some((ip, cidr, cidr6, ip6)) = self.names.remove(name) {
             self.ips.remove(&ip);
+            if let Some(ip6) = ip6 {
+                self.ips6.remove(&ip6);
+            }
             self.ranges.remove(&range(&cidr).0);
             if let Some(c6) = cidr6 {
                 self.ranges6.remove(&range(&c6).0);
@@ -369,7 +421,7 @@ impl Published {
             let ok = claims.check(n, cluster, Vocabulary::FILE).is_ok();
             if ok {
                 claims.insert(n);
-            } else if let Some((ip, cidr, cidr6)) = before {
+            } else if let Some((ip, cidr, cidr6, ip6)) = before {
                 // Put back what was there.
                 let old = Node {
                     name: name.to_string(),
@@ -377,6 +429,10 @@ impl Published {
                     pod_cidr: cidr,
                     pod_cidr6: cidr6,
                     vtep_mac: [0; 6],
+                    underlay6: ip6.map(|ip| Underlay6 {
+                        ip,
+                        vtep_mac: [0; 6],
+                    }),
                 };
                 claims.insert(&old);
             }
@@ -457,6 +513,7 @@ pub(crate) mod tests {
             underlay_ip: ip.parse().unwrap(),
             pod_cidr: cidr.parse().unwrap(),
             pod_cidr6: None,
+            underlay6: None,
             vtep_mac: [2, 0, 0, 0, 0, 1],
         }
     }
@@ -522,6 +579,7 @@ pub(crate) mod tests {
             underlay_ip: Ipv4Addr::new(198, 18, 0, r(250) as u8),
             pod_cidr: Ipv4Cidr::new(addr.into(), prefix),
             pod_cidr6,
+            underlay6: None,
             vtep_mac: [2, 0, 0, 0, 0, 1],
         }
     }

@@ -3,11 +3,11 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
 };
 
 use aya::maps::lpm_trie::Key;
-use weft_common::{RemoteNode, Vtep, names};
+use weft_common::{Ipv6Key, RemoteNode, Vtep, names};
 
 use crate::{
     cidr::{AnyCidr, Ipv4Cidr, Ipv6Cidr},
@@ -21,29 +21,76 @@ pub struct Desired {
     /// Pod CIDR (either family) → owner. Our own CIDRs map to our own
     /// underlay address.
     pub remotes: BTreeMap<AnyCidr, RemoteNode>,
-    /// Underlay addresses of peers (not ourselves).
-    pub vteps: BTreeMap<u32, Vtep>,
+    /// Underlay addresses of peers (not ourselves), either family.
+    pub vteps: BTreeMap<VtepKey, Vtep>,
 }
 
+/// A peer's underlay address as the VTEP maps key it: `NODES` (IPv4,
+/// network order) or `NODES6`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum VtepKey {
+    V4(u32),
+    V6(Ipv6Key),
+}
+
+impl std::fmt::Display for VtepKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VtepKey::V4(k) => ip_from_key(*k).fmt(f),
+            VtepKey::V6(k) => Ipv6Addr::from(*k).fmt(f),
+        }
+    }
+}
+
+/// A node's VTEP keys: its IPv4 underlay address, and its IPv6 one when
+/// VXLAN over IPv6 is taken with it (none for this node itself).
+pub type Vteps = [Option<VtepKey>; 2];
+
 /// This node as the maps see it: its name, and its address (the detected
-/// one, which wins over the registry's).
+/// one, which wins over the registry's); its IPv6 underlay address when it
+/// sends VXLAN over IPv6 (its tunnel device is in place).
 #[derive(Clone, Copy, Debug)]
 pub struct Local<'a> {
     pub name: &'a str,
     pub ip: Ipv4Addr,
+    pub ip6: Option<Ipv6Addr>,
 }
 
-/// One node's entries: its pod CIDRs' owner, and (for a peer) its
-/// underlay address as a VTEP key.
-fn entries(n: &Node, local: Local<'_>) -> (RemoteNode, Option<u32>) {
+/// One node's entries: each pod CIDR's owner, and (for a peer) its
+/// underlay addresses as VTEP keys. Its IPv6 pods' VXLAN goes over IPv6
+/// when both it and this node have an IPv6 underlay (as flannel's
+/// `flannel-v6.1`); everything else over IPv4.
+fn entries(n: &Node, local: Local<'_>) -> (NodeOwners, Vteps) {
     let me = n.name == local.name;
     let owner = RemoteNode {
         underlay_ip: ip_key(if me { local.ip } else { n.underlay_ip }),
         vtep_mac: n.vtep_mac,
-        _pad: [0; 2],
+        ..RemoteNode::default()
     };
-    (owner, (!me).then(|| ip_key(n.underlay_ip)))
+    let over6 = n.underlay6.filter(|_| !me && local.ip6.is_some());
+    let owner6 = match over6 {
+        Some(u6) => RemoteNode {
+            vtep_mac: u6.vtep_mac,
+            flags: RemoteNode::FLAG_UNDERLAY6,
+            underlay_ip6: u6.ip.octets(),
+            ..owner
+        },
+        None => owner,
+    };
+    let owners = std::iter::once((AnyCidr::V4(n.pod_cidr), owner))
+        .chain(n.pod_cidr6.map(|c| (AnyCidr::V6(c), owner6)));
+    let vteps = [
+        (!me).then(|| VtepKey::V4(ip_key(n.underlay_ip))),
+        over6.map(|u6| VtepKey::V6(u6.ip.octets())),
+    ];
+    (owners, vteps)
 }
+
+/// A node's pod CIDRs with their owner entries, as [`entries`] gives them.
+type NodeOwners = std::iter::Chain<
+    std::iter::Once<(AnyCidr, RemoteNode)>,
+    std::option::IntoIter<(AnyCidr, RemoteNode)>,
+>;
 
 /// A node's pod CIDRs: the IPv4 one, and the IPv6 one in a dual-stack
 /// cluster.
@@ -55,18 +102,12 @@ pub fn cidrs(n: &Node) -> NodeCidrs {
 /// than inserted one by one: a `BTreeMap` built from an iterator is sorted
 /// once and bulk-built.
 pub fn desired<'a>(nodes: impl IntoIterator<Item = &'a Node>, local: Local<'_>) -> Desired {
-    let all: Vec<_> = nodes
-        .into_iter()
-        .map(|n| (cidrs(n), entries(n, local)))
-        .collect();
+    let all: Vec<_> = nodes.into_iter().map(|n| entries(n, local)).collect();
     Desired {
-        remotes: all
-            .iter()
-            .flat_map(|(cs, (o, _))| cs.clone().map(move |c| (c, *o)))
-            .collect(),
+        remotes: all.iter().flat_map(|(o, _)| o.clone()).collect(),
         vteps: all
             .iter()
-            .filter_map(|(_, (_, v))| v.map(|ip| (ip, Vtep::default())))
+            .flat_map(|(_, v)| v.iter().flatten().map(|k| (*k, Vtep::default())))
             .collect(),
     }
 }
@@ -129,10 +170,10 @@ pub trait NodeMaps {
     fn remotes(&self) -> BTreeMap<AnyCidr, RemoteNode>;
     fn put_remote(&mut self, cidr: &AnyCidr, node: RemoteNode) -> Result<(), DataplaneError>;
     fn del_remote(&mut self, cidr: &AnyCidr) -> Result<(), DataplaneError>;
-    /// Peers' underlay addresses, as the map holds them now.
-    fn vteps(&self) -> BTreeMap<u32, Vtep>;
-    fn put_vtep(&mut self, ip: u32, vtep: Vtep) -> Result<(), DataplaneError>;
-    fn del_vtep(&mut self, ip: u32) -> Result<(), DataplaneError>;
+    /// Peers' underlay addresses, as the maps (one per family) hold them now.
+    fn vteps(&self) -> BTreeMap<VtepKey, Vtep>;
+    fn put_vtep(&mut self, ip: VtepKey, vtep: Vtep) -> Result<(), DataplaneError>;
+    fn del_vtep(&mut self, ip: VtepKey) -> Result<(), DataplaneError>;
 }
 
 impl NodeMaps for Maps {
@@ -174,26 +215,32 @@ impl NodeMaps for Maps {
         }
     }
 
-    fn vteps(&self) -> BTreeMap<u32, Vtep> {
-        self.nodes.iter().filter_map(Result::ok).collect()
+    fn vteps(&self) -> BTreeMap<VtepKey, Vtep> {
+        let v4 = self.nodes.iter().filter_map(Result::ok);
+        let v6 = self.nodes6.iter().filter_map(Result::ok);
+        v4.map(|(k, v)| (VtepKey::V4(k), v))
+            .chain(v6.map(|(k, v)| (VtepKey::V6(k), v)))
+            .collect()
     }
 
-    fn put_vtep(&mut self, ip: u32, vtep: Vtep) -> Result<(), DataplaneError> {
-        self.nodes
-            .insert(ip, vtep, 0)
-            .map_err(|source| DataplaneError::Map {
-                name: weft_common::names::NODES,
-                source,
-            })
+    fn put_vtep(&mut self, ip: VtepKey, vtep: Vtep) -> Result<(), DataplaneError> {
+        match ip {
+            VtepKey::V4(k) => self
+                .nodes
+                .insert(k, vtep, 0)
+                .map_err(map_error(names::NODES)),
+            VtepKey::V6(k) => self
+                .nodes6
+                .insert(k, vtep, 0)
+                .map_err(map_error(names::NODES6)),
+        }
     }
 
-    fn del_vtep(&mut self, ip: u32) -> Result<(), DataplaneError> {
-        self.nodes
-            .remove(&ip)
-            .map_err(|source| DataplaneError::Map {
-                name: weft_common::names::NODES,
-                source,
-            })
+    fn del_vtep(&mut self, ip: VtepKey) -> Result<(), DataplaneError> {
+        match ip {
+            VtepKey::V4(k) => self.nodes.remove(&k).map_err(map_error(names::NODES)),
+            VtepKey::V6(k) => self.nodes6.remove(&k).map_err(map_error(names::NODES6)),
+        }
     }
 }
 
@@ -224,8 +271,8 @@ pub struct Written(Option<State>);
 #[derive(Debug)]
 struct State {
     desired: Desired,
-    /// Each node's entries: pod CIDRs and VTEP key (none for this node).
-    owners: HashMap<String, (NodeCidrs, Option<u32>)>,
+    /// Each node's entries: pod CIDRs and VTEP keys (none for this node).
+    owners: HashMap<String, (NodeCidrs, Vteps)>,
     /// The registry's generation these are (`Published::generation`).
     generation: u64,
 }
@@ -252,7 +299,7 @@ type Diff<K, V> = (Vec<(K, V)>, Vec<K>);
 fn write(
     maps: &mut impl NodeMaps,
     (put_r, del_r): Diff<AnyCidr, RemoteNode>,
-    (put_v, del_v): Diff<u32, Vtep>,
+    (put_v, del_v): Diff<VtepKey, Vtep>,
 ) -> Result<Changes, DataplaneError> {
     let mut c = Changes::default();
     for (cidr, node) in put_r {
@@ -294,7 +341,7 @@ pub fn apply<'a>(
         differences(&have_vteps, &want.vteps),
     )?;
     if c.upserts + c.removals > 0 {
-        tracing::debug!(?c, vteps = ?want.vteps.keys().map(|k| ip_from_key(*k)).collect::<Vec<_>>(), "maps reconciled");
+        tracing::debug!(?c, vteps = ?want.vteps.keys().map(ToString::to_string).collect::<Vec<_>>(), "maps reconciled");
     }
     let owners = nodes
         .into_iter()
@@ -326,7 +373,7 @@ pub fn apply_changes(
     };
     // What each touched key held before, recorded before it changes.
     let mut before_r: BTreeMap<AnyCidr, Option<RemoteNode>> = BTreeMap::new();
-    let mut before_v: BTreeMap<u32, Option<Vtep>> = BTreeMap::new();
+    let mut before_v: BTreeMap<VtepKey, Option<Vtep>> = BTreeMap::new();
     let d = &mut s.desired;
     for (name, _) in changes {
         if let Some((cidrs, vtep)) = s.owners.remove(name) {
@@ -336,7 +383,7 @@ pub fn apply_changes(
                     .or_insert_with(|| d.remotes.get(&cidr).copied());
                 d.remotes.remove(&cidr);
             }
-            if let Some(ip) = vtep {
+            for ip in vtep.into_iter().flatten() {
                 before_v
                     .entry(ip)
                     .or_insert_with(|| d.vteps.get(&ip).copied());
@@ -346,14 +393,14 @@ pub fn apply_changes(
     }
     for (name, node) in changes {
         let Some(n) = node else { continue };
-        let (owner, vtep) = entries(n, local);
-        for cidr in cidrs(n) {
+        let (owners, vtep) = entries(n, local);
+        for (cidr, owner) in owners {
             before_r
                 .entry(cidr)
                 .or_insert_with(|| d.remotes.get(&cidr).copied());
             d.remotes.insert(cidr, owner);
         }
-        if let Some(ip) = vtep {
+        for ip in vtep.into_iter().flatten() {
             before_v
                 .entry(ip)
                 .or_insert_with(|| d.vteps.get(&ip).copied());
@@ -411,6 +458,7 @@ mod tests {
                 pod_cidr: "198.19.1.0/24".parse().unwrap(),
                 pod_cidr6: None,
                 vtep_mac: [2, 0, 0, 0, 0, 1],
+                underlay6: None,
             },
             Node {
                 name: "b".into(),
@@ -418,6 +466,7 @@ mod tests {
                 pod_cidr: "198.19.2.0/24".parse().unwrap(),
                 pod_cidr6: None,
                 vtep_mac: [2, 0, 0, 0, 0, 2],
+                underlay6: None,
             },
         ];
         let d = desired(
@@ -425,15 +474,65 @@ mod tests {
             Local {
                 name: "a",
                 ip: "198.18.0.1".parse().unwrap(),
+                ip6: None,
             },
         );
         assert_eq!(d.remotes.len(), 2);
         assert_eq!(d.vteps.len(), 1);
-        assert!(d.vteps.contains_key(&ip_key("198.18.0.2".parse().unwrap())));
+        assert!(
+            d.vteps
+                .contains_key(&VtepKey::V4(ip_key("198.18.0.2".parse().unwrap())))
+        );
         let own = d.remotes[&AnyCidr::V4("198.19.1.0/24".parse().unwrap())];
         assert_eq!(
             ip_from_key(own.underlay_ip),
             "198.18.0.1".parse::<std::net::Ipv4Addr>().unwrap()
         );
+    }
+
+    #[test]
+    fn ipv6_pods_go_over_the_ipv6_underlay_only_between_nodes_that_both_have_one() {
+        let u6 = |last: u16, mac: u8| crate::registry::Underlay6 {
+            ip: std::net::Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, last),
+            vtep_mac: [2, 0, 0, 0, 6, mac],
+        };
+        let node = |name: &str, i: u8, under6| Node {
+            name: name.into(),
+            underlay_ip: Ipv4Addr::new(198, 18, 0, i),
+            pod_cidr: format!("198.19.{i}.0/24").parse().unwrap(),
+            pod_cidr6: Some(format!("2001:2:0:{i}::/64").parse().unwrap()),
+            vtep_mac: [2, 0, 0, 0, 0, i],
+            underlay6: under6,
+        };
+        let nodes = [
+            node("a", 1, Some(u6(1, 1))),
+            node("b", 2, Some(u6(2, 2))),
+            node("c", 3, None),
+        ];
+        let v6 = |i: u8| AnyCidr::V6(format!("2001:2:0:{i}::/64").parse().unwrap());
+        let local = |ip6| Local {
+            name: "a",
+            ip: Ipv4Addr::new(198, 18, 0, 1),
+            ip6,
+        };
+        let d = desired(&nodes, local(Some(u6(1, 1).ip)));
+        let b6 = d.remotes[&v6(2)];
+        assert!(b6.over_underlay6(), "b's IPv6 pods over IPv6");
+        assert_eq!(b6.underlay_ip6, u6(2, 2).ip.octets());
+        assert_eq!(b6.vtep_mac, [2, 0, 0, 0, 6, 2], "b's IPv6 VTEP MAC");
+        assert!(
+            !d.remotes[&v6(3)].over_underlay6(),
+            "c has no IPv6 underlay"
+        );
+        assert!(!d.remotes[&v6(1)].over_underlay6(), "our own CIDR");
+        let b4 = d.remotes[&AnyCidr::V4("198.19.2.0/24".parse().unwrap())];
+        assert!(!b4.over_underlay6(), "IPv4 pods over IPv4");
+        assert_eq!(b4.vtep_mac, [2, 0, 0, 0, 0, 2]);
+        assert!(d.vteps.contains_key(&VtepKey::V6(u6(2, 2).ip.octets())));
+        assert_eq!(d.vteps.len(), 3, "b and c over IPv4, b over IPv6");
+        // Without an IPv6 underlay here, nothing goes over IPv6.
+        let d = desired(&nodes, local(None));
+        assert!(d.remotes.values().all(|r| !r.over_underlay6()));
+        assert_eq!(d.vteps.len(), 2);
     }
 }

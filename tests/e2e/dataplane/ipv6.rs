@@ -201,3 +201,291 @@ fn ipv6_through_tc_decap_as_before_linux_6_3() {
         assert!(c.counter(i, "decap_peer") > 0);
     }
 }
+
+/// A node set up as flannel's vxlan backend with `EnableIPv6` sets it up:
+/// `flannel.1` and `cni0` for IPv4 ([`weft_tests::FlannelNode`]), and
+/// `flannel-v6.1` (VXLAN over the IPv6 underlay, nolearning, MTU underlay −
+/// 70, UDP checksums as the kernel defaults them: sent, and required on
+/// receive) with the subnet's network address, `cni0` the IPv6 gateway;
+/// one dual-stack pod on `cni0`.
+struct FlannelV6Node {
+    ns: Netns,
+    pod: Netns,
+    pod_ip6: std::net::Ipv6Addr,
+    pod_ip: std::net::Ipv4Addr,
+    ip6: std::net::Ipv6Addr,
+    v4: weft_tests::FlannelNode,
+    vtep_mac6: String,
+}
+
+impl FlannelV6Node {
+    fn new(lab: &mut Lab, c: &Cluster, host: u8) -> Self {
+        let ns = lab.netns(&format!("fl{host}"));
+        let ip = c.underlay.plug(&ns, host);
+        let ip6 = c.underlay.plug6(&ns, host);
+        let v4 = weft_tests::FlannelNode::new(&ns, ip, host, 1, 8472);
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1");
+        ns.ip(&[
+            "link",
+            "add",
+            "flannel-v6.1",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            &ip6.to_string(),
+            "dev",
+            "und0",
+            "dstport",
+            "8472",
+            "nolearning",
+        ]);
+        ns.sysctl("net.ipv6.conf.flannel-v6/1.disable_ipv6", "0");
+        ns.ip(&["link", "set", "flannel-v6.1", "mtu", "1430", "up"]);
+        let subnet = format!("2001:2:0:{host:x}::");
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{subnet}/128"),
+            "dev",
+            "flannel-v6.1",
+            "nodad",
+        ]);
+        ns.sysctl("net.ipv6.conf.cni0.disable_ipv6", "0");
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{subnet}1/64"),
+            "dev",
+            "cni0",
+            "nodad",
+        ]);
+        ns.ip(&["link", "set", "cni0", "mtu", "1430"]);
+        let pod_ip = std::net::Ipv4Addr::new(198, 19, host, 10);
+        let pod = weft_tests::bridge_pod(
+            lab,
+            &ns,
+            "cni0",
+            &format!("fl{host}p1"),
+            pod_ip,
+            std::net::Ipv4Addr::new(198, 19, host, 1),
+            1430,
+        );
+        for dev in ["all", "default", "eth0", "lo"] {
+            pod.sysctl(&format!("net.ipv6.conf.{dev}.disable_ipv6"), "0");
+        }
+        let pod_ip6: std::net::Ipv6Addr = format!("{subnet}10").parse().unwrap();
+        pod.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{pod_ip6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        pod.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("{subnet}1"),
+        ]);
+        let link = ns.ip(&["-o", "link", "show", "flannel-v6.1"]);
+        let vtep_mac6 = link
+            .split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .expect("flannel-v6.1 MAC")
+            .to_string();
+        Self {
+            ns,
+            pod,
+            pod_ip6,
+            pod_ip,
+            ip6,
+            v4,
+            vtep_mac6,
+        }
+    }
+
+    /// What flanneld installs for a remote dual-stack node: for IPv4 as
+    /// [`weft_tests::FlannelNode::add_remote`]; for IPv6 an onlink route to
+    /// its IPv6 pod CIDR via the CIDR's network address, a permanent
+    /// neighbour for that address with its IPv6 VTEP MAC, and an FDB entry
+    /// sending that MAC to its IPv6 underlay address.
+    fn add_remote(&self, n: &weft_tests::NodeInfo, vtep_mac: &str) {
+        let subnet: u8 = n.pod_cidr.split('.').nth(2).unwrap().parse().unwrap();
+        self.v4.add_remote(n.underlay_ip, subnet, vtep_mac);
+        let cidr6 = n.pod_cidr6.as_deref().expect("dual-stack node");
+        let net6 = cidr6.split('/').next().unwrap();
+        self.ns.ip(&[
+            "-6",
+            "neigh",
+            "replace",
+            net6,
+            "lladdr",
+            vtep_mac,
+            "dev",
+            "flannel-v6.1",
+            "nud",
+            "permanent",
+        ]);
+        weft_tests::sh(
+            "bridge",
+            &[
+                "-n",
+                &self.ns.name,
+                "fdb",
+                "append",
+                vtep_mac,
+                "dev",
+                "flannel-v6.1",
+                "dst",
+                &n.underlay_ip6.expect("IPv6 underlay").to_string(),
+            ],
+        );
+        self.ns.ip(&[
+            "-6",
+            "route",
+            "replace",
+            cidr6,
+            "via",
+            net6,
+            "dev",
+            "flannel-v6.1",
+            "onlink",
+        ]);
+    }
+}
+
+#[test]
+fn ipv6_pods_over_the_ipv6_underlay_with_weft_and_flannel_v6_nodes() {
+    if !privileged("ipv6_pods_over_the_ipv6_underlay_with_weft_and_flannel_v6_nodes") {
+        return;
+    }
+    let mut lab = Lab::new("u6");
+    // NIC-like ports: every frame reaches a node checksummed in full, so
+    // flannel-v6.1 verifies the outer UDP checksum of what weft sends.
+    let mut spec = ClusterSpec::pair().underlay6();
+    spec.underlay = weft_tests::UnderlayKind::NicLike;
+    let mut c = Cluster::new(&mut lab, spec);
+    let fl = FlannelV6Node::new(&mut lab, &c, 3);
+    for (i, n) in c.nodes.iter().enumerate() {
+        // The registry derives a weft node's VTEP MAC from its IPv4 address.
+        fl.add_remote(n, &format!("0e:77:c6:12:00:{:02x}", i + 1));
+    }
+    c.foreign.push(weft_tests::ForeignNode {
+        name: "flannel-node".into(),
+        underlay_ip: std::net::Ipv4Addr::new(198, 18, 0, 3),
+        pod_cidr: "198.19.3.0/24".into(),
+        vtep_mac: fl.v4.vtep_mac.clone(),
+        pod_cidr6: Some("2001:2:0:3::/64".into()),
+        underlay6: Some((fl.ip6, fl.vtep_mac6.clone())),
+    });
+    c.launch(&mut lab);
+    let mut servers = echo_servers(&c);
+    servers.push(EchoServer::start(&fl.pod, fl.pod_ip6, ECHO_PORT));
+    servers.push(EchoServer::start(&fl.pod, fl.pod_ip, ECHO_PORT));
+    let pcap = capture_vxlan(&mut lab, &c.nodes[0].ns, "u6", 128);
+    // Weft pods to each other and both ways with the flannel pod, IPv6 and
+    // IPv4; node hosts to the flannel pod.
+    assert_ipv6_matrix(&c);
+    let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
+    // The flannel node's devices had IPv6 turned on a moment ago: its first
+    // forwarded packets can be discarded there (Ip6InDiscards, seen while
+    // weft's own paths above already worked). Wait until it forwards.
+    weft_tests::wait_for(
+        "the flannel node to forward IPv6",
+        std::time::Duration::from_secs(10),
+        || weft_tests::ping(&a.ns, fl.pod_ip6, 1).then_some(()),
+    );
+    let mut failures = Vec::new();
+    let fl6 = IpAddr::V6(fl.pod_ip6);
+    for (label, from, to) in [
+        ("weft pod → flannel pod (IPv6)", &a.ns, fl6),
+        ("weft pod on node-2 → flannel pod (IPv6)", &b.ns, fl6),
+        ("node-1 → flannel pod (IPv6)", &c.nodes[0].ns, fl6),
+        (
+            "flannel pod → weft pod (IPv6)",
+            &fl.pod,
+            IpAddr::V6(a.ip6.unwrap()),
+        ),
+        (
+            "flannel pod → weft pod on node-2 (IPv6)",
+            &fl.pod,
+            IpAddr::V6(b.ip6.unwrap()),
+        ),
+        (
+            "weft pod → flannel pod (IPv4)",
+            &a.ns,
+            IpAddr::V4(fl.pod_ip),
+        ),
+        ("flannel pod → weft pod (IPv4)", &fl.pod, IpAddr::V4(a.ip)),
+    ] {
+        let failed = reach(from, to);
+        if !failed.is_empty() {
+            failures.push(format!("{label}: {failed:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Bulk both ways between weft pods (tunnel GSO through the kernel's
+    // VXLAN transmit) and with the flannel pod.
+    bulk_tcp_intact(&b.ns, b.ip6.unwrap(), 7001, &a.ns, 32 << 20).expect("32 MiB, node 1 → 2");
+    bulk_tcp_intact(&a.ns, a.ip6.unwrap(), 7001, &b.ns, 32 << 20).expect("32 MiB, node 2 → 1");
+    bulk_tcp_intact(&fl.pod, fl.pod_ip6, 7002, &a.ns, 16 << 20).expect("16 MiB, weft → flannel");
+    bulk_tcp_intact(&a.ns, a.ip6.unwrap(), 7003, &fl.pod, 16 << 20)
+        .expect("16 MiB, flannel → weft");
+    let there = iperf_gbps(&fl.pod, fl.pod_ip6, &a.ns, &mut lab, "iperf-u6a", 2, &[]);
+    let back = iperf_gbps(
+        &fl.pod,
+        fl.pod_ip6,
+        &a.ns,
+        &mut lab,
+        "iperf-u6b",
+        2,
+        &["-R"],
+    );
+    println!(
+        "IPv6 over the IPv6 underlay: weft→flannel-v6.1 {there:.2} Gbit/s, flannel-v6.1→weft {back:.2} Gbit/s"
+    );
+    lab.stop("tcpdump");
+    // What node-1 sent: VXLAN in IPv6 (outer EtherType 86dd), UDP checksum
+    // set, VNI 1, the inner frame IPv6 to a VTEP MAC of the registry's.
+    let records = pcap_records(&std::fs::read(&pcap).expect("pcap"));
+    let over6: Vec<_> = records
+        .iter()
+        .map(|(_, p)| p)
+        .filter(|p| p.len() >= 84 && p[12..14] == [0x86, 0xdd])
+        .collect();
+    assert!(
+        !over6.is_empty(),
+        "no VXLAN over IPv6 captured ({} packets)",
+        records.len()
+    );
+    for p in &over6 {
+        assert_eq!(p[20], 17, "outer next header UDP");
+        assert_eq!(&p[56..58], &8472u16.to_be_bytes(), "destination port");
+        assert_ne!(&p[60..62], &[0, 0], "outer UDP checksum set");
+        assert_eq!(
+            &p[62..70],
+            &[0x08, 0, 0, 0, 0, 0, 1, 0],
+            "VXLAN header, VNI 1"
+        );
+        assert_eq!(&p[82..84], &[0x86, 0xdd], "inner IPv6");
+    }
+    let inner_macs: std::collections::BTreeSet<String> = over6
+        .iter()
+        .map(|p| weft_agent::host::netdev::mac_to_string(p[70..76].try_into().unwrap()))
+        .collect();
+    assert!(
+        inner_macs.contains(&fl.vtep_mac6) && inner_macs.contains("0e:77:c6:12:00:02"),
+        "inner destinations: flannel-v6.1's {} and node-2's VTEP MAC; got {inner_macs:?}",
+        fl.vtep_mac6
+    );
+    assert_pair_dropped_nothing(&c);
+}

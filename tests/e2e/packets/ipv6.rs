@@ -35,6 +35,11 @@ const LINK_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0x10);
 /// solicitation for it goes to).
 const GATEWAY_SOLICITED: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00, 1);
 const POD_SRC_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 6];
+/// This node's and the peer's IPv6 underlay addresses (outside the
+/// cluster CIDR), and an address on the underlay that is no node's.
+pub(super) const LOCAL6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, 1);
+const PEER6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, 2);
+const STRANGER6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, 0x99);
 
 /// The fixture's IPv6 entries: this node's and the peer's pod CIDRs, and
 /// the two local pods on the fixture's veth.
@@ -46,7 +51,7 @@ pub(super) fn setup(maps: &mut Maps, pod_ifindex: u32) {
         let node = RemoteNode {
             underlay_ip: ip_key(owner),
             vtep_mac,
-            _pad: [0; 2],
+            ..RemoteNode::default()
         };
         maps.remotes6
             .insert(&Key::new(64, cidr.octets()), node, 0)
@@ -61,6 +66,9 @@ pub(super) fn setup(maps: &mut Maps, pod_ifindex: u32) {
         };
         maps.endpoints6.insert(ip.octets(), ep, 0).unwrap();
     }
+    maps.nodes6
+        .insert(PEER6.octets(), weft_common::Vtep::default(), 0)
+        .unwrap();
 }
 
 /// A frame a pod sends on its veth.
@@ -315,6 +323,111 @@ fn tc_decap_cases_ipv6() {
         return;
     }
     decap_cases(Hook::Tc);
+}
+
+#[test]
+fn xdp_decap_over_the_ipv6_underlay() {
+    if !privileged("xdp_decap_over_the_ipv6_underlay") {
+        return;
+    }
+    decap6_cases(Hook::Xdp);
+}
+
+#[test]
+fn tc_decap_over_the_ipv6_underlay() {
+    if !privileged("tc_decap_over_the_ipv6_underlay") {
+        return;
+    }
+    decap6_cases(Hook::Tc);
+}
+
+/// VXLAN over IPv6 from `src` to this node (as flannel-v6.1 sends it, the
+/// UDP checksum aside: decap does not read it).
+fn vxlan6_frame(fx: &Fixture, src: Ipv6Addr, vni: u32, dport: u16, inner: &[u8]) -> Vec<u8> {
+    let outer =
+        Ipv6::new(src, LOCAL6, 17).build(&pktgen::udp(50000, dport, &pktgen::vxlan(vni, inner)));
+    pktgen::eth(fx.und.mac, super::PEER_MAC, pktgen::ETH_P_IPV6, &outer)
+}
+
+/// Decap of VXLAN over the IPv6 underlay: the same checks as over IPv4
+/// (known VTEP, VNI, inner destination local), IPv4 inside refused, and
+/// what is not VXLAN for this node left alone.
+fn decap6_cases(hook: Hook) {
+    let mut fx = Fixture::new("pu6", 1, 8472);
+    let (vni, port) = (fx.vni, fx.port);
+    let (redirect, pass, drop) = hook.verdicts();
+
+    let inner = inner_frame(POD6);
+    let before = fx.counters();
+    let (action, out) = fx.decap(hook, &vxlan6_frame(&fx, PEER6, vni, port, &inner));
+    assert_eq!(action, redirect, "decap to pod: {:?}", fx.counters().drops);
+    let mut want = inner.clone();
+    want[0..6].copy_from_slice(&POD_MAC);
+    want[6..12].copy_from_slice(&HOST_VETH_MAC);
+    assert_eq!(out, want, "decap to pod: output frame");
+    assert_deltas(
+        "decap to pod",
+        &before,
+        &fx.counters(),
+        &[],
+        &[(hook.delivered(), 1)],
+    );
+
+    let inner4 = pktgen::eth(
+        LOCAL_VTEP,
+        PEER_VTEP,
+        pktgen::ETH_P_IP,
+        &pktgen::Ipv4::new(super::REMOTE_POD, super::POD, 1).build(&pktgen::icmp_echo(1, 1, b"x")),
+    );
+    for (case, frame, reason) in [
+        (
+            "from an unknown VTEP",
+            vxlan6_frame(&fx, STRANGER6, vni, port, &inner),
+            DropReason::UnknownVtep,
+        ),
+        (
+            "another VNI",
+            vxlan6_frame(&fx, PEER6, vni + 1, port, &inner),
+            DropReason::WrongVni,
+        ),
+        (
+            "another node's pod",
+            vxlan6_frame(&fx, PEER6, vni, port, &inner_frame(REMOTE_POD6)),
+            DropReason::NotLocal,
+        ),
+        (
+            "IPv4 inside",
+            vxlan6_frame(&fx, PEER6, vni, port, &inner4),
+            DropReason::InnerFamily,
+        ),
+    ] {
+        let before = fx.counters();
+        let (action, _) = fx.decap(hook, &frame);
+        assert_eq!(action, drop, "{case}");
+        assert_deltas(case, &before, &fx.counters(), &[(reason, 1)], &[]);
+    }
+
+    // Not ours: another UDP port; an extension header before UDP.
+    let mut ext = vxlan6_frame(&fx, PEER6, vni, port, &inner);
+    ext[14 + 6] = 0; // next header: hop-by-hop options
+    for (case, frame) in [
+        (
+            "another port",
+            vxlan6_frame(&fx, PEER6, vni, port + 1, &inner),
+        ),
+        ("an extension header", ext),
+    ] {
+        let before = fx.counters();
+        let (action, out) = fx.decap(hook, &frame);
+        assert_eq!((action, &out), (pass, &frame), "{case}: untouched");
+        assert_deltas(
+            case,
+            &before,
+            &fx.counters(),
+            &[],
+            &[(FwdReason::Passthrough, 1)],
+        );
+    }
 }
 
 /// An inner frame: an ICMPv6 echo from a remote pod to `dst`.

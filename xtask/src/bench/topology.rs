@@ -186,6 +186,8 @@ fn remote_node(i: usize) -> ForeignNode {
         underlay_ip: Ipv4Addr::new(198, 18, 64 + (i / 256) as u8, (i % 256) as u8),
         pod_cidr: format!("198.19.{}.{}/29", block / 256, block % 256),
         vtep_mac: format!("0e:77:c6:12:{:02x}:{:02x}", 64 + i / 256, i % 256),
+        pod_cidr6: None,
+        underlay6: None,
     }
 }
 
