@@ -33,7 +33,11 @@ pub struct NodeRow {
     pub pod_cidr: String,
     /// `ipv4` or `ipv6`: the pod CIDR's family.
     pub family: &'static str,
+    /// Where its VXLAN goes: the node's IPv4 underlay address, or its IPv6
+    /// one when the CIDR is carried over the IPv6 underlay.
     pub underlay_ip: String,
+    /// `ipv4` or `ipv6`: the underlay's family.
+    pub underlay: &'static str,
     pub vtep_mac: String,
     /// `local`, `remote` (VXLAN accepted from it) or `remote-unverified`.
     pub state: &'static str,
@@ -56,6 +60,7 @@ pub fn collect(bpffs: &Path, run_dir: &Path) -> Result<Status, DataplaneError> {
     let maps = Maps::open(bpffs)?;
     let node = NodeConfig::read(run_dir).ok();
     let vteps: Vec<u32> = maps.nodes.keys().filter_map(Result::ok).collect();
+    let vteps6: Vec<[u8; 16]> = maps.nodes6.keys().filter_map(Result::ok).collect();
     let mut nodes: Vec<NodeRow> = maps
         .remotes()
         .into_iter()
@@ -64,14 +69,22 @@ pub fn collect(bpffs: &Path, run_dir: &Path) -> Result<Status, DataplaneError> {
                 AnyCidr::V4(c) => n.subnet == c,
                 AnyCidr::V6(c) => n.v6.is_some_and(|v6| v6.subnet == c),
             });
+            let over6 = v.over_underlay6();
             NodeRow {
                 pod_cidr: cidr.to_string(),
                 family: family(matches!(cidr, AnyCidr::V6(_))),
-                underlay_ip: ip_from_key(v.underlay_ip).to_string(),
+                underlay_ip: if over6 {
+                    std::net::Ipv6Addr::from(v.underlay_ip6).to_string()
+                } else {
+                    ip_from_key(v.underlay_ip).to_string()
+                },
+                underlay: family(over6),
                 vtep_mac: mac_to_string(&v.vtep_mac),
                 state: if local {
                     "local"
-                } else if vteps.contains(&v.underlay_ip) {
+                } else if (over6 && vteps6.contains(&v.underlay_ip6))
+                    || (!over6 && vteps.contains(&v.underlay_ip))
+                {
                     "remote"
                 } else {
                     "remote-unverified"
@@ -172,13 +185,13 @@ pub fn format(s: &Status) -> String {
     let _ = writeln!(out, "\nnodes ({}):", s.nodes.len());
     let _ = writeln!(
         out,
-        "  {:<24} {:<16} {:<18} state",
+        "  {:<24} {:<26} {:<18} state",
         "pod CIDR", "underlay IP", "VTEP MAC"
     );
     for n in &s.nodes {
         let _ = writeln!(
             out,
-            "  {:<24} {:<16} {:<18} {}",
+            "  {:<24} {:<26} {:<18} {}",
             n.pod_cidr, n.underlay_ip, n.vtep_mac, n.state
         );
     }

@@ -210,3 +210,94 @@ fn nodes_from_the_kubernetes_api() {
     );
     assert!(ping(&a.ns, b.ip, 2));
 }
+
+#[test]
+fn ipv6_underlay_addresses_through_the_kubernetes_api() {
+    if !privileged("ipv6_underlay_addresses_through_the_kubernetes_api") {
+        return;
+    }
+    if apiserver_bin().is_none() {
+        if std::env::var_os("WEFT_REQUIRE_PRIVILEGED").is_some_and(|v| v == "1") {
+            panic!(
+                "kube-apiserver is not built; `cargo xtask setup` builds it (tests/kube/build.sh)"
+            );
+        }
+        eprintln!(
+            "SKIP ipv6_underlay_addresses_through_the_kubernetes_api: kube-apiserver not built"
+        );
+        return;
+    }
+    let mut lab = Lab::new("kube6");
+    let mut c = Cluster::new(&mut lab, ClusterSpec::pair().underlay6());
+    let und = c.underlay.ns.clone();
+    let api = KubeApi::start_with(
+        &mut lab,
+        &und,
+        "br0",
+        weft_tests::kube::ApiOptions {
+            dual_stack: true,
+            ..Default::default()
+        },
+    );
+    bind_agent_rbac(&und, &api);
+    for (i, n) in c.nodes.iter().enumerate() {
+        let cidrs = [n.pod_cidr.clone(), n.pod_cidr6.clone().expect("dual-stack")];
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": n.name},
+            "spec": {"podCIDR": cidrs[0], "podCIDRs": cidrs},
+        }))
+        .unwrap();
+        create(&und, &api, node);
+        assert!(n.underlay_ip6.is_some(), "node {i} has an IPv6 underlay");
+    }
+    let kubeconfig = api.kubeconfig("agent", AGENT_TOKEN);
+    c.spec.agent_args = vec![
+        "--registry".into(),
+        "kube".into(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+    ];
+    c.launch(&mut lab);
+    // Each agent published its IPv6 underlay address; the other took it:
+    // the peer's IPv6 pod CIDR goes over the IPv6 underlay, and VXLAN over
+    // IPv6 is accepted from it.
+    for (i, n) in c.nodes.iter().enumerate() {
+        let name = n.name.clone();
+        let ann = with_client(&und, &api, async move |client| {
+            Api::<Node>::all(client)
+                .get(&name)
+                .await
+                .unwrap()
+                .metadata
+                .annotations
+                .unwrap_or_default()
+        });
+        assert_eq!(
+            ann.get("weft.dev/underlay-ip6").map(String::as_str),
+            Some(n.underlay_ip6.unwrap().to_string().as_str()),
+            "node {i}'s annotations: {ann:?}"
+        );
+    }
+    let peer = &c.nodes[1];
+    wait_for(
+        "node-1 to carry node-2's IPv6 pods over IPv6",
+        Duration::from_secs(10),
+        || {
+            let s = c.status(0);
+            s["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["pod_cidr"] == peer.pod_cidr6.as_deref().unwrap())
+                .filter(|r| {
+                    r["underlay"] == "ipv6"
+                        && r["underlay_ip"] == peer.underlay_ip6.unwrap().to_string()
+                        && r["state"] == "remote"
+                })
+                .map(|_| ())
+        },
+    );
+    let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
+    assert!(ping(&a.ns, b.ip6.unwrap(), 3), "IPv6 pods reach each other");
+    assert!(ping(&a.ns, b.ip, 3), "IPv4 pods too");
+}

@@ -180,6 +180,7 @@ pub(super) fn spawn_registry(cfg: &AgentConfig, local_ip: Ipv4Addr) -> Started {
                 cfg.clusters(),
             );
             r.own = Some((local_ip, netdev::vtep_mac_for(local_ip)));
+            r.own_ip6 = cfg.public_ipv6;
             r.flannel = cfg
                 .flannel
                 .as_ref()

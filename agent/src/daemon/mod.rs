@@ -161,7 +161,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     // so is GRO on it) until the takeover below.
     let mut gro_port = gro_port(cfg.port).await;
     let underlay6 = underlay6(&cfg, gro_port);
-    let local_ip6 = underlay6.map(|(ip, _)| ip);
+    // Sent over IPv6 only with the device; taken in over IPv6 either way.
+    let local_ip6 = underlay6.filter(|(_, i)| *i != 0).map(|(ip, _)| ip);
     let globals = Globals {
         vni: cfg.vni,
         port: cfg.port,
@@ -308,19 +309,20 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
 
 /// This node's IPv6 underlay address and the device that sends VXLAN over
 /// it (`weft_gro`, in external mode: the programs set each packet's tunnel
-/// key), when `public-ipv6` is set and that device holds the port.
+/// key; index 0 when there is none), when `public-ipv6` is set. Decap takes
+/// VXLAN over IPv6 either way (other nodes send it as this node's Node or
+/// file entry says).
 fn underlay6(cfg: &AgentConfig, gro_port: Option<u16>) -> Option<(Ipv6Addr, u32)> {
     let ip = cfg.public_ipv6?;
     let device = crate::host::gro::GRO_IFACE;
-    let index = gro_port.and_then(|_| netdev::index(device));
-    match index {
+    match gro_port.and_then(|_| netdev::index(device)) {
         Some(index) => {
             tracing::info!(%ip, device, "IPv6 pods' VXLAN goes over the IPv6 underlay to nodes that have one");
             Some((ip, index))
         }
         None => {
-            tracing::error!(%ip, "public-ipv6 is set, but VXLAN over IPv6 is sent through {device}, which this node does not have (see the message about it above); IPv6 pods' VXLAN goes over the IPv4 underlay, and nodes that send theirs over IPv6 (flannel-v6.1) are not reached. Restart the agent once {device} can be made");
-            None
+            tracing::error!(%ip, "public-ipv6 is set, but VXLAN over IPv6 is sent through {device}, which this node does not have (see the message about it above): this node takes VXLAN over IPv6 in, but sends its IPv6 pods' VXLAN over the IPv4 underlay, which flannel-v6.1 nodes do not take. Restart the agent once {device} can be made");
+            Some((ip, 0))
         }
     }
 }

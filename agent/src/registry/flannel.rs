@@ -25,7 +25,10 @@
 //! later on that node (a roll-back) re-reads the MAC from `backend-data` and
 //! keeps it.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use crate::host::netdev;
 
@@ -41,6 +44,11 @@ pub struct Keys {
     pub public_ip: String,
     pub public_ip_overwrite: String,
     pub node_public_ip: String,
+    /// flanneld with `EnableIPv6`: `flannel-v6.1`'s VNI and MAC, and the
+    /// node's IPv6 underlay address.
+    pub backend_v6_data: String,
+    pub public_ipv6: String,
+    pub public_ipv6_overwrite: String,
 }
 
 impl Keys {
@@ -80,6 +88,9 @@ impl Keys {
             public_ip: format!("{p}public-ip"),
             public_ip_overwrite: format!("{p}public-ip-overwrite"),
             node_public_ip: format!("{p}node-public-ip"),
+            backend_v6_data: format!("{p}backend-v6-data"),
+            public_ipv6: format!("{p}public-ipv6"),
+            public_ipv6_overwrite: format!("{p}public-ipv6-overwrite"),
         })
     }
 }
@@ -95,6 +106,9 @@ impl Default for Keys {
 pub struct Lease {
     pub public_ip: Ipv4Addr,
     pub vtep_mac: [u8; 6],
+    /// With flannel's `EnableIPv6` on that node: its IPv6 underlay address
+    /// (`public-ipv6`) and `flannel-v6.1`'s MAC (`backend-v6-data`).
+    pub v6: Option<(Ipv6Addr, [u8; 6])>,
 }
 
 /// The flannel lease of Node `name`: `None` when it does not carry
@@ -135,34 +149,7 @@ fn parse(name: &str, a: &BTreeMap<String, String>, keys: &Keys, vni: u32) -> Res
             keys.backend_data
         )
     })?;
-    let bad = |what: &str| {
-        format!(
-            "Node {name}: annotation {}=`{data}` {what} (flannel writes {{\"VNI\":1,\"VtepMAC\":\"aa:bb:cc:dd:ee:ff\"}}); skipped",
-            keys.backend_data
-        )
-    };
-    let v: serde_json::Value =
-        serde_json::from_str(data).map_err(|_| bad("is not a JSON object"))?;
-    let their_vni = v["VNI"]
-        .as_u64()
-        .ok_or_else(|| bad("has no numeric \"VNI\""))?;
-    let mac_text = v["VtepMAC"]
-        .as_str()
-        .ok_or_else(|| bad("has no \"VtepMAC\" string"))?;
-    let vtep_mac = netdev::parse_mac(mac_text)
-        .ok_or_else(|| bad("has a VtepMAC that is not a MAC address"))?;
-    if vtep_mac[0] & 1 != 0 || vtep_mac == [0; 6] {
-        return Err(format!(
-            "Node {name}: annotation {}: VtepMAC {mac_text} is not a unicast MAC; skipped",
-            keys.backend_data
-        ));
-    }
-    if their_vni != u64::from(vni) {
-        return Err(format!(
-            "Node {name}: annotation {} says VNI {their_vni}, this agent's VNI is {vni}: set weft's `vni` to flannel's Backend.VNI ({their_vni}) on every weft node; skipped",
-            keys.backend_data
-        ));
-    }
+    let vtep_mac = vtep_of(name, &keys.backend_data, data, vni)?;
     // flanneld copies public-ip-overwrite into public-ip when set; read it
     // first so a node whose flanneld has not done so yet is right too.
     let (key, text) = [&keys.public_ip_overwrite, &keys.public_ip]
@@ -177,10 +164,68 @@ fn parse(name: &str, a: &BTreeMap<String, String>, keys: &Keys, vni: u32) -> Res
     let public_ip = text.parse::<Ipv4Addr>().map_err(|_| {
         format!("Node {name}: annotation {key}=`{text}` is not an IPv4 address; skipped")
     })?;
+    let v6 = match [&keys.public_ipv6_overwrite, &keys.public_ipv6]
+        .into_iter()
+        .find_map(|k| a.get(k).filter(|v| !v.is_empty()).map(|v| (k, v)))
+    {
+        None => None,
+        Some((key, text)) => {
+            let ip = text
+                .parse::<Ipv6Addr>()
+                .map_err(|_| {
+                    format!(
+                        "Node {name}: annotation {key}=`{text}` is not an IPv6 address; skipped"
+                    )
+                })
+                .and_then(|ip| {
+                    super::Underlay6::check_ip(ip)
+                        .map_err(|e| format!("Node {name}: annotation {key}: {e}; skipped"))
+                })?;
+            let data = a.get(&keys.backend_v6_data).ok_or_else(|| {
+                format!(
+                    "Node {name}: annotation {key} without {}; skipped until flanneld writes it",
+                    keys.backend_v6_data
+                )
+            })?;
+            Some((ip, vtep_of(name, &keys.backend_v6_data, data, vni)?))
+        }
+    };
     Ok(Lease {
         public_ip,
         vtep_mac,
+        v6,
     })
+}
+
+/// The VTEP MAC in backend data `data` (annotation `key`), checked against
+/// this agent's `vni`.
+fn vtep_of(name: &str, key: &str, data: &str, vni: u32) -> Result<[u8; 6], String> {
+    let bad = |what: &str| {
+        format!(
+            "Node {name}: annotation {key}=`{data}` {what} (flannel writes {{\"VNI\":1,\"VtepMAC\":\"aa:bb:cc:dd:ee:ff\"}}); skipped"
+        )
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(data).map_err(|_| bad("is not a JSON object"))?;
+    let their_vni = v["VNI"]
+        .as_u64()
+        .ok_or_else(|| bad("has no numeric \"VNI\""))?;
+    let mac_text = v["VtepMAC"]
+        .as_str()
+        .ok_or_else(|| bad("has no \"VtepMAC\" string"))?;
+    let vtep_mac = netdev::parse_mac(mac_text)
+        .ok_or_else(|| bad("has a VtepMAC that is not a MAC address"))?;
+    if vtep_mac[0] & 1 != 0 || vtep_mac == [0; 6] {
+        return Err(format!(
+            "Node {name}: annotation {key}: VtepMAC {mac_text} is not a unicast MAC; skipped"
+        ));
+    }
+    if their_vni != u64::from(vni) {
+        return Err(format!(
+            "Node {name}: annotation {key} says VNI {their_vni}, this agent's VNI is {vni}: set weft's `vni` to flannel's Backend.VNI ({their_vni}) on every weft node; skipped"
+        ));
+    }
+    Ok(vtep_mac)
 }
 
 /// The annotations flanneld would write on this node's Node for underlay
@@ -191,20 +236,36 @@ pub fn own(
     keys: &Keys,
     annotations: &BTreeMap<String, String>,
     ip: Ipv4Addr,
+    ip6: Option<Ipv6Addr>,
     mac: &[u8; 6],
     vni: u32,
 ) -> BTreeMap<String, String> {
-    let public_ip = annotations
-        .get(&keys.public_ip_overwrite)
-        .filter(|v| !v.is_empty())
-        .cloned()
-        .unwrap_or_else(|| ip.to_string());
-    BTreeMap::from([
+    let public = |overwrite: &String, ip: String| {
+        annotations
+            .get(overwrite)
+            .filter(|v| !v.is_empty())
+            .cloned()
+            .unwrap_or(ip)
+    };
+    let mut want = BTreeMap::from([
         (keys.managed.clone(), "true".to_string()),
         (keys.backend_type.clone(), "vxlan".to_string()),
         (keys.backend_data.clone(), backend_data(vni, mac)),
-        (keys.public_ip.clone(), public_ip),
-    ])
+        (
+            keys.public_ip.clone(),
+            public(&keys.public_ip_overwrite, ip.to_string()),
+        ),
+    ]);
+    // With an IPv6 underlay, as flanneld with EnableIPv6 (one MAC for both:
+    // weft's decap does not read the inner destination MAC).
+    if let Some(ip6) = ip6 {
+        want.insert(keys.backend_v6_data.clone(), backend_data(vni, mac));
+        want.insert(
+            keys.public_ipv6.clone(),
+            public(&keys.public_ipv6_overwrite, ip6.to_string()),
+        );
+    }
+    want
 }
 
 /// `backend-data` exactly as flanneld marshals it (Go's encoding/json of
@@ -260,6 +321,7 @@ mod tests {
             Some(Ok(Lease {
                 public_ip: "198.18.0.7".parse().unwrap(),
                 vtep_mac: [0x5a, 0x0f, 0x3c, 0x11, 0x22, 0x33],
+                v6: None,
             }))
         );
         let mut over = good.clone();
@@ -273,6 +335,67 @@ mod tests {
         let mut off = good.clone();
         off.insert(k.managed.clone(), "false".into());
         assert_eq!(lease("n", &off, &k, 1), None);
+    }
+
+    #[test]
+    fn reads_the_ipv6_side_of_a_dual_stack_flannel_node() {
+        let k = Keys::default();
+        let mut a = ann(&[
+            ("kube-subnet-manager", "true"),
+            ("backend-type", "vxlan"),
+            ("backend-data", r#"{"VNI":1,"VtepMAC":"5a:0f:3c:11:22:33"}"#),
+            ("public-ip", "198.18.0.7"),
+            (
+                "backend-v6-data",
+                r#"{"VNI":1,"VtepMAC":"5a:0f:3c:11:22:66"}"#,
+            ),
+            ("public-ipv6", "2001:2:ff::7"),
+        ]);
+        assert_eq!(
+            lease("n", &a, &k, 1).unwrap().unwrap().v6,
+            Some((
+                "2001:2:ff::7".parse().unwrap(),
+                [0x5a, 0x0f, 0x3c, 0x11, 0x22, 0x66]
+            ))
+        );
+        a.insert(k.public_ipv6_overwrite.clone(), "2001:2:ff::70".into());
+        assert_eq!(
+            lease("n", &a, &k, 1).unwrap().unwrap().v6.unwrap().0,
+            "2001:2:ff::70".parse::<Ipv6Addr>().unwrap()
+        );
+        for (field, value, needle) in [
+            (
+                "public-ipv6-overwrite",
+                "198.18.0.7",
+                "is not an IPv6 address",
+            ),
+            (
+                "public-ipv6-overwrite",
+                "fe80::7",
+                "cannot be an underlay address",
+            ),
+            (
+                "backend-v6-data",
+                r#"{"VNI":2,"VtepMAC":"5a:0f:3c:11:22:66"}"#,
+                "says VNI 2",
+            ),
+            ("backend-v6-data", "null", "no numeric \"VNI\""),
+        ] {
+            let mut bad = a.clone();
+            bad.insert(format!("flannel.alpha.coreos.com/{field}"), value.into());
+            let e = lease("n6", &bad, &k, 1).unwrap().unwrap_err();
+            assert!(
+                e.starts_with("Node n6: ") && e.contains(needle),
+                "{field}={value}: {e}"
+            );
+        }
+        let mut no_data = a.clone();
+        no_data.remove(&k.backend_v6_data);
+        let e = lease("n6", &no_data, &k, 1).unwrap().unwrap_err();
+        assert!(
+            e.contains("without flannel.alpha.coreos.com/backend-v6-data"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -337,7 +460,14 @@ mod tests {
     fn writes_what_flanneld_writes() {
         let k = Keys::default();
         let mac = netdev::vtep_mac_for("198.18.0.1".parse().unwrap());
-        let mine = own(&k, &BTreeMap::new(), "198.18.0.1".parse().unwrap(), &mac, 1);
+        let mine = own(
+            &k,
+            &BTreeMap::new(),
+            "198.18.0.1".parse().unwrap(),
+            None,
+            &mac,
+            1,
+        );
         assert_eq!(
             mine[&k.backend_data],
             r#"{"VNI":1,"VtepMAC":"0e:77:c6:12:00:01"}"#
@@ -350,13 +480,34 @@ mod tests {
             lease("me", &mine, &k, 1),
             Some(Ok(Lease {
                 public_ip: "198.18.0.1".parse().unwrap(),
-                vtep_mac: mac
+                vtep_mac: mac,
+                v6: None,
             }))
         );
         let over = BTreeMap::from([(k.public_ip_overwrite.clone(), "203.0.113.9".to_string())]);
         assert_eq!(
-            own(&k, &over, "198.18.0.1".parse().unwrap(), &mac, 1)[&k.public_ip],
+            own(&k, &over, "198.18.0.1".parse().unwrap(), None, &mac, 1)[&k.public_ip],
             "203.0.113.9"
+        );
+        // With an IPv6 underlay: flanneld's EnableIPv6 annotations, which
+        // read back as the lease's IPv6 side.
+        let ip6: Ipv6Addr = "2001:2:ff::1".parse().unwrap();
+        let mine = own(
+            &k,
+            &BTreeMap::new(),
+            "198.18.0.1".parse().unwrap(),
+            Some(ip6),
+            &mac,
+            1,
+        );
+        assert_eq!(mine[&k.public_ipv6], "2001:2:ff::1");
+        assert_eq!(
+            mine[&k.backend_v6_data],
+            r#"{"VNI":1,"VtepMAC":"0e:77:c6:12:00:01"}"#
+        );
+        assert_eq!(
+            lease("me", &mine, &k, 1).unwrap().unwrap().v6,
+            Some((ip6, mac))
         );
     }
 }

@@ -23,7 +23,12 @@
 //! When two Nodes claim one pod CIDR (or underlay address) the one created
 //! first keeps it: a newcomer cannot take over what another node's pods use.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use futures::StreamExt as _;
 use k8s_openapi::{api::core::v1::Node as KNode, apimachinery::pkg::apis::meta::v1::Time};
@@ -78,6 +83,8 @@ pub struct KubeRegistry {
     /// This node's underlay IP and VTEP MAC, filled in by the agent: what
     /// the registry says of this node, and what it publishes on its Node.
     pub own: Option<(Ipv4Addr, [u8; 6])>,
+    /// This node's IPv6 underlay address (`public-ipv6`), published beside.
+    pub own_ip6: Option<Ipv6Addr>,
     /// `flannel-compat`; none: weft's annotations only.
     pub flannel: Option<FlannelCompat>,
     /// Publishing waits until this says true (the agent: once its decap is
@@ -96,6 +103,7 @@ impl KubeRegistry {
             node_name,
             cluster,
             own: None,
+            own_ip6: None,
             flannel: None,
             publish_when: None,
         }
@@ -146,7 +154,7 @@ pub fn convert(n: &KNode, flannel: Option<&FlannelCompat>) -> Result<Node, Strin
             pod_cidr,
             pod_cidr6,
             vtep_mac: lease.vtep_mac,
-            underlay6: None,
+            underlay6: lease.v6.map(|(ip, vtep_mac)| Underlay6 { ip, vtep_mac }),
         });
     }
     let underlay_ip = match annotations.get(ANNOTATION_UNDERLAY_IP) {
@@ -189,7 +197,12 @@ pub fn convert(n: &KNode, flannel: Option<&FlannelCompat>) -> Result<Node, Strin
 }
 
 /// This node's entry: its pod CIDR from `n`, the rest as the agent says.
-fn own_node(n: &KNode, underlay_ip: Ipv4Addr, vtep_mac: [u8; 6]) -> Result<Node, String> {
+fn own_node(
+    n: &KNode,
+    underlay_ip: Ipv4Addr,
+    ip6: Option<Ipv6Addr>,
+    vtep_mac: [u8; 6],
+) -> Result<Node, String> {
     let name = n.metadata.name.clone().unwrap_or_default();
     let (pod_cidr, pod_cidr6) = pod_cidr_of(n, &name)?;
     Ok(Node {
@@ -198,7 +211,7 @@ fn own_node(n: &KNode, underlay_ip: Ipv4Addr, vtep_mac: [u8; 6]) -> Result<Node,
         name,
         underlay_ip,
         vtep_mac,
-        underlay6: None,
+        underlay6: ip6.map(|ip| Underlay6 { ip, vtep_mac }),
     })
 }
 
@@ -303,7 +316,7 @@ impl KubeRegistry {
         if let Some((ip, _)) = self.own
             && n.metadata.name.as_deref() == Some(self.node_name.as_str())
         {
-            seen.node = own_node(n, ip, self.own_mac(n));
+            seen.node = own_node(n, ip, self.own_ip6, self.own_mac(n));
             seen.last_good = None;
         }
         seen
@@ -336,11 +349,30 @@ impl KubeRegistry {
             (ANNOTATION_UNDERLAY_IP.to_string(), ip.to_string()),
             (ANNOTATION_VTEP_MAC.to_string(), netdev::mac_to_string(&mac)),
         ]);
+        if let Some(ip6) = self.own_ip6 {
+            want.insert(ANNOTATION_UNDERLAY_IP6.to_string(), ip6.to_string());
+        }
         if let Some(f) = &self.flannel {
             let have = n.metadata.annotations.clone().unwrap_or_default();
-            want.extend(flannel::own(&f.keys, &have, ip, &mac, f.vni));
+            want.extend(flannel::own(&f.keys, &have, ip, self.own_ip6, &mac, f.vni));
         }
         Some(want)
+    }
+
+    /// Annotations on this node's Node `n` that say it has an IPv6 underlay
+    /// when it no longer has (`public-ipv6` turned off): other nodes would
+    /// send VXLAN over IPv6 that this node's decap no longer takes.
+    fn stale_annotations(&self, n: &KNode) -> Vec<String> {
+        if self.own_ip6.is_some() {
+            return Vec::new();
+        }
+        let have = n.metadata.annotations.clone().unwrap_or_default();
+        let mut keys = vec![ANNOTATION_UNDERLAY_IP6.to_string()];
+        if let Some(f) = &self.flannel {
+            keys.extend([f.keys.public_ipv6.clone(), f.keys.backend_v6_data.clone()]);
+        }
+        keys.retain(|k| have.contains_key(k));
+        keys
     }
 
     /// Publishes `want` on this node's Node (a merge patch: nothing else on
@@ -349,8 +381,13 @@ impl KubeRegistry {
         &self,
         api: &Api<KNode>,
         want: &BTreeMap<String, String>,
+        stale: &[String],
     ) -> Option<KNode> {
-        let patch = serde_json::json!({"metadata": {"annotations": want}});
+        let mut annotations = serde_json::json!(want);
+        for k in stale {
+            annotations[k] = serde_json::Value::Null;
+        }
+        let patch = serde_json::json!({"metadata": {"annotations": annotations}});
         match api
             .patch(
                 &self.node_name,
@@ -387,10 +424,11 @@ impl KubeRegistry {
         {
             tracing::warn!(node = %self.node_name, "this Node's {}={theirs} is the address flanneld would use here; weft uses {}: set weft's public-ip to {theirs} if that is where this node's VXLAN must go", f.keys.node_public_ip, want[ANNOTATION_UNDERLAY_IP]);
         }
-        if want.iter().all(|(k, v)| have.get(k) == Some(v)) {
+        let stale = self.stale_annotations(&n);
+        if stale.is_empty() && want.iter().all(|(k, v)| have.get(k) == Some(v)) {
             return n;
         }
-        self.publish_own(api, &want).await.unwrap_or(n)
+        self.publish_own(api, &want, &stale).await.unwrap_or(n)
     }
 }
 

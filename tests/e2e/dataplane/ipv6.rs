@@ -487,5 +487,20 @@ fn ipv6_pods_over_the_ipv6_underlay_with_weft_and_flannel_v6_nodes() {
         "inner destinations: flannel-v6.1's {} and node-2's VTEP MAC; got {inner_macs:?}",
         fl.vtep_mac6
     );
+    // weft status says which underlay each IPv6 pod CIDR takes.
+    let rows = c.status(0)["nodes"].as_array().unwrap().clone();
+    let row = |cidr: &str| rows.iter().find(|r| r["pod_cidr"] == cidr).cloned();
+    let fl_row = row("2001:2:0:3::/64").expect("the flannel node's IPv6 CIDR");
+    assert_eq!(
+        (
+            &fl_row["underlay"],
+            &fl_row["underlay_ip"],
+            &fl_row["state"]
+        ),
+        (&"ipv6".into(), &fl.ip6.to_string().into(), &"remote".into()),
+        "{fl_row}"
+    );
+    let fl_row4 = row("198.19.3.0/24").expect("the flannel node's IPv4 CIDR");
+    assert_eq!(fl_row4["underlay"], "ipv4", "{fl_row4}");
     assert_pair_dropped_nothing(&c);
 }
