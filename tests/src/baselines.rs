@@ -2,7 +2,7 @@
 //! flannel's CNI makes them, and nodes set up exactly as flannel's vxlan
 //! backend sets them up.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::lab::{Lab, Netns, sh};
 
@@ -149,5 +149,154 @@ impl FlannelNode {
             "flannel.1",
             "onlink",
         ]);
+    }
+}
+
+/// The IPv6 subnet of a flannel-style node's `subnet`: 2001:2:0:`subnet`::/64
+/// (the labs' IPv6 pod CIDRs), as its network address.
+fn subnet6(subnet: u8) -> String {
+    format!("2001:2:0:{subnet:x}::")
+}
+
+/// flannel's IPv6 side (`EnableIPv6`) on a node [`FlannelNode`] set up:
+/// `flannel-v6.<vni>` (VXLAN over the IPv6 underlay, nolearning, MTU
+/// underlay − 70, UDP checksums as the kernel defaults them: sent, and
+/// required on receive) holding the IPv6 subnet's network address, and
+/// `cni0` the IPv6 gateway (`<subnet>::1`). Remote nodes are added with
+/// [`FlannelNode6::add_remote`].
+pub struct FlannelNode6 {
+    pub ns: Netns,
+    pub device: String,
+    pub vtep_mac: String,
+}
+
+impl FlannelNode6 {
+    /// `ns` must have `und0` with `underlay_ip6` and `cni0` already.
+    pub fn new(ns: &Netns, underlay_ip6: Ipv6Addr, subnet: u8, vni: u32, port: u16) -> Self {
+        let device = format!("flannel-v6.{vni}");
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1");
+        let (vni, port, local) = (vni.to_string(), port.to_string(), underlay_ip6.to_string());
+        ns.ip(&[
+            "link",
+            "add",
+            &device,
+            "type",
+            "vxlan",
+            "id",
+            &vni,
+            "local",
+            &local,
+            "dev",
+            "und0",
+            "dstport",
+            &port,
+            "nolearning",
+        ]);
+        for dev in [device.as_str(), "cni0"] {
+            ns.sysctl(
+                &format!("net.ipv6.conf.{}.disable_ipv6", dev.replace('.', "/")),
+                "0",
+            );
+        }
+        ns.ip(&["link", "set", &device, "mtu", "1430", "up"]);
+        let net = subnet6(subnet);
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{net}/128"),
+            "dev",
+            &device,
+            "nodad",
+        ]);
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{net}1/64"),
+            "dev",
+            "cni0",
+            "nodad",
+        ]);
+        ns.ip(&["link", "set", "cni0", "mtu", "1430"]);
+        let link = ns.ip(&["-o", "link", "show", &device]);
+        let vtep_mac = link
+            .split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .expect("flannel-v6 device MAC")
+            .to_string();
+        Self {
+            ns: ns.clone(),
+            device,
+            vtep_mac,
+        }
+    }
+
+    /// What flanneld installs for a remote node's IPv6 side: an onlink route
+    /// to its IPv6 subnet via the subnet's network address, a permanent
+    /// neighbour for that address with its IPv6 VTEP MAC, and an FDB entry
+    /// sending that MAC to its IPv6 underlay address.
+    pub fn add_remote(&self, remote_ip6: Ipv6Addr, remote_subnet: u8, remote_vtep: &str) {
+        let net = subnet6(remote_subnet);
+        let dev = self.device.as_str();
+        self.ns.ip(&[
+            "-6",
+            "neigh",
+            "replace",
+            &net,
+            "lladdr",
+            remote_vtep,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ]);
+        sh(
+            "bridge",
+            &[
+                "-n",
+                &self.ns.name,
+                "fdb",
+                "append",
+                remote_vtep,
+                "dev",
+                dev,
+                "dst",
+                &remote_ip6.to_string(),
+            ],
+        );
+        self.ns.ip(&[
+            "-6",
+            "route",
+            "replace",
+            &format!("{net}/64"),
+            "via",
+            &net,
+            "dev",
+            dev,
+            "onlink",
+        ]);
+    }
+
+    /// Gives `pod` (on this node's `cni0`) IPv6 address `<subnet>::<host>`
+    /// and a default route via the gateway; returns the address.
+    pub fn pod_address(&self, pod: &Netns, subnet: u8, host: u16) -> Ipv6Addr {
+        for dev in ["all", "default", "eth0", "lo"] {
+            pod.sysctl(&format!("net.ipv6.conf.{dev}.disable_ipv6"), "0");
+        }
+        let net = subnet6(subnet);
+        let ip: Ipv6Addr = format!("{net}{host:x}").parse().expect("IPv6 address");
+        pod.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        pod.ip(&["-6", "route", "add", "default", "via", &format!("{net}1")]);
+        ip
     }
 }

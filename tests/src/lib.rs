@@ -24,7 +24,7 @@ pub mod pktgen;
 pub mod runtime;
 pub mod traffic;
 
-pub use baselines::{FlannelNode, bridge_pod};
+pub use baselines::{FlannelNode, FlannelNode6, bridge_pod};
 pub use cluster::{
     CLUSTER_CIDR, CLUSTER_CIDR6, Cluster, ClusterSpec, ForeignNode, NodeInfo, PodInfo,
     UNDERLAY_PREFIX, Underlay, UnderlayKind, cni_bin, run_cni_plugin, weft_bin,

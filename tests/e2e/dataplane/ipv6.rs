@@ -202,20 +202,16 @@ fn ipv6_through_tc_decap_as_before_linux_6_3() {
     }
 }
 
-/// A node set up as flannel's vxlan backend with `EnableIPv6` sets it up:
-/// `flannel.1` and `cni0` for IPv4 ([`weft_tests::FlannelNode`]), and
-/// `flannel-v6.1` (VXLAN over the IPv6 underlay, nolearning, MTU underlay −
-/// 70, UDP checksums as the kernel defaults them: sent, and required on
-/// receive) with the subnet's network address, `cni0` the IPv6 gateway;
-/// one dual-stack pod on `cni0`.
+/// A node set up as flannel's vxlan backend with `EnableIPv6` sets it up
+/// (`flannel.1` and `flannel-v6.1`, [`weft_tests::FlannelNode`] and
+/// [`weft_tests::FlannelNode6`]), one dual-stack pod on `cni0`.
 struct FlannelV6Node {
-    ns: Netns,
     pod: Netns,
     pod_ip6: std::net::Ipv6Addr,
     pod_ip: std::net::Ipv4Addr,
     ip6: std::net::Ipv6Addr,
     v4: weft_tests::FlannelNode,
-    vtep_mac6: String,
+    v6: weft_tests::FlannelNode6,
 }
 
 impl FlannelV6Node {
@@ -224,46 +220,7 @@ impl FlannelV6Node {
         let ip = c.underlay.plug(&ns, host);
         let ip6 = c.underlay.plug6(&ns, host);
         let v4 = weft_tests::FlannelNode::new(&ns, ip, host, 1, 8472);
-        ns.sysctl("net.ipv6.conf.all.forwarding", "1");
-        ns.ip(&[
-            "link",
-            "add",
-            "flannel-v6.1",
-            "type",
-            "vxlan",
-            "id",
-            "1",
-            "local",
-            &ip6.to_string(),
-            "dev",
-            "und0",
-            "dstport",
-            "8472",
-            "nolearning",
-        ]);
-        ns.sysctl("net.ipv6.conf.flannel-v6/1.disable_ipv6", "0");
-        ns.ip(&["link", "set", "flannel-v6.1", "mtu", "1430", "up"]);
-        let subnet = format!("2001:2:0:{host:x}::");
-        ns.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{subnet}/128"),
-            "dev",
-            "flannel-v6.1",
-            "nodad",
-        ]);
-        ns.sysctl("net.ipv6.conf.cni0.disable_ipv6", "0");
-        ns.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{subnet}1/64"),
-            "dev",
-            "cni0",
-            "nodad",
-        ]);
-        ns.ip(&["link", "set", "cni0", "mtu", "1430"]);
+        let v6 = weft_tests::FlannelNode6::new(&ns, ip6, host, 1, 8472);
         let pod_ip = std::net::Ipv4Addr::new(198, 19, host, 10);
         let pod = weft_tests::bridge_pod(
             lab,
@@ -274,92 +231,23 @@ impl FlannelV6Node {
             std::net::Ipv4Addr::new(198, 19, host, 1),
             1430,
         );
-        for dev in ["all", "default", "eth0", "lo"] {
-            pod.sysctl(&format!("net.ipv6.conf.{dev}.disable_ipv6"), "0");
-        }
-        let pod_ip6: std::net::Ipv6Addr = format!("{subnet}10").parse().unwrap();
-        pod.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{pod_ip6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ]);
-        pod.ip(&[
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("{subnet}1"),
-        ]);
-        let link = ns.ip(&["-o", "link", "show", "flannel-v6.1"]);
-        let vtep_mac6 = link
-            .split_whitespace()
-            .skip_while(|w| *w != "link/ether")
-            .nth(1)
-            .expect("flannel-v6.1 MAC")
-            .to_string();
+        let pod_ip6 = v6.pod_address(&pod, host, 0x10);
         Self {
-            ns,
             pod,
             pod_ip6,
             pod_ip,
             ip6,
             v4,
-            vtep_mac6,
+            v6,
         }
     }
 
-    /// What flanneld installs for a remote dual-stack node: for IPv4 as
-    /// [`weft_tests::FlannelNode::add_remote`]; for IPv6 an onlink route to
-    /// its IPv6 pod CIDR via the CIDR's network address, a permanent
-    /// neighbour for that address with its IPv6 VTEP MAC, and an FDB entry
-    /// sending that MAC to its IPv6 underlay address.
+    /// What flanneld installs for a remote dual-stack node, both families.
     fn add_remote(&self, n: &weft_tests::NodeInfo, vtep_mac: &str) {
         let subnet: u8 = n.pod_cidr.split('.').nth(2).unwrap().parse().unwrap();
         self.v4.add_remote(n.underlay_ip, subnet, vtep_mac);
-        let cidr6 = n.pod_cidr6.as_deref().expect("dual-stack node");
-        let net6 = cidr6.split('/').next().unwrap();
-        self.ns.ip(&[
-            "-6",
-            "neigh",
-            "replace",
-            net6,
-            "lladdr",
-            vtep_mac,
-            "dev",
-            "flannel-v6.1",
-            "nud",
-            "permanent",
-        ]);
-        weft_tests::sh(
-            "bridge",
-            &[
-                "-n",
-                &self.ns.name,
-                "fdb",
-                "append",
-                vtep_mac,
-                "dev",
-                "flannel-v6.1",
-                "dst",
-                &n.underlay_ip6.expect("IPv6 underlay").to_string(),
-            ],
-        );
-        self.ns.ip(&[
-            "-6",
-            "route",
-            "replace",
-            cidr6,
-            "via",
-            net6,
-            "dev",
-            "flannel-v6.1",
-            "onlink",
-        ]);
+        let ip6 = n.underlay_ip6.expect("IPv6 underlay");
+        self.v6.add_remote(ip6, subnet, vtep_mac);
     }
 }
 
@@ -385,7 +273,7 @@ fn ipv6_pods_over_the_ipv6_underlay_with_weft_and_flannel_v6_nodes() {
         pod_cidr: "198.19.3.0/24".into(),
         vtep_mac: fl.v4.vtep_mac.clone(),
         pod_cidr6: Some("2001:2:0:3::/64".into()),
-        underlay6: Some((fl.ip6, fl.vtep_mac6.clone())),
+        underlay6: Some((fl.ip6, fl.v6.vtep_mac.clone())),
     });
     c.launch(&mut lab);
     let mut servers = echo_servers(&c);
@@ -483,9 +371,9 @@ fn ipv6_pods_over_the_ipv6_underlay_with_weft_and_flannel_v6_nodes() {
         .map(|p| weft_agent::host::netdev::mac_to_string(p[70..76].try_into().unwrap()))
         .collect();
     assert!(
-        inner_macs.contains(&fl.vtep_mac6) && inner_macs.contains("0e:77:c6:12:00:02"),
+        inner_macs.contains(&fl.v6.vtep_mac) && inner_macs.contains("0e:77:c6:12:00:02"),
         "inner destinations: flannel-v6.1's {} and node-2's VTEP MAC; got {inner_macs:?}",
-        fl.vtep_mac6
+        fl.v6.vtep_mac
     );
     // weft status says which underlay each IPv6 pod CIDR takes.
     let rows = c.status(0)["nodes"].as_array().unwrap().clone();

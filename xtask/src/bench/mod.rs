@@ -51,8 +51,10 @@ pub const DIAGNOSTICS: &[(&str, &str)] = &[
 /// Modes run only when named with --modes: weft with XDP decap (needs
 /// `--underlay nic-like`: see [`UnderlayKind::NicLike`]); weft carrying the
 /// pods' IPv6 (dual-stack, IPv6 inside the same IPv4 tunnel), measured
-/// between the pods' IPv6 addresses.
-pub const EXTRA_MODES: &[&str] = &["weft-xdp", "weft-ipv6"];
+/// between the pods' IPv6 addresses; the same over an IPv6 underlay
+/// (`weft-ipv6u`); and its baseline, kernel VXLAN over IPv6 as flannel's
+/// `flannel-v6.1` (`kernel-vxlan6`).
+pub const EXTRA_MODES: &[&str] = &["weft-xdp", "weft-ipv6", "weft-ipv6u", "kernel-vxlan6"];
 /// The targets that are ratios: (baseline, figure, weft / baseline
 /// at least, name). The bench prints each against the run and marks it on
 /// the chart.
@@ -303,9 +305,26 @@ pub fn run(o: &Opts) -> Result<Value> {
             ratios.insert(format!("weft/{base}"), Value::Object(r));
         }
     }
+    // IPv6 pods, over either underlay, against flannel's IPv6 (kernel VXLAN
+    // over IPv6) in the same run.
+    for variant in ["weft-ipv6", "weft-ipv6u"] {
+        let base = "kernel-vxlan6";
+        if !(modes.contains_key(base) && modes.contains_key(variant)) {
+            continue;
+        }
+        let r: serde_json::Map<String, Value> = FIGURES
+            .iter()
+            .filter_map(|(f, _, _)| {
+                let w = modes[variant][f]["median"].as_f64()?;
+                let b = modes[base][f]["median"].as_f64().filter(|b| *b != 0.0)?;
+                Some((f.to_string(), json!(w / b)))
+            })
+            .collect();
+        ratios.insert(format!("{variant}/{base}"), Value::Object(r));
+    }
     // The same dataplane with a large cluster's state (how flat it stays),
     // and carrying IPv6 pods: each against weft in the same run.
-    for variant in ["weft-scale", "weft-ipv6"] {
+    for variant in ["weft-scale", "weft-ipv6", "weft-ipv6u"] {
         if !(modes.contains_key("weft") && modes.contains_key(variant)) {
             continue;
         }

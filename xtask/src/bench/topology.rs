@@ -11,8 +11,8 @@ use std::{
 
 use anyhow::{Result, bail};
 use weft_tests::{
-    Cluster, ClusterSpec, FlannelNode, ForeignNode, Lab, Netns, Underlay, UnderlayKind, bridge_pod,
-    wait_for,
+    Cluster, ClusterSpec, FlannelNode, FlannelNode6, ForeignNode, Lab, Netns, Underlay,
+    UnderlayKind, bridge_pod, wait_for,
 };
 
 use super::measure::on_cpu;
@@ -55,10 +55,11 @@ fn pods_on_cni0(lab: &mut Lab, a: &Netns, b: &Netns, mtu: u32) -> Path2 {
 
 pub(super) fn build(mode: &str, lab: &mut Lab, xtask: &Path, kind: UnderlayKind) -> Result<Path2> {
     Ok(match mode {
-        "weft" | "weft-xdp" | "weft-ipv6" => {
+        "weft" | "weft-xdp" | "weft-ipv6" | "weft-ipv6u" => {
             // `weft` runs the agent's defaults (`--decap auto`: TC on a veth
             // underlay); `weft-xdp` forces XDP decap; `weft-ipv6` is
-            // dual-stack and measured over the pods' IPv6 addresses.
+            // dual-stack and measured over the pods' IPv6 addresses;
+            // `weft-ipv6u` too, its nodes with IPv6 underlay addresses.
             let mut spec = ClusterSpec {
                 underlay: kind,
                 ..ClusterSpec::pair()
@@ -68,6 +69,9 @@ pub(super) fn build(mode: &str, lab: &mut Lab, xtask: &Path, kind: UnderlayKind)
             }
             if mode == "weft-ipv6" {
                 spec = spec.dual_stack();
+            }
+            if mode == "weft-ipv6u" {
+                spec = spec.underlay6();
             }
             let c = Cluster::start(lab, spec);
             let server = &c.pods[1];
@@ -115,6 +119,22 @@ pub(super) fn build(mode: &str, lab: &mut Lab, xtask: &Path, kind: UnderlayKind)
             fa.add_remote(Ipv4Addr::new(198, 18, 0, 2), 2, &fb.vtep_mac);
             fb.add_remote(Ipv4Addr::new(198, 18, 0, 1), 1, &fa.vtep_mac);
             pods_on_cni0(lab, &a, &b, 1450)
+        }
+        "kernel-vxlan6" => {
+            // flannel with EnableIPv6: flannel-v6.1 over the IPv6 underlay
+            // (flannel.1 beside it, as flanneld makes both).
+            let (u, a, b) = two_nodes(lab, kind);
+            let (a6, b6) = (u.plug6(&a, 1), u.plug6(&b, 2));
+            let _fa = FlannelNode::new(&a, Ipv4Addr::new(198, 18, 0, 1), 1, 1, 8472);
+            let _fb = FlannelNode::new(&b, Ipv4Addr::new(198, 18, 0, 2), 2, 1, 8472);
+            let fa = FlannelNode6::new(&a, a6, 1, 1, 8472);
+            let fb = FlannelNode6::new(&b, b6, 2, 1, 8472);
+            fa.add_remote(b6, 2, &fb.vtep_mac);
+            fb.add_remote(a6, 1, &fa.vtep_mac);
+            let mut path = pods_on_cni0(lab, &a, &b, 1430);
+            fa.pod_address(&path.client, 1, 0x10);
+            path.server_ip = fb.pod_address(&path.server, 2, 0x10).into();
+            path
         }
         "udp-userspace" | "host-gw" => {
             let (_u, a, b) = two_nodes(lab, kind);
