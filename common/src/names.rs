@@ -70,3 +70,5 @@ pub const GLOBAL_LOCAL_IP6: &str = "WEFT_LOCAL_IP6";
 /// Load-time global: ifindex of the VXLAN device that sends over the IPv6
 /// underlay (host order; 0: none).
 pub const GLOBAL_TUNNEL6_IFINDEX: &str = "WEFT_TUNNEL6_IF";
+/// Load-time global: the pods' MTU on this node (host order; 0: unchecked).
+pub const GLOBAL_POD_MTU: &str = "WEFT_POD_MTU";

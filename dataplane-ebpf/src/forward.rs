@@ -13,7 +13,10 @@ use weft_common::{DropReason, Endpoint, FwdReason};
 use crate::{
     csum, encap, flows,
     maps::{self, count_fwd},
-    parse::{ipv6_link_scoped, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_HLEN, ETH_P_IP, ETH_P_IPV6},
+    parse::{
+        ipv6_link_scoped, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_HLEN, ETH_P_IP, ETH_P_IPV6,
+        IPPROTO_TCP, IPV6_HLEN,
+    },
     verdict::{Verdict, TC_ACT_UNSPEC},
 };
 
@@ -194,6 +197,12 @@ fn forward_v6(ctx: &TcContext, origin: Origin, eth: *mut EthHdr) -> Verdict<i32>
     if maps::is_own(&remote) {
         return not_ours(origin);
     }
+    if origin == Origin::Pod && too_big6(ctx, &hdr) {
+        // The stack answers with ICMPv6 packet too big (its route to the
+        // cluster, on weft0, has the node's pod MTU): the pod learns the
+        // path MTU instead of losing the packet to the tunnel.
+        return Ok(to_stack());
+    }
     // SAFETY: header bounds checked above.
     unsafe { (*ip).hop_limit = hdr.hop_limit - 1 };
     if remote.over_underlay6() {
@@ -331,6 +340,35 @@ fn its_pod6(ctx: &TcContext, src: &[u8; 16]) -> Option<Endpoint> {
     // SAFETY: ctx.skb.skb points at the program's __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     maps::endpoint6(src).filter(|ep| ep.ifindex == ifindex)
+}
+
+/// Whether the IPv6 packet in `ctx` (a GSO packet: each of its segments)
+/// is larger than this node's pod MTU, which its tunnel carries. A pod's
+/// MTU can be larger: one created before the node's MTU shrank (an IPv6
+/// underlay turned on takes 20 bytes more), or set by hand; IPv6 is never
+/// fragmented on the way, so the sender must be told.
+#[inline(always)]
+fn too_big6(ctx: &TcContext, hdr: &Ipv6Hdr) -> bool {
+    let mtu = maps::pod_mtu();
+    if mtu == 0 {
+        return false;
+    }
+    // SAFETY: ctx.skb.skb points at the program's __sk_buff.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if gso_size == 0 {
+        return ctx.len().saturating_sub(ETH_HLEN as u32) > mtu;
+    }
+    // A segment: the IPv6 header, the L4 header (TCP's with its options),
+    // gso_size bytes of payload.
+    let l4 = match hdr.next_hdr {
+        IPPROTO_TCP => match ptr_at::<[u8; 13]>(ctx.data(), ctx.data_end(), ETH_HLEN + IPV6_HLEN) {
+            // SAFETY: ptr_at checked bounds.
+            Ok(tcp) => u32::from(unsafe { (*tcp)[12] } >> 4) * 4,
+            Err(_) => 20,
+        },
+        _ => 8,
+    };
+    IPV6_HLEN as u32 + l4 + gso_size > mtu
 }
 
 /// A packet from a pod that must take the node's stack (flows.rs, or

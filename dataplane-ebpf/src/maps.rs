@@ -195,6 +195,12 @@ global!(
 );
 
 global!(
+    /// The pods' MTU on this node (0: not checked): larger IPv6 packets
+    /// from a pod take the stack, which answers with packet too big.
+    WEFT_POD_MTU: u32 = 0, pod_mtu
+);
+
+global!(
     /// How TC decap retypes a stripped IPv6 frame (decap.rs): one of the
     /// `RETYPE_*` below, which the agent picks from the kernel version.
     WEFT_DECAP_RETYPE: u8 = RETYPE_FLAG, decap_retype

@@ -109,6 +109,7 @@ impl Fixture {
             cluster_cidr6: Some(CLUSTER6.parse().unwrap()),
             // No tunnel device: these tests take VXLAN over IPv6 in only.
             underlay6: Some((ipv6::LOCAL6, 0)),
+            pod_mtu: 1450,
             bpf_log_level: 0,
         };
         let dp = Dataplane::load(&globals, &pins).expect("load dataplane");

@@ -173,6 +173,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         cluster_cidr: cfg.cluster_cidr,
         cluster_cidr6: cfg.cluster_cidr6,
         underlay6,
+        pod_mtu,
         bpf_log_level: if cfg.bpf_debug_log {
             aya_log::Level::Debug as u8
         } else {

@@ -151,6 +151,9 @@ pub struct Globals {
     /// device that sends over it (`weft_gro`), when IPv6 pods' VXLAN goes
     /// over IPv6 (`None`: over the IPv4 underlay only).
     pub underlay6: Option<(std::net::Ipv6Addr, u32)>,
+    /// The pods' MTU on this node: an IPv6 packet from a pod larger than
+    /// it takes the stack, which answers packet too big (0: unchecked).
+    pub pod_mtu: u32,
     /// aya-log level compiled into the programs at load (0 = off; 4 = debug).
     /// A load-time constant: the verifier prunes log calls above it.
     pub bpf_log_level: u8,
@@ -262,6 +265,7 @@ impl Dataplane {
             .override_global(names::GLOBAL_DECAP_RETYPE, &decap_retype, true)
             .override_global(names::GLOBAL_LOCAL_IP6, &local_ip6, true)
             .override_global(names::GLOBAL_TUNNEL6_IFINDEX, &tunnel6_ifindex, true)
+            .override_global(names::GLOBAL_POD_MTU, &globals.pod_mtu, true)
             .override_global(aya_log::LEVEL, &globals.bpf_log_level, false);
         let mut ebpf = loader.load(OBJECT)?;
         for name in [

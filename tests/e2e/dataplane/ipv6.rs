@@ -392,3 +392,93 @@ fn ipv6_pods_over_the_ipv6_underlay_with_weft_and_flannel_v6_nodes() {
     assert_eq!(fl_row4["underlay"], "ipv4", "{fl_row4}");
     assert_pair_dropped_nothing(&c);
 }
+
+/// Gives pod `p` (its eth0 and its host-side veth) MTU `mtu`: a pod made
+/// before its node's MTU shrank, or set by hand.
+fn set_pod_mtu(c: &Cluster, p: &weft_tests::PodInfo, mtu: u32) {
+    let mtu = mtu.to_string();
+    p.ns.ip(&["link", "set", "eth0", "mtu", &mtu]);
+    let status = c.status(p.node);
+    let ip = p.ip.to_string();
+    let ifindex = status["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["ip"] == ip.as_str())
+        .and_then(|e| e["ifindex"].as_u64())
+        .expect("the pod's endpoint");
+    let links = c.nodes[p.node].ns.ip(&["-o", "link"]);
+    let name = links
+        .lines()
+        .find_map(|l| {
+            let (index, rest) = l.split_once(": ")?;
+            (index == ifindex.to_string())
+                .then(|| rest.split(['@', ':']).next().unwrap().to_string())
+        })
+        .expect("the pod's host-side veth");
+    c.nodes[p.node].ns.ip(&["link", "set", &name, "mtu", &mtu]);
+}
+
+#[test]
+fn ipv6_pods_above_the_node_mtu_are_told_packet_too_big() {
+    if !privileged("ipv6_pods_above_the_node_mtu_are_told_packet_too_big") {
+        return;
+    }
+    // Over the IPv4 underlay (pod MTU 1450) and over an IPv6 one (1430).
+    for (name, spec, node_mtu) in [
+        ("mt4", ClusterSpec::pair().dual_stack(), 1450u32),
+        ("mt6", ClusterSpec::pair().underlay6(), 1430),
+    ] {
+        let mut lab = Lab::new(name);
+        let c = Cluster::start(&mut lab, spec);
+        let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
+        let link = a.ns.ip(&["link", "show", "eth0"]);
+        assert!(link.contains(&format!("mtu {node_mtu}")), "{name}: {link}");
+        // Pod a thinks its link takes 1500 bytes.
+        set_pod_mtu(&c, &a, 1500);
+        let b6 = b.ip6.unwrap().to_string();
+        let ping = |size: u32| {
+            let out = a.ns.try_sh(
+                "ping",
+                &[
+                    "-M",
+                    "do",
+                    "-s",
+                    &size.to_string(),
+                    "-c",
+                    "2",
+                    "-i",
+                    "0.3",
+                    "-W",
+                    "1",
+                    &b6,
+                ],
+            );
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        };
+        // A packet of 1500 bytes (1452 of payload, 48 of headers) is answered
+        // with packet too big at the node's MTU, not lost.
+        let said = ping(1500 - 48);
+        assert!(
+            said.contains(&format!("mtu={node_mtu}"))
+                || said.contains(&format!("mtu = {node_mtu}")),
+            "{name}: the pod is told the path MTU {node_mtu}: {said}"
+        );
+        // The largest that fits goes through.
+        let said = ping(node_mtu - 48);
+        assert!(said.contains(" 0% packet loss"), "{name}: {said}");
+        // TCP from the pod with the large MTU learns the path MTU and
+        // moves its bytes intact, both ways.
+        bulk_tcp_intact(&b.ns, b.ip6.unwrap(), 7001, &a.ns, 8 << 20).expect("8 MiB, a → b");
+        bulk_tcp_intact(&a.ns, a.ip6.unwrap(), 7001, &b.ns, 8 << 20).expect("8 MiB, b → a");
+        assert!(
+            c.counter(0, "to_stack") > 0,
+            "{name}: the too-big packets took the stack"
+        );
+        assert_pair_dropped_nothing(&c);
+    }
+}

@@ -113,6 +113,31 @@ fn tc_encap_and_local_cases_ipv6() {
         &[(FwdReason::Encap, 1)],
     );
 
+    // Pod → remote pod, one byte above the node's pod MTU (1450 here):
+    // to the stack unchanged, which answers packet too big; at the MTU it
+    // is encapsulated.
+    for (size, action, counted) in [
+        (1451, TC_ACT_UNSPEC, FwdReason::ToStack),
+        (1450, TC_ACT_REDIRECT, FwdReason::Encap),
+    ] {
+        let sent = Ipv6::new(POD6, REMOTE_POD6, 0).echo(9, 4, &vec![0xcd; size - 48]);
+        assert_eq!(sent.len(), size);
+        let frame = from_pod(&sent);
+        let before = fx.counters();
+        let (got, out) = fx.tc(&frame);
+        assert_eq!(got, action, "{size} bytes: {:?}", fx.counters().drops);
+        if action == TC_ACT_UNSPEC {
+            assert_eq!(out, frame, "{size} bytes: untouched");
+        }
+        assert_deltas(
+            &format!("{size} bytes"),
+            &before,
+            &fx.counters(),
+            &[],
+            &[(counted, 1)],
+        );
+    }
+
     // Pod → pod on this node: MACs rewritten, hop limit lowered.
     let sent = Ipv6::new(POD6_NO_XDP, POD6, 17).build(&pktgen::udp(1000, 2000, b"hi"));
     let before = fx.counters();
