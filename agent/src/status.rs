@@ -139,13 +139,22 @@ fn family(v6: bool) -> &'static str {
 
 /// Counters as two readable lines.
 pub fn format_counters(c: &Counters) -> String {
-    let f = |v: &[(String, u64)]| {
+    // `name=total`, and `(ipv6 N)` where IPv6 has a share.
+    let f = |v: &[(String, u64)], v6: &[(String, u64)]| {
         v.iter()
-            .map(|(n, x)| format!("{n}={x}"))
+            .zip(v6)
+            .map(|((n, x), (_, six))| match six {
+                0 => format!("{n}={x}"),
+                six => format!("{n}={x} (ipv6 {six})"),
+            })
             .collect::<Vec<_>>()
             .join(" ")
     };
-    format!("forwarded: {}\ndropped:   {}", f(&c.forwards), f(&c.drops))
+    format!(
+        "forwarded: {}\ndropped:   {}",
+        f(&c.forwards, &c.forwards_ipv6),
+        f(&c.drops, &c.drops_ipv6)
+    )
 }
 
 /// The whole status, for a person.

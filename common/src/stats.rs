@@ -20,9 +20,20 @@ macro_rules! counter_enum {
                 match self { $($name::$variant => $label,)* }
             }
 
-            /// Index into the per-CPU array.
+            /// Index into the per-CPU array of the IPv4 counters; the IPv6
+            /// ones follow them ([`Self::slot`]).
             pub const fn index(self) -> u32 {
                 self as u32
+            }
+
+            /// Slots in the per-CPU array: each reason once per family.
+            pub const SLOTS: u32 = Self::COUNT * 2;
+
+            /// The slot of this reason for a packet of the family: IPv4
+            /// (and frames of neither family) first, then IPv6.
+            #[inline(always)]
+            pub const fn slot(self, v6: bool) -> u32 {
+                self as u32 + if v6 { Self::COUNT } else { 0 }
             }
         }
     };

@@ -39,8 +39,8 @@ use crate::{
     flows,
     maps::{self, count_fwd},
     parse::{
-        ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, UdpHdr, VxlanHdr, ETH_HLEN, ETH_P_IP, ETH_P_IPV6,
-        IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, UDP_HLEN, VXLAN_FLAG_I,
+        ptr_at, says_ipv6, EthHdr, Ipv4Hdr, Ipv6Hdr, UdpHdr, VxlanHdr, ETH_HLEN, ETH_P_IP,
+        ETH_P_IPV6, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, UDP_HLEN, VXLAN_FLAG_I,
     },
     verdict::{Verdict, TC_ACT_UNSPEC},
 };
@@ -80,6 +80,12 @@ impl InnerIp {
             InnerIp::V4(ip) => flows::must_take_stack(start, end, ip_off, ip),
             InnerIp::V6(ip) => flows::must_take_stack6(start, end, ip_off, ip),
         }
+    }
+
+    /// Whether the inner packet is IPv6 (its counters' family).
+    #[inline(always)]
+    fn is_v6(&self) -> bool {
+        matches!(self, InnerIp::V6(_))
     }
 
     /// Header bytes up to the L4 header (IPv6 extension headers not
@@ -249,7 +255,10 @@ fn passed(to_stack: bool) -> FwdReason {
 pub fn xdp(ctx: &XdpContext) -> Verdict<u32> {
     let (inner_off, inner_ip, ep) = match classify(ctx.data(), ctx.data_end()) {
         Vxlan::NotOurs => {
-            count_fwd(FwdReason::Passthrough);
+            count_fwd(
+                FwdReason::Passthrough,
+                says_ipv6(ctx.data(), ctx.data_end()),
+            );
             return Ok(XDP_PASS);
         }
         Vxlan::Drop(reason) => return Err(reason),
@@ -285,14 +294,14 @@ pub fn xdp(ctx: &XdpContext) -> Verdict<u32> {
                 (*eth).dst = pod_mac;
                 (*eth).src = host_mac;
             }
-            count_fwd(FwdReason::DecapRedirect);
+            count_fwd(FwdReason::DecapRedirect, inner_ip.is_v6());
             // SAFETY: plain helper call.
             Ok(unsafe { bpf_redirect(ifindex, 0) } as u32)
         }
         _ => {
             // SAFETY: bounds checked just above.
             unsafe { (*eth).dst = maps::underlay_mac() };
-            count_fwd(passed(to_stack));
+            count_fwd(passed(to_stack), inner_ip.is_v6());
             Ok(XDP_PASS)
         }
     }
@@ -338,12 +347,18 @@ pub fn tc(ctx: &TcContext) -> Verdict<i32> {
     };
     if !linear_ok {
         // Out of memory: leave the packet to the stack, as anything not ours.
-        count_fwd(FwdReason::Passthrough);
+        count_fwd(
+            FwdReason::Passthrough,
+            says_ipv6(ctx.data(), ctx.data_end()),
+        );
         return Ok(TC_ACT_UNSPEC);
     }
     let (inner_off, inner_ip, ep, outer_v6) = match classify(ctx.data(), ctx.data_end()) {
         Vxlan::NotOurs => {
-            count_fwd(FwdReason::Passthrough);
+            count_fwd(
+                FwdReason::Passthrough,
+                says_ipv6(ctx.data(), ctx.data_end()),
+            );
             return Ok(TC_ACT_UNSPEC);
         }
         Vxlan::Drop(reason) => return Err(reason),
@@ -399,7 +414,7 @@ pub fn tc(ctx: &TcContext) -> Verdict<i32> {
                 (*eth).dst = ep.pod_mac;
                 (*eth).src = ep.host_mac;
             }
-            count_fwd(FwdReason::DecapPeer);
+            count_fwd(FwdReason::DecapPeer, inner_ip.is_v6());
             if stale_proto && way == maps::RETYPE_VIA_EGRESS {
                 // Through the veth (Linux 5.15: the way below fails there);
                 // weft_to_pod takes it for the stack's delivery, so the
@@ -421,7 +436,7 @@ pub fn tc(ctx: &TcContext) -> Verdict<i32> {
         _ => {
             // SAFETY: as above.
             unsafe { (*eth).dst = maps::underlay_mac() };
-            count_fwd(passed(to_stack));
+            count_fwd(passed(to_stack), inner_ip.is_v6());
             if stale_proto {
                 return Ok(deliver_retyped(
                     maps::underlay_ifindex(),

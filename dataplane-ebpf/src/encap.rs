@@ -43,7 +43,7 @@ use weft_common::{DropReason, FwdReason, RemoteNode, VXLAN_ENCAP_LEN};
 use crate::{
     csum,
     maps::{self, count_fwd},
-    parse::{ETH_HLEN, IPPROTO_UDP, VXLAN_FLAG_I},
+    parse::{ETH_HLEN, ETH_P_IPV6, IPPROTO_UDP, VXLAN_FLAG_I},
     verdict::Verdict,
     zeroed::Zeroed,
 };
@@ -149,11 +149,11 @@ pub fn encap_and_redirect(
     }
 
     if resolved {
-        count_fwd(FwdReason::Encap);
+        count_fwd(FwdReason::Encap, inner_proto == ETH_P_IPV6);
         // SAFETY: plain helper call.
         Ok(unsafe { bpf_redirect(fib.ifindex, 0) as i32 })
     } else {
-        count_fwd(FwdReason::EncapNeigh);
+        count_fwd(FwdReason::EncapNeigh, inner_proto == ETH_P_IPV6);
         // SAFETY: NULL params: the helper does its own FIB lookup on the
         // (outer) network header and resolves the neighbour.
         Ok(unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) as i32 })
@@ -207,7 +207,7 @@ pub fn over_underlay6(ctx: &TcContext, remote: &RemoteNode) -> Verdict<i32> {
     if set(size_of::<TunnelKey>() as u32) != 0 && set(TUNNEL_KEY_NO_LOCAL) != 0 {
         return Err(DropReason::HelperFailed);
     }
-    count_fwd(FwdReason::Encap);
+    count_fwd(FwdReason::Encap, true);
     // SAFETY: plain helper call.
     Ok(unsafe { bpf_redirect(ifindex, 0) as i32 })
 }

@@ -44,7 +44,7 @@ pub fn forward(ctx: &TcContext, origin: Origin) -> Verdict<i32> {
     match unsafe { (*eth).proto } {
         ETH_P_IP => forward_v4(ctx, origin, eth),
         ETH_P_IPV6 => forward_v6(ctx, origin, eth),
-        _ => not_ours(origin),
+        _ => not_ours(origin, false),
     }
 }
 
@@ -79,22 +79,22 @@ fn forward_v4(ctx: &TcContext, origin: Origin, eth: *mut EthHdr) -> Verdict<i32>
         match its_pod(ctx, hdr.src) {
             None => return Err(DropReason::SpoofedSource),
             // Its veth is shaped: the qdisc and filters there must see it.
-            Some(ep) if ep.shaped() => return Ok(to_stack()),
+            Some(ep) if ep.shaped() => return Ok(to_stack(false)),
             Some(_) => {}
         }
     }
     if !maps::in_cluster(hdr.dst) {
-        return not_ours(origin);
+        return not_ours(origin, false);
     }
     if hdr.ttl <= 1 {
         // From a pod, the stack answers with ICMP time exceeded.
-        return not_ours(origin);
+        return not_ours(origin, false);
     }
     match origin {
         // Replies of flows the stack forwarded (it may have NATed them) go
         // back through it, as do fragments and ICMP errors (flows.rs).
         Origin::Pod if flows::must_take_stack(start, end, ETH_HLEN, &hdr) => {
-            return Ok(to_stack());
+            return Ok(to_stack(false));
         }
         // The stack forwarded this from a pod: its replies must return the
         // same way (a shaped pod's take the stack anyway: not recorded, so
@@ -108,14 +108,14 @@ fn forward_v4(ctx: &TcContext, origin: Origin, eth: *mut EthHdr) -> Verdict<i32>
         // on its veth. From weft0 the redirect below is to the veth's egress,
         // which passes the qdisc anyway.
         if ep.shaped() && origin == Origin::Pod {
-            return Ok(to_stack());
+            return Ok(to_stack(false));
         }
         // SAFETY: header bounds checked above; TC makes the data writable.
         unsafe {
             (*ip).ttl = hdr.ttl - 1;
             (*ip).check = csum::after_ttl_decrement(hdr.check);
         }
-        return Ok(deliver_local(eth, &ep, origin));
+        return Ok(deliver_local(eth, &ep, origin, false));
     }
 
     let Some(remote) = maps::remote(hdr.dst) else {
@@ -125,7 +125,7 @@ fn forward_v4(ctx: &TcContext, origin: Origin, eth: *mut EthHdr) -> Verdict<i32>
     if maps::is_own(&remote) {
         // Our own pod CIDR but no endpoint: the gateway address or a pod that
         // is gone; the stack answers (or sends ICMP unreachable).
-        return not_ours(origin);
+        return not_ours(origin, false);
     }
     // SAFETY: header bounds checked above.
     unsafe {
@@ -152,28 +152,28 @@ fn forward_v6(ctx: &TcContext, origin: Origin, eth: *mut EthHdr) -> Verdict<i32>
         // Also on weft0, whose own link-local chatter (MLD reports, router
         // solicitations) goes on to its peer, a dead end, uncounted as a
         // drop: it is the node's, not a packet weft failed to route.
-        count_fwd(FwdReason::Passthrough);
+        count_fwd(FwdReason::Passthrough, true);
         return Ok(TC_ACT_UNSPEC);
     }
     if origin == Origin::Pod {
         match its_pod6(ctx, &hdr.src) {
             None => return Err(DropReason::SpoofedSource),
-            Some(ep) if ep.shaped() => return Ok(to_stack()),
+            Some(ep) if ep.shaped() => return Ok(to_stack(true)),
             Some(_) => {}
         }
     }
     if !maps::in_cluster6(&hdr.dst) {
-        return not_ours(origin);
+        return not_ours(origin, true);
     }
     if hdr.hop_limit <= 1 {
         // From a pod, the stack answers with ICMPv6 time exceeded.
-        return not_ours(origin);
+        return not_ours(origin, true);
     }
     match origin {
         // As for IPv4: replies of flows the stack forwarded, fragments and
         // ICMPv6 errors take the stack.
         Origin::Pod if flows::must_take_stack6(start, end, ETH_HLEN, &hdr) => {
-            return Ok(to_stack());
+            return Ok(to_stack(true));
         }
         Origin::Host if is_unshaped_pod6(&hdr.src) => {
             flows::record_reply6(start, end, ETH_HLEN, &hdr)
@@ -183,11 +183,11 @@ fn forward_v6(ctx: &TcContext, origin: Origin, eth: *mut EthHdr) -> Verdict<i32>
 
     if let Some(ep) = maps::endpoint6(&hdr.dst) {
         if ep.shaped() && origin == Origin::Pod {
-            return Ok(to_stack());
+            return Ok(to_stack(true));
         }
         // SAFETY: header bounds checked above; TC makes the data writable.
         unsafe { (*ip).hop_limit = hdr.hop_limit - 1 };
-        return Ok(deliver_local(eth, &ep, origin));
+        return Ok(deliver_local(eth, &ep, origin, true));
     }
 
     let Some(remote) = maps::remote6(&hdr.dst) else {
@@ -195,13 +195,13 @@ fn forward_v6(ctx: &TcContext, origin: Origin, eth: *mut EthHdr) -> Verdict<i32>
     };
     let remote = *remote;
     if maps::is_own(&remote) {
-        return not_ours(origin);
+        return not_ours(origin, true);
     }
     if origin == Origin::Pod && too_big6(ctx, &hdr) {
         // The stack answers with ICMPv6 packet too big (its route to the
         // cluster, on weft0, has the node's pod MTU): the pod learns the
         // path MTU instead of losing the packet to the tunnel.
-        return Ok(to_stack());
+        return Ok(to_stack(true));
     }
     // SAFETY: header bounds checked above.
     unsafe { (*ip).hop_limit = hdr.hop_limit - 1 };
@@ -215,14 +215,14 @@ fn forward_v6(ctx: &TcContext, origin: Origin, eth: *mut EthHdr) -> Verdict<i32>
 /// this node: MACs rewritten, then into the pod (`bpf_redirect_peer`, from
 /// a pod's veth ingress) or to its veth's egress (from weft0).
 #[inline(always)]
-fn deliver_local(eth: *mut EthHdr, ep: &Endpoint, origin: Origin) -> i32 {
+fn deliver_local(eth: *mut EthHdr, ep: &Endpoint, origin: Origin, v6: bool) -> i32 {
     // SAFETY: the caller checked the Ethernet header lies in the packet;
     // TC makes the data writable.
     unsafe {
         (*eth).dst = ep.pod_mac;
         (*eth).src = ep.host_mac;
     }
-    count_fwd(FwdReason::Local);
+    count_fwd(FwdReason::Local, v6);
     // SAFETY: plain helper calls.
     let action = unsafe {
         match origin {
@@ -374,8 +374,8 @@ fn too_big6(ctx: &TcContext, hdr: &Ipv6Hdr) -> bool {
 /// A packet from a pod that must take the node's stack (flows.rs, or
 /// a shaped veth), counted as such.
 #[inline(always)]
-fn to_stack() -> i32 {
-    count_fwd(FwdReason::ToStack);
+fn to_stack(v6: bool) -> i32 {
+    count_fwd(FwdReason::ToStack, v6);
     TC_ACT_UNSPEC
 }
 
@@ -383,10 +383,10 @@ fn to_stack() -> i32 {
 /// unchanged; on `weft0` there is nowhere else for it to go (the veth peer is
 /// a dead end), so it is dropped and counted.
 #[inline(always)]
-fn not_ours(origin: Origin) -> Verdict<i32> {
+fn not_ours(origin: Origin, v6: bool) -> Verdict<i32> {
     match origin {
         Origin::Pod => {
-            count_fwd(FwdReason::Passthrough);
+            count_fwd(FwdReason::Passthrough, v6);
             Ok(TC_ACT_UNSPEC)
         }
         Origin::Host => Err(DropReason::NoRoute),

@@ -38,13 +38,13 @@ static WEFT_NODES: HashMap<u32, Vtep> = HashMap::pinned(65536, 0);
 #[map]
 static WEFT_NODES6: HashMap<Ipv6Key, Vtep> = HashMap::pinned(65536, 0);
 
-/// Drops per [`DropReason`], per CPU.
+/// Drops per [`DropReason`] and family ([`DropReason::slot`]), per CPU.
 #[map]
-static WEFT_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT, 0);
+static WEFT_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::SLOTS, 0);
 
-/// Forwarding decisions per [`FwdReason`], per CPU.
+/// Forwarding decisions per [`FwdReason`] and family, per CPU.
 #[map]
-static WEFT_FWDS: PerCpuArray<u64> = PerCpuArray::pinned(FwdReason::COUNT, 0);
+static WEFT_FWDS: PerCpuArray<u64> = PerCpuArray::pinned(FwdReason::SLOTS, 0);
 
 #[inline(always)]
 pub fn remote(dst: [u8; 4]) -> Option<&'static RemoteNode> {
@@ -109,16 +109,17 @@ fn bump(map: &PerCpuArray<u64>, index: u32) {
     }
 }
 
-/// Counts one dropped packet under `reason`.
+/// Counts one dropped packet under `reason`, IPv6 (`v6`) or not.
 #[inline(always)]
-pub fn count_drop(reason: DropReason) {
-    bump(&WEFT_DROPS, reason.index());
+pub fn count_drop(reason: DropReason, v6: bool) {
+    bump(&WEFT_DROPS, reason.slot(v6));
 }
 
-/// Counts one forwarded packet under `reason`.
+/// Counts one forwarded packet under `reason`, IPv6 (`v6`) or not: the
+/// pod's packet (the inner one of VXLAN), frames of neither family as IPv4.
 #[inline(always)]
-pub fn count_fwd(reason: FwdReason) {
-    bump(&WEFT_FWDS, reason.index());
+pub fn count_fwd(reason: FwdReason, v6: bool) {
+    bump(&WEFT_FWDS, reason.slot(v6));
 }
 
 /// A bit of skb->mark that the TC decap sets on a frame it sends through a

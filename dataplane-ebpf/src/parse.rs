@@ -97,6 +97,14 @@ pub fn ipv6_link_scoped(a: &[u8; 16]) -> bool {
     }
 }
 
+/// Whether the Ethernet frame in `[start, end)` says IPv6 (its EtherType):
+/// the family counters file a frame under when nothing more is known.
+#[inline(always)]
+pub fn says_ipv6(start: usize, end: usize) -> bool {
+    // SAFETY: ptr_at checked bounds.
+    ptr_at::<[u8; 2]>(start, end, 12).is_ok_and(|p| unsafe { *p } == ETH_P_IPV6)
+}
+
 /// An IPv6 address as two `u64`s (in memory order): compared and masked in
 /// two steps rather than sixteen.
 #[inline(always)]

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use weft_common::DropReason;
 
-use crate::maps::count_drop;
+use crate::{maps::count_drop, parse::says_ipv6};
 
 /// TC verdicts (linux/pkt_cls.h). Defined here as `i32` because the
 /// bindings' type differs between the BPF target and the host.
@@ -35,7 +35,9 @@ pub fn tc(ctx: &TcContext, v: Verdict<i32>) -> i32 {
     match v {
         Ok(action) => action,
         Err(reason) => {
-            count_drop(reason);
+            // The frame's family (for the underlay's programs, the outer
+            // frame's: VXLAN dropped before it is opened).
+            count_drop(reason, says_ipv6(ctx.data(), ctx.data_end()));
             debug!(ctx, "weft tc: drop {}", reason.name());
             TC_ACT_SHOT
         }
@@ -48,7 +50,9 @@ pub fn xdp(ctx: &XdpContext, v: Verdict<u32>) -> u32 {
     match v {
         Ok(action) => action,
         Err(reason) => {
-            count_drop(reason);
+            // The frame's family (for the underlay's programs, the outer
+            // frame's: VXLAN dropped before it is opened).
+            count_drop(reason, says_ipv6(ctx.data(), ctx.data_end()));
             debug!(ctx, "weft xdp: drop {}", reason.name());
             XDP_DROP
         }

@@ -358,8 +358,9 @@ fn config_file_metrics_readiness_and_down() {
     let (code, metrics) = http_get(&n.ns, addr, "/metrics").unwrap();
     assert_eq!(code, 200);
     for needle in [
-        "weft_forwarded_packets_total{reason=\"passthrough\"}",
-        "weft_dropped_packets_total{reason=\"unknown_vtep\"} 0",
+        "weft_forwarded_packets_total{reason=\"passthrough\",family=\"ipv4\"}",
+        "weft_forwarded_packets_total{reason=\"passthrough\",family=\"ipv6\"}",
+        "weft_dropped_packets_total{reason=\"unknown_vtep\",family=\"ipv4\"} 0",
         "weft_map_entries{map=\"endpoints\"} 1",
         "weft_reconciles_total",
         "weft_known_nodes 1",

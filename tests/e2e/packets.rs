@@ -298,6 +298,41 @@ fn assert_deltas(
     }
 }
 
+/// Every counter that moved between `before` and `after` moved in one
+/// family's share: IPv6's when `v6`, else IPv4's.
+fn assert_family(case: &str, before: &Counters, after: &Counters, v6: bool) {
+    let moved = |total: &[(String, u64)],
+                 was: &[(String, u64)],
+                 six: &[(String, u64)],
+                 was6: &[(String, u64)]| {
+        total
+            .iter()
+            .zip(was)
+            .zip(six.iter().zip(was6))
+            .map(|(((n, t), (_, w)), ((_, s), (_, w6)))| (n.clone(), t - w, s - w6))
+            .collect::<Vec<_>>()
+    };
+    for (name, delta, delta6) in moved(
+        &after.forwards,
+        &before.forwards,
+        &after.forwards_ipv6,
+        &before.forwards_ipv6,
+    )
+    .into_iter()
+    .chain(moved(
+        &after.drops,
+        &before.drops,
+        &after.drops_ipv6,
+        &before.drops_ipv6,
+    )) {
+        let want6 = if v6 { delta } else { 0 };
+        assert_eq!(
+            delta6, want6,
+            "{case}: {name} moved {delta}, of it IPv6 {delta6}"
+        );
+    }
+}
+
 /// An inner frame: IPv4 ICMP echo from a remote pod to `dst`.
 fn inner_frame(dst: Ipv4Addr) -> Vec<u8> {
     let ip = Ipv4::new(REMOTE_POD, dst, 1).build(&pktgen::icmp_echo(7, 1, b"weft-test-payload"));
@@ -792,6 +827,8 @@ fn tc_encap_and_local_cases() {
         assert_eq!(action, TC_ACT_SHOT, "{case}");
         assert_deltas(case, &before, &fx.counters(), &[(reason, 1)], &[]);
     }
+    // Every counter of this IPv4 traffic is IPv4's.
+    assert_family("IPv4 cases", &Counters::default(), &fx.counters(), false);
 }
 
 #[test]

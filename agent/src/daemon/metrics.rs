@@ -45,16 +45,28 @@ impl Collector for DataplaneCollector {
             return Ok(());
         };
         let c = crate::dataplane::stats::read(&maps.drops, &maps.fwds);
+        // By family: IPv6's share, and the rest (IPv4, and frames of
+        // neither family).
+        let split =
+            |total: &[(String, u64)], v6: &[(String, u64)]| -> Vec<(String, &'static str, u64)> {
+                total
+                    .iter()
+                    .zip(v6)
+                    .flat_map(|((n, t), (_, six))| {
+                        [(n.clone(), "ipv4", t - six), (n.clone(), "ipv6", *six)]
+                    })
+                    .collect()
+            };
         for (name, help, values) in [
             (
                 "weft_forwarded_packets",
-                "Packets the dataplane forwarded, by decision.",
-                &c.forwards,
+                "Packets the dataplane forwarded, by decision and family.",
+                split(&c.forwards, &c.forwards_ipv6),
             ),
             (
                 "weft_dropped_packets",
-                "Packets the dataplane dropped, by reason.",
-                &c.drops,
+                "Packets the dataplane dropped, by reason and family.",
+                split(&c.drops, &c.drops_ipv6),
             ),
         ] {
             let mut family = encoder.encode_descriptor(
@@ -63,9 +75,9 @@ impl Collector for DataplaneCollector {
                 None,
                 ConstCounter::new(0u64).metric_type(),
             )?;
-            for (reason, value) in values {
-                let labels = [("reason", reason.as_str())];
-                ConstCounter::new(*value).encode(family.encode_family(&labels)?)?;
+            for (reason, fam, value) in values {
+                let labels = [("reason", reason.as_str()), ("family", fam)];
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
             }
         }
         let sizes = [

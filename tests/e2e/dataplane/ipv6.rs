@@ -109,6 +109,25 @@ fn dual_stack_matrix_3_nodes_2_pods() {
         );
         for counter in ["encap", "decap_peer", "local"] {
             assert!(c.counter(i, counter) > 0, "node {}: no {counter}", i + 1);
+            // The IPv6 pods' share of it, counted as IPv6's.
+            let six = s["counters"]["forwards_ipv6"]
+                .as_array()
+                .expect("IPv6 counters")
+                .iter()
+                .find(|p| p[0] == counter)
+                .and_then(|p| p[1].as_u64())
+                .unwrap_or(0);
+            assert!(
+                six > 0,
+                "node {}: no IPv6 {counter}: {}",
+                i + 1,
+                s["counters"]
+            );
+            assert!(
+                six < c.counter(i, counter),
+                "node {}: all {counter} IPv6?",
+                i + 1
+            );
         }
         assert_eq!(total_drops(&c, i), 0, "node {}: {}", i + 1, s["counters"]);
     }

@@ -13,7 +13,7 @@ use weft_tests::{
 
 use super::{
     Fixture, HOST_VETH_MAC, Hook, LOCAL, LOCAL_VTEP, PEER, PEER_VTEP, POD_MAC, TC_ACT_REDIRECT,
-    TC_ACT_SHOT, TC_ACT_UNSPEC, assert_deltas, expected_encap_of,
+    TC_ACT_SHOT, TC_ACT_UNSPEC, assert_deltas, assert_family, expected_encap_of,
 };
 
 const fn v6(tail: [u16; 2]) -> Ipv6Addr {
@@ -112,6 +112,7 @@ fn tc_encap_and_local_cases_ipv6() {
         &[],
         &[(FwdReason::Encap, 1)],
     );
+    assert_family("encap", &before, &fx.counters(), true);
 
     // Pod → remote pod, one byte above the node's pod MTU (1450 here):
     // to the stack unchanged, which answers packet too big; at the MTU it
@@ -136,6 +137,7 @@ fn tc_encap_and_local_cases_ipv6() {
             &[],
             &[(counted, 1)],
         );
+        assert_family(&format!("{size} bytes"), &before, &fx.counters(), true);
     }
 
     // Pod → pod on this node: MACs rewritten, hop limit lowered.
@@ -430,6 +432,8 @@ fn decap6_cases(hook: Hook) {
         let (action, _) = fx.decap(hook, &frame);
         assert_eq!(action, drop, "{case}");
         assert_deltas(case, &before, &fx.counters(), &[(reason, 1)], &[]);
+        // Dropped VXLAN over IPv6 counts as IPv6 (the outer frame's family).
+        assert_family(case, &before, &fx.counters(), true);
     }
 
     // Not ours: another UDP port; an extension header before UDP.
@@ -484,6 +488,8 @@ fn decap_cases(hook: Hook) {
         &[],
         &[(hook.delivered(), 1)],
     );
+    // The pod's packet is IPv6, whatever the tunnel's family.
+    assert_family("decap to pod", &before, &fx.counters(), true);
 
     // To the node itself (the gateway): passed up, addressed to the underlay.
     let inner = inner_frame(GATEWAY6);
