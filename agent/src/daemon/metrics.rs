@@ -86,6 +86,7 @@ impl Collector for DataplaneCollector {
             ("remote_cidrs_ipv6", maps.remotes6.keys().count()),
             ("endpoints_ipv6", maps.endpoints6.keys().count()),
             ("nodes", maps.nodes.keys().count()),
+            ("nodes_ipv6", maps.nodes6.keys().count()),
         ];
         let mut family = encoder.encode_descriptor(
             "weft_map_entries",
