@@ -1101,3 +1101,136 @@ fn a_flannel_cluster_moves_to_weft_node_by_node() {
         started.elapsed().as_secs_f64()
     ));
 }
+
+/// An IPv6 Service in front of [`PAIR`] (1.20's alpha field names).
+const PAIR6: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: pair6}
+spec:
+  ipFamilies: [IPv6]
+  ipFamilyPolicy: SingleStack
+  selector: {app: pair}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"#;
+
+#[test]
+fn a_dual_stack_cluster_under_real_kubelets() {
+    if !privileged("a_dual_stack_cluster_under_real_kubelets") {
+        return;
+    }
+    let started = Instant::now();
+    let mut spec = KubeSpec::from_env(2);
+    spec.dual_stack = true;
+    let c = KubeCluster::up(Lab::new("kd"), spec, |m| eprintln!("==> cluster: {m}"));
+    eprintln!(
+        "==> cluster: up in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    // The controller manager gave each Node a pod CIDR of each family.
+    for n in c.kubectl_json(&["get", "nodes"])["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        let cidrs = n["spec"]["podCIDRs"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            cidrs.len() == 2 && cidrs[1].as_str().is_some_and(|c| c.starts_with("2001:2:")),
+            "{}: podCIDRs {cidrs:?}",
+            name_of(&n)
+        );
+    }
+    // Pods get an address of each family from weft's plugin, which the
+    // kubelet reports; the kubelet's probes (node → pod) make them Ready.
+    c.apply("pair", PAIR);
+    let pair = c.wait_pods_ready("default", "app=pair", 2, Duration::from_secs(90));
+    let (a, b) = (&pair[0], &pair[1]);
+    assert_ne!(node_of(a), node_of(b), "the pair is on two nodes");
+    let ip6 = |p: &Value| {
+        let ips = p["status"]["podIPs"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(ips.len(), 2, "{}: podIPs {ips:?}", name_of(p));
+        ips[1]["ip"]
+            .as_str()
+            .and_then(|s| s.parse::<std::net::Ipv6Addr>().ok())
+            .unwrap_or_else(|| panic!("{}: no IPv6 in podIPs {ips:?}", name_of(p)))
+    };
+    let (a6, b6) = (ip6(a), ip6(b));
+    // Pod to pod across nodes over IPv6, and IPv4 beside it.
+    for (what, url) in [
+        ("IPv6", format!("http://[{b6}]:8080/hostname")),
+        ("IPv4", format!("http://{}:8080/hostname", pod_ip(b))),
+    ] {
+        assert_eq!(
+            curl(&c, &name_of(a), &url).as_deref(),
+            Some(name_of(b).as_str()),
+            "{what}: {} → {}",
+            name_of(a),
+            url
+        );
+    }
+    assert_eq!(
+        curl(&c, &name_of(b), &format!("http://[{a6}]:8080/hostname")).as_deref(),
+        Some(name_of(a).as_str()),
+        "IPv6 back"
+    );
+    // An IPv6 Service through the nodes' kube-proxy (ip6tables): both
+    // backends answer a client pod, on its node and across.
+    c.apply("pair6", PAIR6);
+    let svc = c.kubectl_json(&["get", "service", "pair6"]);
+    let vip = svc["spec"]["clusterIP"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(vip.starts_with("2001:2:200::"), "IPv6 ClusterIP: {vip:?}");
+    let seen = c.wait_for(
+        "both pods answering through the IPv6 Service",
+        Duration::from_secs(60),
+        |c| {
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..20 {
+                if let Some(h) = curl(c, &name_of(a), &format!("http://[{vip}]/hostname")) {
+                    seen.insert(h);
+                }
+            }
+            (seen.len() == 2).then_some(seen)
+        },
+    );
+    println!("IPv6 Service {vip} answered by {seen:?}");
+    // weft counted the IPv6 pods' traffic as IPv6's (`weft status` in each
+    // agent's pod).
+    for agent in c.pods("kube-system", "app=weft") {
+        let out = c.exec(
+            "kube-system",
+            &name_of(&agent),
+            &["/usr/local/bin/weft", "status", "--json"],
+        );
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "weft status in {}: {e}: {}",
+                name_of(&agent),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        let six = status["counters"]["forwards_ipv6"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let encap6 = six
+            .iter()
+            .find(|p| p[0] == "encap")
+            .and_then(|p| p[1].as_u64())
+            .unwrap_or(0);
+        assert!(
+            encap6 > 0,
+            "{}: no IPv6 encap: {}",
+            node_of(&agent),
+            status["counters"]
+        );
+    }
+}

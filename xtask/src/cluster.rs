@@ -42,6 +42,7 @@ pub fn images(weft: &Path) -> Result<(PathBuf, PathBuf)> {
 
 fn spec(nodes: usize, weft_image: PathBuf, images: PathBuf) -> KubeSpec {
     KubeSpec {
+        dual_stack: false,
         nodes,
         weft_image,
         images,

@@ -43,8 +43,8 @@ pub use e2e::{CORE, E2E_REPO_LIST, NETWORK_CONFORMANCE, SKIP, ginkgo_summary};
 pub use node::{KubeNode, clean_leftovers, release_node};
 
 use crate::{
-    CLUSTER_CIDR, Lab, Netns,
-    kube::{self, ApiOptions, KubeApi, SERVICE_CIDR},
+    CLUSTER_CIDR, CLUSTER_CIDR6, Lab, Netns,
+    kube::{self, ApiOptions, KubeApi, SERVICE_CIDR, SERVICE_CIDR6},
 };
 
 /// The sandbox image (containerd's `sandbox_image`), as e2e.test names it
@@ -88,6 +88,11 @@ pub struct KubeSpec {
     pub manifests: PathBuf,
     /// Install weft (else the nodes stay NotReady: no network).
     pub install_weft: bool,
+    /// Dual-stack (Kubernetes 1.20's alpha `IPv6DualStack` gate on every
+    /// component): the controller manager allocates each node an IPv4 and
+    /// an IPv6 pod CIDR ([`CLUSTER_CIDR6`], /64 each), Services may be
+    /// IPv6 ([`SERVICE_CIDR6`]), weft's ConfigMap gets `cluster-cidr6`.
+    pub dual_stack: bool,
 }
 
 impl KubeSpec {
@@ -105,6 +110,7 @@ impl KubeSpec {
             images: path("WEFT_KUBE_IMAGES"),
             manifests: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy")),
             install_weft: true,
+            dual_stack: false,
         }
     }
 }
@@ -171,7 +177,7 @@ impl KubeCluster {
             ApiOptions {
                 tokens,
                 cluster: true,
-                dual_stack: false,
+                dual_stack: spec.dual_stack,
             },
         );
         let kubeconfig = api.kubeconfig("admin", kube::ADMIN_TOKEN);
@@ -185,9 +191,6 @@ impl KubeCluster {
                     .display()
             ),
             "--allocate-node-cidrs=true".into(),
-            format!("--cluster-cidr={CLUSTER_CIDR}"),
-            "--node-cidr-mask-size=24".into(),
-            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
             format!("--service-account-private-key-file={}", d("sa.key")),
             format!("--root-ca-file={}", d("ca.crt")),
             "--use-service-account-credentials=true".into(),
@@ -196,6 +199,21 @@ impl KubeCluster {
             "--port=0".into(),
             "--v=1".into(),
         ]);
+        if spec.dual_stack {
+            cm.args([
+                "--feature-gates=IPv6DualStack=true".to_string(),
+                format!("--cluster-cidr={CLUSTER_CIDR},{CLUSTER_CIDR6}"),
+                "--node-cidr-mask-size-ipv4=24".into(),
+                "--node-cidr-mask-size-ipv6=64".into(),
+                format!("--service-cluster-ip-range={SERVICE_CIDR},{SERVICE_CIDR6}"),
+            ]);
+        } else {
+            cm.args([
+                format!("--cluster-cidr={CLUSTER_CIDR}"),
+                "--node-cidr-mask-size=24".into(),
+                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            ]);
+        }
         lab.spawn("kube-controller-manager", cm);
         let mut sched = und.command(bin("kube-scheduler"));
         sched.args([
@@ -292,11 +310,11 @@ impl KubeCluster {
             "deploy/weft.yaml's agent.toml no longer has {from:?}"
         );
         let edited = self.lab.dir.join("weft.yaml");
-        std::fs::write(
-            &edited,
-            weft.replace(from, &format!("cluster-cidr = \"{CLUSTER_CIDR}\"")),
-        )
-        .unwrap();
+        let mut cidrs = format!("cluster-cidr = \"{CLUSTER_CIDR}\"");
+        if self.spec.dual_stack {
+            cidrs += &format!("\n    cluster-cidr6 = \"{CLUSTER_CIDR6}\"");
+        }
+        std::fs::write(&edited, weft.replace(from, &cidrs)).unwrap();
         self.kubectl_ok(&[
             "apply",
             "-f",

@@ -349,15 +349,30 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "--serialize-image-pulls=false".into(),
             "--v=1".into(),
         ]);
+        if self.spec.dual_stack {
+            // Pods' status lists both of the CNI result's addresses.
+            kubelet.arg("--feature-gates=IPv6DualStack=true");
+        }
         self.lab.spawn(&Self::kubelet_name(i), kubelet);
         let proxy_kubeconfig = self.api.kubeconfig("kube-proxy", &token("kube-proxy"));
         let mut proxy = node.command(bin("kube-proxy"));
-        proxy.args(kube::proxy_args(
-            &proxy_kubeconfig,
-            &node.name,
-            node.ip,
-            CLUSTER_CIDR,
-        ));
+        if self.spec.dual_stack {
+            proxy.args(kube::proxy_args(
+                &proxy_kubeconfig,
+                &node.name,
+                node.ip,
+                &format!("{CLUSTER_CIDR},{}", crate::CLUSTER_CIDR6),
+            ));
+            // Both families' proxier (ip6tables beside iptables).
+            proxy.arg("--feature-gates=IPv6DualStack=true");
+        } else {
+            proxy.args(kube::proxy_args(
+                &proxy_kubeconfig,
+                &node.name,
+                node.ip,
+                CLUSTER_CIDR,
+            ));
+        }
         self.lab.spawn(&Self::proxy_name(i), proxy);
     }
 }
