@@ -19,7 +19,7 @@ use serde_json::json;
 use weft_tests::{
     CLUSTER_CIDR, Cluster, ClusterSpec, EchoServer, FlannelNode, Lab, PodInfo, bridge_pod,
     bulk_tcp_intact,
-    kube::{ADMIN_TOKEN, AGENT_TOKEN, KubeApi, apiserver_bin},
+    kube::{ADMIN_TOKEN, AGENT_TOKEN, KubeApi},
     ping, privileged, tcp_roundtrip,
     traffic::{TcpStream, UdpCount},
     udp_roundtrip, wait_for,
@@ -30,7 +30,7 @@ mod api;
 #[path = "support/flanneld.rs"]
 mod flanneld;
 
-use api::{annotate, bind_agent_rbac, create, label, node};
+use api::{annotate, bind_agent_rbac, create, have_apiserver, label, node};
 use flanneld::{Flanneld, key};
 
 const ECHO_PORT: u16 = 7000;
@@ -44,19 +44,6 @@ const FLANNEL_CONFLIST: &str = r#"{"name":"cbr0","cniVersion":"0.3.1","plugins":
 enum Kind {
     Weft,
     Flannel,
-}
-
-/// Skips (or, where privileged tests are required, fails) without a built
-/// kube-apiserver.
-fn have_apiserver(test: &str) -> bool {
-    if apiserver_bin().is_some() {
-        return true;
-    }
-    if std::env::var_os("WEFT_REQUIRE_PRIVILEGED").is_some_and(|v| v == "1") {
-        panic!("kube-apiserver is not built; `cargo xtask setup` builds it (tests/kube/build.sh)");
-    }
-    eprintln!("SKIP {test}: kube-apiserver not built (tests/kube/build.sh)");
-    false
 }
 
 /// A cluster of weft and flannel nodes on one underlay and API server.

@@ -6,13 +6,13 @@ use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use weft_tests::{
     Cluster, ClusterSpec, Lab, Netns,
-    kube::{AGENT_TOKEN, KubeApi, apiserver_bin},
+    kube::{AGENT_TOKEN, KubeApi},
     ping, privileged, wait_for,
 };
 
 #[path = "support/api.rs"]
 mod api;
-use api::{annotate, bind_agent_rbac, create, delete, label, node, with_client};
+use api::{annotate, bind_agent_rbac, create, delete, have_apiserver, label, node, with_client};
 
 /// A counter from the agent's /metrics in `ns` (the default address).
 fn metric(ns: &Netns, name: &str) -> u64 {
@@ -34,15 +34,7 @@ fn nodes_from_the_kubernetes_api() {
     if !privileged("nodes_from_the_kubernetes_api") {
         return;
     }
-    if apiserver_bin().is_none() {
-        if std::env::var_os("WEFT_REQUIRE_PRIVILEGED").is_some_and(|v| v == "1") {
-            panic!(
-                "kube-apiserver is not built; `cargo xtask setup` builds it (tests/kube/build.sh)"
-            );
-        }
-        eprintln!(
-            "SKIP nodes_from_the_kubernetes_api: kube-apiserver not built (tests/kube/build.sh)"
-        );
+    if !have_apiserver("nodes_from_the_kubernetes_api") {
         return;
     }
     let mut lab = Lab::new("kube");
@@ -216,15 +208,7 @@ fn ipv6_underlay_addresses_through_the_kubernetes_api() {
     if !privileged("ipv6_underlay_addresses_through_the_kubernetes_api") {
         return;
     }
-    if apiserver_bin().is_none() {
-        if std::env::var_os("WEFT_REQUIRE_PRIVILEGED").is_some_and(|v| v == "1") {
-            panic!(
-                "kube-apiserver is not built; `cargo xtask setup` builds it (tests/kube/build.sh)"
-            );
-        }
-        eprintln!(
-            "SKIP ipv6_underlay_addresses_through_the_kubernetes_api: kube-apiserver not built"
-        );
+    if !have_apiserver("ipv6_underlay_addresses_through_the_kubernetes_api") {
         return;
     }
     let mut lab = Lab::new("kube6");

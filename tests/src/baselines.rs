@@ -125,20 +125,7 @@ impl FlannelNode {
             "nud",
             "permanent",
         ]);
-        sh(
-            "bridge",
-            &[
-                "-n",
-                &self.ns.name,
-                "fdb",
-                "append",
-                remote_vtep,
-                "dev",
-                "flannel.1",
-                "dst",
-                &remote_ip.to_string(),
-            ],
-        );
+        fdb_append(&self.ns, remote_vtep, "flannel.1", &remote_ip.to_string());
         self.ns.ip(&[
             "route",
             "add",
@@ -150,6 +137,15 @@ impl FlannelNode {
             "onlink",
         ]);
     }
+}
+
+/// What flanneld adds to a VXLAN device for a remote node: frames for its
+/// VTEP MAC go to its underlay address.
+fn fdb_append(ns: &Netns, mac: &str, dev: &str, dst: &str) {
+    sh(
+        "bridge",
+        &["-n", &ns.name, "fdb", "append", mac, "dev", dev, "dst", dst],
+    );
 }
 
 /// The IPv6 subnet of a flannel-style node's `subnet`: 2001:2:0:`subnet`::/64
@@ -252,20 +248,7 @@ impl FlannelNode6 {
             "nud",
             "permanent",
         ]);
-        sh(
-            "bridge",
-            &[
-                "-n",
-                &self.ns.name,
-                "fdb",
-                "append",
-                remote_vtep,
-                "dev",
-                dev,
-                "dst",
-                &remote_ip6.to_string(),
-            ],
-        );
+        fdb_append(&self.ns, remote_vtep, dev, &remote_ip6.to_string());
         self.ns.ip(&[
             "-6",
             "route",

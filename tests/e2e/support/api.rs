@@ -13,8 +13,21 @@ use kube::{
 };
 use weft_tests::{
     InNetns, Netns,
-    kube::{ADMIN_TOKEN, AGENT_USER, KubeApi},
+    kube::{ADMIN_TOKEN, AGENT_USER, KubeApi, apiserver_bin},
 };
+
+/// Skips (or, where privileged tests are required, fails) without a built
+/// kube-apiserver.
+pub fn have_apiserver(test: &str) -> bool {
+    if apiserver_bin().is_some() {
+        return true;
+    }
+    if std::env::var_os("WEFT_REQUIRE_PRIVILEGED").is_some_and(|v| v == "1") {
+        panic!("kube-apiserver is not built; `cargo xtask setup` builds it (tests/kube/build.sh)");
+    }
+    eprintln!("SKIP {test}: kube-apiserver not built (tests/kube/build.sh)");
+    false
+}
 
 /// Runs `f` with an admin client on a runtime whose sockets live in `ns`.
 pub fn with_client<T: Send + 'static>(
