@@ -162,7 +162,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let mut gro_port = gro_port(cfg.port).await;
     let underlay6 = underlay6(&cfg, gro_port);
     // Sent over IPv6 only with the device; taken in over IPv6 either way.
-    let local_ip6 = underlay6.filter(|(_, i)| *i != 0).map(|(ip, _)| ip);
+    let local_ip6 = underlay6.map(|(ip, _)| ip);
+    let send6 = underlay6.is_some_and(|(_, i)| i != 0);
     let globals = Globals {
         vni: cfg.vni,
         port: cfg.port,
@@ -189,7 +190,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         metrics.reconciles.inc();
         metrics.registry_problems.set(update.problems as i64);
         metrics.known_nodes.set(update.nodes as i64);
-        match reconcile(&update, &me, local_ip, local_ip6, maps, &mut written) {
+        match reconcile(&update, &me, local_ip, local_ip6, send6, maps, &mut written) {
             Ok(r) => {
                 if let Some(new) = r.pod_cidr_changed {
                     tracing::error!(old = %me.pod_cidr, %new, "this node's pod CIDR changed; restart the agent to apply it (pods keep their addresses until then)");

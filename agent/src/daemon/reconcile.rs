@@ -96,7 +96,7 @@ impl Update {
 /// Makes `maps` hold what `update` says about the other nodes, and this
 /// node `me` (as the agent started with it) at its detected `local_ip`,
 /// which wins over the registry's (and its IPv6 underlay address
-/// `local_ip6`, when it sends VXLAN over IPv6). An update that does not list `me`
+/// `local_ip6`, if it has one, and whether it sends VXLAN over it, `send6`). An update that does not list `me`
 /// changes nothing: the registry may be mid-update, and an empty map would
 /// cut every pod off (what changed meanwhile is applied once it lists `me`
 /// again).
@@ -105,6 +105,7 @@ pub fn reconcile(
     me: &Node,
     local_ip: Ipv4Addr,
     local_ip6: Option<Ipv6Addr>,
+    send6: bool,
     maps: &mut impl NodeMaps,
     written: &mut Written,
 ) -> Result<Reconciled, ReconcileError> {
@@ -117,6 +118,7 @@ pub fn reconcile(
         name: &me.name,
         ip: local_ip,
         ip6: local_ip6,
+        send6,
     };
     let (changes, incremental) = match &update.work {
         Work::Changed(c) => match sync::apply_changes(maps, written, c, local)? {
@@ -240,7 +242,7 @@ mod tests {
     ) -> Result<Reconciled, ReconcileError> {
         a.published.replace(s.clone());
         let u = Update::read(&a.published, &a.written, &me.name);
-        reconcile(&u, me, local, None, maps, &mut a.written)
+        reconcile(&u, me, local, None, false, maps, &mut a.written)
     }
 
     #[test]
@@ -422,7 +424,7 @@ mod tests {
                     .replace(snap(source.values().cloned().collect()));
             }
             let u = Update::read(&a.published, &a.written, &me.name);
-            let r = reconcile(&u, &me, local, None, &mut maps, &mut a.written).unwrap();
+            let r = reconcile(&u, &me, local, None, false, &mut maps, &mut a.written).unwrap();
             incremental += usize::from(r.incremental);
             let want = sync::desired(
                 a.published.nodes.values(),
@@ -430,6 +432,7 @@ mod tests {
                     name: &me.name,
                     ip: local,
                     ip6: None,
+                    send6: false,
                 },
             );
             assert_eq!(maps.remotes, want.remotes, "round {round}");

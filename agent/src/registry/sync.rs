@@ -47,28 +47,32 @@ impl std::fmt::Display for VtepKey {
 pub type Vteps = [Option<VtepKey>; 2];
 
 /// This node as the maps see it: its name, and its address (the detected
-/// one, which wins over the registry's); its IPv6 underlay address when it
-/// sends VXLAN over IPv6 (its tunnel device is in place).
+/// one, which wins over the registry's); its IPv6 underlay address, if it
+/// has one (VXLAN over IPv6 is taken in from peers that have one too), and
+/// whether it also sends over IPv6 (its tunnel device is in place).
 #[derive(Clone, Copy, Debug)]
 pub struct Local<'a> {
     pub name: &'a str,
     pub ip: Ipv4Addr,
     pub ip6: Option<Ipv6Addr>,
+    pub send6: bool,
 }
 
 /// One node's entries: each pod CIDR's owner, and (for a peer) its
 /// underlay addresses as VTEP keys. Its IPv6 pods' VXLAN goes over IPv6
 /// when both it and this node have an IPv6 underlay (as flannel's
-/// `flannel-v6.1`); everything else over IPv4.
+/// `flannel-v6.1`) and this node can send over it; everything else over
+/// IPv4. VXLAN over IPv6 from it is accepted whenever both have one (it
+/// sends so, as this node's entry tells it).
 fn entries(n: &Node, local: Local<'_>) -> (NodeOwners, Vteps) {
     let me = n.name == local.name;
+    let both6 = n.underlay6.filter(|_| !me && local.ip6.is_some());
     let owner = RemoteNode {
         underlay_ip: ip_key(if me { local.ip } else { n.underlay_ip }),
         vtep_mac: n.vtep_mac,
         ..RemoteNode::default()
     };
-    let over6 = n.underlay6.filter(|_| !me && local.ip6.is_some());
-    let owner6 = match over6 {
+    let owner6 = match both6.filter(|_| local.send6) {
         Some(u6) => RemoteNode {
             vtep_mac: u6.vtep_mac,
             flags: RemoteNode::FLAG_UNDERLAY6,
@@ -81,7 +85,7 @@ fn entries(n: &Node, local: Local<'_>) -> (NodeOwners, Vteps) {
         .chain(n.pod_cidr6.map(|c| (AnyCidr::V6(c), owner6)));
     let vteps = [
         (!me).then(|| VtepKey::V4(ip_key(n.underlay_ip))),
-        over6.map(|u6| VtepKey::V6(u6.ip.octets())),
+        both6.map(|u6| VtepKey::V6(u6.ip.octets())),
     ];
     (owners, vteps)
 }
@@ -475,6 +479,7 @@ mod tests {
                 name: "a",
                 ip: "198.18.0.1".parse().unwrap(),
                 ip6: None,
+                send6: false,
             },
         );
         assert_eq!(d.remotes.len(), 2);
@@ -510,12 +515,13 @@ mod tests {
             node("c", 3, None),
         ];
         let v6 = |i: u8| AnyCidr::V6(format!("2001:2:0:{i}::/64").parse().unwrap());
-        let local = |ip6| Local {
+        let local = |ip6, send6| Local {
             name: "a",
             ip: Ipv4Addr::new(198, 18, 0, 1),
             ip6,
+            send6,
         };
-        let d = desired(&nodes, local(Some(u6(1, 1).ip)));
+        let d = desired(&nodes, local(Some(u6(1, 1).ip), true));
         let b6 = d.remotes[&v6(2)];
         assert!(b6.over_underlay6(), "b's IPv6 pods over IPv6");
         assert_eq!(b6.underlay_ip6, u6(2, 2).ip.octets());
@@ -531,8 +537,13 @@ mod tests {
         assert!(d.vteps.contains_key(&VtepKey::V6(u6(2, 2).ip.octets())));
         assert_eq!(d.vteps.len(), 3, "b and c over IPv4, b over IPv6");
         // Without an IPv6 underlay here, nothing goes over IPv6.
-        let d = desired(&nodes, local(None));
+        let d = desired(&nodes, local(None, false));
         assert!(d.remotes.values().all(|r| !r.over_underlay6()));
         assert_eq!(d.vteps.len(), 2);
+        // With one but no device to send through: sent over IPv4, and b's
+        // VXLAN over IPv6 still taken in.
+        let d = desired(&nodes, local(Some(u6(1, 1).ip), false));
+        assert!(d.remotes.values().all(|r| !r.over_underlay6()));
+        assert!(d.vteps.contains_key(&VtepKey::V6(u6(2, 2).ip.octets())));
     }
 }
