@@ -340,6 +340,8 @@ pub(crate) fn node_v6(cfg: &AgentConfig, me: &Node) -> Option<NodeV6> {
     })
 }
 
+/// Creates `weft_gro` on `port` ([`bringup::hold_gro_port`]); the port, if
+/// it is held now.
 async fn gro_port(port: u16) -> Option<u16> {
     match bringup::hold_gro_port(port).await {
         Ok(_) => {
