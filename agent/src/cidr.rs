@@ -55,19 +55,43 @@ pub type Ipv4Cidr = Cidr<Ipv4Addr>;
 /// An IPv6 network.
 pub type Ipv6Cidr = Cidr<Ipv6Addr>;
 
-/// The cluster's pod networks: IPv4 always, IPv6 in a dual-stack cluster.
-/// Every pod address, and every node's pod CIDR of a family, lies in that
+/// The cluster's pod networks: IPv4, IPv6 or both (at least one). Every
+/// pod address, and every node's pod CIDR of a family, lies in that
 /// family's network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClusterCidrs {
-    pub v4: Ipv4Cidr,
+    pub v4: Option<Ipv4Cidr>,
     pub v6: Option<Ipv6Cidr>,
 }
 
 impl From<Ipv4Cidr> for ClusterCidrs {
     /// An IPv4-only cluster.
     fn from(v4: Ipv4Cidr) -> Self {
-        Self { v4, v6: None }
+        Self {
+            v4: Some(v4),
+            v6: None,
+        }
+    }
+}
+
+impl fmt::Display for ClusterCidrs {
+    /// `10.244.0.0/16`, `10.244.0.0/16,fd00:10:244::/56` or
+    /// `fd00:10:244::/56`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v4 = self.v4.map(|c| c.to_string());
+        let v6 = self.v6.map(|c| c.to_string());
+        let both: Vec<String> = v4.into_iter().chain(v6).collect();
+        f.write_str(&both.join(","))
+    }
+}
+
+impl From<Ipv6Cidr> for ClusterCidrs {
+    /// An IPv6-only cluster.
+    fn from(v6: Ipv6Cidr) -> Self {
+        Self {
+            v4: None,
+            v6: Some(v6),
+        }
     }
 }
 

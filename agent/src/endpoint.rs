@@ -33,6 +33,10 @@ pub enum EndpointError {
         "{ip} is IPv6, but this node has no IPv6 pod CIDR (is the agent running with cluster-cidr6, and does the node have an IPv6 pod CIDR?)"
     )]
     NoIpv6 { ip: Ipv6Addr },
+    #[error(
+        "{ip} is IPv4, but this node has no IPv4 pod CIDR (its agent runs IPv6 only: enable-ipv4 = false)"
+    )]
+    NoIpv4 { ip: Ipv4Addr },
     #[error("turning IPv6 on for the pod's interface: {0}")]
     Ipv6Off(crate::host::sysctl::SysctlError),
     #[error(transparent)]
@@ -61,9 +65,9 @@ pub struct EndpointSpec {
     pub ifname: String,
     /// Host-side veth name.
     pub host_ifname: String,
-    /// The pod's address.
-    pub ip: Ipv4Addr,
-    /// Its IPv6 address, on a dual-stack node.
+    /// The pod's IPv4 address (none on an IPv6-only node).
+    pub ip: Option<Ipv4Addr>,
+    /// Its IPv6 address, on a dual-stack or IPv6-only node.
     pub ip6: Option<Ipv6Addr>,
     /// Whether its veth is about to be shaped (the runtime passed bandwidth
     /// limits, which a `bandwidth` plugin after weft applies as qdiscs on the
@@ -103,15 +107,18 @@ pub fn add(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointE
     if !spec.netns.exists() {
         return Err(EndpointError::NetnsGone(spec.netns.clone()));
     }
-    if !node.subnet.contains(spec.ip)
-        || spec.ip == node.gateway
-        || spec.ip == node.subnet.addr()
-        || spec.ip == node.subnet.broadcast()
-    {
-        return Err(EndpointError::OutsideSubnet {
-            ip: spec.ip.into(),
-            subnet: node.subnet.to_string(),
-        });
+    if let Some(ip) = spec.ip {
+        let v4 = node.v4.ok_or(EndpointError::NoIpv4 { ip })?;
+        if !v4.subnet.contains(ip)
+            || ip == v4.gateway
+            || ip == v4.subnet.addr()
+            || ip == v4.subnet.broadcast()
+        {
+            return Err(EndpointError::OutsideSubnet {
+                ip: ip.into(),
+                subnet: v4.subnet.to_string(),
+            });
+        }
     }
     if let Some(ip6) = spec.ip6 {
         let v6 = node.v6.ok_or(EndpointError::NoIpv6 { ip: ip6 })?;
@@ -132,7 +139,6 @@ pub fn add(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointE
 
 fn wire(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointError> {
     let host = spec.host_ifname.as_str();
-    let gw = IpAddr::V4(node.gateway);
     let mut nl = Netlink::open()?;
     // Stale leftovers of a crashed ADD for the same container.
     nl.del_link_named(host)?;
@@ -163,7 +169,6 @@ fn wire(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointErro
                 ifname: spec.ifname.clone(),
                 netns: spec.netns.display().to_string(),
             })?;
-        nl.replace_address(eth.index, IpAddr::V4(spec.ip), 32)?;
         let up = LinkChange {
             up: Some(true),
             ..LinkChange::default()
@@ -172,17 +177,21 @@ fn wire(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointErro
         if let Some(lo) = nl.link("lo")? {
             nl.set_link(lo.index, &up)?;
         }
-        nl.replace_route(&Route::on_link(gw, 32, eth.index))?;
-        nl.replace_route(&Route {
-            dst: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            prefix: 0,
-            oif: Some(eth.index),
-            gateway: Some(gw),
-            src: None,
-            scope_link: false,
-            mtu: None,
-        })?;
-        nl.replace_neighbour(eth.index, gw, host_mac)?;
+        if let (Some(ip), Some(v4)) = (spec.ip, &node.v4) {
+            let gw = IpAddr::V4(v4.gateway);
+            nl.replace_address(eth.index, IpAddr::V4(ip), 32)?;
+            nl.replace_route(&Route::on_link(gw, 32, eth.index))?;
+            nl.replace_route(&Route {
+                dst: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                prefix: 0,
+                oif: Some(eth.index),
+                gateway: Some(gw),
+                src: None,
+                scope_link: false,
+                mtu: None,
+            })?;
+            nl.replace_neighbour(eth.index, gw, host_mac)?;
+        }
         if let (Some(ip6), Some(v6)) = (spec.ip6, &node.v6) {
             let gw6 = IpAddr::V6(v6.gateway);
             // A runtime may create the namespace with IPv6 off (as the
@@ -219,8 +228,10 @@ fn wire(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointErro
     )?;
     // The node side: a /32 route to the pod through its veth, and the pod's
     // MAC as a permanent neighbour (no ARP on either side of the veth).
-    nl.replace_route(&Route::on_link(IpAddr::V4(spec.ip), 32, host_if.index))?;
-    nl.replace_neighbour(host_if.index, IpAddr::V4(spec.ip), pod_mac)?;
+    if let Some(ip) = spec.ip {
+        nl.replace_route(&Route::on_link(IpAddr::V4(ip), 32, host_if.index))?;
+        nl.replace_neighbour(host_if.index, IpAddr::V4(ip), pod_mac)?;
+    }
     if let Some(ip6) = spec.ip6 {
         enable_ipv6(host)?;
         nl.replace_route(&Route::on_link(IpAddr::V6(ip6), 128, host_if.index))?;
@@ -236,7 +247,9 @@ fn wire(spec: &EndpointSpec, node: &NodeConfig) -> Result<Attached, EndpointErro
     if let Some(ip6) = spec.ip6 {
         put_endpoint(&mut maps, ip6.into(), &host_if, pod_mac, flags)?;
     }
-    put_endpoint(&mut maps, spec.ip.into(), &host_if, pod_mac, flags)?;
+    if let Some(ip) = spec.ip {
+        put_endpoint(&mut maps, ip.into(), &host_if, pod_mac, flags)?;
+    }
     Ok(Attached {
         host_ifname: host.into(),
         host_mac,
@@ -380,11 +393,11 @@ pub fn pods_in(
     routes: &[Route],
     neighbours: &[Neighbour],
     names: &std::collections::HashMap<u32, String>,
-    subnet: &Ipv4Cidr,
+    subnet: Option<&Ipv4Cidr>,
     subnet6: Option<&Ipv6Cidr>,
 ) -> Vec<Found> {
     let pod_address = |ip: &IpAddr| match ip {
-        IpAddr::V4(a) => subnet.contains(*a),
+        IpAddr::V4(a) => subnet.is_some_and(|s| s.contains(*a)),
         IpAddr::V6(a) => subnet6.is_some_and(|s| s.contains(*a)),
     };
     let host_prefix = |ip: &IpAddr| if ip.is_ipv4() { 32 } else { 128 };
@@ -419,12 +432,15 @@ pub fn pods_in(
 /// pod's packets to the stack, which delivers them by the pod's route.
 pub fn restore(
     pin_dir: &Path,
-    subnet: &Ipv4Cidr,
+    subnet: Option<&Ipv4Cidr>,
     subnet6: Option<&Ipv6Cidr>,
 ) -> Result<Restored, EndpointError> {
     let mut nl = Netlink::open()?;
     let kernel = |what: &'static str| move |source| EndpointError::KernelState { what, source };
-    let mut routes = nl.routes(true).map_err(kernel("routes"))?;
+    let mut routes = match subnet {
+        Some(_) => nl.routes(true).map_err(kernel("routes"))?,
+        None => Vec::new(),
+    };
     if subnet6.is_some() {
         routes.extend(nl.routes(false).map_err(kernel("IPv6 routes"))?);
     }
@@ -480,7 +496,7 @@ pub fn restore(
 /// A pod whose veth became shaped or unshaped, as [`sync_shaping`] found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ShapingChange {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub host_ifname: String,
     pub shaped: bool,
 }
@@ -490,58 +506,81 @@ pub struct ShapingChange {
 /// plugin's limits (or an operator's `tc qdisc add`) then apply, since the
 /// pod's traffic takes the stack, and once they are removed the pod is back
 /// on the fast paths. The flag is set at once but cleared only when two
-/// checks in a row found no qdisc (`unshaped_before`: the entries the
-/// previous check found so, kept by the caller): the plugin sets the flag at
-/// ADD, before the `bandwidth` plugin after it has made its qdiscs. Returns
-/// what changed; nothing when the qdiscs cannot be read.
+/// checks in a row found no qdisc (`unshaped_before`: the veths, by
+/// ifindex, the previous check found so, kept by the caller): the plugin
+/// sets the flag at ADD, before the `bandwidth` plugin after it has made its
+/// qdiscs. Each pod is decided by its IPv4 entry, or an IPv6-only pod by its
+/// IPv6 one; a dual-stack pod's IPv6 entry follows its IPv4 one (same
+/// veth). Returns what changed; nothing when the qdiscs cannot be read.
 pub fn sync_shaping(maps: &mut Maps, unshaped_before: &mut BTreeSet<u32>) -> Vec<ShapingChange> {
     let Some(shaped) = netdev::shaped_interfaces() else {
         return Vec::new();
     };
-    let entries: Vec<(u32, Endpoint)> = maps.endpoints.iter().filter_map(Result::ok).collect();
+    let entries: Vec<(IpAddr, Endpoint)> = maps
+        .endpoints
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(k, ep)| (IpAddr::V4(dataplane::ip_from_key(k)), ep))
+        .collect();
+    let with_v4: BTreeSet<u32> = entries.iter().map(|(_, ep)| ep.ifindex).collect();
+    let entries6: Vec<(IpAddr, Endpoint)> = maps
+        .endpoints6
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(k, ep)| (IpAddr::V6(k.into()), ep))
+        .collect();
+    let (dual6, only6): (Vec<_>, Vec<_>) = entries6
+        .into_iter()
+        .partition(|(_, ep)| with_v4.contains(&ep.ifindex));
     let mut unshaped_now = BTreeSet::new();
     let mut changes = Vec::new();
-    for (key, mut ep) in entries {
+    for (ip, mut ep) in entries.into_iter().chain(only6) {
         let Some(host_ifname) = netdev::name(ep.ifindex) else {
             continue;
         };
         let now = shaped.contains(&host_ifname);
         if ep.shaped() && !now {
-            unshaped_now.insert(key);
+            unshaped_now.insert(ep.ifindex);
         }
-        if !flip_shaped(ep.shaped(), now, unshaped_before.contains(&key)) {
+        if !flip_shaped(ep.shaped(), now, unshaped_before.contains(&ep.ifindex)) {
             continue;
         }
         ep.flags ^= Endpoint::FLAG_SHAPED;
         // Only over an entry that is still there (BPF_EXIST): a DEL since
         // the listing must not be undone.
-        if maps.endpoints.insert(key, ep, BPF_EXIST).is_ok() {
+        if put_existing(maps, ip, ep) {
             changes.push(ShapingChange {
-                ip: dataplane::ip_from_key(key),
+                ip,
                 host_ifname,
                 shaped: now,
             });
         }
     }
     *unshaped_before = unshaped_now;
-    // A dual-stack pod's IPv6 entry follows its IPv4 one (same veth).
     let shaped_by_veth: std::collections::HashMap<u32, bool> = maps
         .endpoints
         .iter()
         .filter_map(Result::ok)
         .map(|(_, ep)| (ep.ifindex, ep.shaped()))
         .collect();
-    let entries6: Vec<([u8; 16], Endpoint)> =
-        maps.endpoints6.iter().filter_map(Result::ok).collect();
-    for (key, mut ep) in entries6 {
+    for (ip, mut ep) in dual6 {
         if let Some(&shaped) = shaped_by_veth.get(&ep.ifindex)
             && shaped != ep.shaped()
         {
             ep.flags ^= Endpoint::FLAG_SHAPED;
-            let _ = maps.endpoints6.insert(key, ep, BPF_EXIST);
+            put_existing(maps, ip, ep);
         }
     }
     changes
+}
+
+/// Rewrites pod `ip`'s entry (in its family's map) if it is still there;
+/// whether it was.
+fn put_existing(maps: &mut Maps, ip: IpAddr, ep: Endpoint) -> bool {
+    match ip {
+        IpAddr::V4(ip) => maps.endpoints.insert(ip_key(ip), ep, BPF_EXIST).is_ok(),
+        IpAddr::V6(ip) => maps.endpoints6.insert(ip.octets(), ep, BPF_EXIST).is_ok(),
+    }
 }
 
 /// Whether [`sync_shaping`] flips an entry's flag: set at once when its veth
@@ -642,13 +681,13 @@ mod tests {
         // another device than its route, .8 is outside the subnet, .9 is
         // not behind a weft veth.
         assert_eq!(
-            pods_in(&routes, &neighbours, &names, &subnet, None),
+            pods_in(&routes, &neighbours, &names, Some(&subnet), None),
             vec![Found {
                 ip: "198.19.1.5".parse().unwrap(),
                 host_ifname: "weft00000000a5".into(),
                 pod_mac: [2, 0, 0, 0, 0, 5],
             }]
         );
-        assert!(pods_in(&[], &[], &names, &subnet, None).is_empty());
+        assert!(pods_in(&[], &[], &names, Some(&subnet), None).is_empty());
     }
 }

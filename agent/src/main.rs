@@ -91,10 +91,11 @@ enum EndpointCmd {
         /// Container ID: names the host-side veth.
         #[arg(long)]
         id: String,
-        /// The pod's address (in this node's pod CIDR).
-        #[arg(long)]
-        ip: Ipv4Addr,
-        /// Its IPv6 address, on a dual-stack node (in its IPv6 pod CIDR).
+        /// The pod's IPv4 address (in this node's pod CIDR).
+        #[arg(long, required_unless_present = "ip6")]
+        ip: Option<Ipv4Addr>,
+        /// Its IPv6 address, on a dual-stack or IPv6-only node (in its IPv6
+        /// pod CIDR).
         #[arg(long)]
         ip6: Option<Ipv6Addr>,
         #[command(flatten)]

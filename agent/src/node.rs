@@ -13,6 +13,8 @@
 //! WEFT_SUBNET6=2001:2:0:1::/64    #   this node's IPv6 pod CIDR
 //! WEFT_GATEWAY6=2001:2:0:1::1     #   and the pods' IPv6 gateway
 //! ```
+//!
+//! An IPv6-only node has the `6` lines only.
 
 use std::{
     collections::BTreeMap,
@@ -28,20 +30,28 @@ pub const DEFAULT_RUN_DIR: &str = "/run/weft";
 /// File name of the node config in the run directory.
 pub const SUBNET_ENV: &str = "subnet.env";
 
-/// This node's network facts, as written for the CNI plugin.
+/// This node's network facts, as written for the CNI plugin: one side per
+/// family the node's pods have (at least one).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct NodeConfig {
     pub node: String,
-    pub network: Ipv4Cidr,
-    pub subnet: Ipv4Cidr,
-    pub gateway: Ipv4Addr,
+    /// The IPv4 side (none on an IPv6-only node).
+    pub v4: Option<NodeV4>,
     pub mtu: u32,
     pub bpffs: PathBuf,
-    /// The IPv6 side of a dual-stack node.
+    /// The IPv6 side of a dual-stack or IPv6-only node.
     pub v6: Option<NodeV6>,
 }
 
-/// A dual-stack node's IPv6 network, pod CIDR and pods' gateway.
+/// A node's IPv4 network (the cluster CIDR), pod CIDR and pods' gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NodeV4 {
+    pub network: Ipv4Cidr,
+    pub subnet: Ipv4Cidr,
+    pub gateway: Ipv4Addr,
+}
+
+/// A node's IPv6 network, pod CIDR and pods' gateway.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct NodeV6 {
     pub network: Ipv6Cidr,
@@ -72,9 +82,11 @@ impl NodeConfig {
     pub fn render(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "WEFT_NODE={}", self.node);
-        let _ = writeln!(s, "WEFT_NETWORK={}", self.network);
-        let _ = writeln!(s, "WEFT_SUBNET={}", self.subnet);
-        let _ = writeln!(s, "WEFT_GATEWAY={}", self.gateway);
+        if let Some(v4) = &self.v4 {
+            let _ = writeln!(s, "WEFT_NETWORK={}", v4.network);
+            let _ = writeln!(s, "WEFT_SUBNET={}", v4.subnet);
+            let _ = writeln!(s, "WEFT_GATEWAY={}", v4.gateway);
+        }
         let _ = writeln!(s, "WEFT_MTU={}", self.mtu);
         let _ = writeln!(s, "WEFT_BPFFS={}", self.bpffs.display());
         if let Some(v6) = &self.v6 {
@@ -114,17 +126,25 @@ impl NodeConfig {
             .map(|(k, v)| (k.trim(), v.trim()))
             .collect();
         let get = |k: &str| kv.get(k).copied().ok_or_else(|| format!("{k} is missing"));
+        if !kv.contains_key("WEFT_SUBNET") && !kv.contains_key("WEFT_SUBNET6") {
+            return Err("WEFT_SUBNET (and WEFT_SUBNET6) is missing".into());
+        }
         Ok(Self {
             node: get("WEFT_NODE")?.to_string(),
-            network: get("WEFT_NETWORK")?
-                .parse()
-                .map_err(|e| format!("WEFT_NETWORK: {e}"))?,
-            subnet: get("WEFT_SUBNET")?
-                .parse()
-                .map_err(|e| format!("WEFT_SUBNET: {e}"))?,
-            gateway: get("WEFT_GATEWAY")?
-                .parse()
-                .map_err(|e| format!("WEFT_GATEWAY: {e}"))?,
+            v4: match kv.get("WEFT_SUBNET") {
+                None => None,
+                Some(_) => Some(NodeV4 {
+                    network: get("WEFT_NETWORK")?
+                        .parse()
+                        .map_err(|e| format!("WEFT_NETWORK: {e}"))?,
+                    subnet: get("WEFT_SUBNET")?
+                        .parse()
+                        .map_err(|e| format!("WEFT_SUBNET: {e}"))?,
+                    gateway: get("WEFT_GATEWAY")?
+                        .parse()
+                        .map_err(|e| format!("WEFT_GATEWAY: {e}"))?,
+                }),
+            },
             mtu: get("WEFT_MTU")?
                 .parse()
                 .map_err(|e| format!("WEFT_MTU: {e}"))?,
@@ -155,9 +175,11 @@ mod tests {
     fn round_trip() {
         let c = NodeConfig {
             node: "n1".into(),
-            network: "198.19.0.0/16".parse().unwrap(),
-            subnet: "198.19.1.0/24".parse().unwrap(),
-            gateway: "198.19.1.1".parse().unwrap(),
+            v4: Some(NodeV4 {
+                network: "198.19.0.0/16".parse().unwrap(),
+                subnet: "198.19.1.0/24".parse().unwrap(),
+                gateway: "198.19.1.1".parse().unwrap(),
+            }),
             mtu: 1450,
             bpffs: "/sys/fs/bpf/weft".into(),
             v6: None,
@@ -172,6 +194,12 @@ mod tests {
             ..c.clone()
         };
         assert_eq!(NodeConfig::parse(&dual.render()).unwrap(), dual);
+        let v6_only = NodeConfig {
+            v4: None,
+            ..dual.clone()
+        };
+        assert!(!v6_only.render().contains("WEFT_SUBNET="));
+        assert_eq!(NodeConfig::parse(&v6_only.render()).unwrap(), v6_only);
         let half = dual.render().replace("WEFT_GATEWAY6", "# WEFT_GATEWAY6");
         assert!(
             NodeConfig::parse(&half)
@@ -180,6 +208,11 @@ mod tests {
         );
         assert!(
             NodeConfig::parse("WEFT_NODE=x\n")
+                .unwrap_err()
+                .contains("WEFT_SUBNET")
+        );
+        assert!(
+            NodeConfig::parse("WEFT_NODE=x\nWEFT_SUBNET=198.19.1.0/24\n")
                 .unwrap_err()
                 .contains("WEFT_NETWORK")
         );

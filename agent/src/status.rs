@@ -66,7 +66,7 @@ pub fn collect(bpffs: &Path, run_dir: &Path) -> Result<Status, DataplaneError> {
         .into_iter()
         .map(|(cidr, v)| {
             let local = node.as_ref().is_some_and(|n| match cidr {
-                AnyCidr::V4(c) => n.subnet == c,
+                AnyCidr::V4(c) => n.v4.is_some_and(|v4| v4.subnet == c),
                 AnyCidr::V6(c) => n.v6.is_some_and(|v6| v6.subnet == c),
             });
             let over6 = v.over_underlay6();
@@ -75,10 +75,18 @@ pub fn collect(bpffs: &Path, run_dir: &Path) -> Result<Status, DataplaneError> {
                 family: family(matches!(cidr, AnyCidr::V6(_))),
                 underlay_ip: if over6 {
                     std::net::Ipv6Addr::from(v.underlay_ip6).to_string()
+                } else if v.underlay_ip == 0 {
+                    // An IPv6-only node's own CIDRs.
+                    "-".into()
                 } else {
                     ip_from_key(v.underlay_ip).to_string()
                 },
-                underlay: family(over6),
+                // An IPv6-only node's own CIDRs carry no IPv4 address.
+                underlay: if !over6 && v.underlay_ip == 0 {
+                    "-"
+                } else {
+                    family(over6)
+                },
                 vtep_mac: mac_to_string(&v.vtep_mac),
                 state: if local {
                     "local"
@@ -162,11 +170,14 @@ pub fn format(s: &Status) -> String {
     let mut out = String::new();
     match &s.node {
         Some(n) => {
-            let _ = writeln!(
-                out,
-                "node {}: pod CIDR {} (gateway {}), cluster {}, pod MTU {}",
-                n.node, n.subnet, n.gateway, n.network, n.mtu
-            );
+            let _ = writeln!(out, "node {}: pod MTU {}", n.node, n.mtu);
+            if let Some(v4) = &n.v4 {
+                let _ = writeln!(
+                    out,
+                    "  ipv4: pod CIDR {} (gateway {}), cluster {}",
+                    v4.subnet, v4.gateway, v4.network
+                );
+            }
             if let Some(v6) = &n.v6 {
                 let _ = writeln!(
                     out,

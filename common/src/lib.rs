@@ -33,7 +33,7 @@ pub struct RemoteNode {
     /// neighbour entry flannel installs on `flannel.1` (with
     /// [`RemoteNode::FLAG_UNDERLAY6`], its IPv6 VTEP's, as on `flannel-v6.1`).
     pub vtep_mac: [u8; 6],
-    /// [`RemoteNode::FLAG_UNDERLAY6`] (host order).
+    /// [`RemoteNode::FLAG_UNDERLAY6`], [`RemoteNode::FLAG_OWN`] (host order).
     pub flags: u16,
     /// With [`RemoteNode::FLAG_UNDERLAY6`]: the remote node's underlay IPv6
     /// address, bytes as on the wire; else all zero.
@@ -45,6 +45,9 @@ impl RemoteNode {
     /// (IPv6 pods between two nodes that both have an IPv6 underlay
     /// address, as flannel's `flannel-v6.1`).
     pub const FLAG_UNDERLAY6: u16 = 1;
+    /// The CIDR is this node's own (also told by `underlay_ip` being the
+    /// node's IPv4 address, but an IPv6-only node has none).
+    pub const FLAG_OWN: u16 = 2;
 
     /// Whether [`RemoteNode::FLAG_UNDERLAY6`] is set.
     #[inline(always)]

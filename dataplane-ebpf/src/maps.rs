@@ -51,11 +51,14 @@ pub fn remote(dst: [u8; 4]) -> Option<&'static RemoteNode> {
     WEFT_REMOTES.get(aya_ebpf::maps::lpm_trie::Key::new(32, dst))
 }
 
-/// Whether a remotes-map entry is this node's own pod CIDR (it carries our
-/// underlay address) rather than another node's.
+/// Whether a remotes-map entry is this node's own pod CIDR rather than
+/// another node's: flagged so, or (an entry an earlier agent wrote)
+/// carrying this node's IPv4 underlay address. An IPv6-only node has none:
+/// its peers' entries carry 0.0.0.0 too.
 #[inline(always)]
 pub fn is_own(r: &RemoteNode) -> bool {
-    r.underlay_ip.to_ne_bytes() == local_ip()
+    r.flags & RemoteNode::FLAG_OWN != 0
+        || (r.underlay_ip != 0 && r.underlay_ip.to_ne_bytes() == local_ip())
 }
 
 /// Whether `ip` lies in this node's own pod CIDR.

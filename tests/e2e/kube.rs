@@ -285,3 +285,95 @@ fn ipv6_underlay_addresses_through_the_kubernetes_api() {
     assert!(ping(&a.ns, b.ip6.unwrap(), 3), "IPv6 pods reach each other");
     assert!(ping(&a.ns, b.ip, 3), "IPv4 pods too");
 }
+
+#[test]
+fn an_ipv6_only_cluster_through_the_kubernetes_api() {
+    if !privileged("an_ipv6_only_cluster_through_the_kubernetes_api") {
+        return;
+    }
+    if !have_apiserver("an_ipv6_only_cluster_through_the_kubernetes_api") {
+        return;
+    }
+    let mut lab = Lab::new("kubev6o");
+    let mut c = Cluster::new(&mut lab, ClusterSpec::pair().ipv6_only());
+    let und = c.underlay.ns.clone();
+    // The nodes have no IPv4 address: they reach the API over IPv6.
+    let api = KubeApi::start_with(
+        &mut lab,
+        &und,
+        "br0",
+        weft_tests::kube::ApiOptions {
+            ipv6: true,
+            ..Default::default()
+        },
+    );
+    bind_agent_rbac(&und, &api);
+    for n in &c.nodes {
+        // Nodes as an IPv6-only cluster's controller manager leaves them:
+        // one IPv6 pod CIDR.
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": n.name},
+            "spec": {"podCIDR": n.pod_cidr6, "podCIDRs": [n.pod_cidr6]},
+        }))
+        .unwrap();
+        create(&und, &api, node);
+    }
+    let kubeconfig = api.kubeconfig6("agent", AGENT_TOKEN);
+    c.spec.agent_args = vec![
+        "--registry".into(),
+        "kube".into(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+    ];
+    c.launch(&mut lab);
+    // Each agent published its IPv6 underlay address and no IPv4 one; the
+    // other node is known by it alone.
+    for (i, n) in c.nodes.iter().enumerate() {
+        let name = n.name.clone();
+        let ann = with_client(&und, &api, async move |client| {
+            Api::<Node>::all(client)
+                .get(&name)
+                .await
+                .unwrap()
+                .metadata
+                .annotations
+                .unwrap_or_default()
+        });
+        let ip6 = n.underlay_ip6.unwrap();
+        assert_eq!(
+            (
+                ann.get("weft.dev/underlay-ip6").map(String::as_str),
+                ann.get("weft.dev/underlay-ip"),
+                ann.get("weft.dev/vtep-mac").cloned(),
+            ),
+            (
+                Some(ip6.to_string().as_str()),
+                None,
+                Some(weft_agent::host::netdev::mac_to_string(
+                    &weft_agent::host::netdev::vtep_mac_for6(ip6)
+                ))
+            ),
+            "node {i}'s annotations: {ann:?}"
+        );
+    }
+    let peer = &c.nodes[1];
+    wait_for(
+        "node-1 to carry node-2's pods over the IPv6 underlay",
+        Duration::from_secs(10),
+        || {
+            let rows = c.status(0)["nodes"].as_array().unwrap().clone();
+            (rows.len() == 2
+                && rows.iter().any(|r| {
+                    r["pod_cidr"] == peer.pod_cidr6.as_deref().unwrap()
+                        && r["underlay"] == "ipv6"
+                        && r["underlay_ip"] == peer.underlay_ip6.unwrap().to_string()
+                        && r["state"] == "remote"
+                }))
+            .then_some(())
+        },
+    );
+    let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
+    assert!(a.ip.is_unspecified() && b.ip.is_unspecified());
+    assert!(ping(&a.ns, b.ip6.unwrap(), 3), "IPv6 pods reach each other");
+    assert!(ping(&b.ns, a.ip6.unwrap(), 3), "both ways");
+}

@@ -101,11 +101,11 @@ impl Fixture {
         let globals = Globals {
             vni,
             port,
-            local_ip: LOCAL,
+            local_ip: Some(LOCAL),
             underlay_ifindex: und.index,
             vtep_mac: LOCAL_VTEP,
             underlay_mac: und.mac,
-            cluster_cidr: "198.19.0.0/16".parse().unwrap(),
+            cluster_cidr: Some("198.19.0.0/16".parse().unwrap()),
             cluster_cidr6: Some(CLUSTER6.parse().unwrap()),
             // No tunnel device: these tests take VXLAN over IPv6 in only.
             underlay6: Some((ipv6::LOCAL6, 0)),

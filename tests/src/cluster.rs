@@ -87,6 +87,8 @@ pub fn cni_bin() -> PathBuf {
 pub struct NodeInfo {
     pub name: String,
     pub ns: Netns,
+    /// Its IPv4 underlay address (in an IPv6-only cluster the one it would
+    /// have: it is neither configured nor in the registry).
     pub underlay_ip: Ipv4Addr,
     pub pod_cidr: String,
     /// Its IPv6 pod CIDR, in a dual-stack cluster.
@@ -102,8 +104,9 @@ pub struct NodeInfo {
 pub struct PodInfo {
     pub name: String,
     pub ns: Netns,
+    /// Its IPv4 address (0.0.0.0 in an IPv6-only cluster: it has none).
     pub ip: Ipv4Addr,
-    /// Its IPv6 address, in a dual-stack cluster.
+    /// Its IPv6 address, in a dual-stack or IPv6-only cluster.
     pub ip6: Option<std::net::Ipv6Addr>,
     pub node: usize,
 }
@@ -145,6 +148,15 @@ impl Underlay {
 
     /// Plugs `node` into the bridge with interface `und0` at 198.18.0.`host`/24.
     pub fn plug(&self, node: &Netns, host: u8) -> Ipv4Addr {
+        self.plug_link(node, host);
+        let ip = Ipv4Addr::new(198, 18, 0, host);
+        node.ip(&["addr", "add", &format!("{ip}/24"), "dev", "und0"]);
+        ip
+    }
+
+    /// Plugs `node` into the bridge with interface `und0`, up, with no
+    /// address (an IPv6-only node gets its one from [`Underlay::plug6`]).
+    pub fn plug_link(&self, node: &Netns, host: u8) {
         let port = format!("p{host}");
         node.ip(&[
             "link",
@@ -162,13 +174,10 @@ impl Underlay {
         if self.kind == UnderlayKind::NicLike {
             self.ns.sh("ethtool", &["-K", &port, "tx", "off"]);
         }
-        let ip = Ipv4Addr::new(198, 18, 0, host);
-        node.ip(&["addr", "add", &format!("{ip}/24"), "dev", "und0"]);
         node.ip(&["link", "set", "und0", "up"]);
         if self.kind == UnderlayKind::NicLike {
             node.sh("ethtool", &["-K", "und0", "gro", "on"]);
         }
-        ip
     }
 
     /// Gives `node` (plugged in already) an IPv6 address on the underlay
@@ -204,6 +213,9 @@ pub struct ClusterSpec {
     /// Dual-stack, and the nodes talk IPv6 on the underlay too: each has an
     /// address there (`--public-ipv6`), and IPv6 pods' VXLAN goes over IPv6.
     pub underlay6: bool,
+    /// IPv6 only (`--enable-ipv4=false`): nodes with an IPv6 underlay
+    /// address and an IPv6 pod CIDR only, pods with an IPv6 address only.
+    pub ipv6_only: bool,
 }
 
 impl ClusterSpec {
@@ -216,6 +228,13 @@ impl ClusterSpec {
     /// This spec, dual-stack with an IPv6 underlay beside the IPv4 one.
     pub fn underlay6(mut self) -> Self {
         self.dual_stack = true;
+        self.underlay6 = true;
+        self
+    }
+
+    /// This spec, IPv6 only: no IPv4 address on any node or pod.
+    pub fn ipv6_only(mut self) -> Self {
+        self.ipv6_only = true;
         self.underlay6 = true;
         self
     }
@@ -260,6 +279,7 @@ impl Default for ClusterSpec {
             dual_stack: false,
             agent_env: Vec::new(),
             underlay6: false,
+            ipv6_only: false,
         }
     }
 }
@@ -308,15 +328,20 @@ impl Cluster {
         let mut nodes = Vec::new();
         for i in 0..spec.nodes {
             let ns = lab.netns(&format!("n{}", i + 1));
-            let ip = underlay.plug(&ns, (i + 1) as u8);
-            let underlay_ip6 = spec.underlay6.then(|| underlay.plug6(&ns, (i + 1) as u8));
+            let host = (i + 1) as u8;
+            let ip = if spec.ipv6_only {
+                underlay.plug_link(&ns, host);
+                Ipv4Addr::new(198, 18, 0, host)
+            } else {
+                underlay.plug(&ns, host)
+            };
+            let underlay_ip6 = spec.underlay6.then(|| underlay.plug6(&ns, host));
             nodes.push(NodeInfo {
                 name: format!("node-{}", i + 1),
                 ns,
                 underlay_ip: ip,
                 pod_cidr: format!("198.19.{}.0/24", i + 1),
-                pod_cidr6: spec
-                    .dual_stack
+                pod_cidr6: (spec.dual_stack || spec.ipv6_only)
                     .then(|| format!("2001:2:0:{:x}::/64", i + 1)),
                 underlay_ip6,
                 bpffs: bpffs.join(format!("node-{}", i + 1)),
@@ -374,13 +399,14 @@ impl Cluster {
         let mut s = String::new();
         for n in &self.nodes {
             let cidrs = match &n.pod_cidr6 {
+                Some(c6) if self.spec.ipv6_only => format!("pod_cidr = \"{c6}\""),
                 Some(c6) => format!("pod_cidrs = [\"{}\", \"{c6}\"]", n.pod_cidr),
                 None => format!("pod_cidr = \"{}\"", n.pod_cidr),
             };
-            s += &format!(
-                "[[node]]\nname = \"{}\"\nunderlay_ip = \"{}\"\n{cidrs}\n",
-                n.name, n.underlay_ip
-            );
+            s += &format!("[[node]]\nname = \"{}\"\n{cidrs}\n", n.name);
+            if !self.spec.ipv6_only {
+                s += &format!("underlay_ip = \"{}\"\n", n.underlay_ip);
+            }
             if let Some(ip6) = n.underlay_ip6 {
                 s += &format!("underlay_ip6 = \"{ip6}\"\n");
             }
@@ -413,29 +439,26 @@ impl Cluster {
     pub fn agent_command(&self, i: usize) -> Command {
         let n = &self.nodes[i];
         let mut cmd = n.ns.command(weft_bin());
-        cmd.args([
-            "agent",
-            "--node-name",
-            &n.name,
-            "--iface",
-            "und0",
-            "--cluster-cidr",
-            CLUSTER_CIDR,
-        ])
-        .arg("--nodes-file")
-        .arg(&self.nodes_file)
-        .args([
-            "--vni",
-            &self.spec.vni.to_string(),
-            "--port",
-            &self.spec.port.to_string(),
-        ])
-        .arg("--bpffs-dir")
-        .arg(&n.bpffs)
-        .arg("--run-dir")
-        .arg(&n.run_dir)
-        .args(&self.spec.agent_args)
-        .env("WEFT_LOG", "info");
+        cmd.args(["agent", "--node-name", &n.name, "--iface", "und0"]);
+        if self.spec.ipv6_only {
+            cmd.args(["--enable-ipv4=false", "--cluster-cidr6", CLUSTER_CIDR6]);
+        } else {
+            cmd.args(["--cluster-cidr", CLUSTER_CIDR]);
+        }
+        cmd.arg("--nodes-file")
+            .arg(&self.nodes_file)
+            .args([
+                "--vni",
+                &self.spec.vni.to_string(),
+                "--port",
+                &self.spec.port.to_string(),
+            ])
+            .arg("--bpffs-dir")
+            .arg(&n.bpffs)
+            .arg("--run-dir")
+            .arg(&n.run_dir)
+            .args(&self.spec.agent_args)
+            .env("WEFT_LOG", "info");
         if self.spec.dual_stack {
             cmd.args(["--cluster-cidr6", CLUSTER_CIDR6]);
         }
@@ -559,23 +582,32 @@ impl Cluster {
         );
         let result: serde_json::Value =
             serde_json::from_slice(&out.stdout).expect("CNI result JSON");
-        let addr = result["ips"][0]["address"].as_str().expect("an address");
-        let ip: Ipv4Addr = addr
-            .split('/')
-            .next()
-            .and_then(|a| a.parse().ok())
-            .expect("IPv4 address");
-        // A dual-stack pod's IPv6 address comes second.
-        let ip6 = result["ips"].get(1).map(|v6| {
-            let addr = v6["address"].as_str().expect("an IPv6 address");
-            addr.split('/')
-                .next()
-                .and_then(|a| a.parse().ok())
-                .expect("IPv6 address")
-        });
+        let addresses: Vec<std::net::IpAddr> = result["ips"]
+            .as_array()
+            .expect("ips")
+            .iter()
+            .map(|i| {
+                let addr = i["address"].as_str().expect("an address");
+                addr.split('/')
+                    .next()
+                    .and_then(|a| a.parse().ok())
+                    .expect("an IP address")
+            })
+            .collect();
+        // IPv4 first; a dual-stack pod's IPv6 address second; an IPv6-only
+        // pod's alone.
+        let (ip, ip6) = match addresses[..] {
+            [std::net::IpAddr::V4(ip)] => (ip, None),
+            [std::net::IpAddr::V4(ip), std::net::IpAddr::V6(ip6)] => (ip, Some(ip6)),
+            [std::net::IpAddr::V6(ip6)] => (Ipv4Addr::UNSPECIFIED, Some(ip6)),
+            _ => panic!("CNI ADD result: {result}"),
+        };
         assert_eq!(
-            ip6.is_some(),
-            self.spec.dual_stack,
+            (ip.is_unspecified(), ip6.is_some()),
+            (
+                self.spec.ipv6_only,
+                self.spec.dual_stack || self.spec.ipv6_only
+            ),
             "CNI ADD result: {result}"
         );
         let pod = PodInfo {

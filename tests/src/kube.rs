@@ -12,6 +12,9 @@ use std::{path::PathBuf, process::Command, time::Duration};
 use crate::{Lab, Netns, sh};
 
 pub const API_IP: &str = "198.18.0.254";
+/// The API server's IPv6 address, with [`ApiOptions::ipv6`]: on the IPv6
+/// underlay of [`crate::cluster::UNDERLAY6_PREFIX`], for IPv6-only nodes.
+pub const API_IP6: &str = "2001:2:ff::fe";
 pub const API_PORT: u16 = 6443;
 pub const ADMIN_TOKEN: &str = "weft-test-admin-token";
 pub const AGENT_TOKEN: &str = "weft-test-agent-token";
@@ -65,6 +68,9 @@ pub struct ApiOptions {
     /// Dual-stack Services: 1.20's alpha `IPv6DualStack` gate on, and an
     /// IPv6 service range ([`SERVICE_CIDR6`]) beside the IPv4 one.
     pub dual_stack: bool,
+    /// Also listens on [`API_IP6`] (IPv6-only nodes reach it there:
+    /// [`KubeApi::kubeconfig6`]).
+    pub ipv6: bool,
 }
 
 /// The IPv6 service range of a dual-stack API server (outside the lab's
@@ -94,6 +100,10 @@ impl KubeApi {
         let dir = lab.dir.join("kube");
         std::fs::create_dir_all(&dir).unwrap();
         ns.ip(&["addr", "add", &format!("{API_IP}/24"), "dev", dev]);
+        if opts.ipv6 {
+            ns.sysctl(&format!("net.ipv6.conf.{dev}.disable_ipv6"), "0");
+            ns.ip(&["addr", "add", &format!("{API_IP6}/64"), "dev", dev, "nodad"]);
+        }
         let p = |f: &str| dir.join(f).display().to_string();
         let ossl = |args: &[&str]| {
             sh("openssl", args);
@@ -126,7 +136,7 @@ impl KubeApi {
         std::fs::write(
             dir.join("san.ext"),
             format!(
-                "subjectAltName=IP:{API_IP},IP:{SERVICE_API_IP},IP:127.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n"
+                "subjectAltName=IP:{API_IP},IP:{API_IP6},IP:{SERVICE_API_IP},IP:127.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n"
             ),
         )
         .unwrap();
@@ -199,7 +209,11 @@ impl KubeApi {
         let mut cmd = self.ns.command(&self.bin);
         cmd.args([
             "--etcd-servers=http://127.0.0.1:2379",
-            &format!("--bind-address={API_IP}"),
+            // With an IPv6 address too: every address of the namespace.
+            &format!(
+                "--bind-address={}",
+                if self.opts.ipv6 { "::" } else { API_IP }
+            ),
             &format!("--advertise-address={API_IP}"),
             &format!("--secure-port={API_PORT}"),
             "--insecure-port=0",
@@ -346,12 +360,26 @@ impl KubeApi {
 
     /// Writes a kubeconfig for `token` and returns its path.
     pub fn kubeconfig(&self, name: &str, token: &str) -> PathBuf {
+        self.kubeconfig_for(name, token, &format!("{API_IP}:{API_PORT}"))
+    }
+
+    /// [`KubeApi::kubeconfig`] to the server's IPv6 address (with
+    /// [`ApiOptions::ipv6`]).
+    pub fn kubeconfig6(&self, name: &str, token: &str) -> PathBuf {
+        assert!(
+            self.opts.ipv6,
+            "the API server listens on IPv6 only with ApiOptions::ipv6"
+        );
+        self.kubeconfig_for(name, token, &format!("[{API_IP6}]:{API_PORT}"))
+    }
+
+    fn kubeconfig_for(&self, name: &str, token: &str, server: &str) -> PathBuf {
         use std::fmt::Write as _;
         let b64 = base64(self.ca_pem.as_bytes());
         let mut s = String::new();
         let _ = write!(
             s,
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: weft\n  cluster:\n    server: https://{API_IP}:{API_PORT}\n    certificate-authority-data: {b64}\nusers:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: c\n  context:\n    cluster: weft\n    user: u\ncurrent-context: c\n"
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: weft\n  cluster:\n    server: https://{server}\n    certificate-authority-data: {b64}\nusers:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: c\n  context:\n    cluster: weft\n    user: u\ncurrent-context: c\n"
         );
         let path = self.dir.join(format!("{name}.kubeconfig"));
         std::fs::write(&path, s).unwrap();

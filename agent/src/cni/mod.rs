@@ -179,12 +179,15 @@ impl NetConf {
             .unwrap_or_else(|| crate::node::DEFAULT_RUN_DIR.into())
     }
 
-    /// The IPAM store of this network's IPv4 addresses on this node.
-    fn ipam(&self, node: &NodeConfig) -> ipam::Ipam<Ipv4Addr> {
-        ipam::Ipam::new(self.ipam_dir(), node.subnet, node.gateway)
+    /// The IPAM store of this network's IPv4 addresses on this node (none
+    /// on an IPv6-only node).
+    fn ipam(&self, node: &NodeConfig) -> Option<ipam::Ipam<Ipv4Addr>> {
+        let v4 = node.v4?;
+        Some(ipam::Ipam::new(self.ipam_dir(), v4.subnet, v4.gateway))
     }
 
-    /// The IPv6 store, on a dual-stack node: `v6/` in the IPv4 one.
+    /// The IPv6 store, on a dual-stack or IPv6-only node: `v6/` in the
+    /// IPv4 one.
     fn ipam6(&self, node: &NodeConfig) -> Option<ipam::Ipam<Ipv6Addr>> {
         let v6 = node.v6?;
         Some(ipam::Ipam::new(
@@ -331,16 +334,22 @@ fn add(conf: &NetConf, id: &str, ifname: &str, netns: &str) -> Result<Value, Cni
     }
     let ipam = conf.ipam(&node);
     let ipam6 = conf.ipam6(&node);
-    let ip = ipam
-        .lock()
-        .and_then(|l| l.allocate(id, ifname))
-        .map_err(ipam_err)?;
     // Gives back what was allocated, when the ADD fails after it.
     let release = || {
-        let _ = ipam.lock().and_then(|l| l.release(id, ifname));
+        if let Some(i) = &ipam {
+            let _ = i.lock().and_then(|l| l.release(id, ifname));
+        }
         if let Some(i) = &ipam6 {
             let _ = i.lock().and_then(|l| l.release(id, ifname));
         }
+    };
+    let ip = match &ipam {
+        None => None,
+        Some(i) => Some(
+            i.lock()
+                .and_then(|l| l.allocate(id, ifname))
+                .map_err(ipam_err)?,
+        ),
     };
     let ip6 = match &ipam6 {
         None => None,
@@ -379,9 +388,50 @@ fn add(conf: &NetConf, id: &str, ifname: &str, netns: &str) -> Result<Value, Cni
         &attached,
         ifname,
         netns,
-        (ip, node.gateway),
-        ip6.zip(node.v6.map(|v| v.gateway)),
+        &pod_addresses(&node, ip, ip6),
     ))
+}
+
+/// A pod's address of one family, with its prefix length (32 or 128) and
+/// its gateway.
+#[derive(Clone, Copy, Debug)]
+struct PodAddress {
+    ip: IpAddr,
+    prefix: u8,
+    gateway: IpAddr,
+}
+
+impl PodAddress {
+    fn cidr(&self) -> String {
+        format!("{}/{}", self.ip, self.prefix)
+    }
+
+    fn default_route(&self) -> &'static str {
+        if self.ip.is_ipv4() {
+            "0.0.0.0/0"
+        } else {
+            "::/0"
+        }
+    }
+}
+
+/// The pod's addresses (IPv4 first) with their gateways on `node`.
+fn pod_addresses(
+    node: &NodeConfig,
+    ip: Option<Ipv4Addr>,
+    ip6: Option<Ipv6Addr>,
+) -> Vec<PodAddress> {
+    let v4 = ip.zip(node.v4).map(|(ip, v4)| PodAddress {
+        ip: IpAddr::V4(ip),
+        prefix: 32,
+        gateway: IpAddr::V4(v4.gateway),
+    });
+    let v6 = ip6.zip(node.v6).map(|(ip6, v6)| PodAddress {
+        ip: IpAddr::V6(ip6),
+        prefix: 128,
+        gateway: IpAddr::V6(v6.gateway),
+    });
+    v4.into_iter().chain(v6).collect()
 }
 
 /// The ADD result in the caller's version.
@@ -391,24 +441,18 @@ fn result(
     a: &endpoint::Attached,
     ifname: &str,
     netns: &str,
-    (ip, gw): (Ipv4Addr, Ipv4Addr),
-    v6: Option<(Ipv6Addr, Ipv6Addr)>,
+    addresses: &[PodAddress],
 ) -> Value {
-    let mut ipc = json!({"address": format!("{ip}/32"), "gateway": gw.to_string(), "interface": 1});
-    let mut routes = vec![json!({"dst": "0.0.0.0/0", "gw": gw.to_string()})];
     let mut ips = vec![];
-    if version.starts_with("0.") {
-        ipc["version"] = json!("4");
-    }
-    ips.push(ipc);
-    if let Some((ip6, gw6)) = v6 {
+    let mut routes = vec![];
+    for p in addresses {
         let mut ipc =
-            json!({"address": format!("{ip6}/128"), "gateway": gw6.to_string(), "interface": 1});
+            json!({"address": p.cidr(), "gateway": p.gateway.to_string(), "interface": 1});
         if version.starts_with("0.") {
-            ipc["version"] = json!("6");
+            ipc["version"] = json!(if p.ip.is_ipv4() { "4" } else { "6" });
         }
         ips.push(ipc);
-        routes.push(json!({"dst": "::/0", "gw": gw6.to_string()}));
+        routes.push(json!({"dst": p.default_route(), "gw": p.gateway.to_string()}));
     }
     json!({
         "cniVersion": version,
@@ -427,13 +471,14 @@ fn del(conf: &NetConf, id: &str, ifname: &str) -> Result<(), CniError> {
     match node_config(conf) {
         Ok(node) => {
             let mut ips: Vec<IpAddr> = Vec::new();
-            ips.extend(
-                conf.ipam(&node)
-                    .lock()
-                    .and_then(|l| l.release(id, ifname))
-                    .map_err(ipam_err)?
-                    .map(IpAddr::V4),
-            );
+            if let Some(i) = conf.ipam(&node) {
+                ips.extend(
+                    i.lock()
+                        .and_then(|l| l.release(id, ifname))
+                        .map_err(ipam_err)?
+                        .map(IpAddr::V4),
+                );
+            }
             if let Some(i) = conf.ipam6(&node) {
                 ips.extend(
                     i.lock()
@@ -461,21 +506,15 @@ fn check(conf: &NetConf, id: &str, ifname: &str, netns: &str) -> Result<(), CniE
         )
     };
     let host = endpoint::host_ifname(id, ifname);
-    let ip = conf
-        .ipam(&node)
-        .lock()
-        .and_then(|l| l.find(id, ifname))
-        .map_err(ipam_err)?
-        .ok_or_else(|| drift(format!("no address is allocated to {id}/{ifname}")))?;
-    if let Some(prev) = &conf.prev_result {
-        let want = format!("{ip}/32");
-        if !prev["ips"]
-            .as_array()
-            .is_some_and(|ips| ips.iter().any(|i| i["address"] == want.as_str()))
-        {
-            return Err(drift(format!("prevResult does not list {want}")));
-        }
-    }
+    let ip = match conf.ipam(&node) {
+        None => None,
+        Some(i) => Some(
+            i.lock()
+                .and_then(|l| l.find(id, ifname))
+                .map_err(ipam_err)?
+                .ok_or_else(|| drift(format!("no address is allocated to {id}/{ifname}")))?,
+        ),
+    };
     let ip6 = match conf.ipam6(&node) {
         None => None,
         Some(i) => Some(
@@ -485,70 +524,53 @@ fn check(conf: &NetConf, id: &str, ifname: &str, netns: &str) -> Result<(), CniE
                 .ok_or_else(|| drift(format!("no IPv6 address is allocated to {id}/{ifname}")))?,
         ),
     };
-    if let (Some(prev), Some(ip6)) = (&conf.prev_result, ip6) {
-        let want = format!("{ip6}/128");
-        if !prev["ips"]
-            .as_array()
-            .is_some_and(|ips| ips.iter().any(|i| i["address"] == want.as_str()))
-        {
-            return Err(drift(format!("prevResult does not list {want}")));
+    let addresses = pod_addresses(&node, ip, ip6);
+    if let Some(prev) = &conf.prev_result {
+        for p in &addresses {
+            let want = p.cidr();
+            if !prev["ips"]
+                .as_array()
+                .is_some_and(|ips| ips.iter().any(|i| i["address"] == want.as_str()))
+            {
+                return Err(drift(format!("prevResult does not list {want}")));
+            }
         }
     }
     let host_if = netdev::get(&host).map_err(|e| drift(format!("host-side veth: {e}")))?;
-    // What the pod's side has, read from a thread inside its namespace.
-    let gw = std::net::IpAddr::V4(node.gateway);
-    let gw6 = node.v6.map(|v| IpAddr::V6(v.gateway));
-    let seen = crate::host::netns::run_in(Path::new(netns), || {
+    // What the pod's side lacks, read from a thread inside its namespace.
+    let missing = crate::host::netns::run_in(Path::new(netns), || {
         let mut nl = crate::host::netlink::Netlink::open()?;
         let Some(eth) = nl.link(ifname)? else {
-            return Ok::<_, crate::host::netlink::NetlinkError>(None);
+            return Ok::<_, crate::host::netlink::NetlinkError>(Some(format!(
+                "{netns} has no {ifname}"
+            )));
         };
-        let has_ip = nl
-            .addresses()?
-            .iter()
-            .any(|(i, a, p)| *i == eth.index && *a == std::net::IpAddr::V4(ip) && *p == 32);
-        let default_via_gw = nl
-            .routes(true)?
-            .iter()
-            .any(|r| r.prefix == 0 && r.gateway == Some(gw) && r.oif == Some(eth.index));
-        let v6_ok = match ip6 {
-            None => true,
-            Some(ip6) => {
-                let has_ip6 = nl
-                    .addresses()?
-                    .iter()
-                    .any(|(i, a, p)| *i == eth.index && *a == IpAddr::V6(ip6) && *p == 128);
-                has_ip6
-                    && nl
-                        .routes(false)?
-                        .iter()
-                        .any(|r| r.prefix == 0 && r.gateway == gw6 && r.oif == Some(eth.index))
+        let have = nl.addresses()?;
+        for p in &addresses {
+            if !have
+                .iter()
+                .any(|(i, a, l)| *i == eth.index && *a == p.ip && *l == p.prefix)
+            {
+                return Ok(Some(format!("{ifname} does not have {}", p.cidr())));
             }
-        };
-        Ok(Some((has_ip && v6_ok, default_via_gw)))
+            let via_gw = nl
+                .routes(p.ip.is_ipv4())?
+                .iter()
+                .any(|r| r.prefix == 0 && r.gateway == Some(p.gateway) && r.oif == Some(eth.index));
+            if !via_gw {
+                return Ok(Some(format!(
+                    "no default route via {} in the pod (for {})",
+                    p.gateway,
+                    p.cidr()
+                )));
+            }
+        }
+        Ok(None)
     })
     .map_err(|e| drift(format!("{ifname} in {netns}: {e}")))?
     .map_err(|e| drift(format!("{ifname} in {netns}: {e}")))?;
-    match seen {
-        None => return Err(drift(format!("{netns} has no {ifname}"))),
-        Some((false, _)) => {
-            let v6 = ip6
-                .map(|a| {
-                    format!(
-                        " (and {a}/128 with a default route via {})",
-                        gw6.map(|g| g.to_string()).unwrap_or_default()
-                    )
-                })
-                .unwrap_or_default();
-            return Err(drift(format!("{ifname} does not have {ip}/32{v6}")));
-        }
-        Some((_, false)) => {
-            return Err(drift(format!(
-                "no default route via {} in the pod",
-                node.gateway
-            )));
-        }
-        Some(_) => {}
+    if let Some(what) = missing {
+        return Err(drift(what));
     }
     let maps = Maps::open(&node.bpffs).map_err(|e| {
         CniError::new(
@@ -557,26 +579,25 @@ fn check(conf: &NetConf, id: &str, ifname: &str, netns: &str) -> Result<(), CniE
             e.to_string(),
         )
     })?;
-    if let Some(ip6) = ip6 {
-        match maps.endpoints6.get(&ip6.octets(), 0) {
+    for p in &addresses {
+        let ep = match p.ip {
+            IpAddr::V4(ip) => maps.endpoints.get(&ip_key(ip), 0),
+            IpAddr::V6(ip6) => maps.endpoints6.get(&ip6.octets(), 0),
+        };
+        match ep {
             Ok(ep) if ep.ifindex == host_if.index => {}
             Ok(ep) => {
                 return Err(drift(format!(
-                    "the dataplane sends {ip6} to ifindex {}, not {host} ({})",
-                    ep.ifindex, host_if.index
+                    "the dataplane sends {} to ifindex {}, not {host} ({})",
+                    p.ip, ep.ifindex, host_if.index
                 )));
             }
-            Err(_) => return Err(drift(format!("the dataplane has no endpoint for {ip6}"))),
+            Err(_) => {
+                return Err(drift(format!("the dataplane has no endpoint for {}", p.ip)));
+            }
         }
     }
-    match maps.endpoints.get(&ip_key(ip), 0) {
-        Ok(ep) if ep.ifindex == host_if.index => Ok(()),
-        Ok(ep) => Err(drift(format!(
-            "the dataplane sends {ip} to ifindex {}, not {host} ({})",
-            ep.ifindex, host_if.index
-        ))),
-        Err(_) => Err(drift(format!("the dataplane has no endpoint for {ip}"))),
-    }
+    Ok(())
 }
 
 fn status(conf: &NetConf) -> Result<(), CniError> {
@@ -615,13 +636,14 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
             }
         }
     }
-    let ipam = conf.ipam(&node);
-    let locked = ipam.lock().map_err(ipam_err)?;
-    for (ip, id, ifname) in locked.allocations().map_err(ipam_err)? {
-        if !live(&id, &ifname) {
-            locked.release(&id, &ifname).map_err(ipam_err)?;
-            let host = endpoint::host_ifname(&id, &ifname);
-            let _ = endpoint::del(&host, &[IpAddr::V4(ip)], &node);
+    if let Some(ipam) = conf.ipam(&node) {
+        let locked = ipam.lock().map_err(ipam_err)?;
+        for (ip, id, ifname) in locked.allocations().map_err(ipam_err)? {
+            if !live(&id, &ifname) {
+                locked.release(&id, &ifname).map_err(ipam_err)?;
+                let host = endpoint::host_ifname(&id, &ifname);
+                let _ = endpoint::del(&host, &[IpAddr::V4(ip)], &node);
+            }
         }
     }
     Ok(())

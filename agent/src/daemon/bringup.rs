@@ -19,19 +19,36 @@ use crate::{
 };
 
 /// The underlay interface, picked like flannel: --iface, else the first
-/// interface matching --iface-regex, else the default route's interface.
-pub fn underlay(cfg: &AgentConfig) -> Result<(netdev::Interface, Ipv4Addr), NetdevError> {
-    let name = match (&cfg.iface, &cfg.iface_regex) {
-        (Some(n), _) => n.clone(),
-        (None, Some(re)) => pick_by_pattern(re)?,
-        (None, None) => netdev::default_route_interface()?,
+/// interface matching --iface-regex, else the default route's interface
+/// (on an IPv6-only node: the interface holding --public-ipv6); and this
+/// node's IPv4 underlay address (none on an IPv6-only node).
+pub fn underlay(cfg: &AgentConfig) -> Result<(netdev::Interface, Option<Ipv4Addr>), NetdevError> {
+    let ipv6_only = cfg.cluster_cidr.is_none();
+    let name = match (&cfg.iface, &cfg.iface_regex, cfg.public_ipv6) {
+        (Some(n), _, _) => n.clone(),
+        (None, Some(re), _) => pick_by_pattern(re)?,
+        (None, None, Some(ip6)) if ipv6_only => netdev::interface_with(ip6.into())?,
+        (None, None, _) => netdev::default_route_interface()?,
     };
     let iface = netdev::get(&name)?;
+    if ipv6_only {
+        return Ok((iface, None));
+    }
     let ip = cfg
         .public_ip
         .or(iface.ipv4)
         .ok_or_else(|| NetdevError::NoIpv4(name.clone()))?;
-    Ok((iface, ip))
+    Ok((iface, Some(ip)))
+}
+
+/// This node's VTEP MAC: from its IPv4 underlay address, or on an
+/// IPv6-only node from its IPv6 one ([`netdev::vtep_mac_for6`]).
+pub(super) fn vtep_mac(ip: Option<Ipv4Addr>, ip6: Option<std::net::Ipv6Addr>) -> [u8; 6] {
+    match (ip, ip6) {
+        (Some(ip), _) => netdev::vtep_mac_for(ip),
+        (None, Some(ip6)) => netdev::vtep_mac_for6(ip6),
+        (None, None) => [0; 6],
+    }
 }
 
 /// `--iface-regex`: the first interface with an IPv4 address whose name
@@ -82,7 +99,7 @@ pub(super) fn bring_up(
     cfg: &AgentConfig,
     globals: &Globals,
     underlay: &str,
-    pod_cidr: &Ipv4Cidr,
+    pod_cidr: Option<&Ipv4Cidr>,
     pod_cidr6: Option<&Ipv6Cidr>,
 ) -> Result<(Dataplane, Hook), AgentError> {
     let mut dp = load(cfg, globals)?;
@@ -108,7 +125,7 @@ pub(super) fn attach(
     dp: &mut Dataplane,
     cfg: &AgentConfig,
     underlay: &str,
-    pod_cidr: &Ipv4Cidr,
+    pod_cidr: Option<&Ipv4Cidr>,
     pod_cidr6: Option<&Ipv6Cidr>,
 ) -> Result<Hook, AgentError> {
     let (decap_hook, decap) = attach_decap(dp, cfg.decap, underlay)?;
@@ -148,7 +165,7 @@ pub(super) fn set_up_masquerade(cfg: &AgentConfig) {
     }
     match crate::host::masq::install(&cfg.clusters()) {
         Ok(backend) => {
-            tracing::info!(cluster = %cfg.cluster_cidr, cluster6 = ?cfg.cluster_cidr6, chain = crate::host::masq::CHAIN, ?backend, "masquerading pods' traffic leaving the cluster")
+            tracing::info!(cluster = %cfg.clusters(), chain = crate::host::masq::CHAIN, ?backend, "masquerading pods' traffic leaving the cluster")
         }
         Err(e) => tracing::error!(
             "could not install the masquerade rules ({e}): pods cannot reach addresses outside the cluster; install iptables (with iptables-restore) or nftables (nft), or pass --ip-masq=false if something else masquerades"
@@ -165,7 +182,7 @@ pub(super) struct Started {
 }
 
 /// Starts the configured registry.
-pub(super) fn spawn_registry(cfg: &AgentConfig, local_ip: Ipv4Addr) -> Started {
+pub(super) fn spawn_registry(cfg: &AgentConfig, local_ip: Option<Ipv4Addr>) -> Started {
     let (publish, gate) = tokio::sync::watch::channel(false);
     let registry: Box<dyn Registry> = match cfg.registry {
         RegistryKind::File => Box::new(FileRegistry {
@@ -179,7 +196,7 @@ pub(super) fn spawn_registry(cfg: &AgentConfig, local_ip: Ipv4Addr) -> Started {
                 cfg.node_name.clone(),
                 cfg.clusters(),
             );
-            r.own = Some((local_ip, netdev::vtep_mac_for(local_ip)));
+            r.own = Some((local_ip, vtep_mac(local_ip, cfg.public_ipv6)));
             r.own_ip6 = cfg.public_ipv6;
             r.flannel = cfg
                 .flannel

@@ -11,6 +11,8 @@
 //! nodes-file = "/etc/weft/nodes.toml"
 //! kubeconfig = "/etc/weft/kubeconfig"
 //! cluster-cidr = "10.244.0.0/16"
+//! cluster-cidr6 = "fd00:10:244::/56"  # dual-stack (or, with enable-ipv4 = false, IPv6-only)
+//! enable-ipv4 = true          # false: an IPv6-only cluster (flannel's EnableIPv4)
 //! vni = 1
 //! port = 8472
 //! bpffs-dir = "/sys/fs/bpf/weft"
@@ -109,6 +111,12 @@ pub struct AgentSettings {
     /// each family (nodes' IPv6 pod CIDRs lie in it) [default: none, IPv4 only].
     #[arg(long)]
     pub cluster_cidr6: Option<Ipv6Cidr>,
+    /// IPv4 pods (flannel's EnableIPv4); `--enable-ipv4=false`, with
+    /// --cluster-cidr6 and --public-ipv6, for an IPv6-only cluster: pods
+    /// get an IPv6 address only, and the node needs no IPv4 address
+    /// [default: true].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub enable_ipv4: Option<bool>,
     /// VXLAN network identifier [default: 1, as flannel].
     #[arg(long)]
     pub vni: Option<u32>,
@@ -173,7 +181,8 @@ pub struct AgentConfig {
     pub registry: RegistryKind,
     pub nodes_file: PathBuf,
     pub kubeconfig: Option<PathBuf>,
-    pub cluster_cidr: Ipv4Cidr,
+    /// None in an IPv6-only cluster (`enable-ipv4 = false`).
+    pub cluster_cidr: Option<Ipv4Cidr>,
     pub cluster_cidr6: Option<Ipv6Cidr>,
     pub vni: u32,
     pub port: u16,
@@ -216,6 +225,18 @@ pub enum SettingsError {
     Ipv6UnderlayWithoutPods,
     #[error("public-ipv6: {0}")]
     PublicIpv6(String),
+    #[error(
+        "enable-ipv4 = false makes an IPv6-only cluster: it needs cluster-cidr6 (the pods' IPv6 network) and public-ipv6 (this node's IPv6 underlay address); set both"
+    )]
+    Ipv6OnlyIncomplete,
+    #[error(
+        "enable-ipv4 = false with cluster-cidr set: an IPv6-only cluster has no IPv4 pods; drop cluster-cidr (or enable-ipv4 = false)"
+    )]
+    Ipv6OnlyWithIpv4Cidr,
+    #[error(
+        "flannel-compat runs with IPv4 (flannel's IPv4 annotations name each node); it does not take an IPv6-only cluster (enable-ipv4 = false)"
+    )]
+    FlannelNeedsIpv4,
 }
 
 impl AgentConfig {
@@ -252,6 +273,18 @@ impl AgentConfig {
             }
             _ => None,
         };
+        let ipv4 = s.enable_ipv4.unwrap_or(true);
+        if !ipv4 {
+            if s.cluster_cidr6.is_none() || s.public_ipv6.is_none() {
+                return Err(SettingsError::Ipv6OnlyIncomplete);
+            }
+            if s.cluster_cidr.is_some() {
+                return Err(SettingsError::Ipv6OnlyWithIpv4Cidr);
+            }
+            if flannel.is_some() {
+                return Err(SettingsError::FlannelNeedsIpv4);
+            }
+        }
         let public_ipv6 = match s.public_ipv6 {
             Some(_) if s.cluster_cidr6.is_none() => {
                 return Err(SettingsError::Ipv6UnderlayWithoutPods);
@@ -272,9 +305,10 @@ impl AgentConfig {
                 .nodes_file
                 .unwrap_or_else(|| "/etc/weft/nodes.toml".into()),
             kubeconfig: s.kubeconfig,
-            cluster_cidr: s
-                .cluster_cidr
-                .unwrap_or_else(|| Ipv4Cidr::new(Ipv4Addr::new(10, 244, 0, 0), 16)),
+            cluster_cidr: ipv4.then(|| {
+                s.cluster_cidr
+                    .unwrap_or_else(|| Ipv4Cidr::new(Ipv4Addr::new(10, 244, 0, 0), 16))
+            }),
             cluster_cidr6: s.cluster_cidr6,
             vni: s.vni.unwrap_or(1),
             port: s.port.unwrap_or(8472),
@@ -336,6 +370,7 @@ impl AgentSettings {
             kubeconfig: self.kubeconfig.or(file.kubeconfig),
             cluster_cidr: self.cluster_cidr.or(file.cluster_cidr),
             cluster_cidr6: self.cluster_cidr6.or(file.cluster_cidr6),
+            enable_ipv4: self.enable_ipv4.or(file.enable_ipv4),
             vni: self.vni.or(file.vni),
             port: self.port.or(file.port),
             bpffs_dir: self.bpffs_dir.or(file.bpffs_dir),

@@ -4,7 +4,6 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use crate::{
-    cidr::Ipv4Cidr,
     daemon::{AgentError, bringup::bring_up, config::AgentConfig, metrics::AgentMetrics},
     dataplane::{Dataplane, DataplaneError, Globals, Hook, Maps},
     host::{
@@ -27,8 +26,9 @@ pub(super) struct Keeper {
     /// `--public-ip`): the programs carry it as a load-time constant.
     pub(super) local_ip: Option<Ipv4Addr>,
     pub(super) decap: Hook,
-    pub(super) subnet: Ipv4Cidr,
-    /// This node's IPv6 network, on a dual-stack node.
+    /// This node's IPv4 network (none on an IPv6-only node).
+    pub(super) v4: Option<crate::node::NodeV4>,
+    /// This node's IPv6 network, on a dual-stack or IPv6-only node.
     pub(super) v6: Option<crate::node::NodeV6>,
     pub(super) pod_mtu: u32,
     pub(super) last_problem: Option<String>,
@@ -92,8 +92,7 @@ impl Keeper {
                         "{HOST_IFACE} is gone (deleted by something else?); creating it again"
                     );
                     match weft0::setup(
-                        &cfg.cluster_cidr,
-                        &self.subnet,
+                        self.v4.as_ref(),
                         self.v6.as_ref(),
                         self.pod_mtu,
                         &self.underlay,
@@ -197,8 +196,7 @@ impl Keeper {
         let iface = netdev::get(&self.underlay)?;
         // rp_filter on the new device, as at start.
         weft0::setup(
-            &cfg.cluster_cidr,
-            &self.subnet,
+            self.v4.as_ref(),
             self.v6.as_ref(),
             self.pod_mtu,
             &self.underlay,
@@ -212,12 +210,13 @@ impl Keeper {
                 .map(|(ip, index)| (ip, netdev::index(gro::GRO_IFACE).unwrap_or(index))),
             ..self.globals.clone()
         };
+        let subnet = self.v4.map(|v| v.subnet);
         let subnet6 = self.v6.map(|v| v.subnet);
         let (new, decap) = bring_up(
             cfg,
             &globals,
             &self.underlay,
-            &self.subnet,
+            subnet.as_ref(),
             subnet6.as_ref(),
         )?;
         *dp = new;

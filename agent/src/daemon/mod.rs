@@ -39,7 +39,7 @@ use crate::{
         netdev::{self, NetdevError},
         weft0,
     },
-    node::{NodeConfig, NodeConfigError, NodeV6},
+    node::{NodeConfig, NodeConfigError, NodeV4, NodeV6},
     registry::{Node, Published, file::RegistryError},
 };
 
@@ -104,7 +104,15 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         return Err(AgentError::Mtu(iface.mtu));
     }
     let pod_mtu = iface.mtu - overhead;
-    tracing::info!(iface = %iface.name, %local_ip, mtu = iface.mtu, registry = ?cfg.registry, "underlay");
+    let shown = |ip: Option<String>| ip.unwrap_or_else(|| "none".into());
+    tracing::info!(
+        iface = %iface.name,
+        local_ip = %shown(local_ip.map(|i| i.to_string())),
+        local_ip6 = %shown(cfg.public_ipv6.map(|i| i.to_string())),
+        mtu = iface.mtu,
+        registry = ?cfg.registry,
+        "underlay"
+    );
 
     let metrics = AgentMetrics::default();
     let server = Server::new(&metrics, cfg.bpffs_dir.clone());
@@ -146,12 +154,11 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         }
     };
     if me.underlay_ip != local_ip {
-        tracing::warn!(registry = %me.underlay_ip, detected = %local_ip, "the registry's underlay IP for this node differs from this node's address (the interface's, or --public-ip); using this node's");
+        tracing::warn!(registry = ?me.underlay_ip, detected = ?local_ip, "the registry's IPv4 underlay address for this node differs from this node's address (the interface's, or --public-ip); using this node's");
     }
 
     weft0::setup(
-        &cfg.cluster_cidr,
-        &me.pod_cidr,
+        node_v4(&cfg, &me).as_ref(),
         node_v6(&cfg, &me).as_ref(),
         pod_mtu,
         &iface.name,
@@ -193,7 +200,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         match reconcile(&update, &me, local_ip, local_ip6, send6, maps, &mut written) {
             Ok(r) => {
                 if let Some(new) = r.pod_cidr_changed {
-                    tracing::error!(old = %me.pod_cidr, %new, "this node's pod CIDR changed; restart the agent to apply it (pods keep their addresses until then)");
+                    tracing::error!(old = %reconcile::pod_cidrs(&me), %new, "this node's pod CIDR changed; restart the agent to apply it (pods keep their addresses until then)");
                 }
                 let c = r.changes;
                 metrics.map_writes.inc_by((c.upserts + c.removals) as u64);
@@ -226,7 +233,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         &mut dp,
         &cfg,
         &iface.name,
-        &me.pod_cidr,
+        me.pod_cidr.as_ref(),
         me.pod_cidr6.as_ref(),
     )?;
     if cfg.flannel.is_some() {
@@ -237,15 +244,14 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     }
     // Other nodes may address this one now: its decap takes their frames.
     let _ = publish.send(true);
-    let gateway = NodeConfig::gateway_of(&me.pod_cidr);
-    if let Some(f) = &cfg.flannel {
-        takeover::adopt_addresses(f, cni_conf.as_ref(), &me.pod_cidr, gateway);
+    // flannel-compat runs with IPv4 only (checked in the settings).
+    let v4 = node_v4(&cfg, &me);
+    if let (Some(f), Some(v4)) = (&cfg.flannel, &v4) {
+        takeover::adopt_addresses(f, cni_conf.as_ref(), &v4.subnet, v4.gateway);
     }
     NodeConfig {
         node: me.name.clone(),
-        network: cfg.cluster_cidr,
-        subnet: me.pod_cidr,
-        gateway,
+        v4,
         mtu: pod_mtu,
         bpffs: cfg.bpffs_dir.clone(),
         v6: node_v6(&cfg, &me),
@@ -261,10 +267,10 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             // The keeper tries again every few seconds.
             Err(e) => tracing::error!("{e}"),
         }
-        if let Some(f) = &cfg.flannel
+        if let (Some(f), Some(v4)) = (&cfg.flannel, &v4)
             && takeover::disable_flannel_conflist(conf)
         {
-            takeover::adopt_addresses(f, Some(conf), &me.pod_cidr, gateway);
+            takeover::adopt_addresses(f, Some(conf), &v4.subnet, v4.gateway);
         }
     }
 
@@ -274,9 +280,9 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         globals,
         underlay: iface.name.clone(),
         underlay_index: iface.index,
-        local_ip: cfg.public_ip.is_none().then_some(local_ip),
+        local_ip: local_ip.filter(|_| cfg.public_ip.is_none()),
         decap: decap_hook,
-        subnet: me.pod_cidr,
+        v4,
         v6: node_v6(&cfg, &me),
         pod_mtu,
         last_problem: None,
@@ -329,8 +335,20 @@ fn underlay6(cfg: &AgentConfig, gro_port: Option<u16>) -> Option<(Ipv6Addr, u32)
     }
 }
 
-/// This node's IPv6 network, pod CIDR and gateway, on a dual-stack node
-/// (an IPv6 cluster CIDR, and an IPv6 pod CIDR for this node).
+/// This node's IPv4 network, pod CIDR and gateway (none on an IPv6-only
+/// node).
+pub(crate) fn node_v4(cfg: &AgentConfig, me: &Node) -> Option<NodeV4> {
+    let (network, subnet) = (cfg.cluster_cidr?, me.pod_cidr?);
+    Some(NodeV4 {
+        network,
+        subnet,
+        gateway: NodeConfig::gateway_of(&subnet),
+    })
+}
+
+/// This node's IPv6 network, pod CIDR and gateway, on a dual-stack or
+/// IPv6-only node (an IPv6 cluster CIDR, and an IPv6 pod CIDR for this
+/// node).
 pub(crate) fn node_v6(cfg: &AgentConfig, me: &Node) -> Option<NodeV6> {
     let (network, subnet) = (cfg.cluster_cidr6?, me.pod_cidr6?);
     Some(NodeV6 {

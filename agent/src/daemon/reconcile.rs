@@ -8,7 +8,6 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::{
-    cidr::Ipv4Cidr,
     dataplane::DataplaneError,
     registry::{
         Node, Published,
@@ -33,12 +32,12 @@ pub enum ReconcileError {
 }
 
 /// What a reconcile did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reconciled {
     pub changes: Changes,
-    /// The registry now gives this node another pod CIDR than the one its
-    /// pods have: only a restart applies it.
-    pub pod_cidr_changed: Option<Ipv4Cidr>,
+    /// The registry now gives this node other pod CIDRs than the ones its
+    /// pods have (what it lists now): only a restart applies them.
+    pub pod_cidr_changed: Option<String>,
     /// Only the changed nodes were looked at (not the whole set).
     pub incremental: bool,
 }
@@ -103,7 +102,7 @@ impl Update {
 pub fn reconcile(
     update: &Update,
     me: &Node,
-    local_ip: Ipv4Addr,
+    local_ip: Option<Ipv4Addr>,
     local_ip6: Option<Ipv6Addr>,
     send6: bool,
     maps: &mut impl NodeMaps,
@@ -113,7 +112,8 @@ pub fn reconcile(
         .me
         .as_ref()
         .ok_or_else(|| ReconcileError::NotListed(me.name.clone()))?;
-    let pod_cidr_changed = (listed.pod_cidr != me.pod_cidr).then_some(listed.pod_cidr);
+    let pod_cidr_changed = (listed.pod_cidr != me.pod_cidr || listed.pod_cidr6 != me.pod_cidr6)
+        .then(|| pod_cidrs(listed));
     let local = Local {
         name: &me.name,
         ip: local_ip,
@@ -133,6 +133,14 @@ pub fn reconcile(
         pod_cidr_changed,
         incremental,
     })
+}
+
+/// `n`'s pod CIDRs, for the log: `198.18.1.0/24, 2001:2:0:1::/64`.
+pub fn pod_cidrs(n: &Node) -> String {
+    sync::cidrs(n)
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -201,8 +209,8 @@ mod tests {
         let underlay_ip: Ipv4Addr = ip.parse().unwrap();
         Node {
             name: name.into(),
-            underlay_ip,
-            pod_cidr: cidr.parse().unwrap(),
+            underlay_ip: Some(underlay_ip),
+            pod_cidr: Some(cidr.parse().unwrap()),
             pod_cidr6: None,
             vtep_mac: crate::host::netdev::vtep_mac_for(underlay_ip),
             underlay6: None,
@@ -211,7 +219,7 @@ mod tests {
 
     fn clusters() -> ClusterCidrs {
         ClusterCidrs {
-            v4: "198.19.0.0/16".parse().unwrap(),
+            v4: Some("198.19.0.0/16".parse().unwrap()),
             v6: Some("2001:2::/48".parse().unwrap()),
         }
     }
@@ -242,7 +250,7 @@ mod tests {
     ) -> Result<Reconciled, ReconcileError> {
         a.published.replace(s.clone());
         let u = Update::read(&a.published, &a.written, &me.name);
-        reconcile(&u, me, local, None, false, maps, &mut a.written)
+        reconcile(&u, me, Some(local), None, false, maps, &mut a.written)
     }
 
     #[test]
@@ -259,7 +267,7 @@ mod tests {
             "two CIDRs, one peer"
         );
         assert_eq!(r.pod_cidr_changed, None);
-        let own = maps.remotes[&AnyCidr::V4(me.pod_cidr)];
+        let own = maps.remotes[&AnyCidr::V4(me.pod_cidr.unwrap())];
         assert_eq!(
             ip_from_key(own.underlay_ip),
             local,
@@ -278,7 +286,7 @@ mod tests {
     #[test]
     fn a_node_gone_from_the_registry_is_removed_and_one_moved_is_rewritten() {
         let me = node("a", "198.18.0.1", "198.19.1.0/24");
-        let local = me.underlay_ip;
+        let local = me.underlay_ip.unwrap();
         let mut maps = Fake::default();
         let mut w = Agent::default();
         let all = snap(vec![
@@ -305,7 +313,7 @@ mod tests {
         let b = node("b", "198.18.0.2", "198.19.2.0/24");
         let run = |nodes: &[&Node], maps: &mut Fake, w: &mut Agent| {
             let nodes = nodes.iter().map(|&n| n.clone()).collect();
-            run_snap(&snap(nodes), &me, me.underlay_ip, maps, w)
+            run_snap(&snap(nodes), &me, me.underlay_ip.unwrap(), maps, w)
         };
         let mut maps = Fake::default();
         // What an earlier run left in the pinned maps: b, and a node gone
@@ -334,7 +342,7 @@ mod tests {
         assert_eq!((r.changes.upserts, r.changes.removals), (2, 1));
         assert_eq!(
             maps.vteps.keys().copied().collect::<Vec<_>>(),
-            [VtepKey::V4(ip_key(b.underlay_ip))]
+            [VtepKey::V4(ip_key(b.underlay_ip.unwrap()))]
         );
     }
 
@@ -346,7 +354,7 @@ mod tests {
         run_snap(
             &snap(vec![me.clone(), node("b", "198.18.0.2", "198.19.2.0/24")]),
             &me,
-            me.underlay_ip,
+            me.underlay_ip.unwrap(),
             &mut maps,
             &mut w,
         )
@@ -355,7 +363,7 @@ mod tests {
         let e = run_snap(
             &snap(vec![node("b", "198.18.0.2", "198.19.2.0/24")]),
             &me,
-            me.underlay_ip,
+            me.underlay_ip.unwrap(),
             &mut maps,
             &mut w,
         )
@@ -376,12 +384,12 @@ mod tests {
         let r = run_snap(
             &snap(vec![node("a", "198.18.0.1", "198.19.7.0/24")]),
             &me,
-            me.underlay_ip,
+            me.underlay_ip.unwrap(),
             &mut maps,
             &mut w,
         )
         .unwrap();
-        assert_eq!(r.pod_cidr_changed, Some("198.19.7.0/24".parse().unwrap()));
+        assert_eq!(r.pod_cidr_changed.as_deref(), Some("198.19.7.0/24"));
     }
 
     #[test]
@@ -424,13 +432,14 @@ mod tests {
                     .replace(snap(source.values().cloned().collect()));
             }
             let u = Update::read(&a.published, &a.written, &me.name);
-            let r = reconcile(&u, &me, local, None, false, &mut maps, &mut a.written).unwrap();
+            let r =
+                reconcile(&u, &me, Some(local), None, false, &mut maps, &mut a.written).unwrap();
             incremental += usize::from(r.incremental);
             let want = sync::desired(
                 a.published.nodes.values(),
                 Local {
                     name: &me.name,
-                    ip: local,
+                    ip: Some(local),
                     ip6: None,
                     send6: false,
                 },

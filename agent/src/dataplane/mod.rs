@@ -139,11 +139,15 @@ pub enum DataplaneError {
 pub struct Globals {
     pub vni: u32,
     pub port: u16,
-    pub local_ip: Ipv4Addr,
+    /// This node's IPv4 underlay address (none on an IPv6-only node: the
+    /// programs then take no VXLAN over IPv4).
+    pub local_ip: Option<Ipv4Addr>,
     pub underlay_ifindex: u32,
     pub vtep_mac: [u8; 6],
     pub underlay_mac: [u8; 6],
-    pub cluster_cidr: Ipv4Cidr,
+    /// The IPv4 cluster CIDR (`None`: IPv6 only; the programs then forward
+    /// no IPv4).
+    pub cluster_cidr: Option<Ipv4Cidr>,
     /// The IPv6 cluster CIDR, for IPv6 pods (`None`: IPv4 only; the
     /// programs then forward no IPv6).
     pub cluster_cidr6: Option<Ipv6Cidr>,
@@ -230,9 +234,13 @@ impl Dataplane {
                 source,
             })?;
         }
-        let local_ip = globals.local_ip.octets();
-        let cluster_net = globals.cluster_cidr.addr().octets();
-        let cluster_mask = globals.cluster_cidr.netmask().octets();
+        let local_ip = globals.local_ip.unwrap_or(Ipv4Addr::UNSPECIFIED).octets();
+        // No IPv4 cluster: as for IPv6 below, 0.0.0.0/32 matches nothing
+        // the programs forward.
+        let (cluster_net, cluster_mask) = match globals.cluster_cidr {
+            Some(c) => (c.addr().octets(), c.netmask().octets()),
+            None => ([0; 4], [0xff; 4]),
+        };
         // No IPv6 cluster: net :: with an all-ones mask matches only ::,
         // which no packet the programs forward carries.
         let (cluster6_net, cluster6_mask) = match globals.cluster_cidr6 {

@@ -255,7 +255,7 @@ pub fn install(clusters: &ClusterCidrs) -> Result<Backend, CmdError> {
     let backend = Backend::detect();
     let v6 = clusters.v6.as_ref().map(|c| c as &dyn Display);
     for (family, cluster) in [
-        (Family::V4, Some(&clusters.v4 as &dyn Display)),
+        (Family::V4, clusters.v4.as_ref().map(|c| c as &dyn Display)),
         (Family::V6, v6),
     ] {
         for other in backend.others() {

@@ -19,6 +19,8 @@ pub enum NetdevError {
     NoDefaultRoute,
     #[error("no interface matches --iface-regex `{0}`")]
     NoMatch(String),
+    #[error("no interface has {0} (public-ipv6): give the node that address, or pass --iface NAME")]
+    NoInterfaceWith(std::net::IpAddr),
     #[error("reading interface `{name}`: {source}")]
     Io { name: String, source: io::Error },
 }
@@ -318,6 +320,22 @@ pub fn default_route_interface() -> Result<String, NetdevError> {
         .ok_or(NetdevError::NoDefaultRoute)
 }
 
+/// The interface that holds address `ip` (an IPv6-only node's underlay,
+/// picked by its --public-ipv6).
+pub fn interface_with(ip: std::net::IpAddr) -> Result<String, NetdevError> {
+    let io = |e: crate::host::netlink::NetlinkError| NetdevError::Io {
+        name: "address dump".into(),
+        source: io::Error::other(e.to_string()),
+    };
+    let mut nl = crate::host::netlink::Netlink::open().map_err(io)?;
+    nl.addresses()
+        .map_err(io)?
+        .into_iter()
+        .find(|(_, a, _)| *a == ip)
+        .and_then(|(index, _, _)| name(index))
+        .ok_or(NetdevError::NoInterfaceWith(ip))
+}
+
 /// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
 pub fn mac_to_string(mac: &[u8; 6]) -> String {
     mac.iter()
@@ -347,6 +365,13 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 pub fn vtep_mac_for(ip: Ipv4Addr) -> [u8; 6] {
     let o = ip.octets();
     [0x0e, 0x77, o[0], o[1], o[2], o[3]]
+}
+
+/// [`vtep_mac_for`] an IPv6-only node: from the last four bytes of its
+/// IPv6 underlay address (unique among nodes numbered in one subnet).
+pub fn vtep_mac_for6(ip: std::net::Ipv6Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x0e, 0x77, o[12], o[13], o[14], o[15]]
 }
 
 #[cfg(test)]

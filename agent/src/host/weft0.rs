@@ -8,12 +8,11 @@
 use std::net::IpAddr;
 
 use crate::{
-    cidr::Ipv4Cidr,
     host::{
         netlink::{LinkChange, Netlink, NetlinkError, Route, Veth},
         sysctl::{self, SysctlError},
     },
-    node::{NodeConfig, NodeV6},
+    node::{NodeV4, NodeV6},
 };
 
 /// The node's own device for host → remote pod traffic; holds the gateway
@@ -37,13 +36,13 @@ pub enum Weft0Error {
     Gone,
 }
 
-/// Sets up `weft0` for pod CIDR `subnet` in `cluster` (and, on a
-/// dual-stack node, `v6`'s), with pod MTU `mtu`, and the forwarding
-/// sysctls (`underlay`'s reverse-path filter included). Idempotent: also
-/// what puts it back when something removed it.
+/// Sets up `weft0` for the node's pod CIDRs (`v4`'s, `v6`'s or both's:
+/// the gateway addresses, the routes to the cluster networks), with pod MTU
+/// `mtu`, and the forwarding sysctls (`underlay`'s reverse-path filter
+/// included). Idempotent: also what puts it back when something removed
+/// it.
 pub fn setup(
-    cluster: &Ipv4Cidr,
-    subnet: &Ipv4Cidr,
+    v4: Option<&NodeV4>,
     v6: Option<&NodeV6>,
     mtu: u32,
     underlay: &str,
@@ -83,17 +82,18 @@ pub fn setup(
             host_index = link.index;
         }
     }
-    let gw = NodeConfig::gateway_of(subnet);
-    nl.replace_address(host_index, IpAddr::V4(gw), 32)?;
-    nl.replace_route(&Route {
-        dst: IpAddr::V4(cluster.addr()),
-        prefix: cluster.prefix(),
-        oif: Some(host_index),
-        gateway: None,
-        src: Some(IpAddr::V4(gw)),
-        scope_link: true,
-        mtu: Some(mtu),
-    })?;
+    if let Some(v4) = v4 {
+        nl.replace_address(host_index, IpAddr::V4(v4.gateway), 32)?;
+        nl.replace_route(&Route {
+            dst: IpAddr::V4(v4.network.addr()),
+            prefix: v4.network.prefix(),
+            oif: Some(host_index),
+            gateway: None,
+            src: Some(IpAddr::V4(v4.gateway)),
+            scope_link: true,
+            mtu: Some(mtu),
+        })?;
+    }
     if let Some(v6) = v6 {
         nl.replace_address(host_index, IpAddr::V6(v6.gateway), 128)?;
         nl.replace_route(&Route {

@@ -21,7 +21,7 @@ use std::{net::Ipv4Addr, path::Path};
 use serde::Deserialize;
 
 use crate::{
-    cidr::{ClusterCidrs, Ipv4Cidr},
+    cidr::{ClusterCidrs, Ipv4Cidr, Ipv6Cidr},
     host::netdev,
     registry::{
         BoxFuture, Node, Published, Registry, Snapshot, Underlay6, Vocabulary, pod_cidrs_of,
@@ -53,7 +53,7 @@ struct FileNodes {
 #[serde(deny_unknown_fields)]
 struct FileNode {
     name: String,
-    underlay_ip: String,
+    underlay_ip: Option<String>,
     pod_cidr: Option<String>,
     pod_cidrs: Option<Vec<String>>,
     vtep_mac: Option<String>,
@@ -140,16 +140,31 @@ fn node_of(i: usize, n: FileNode) -> Result<Node, String> {
             "{what}: `name` is empty; give every node a unique name"
         ));
     }
-    let ip: Ipv4Addr = n.underlay_ip.parse().map_err(|_| {
-        format!(
-            "{what}: underlay_ip `{}` is not an IPv4 address",
-            n.underlay_ip
-        )
-    })?;
+    let ip: Option<Ipv4Addr> = match &n.underlay_ip {
+        None if n.underlay_ip6.is_some() => None,
+        None => {
+            return Err(format!(
+                "{what}: no underlay_ip (or underlay_ip6, for a node with an IPv6 underlay only)"
+            ));
+        }
+        Some(text) => Some(
+            text.parse()
+                .map_err(|_| format!("{what}: underlay_ip `{text}` is not an IPv4 address"))?,
+        ),
+    };
     let (cidr, cidr6) = match (n.pod_cidr, n.pod_cidrs) {
+        (Some(one), None) if one.contains(':') => (
+            None,
+            Some(
+                one.parse::<Ipv6Cidr>()
+                    .map_err(|e| format!("{what}: pod_cidr: {e}"))?,
+            ),
+        ),
         (Some(one), None) => (
-            one.parse::<Ipv4Cidr>()
-                .map_err(|e| format!("{what}: pod_cidr: {e}"))?,
+            Some(
+                one.parse::<Ipv4Cidr>()
+                    .map_err(|e| format!("{what}: pod_cidr: {e}"))?,
+            ),
             None,
         ),
         (None, Some(list)) => {
@@ -172,9 +187,11 @@ fn node_of(i: usize, n: FileNode) -> Result<Node, String> {
             "{what}: {field} `{s}` is not a unicast MAC like 0e:77:c6:12:00:01"
         )),
     };
-    let mac = match &n.vtep_mac {
-        None => netdev::vtep_mac_for(ip),
-        Some(s) => unicast("vtep_mac", s)?,
+    let mac = match (&n.vtep_mac, ip) {
+        (Some(s), _) => unicast("vtep_mac", s)?,
+        (None, Some(ip)) => netdev::vtep_mac_for(ip),
+        // An IPv6-only node: from its IPv6 address, below.
+        (None, None) => [0; 6],
     };
     let underlay6 = match (&n.underlay_ip6, &n.vtep_mac6) {
         (None, None) => None,
@@ -191,11 +208,16 @@ fn node_of(i: usize, n: FileNode) -> Result<Node, String> {
                     Underlay6::check_ip(ip).map_err(|e| format!("{what}: underlay_ip6: {e}"))
                 })?;
             let vtep_mac = match mac6 {
-                None => mac,
                 Some(s) => unicast("vtep_mac6", s)?,
+                None if ip.is_none() && n.vtep_mac.is_none() => netdev::vtep_mac_for6(ip6),
+                None => mac,
             };
             Some(Underlay6 { ip: ip6, vtep_mac })
         }
+    };
+    let mac = match underlay6 {
+        Some(u6) if ip.is_none() && n.vtep_mac.is_none() => u6.vtep_mac,
+        _ => mac,
     };
     Ok(Node {
         name: n.name,
@@ -541,7 +563,7 @@ mod tests {
 
     fn cluster() -> ClusterCidrs {
         ClusterCidrs {
-            v4: "198.19.0.0/16".parse().unwrap(),
+            v4: Some("198.19.0.0/16".parse().unwrap()),
             v6: Some("2001:2::/48".parse().unwrap()),
         }
     }
@@ -691,13 +713,15 @@ mod tests {
             kept,
             [
                 ("a", Some("2001:2:0:1::/64".parse().unwrap())),
-                ("v4only", None)
+                ("v4only", None),
+                // An IPv6 pod CIDR only: its pods are IPv6 only, over the
+                // IPv4 underlay.
+                ("only6", Some("2001:2:0:5::/64".parse().unwrap()))
             ]
         );
         for needle in [
             "node `two6`: pod_cidrs has two IPv6 CIDRs",
             "node `two4`: pod_cidrs has two IPv4 CIDRs",
-            "node `only6`: pod_cidrs has no IPv4 CIDR",
             "node `both`: both pod_cidr and pod_cidrs",
             "node `outside6`: pod_cidr 2001:3::/64 is outside the IPv6 cluster CIDR 2001:2::/48",
             "node `overlap6`: pod_cidr 2001:2:0:1:8000::/65 overlaps node `a`'s 2001:2:0:1::/64",
@@ -711,10 +735,10 @@ mod tests {
                 s.problems
             );
         }
-        assert_eq!(s.problems.len(), 9, "{:#?}", s.problems);
+        assert_eq!(s.problems.len(), 8, "{:#?}", s.problems);
 
         // An agent without an IPv6 cluster CIDR carries the IPv4 side only.
-        let v4_only: ClusterCidrs = cluster().v4.into();
+        let v4_only: ClusterCidrs = cluster().v4.unwrap().into();
         let s = parse_file(
             &node(
                 "a",
@@ -728,9 +752,78 @@ mod tests {
         assert_eq!(
             s.nodes
                 .iter()
-                .map(|n| (n.pod_cidr.to_string(), n.pod_cidr6))
+                .map(|n| (n.pod_cidr.unwrap().to_string(), n.pod_cidr6))
                 .collect::<Vec<_>>(),
             [("198.19.1.0/24".to_string(), None)]
+        );
+    }
+
+    #[test]
+    fn ipv6_only_nodes_and_their_bad_entries() {
+        let v6_only: ClusterCidrs = "2001:2::/48".parse::<Ipv6Cidr>().unwrap().into();
+        let text = r#"
+[[node]]
+name = "a"
+underlay_ip6 = "2001:2:ff::1"
+pod_cidr = "2001:2:0:1::/64"
+
+[[node]]
+name = "dual"
+underlay_ip = "198.18.0.2"
+underlay_ip6 = "2001:2:ff::2"
+pod_cidrs = ["198.19.2.0/24", "2001:2:0:2::/64"]
+
+[[node]]
+name = "v4pods"
+underlay_ip = "198.18.0.3"
+pod_cidr = "198.19.3.0/24"
+
+[[node]]
+name = "nowhere"
+pod_cidr = "2001:2:0:4::/64"
+
+[[node]]
+name = "same6"
+underlay_ip6 = "2001:2:ff::1"
+pod_cidr = "2001:2:0:5::/64"
+"#;
+        let s = parse_file(text, &v6_only).unwrap();
+        let a = &s.nodes[0];
+        let ip6: std::net::Ipv6Addr = "2001:2:ff::1".parse().unwrap();
+        assert_eq!(
+            (a.underlay_ip, a.pod_cidr, a.underlay6.map(|u| u.ip)),
+            (None, None, Some(ip6))
+        );
+        assert_eq!(
+            a.vtep_mac,
+            netdev::vtep_mac_for6(ip6),
+            "MAC from the IPv6 address"
+        );
+        // A dual-stack entry is carried by its IPv6 side.
+        let dual = &s.nodes[1];
+        assert_eq!((dual.name.as_str(), dual.pod_cidr), ("dual", None));
+        assert_eq!(s.nodes.len(), 2, "{:#?}", s.problems);
+        for needle in [
+            "node `v4pods`: no IPv6 pod_cidr (this cluster's pods are IPv6)",
+            "node `nowhere`: no underlay_ip (or underlay_ip6",
+            "node `same6`: IPv6 underlay_ip 2001:2:ff::1 is already node `a`'s",
+        ] {
+            assert!(
+                s.problems.iter().any(|p| p.contains(needle)),
+                "no problem says {needle:?}: {:#?}",
+                s.problems
+            );
+        }
+        // IPv4 pods need an IPv4 underlay, whatever the cluster.
+        let s = parse_file(
+            "[[node]]\nname = \"x\"\nunderlay_ip6 = \"2001:2:ff::9\"\npod_cidrs = [\"198.19.9.0/24\", \"2001:2:0:9::/64\"]\n",
+            &cluster(),
+        )
+        .unwrap();
+        assert!(
+            s.problems[0].contains("an IPv4 pod_cidr but no IPv4 underlay_ip"),
+            "{:?}",
+            s.problems
         );
     }
 

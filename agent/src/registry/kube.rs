@@ -25,7 +25,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     time::Duration,
 };
@@ -80,9 +80,10 @@ pub struct KubeRegistry {
     kubeconfig: Option<PathBuf>,
     node_name: String,
     cluster: ClusterCidrs,
-    /// This node's underlay IP and VTEP MAC, filled in by the agent: what
-    /// the registry says of this node, and what it publishes on its Node.
-    pub own: Option<(Ipv4Addr, [u8; 6])>,
+    /// This node's IPv4 underlay address (none on an IPv6-only node) and
+    /// VTEP MAC, filled in by the agent: what the registry says of this
+    /// node, and what it publishes on its Node.
+    pub own: Option<(Option<Ipv4Addr>, [u8; 6])>,
     /// This node's IPv6 underlay address (`public-ipv6`), published beside.
     pub own_ip6: Option<Ipv6Addr>,
     /// `flannel-compat`; none: weft's annotations only.
@@ -150,42 +151,62 @@ pub fn convert(n: &KNode, flannel: Option<&FlannelCompat>) -> Result<Node, Strin
         let lease = lease?;
         return Ok(Node {
             name,
-            underlay_ip: lease.public_ip,
+            underlay_ip: Some(lease.public_ip),
             pod_cidr,
             pod_cidr6,
             vtep_mac: lease.vtep_mac,
             underlay6: lease.v6.map(|(ip, vtep_mac)| Underlay6 { ip, vtep_mac }),
         });
     }
-    let underlay_ip = match annotations.get(ANNOTATION_UNDERLAY_IP) {
-        Some(v) => v.parse::<Ipv4Addr>().map_err(|_| format!("Node {name}: annotation {ANNOTATION_UNDERLAY_IP}=`{v}` is not an IPv4 address; skipped"))?,
-        None => n
-            .status
+    // The InternalIPs, IPv4 and IPv6 (a dual-stack Node lists both).
+    let internal = |v6: bool| {
+        n.status
             .as_ref()
             .and_then(|s| s.addresses.as_ref())
-            .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP").and_then(|a| a.address.parse().ok()))
-            .ok_or_else(|| format!("Node {name}: no {ANNOTATION_UNDERLAY_IP} annotation and no InternalIP yet; skipped until its agent publishes one"))?,
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP")
+            .filter_map(|a| a.address.parse::<IpAddr>().ok())
+            .find(|a| a.is_ipv6() == v6)
     };
-    let vtep_mac = match annotations.get(ANNOTATION_VTEP_MAC) {
-        Some(v) => netdev::parse_mac(v)
-            .filter(|m| m[0] & 1 == 0)
-            .ok_or_else(|| format!("Node {name}: annotation {ANNOTATION_VTEP_MAC}=`{v}` is not a unicast MAC; skipped"))?,
-        None => netdev::vtep_mac_for(underlay_ip),
+    let underlay_ip = match annotations.get(ANNOTATION_UNDERLAY_IP) {
+        Some(v) => Some(v.parse::<Ipv4Addr>().map_err(|_| format!("Node {name}: annotation {ANNOTATION_UNDERLAY_IP}=`{v}` is not an IPv4 address; skipped"))?),
+        None => internal(false).map(|a| match a {
+            IpAddr::V4(a) => a,
+            IpAddr::V6(_) => unreachable!("filtered by family"),
+        }),
     };
-    let underlay6 = match annotations.get(ANNOTATION_UNDERLAY_IP6) {
-        None => None,
-        Some(v) => {
-            let ip = v
-                .parse()
+    let ip6 = match annotations.get(ANNOTATION_UNDERLAY_IP6) {
+        Some(v) => Some(
+            v.parse()
                 .map_err(|_| format!("Node {name}: annotation {ANNOTATION_UNDERLAY_IP6}=`{v}` is not an IPv6 address; skipped"))
                 .and_then(|ip| {
                     Underlay6::check_ip(ip).map_err(|e| {
                         format!("Node {name}: annotation {ANNOTATION_UNDERLAY_IP6}: {e}; skipped")
                     })
-                })?;
-            Some(Underlay6 { ip, vtep_mac })
-        }
+                })?,
+        ),
+        // An IPv6-only Node (no IPv4 address at all): its IPv6 InternalIP.
+        None if underlay_ip.is_none() => match internal(true) {
+            Some(IpAddr::V6(a)) => Underlay6::check_ip(a).ok(),
+            _ => None,
+        },
+        None => None,
     };
+    if underlay_ip.is_none() && ip6.is_none() {
+        return Err(format!(
+            "Node {name}: no {ANNOTATION_UNDERLAY_IP} or {ANNOTATION_UNDERLAY_IP6} annotation and no InternalIP yet; skipped until its agent publishes one"
+        ));
+    }
+    let vtep_mac = match (annotations.get(ANNOTATION_VTEP_MAC), underlay_ip, ip6) {
+        (Some(v), _, _) => netdev::parse_mac(v)
+            .filter(|m| m[0] & 1 == 0)
+            .ok_or_else(|| format!("Node {name}: annotation {ANNOTATION_VTEP_MAC}=`{v}` is not a unicast MAC; skipped"))?,
+        (None, Some(ip), _) => netdev::vtep_mac_for(ip),
+        (None, None, Some(ip6)) => netdev::vtep_mac_for6(ip6),
+        (None, None, None) => unreachable!("checked above"),
+    };
+    let underlay6 = ip6.map(|ip| Underlay6 { ip, vtep_mac });
     Ok(Node {
         name,
         underlay_ip,
@@ -199,7 +220,7 @@ pub fn convert(n: &KNode, flannel: Option<&FlannelCompat>) -> Result<Node, Strin
 /// This node's entry: its pod CIDR from `n`, the rest as the agent says.
 fn own_node(
     n: &KNode,
-    underlay_ip: Ipv4Addr,
+    underlay_ip: Option<Ipv4Addr>,
     ip6: Option<Ipv6Addr>,
     vtep_mac: [u8; 6],
 ) -> Result<Node, String> {
@@ -218,7 +239,7 @@ fn own_node(
 /// The Node's pod CIDRs: `spec.podCIDRs` (one per family, as the
 /// controller-manager allocates them in a dual-stack cluster), or
 /// `spec.podCIDR` alone.
-fn pod_cidr_of(n: &KNode, name: &str) -> Result<(Ipv4Cidr, Option<Ipv6Cidr>), String> {
+fn pod_cidr_of(n: &KNode, name: &str) -> Result<(Option<Ipv4Cidr>, Option<Ipv6Cidr>), String> {
     let spec = n.spec.as_ref();
     let list: Vec<String> = match spec.and_then(|s| s.pod_cidrs.clone()).filter(|l| !l.is_empty()) {
         Some(list) => list,
@@ -290,9 +311,13 @@ fn snapshot(store: &BTreeMap<String, Seen>, cluster: &ClusterCidrs) -> Snapshot 
         .filter_map(|s| match (&s.node, &s.last_good) {
             (Ok(n), _) => Some(n.clone()),
             (Err(p), Some(good)) => {
+                let underlay = match (good.underlay_ip, good.underlay6) {
+                    (Some(ip), _) => ip.to_string(),
+                    (None, Some(u6)) => u6.ip.to_string(),
+                    (None, None) => "none".into(),
+                };
                 problems.push(format!(
-                    "{p} (its last good entry, underlay {} VTEP MAC {}, stays until the Node is fixed or deleted)",
-                    good.underlay_ip,
+                    "{p} (its last good entry, underlay {underlay} VTEP MAC {}, stays until the Node is fixed or deleted)",
                     netdev::mac_to_string(&good.vtep_mac)
                 ));
                 Some(good.clone())
@@ -345,14 +370,16 @@ impl KubeRegistry {
     fn own_annotations(&self, n: &KNode) -> Option<BTreeMap<String, String>> {
         let (ip, _) = self.own?;
         let mac = self.own_mac(n);
-        let mut want = BTreeMap::from([
-            (ANNOTATION_UNDERLAY_IP.to_string(), ip.to_string()),
-            (ANNOTATION_VTEP_MAC.to_string(), netdev::mac_to_string(&mac)),
-        ]);
+        let mut want =
+            BTreeMap::from([(ANNOTATION_VTEP_MAC.to_string(), netdev::mac_to_string(&mac))]);
+        if let Some(ip) = ip {
+            want.insert(ANNOTATION_UNDERLAY_IP.to_string(), ip.to_string());
+        }
         if let Some(ip6) = self.own_ip6 {
             want.insert(ANNOTATION_UNDERLAY_IP6.to_string(), ip6.to_string());
         }
-        if let Some(f) = &self.flannel {
+        // flannel-compat needs an IPv4 underlay (checked at start).
+        if let (Some(f), Some(ip)) = (&self.flannel, ip) {
             let have = n.metadata.annotations.clone().unwrap_or_default();
             want.extend(flannel::own(&f.keys, &have, ip, self.own_ip6, &mac, f.vni));
         }
@@ -398,7 +425,8 @@ impl KubeRegistry {
         {
             Ok(patched) => {
                 let flannel = self.flannel.is_some();
-                tracing::info!(node = %self.node_name, ip = %want[ANNOTATION_UNDERLAY_IP], flannel, "published underlay IP and VTEP MAC on this Node");
+                let shown = |k: &str| want.get(k).map_or("none", String::as_str);
+                tracing::info!(node = %self.node_name, ip = %shown(ANNOTATION_UNDERLAY_IP), ip6 = %shown(ANNOTATION_UNDERLAY_IP6), flannel, "published underlay IP and VTEP MAC on this Node");
                 Some(patched)
             }
             Err(e) => {
@@ -422,7 +450,7 @@ impl KubeRegistry {
             && let Some(theirs) = have.get(&f.keys.node_public_ip)
             && Some(theirs) != want.get(ANNOTATION_UNDERLAY_IP)
         {
-            tracing::warn!(node = %self.node_name, "this Node's {}={theirs} is the address flanneld would use here; weft uses {}: set weft's public-ip to {theirs} if that is where this node's VXLAN must go", f.keys.node_public_ip, want[ANNOTATION_UNDERLAY_IP]);
+            tracing::warn!(node = %self.node_name, "this Node's {}={theirs} is the address flanneld would use here; weft uses {}: set weft's public-ip to {theirs} if that is where this node's VXLAN must go", f.keys.node_public_ip, want.get(ANNOTATION_UNDERLAY_IP).map_or("none", String::as_str));
         }
         let stale = self.stale_annotations(&n);
         if stale.is_empty() && want.iter().all(|(k, v)| have.get(k) == Some(v)) {
@@ -597,8 +625,16 @@ mod tests {
         }));
         let n = convert(&ok, None).unwrap();
         assert_eq!(
-            (n.name.as_str(), n.underlay_ip, n.pod_cidr.to_string()),
-            ("a", Ipv4Addr::new(198, 18, 0, 1), "198.19.1.0/24".into())
+            (
+                n.name.as_str(),
+                n.underlay_ip,
+                n.pod_cidr.map(|c| c.to_string())
+            ),
+            (
+                "a",
+                Some(Ipv4Addr::new(198, 18, 0, 1)),
+                Some("198.19.1.0/24".into())
+            )
         );
         let internal = node(serde_json::json!({
             "metadata": {"name": "b"},
@@ -609,14 +645,53 @@ mod tests {
         assert_eq!(
             (n.underlay_ip, n.vtep_mac),
             (
-                Ipv4Addr::new(198, 18, 0, 2),
+                Some(Ipv4Addr::new(198, 18, 0, 2)),
                 netdev::vtep_mac_for(Ipv4Addr::new(198, 18, 0, 2))
             )
         );
         // Dual-stack: spec.podCIDRs, one per family, in either order.
         assert_eq!(
-            (n.pod_cidr.to_string(), n.pod_cidr6.map(|c| c.to_string())),
-            ("198.19.2.0/24".into(), Some("fd00::/64".into()))
+            (
+                n.pod_cidr.map(|c| c.to_string()),
+                n.pod_cidr6.map(|c| c.to_string())
+            ),
+            (Some("198.19.2.0/24".into()), Some("fd00::/64".into()))
+        );
+        // IPv6-only: an IPv6 pod CIDR, an IPv6 InternalIP as the underlay
+        // (and the VTEP MAC from it), no IPv4 anywhere.
+        let v6_only = node(serde_json::json!({
+            "metadata": {"name": "c"},
+            "spec": {"podCIDR": "2001:2:0:3::/64"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "2001:2:ff::3"}]}
+        }));
+        let n = convert(&v6_only, None).unwrap();
+        let ip6: Ipv6Addr = "2001:2:ff::3".parse().unwrap();
+        assert_eq!(
+            (n.underlay_ip, n.pod_cidr, n.underlay6),
+            (
+                None,
+                None,
+                Some(Underlay6 {
+                    ip: ip6,
+                    vtep_mac: netdev::vtep_mac_for6(ip6)
+                })
+            )
+        );
+        assert_eq!(n.vtep_mac, netdev::vtep_mac_for6(ip6));
+        // A dual-stack Node's IPv6 InternalIP is not its underlay: its
+        // IPv6 underlay is what its agent publishes.
+        let dual = node(serde_json::json!({
+            "metadata": {"name": "d"},
+            "spec": {"podCIDRs": ["198.19.4.0/24", "2001:2:0:4::/64"]},
+            "status": {"addresses": [
+                {"type": "InternalIP", "address": "2001:2:ff::4"},
+                {"type": "InternalIP", "address": "198.18.0.4"}
+            ]}
+        }));
+        let n = convert(&dual, None).unwrap();
+        assert_eq!(
+            (n.underlay_ip, n.underlay6),
+            (Some(Ipv4Addr::new(198, 18, 0, 4)), None)
         );
         for (json, needle) in [
             (
@@ -628,8 +703,8 @@ mod tests {
                 "spec.podCIDRs has two IPv6 CIDRs",
             ),
             (
-                serde_json::json!({"metadata": {"name": "c7"}, "spec": {"podCIDRs": ["fd00::/64"]}}),
-                "not IPv6-only ones yet",
+                serde_json::json!({"metadata": {"name": "c7"}, "spec": {"podCIDRs": []}, "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.7"}]}}),
+                "no spec.podCIDR",
             ),
             (
                 serde_json::json!({"metadata": {"name": "d", "annotations": {ANNOTATION_UNDERLAY_IP: "nope"}}, "spec": {"podCIDR": "198.19.4.0/24"}}),
@@ -676,13 +751,13 @@ mod tests {
         assert_eq!(
             (n.underlay_ip, n.vtep_mac),
             (
-                Ipv4Addr::new(198, 18, 0, 7),
+                Some(Ipv4Addr::new(198, 18, 0, 7)),
                 [0x6a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f]
             )
         );
         // Without compat the same Node is weft's.
         let n = convert(&node(json), None).unwrap();
-        assert_eq!(n.underlay_ip, Ipv4Addr::new(198, 18, 0, 99));
+        assert_eq!(n.underlay_ip, Some(Ipv4Addr::new(198, 18, 0, 99)));
         // A bad flannel lease is a problem, not a fall-back to InternalIP.
         let bad = serde_json::json!({
             "metadata": {"name": "fl", "annotations": {
@@ -709,7 +784,7 @@ mod tests {
             "fl".into(),
             "198.19.0.0/16".parse::<Ipv4Cidr>().unwrap().into(),
         );
-        r.own = Some((ip, netdev::vtep_mac_for(ip)));
+        r.own = Some((Some(ip), netdev::vtep_mac_for(ip)));
         let flanneld_s = node(serde_json::json!({
             "metadata": {"name": "fl", "annotations": {
                 "flannel.alpha.coreos.com/kube-subnet-manager": "true",

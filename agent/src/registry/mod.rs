@@ -26,8 +26,13 @@ use crate::{
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Node {
     pub name: String,
-    pub underlay_ip: Ipv4Addr,
-    pub pod_cidr: Ipv4Cidr,
+    /// The node's IPv4 underlay address (none on an IPv6-only node, which
+    /// has [`Node::underlay6`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub underlay_ip: Option<Ipv4Addr>,
+    /// The node's IPv4 pod CIDR (none in an IPv6-only cluster).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_cidr: Option<Ipv4Cidr>,
     /// The node's IPv6 pod CIDR, in a dual-stack cluster.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pod_cidr6: Option<Ipv6Cidr>,
@@ -67,10 +72,12 @@ impl Underlay6 {
 }
 
 /// A node's pod CIDRs as a registry lists them (`field` names the list in
-/// problems): one of each family at most, the IPv4 one required (weft
-/// does not run IPv6-only clusters yet). Each entry is parsed by its
-/// family; the problem says which entry is wrong and why.
-pub fn pod_cidrs_of(list: &[String], field: &str) -> Result<(Ipv4Cidr, Option<Ipv6Cidr>), String> {
+/// problems): one of each family at most, at least one. Each entry is
+/// parsed by its family; the problem says which entry is wrong and why.
+pub fn pod_cidrs_of(
+    list: &[String],
+    field: &str,
+) -> Result<(Option<Ipv4Cidr>, Option<Ipv6Cidr>), String> {
     let (mut v4, mut v6): (Option<Ipv4Cidr>, Option<Ipv6Cidr>) = (None, None);
     for text in list {
         let text = text.trim();
@@ -92,9 +99,9 @@ pub fn pod_cidrs_of(list: &[String], field: &str) -> Result<(Ipv4Cidr, Option<Ip
             v4 = Some(c);
         }
     }
-    let v4 = v4.ok_or_else(|| {
-        format!("{field} has no IPv4 CIDR: weft runs IPv4 and dual-stack clusters, not IPv6-only ones yet")
-    })?;
+    if v4.is_none() && v6.is_none() {
+        return Err(format!("{field} is empty: a node needs a pod CIDR"));
+    }
     Ok((v4, v6))
 }
 
@@ -187,8 +194,9 @@ impl Snapshot {
 
 /// `n` as this agent's cluster carries it: an IPv6 pod CIDR is dropped when
 /// the agent runs IPv4 only (no `cluster-cidr6`), as flannel without
-/// `EnableIPv6` ignores a dual-stack Node's: its IPv4 side still works, and
-/// that the IPv6 side is not carried is said once, at the first such node.
+/// `EnableIPv6` ignores a dual-stack Node's, and an IPv4 one when it runs
+/// IPv6 only (`enable-ipv4 = false`): the other side still works, and that
+/// one side is not carried is said once, at the first such node.
 fn for_cluster(mut n: Node, cluster: &ClusterCidrs) -> Node {
     if cluster.v6.is_none()
         && let Some(c6) = n.pod_cidr6.take()
@@ -202,7 +210,39 @@ fn for_cluster(mut n: Node, cluster: &ClusterCidrs) -> Node {
             );
         });
     }
+    if cluster.v4.is_none()
+        && let Some(c4) = n.pod_cidr.take()
+    {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            tracing::info!(
+                node = %n.name,
+                pod_cidr = %c4,
+                "nodes list IPv4 pod CIDRs, but this agent runs IPv6 only (enable-ipv4 = false): it carries their IPv6 pods only"
+            );
+        });
+    }
     n
+}
+
+/// What one kept node claims.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Claim {
+    ip: Option<Ipv4Addr>,
+    cidr: Option<Ipv4Cidr>,
+    cidr6: Option<Ipv6Cidr>,
+    ip6: Option<Ipv6Addr>,
+}
+
+impl Claim {
+    fn of(n: &Node) -> Self {
+        Self {
+            ip: n.underlay_ip,
+            cidr: n.pod_cidr,
+            cidr6: n.pod_cidr6,
+            ip6: n.underlay6.map(|u| u.ip),
+        }
+    }
 }
 
 /// What the nodes kept so far claim: their names, underlay addresses and
@@ -210,9 +250,7 @@ fn for_cluster(mut n: Node, cluster: &ClusterCidrs) -> Node {
 /// family). One node is checked against them in O(log n).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Claims {
-    /// Name → (underlay address, pod CIDR, IPv6 pod CIDR, IPv6 underlay
-    /// address).
-    names: HashMap<String, (Ipv4Addr, Ipv4Cidr, Option<Ipv6Cidr>, Option<Ipv6Addr>)>,
+    names: HashMap<String, Claim>,
     ips: HashMap<Ipv4Addr, String>,
     ips6: HashMap<Ipv6Addr, String>,
     /// First address → (last address, the owner's name).
@@ -241,110 +279,141 @@ fn overlapping<'a, A: Family>(ranges: &'a Ranges, c: &Cidr<A>) -> Option<&'a str
         .map(|(_, (_, owner))| owner.as_str())
 }
 
+/// Whether pod CIDR `c` fits in cluster CIDR `cluster` (inside it, with a
+/// prefix at least as long); the problem if not.
+fn fits<A: Family>(c: &Cidr<A>, cluster: &Cidr<A>, field: &str) -> Result<(), String> {
+    let family = if A::BITS == 128 { "IPv6 " } else { "" };
+    if c.prefix() < cluster.prefix() {
+        return Err(format!(
+            "{field} {c} is wider than the {family}cluster CIDR {cluster} (a node's pod CIDR lies inside it, with a longer prefix)"
+        ));
+    }
+    if !cluster.contains(c.addr()) {
+        return Err(format!(
+            "{field} {c} is outside the {family}cluster CIDR {cluster}"
+        ));
+    }
+    Ok(())
+}
+
 impl Claims {
     /// Whether `n` can join the nodes kept so far; the problem if not.
     fn check(&self, n: &Node, clusters: &ClusterCidrs, w: Vocabulary) -> Result<(), String> {
         let this = w.name(&n.name);
-        let cluster = &clusters.v4;
-        if !cluster.contains(n.pod_cidr.addr()) || n.pod_cidr.prefix() < cluster.prefix() {
-            return Err(format!(
-                "{this}: {} {} is outside the cluster CIDR {}; skipped",
-                w.pod_cidr, n.pod_cidr, cluster
-            ));
+        let skipped = |p: String| format!("{this}: {p}; skipped");
+        if let (Some(c), Some(cluster)) = (&n.pod_cidr, &clusters.v4) {
+            fits(c, cluster, w.pod_cidr).map_err(skipped)?;
         }
-        if let Some(c6) = &n.pod_cidr6 {
-            match &clusters.v6 {
-                // for_cluster dropped it already.
-                None => {}
-                Some(cluster6) if c6.prefix() < cluster6.prefix() => {
-                    return Err(format!(
-                        "{this}: {} {c6} is wider than the IPv6 cluster CIDR {cluster6} (a node's pod CIDR lies inside it, with a longer prefix); skipped",
-                        w.pod_cidr
-                    ));
-                }
-                Some(cluster6) if !cluster6.contains(c6.addr()) => {
-                    return Err(format!(
-                        "{this}: {} {c6} is outside the IPv6 cluster CIDR {cluster6}; skipped",
-                        w.pod_cidr
-                    ));
-                }
-                Some(_) => {}
-            }
+        if let (Some(c6), Some(cluster6)) = (&n.pod_cidr6, &clusters.v6) {
+            fits(c6, cluster6, w.pod_cidr).map_err(skipped)?;
+        }
+        if n.pod_cidr.is_none() && n.pod_cidr6.is_none() {
+            let families = match (clusters.v4, clusters.v6) {
+                (Some(_), Some(_)) => "IPv4 or IPv6",
+                (Some(_), None) => "IPv4",
+                _ => "IPv6",
+            };
+            return Err(skipped(format!(
+                "no {families} {} (this cluster's pods are {families})",
+                w.pod_cidr
+            )));
+        }
+        if n.pod_cidr.is_some() && n.underlay_ip.is_none() {
+            return Err(skipped(format!(
+                "an IPv4 {} but no IPv4 {}: IPv4 pods go over an IPv4 underlay; give the node's IPv4 address",
+                w.pod_cidr, w.underlay_ip
+            )));
+        }
+        if n.underlay_ip.is_none() && n.underlay6.is_none() {
+            return Err(skipped(format!("no {} of either family", w.underlay_ip)));
         }
         if self.names.contains_key(&n.name) {
             return Err(format!(
                 "{this} is listed twice; the second entry is skipped"
             ));
         }
-        if let Some(other) = self.ips.get(&n.underlay_ip) {
-            return Err(format!(
-                "{this}: {} {} is already {}'s; skipped",
+        if let Some(ip) = &n.underlay_ip
+            && let Some(other) = self.ips.get(ip)
+        {
+            return Err(skipped(format!(
+                "{} {ip} is already {}'s",
                 w.underlay_ip,
-                n.underlay_ip,
                 w.name(other)
-            ));
+            )));
         }
         if let Some(u6) = &n.underlay6
             && let Some(other) = self.ips6.get(&u6.ip)
         {
-            return Err(format!(
-                "{this}: IPv6 {} {} is already {}'s; skipped",
+            return Err(skipped(format!(
+                "IPv6 {} {} is already {}'s",
                 w.underlay_ip,
                 u6.ip,
                 w.name(other)
-            ));
+            )));
         }
-        if let Some(other) = overlapping(&self.ranges, &n.pod_cidr) {
-            return Err(format!(
-                "{this}: {} {} overlaps {}'s {}; skipped",
+        if let Some(c) = &n.pod_cidr
+            && let Some(other) = overlapping(&self.ranges, c)
+        {
+            let theirs = self.names[other]
+                .cidr
+                .map(|c| c.to_string())
+                .unwrap_or_default();
+            return Err(skipped(format!(
+                "{} {c} overlaps {}'s {theirs}",
                 w.pod_cidr,
-                n.pod_cidr,
                 w.name(other),
-                self.names[other].1
-            ));
+            )));
         }
         if let Some(c6) = &n.pod_cidr6
             && let Some(other) = overlapping(&self.ranges6, c6)
         {
             let theirs = self.names[other]
-                .2
+                .cidr6
                 .map(|c| c.to_string())
                 .unwrap_or_default();
-            return Err(format!(
-                "{this}: {} {c6} overlaps {}'s {theirs}; skipped",
+            return Err(skipped(format!(
+                "{} {c6} overlaps {}'s {theirs}",
                 w.pod_cidr,
                 w.name(other),
-            ));
+            )));
         }
         Ok(())
     }
 
     fn insert(&mut self, n: &Node) {
-        let ip6 = n.underlay6.map(|u| u.ip);
-        self.names.insert(
-            n.name.clone(),
-            (n.underlay_ip, n.pod_cidr, n.pod_cidr6, ip6),
-        );
-        self.ips.insert(n.underlay_ip, n.name.clone());
-        if let Some(ip6) = ip6 {
-            self.ips6.insert(ip6, n.name.clone());
+        self.put(n.name.clone(), Claim::of(n));
+    }
+
+    fn put(&mut self, name: String, c: Claim) {
+        if let Some(ip) = c.ip {
+            self.ips.insert(ip, name.clone());
         }
-        let (lo, hi) = range(&n.pod_cidr);
-        self.ranges.insert(lo, (hi, n.name.clone()));
-        if let Some(c6) = &n.pod_cidr6 {
+        if let Some(ip6) = c.ip6 {
+            self.ips6.insert(ip6, name.clone());
+        }
+        if let Some(cidr) = &c.cidr {
+            let (lo, hi) = range(cidr);
+            self.ranges.insert(lo, (hi, name.clone()));
+        }
+        if let Some(c6) = &c.cidr6 {
             let (lo, hi) = range(c6);
-            self.ranges6.insert(lo, (hi, n.name.clone()));
+            self.ranges6.insert(lo, (hi, name.clone()));
         }
+        self.names.insert(name, c);
     }
 
     fn remove(&mut self, name: &str) {
-        if let Some((ip, cidr, cidr6, ip6)) = self.names.remove(name) {
-            self.ips.remove(&ip);
-            if let Some(ip6) = ip6 {
+        if let Some(c) = self.names.remove(name) {
+            if let Some(ip) = c.ip {
+                self.ips.remove(&ip);
+            }
+            if let Some(ip6) = c.ip6 {
                 self.ips6.remove(&ip6);
             }
-            self.ranges.remove(&range(&cidr).0);
-            if let Some(c6) = cidr6 {
+            if let Some(cidr) = c.cidr {
+                self.ranges.remove(&range(&cidr).0);
+            }
+            if let Some(c6) = c.cidr6 {
                 self.ranges6.remove(&range(&c6).0);
             }
         }
@@ -421,20 +490,9 @@ impl Published {
             let ok = claims.check(n, cluster, Vocabulary::FILE).is_ok();
             if ok {
                 claims.insert(n);
-            } else if let Some((ip, cidr, cidr6, ip6)) = before {
+            } else if let Some(c) = before {
                 // Put back what was there.
-                let old = Node {
-                    name: name.to_string(),
-                    underlay_ip: ip,
-                    pod_cidr: cidr,
-                    pod_cidr6: cidr6,
-                    vtep_mac: [0; 6],
-                    underlay6: ip6.map(|ip| Underlay6 {
-                        ip,
-                        vtep_mac: [0; 6],
-                    }),
-                };
-                claims.insert(&old);
+                claims.put(name.to_string(), c);
             }
             self.claims = claims;
             if !ok {
@@ -510,8 +568,8 @@ pub(crate) mod tests {
     fn node(name: &str, ip: &str, cidr: &str) -> Node {
         Node {
             name: name.into(),
-            underlay_ip: ip.parse().unwrap(),
-            pod_cidr: cidr.parse().unwrap(),
+            underlay_ip: Some(ip.parse().unwrap()),
+            pod_cidr: Some(cidr.parse().unwrap()),
             pod_cidr6: None,
             underlay6: None,
             vtep_mac: [2, 0, 0, 0, 0, 1],
@@ -520,25 +578,26 @@ pub(crate) mod tests {
 
     fn cluster() -> ClusterCidrs {
         ClusterCidrs {
-            v4: "198.19.0.0/16".parse().unwrap(),
+            v4: Some("198.19.0.0/16".parse().unwrap()),
             v6: Some("2001:2::/48".parse().unwrap()),
         }
     }
 
     /// The rule as first written: each node against every one kept.
     fn quadratic(nodes: &[Node], clusters: &ClusterCidrs) -> Vec<String> {
-        let (cluster, cluster6) = (clusters.v4, clusters.v6.unwrap());
+        let (cluster, cluster6) = (clusters.v4.unwrap(), clusters.v6.unwrap());
         let mut kept: Vec<&Node> = Vec::new();
         for n in nodes {
-            let fits = cluster.contains(n.pod_cidr.addr())
-                && n.pod_cidr.prefix() >= cluster.prefix()
+            let c = n.pod_cidr.unwrap();
+            let fits = cluster.contains(c.addr())
+                && c.prefix() >= cluster.prefix()
                 && n.pod_cidr6.is_none_or(|c| {
                     cluster6.contains(c.addr()) && c.prefix() >= cluster6.prefix()
                 })
                 && !kept.iter().any(|k| {
                     k.name == n.name
                         || k.underlay_ip == n.underlay_ip
-                        || k.pod_cidr.overlaps(&n.pod_cidr)
+                        || k.pod_cidr.unwrap().overlaps(&c)
                         || matches!((k.pod_cidr6, n.pod_cidr6), (Some(a), Some(b)) if a.overlaps(&b))
                 });
             if fits {
@@ -576,8 +635,8 @@ pub(crate) mod tests {
         });
         Node {
             name: format!("n{}", r(200)),
-            underlay_ip: Ipv4Addr::new(198, 18, 0, r(250) as u8),
-            pod_cidr: Ipv4Cidr::new(addr.into(), prefix),
+            underlay_ip: Some(Ipv4Addr::new(198, 18, 0, r(250) as u8)),
+            pod_cidr: Some(Ipv4Cidr::new(addr.into(), prefix)),
             pod_cidr6,
             underlay6: None,
             vtep_mac: [2, 0, 0, 0, 0, 1],

@@ -43,17 +43,19 @@ impl std::fmt::Display for VtepKey {
 }
 
 /// A node's VTEP keys: its IPv4 underlay address, and its IPv6 one when
-/// VXLAN over IPv6 is taken with it (none for this node itself).
+/// VXLAN over IPv6 is taken with it (none for this node itself). The IPv4
+/// one is taken only where both have one.
 pub type Vteps = [Option<VtepKey>; 2];
 
-/// This node as the maps see it: its name, and its address (the detected
-/// one, which wins over the registry's); its IPv6 underlay address, if it
-/// has one (VXLAN over IPv6 is taken in from peers that have one too), and
-/// whether it also sends over IPv6 (its tunnel device is in place).
+/// This node as the maps see it: its name, and its IPv4 underlay address
+/// (the detected one, which wins over the registry's; none on an IPv6-only
+/// node); its IPv6 underlay address, if it has one (VXLAN over IPv6 is
+/// taken in from peers that have one too), and whether it also sends over
+/// IPv6 (its tunnel device is in place).
 #[derive(Clone, Copy, Debug)]
 pub struct Local<'a> {
     pub name: &'a str,
-    pub ip: Ipv4Addr,
+    pub ip: Option<Ipv4Addr>,
     pub ip6: Option<Ipv6Addr>,
     pub send6: bool,
 }
@@ -62,29 +64,43 @@ pub struct Local<'a> {
 /// underlay addresses as VTEP keys. Its IPv6 pods' VXLAN goes over IPv6
 /// when both it and this node have an IPv6 underlay (as flannel's
 /// `flannel-v6.1`) and this node can send over it; everything else over
-/// IPv4. VXLAN over IPv6 from it is accepted whenever both have one (it
-/// sends so, as this node's entry tells it).
+/// IPv4, where both have an IPv4 underlay. VXLAN over IPv6 from it is
+/// accepted whenever both have one (it sends so, as this node's entry
+/// tells it). A peer's pod CIDR that no underlay of this node reaches (an
+/// IPv6-only peer seen from a node that cannot send over IPv6) gets no
+/// entry: its packets are dropped as `no_route`, not sent to 0.0.0.0.
+/// This node's own entries are flagged [`RemoteNode::FLAG_OWN`].
 fn entries(n: &Node, local: Local<'_>) -> (NodeOwners, Vteps) {
     let me = n.name == local.name;
     let both6 = n.underlay6.filter(|_| !me && local.ip6.is_some());
+    let both4 = n.underlay_ip.filter(|_| !me && local.ip.is_some());
     let owner = RemoteNode {
-        underlay_ip: ip_key(if me { local.ip } else { n.underlay_ip }),
+        underlay_ip: ip_key(match (me, local.ip, n.underlay_ip) {
+            (true, Some(ip), _) | (false, _, Some(ip)) => ip,
+            _ => Ipv4Addr::UNSPECIFIED,
+        }),
         vtep_mac: n.vtep_mac,
+        flags: if me { RemoteNode::FLAG_OWN } else { 0 },
         ..RemoteNode::default()
     };
+    let owner4 = (me || both4.is_some()).then_some(owner);
     let owner6 = match both6.filter(|_| local.send6) {
-        Some(u6) => RemoteNode {
+        Some(u6) => Some(RemoteNode {
             vtep_mac: u6.vtep_mac,
             flags: RemoteNode::FLAG_UNDERLAY6,
             underlay_ip6: u6.ip.octets(),
             ..owner
-        },
-        None => owner,
+        }),
+        None => owner4,
     };
-    let owners = std::iter::once((AnyCidr::V4(n.pod_cidr), owner))
-        .chain(n.pod_cidr6.map(|c| (AnyCidr::V6(c), owner6)));
+    let owners = n
+        .pod_cidr
+        .zip(owner4)
+        .map(|(c, o)| (AnyCidr::V4(c), o))
+        .into_iter()
+        .chain(n.pod_cidr6.zip(owner6).map(|(c, o)| (AnyCidr::V6(c), o)));
     let vteps = [
-        (!me).then(|| VtepKey::V4(ip_key(n.underlay_ip))),
+        both4.map(|ip| VtepKey::V4(ip_key(ip))),
         both6.map(|u6| VtepKey::V6(u6.ip.octets())),
     ];
     (owners, vteps)
@@ -92,14 +108,16 @@ fn entries(n: &Node, local: Local<'_>) -> (NodeOwners, Vteps) {
 
 /// A node's pod CIDRs with their owner entries, as [`entries`] gives them.
 type NodeOwners = std::iter::Chain<
-    std::iter::Once<(AnyCidr, RemoteNode)>,
+    std::option::IntoIter<(AnyCidr, RemoteNode)>,
     std::option::IntoIter<(AnyCidr, RemoteNode)>,
 >;
 
-/// A node's pod CIDRs: the IPv4 one, and the IPv6 one in a dual-stack
-/// cluster.
+/// A node's pod CIDRs: the IPv4 one, the IPv6 one, or both.
 pub fn cidrs(n: &Node) -> NodeCidrs {
-    std::iter::once(AnyCidr::V4(n.pod_cidr)).chain(n.pod_cidr6.map(AnyCidr::V6))
+    n.pod_cidr
+        .map(AnyCidr::V4)
+        .into_iter()
+        .chain(n.pod_cidr6.map(AnyCidr::V6))
 }
 
 /// Builds the desired state from the registry's nodes. Collected rather
@@ -249,7 +267,8 @@ impl NodeMaps for Maps {
 }
 
 /// A node's pod CIDRs as [`cidrs`] lists them.
-pub type NodeCidrs = std::iter::Chain<std::iter::Once<AnyCidr>, std::option::IntoIter<AnyCidr>>;
+pub type NodeCidrs =
+    std::iter::Chain<std::option::IntoIter<AnyCidr>, std::option::IntoIter<AnyCidr>>;
 
 /// The map error of a failed write to map `name`.
 fn map_error(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
@@ -458,16 +477,16 @@ mod tests {
         let nodes = vec![
             Node {
                 name: "a".into(),
-                underlay_ip: "198.18.0.1".parse().unwrap(),
-                pod_cidr: "198.19.1.0/24".parse().unwrap(),
+                underlay_ip: Some("198.18.0.1".parse().unwrap()),
+                pod_cidr: Some("198.19.1.0/24".parse().unwrap()),
                 pod_cidr6: None,
                 vtep_mac: [2, 0, 0, 0, 0, 1],
                 underlay6: None,
             },
             Node {
                 name: "b".into(),
-                underlay_ip: "198.18.0.2".parse().unwrap(),
-                pod_cidr: "198.19.2.0/24".parse().unwrap(),
+                underlay_ip: Some("198.18.0.2".parse().unwrap()),
+                pod_cidr: Some("198.19.2.0/24".parse().unwrap()),
                 pod_cidr6: None,
                 vtep_mac: [2, 0, 0, 0, 0, 2],
                 underlay6: None,
@@ -477,7 +496,7 @@ mod tests {
             &nodes,
             Local {
                 name: "a",
-                ip: "198.18.0.1".parse().unwrap(),
+                ip: Some("198.18.0.1".parse().unwrap()),
                 ip6: None,
                 send6: false,
             },
@@ -496,6 +515,55 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_only_node_maps_its_peers_over_ipv6_and_marks_its_own_cidr() {
+        let node = |name: &str, i: u16, ip4: Option<u8>| Node {
+            name: name.into(),
+            underlay_ip: ip4.map(|l| Ipv4Addr::new(198, 18, 0, l)),
+            pod_cidr: None,
+            pod_cidr6: Some(format!("2001:2:0:{i}::/64").parse().unwrap()),
+            vtep_mac: [2, 0, 0, 0, 0, i as u8],
+            underlay6: Some(crate::registry::Underlay6 {
+                ip: std::net::Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, i),
+                vtep_mac: [2, 0, 0, 0, 6, i as u8],
+            }),
+        };
+        let nodes = [
+            node("a", 1, None),
+            node("b", 2, None),
+            node("c", 3, Some(3)),
+        ];
+        let v6 = |i: u16| AnyCidr::V6(format!("2001:2:0:{i}::/64").parse().unwrap());
+        let local = |send6| Local {
+            name: "a",
+            ip: None,
+            ip6: Some(std::net::Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, 1)),
+            send6,
+        };
+        let d = desired(&nodes, local(true));
+        let own = d.remotes[&v6(1)];
+        assert_eq!(
+            own.flags,
+            RemoteNode::FLAG_OWN,
+            "own CIDR, no IPv4 address to tell it by"
+        );
+        for i in [2, 3] {
+            let r = d.remotes[&v6(i)];
+            assert!(r.over_underlay6() && r.flags & RemoteNode::FLAG_OWN == 0);
+        }
+        assert!(
+            d.vteps.keys().all(|k| matches!(k, VtepKey::V6(_))),
+            "no IPv4 VTEP on a node without an IPv4 underlay: {:?}",
+            d.vteps
+        );
+        assert_eq!(d.vteps.len(), 2);
+        // Unable to send over IPv6: no entry rather than one to 0.0.0.0
+        // (the packets are dropped as no_route); taken in from them still.
+        let d = desired(&nodes, local(false));
+        assert_eq!(d.remotes.keys().copied().collect::<Vec<_>>(), [v6(1)]);
+        assert_eq!(d.vteps.len(), 2);
+    }
+
+    #[test]
     fn ipv6_pods_go_over_the_ipv6_underlay_only_between_nodes_that_both_have_one() {
         let u6 = |last: u16, mac: u8| crate::registry::Underlay6 {
             ip: std::net::Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, last),
@@ -503,8 +571,8 @@ mod tests {
         };
         let node = |name: &str, i: u8, under6| Node {
             name: name.into(),
-            underlay_ip: Ipv4Addr::new(198, 18, 0, i),
-            pod_cidr: format!("198.19.{i}.0/24").parse().unwrap(),
+            underlay_ip: Some(Ipv4Addr::new(198, 18, 0, i)),
+            pod_cidr: Some(format!("198.19.{i}.0/24").parse().unwrap()),
             pod_cidr6: Some(format!("2001:2:0:{i}::/64").parse().unwrap()),
             vtep_mac: [2, 0, 0, 0, 0, i],
             underlay6: under6,
@@ -517,7 +585,7 @@ mod tests {
         let v6 = |i: u8| AnyCidr::V6(format!("2001:2:0:{i}::/64").parse().unwrap());
         let local = |ip6, send6| Local {
             name: "a",
-            ip: Ipv4Addr::new(198, 18, 0, 1),
+            ip: Some(Ipv4Addr::new(198, 18, 0, 1)),
             ip6,
             send6,
         };

@@ -501,3 +501,131 @@ fn ipv6_pods_above_the_node_mtu_are_told_packet_too_big() {
         assert_pair_dropped_nothing(&c);
     }
 }
+
+#[test]
+fn an_ipv6_only_cluster_has_no_ipv4_anywhere_and_carries_every_path() {
+    if !privileged("an_ipv6_only_cluster_has_no_ipv4_anywhere_and_carries_every_path") {
+        return;
+    }
+    let mut lab = Lab::new("v6o");
+    let c = Cluster::start(&mut lab, ClusterSpec::default().ipv6_only());
+    let addrs4 = |ns: &Netns, dev: &str| {
+        String::from_utf8_lossy(
+            &ns.try_sh("ip", &["-4", "-o", "addr", "show", "dev", dev])
+                .stdout,
+        )
+        .trim()
+        .to_string()
+    };
+    // No IPv4 on the underlay, on weft0 or in a pod: what the cluster
+    // carries below goes over IPv6 alone.
+    for n in &c.nodes {
+        assert_eq!(addrs4(&n.ns, "und0"), "", "{}: IPv4 on und0", n.name);
+        assert_eq!(addrs4(&n.ns, "weft0"), "", "{}: IPv4 on weft0", n.name);
+        let env = std::fs::read_to_string(n.run_dir.join("subnet.env")).unwrap();
+        assert!(
+            !env.contains("WEFT_SUBNET=") && env.contains("WEFT_SUBNET6="),
+            "{env}"
+        );
+    }
+    for p in &c.pods {
+        assert!(p.ip.is_unspecified() && p.ip6.is_some(), "{p:?}");
+        assert_eq!(addrs4(&p.ns, "eth0"), "", "{}: IPv4 in the pod", p.name);
+    }
+    let _servers: Vec<EchoServer> = c
+        .pods
+        .iter()
+        .map(|p| EchoServer::start(&p.ns, p.ip6.unwrap(), ECHO_PORT))
+        .collect();
+    let pcap = capture_vxlan(&mut lab, &c.nodes[0].ns, "v6o", 128);
+    // Every pod and node host → every pod: same node, across nodes, host ↔
+    // pod (ICMPv6, TCP, UDP).
+    assert_ipv6_matrix(&c);
+    // Each pod → its gateway, an address of its node's own pod CIDR that is
+    // no pod's: the programs must tell that CIDR is this node's (no IPv4
+    // address to tell it by) and hand the packet to the stack.
+    for p in &c.pods {
+        let cidr6 = c.nodes[p.node].pod_cidr6.as_deref().unwrap();
+        let gw: std::net::Ipv6Addr = format!("{}1", cidr6.trim_end_matches("/64"))
+            .parse()
+            .unwrap();
+        assert!(
+            weft_tests::ping(&p.ns, gw, 2),
+            "{} → its gateway {gw}",
+            p.name
+        );
+    }
+    let (a, b) = (c.pods[0].clone(), c.pods[2].clone());
+    assert_ne!(a.node, b.node);
+    bulk_tcp_intact(&b.ns, b.ip6.unwrap(), 7001, &a.ns, 32 << 20).expect("32 MiB, node 1 → 2");
+    bulk_tcp_intact(&a.ns, a.ip6.unwrap(), 7001, &b.ns, 32 << 20).expect("32 MiB, node 2 → 1");
+    let gbps = iperf_gbps(&b.ns, b.ip6.unwrap(), &a.ns, &mut lab, "iperf-v6o", 2, &[]);
+    println!("IPv6-only cluster, pod → pod across nodes, 2 s: {gbps:.2} Gbit/s");
+    lab.stop("tcpdump");
+    // On the wire: VXLAN in IPv6 only, tunnel GSO kept.
+    let records = pcap_records(&std::fs::read(&pcap).expect("pcap"));
+    let over4 = records
+        .iter()
+        .filter(|(_, p)| p[12..14] == [0x08, 0x00])
+        .count();
+    let over6: Vec<_> = records
+        .iter()
+        .filter(|(_, p)| p.len() >= 84 && p[12..14] == [0x86, 0xdd])
+        .collect();
+    assert_eq!(over4, 0, "VXLAN over IPv4 captured");
+    assert!(!over6.is_empty(), "no VXLAN over IPv6 captured");
+    for (_, p) in &over6 {
+        assert_ne!(&p[60..62], &[0, 0], "outer UDP checksum set");
+        assert_eq!(&p[82..84], &[0x86, 0xdd], "inner IPv6");
+    }
+    let gso = over6.iter().filter(|(len, _)| *len > 1514).count();
+    println!(
+        "{gso} of {} VXLAN-over-IPv6 packets captured were tunnel GSO (> 1514 bytes)",
+        over6.len()
+    );
+    assert!(gso > 0, "no tunnel GSO packet over the IPv6 underlay");
+    // weft status: IPv6 rows only, each peer over the IPv6 underlay.
+    let rows = c.status(0)["nodes"].as_array().unwrap().clone();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    for r in &rows {
+        assert_eq!(r["family"], "ipv6", "{r}");
+        if r["state"] != "local" {
+            assert_eq!(
+                (&r["underlay"], &r["state"]),
+                (&"ipv6".into(), &"remote".into()),
+                "{r}"
+            );
+        }
+    }
+    assert_eq!(
+        rows.iter().filter(|r| r["state"] == "local").count(),
+        1,
+        "its own CIDR, told apart without an IPv4 address: {rows:?}"
+    );
+    // CNI CHECK, then DEL, of an IPv6-only pod: its entry and address go.
+    let conf = c.cni_conf(0, "1.1.0");
+    let netns = a.ns.path().to_str().unwrap().to_string();
+    let mut with_prev = conf.clone();
+    with_prev["prevResult"] = serde_json::json!({
+        "cniVersion": "1.1.0",
+        "ips": [{"address": format!("{}/128", a.ip6.unwrap())}],
+    });
+    let out = c.cni(0, "CHECK", &a.ns.name, &netns, &with_prev);
+    assert!(
+        out.status.success(),
+        "CHECK: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = c.cni(0, "DEL", &a.ns.name, &netns, &conf);
+    assert!(
+        out.status.success(),
+        "DEL: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let endpoints = c.status(0)["endpoints"].clone();
+    assert!(
+        !endpoints.to_string().contains(&a.ip6.unwrap().to_string()),
+        "{endpoints}"
+    );
+    assert_pair_dropped_nothing(&c);
+}

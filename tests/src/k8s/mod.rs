@@ -178,6 +178,7 @@ impl KubeCluster {
                 tokens,
                 cluster: true,
                 dual_stack: spec.dual_stack,
+                ipv6: false,
             },
         );
         let kubeconfig = api.kubeconfig("admin", kube::ADMIN_TOKEN);
