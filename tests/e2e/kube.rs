@@ -203,6 +203,87 @@ fn nodes_from_the_kubernetes_api() {
     assert!(ping(&a.ns, b.ip, 2));
 }
 
+/// A cluster of `spec` on the kube registry of a fresh API server (`opts`)
+/// on its underlay: a Node per node with its pod CIDRs (as the controller
+/// manager leaves them), the agents started on a kubeconfig to the server's
+/// IPv4 address, or with `ipv6` its IPv6 one.
+fn kube_cluster(
+    lab: &mut Lab,
+    spec: ClusterSpec,
+    opts: weft_tests::kube::ApiOptions,
+) -> (Cluster, Netns, KubeApi) {
+    let mut c = Cluster::new(lab, spec);
+    let und = c.underlay.ns.clone();
+    let ipv6 = opts.ipv6;
+    let api = KubeApi::start_with(lab, &und, "br0", opts);
+    bind_agent_rbac(&und, &api);
+    for n in &c.nodes {
+        let cidrs: Vec<String> = (!c.spec.ipv6_only)
+            .then(|| n.pod_cidr.clone())
+            .into_iter()
+            .chain(n.pod_cidr6.clone())
+            .collect();
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": n.name},
+            "spec": {"podCIDR": cidrs[0], "podCIDRs": cidrs},
+        }))
+        .unwrap();
+        create(&und, &api, node);
+    }
+    let kubeconfig = if ipv6 {
+        api.kubeconfig6("agent", AGENT_TOKEN)
+    } else {
+        api.kubeconfig("agent", AGENT_TOKEN)
+    };
+    c.spec.agent_args = vec![
+        "--registry".into(),
+        "kube".into(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+    ];
+    c.launch(lab);
+    (c, und, api)
+}
+
+/// Node `name`'s annotations.
+fn annotations_of(
+    und: &Netns,
+    api: &KubeApi,
+    name: &str,
+) -> std::collections::BTreeMap<String, String> {
+    let name = name.to_string();
+    with_client(und, api, async move |client| {
+        Api::<Node>::all(client)
+            .get(&name)
+            .await
+            .unwrap()
+            .metadata
+            .annotations
+            .unwrap_or_default()
+    })
+}
+
+/// Waits until node-1's `weft status` has node-2's IPv6 pod CIDR over the
+/// IPv6 underlay, to its address, verified; and (`rows`) that many rows.
+fn wait_for_peer_over_ipv6(c: &Cluster, rows: Option<usize>) {
+    let peer = &c.nodes[1];
+    wait_for(
+        "node-1 to carry node-2's IPv6 pods over the IPv6 underlay",
+        Duration::from_secs(10),
+        || {
+            let all = c.status(0)["nodes"].as_array().unwrap().clone();
+            (rows.is_none_or(|n| all.len() == n)
+                && all.iter().any(|r| {
+                    r["pod_cidr"] == peer.pod_cidr6.as_deref().unwrap()
+                        && r["underlay"] == "ipv6"
+                        && r["underlay_ip"] == peer.underlay_ip6.unwrap().to_string()
+                        && r["state"] == "remote"
+                }))
+            .then_some(())
+        },
+    );
+}
+
 #[test]
 fn ipv6_underlay_addresses_through_the_kubernetes_api() {
     if !privileged("ipv6_underlay_addresses_through_the_kubernetes_api") {
@@ -212,75 +293,26 @@ fn ipv6_underlay_addresses_through_the_kubernetes_api() {
         return;
     }
     let mut lab = Lab::new("kube6");
-    let mut c = Cluster::new(&mut lab, ClusterSpec::pair().underlay6());
-    let und = c.underlay.ns.clone();
-    let api = KubeApi::start_with(
+    let (c, und, api) = kube_cluster(
         &mut lab,
-        &und,
-        "br0",
+        ClusterSpec::pair().underlay6(),
         weft_tests::kube::ApiOptions {
             dual_stack: true,
             ..Default::default()
         },
     );
-    bind_agent_rbac(&und, &api);
-    for (i, n) in c.nodes.iter().enumerate() {
-        let cidrs = [n.pod_cidr.clone(), n.pod_cidr6.clone().expect("dual-stack")];
-        let node: Node = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": n.name},
-            "spec": {"podCIDR": cidrs[0], "podCIDRs": cidrs},
-        }))
-        .unwrap();
-        create(&und, &api, node);
-        assert!(n.underlay_ip6.is_some(), "node {i} has an IPv6 underlay");
-    }
-    let kubeconfig = api.kubeconfig("agent", AGENT_TOKEN);
-    c.spec.agent_args = vec![
-        "--registry".into(),
-        "kube".into(),
-        "--kubeconfig".into(),
-        kubeconfig.display().to_string(),
-    ];
-    c.launch(&mut lab);
     // Each agent published its IPv6 underlay address; the other took it:
     // the peer's IPv6 pod CIDR goes over the IPv6 underlay, and VXLAN over
     // IPv6 is accepted from it.
     for (i, n) in c.nodes.iter().enumerate() {
-        let name = n.name.clone();
-        let ann = with_client(&und, &api, async move |client| {
-            Api::<Node>::all(client)
-                .get(&name)
-                .await
-                .unwrap()
-                .metadata
-                .annotations
-                .unwrap_or_default()
-        });
+        let ann = annotations_of(&und, &api, &n.name);
         assert_eq!(
             ann.get("weft.dev/underlay-ip6").map(String::as_str),
             Some(n.underlay_ip6.unwrap().to_string().as_str()),
             "node {i}'s annotations: {ann:?}"
         );
     }
-    let peer = &c.nodes[1];
-    wait_for(
-        "node-1 to carry node-2's IPv6 pods over IPv6",
-        Duration::from_secs(10),
-        || {
-            let s = c.status(0);
-            s["nodes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|r| r["pod_cidr"] == peer.pod_cidr6.as_deref().unwrap())
-                .filter(|r| {
-                    r["underlay"] == "ipv6"
-                        && r["underlay_ip"] == peer.underlay_ip6.unwrap().to_string()
-                        && r["state"] == "remote"
-                })
-                .map(|_| ())
-        },
-    );
+    wait_for_peer_over_ipv6(&c, None);
     let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
     assert!(ping(&a.ns, b.ip6.unwrap(), 3), "IPv6 pods reach each other");
     assert!(ping(&a.ns, b.ip, 3), "IPv4 pods too");
@@ -295,50 +327,21 @@ fn an_ipv6_only_cluster_through_the_kubernetes_api() {
         return;
     }
     let mut lab = Lab::new("kubev6o");
-    let mut c = Cluster::new(&mut lab, ClusterSpec::pair().ipv6_only());
-    let und = c.underlay.ns.clone();
-    // The nodes have no IPv4 address: they reach the API over IPv6.
-    let api = KubeApi::start_with(
+    // The nodes have no IPv4 address: they reach the API over IPv6. Their
+    // Nodes have one IPv6 pod CIDR, as an IPv6-only cluster's controller
+    // manager leaves them.
+    let (c, und, api) = kube_cluster(
         &mut lab,
-        &und,
-        "br0",
+        ClusterSpec::pair().ipv6_only(),
         weft_tests::kube::ApiOptions {
             ipv6: true,
             ..Default::default()
         },
     );
-    bind_agent_rbac(&und, &api);
-    for n in &c.nodes {
-        // Nodes as an IPv6-only cluster's controller manager leaves them:
-        // one IPv6 pod CIDR.
-        let node: Node = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": n.name},
-            "spec": {"podCIDR": n.pod_cidr6, "podCIDRs": [n.pod_cidr6]},
-        }))
-        .unwrap();
-        create(&und, &api, node);
-    }
-    let kubeconfig = api.kubeconfig6("agent", AGENT_TOKEN);
-    c.spec.agent_args = vec![
-        "--registry".into(),
-        "kube".into(),
-        "--kubeconfig".into(),
-        kubeconfig.display().to_string(),
-    ];
-    c.launch(&mut lab);
     // Each agent published its IPv6 underlay address and no IPv4 one; the
     // other node is known by it alone.
     for (i, n) in c.nodes.iter().enumerate() {
-        let name = n.name.clone();
-        let ann = with_client(&und, &api, async move |client| {
-            Api::<Node>::all(client)
-                .get(&name)
-                .await
-                .unwrap()
-                .metadata
-                .annotations
-                .unwrap_or_default()
-        });
+        let ann = annotations_of(&und, &api, &n.name);
         let ip6 = n.underlay_ip6.unwrap();
         assert_eq!(
             (
@@ -356,22 +359,7 @@ fn an_ipv6_only_cluster_through_the_kubernetes_api() {
             "node {i}'s annotations: {ann:?}"
         );
     }
-    let peer = &c.nodes[1];
-    wait_for(
-        "node-1 to carry node-2's pods over the IPv6 underlay",
-        Duration::from_secs(10),
-        || {
-            let rows = c.status(0)["nodes"].as_array().unwrap().clone();
-            (rows.len() == 2
-                && rows.iter().any(|r| {
-                    r["pod_cidr"] == peer.pod_cidr6.as_deref().unwrap()
-                        && r["underlay"] == "ipv6"
-                        && r["underlay_ip"] == peer.underlay_ip6.unwrap().to_string()
-                        && r["state"] == "remote"
-                }))
-            .then_some(())
-        },
-    );
+    wait_for_peer_over_ipv6(&c, Some(2));
     let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
     assert!(a.ip.is_unspecified() && b.ip.is_unspecified());
     assert!(ping(&a.ns, b.ip6.unwrap(), 3), "IPv6 pods reach each other");

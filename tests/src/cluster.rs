@@ -214,7 +214,9 @@ pub struct ClusterSpec {
     /// address there (`--public-ipv6`), and IPv6 pods' VXLAN goes over IPv6.
     pub underlay6: bool,
     /// IPv6 only (`--enable-ipv4=false`): nodes with an IPv6 underlay
-    /// address and an IPv6 pod CIDR only, pods with an IPv6 address only.
+    /// address and an IPv6 pod CIDR only, pods with an IPv6 address only;
+    /// node-1's agent is given its address (`--public-ipv6`), the others
+    /// find theirs on `und0`.
     pub ipv6_only: bool,
 }
 
@@ -462,7 +464,11 @@ impl Cluster {
         if self.spec.dual_stack {
             cmd.args(["--cluster-cidr6", CLUSTER_CIDR6]);
         }
-        if let Some(ip6) = n.underlay_ip6 {
+        // An IPv6-only node but the first finds its address on its own (the
+        // underlay interface's first global IPv6 address).
+        if let Some(ip6) = n.underlay_ip6
+            && !(self.spec.ipv6_only && i > 0)
+        {
             cmd.args(["--public-ipv6", &ip6.to_string()]);
         }
         cmd.envs(self.spec.agent_env.iter().map(|(k, v)| (k, v)));

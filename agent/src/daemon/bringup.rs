@@ -20,18 +20,29 @@ use crate::{
 
 /// The underlay interface, picked like flannel: --iface, else the first
 /// interface matching --iface-regex, else the default route's interface
-/// (on an IPv6-only node: the interface holding --public-ipv6); and this
-/// node's IPv4 underlay address (none on an IPv6-only node).
-pub fn underlay(cfg: &AgentConfig) -> Result<(netdev::Interface, Option<Ipv4Addr>), NetdevError> {
+/// (on an IPv6-only node: the interface holding --public-ipv6, else the
+/// IPv6 default route's); and this node's IPv4 underlay address (none on
+/// an IPv6-only node, whose --public-ipv6, when not given, becomes the
+/// interface's first global IPv6 address).
+pub fn underlay(
+    cfg: &mut AgentConfig,
+) -> Result<(netdev::Interface, Option<Ipv4Addr>), NetdevError> {
     let ipv6_only = cfg.cluster_cidr.is_none();
     let name = match (&cfg.iface, &cfg.iface_regex, cfg.public_ipv6) {
         (Some(n), _, _) => n.clone(),
         (None, Some(re), _) => pick_by_pattern(re)?,
         (None, None, Some(ip6)) if ipv6_only => netdev::interface_with(ip6.into())?,
+        (None, None, None) if ipv6_only => netdev::default_route_interface6()?,
         (None, None, _) => netdev::default_route_interface()?,
     };
     let iface = netdev::get(&name)?;
     if ipv6_only {
+        if cfg.public_ipv6.is_none() {
+            let ip6 = netdev::first_global_ipv6(iface.index)?
+                .ok_or_else(|| NetdevError::NoIpv6(name.clone()))?;
+            tracing::info!(iface = %name, ip6 = %ip6, "IPv6-only: the underlay interface's first global IPv6 address is this node's (set public-ipv6 for another)");
+            cfg.public_ipv6 = Some(ip6);
+        }
         return Ok((iface, None));
     }
     let ip = cfg

@@ -112,8 +112,9 @@ pub struct AgentSettings {
     #[arg(long)]
     pub cluster_cidr6: Option<Ipv6Cidr>,
     /// IPv4 pods (flannel's EnableIPv4); `--enable-ipv4=false`, with
-    /// --cluster-cidr6 and --public-ipv6, for an IPv6-only cluster: pods
-    /// get an IPv6 address only, and the node needs no IPv4 address
+    /// --cluster-cidr6, for an IPv6-only cluster: pods get an IPv6 address
+    /// only, the node needs no IPv4 address, and its IPv6 underlay address
+    /// is --public-ipv6 or else the underlay interface's first global one
     /// [default: true].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub enable_ipv4: Option<bool>,
@@ -226,7 +227,7 @@ pub enum SettingsError {
     #[error("public-ipv6: {0}")]
     PublicIpv6(String),
     #[error(
-        "enable-ipv4 = false makes an IPv6-only cluster: it needs cluster-cidr6 (the pods' IPv6 network) and public-ipv6 (this node's IPv6 underlay address); set both"
+        "enable-ipv4 = false makes an IPv6-only cluster: it needs cluster-cidr6 (the pods' IPv6 network); set it"
     )]
     Ipv6OnlyIncomplete,
     #[error(
@@ -275,7 +276,7 @@ impl AgentConfig {
         };
         let ipv4 = s.enable_ipv4.unwrap_or(true);
         if !ipv4 {
-            if s.cluster_cidr6.is_none() || s.public_ipv6.is_none() {
+            if s.cluster_cidr6.is_none() {
                 return Err(SettingsError::Ipv6OnlyIncomplete);
             }
             if s.cluster_cidr.is_some() {
@@ -436,6 +437,37 @@ mod tests {
         assert!(e.to_string().contains("more than one `/`"), "{e}");
         let off: AgentSettings = toml::from_str("registry = \"kube\"\n").unwrap();
         assert_eq!(AgentConfig::from_settings(off, host).unwrap().flannel, None);
+    }
+
+    #[test]
+    fn ipv6_only_needs_an_ipv6_cluster_and_no_ipv4_one() {
+        let host = || "h".to_string();
+        let with = |text: &str| {
+            let s: AgentSettings = toml::from_str(text).unwrap();
+            AgentConfig::from_settings(s, host)
+        };
+        let ok = with("enable-ipv4 = false\ncluster-cidr6 = \"2001:2::/48\"\n").unwrap();
+        assert_eq!((ok.cluster_cidr, ok.public_ipv6), (None, None));
+        assert_eq!(ok.clusters().to_string(), "2001:2::/48");
+        assert!(matches!(
+            with("enable-ipv4 = false\n"),
+            Err(SettingsError::Ipv6OnlyIncomplete)
+        ));
+        assert!(matches!(
+            with(
+                "enable-ipv4 = false\ncluster-cidr6 = \"2001:2::/48\"\ncluster-cidr = \"198.19.0.0/16\"\n"
+            ),
+            Err(SettingsError::Ipv6OnlyWithIpv4Cidr)
+        ));
+        assert!(matches!(
+            with(
+                "enable-ipv4 = false\ncluster-cidr6 = \"2001:2::/48\"\nregistry = \"kube\"\nflannel-compat = true\n"
+            ),
+            Err(SettingsError::FlannelNeedsIpv4)
+        ));
+        // The default stays IPv4 with flannel's CIDR.
+        let v4 = with("").unwrap();
+        assert_eq!(v4.clusters().to_string(), "10.244.0.0/16");
     }
 
     #[test]

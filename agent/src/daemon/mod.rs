@@ -79,7 +79,7 @@ pub enum AgentError {
 
 /// Runs the agent until SIGINT/SIGTERM. The dataplane stays attached after
 /// exit (it is pinned); `weft down` removes it.
-pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
+pub async fn run(mut cfg: AgentConfig) -> Result<(), AgentError> {
     if !(1..=0xff_ffff).contains(&cfg.vni) {
         return Err(AgentError::Vni(cfg.vni));
     }
@@ -92,7 +92,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         cfg.write_cni_conf_when_ready.as_deref(),
     )?;
     dataplane::ensure_bpffs(&cfg.bpffs_dir)?;
-    let (iface, local_ip) = bringup::underlay(&cfg)?;
+    let (iface, local_ip) = bringup::underlay(&mut cfg)?;
     // Over an IPv6 underlay the outer header is 20 bytes longer; the pod's
     // one MTU fits both (flannel's does too, for flannel-v6.1).
     let overhead = if cfg.public_ipv6.is_some() {

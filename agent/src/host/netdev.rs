@@ -21,6 +21,12 @@ pub enum NetdevError {
     NoMatch(String),
     #[error("no interface has {0} (public-ipv6): give the node that address, or pass --iface NAME")]
     NoInterfaceWith(std::net::IpAddr),
+    #[error(
+        "interface `{0}` has no global IPv6 address for an IPv6-only node's underlay; give it one, or pass --public-ipv6"
+    )]
+    NoIpv6(String),
+    #[error("no IPv6 default route to pick the underlay interface from; pass --iface NAME")]
+    NoDefaultRoute6,
     #[error("reading interface `{name}`: {source}")]
     Io { name: String, source: io::Error },
 }
@@ -320,6 +326,49 @@ pub fn default_route_interface() -> Result<String, NetdevError> {
         .ok_or(NetdevError::NoDefaultRoute)
 }
 
+/// The interface of the IPv6 default route (an IPv6-only node's
+/// underlay, as flannel picks it with IPv6 only).
+pub fn default_route_interface6() -> Result<String, NetdevError> {
+    let table =
+        fs::read_to_string("/proc/self/net/ipv6_route").map_err(|source| NetdevError::Io {
+            name: "/proc/self/net/ipv6_route".into(),
+            source,
+        })?;
+    default_route6_in(&table).ok_or(NetdevError::NoDefaultRoute6)
+}
+
+/// The device of the first default route in `/proc/net/ipv6_route` text:
+/// destination ::/0, not the kernel's unreachable entries on `lo`.
+fn default_route6_in(table: &str) -> Option<String> {
+    const ANY: &str = "00000000000000000000000000000000";
+    table
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 10 && f[0] == ANY && f[1] == "00" && f[9] != "lo").then(|| f[9].to_string())
+        })
+        .next()
+}
+
+/// The first global IPv6 address of interface `index` (not link-local,
+/// loopback or multicast), in the kernel's order.
+pub fn first_global_ipv6(index: u32) -> Result<Option<std::net::Ipv6Addr>, NetdevError> {
+    let io = |e: crate::host::netlink::NetlinkError| NetdevError::Io {
+        name: "address dump".into(),
+        source: io::Error::other(e.to_string()),
+    };
+    let mut nl = crate::host::netlink::Netlink::open().map_err(io)?;
+    Ok(nl
+        .addresses()
+        .map_err(io)?
+        .into_iter()
+        .filter(|(i, _, _)| *i == index)
+        .find_map(|(_, a, _)| match a {
+            std::net::IpAddr::V6(a) => crate::registry::Underlay6::check_ip(a).ok(),
+            std::net::IpAddr::V4(_) => None,
+        }))
+}
+
 /// The interface that holds address `ip` (an IPv6-only node's underlay,
 /// picked by its --public-ipv6).
 pub fn interface_with(ip: std::net::IpAddr) -> Result<String, NetdevError> {
@@ -377,6 +426,19 @@ pub fn vtep_mac_for6(ip: std::net::Ipv6Addr) -> [u8; 6] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ipv6_default_route_s_device() {
+        // As /proc/net/ipv6_route lists them: a link route, the default
+        // route via a router, the kernel's unreachable default on lo.
+        let table = "\
+20010002000000ff0000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     und0
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 20010002000000ff00000000000000fe 00000400 00000001 00000000 00000003     und0
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo
+";
+        assert_eq!(default_route6_in(table).as_deref(), Some("und0"));
+        assert_eq!(default_route6_in(table.lines().last().unwrap()), None);
+    }
 
     #[test]
     fn shaped_interfaces_from_the_qdisc_dump() {
