@@ -602,6 +602,34 @@ fn an_ipv6_only_cluster_has_no_ipv4_anywhere_and_carries_every_path() {
         1,
         "its own CIDR, told apart without an IPv4 address: {rows:?}"
     );
+    // The agent restarts with its IPv6 endpoints map lost (a bpffs
+    // remount): the node's pods are found again from their IPv6 routes and
+    // neighbours, and reached.
+    let agent = Cluster::agent_name(0);
+    lab.stop(&agent);
+    std::fs::remove_file(c.nodes[0].bpffs.join(weft_common::names::ENDPOINTS6)).unwrap();
+    c.start_agent(&mut lab, 0);
+    weft_tests::wait_for(
+        "node-1's pods restored into its IPv6 endpoints map",
+        std::time::Duration::from_secs(20),
+        || {
+            // Until the agent has pinned the map again, status has none to read.
+            let out = c.weft(0, &["status", "--json"]);
+            let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (out.status.success() && s["endpoints"].as_array().map(Vec::len) == Some(2))
+                .then_some(())
+        },
+    );
+    assert!(
+        lab.log(&agent)
+            .contains("restored them from the node's routes"),
+        "{}",
+        lab.log(&agent)
+    );
+    assert!(
+        weft_tests::ping(&b.ns, a.ip6.unwrap(), 3),
+        "node-2's pod → restored pod"
+    );
     // CNI CHECK, then DEL, of an IPv6-only pod: its entry and address go.
     let conf = c.cni_conf(0, "1.1.0");
     let netns = a.ns.path().to_str().unwrap().to_string();
