@@ -534,35 +534,34 @@ pub fn sync_shaping(maps: &mut Maps, unshaped_before: &mut BTreeSet<u32>) -> Vec
         .partition(|(_, ep)| with_v4.contains(&ep.ifindex));
     let mut unshaped_now = BTreeSet::new();
     let mut changes = Vec::new();
+    // Each IPv4 entry's flag as this check leaves it, by veth: what a
+    // dual-stack pod's IPv6 entry follows.
+    let mut shaped_by_veth = std::collections::HashMap::new();
     for (ip, mut ep) in entries.into_iter().chain(only6) {
-        let Some(host_ifname) = netdev::name(ep.ifindex) else {
-            continue;
-        };
-        let now = shaped.contains(&host_ifname);
-        if ep.shaped() && !now {
-            unshaped_now.insert(ep.ifindex);
+        if let Some(host_ifname) = netdev::name(ep.ifindex) {
+            let now = shaped.contains(&host_ifname);
+            if ep.shaped() && !now {
+                unshaped_now.insert(ep.ifindex);
+            }
+            if flip_shaped(ep.shaped(), now, unshaped_before.contains(&ep.ifindex)) {
+                ep.flags ^= Endpoint::FLAG_SHAPED;
+                // Only over an entry that is still there (BPF_EXIST): a DEL
+                // since the listing must not be undone.
+                if !put_existing(maps, ip, ep) {
+                    continue;
+                }
+                changes.push(ShapingChange {
+                    ip,
+                    host_ifname,
+                    shaped: now,
+                });
+            }
         }
-        if !flip_shaped(ep.shaped(), now, unshaped_before.contains(&ep.ifindex)) {
-            continue;
-        }
-        ep.flags ^= Endpoint::FLAG_SHAPED;
-        // Only over an entry that is still there (BPF_EXIST): a DEL since
-        // the listing must not be undone.
-        if put_existing(maps, ip, ep) {
-            changes.push(ShapingChange {
-                ip,
-                host_ifname,
-                shaped: now,
-            });
+        if ip.is_ipv4() {
+            shaped_by_veth.insert(ep.ifindex, ep.shaped());
         }
     }
     *unshaped_before = unshaped_now;
-    let shaped_by_veth: std::collections::HashMap<u32, bool> = maps
-        .endpoints
-        .iter()
-        .filter_map(Result::ok)
-        .map(|(_, ep)| (ep.ifindex, ep.shaped()))
-        .collect();
     for (ip, mut ep) in dual6 {
         if let Some(&shaped) = shaped_by_veth.get(&ep.ifindex)
             && shaped != ep.shaped()

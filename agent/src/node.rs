@@ -23,7 +23,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::cidr::{Cidr, Family, Ipv4Cidr, Ipv6Cidr};
+use crate::cidr::{Cidr, Family};
 
 /// Default run directory.
 pub const DEFAULT_RUN_DIR: &str = "/run/weft";
@@ -43,20 +43,69 @@ pub struct NodeConfig {
     pub v6: Option<NodeV6>,
 }
 
-/// A node's IPv4 network (the cluster CIDR), pod CIDR and pods' gateway.
+/// A node's side of one family: the cluster's network (the cluster
+/// CIDR), the node's pod CIDR and the pods' gateway.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct NodeV4 {
-    pub network: Ipv4Cidr,
-    pub subnet: Ipv4Cidr,
-    pub gateway: Ipv4Addr,
+#[serde(bound = "A: Family + serde::Serialize")]
+pub struct NodeNet<A: Family> {
+    pub network: Cidr<A>,
+    pub subnet: Cidr<A>,
+    pub gateway: A,
 }
 
-/// A node's IPv6 network, pod CIDR and pods' gateway.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct NodeV6 {
-    pub network: Ipv6Cidr,
-    pub subnet: Ipv6Cidr,
-    pub gateway: Ipv6Addr,
+/// A node's IPv4 side.
+pub type NodeV4 = NodeNet<Ipv4Addr>;
+/// A node's IPv6 side.
+pub type NodeV6 = NodeNet<Ipv6Addr>;
+
+impl<A: Family> NodeNet<A>
+where
+    A::Err: std::fmt::Display,
+{
+    /// The side of a node with pod CIDR `subnet` in cluster `network`, when
+    /// it has both; the gateway is the pod CIDR's first address.
+    pub fn of(network: Option<Cidr<A>>, subnet: Option<Cidr<A>>) -> Option<Self> {
+        let (network, subnet) = (network?, subnet?);
+        Some(Self {
+            network,
+            subnet,
+            gateway: NodeConfig::gateway_of(&subnet),
+        })
+    }
+
+    /// The suffix of this family's keys: `WEFT_SUBNET`, `WEFT_SUBNET6`.
+    fn suffix() -> &'static str {
+        if A::BITS == 128 { "6" } else { "" }
+    }
+
+    fn render(&self, s: &mut String) {
+        let x = Self::suffix();
+        let _ = writeln!(s, "WEFT_NETWORK{x}={}", self.network);
+        let _ = writeln!(s, "WEFT_SUBNET{x}={}", self.subnet);
+        let _ = writeln!(s, "WEFT_GATEWAY{x}={}", self.gateway);
+    }
+
+    /// This family's side from `kv`, if it has its `WEFT_SUBNET…`.
+    fn parse(kv: &BTreeMap<&str, &str>) -> Result<Option<Self>, String> {
+        let x = Self::suffix();
+        if !kv.contains_key(format!("WEFT_SUBNET{x}").as_str()) {
+            return Ok(None);
+        }
+        fn get<T: std::str::FromStr>(kv: &BTreeMap<&str, &str>, key: &str) -> Result<T, String>
+        where
+            T::Err: std::fmt::Display,
+        {
+            kv.get(key)
+                .ok_or_else(|| format!("{key} is missing"))?
+                .parse()
+                .map_err(|e| format!("{key}: {e}"))
+        }
+        Ok(Some(Self {
+            network: get(kv, &format!("WEFT_NETWORK{x}"))?,
+            subnet: get(kv, &format!("WEFT_SUBNET{x}"))?,
+            gateway: get(kv, &format!("WEFT_GATEWAY{x}"))?,
+        }))
+    }
 }
 
 /// Errors reading the node config.
@@ -83,16 +132,12 @@ impl NodeConfig {
         let mut s = String::new();
         let _ = writeln!(s, "WEFT_NODE={}", self.node);
         if let Some(v4) = &self.v4 {
-            let _ = writeln!(s, "WEFT_NETWORK={}", v4.network);
-            let _ = writeln!(s, "WEFT_SUBNET={}", v4.subnet);
-            let _ = writeln!(s, "WEFT_GATEWAY={}", v4.gateway);
+            v4.render(&mut s);
         }
         let _ = writeln!(s, "WEFT_MTU={}", self.mtu);
         let _ = writeln!(s, "WEFT_BPFFS={}", self.bpffs.display());
         if let Some(v6) = &self.v6 {
-            let _ = writeln!(s, "WEFT_NETWORK6={}", v6.network);
-            let _ = writeln!(s, "WEFT_SUBNET6={}", v6.subnet);
-            let _ = writeln!(s, "WEFT_GATEWAY6={}", v6.gateway);
+            v6.render(&mut s);
         }
         s
     }
@@ -131,38 +176,12 @@ impl NodeConfig {
         }
         Ok(Self {
             node: get("WEFT_NODE")?.to_string(),
-            v4: match kv.get("WEFT_SUBNET") {
-                None => None,
-                Some(_) => Some(NodeV4 {
-                    network: get("WEFT_NETWORK")?
-                        .parse()
-                        .map_err(|e| format!("WEFT_NETWORK: {e}"))?,
-                    subnet: get("WEFT_SUBNET")?
-                        .parse()
-                        .map_err(|e| format!("WEFT_SUBNET: {e}"))?,
-                    gateway: get("WEFT_GATEWAY")?
-                        .parse()
-                        .map_err(|e| format!("WEFT_GATEWAY: {e}"))?,
-                }),
-            },
+            v4: NodeV4::parse(&kv)?,
             mtu: get("WEFT_MTU")?
                 .parse()
                 .map_err(|e| format!("WEFT_MTU: {e}"))?,
             bpffs: PathBuf::from(get("WEFT_BPFFS")?),
-            v6: match kv.get("WEFT_SUBNET6") {
-                None => None,
-                Some(_) => Some(NodeV6 {
-                    network: get("WEFT_NETWORK6")?
-                        .parse()
-                        .map_err(|e| format!("WEFT_NETWORK6: {e}"))?,
-                    subnet: get("WEFT_SUBNET6")?
-                        .parse()
-                        .map_err(|e| format!("WEFT_SUBNET6: {e}"))?,
-                    gateway: get("WEFT_GATEWAY6")?
-                        .parse()
-                        .map_err(|e| format!("WEFT_GATEWAY6: {e}"))?,
-                }),
-            },
+            v6: NodeV6::parse(&kv)?,
         })
     }
 }

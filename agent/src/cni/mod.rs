@@ -29,6 +29,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::{
+    cidr::Family,
     dataplane::{Maps, TcMode, ip_key},
     endpoint::{self, EndpointSpec},
     host::netdev,
@@ -322,6 +323,19 @@ fn ipam_err(e: ipam::IpamError) -> CniError {
     }
 }
 
+/// `op` on `store`, locked, when this node has that store (one per
+/// family its pods have); `None` when it has not.
+fn in_store<A: Family, T>(
+    store: &Option<ipam::Ipam<A>>,
+    op: impl FnOnce(&ipam::Locked<'_, A>) -> Result<T, ipam::IpamError>,
+) -> Result<Option<T>, CniError> {
+    store
+        .as_ref()
+        .map(|s| s.lock().and_then(|l| op(&l)))
+        .transpose()
+        .map_err(ipam_err)
+}
+
 fn add(conf: &NetConf, id: &str, ifname: &str, netns: &str) -> Result<Value, CniError> {
     let node = node_config(conf)?;
     let shaped = conf.shaped(crate::dataplane::has_tcx())?;
@@ -336,31 +350,11 @@ fn add(conf: &NetConf, id: &str, ifname: &str, netns: &str) -> Result<Value, Cni
     let ipam6 = conf.ipam6(&node);
     // Gives back what was allocated, when the ADD fails after it.
     let release = || {
-        if let Some(i) = &ipam {
-            let _ = i.lock().and_then(|l| l.release(id, ifname));
-        }
-        if let Some(i) = &ipam6 {
-            let _ = i.lock().and_then(|l| l.release(id, ifname));
-        }
+        let _ = in_store(&ipam, |l| l.release(id, ifname));
+        let _ = in_store(&ipam6, |l| l.release(id, ifname));
     };
-    let ip = match &ipam {
-        None => None,
-        Some(i) => Some(
-            i.lock()
-                .and_then(|l| l.allocate(id, ifname))
-                .map_err(ipam_err)?,
-        ),
-    };
-    let ip6 = match &ipam6 {
-        None => None,
-        Some(i) => match i.lock().and_then(|l| l.allocate(id, ifname)) {
-            Ok(ip6) => Some(ip6),
-            Err(e) => {
-                release();
-                return Err(ipam_err(e));
-            }
-        },
-    };
+    let ip = in_store(&ipam, |l| l.allocate(id, ifname))?;
+    let ip6 = in_store(&ipam6, |l| l.allocate(id, ifname)).inspect_err(|_| release())?;
     let spec = EndpointSpec {
         netns: netns.into(),
         ifname: ifname.into(),
@@ -470,23 +464,13 @@ fn del(conf: &NetConf, id: &str, ifname: &str) -> Result<(), CniError> {
     let host = endpoint::host_ifname(id, ifname);
     match node_config(conf) {
         Ok(node) => {
-            let mut ips: Vec<IpAddr> = Vec::new();
-            if let Some(i) = conf.ipam(&node) {
-                ips.extend(
-                    i.lock()
-                        .and_then(|l| l.release(id, ifname))
-                        .map_err(ipam_err)?
-                        .map(IpAddr::V4),
-                );
-            }
-            if let Some(i) = conf.ipam6(&node) {
-                ips.extend(
-                    i.lock()
-                        .and_then(|l| l.release(id, ifname))
-                        .map_err(ipam_err)?
-                        .map(IpAddr::V6),
-                );
-            }
+            let ip = in_store(&conf.ipam(&node), |l| l.release(id, ifname))?.flatten();
+            let ip6 = in_store(&conf.ipam6(&node), |l| l.release(id, ifname))?.flatten();
+            let ips: Vec<IpAddr> = ip
+                .map(IpAddr::V4)
+                .into_iter()
+                .chain(ip6.map(IpAddr::V6))
+                .collect();
             endpoint::del(&host, &ips, &node)
                 .map_err(|e| CniError::new(code::IO, format!("removing {host}"), e.to_string()))
         }
@@ -506,24 +490,12 @@ fn check(conf: &NetConf, id: &str, ifname: &str, netns: &str) -> Result<(), CniE
         )
     };
     let host = endpoint::host_ifname(id, ifname);
-    let ip = match conf.ipam(&node) {
-        None => None,
-        Some(i) => Some(
-            i.lock()
-                .and_then(|l| l.find(id, ifname))
-                .map_err(ipam_err)?
-                .ok_or_else(|| drift(format!("no address is allocated to {id}/{ifname}")))?,
-        ),
-    };
-    let ip6 = match conf.ipam6(&node) {
-        None => None,
-        Some(i) => Some(
-            i.lock()
-                .and_then(|l| l.find(id, ifname))
-                .map_err(ipam_err)?
-                .ok_or_else(|| drift(format!("no IPv6 address is allocated to {id}/{ifname}")))?,
-        ),
-    };
+    let ip = in_store(&conf.ipam(&node), |l| l.find(id, ifname))?
+        .map(|f| f.ok_or_else(|| drift(format!("no address is allocated to {id}/{ifname}"))))
+        .transpose()?;
+    let ip6 = in_store(&conf.ipam6(&node), |l| l.find(id, ifname))?
+        .map(|f| f.ok_or_else(|| drift(format!("no IPv6 address is allocated to {id}/{ifname}"))))
+        .transpose()?;
     let addresses = pod_addresses(&node, ip, ip6);
     if let Some(prev) = &conf.prev_result {
         for p in &addresses {
@@ -626,24 +598,23 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
             .iter()
             .any(|a| a.container_id == id && a.ifname == ifname)
     };
-    if let Some(ipam6) = conf.ipam6(&node) {
-        let locked = ipam6.lock().map_err(ipam_err)?;
-        for (ip, id, ifname) in locked.allocations().map_err(ipam_err)? {
-            if !live(&id, &ifname) {
-                locked.release(&id, &ifname).map_err(ipam_err)?;
-                let host = endpoint::host_ifname(&id, &ifname);
-                let _ = endpoint::del(&host, &[IpAddr::V6(ip)], &node);
-            }
-        }
-    }
-    if let Some(ipam) = conf.ipam(&node) {
-        let locked = ipam.lock().map_err(ipam_err)?;
-        for (ip, id, ifname) in locked.allocations().map_err(ipam_err)? {
-            if !live(&id, &ifname) {
-                locked.release(&id, &ifname).map_err(ipam_err)?;
-                let host = endpoint::host_ifname(&id, &ifname);
-                let _ = endpoint::del(&host, &[IpAddr::V4(ip)], &node);
-            }
+    in_store(&conf.ipam6(&node), |l| gc_store(l, &live, &node))?;
+    in_store(&conf.ipam(&node), |l| gc_store(l, &live, &node))?;
+    Ok(())
+}
+
+/// Releases each address in `store` whose attachment (container ID,
+/// interface) is not `live`, and removes what is left of that pod.
+fn gc_store<A: Family + Into<IpAddr>>(
+    store: &ipam::Locked<'_, A>,
+    live: &dyn Fn(&str, &str) -> bool,
+    node: &NodeConfig,
+) -> Result<(), ipam::IpamError> {
+    for (ip, id, ifname) in store.allocations()? {
+        if !live(&id, &ifname) {
+            store.release(&id, &ifname)?;
+            let host = endpoint::host_ifname(&id, &ifname);
+            let _ = endpoint::del(&host, &[ip.into()], node);
         }
     }
     Ok(())

@@ -52,16 +52,6 @@ pub fn underlay(
     Ok((iface, Some(ip)))
 }
 
-/// This node's VTEP MAC: from its IPv4 underlay address, or on an
-/// IPv6-only node from its IPv6 one ([`netdev::vtep_mac_for6`]).
-pub(super) fn vtep_mac(ip: Option<Ipv4Addr>, ip6: Option<std::net::Ipv6Addr>) -> [u8; 6] {
-    match (ip, ip6) {
-        (Some(ip), _) => netdev::vtep_mac_for(ip),
-        (None, Some(ip6)) => netdev::vtep_mac_for6(ip6),
-        (None, None) => [0; 6],
-    }
-}
-
 /// `--iface-regex`: the first interface with an IPv4 address whose name
 /// matches, in address-list order (flannel's `--iface-regex`).
 fn pick_by_pattern(pattern: &str) -> Result<String, NetdevError> {
@@ -207,7 +197,9 @@ pub(super) fn spawn_registry(cfg: &AgentConfig, local_ip: Option<Ipv4Addr>) -> S
                 cfg.node_name.clone(),
                 cfg.clusters(),
             );
-            r.own = Some((local_ip, vtep_mac(local_ip, cfg.public_ipv6)));
+            // A node has an underlay address of one family at least.
+            let mac = netdev::node_vtep_mac(local_ip, cfg.public_ipv6).unwrap_or_default();
+            r.own = Some((local_ip, mac));
             r.own_ip6 = cfg.public_ipv6;
             r.flannel = cfg
                 .flannel

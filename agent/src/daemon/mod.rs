@@ -40,7 +40,7 @@ use crate::{
         weft0,
     },
     node::{NodeConfig, NodeConfigError, NodeV4, NodeV6},
-    registry::{Node, Published, file::RegistryError},
+    registry::{Published, file::RegistryError},
 };
 
 pub use down::down;
@@ -157,12 +157,10 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), AgentError> {
         tracing::warn!(registry = ?me.underlay_ip, detected = ?local_ip, "the registry's IPv4 underlay address for this node differs from this node's address (the interface's, or --public-ip); using this node's");
     }
 
-    weft0::setup(
-        node_v4(&cfg, &me).as_ref(),
-        node_v6(&cfg, &me).as_ref(),
-        pod_mtu,
-        &iface.name,
-    )?;
+    // This node's side of each family it has pods of.
+    let v4 = NodeV4::of(cfg.cluster_cidr, me.pod_cidr);
+    let v6 = NodeV6::of(cfg.cluster_cidr6, me.pod_cidr6);
+    weft0::setup(v4.as_ref(), v6.as_ref(), pod_mtu, &iface.name)?;
     bringup::set_up_masquerade(&cfg);
     // With flannel's device still on the node the port is flannel's (and
     // so is GRO on it) until the takeover below.
@@ -245,7 +243,6 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), AgentError> {
     // Other nodes may address this one now: its decap takes their frames.
     let _ = publish.send(true);
     // flannel-compat runs with IPv4 only (checked in the settings).
-    let v4 = node_v4(&cfg, &me);
     if let (Some(f), Some(v4)) = (&cfg.flannel, &v4) {
         takeover::adopt_addresses(f, cni_conf.as_ref(), &v4.subnet, v4.gateway);
     }
@@ -254,7 +251,7 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), AgentError> {
         v4,
         mtu: pod_mtu,
         bpffs: cfg.bpffs_dir.clone(),
-        v6: node_v6(&cfg, &me),
+        v6,
     }
     .write(&cfg.run_dir)?;
     ready.store(true, Ordering::Relaxed);
@@ -283,7 +280,7 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), AgentError> {
         local_ip: local_ip.filter(|_| cfg.public_ip.is_none()),
         decap: decap_hook,
         v4,
-        v6: node_v6(&cfg, &me),
+        v6,
         pod_mtu,
         last_problem: None,
         unhealthy,
@@ -333,29 +330,6 @@ fn underlay6(cfg: &AgentConfig, gro_port: Option<u16>) -> Option<(Ipv6Addr, u32)
             Some((ip, 0))
         }
     }
-}
-
-/// This node's IPv4 network, pod CIDR and gateway (none on an IPv6-only
-/// node).
-pub(crate) fn node_v4(cfg: &AgentConfig, me: &Node) -> Option<NodeV4> {
-    let (network, subnet) = (cfg.cluster_cidr?, me.pod_cidr?);
-    Some(NodeV4 {
-        network,
-        subnet,
-        gateway: NodeConfig::gateway_of(&subnet),
-    })
-}
-
-/// This node's IPv6 network, pod CIDR and gateway, on a dual-stack or
-/// IPv6-only node (an IPv6 cluster CIDR, and an IPv6 pod CIDR for this
-/// node).
-pub(crate) fn node_v6(cfg: &AgentConfig, me: &Node) -> Option<NodeV6> {
-    let (network, subnet) = (cfg.cluster_cidr6?, me.pod_cidr6?);
-    Some(NodeV6 {
-        network,
-        subnet,
-        gateway: NodeConfig::gateway_of(&subnet),
-    })
 }
 
 /// Creates `weft_gro` on `port` ([`bringup::hold_gro_port`]); the port, if

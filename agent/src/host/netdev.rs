@@ -423,6 +423,12 @@ pub fn vtep_mac_for6(ip: std::net::Ipv6Addr) -> [u8; 6] {
     [0x0e, 0x77, o[12], o[13], o[14], o[15]]
 }
 
+/// The VTEP MAC of a node that names none: from its IPv4 underlay address,
+/// or on an IPv6-only node from its IPv6 one; none without either.
+pub fn node_vtep_mac(ip: Option<Ipv4Addr>, ip6: Option<std::net::Ipv6Addr>) -> Option<[u8; 6]> {
+    ip.map(vtep_mac_for).or(ip6.map(vtep_mac_for6))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

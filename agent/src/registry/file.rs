@@ -21,7 +21,7 @@ use std::{net::Ipv4Addr, path::Path};
 use serde::Deserialize;
 
 use crate::{
-    cidr::{ClusterCidrs, Ipv4Cidr, Ipv6Cidr},
+    cidr::ClusterCidrs,
     host::netdev,
     registry::{
         BoxFuture, Node, Published, Registry, Snapshot, Underlay6, Vocabulary, pod_cidrs_of,
@@ -153,20 +153,10 @@ fn node_of(i: usize, n: FileNode) -> Result<Node, String> {
         ),
     };
     let (cidr, cidr6) = match (n.pod_cidr, n.pod_cidrs) {
-        (Some(one), None) if one.contains(':') => (
-            None,
-            Some(
-                one.parse::<Ipv6Cidr>()
-                    .map_err(|e| format!("{what}: pod_cidr: {e}"))?,
-            ),
-        ),
-        (Some(one), None) => (
-            Some(
-                one.parse::<Ipv4Cidr>()
-                    .map_err(|e| format!("{what}: pod_cidr: {e}"))?,
-            ),
-            None,
-        ),
+        // One CIDR of either family (an IPv6-only node's is IPv6).
+        (Some(one), None) => {
+            pod_cidrs_of(&[one], "pod_cidr").map_err(|e| format!("{what}: {e}"))?
+        }
         (None, Some(list)) => {
             pod_cidrs_of(&list, "pod_cidrs").map_err(|e| format!("{what}: {e}"))?
         }
@@ -187,38 +177,36 @@ fn node_of(i: usize, n: FileNode) -> Result<Node, String> {
             "{what}: {field} `{s}` is not a unicast MAC like 0e:77:c6:12:00:01"
         )),
     };
-    let mac = match (&n.vtep_mac, ip) {
-        (Some(s), _) => unicast("vtep_mac", s)?,
-        (None, Some(ip)) => netdev::vtep_mac_for(ip),
-        // An IPv6-only node: from its IPv6 address, below.
-        (None, None) => [0; 6],
-    };
-    let underlay6 = match (&n.underlay_ip6, &n.vtep_mac6) {
-        (None, None) => None,
-        (None, Some(_)) => {
-            return Err(format!(
-                "{what}: vtep_mac6 without underlay_ip6; give the node's IPv6 underlay address too, or drop vtep_mac6"
-            ));
-        }
-        (Some(text), mac6) => {
-            let ip6 = text
-                .parse()
+    let ip6 = match &n.underlay_ip6 {
+        None => None,
+        Some(text) => Some(
+            text.parse()
                 .map_err(|_| format!("{what}: underlay_ip6 `{text}` is not an IPv6 address"))
                 .and_then(|ip| {
                     Underlay6::check_ip(ip).map_err(|e| format!("{what}: underlay_ip6: {e}"))
-                })?;
-            let vtep_mac = match mac6 {
-                Some(s) => unicast("vtep_mac6", s)?,
-                None if ip.is_none() && n.vtep_mac.is_none() => netdev::vtep_mac_for6(ip6),
-                None => mac,
-            };
-            Some(Underlay6 { ip: ip6, vtep_mac })
-        }
+                })?,
+        ),
     };
-    let mac = match underlay6 {
-        Some(u6) if ip.is_none() && n.vtep_mac.is_none() => u6.vtep_mac,
-        _ => mac,
+    if ip6.is_none() && n.vtep_mac6.is_some() {
+        return Err(format!(
+            "{what}: vtep_mac6 without underlay_ip6; give the node's IPv6 underlay address too, or drop vtep_mac6"
+        ));
+    }
+    let mac6 = match &n.vtep_mac6 {
+        Some(s) => Some(unicast("vtep_mac6", s)?),
+        None => None,
     };
+    let mac = match (&n.vtep_mac, ip, mac6) {
+        (Some(s), _, _) => unicast("vtep_mac", s)?,
+        // An IPv6-only node's one VTEP MAC is its IPv6 one.
+        (None, None, Some(m6)) => m6,
+        // `ip` or `ip6` is there (checked above).
+        (None, _, _) => netdev::node_vtep_mac(ip, ip6).unwrap_or_default(),
+    };
+    let underlay6 = ip6.map(|ip| Underlay6 {
+        ip,
+        vtep_mac: mac6.unwrap_or(mac),
+    });
     Ok(Node {
         name: n.name,
         underlay_ip: ip,
@@ -760,7 +748,10 @@ mod tests {
 
     #[test]
     fn ipv6_only_nodes_and_their_bad_entries() {
-        let v6_only: ClusterCidrs = "2001:2::/48".parse::<Ipv6Cidr>().unwrap().into();
+        let v6_only: ClusterCidrs = "2001:2::/48"
+            .parse::<crate::cidr::Ipv6Cidr>()
+            .unwrap()
+            .into();
         let text = r#"
 [[node]]
 name = "a"

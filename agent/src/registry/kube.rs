@@ -25,7 +25,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     time::Duration,
 };
@@ -158,23 +158,9 @@ pub fn convert(n: &KNode, flannel: Option<&FlannelCompat>) -> Result<Node, Strin
             underlay6: lease.v6.map(|(ip, vtep_mac)| Underlay6 { ip, vtep_mac }),
         });
     }
-    // The InternalIPs, IPv4 and IPv6 (a dual-stack Node lists both).
-    let internal = |v6: bool| {
-        n.status
-            .as_ref()
-            .and_then(|s| s.addresses.as_ref())
-            .into_iter()
-            .flatten()
-            .filter(|a| a.type_ == "InternalIP")
-            .filter_map(|a| a.address.parse::<IpAddr>().ok())
-            .find(|a| a.is_ipv6() == v6)
-    };
     let underlay_ip = match annotations.get(ANNOTATION_UNDERLAY_IP) {
         Some(v) => Some(v.parse::<Ipv4Addr>().map_err(|_| format!("Node {name}: annotation {ANNOTATION_UNDERLAY_IP}=`{v}` is not an IPv4 address; skipped"))?),
-        None => internal(false).map(|a| match a {
-            IpAddr::V4(a) => a,
-            IpAddr::V6(_) => unreachable!("filtered by family"),
-        }),
+        None => internal_ip(n),
     };
     let ip6 = match annotations.get(ANNOTATION_UNDERLAY_IP6) {
         Some(v) => Some(
@@ -187,10 +173,7 @@ pub fn convert(n: &KNode, flannel: Option<&FlannelCompat>) -> Result<Node, Strin
                 })?,
         ),
         // An IPv6-only Node (no IPv4 address at all): its IPv6 InternalIP.
-        None if underlay_ip.is_none() => match internal(true) {
-            Some(IpAddr::V6(a)) => Underlay6::check_ip(a).ok(),
-            _ => None,
-        },
+        None if underlay_ip.is_none() => internal_ip(n).and_then(|a| Underlay6::check_ip(a).ok()),
         None => None,
     };
     if underlay_ip.is_none() && ip6.is_none() {
@@ -198,13 +181,11 @@ pub fn convert(n: &KNode, flannel: Option<&FlannelCompat>) -> Result<Node, Strin
             "Node {name}: no {ANNOTATION_UNDERLAY_IP} or {ANNOTATION_UNDERLAY_IP6} annotation and no InternalIP yet; skipped until its agent publishes one"
         ));
     }
-    let vtep_mac = match (annotations.get(ANNOTATION_VTEP_MAC), underlay_ip, ip6) {
-        (Some(v), _, _) => netdev::parse_mac(v)
+    let vtep_mac = match annotations.get(ANNOTATION_VTEP_MAC) {
+        Some(v) => netdev::parse_mac(v)
             .filter(|m| m[0] & 1 == 0)
             .ok_or_else(|| format!("Node {name}: annotation {ANNOTATION_VTEP_MAC}=`{v}` is not a unicast MAC; skipped"))?,
-        (None, Some(ip), _) => netdev::vtep_mac_for(ip),
-        (None, None, Some(ip6)) => netdev::vtep_mac_for6(ip6),
-        (None, None, None) => unreachable!("checked above"),
+        None => netdev::node_vtep_mac(underlay_ip, ip6).unwrap_or_default(),
     };
     let underlay6 = ip6.map(|ip| Underlay6 { ip, vtep_mac });
     Ok(Node {
@@ -215,6 +196,18 @@ pub fn convert(n: &KNode, flannel: Option<&FlannelCompat>) -> Result<Node, Strin
         vtep_mac,
         underlay6,
     })
+}
+
+/// The Node's first InternalIP of family `A` (a dual-stack Node lists one
+/// of each).
+fn internal_ip<A: std::str::FromStr>(n: &KNode) -> Option<A> {
+    n.status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .filter(|a| a.type_ == "InternalIP")
+        .find_map(|a| a.address.parse().ok())
 }
 
 /// This node's entry: its pod CIDR from `n`, the rest as the agent says.

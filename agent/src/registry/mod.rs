@@ -15,6 +15,7 @@ pub mod sync;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     net::{Ipv4Addr, Ipv6Addr},
+    sync::Once,
 };
 
 use crate::{
@@ -198,31 +199,40 @@ impl Snapshot {
 /// IPv6 only (`enable-ipv4 = false`): the other side still works, and that
 /// one side is not carried is said once, at the first such node.
 fn for_cluster(mut n: Node, cluster: &ClusterCidrs) -> Node {
-    if cluster.v6.is_none()
-        && let Some(c6) = n.pod_cidr6.take()
-    {
-        static SAID: std::sync::Once = std::sync::Once::new();
-        SAID.call_once(|| {
-            tracing::info!(
-                node = %n.name,
-                pod_cidr6 = %c6,
-                "nodes list IPv6 pod CIDRs, but this agent has no cluster-cidr6: it carries their IPv4 pods only (set cluster-cidr6 for dual-stack)"
-            );
-        });
-    }
-    if cluster.v4.is_none()
-        && let Some(c4) = n.pod_cidr.take()
-    {
-        static SAID: std::sync::Once = std::sync::Once::new();
-        SAID.call_once(|| {
-            tracing::info!(
-                node = %n.name,
-                pod_cidr = %c4,
-                "nodes list IPv4 pod CIDRs, but this agent runs IPv6 only (enable-ipv4 = false): it carries their IPv6 pods only"
-            );
-        });
-    }
+    static SAID6: Once = Once::new();
+    static SAID4: Once = Once::new();
+    not_carried(
+        &mut n.pod_cidr6,
+        cluster.v6.is_some(),
+        &SAID6,
+        &n.name,
+        "nodes list IPv6 pod CIDRs, but this agent has no cluster-cidr6: it carries their IPv4 pods only (set cluster-cidr6 for dual-stack)",
+    );
+    not_carried(
+        &mut n.pod_cidr,
+        cluster.v4.is_some(),
+        &SAID4,
+        &n.name,
+        "nodes list IPv4 pod CIDRs, but this agent runs IPv6 only (enable-ipv4 = false): it carries their IPv6 pods only",
+    );
     n
+}
+
+/// Drops node `name`'s pod CIDR `cidr` of a family the cluster does not
+/// carry, saying `why` (once, by `said`) at the first such node.
+fn not_carried<C: std::fmt::Display>(
+    cidr: &mut Option<C>,
+    carried: bool,
+    said: &'static Once,
+    name: &str,
+    why: &'static str,
+) {
+    if carried {
+        return;
+    }
+    if let Some(c) = cidr.take() {
+        said.call_once(|| tracing::info!(node = %name, pod_cidr = %c, "{why}"));
+    }
 }
 
 /// What one kept node claims.
