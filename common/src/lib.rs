@@ -103,6 +103,41 @@ pub struct Vtep {
     pub flags: u32,
 }
 
+/// Value of [`names::NEXTHOPS`] (keyed by a peer's underlay IPv4 address,
+/// network order): what `bpf_fib_lookup` answered for it, kept so that
+/// the next packets to that peer skip the lookup. Written by the BPF
+/// programs only; the agent invalidates every entry at once by moving the
+/// generation in [`names::NEXTHOP_GEN`] on (rtnetlink told it that a
+/// neighbour, route, address or link changed).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NextHop {
+    /// The generation the lookup was made in: the entry is used only while
+    /// [`names::NEXTHOP_GEN`] still holds it.
+    pub generation: u32,
+    /// The device the FIB chose (host order).
+    pub ifindex: u32,
+    /// Outer Ethernet destination: the next hop's MAC.
+    pub dmac: [u8; 6],
+    /// Outer Ethernet source: the device's MAC.
+    pub smac: [u8; 6],
+    /// The longest outer IPv4 packet (not GSO) the FIB passed with this
+    /// next hop: a longer one is looked up again, which checks it against
+    /// the route's MTU. GSO packets are segmented to fit later.
+    pub max_len: u16,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 2],
+    /// When the entry was written (`bpf_ktime_get_coarse_ns`): it expires
+    /// after [`NextHop::TTL_NS`] even without a change of generation (a
+    /// change made while no agent was running to see it).
+    pub written_ns: u64,
+}
+
+impl NextHop {
+    /// How long an entry is used at most.
+    pub const TTL_NS: u64 = 10_000_000_000;
+}
+
 /// Key of [`names::STACK_FLOWS`]: one direction of a TCP, UDP or SCTP flow,
 /// exactly as its packets carry it. All fields network order.
 #[repr(C)]
@@ -206,6 +241,7 @@ mod pod {
     unsafe impl aya::Pod for super::RemoteNode {}
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::Vtep {}
+    unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowKey6 {}
     unsafe impl aya::Pod for super::FlowState {}
@@ -214,6 +250,7 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<RemoteNode>() == 28);
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 20);
 const _: () = assert!(core::mem::size_of::<Vtep>() == 4);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 32);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey6>() == 40);
 const _: () = assert!(core::mem::size_of::<FlowState>() == 16);

@@ -34,6 +34,13 @@ pub const NODES6: &str = "WEFT_NODES6";
 pub const STACK_FLOWS: &str = "WEFT_STACKFLOWS";
 /// LRU hash: [`crate::FlowKey6`] of an IPv6 reply → [`crate::FlowState`].
 pub const STACK_FLOWS6: &str = "WEFT_STACKFLOWS6";
+/// LRU hash: peer underlay IPv4 → [`crate::NextHop`]: the outer Ethernet
+/// header and device of the last FIB lookup for it, valid while its
+/// generation is [`NEXTHOP_GEN`]'s.
+pub const NEXTHOPS: &str = "WEFT_NEXTHOPS";
+/// Array of one `u32`: the generation of [`NEXTHOPS`], which the agent
+/// moves on at every neighbour, route, address or link change.
+pub const NEXTHOP_GEN: &str = "WEFT_NEXTHOP_GN";
 /// Per-CPU array of drop counters indexed by [`crate::DropReason`].
 pub const DROP_STATS: &str = "WEFT_DROPS";
 /// Per-CPU array of forward counters indexed by [`crate::FwdReason`].

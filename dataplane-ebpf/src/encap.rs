@@ -32,13 +32,13 @@ use aya_ebpf::{
         BPF_F_TUNINFO_IPV6,
     },
     helpers::{
-        bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh,
-        bpf_skb_set_tunnel_key,
+        bpf_fib_lookup, bpf_get_hash_recalc, bpf_ktime_get_coarse_ns, bpf_redirect,
+        bpf_redirect_neigh, bpf_skb_set_tunnel_key,
     },
     programs::TcContext,
     EbpfContext,
 };
-use weft_common::{DropReason, FwdReason, RemoteNode, VXLAN_ENCAP_LEN};
+use weft_common::{DropReason, FwdReason, NextHop, RemoteNode, VXLAN_ENCAP_LEN};
 
 use crate::{
     csum,
@@ -80,36 +80,9 @@ pub fn encap_and_redirect(
     let inner_len = ctx.len() as usize - ETH_HLEN;
     let outer_len = inner_len + VXLAN_ENCAP_LEN;
 
-    let mut fib = MaybeUninit::uninit();
-    // SAFETY: all-zero is a valid bpf_fib_lookup (64 bytes).
-    let fib: &mut FibParams = unsafe { Zeroed::init(&mut fib) };
-    fib.family = AF_INET;
-    fib.l4_protocol = IPPROTO_UDP;
-    // With tot_len set the kernel checks it against the route MTU; a GSO
-    // packet is segmented to fit later, so it is checked only when it is not
-    // GSO (tot_len 0: the kernel then lets GSO skbs through).
     // SAFETY: ctx.skb.skb points at the program's __sk_buff.
     let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
-    fib.__bindgen_anon_1.tot_len = if gso { 0 } else { outer_len as u16 };
-    fib.ifindex = maps::underlay_ifindex();
-    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(local_ip);
-    fib.__bindgen_anon_4.ipv4_dst = remote.underlay_ip;
-    // SAFETY: fib is a valid, writable bpf_fib_lookup on our stack.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            fib,
-            size_of::<FibParams>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT,
-        )
-    } as u32;
-    let resolved = match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => true,
-        BPF_FIB_LKUP_RET_NO_NEIGH => false,
-        // FRAG_NEEDED: a non-GSO packet larger than the underlay MTU allows.
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(DropReason::Mtu),
-        _ => return Err(DropReason::FibLookupFailed),
-    };
+    let hop = next_hop(ctx, local_ip, remote.underlay_ip, outer_len, gso)?;
 
     // SAFETY: ctx is our skb.
     let hash = unsafe { bpf_get_hash_recalc(ctx.as_ptr() as *mut _) };
@@ -131,8 +104,8 @@ pub fn encap_and_redirect(
     let hdr: &mut [u8; HDR_LEN] = unsafe { Zeroed::init(&mut hdr) };
     write_headers(
         hdr,
-        &fib.dmac,
-        &fib.smac,
+        &hop.dmac,
+        &hop.smac,
         local_ip,
         remote_ip,
         outer_len as u16,
@@ -148,16 +121,120 @@ pub fn encap_and_redirect(
         return Err(DropReason::HelperFailed);
     }
 
-    if resolved {
+    if hop.resolved {
         count_fwd(FwdReason::Encap, inner_proto == ETH_P_IPV6);
         // SAFETY: plain helper call.
-        Ok(unsafe { bpf_redirect(fib.ifindex, 0) as i32 })
+        Ok(unsafe { bpf_redirect(hop.ifindex, 0) as i32 })
     } else {
         count_fwd(FwdReason::EncapNeigh, inner_proto == ETH_P_IPV6);
         // SAFETY: NULL params: the helper does its own FIB lookup on the
         // (outer) network header and resolves the neighbour.
-        Ok(unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) as i32 })
+        Ok(unsafe { bpf_redirect_neigh(hop.ifindex, core::ptr::null_mut(), 0, 0) as i32 })
     }
+}
+
+/// Where an encapsulated packet leaves: the device and outer MACs, or only
+/// the device when its neighbour is not resolved yet.
+struct Hop {
+    ifindex: u32,
+    dmac: [u8; 6],
+    smac: [u8; 6],
+    resolved: bool,
+}
+
+/// The next hop towards the peer at underlay `remote_ip` for an outer
+/// packet of `outer_len` bytes (`gso`: a GSO packet, whose segments are
+/// made to fit later): from the cache while its entry is of the current
+/// generation, not expired and has passed a packet at least this long
+/// (the agent moves the generation on at every neighbour, route, address
+/// or link change, so a cached answer is the answer the FIB would give);
+/// else from `bpf_fib_lookup`, whose answer is cached.
+#[inline(always)]
+fn next_hop(
+    ctx: &TcContext,
+    local_ip: [u8; 4],
+    remote_ip: u32,
+    outer_len: usize,
+    gso: bool,
+) -> Verdict<Hop> {
+    let generation = maps::next_hop_generation();
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let cached = maps::next_hop(remote_ip).map(|e| {
+        // SAFETY: a map value; its writers store whole answers of the FIB.
+        unsafe { &mut *e }
+    });
+    let live = cached
+        .filter(|e| e.generation == generation && now.wrapping_sub(e.written_ns) < NextHop::TTL_NS);
+    if let Some(e) = &live {
+        if gso || outer_len <= usize::from(e.max_len) {
+            return Ok(Hop {
+                ifindex: e.ifindex,
+                dmac: e.dmac,
+                smac: e.smac,
+                resolved: true,
+            });
+        }
+    }
+
+    let mut fib = MaybeUninit::uninit();
+    // SAFETY: all-zero is a valid bpf_fib_lookup (64 bytes).
+    let fib: &mut FibParams = unsafe { Zeroed::init(&mut fib) };
+    fib.family = AF_INET;
+    fib.l4_protocol = IPPROTO_UDP;
+    // With tot_len set the kernel checks it against the route MTU; a GSO
+    // packet is segmented to fit later, so it is checked only when it is not
+    // GSO (tot_len 0: the kernel then lets GSO skbs through).
+    let checked_len = if gso { 0 } else { outer_len as u16 };
+    fib.__bindgen_anon_1.tot_len = checked_len;
+    fib.ifindex = maps::underlay_ifindex();
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(local_ip);
+    fib.__bindgen_anon_4.ipv4_dst = remote_ip;
+    // SAFETY: fib is a valid, writable bpf_fib_lookup on our stack.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            fib,
+            size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
+    } as u32;
+    let resolved = match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => true,
+        BPF_FIB_LKUP_RET_NO_NEIGH => false,
+        // FRAG_NEEDED: a non-GSO packet larger than the underlay MTU allows.
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(DropReason::Mtu),
+        _ => return Err(DropReason::FibLookupFailed),
+    };
+    let hop = Hop {
+        ifindex: fib.ifindex,
+        dmac: fib.dmac,
+        smac: fib.smac,
+        resolved,
+    };
+    if !resolved {
+        // Not cached: the kernel resolves the neighbour (redirect_neigh).
+        return Ok(hop);
+    }
+    match live {
+        // The same next hop, passed for a longer packet: remember the length.
+        Some(e) if e.ifindex == hop.ifindex && e.dmac == hop.dmac && e.smac == hop.smac => {
+            e.max_len = e.max_len.max(checked_len);
+        }
+        _ => maps::put_next_hop(
+            remote_ip,
+            &NextHop {
+                generation,
+                ifindex: hop.ifindex,
+                dmac: hop.dmac,
+                smac: hop.smac,
+                max_len: checked_len,
+                _pad: [0; 2],
+                written_ns: now,
+            },
+        ),
+    }
+    Ok(hop)
 }
 
 /// `struct bpf_tunnel_key` (44 bytes) padded to 8-byte words for [`Zeroed`].

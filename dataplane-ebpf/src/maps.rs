@@ -6,9 +6,9 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
-use weft_common::{DropReason, Endpoint, FwdReason, Ipv4Key, Ipv6Key, RemoteNode, Vtep};
+use weft_common::{DropReason, Endpoint, FwdReason, Ipv4Key, Ipv6Key, NextHop, RemoteNode, Vtep};
 
 use crate::parse::ipv6_halves;
 
@@ -37,6 +37,16 @@ static WEFT_NODES: HashMap<u32, Vtep> = HashMap::pinned(65536, 0);
 /// Underlay IPv6 address of every node we accept VXLAN over IPv6 from.
 #[map]
 static WEFT_NODES6: HashMap<Ipv6Key, Vtep> = HashMap::pinned(65536, 0);
+
+/// Peer underlay IPv4 (network order) → its next hop as the FIB last
+/// answered (encap.rs). Only the programs write it.
+#[map]
+static WEFT_NEXTHOPS: LruHashMap<u32, NextHop> = LruHashMap::pinned(65536, 0);
+
+/// The generation [`WEFT_NEXTHOPS`]' entries must carry to be used: the
+/// agent moves it on at every neighbour, route, address or link change.
+#[map]
+static WEFT_NEXTHOP_GN: Array<u32> = Array::pinned(1, 0);
 
 /// Drops per [`DropReason`] and family ([`DropReason::slot`]), per CPU.
 #[map]
@@ -102,6 +112,29 @@ pub fn is_known_vtep(ip: u32) -> bool {
 #[inline(always)]
 pub fn is_known_vtep6(ip: &Ipv6Key) -> bool {
     WEFT_NODES6.get_ptr(ip).is_some()
+}
+
+/// The cached next hop of the peer at underlay IPv4 `ip`, if any (fresh
+/// or not: see encap.rs).
+#[inline(always)]
+pub fn next_hop(ip: u32) -> Option<*mut NextHop> {
+    WEFT_NEXTHOPS.get_ptr_mut(ip)
+}
+
+/// Caches `hop` for the peer at underlay IPv4 `ip` (best effort).
+#[inline(always)]
+pub fn put_next_hop(ip: u32, hop: &NextHop) {
+    let _ = WEFT_NEXTHOPS.insert(ip, *hop, 0);
+}
+
+/// The current generation of the next-hop cache.
+#[inline(always)]
+pub fn next_hop_generation() -> u32 {
+    match WEFT_NEXTHOP_GN.get_ptr(0) {
+        // SAFETY: index 0 of a one-entry array; a u32 read is atomic.
+        Some(g) => unsafe { core::ptr::read_volatile(g) },
+        None => 0,
+    }
 }
 
 #[inline(always)]

@@ -2,6 +2,9 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
+use aya::maps::{HashMap, Map, MapData};
+use weft_agent::dataplane::{ip_key, nexthops::Generation};
+use weft_common::{NextHop, names};
 use weft_tests::{
     Cluster, ClusterSpec, EchoServer, ForeignNode, Lab, Netns, UnderlayKind, bulk_tcp_intact,
     iperf_gbps, ping, privileged, tcp_roundtrip, udp_roundtrip, wait_for,
@@ -873,5 +876,125 @@ fn a_pod_cannot_send_as_another_address() {
     assert!(
         ping(&neighbour.ns, b.ip, 1),
         "and its neighbour's, on its own veth"
+    );
+}
+
+/// The underlay MAC address of `ns`'s `und0`.
+fn und0_mac(ns: &Netns) -> [u8; 6] {
+    let v: serde_json::Value =
+        serde_json::from_str(&ns.ip(&["-j", "link", "show", "dev", "und0"])).unwrap();
+    let s = v[0]["address"].as_str().expect("und0's address");
+    let mut mac = [0u8; 6];
+    for (b, part) in mac.iter_mut().zip(s.split(':')) {
+        *b = u8::from_str_radix(part, 16).unwrap();
+    }
+    mac
+}
+
+/// Node `i`'s cached next hop towards the peer at underlay `peer`, and the
+/// cache's generation: `(entry, generation)`.
+fn cached_next_hop(c: &Cluster, i: usize, peer: Ipv4Addr) -> (Option<NextHop>, u32) {
+    let pins = &c.nodes[i].bpffs;
+    let map = MapData::from_pin(pins.join(names::NEXTHOPS)).expect("the next-hop cache's pin");
+    let hops: HashMap<_, u32, NextHop> =
+        HashMap::try_from(Map::LruHashMap(map)).expect("an LRU hash");
+    let generation = Generation::open(pins).unwrap().get().unwrap();
+    (hops.get(&ip_key(peer), 0).ok(), generation)
+}
+
+/// encap keeps the FIB's answer per peer (the next-hop cache) and uses it
+/// only while nothing changed: a neighbour entry pointed at another node's
+/// MAC, or a route that makes the peer unreachable, takes effect from the
+/// next packet on, as without the cache (with a stale entry the frames
+/// would still go to node-2's MAC, and the pings to an unreachable peer
+/// would still get through).
+#[test]
+fn cached_next_hops_follow_neighbour_and_route_changes() {
+    if !privileged("cached_next_hops_follow_neighbour_and_route_changes") {
+        return;
+    }
+    let mut lab = Lab::new("nh");
+    let c = Cluster::start(
+        &mut lab,
+        ClusterSpec {
+            nodes: 3,
+            pods_per_node: 1,
+            ..Default::default()
+        },
+    );
+    let (a, b) = (c.pods[0].clone(), c.pods[1].clone());
+    assert_eq!((a.node, b.node), (0, 1));
+    let (node1, peer) = (&c.nodes[0].ns, c.nodes[1].underlay_ip);
+    let (peer_mac, other_mac) = (und0_mac(&c.nodes[1].ns), und0_mac(&c.nodes[2].ns));
+    let (_, before) = cached_next_hop(&c, 0, peer);
+    assert!(ping(&a.ns, b.ip, 3), "pod → pod across nodes");
+    let (hop, generation) = cached_next_hop(&c, 0, peer);
+    let hop = hop.expect("node-1 cached its next hop to node-2");
+    assert_eq!(
+        (hop.dmac, hop.generation),
+        (peer_mac, generation),
+        "the cached next hop is node-2's und0, of the current generation"
+    );
+    let peer_s = peer.to_string();
+
+    // node-2's address now resolves to node-3's MAC: the frames go to
+    // node-3 (which routes them on to node-2: nodes forward).
+    let mac = other_mac.map(|b| format!("{b:02x}")).join(":");
+    node1.ip(&[
+        "neigh",
+        "replace",
+        &peer_s,
+        "lladdr",
+        &mac,
+        "dev",
+        "und0",
+        "nud",
+        "permanent",
+    ]);
+    std::thread::sleep(Duration::from_millis(200));
+    let (_, after) = cached_next_hop(&c, 0, peer);
+    assert!(
+        after != generation && after != before,
+        "the agent moved the generation on ({generation} → {after})"
+    );
+    let node3 = &c.nodes[2].ns;
+    let received = link_stat(node3, "und0", "rx", "packets");
+    assert!(ping(&a.ns, b.ip, 3), "pod → pod through node-3");
+    let detoured = link_stat(node3, "und0", "rx", "packets") - received;
+    assert!(
+        detoured >= 3,
+        "node-1's VXLAN went to node-3's MAC ({detoured} frames arrived there)"
+    );
+    let (hop, _) = cached_next_hop(&c, 0, peer);
+    assert_eq!(
+        hop.map(|h| h.dmac),
+        Some(other_mac),
+        "the next packet used the changed MAC"
+    );
+    // Back to what ARP finds.
+    node1.ip(&["neigh", "del", &peer_s, "dev", "und0"]);
+    wait_for(
+        "pod → pod again once the neighbour entry is gone",
+        Duration::from_secs(5),
+        || ping(&a.ns, b.ip, 1).then_some(()),
+    );
+
+    // A route that makes node-2 unreachable: dropped as the FIB says.
+    node1.ip(&["route", "add", "unreachable", &format!("{peer_s}/32")]);
+    std::thread::sleep(Duration::from_millis(200));
+    let failed = c.counter(0, "fib_lookup_failed");
+    assert!(
+        !ping(&a.ns, b.ip, 3),
+        "no ping gets through with node-2's address unreachable"
+    );
+    assert!(
+        c.counter(0, "fib_lookup_failed") >= failed + 3,
+        "each ping dropped as fib_lookup_failed"
+    );
+    node1.ip(&["route", "del", "unreachable", &format!("{peer_s}/32")]);
+    wait_for(
+        "pod → pod again once the route is gone",
+        Duration::from_secs(5),
+        || ping(&a.ns, b.ip, 1).then_some(()),
     );
 }

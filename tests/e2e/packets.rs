@@ -1287,3 +1287,80 @@ fn stack_forwarded_flows_return_through_the_stack() {
         );
     }
 }
+
+/// Not a test: a measurement, run by hand (`cargo test -p weft-tests --test
+/// packets -- --ignored --nocapture program_cost`; `N` runs per program,
+/// default 100,000). The kernel's time per run of each fast path on a
+/// 64-byte UDP packet (BPF_PROG_TEST_RUN, one run per call: the paths
+/// change the packet), from a quiet machine rather than a loaded one as in
+/// `weft profile`. Two differences from live traffic: a test skb carries no
+/// flow hash, so encap's `bpf_get_hash_recalc` computes one here (about
+/// 110 ns on the development VM) where a socket's packet brings its own;
+/// and each call's run includes the kernel's timing overhead (about 50 ns:
+/// the last line, a frame the program only counts).
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn program_cost() {
+    let mut fx = Fixture::new("pkm", 1, 8472);
+    let n: u32 = std::env::var("N")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100_000);
+    let payload = [0x5a; 18];
+    let to_pod = Ipv4::new(REMOTE_POD, POD, 17).build(&pktgen::udp(40000, 5001, &payload));
+    let inner = pktgen::eth(LOCAL_VTEP, PEER_VTEP, pktgen::ETH_P_IP, &to_pod);
+    let decap = fx.vxlan_frame(PEER, 1, 8472, &inner);
+    let pod_mac = [2, 0xcc, 0, 0, 0, 1];
+    let from_pod = Ipv4::new(POD, REMOTE_POD, 17).build(&pktgen::udp(40000, 5001, &payload));
+    let encap = pktgen::eth(HOST_VETH_MAC, pod_mac, pktgen::ETH_P_IP, &from_pod);
+    let arp = pktgen::eth(HOST_VETH_MAC, pod_mac, 0x0806, &[0u8; 46]);
+    let mut ctx = [0u8; 44];
+    ctx[40..44].copy_from_slice(&fx.pod_ifindex.to_ne_bytes());
+    let cases = [
+        (
+            "decap to a pod",
+            names::PROG_FROM_UNDERLAY,
+            &decap,
+            None,
+            TC_ACT_REDIRECT,
+        ),
+        (
+            "encap",
+            names::PROG_FROM_POD,
+            &encap,
+            Some(&ctx[..]),
+            TC_ACT_REDIRECT,
+        ),
+        (
+            "counted only",
+            names::PROG_FROM_POD,
+            &arp,
+            Some(&ctx[..]),
+            TC_ACT_UNSPEC,
+        ),
+    ];
+    for (case, name, frame, ctx_in, want) in cases {
+        let prog: &mut SchedClassifier = fx.dp.program_mut(name).unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut ns: Vec<u128> = (0..n)
+            .map(|_| {
+                let r = prog
+                    .test_run(TestRunOptions {
+                        data_in: Some(frame),
+                        data_out: Some(&mut out),
+                        ctx_in,
+                        ..Default::default()
+                    })
+                    .expect("BPF_PROG_TEST_RUN");
+                assert_eq!(r.return_value, want, "{case}: the fast path");
+                r.duration.as_nanos()
+            })
+            .collect();
+        ns.sort_unstable();
+        println!(
+            "{name}, {case}: mean {} ns, median {} ns ({n} runs)",
+            ns.iter().sum::<u128>() / u128::from(n),
+            ns[ns.len() / 2]
+        );
+    }
+}

@@ -188,6 +188,9 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), AgentError> {
     };
     let mut dp = bringup::load(&cfg, &globals)?;
     let mut maps = Maps::open(&cfg.bpffs_dir)?;
+    // Cached next hops are dropped at every neighbour, route, address or
+    // link change from here on (and once now).
+    dataplane::nexthops::watch(&cfg.bpffs_dir)?;
     let mut written = crate::registry::sync::Written::default();
     let mut apply = |rx: &mut tokio::sync::watch::Receiver<Published>, maps: &mut Maps| {
         let started = std::time::Instant::now();

@@ -81,7 +81,7 @@ pub fn stack_flows6(
 
 /// The map pinned as `name` in `pin_dir`; [`DataplaneError::NotPinned`]
 /// when there is no such pin.
-fn open_pinned(pin_dir: &Path, name: &'static str) -> Result<MapData, DataplaneError> {
+pub(super) fn open_pinned(pin_dir: &Path, name: &'static str) -> Result<MapData, DataplaneError> {
     let path = pin_dir.join(name);
     if !path.exists() {
         return Err(DataplaneError::NotPinned { path });

@@ -12,12 +12,14 @@
 //!
 //! Here: loading ([`Dataplane::load`]) and the node's attachments; in
 //! [`attach`] the TC/TCX/XDP mechanics and the pods' links, in [`maps`] the
-//! pinned maps as user space opens them, in [`bpffs`] the pin directory and
+//! pinned maps as user space opens them, in [`nexthops`] the next-hop
+//! cache's invalidation, in [`bpffs`] the pin directory and
 //! stale pins, in [`stats`] the counters, in [`profile`] `weft profile`.
 
 pub mod attach;
 pub mod bpffs;
 pub mod maps;
+pub mod nexthops;
 pub mod profile;
 pub mod stats;
 
@@ -132,6 +134,10 @@ pub enum DataplaneError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "following rtnetlink for the next-hop cache: {0}. The agent needs CAP_NET_ADMIN in the node's network namespace"
+    )]
+    Netlink(std::io::Error),
 }
 
 /// Per-node constants written into the programs at load time.
