@@ -119,6 +119,12 @@ fn linear(ctx: &TcContext, len: usize) -> bool {
     ctx.data() + want <= ctx.data_end() || ctx.pull_data(want as u32).is_ok()
 }
 
+/// Whether the whole packet is in the linear part (no page fragments).
+#[inline(always)]
+fn all_linear(ctx: &TcContext) -> bool {
+    ctx.data() + ctx.len() as usize == ctx.data_end()
+}
+
 /// Where the VXLAN header of a packet for this node's UDP port starts, and
 /// whether the outer header is IPv6; `None` when the packet is not VXLAN
 /// for this node (a fragment too: the stack reassembles it), `Some(Err)`
@@ -316,8 +322,9 @@ pub fn tc(ctx: &TcContext) -> Verdict<i32> {
     // payload out of the fragments of every GSO skb (a veth delivers the
     // headers, and only they, in the linear part).
     // The outer header's length is read once those are linear (a NIC may
-    // have left even the outer IPv4 header in a fragment).
-    let linear_ok = linear(ctx, MIN_HEADERS) && {
+    // have left even the outer IPv4 header in a fragment). Nothing to do
+    // when the whole packet is linear (small packets, as a rule).
+    let linear_ok = all_linear(ctx) || linear(ctx, MIN_HEADERS) && {
         let outer_v6 = match ptr_at::<[u8; 2]>(ctx.data(), ctx.data_end(), 12) {
             // SAFETY: ptr_at checked bounds.
             Ok(proto) => (unsafe { *proto }) == ETH_P_IPV6,
