@@ -119,6 +119,45 @@ fn linear(ctx: &TcContext, len: usize) -> bool {
     ctx.data() + want <= ctx.data_end() || ctx.pull_data(want as u32).is_ok()
 }
 
+/// Makes the headers [`classify`] reads linear. Only as many as this
+/// packet has: pulling more would copy payload out of the fragments of
+/// every GSO skb (a veth delivers the headers, and only they, in the linear
+/// part). The outer header's length is read once those are linear (a NIC
+/// may have left even the outer IPv4 header in a fragment). False only when
+/// the kernel is out of memory.
+#[inline(always)]
+fn headers_linear(ctx: &TcContext) -> bool {
+    if !linear(ctx, MIN_HEADERS) {
+        return false;
+    }
+    let outer_v6 = match ptr_at::<[u8; 2]>(ctx.data(), ctx.data_end(), 12) {
+        // SAFETY: ptr_at checked bounds.
+        Ok(proto) => (unsafe { *proto }) == ETH_P_IPV6,
+        Err(_) => false,
+    };
+    let outer_len = if outer_v6 {
+        IPV6_HLEN
+    } else {
+        match ptr_at::<Ipv4Hdr>(ctx.data(), ctx.data_end(), ETH_HLEN) {
+            // SAFETY: ptr_at checked bounds.
+            Ok(ip) => unsafe { (*ip).header_len() },
+            Err(_) => IPV4_HLEN,
+        }
+    };
+    let headers = MIN_HEADERS + outer_len - IPV4_HLEN;
+    // An inner IPv6 header is 20 bytes longer than the IPv4 one
+    // MIN_HEADERS counts. (Its EtherType's offset is computed from the
+    // header length itself, which the verifier knows is never negative.)
+    let inner_proto_off = ETH_HLEN + outer_len + UDP_HLEN + VXLAN_HLEN + 12;
+    let inner_v6 = match ptr_at::<[u8; 2]>(ctx.data(), ctx.data_end(), inner_proto_off) {
+        // SAFETY: ptr_at checked bounds.
+        Ok(proto) => (unsafe { *proto }) == ETH_P_IPV6,
+        Err(_) => false,
+    };
+    (headers == MIN_HEADERS || linear(ctx, headers))
+        && (!inner_v6 || linear(ctx, headers + IPV6_HLEN - IPV4_HLEN))
+}
+
 /// Whether the whole packet is in the linear part (no page fragments).
 #[inline(always)]
 fn all_linear(ctx: &TcContext) -> bool {
@@ -318,40 +357,9 @@ pub fn xdp(ctx: &XdpContext) -> Verdict<u32> {
 #[inline(always)]
 pub fn tc(ctx: &TcContext) -> Verdict<i32> {
     // A NIC may leave headers in page fragments: make the ones we read
-    // linear. Only as many as this packet has: pulling more would copy
-    // payload out of the fragments of every GSO skb (a veth delivers the
-    // headers, and only they, in the linear part).
-    // The outer header's length is read once those are linear (a NIC may
-    // have left even the outer IPv4 header in a fragment). Nothing to do
-    // when the whole packet is linear (small packets, as a rule).
-    let linear_ok = all_linear(ctx) || linear(ctx, MIN_HEADERS) && {
-        let outer_v6 = match ptr_at::<[u8; 2]>(ctx.data(), ctx.data_end(), 12) {
-            // SAFETY: ptr_at checked bounds.
-            Ok(proto) => (unsafe { *proto }) == ETH_P_IPV6,
-            Err(_) => false,
-        };
-        let outer_len = if outer_v6 {
-            IPV6_HLEN
-        } else {
-            match ptr_at::<Ipv4Hdr>(ctx.data(), ctx.data_end(), ETH_HLEN) {
-                // SAFETY: ptr_at checked bounds.
-                Ok(ip) => unsafe { (*ip).header_len() },
-                Err(_) => IPV4_HLEN,
-            }
-        };
-        let headers = MIN_HEADERS + outer_len - IPV4_HLEN;
-        // An inner IPv6 header is 20 bytes longer than the IPv4 one
-        // MIN_HEADERS counts. (Its EtherType's offset is computed from the
-        // header length itself, which the verifier knows is never negative.)
-        let inner_proto_off = ETH_HLEN + outer_len + UDP_HLEN + VXLAN_HLEN + 12;
-        let inner_v6 = match ptr_at::<[u8; 2]>(ctx.data(), ctx.data_end(), inner_proto_off) {
-            // SAFETY: ptr_at checked bounds.
-            Ok(proto) => (unsafe { *proto }) == ETH_P_IPV6,
-            Err(_) => false,
-        };
-        (headers == MIN_HEADERS || linear(ctx, headers))
-            && (!inner_v6 || linear(ctx, headers + IPV6_HLEN - IPV4_HLEN))
-    };
+    // linear (nothing to do when the whole packet is: small packets, as a
+    // rule).
+    let linear_ok = all_linear(ctx) || headers_linear(ctx);
     if !linear_ok {
         // Out of memory: leave the packet to the stack, as anything not ours.
         count_fwd(
