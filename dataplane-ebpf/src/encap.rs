@@ -5,7 +5,8 @@
 //! and TSO/GSO keep working: a 64 KiB TCP segment leaves as one tunnel GSO
 //! packet and is segmented by the device or by software GSO at the very end.
 //! Outer L2 comes from the kernel FIB and neighbour tables
-//! (`bpf_fib_lookup`, falling back to `bpf_redirect_neigh`).
+//! (`bpf_fib_lookup`, falling back to `bpf_redirect_neigh`), whose answer
+//! is kept per peer until the agent reports a change ([`next_hop`]).
 //!
 //! Wire format as the Linux vxlan driver with flannel's settings: UDP
 //! destination port and VNI configurable (8472 / 1 by default), source port
