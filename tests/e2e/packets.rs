@@ -8,6 +8,7 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use weft_agent::{
     dataplane::{
         Dataplane, Globals, Maps, ip_key,
+        nexthops::Generation,
         stats::{self, Counters},
     },
     host::netdev,
@@ -236,6 +237,19 @@ impl Fixture {
         );
         self.counted(&before, out.0, TC_ACT_SHOT, frame);
         out
+    }
+
+    /// Sets the underlay device's MTU.
+    fn und_mtu(&self, mtu: u32) {
+        let mut nl = weft_agent::host::netlink::Netlink::open().expect("netlink");
+        nl.set_link(
+            self.und.index,
+            &weft_agent::host::netlink::LinkChange {
+                mtu: Some(mtu),
+                ..Default::default()
+            },
+        )
+        .expect("und0's MTU");
     }
 
     /// A VXLAN frame from `src` carrying `inner` (an Ethernet frame).
@@ -829,6 +843,57 @@ fn tc_encap_and_local_cases() {
     }
     // Every counter of this IPv4 traffic is IPv4's.
     assert_family("IPv4 cases", &Counters::default(), &fx.counters(), false);
+}
+
+/// The next-hop cache keeps the FIB's checks: a packet that is not GSO is
+/// served from it only when the FIB already passed one at least as long
+/// with that next hop (a longer one is looked up again, which checks it
+/// against the route's MTU), and a change of generation (what the agent
+/// does at every rtnetlink change) makes the next packet look up again.
+#[test]
+fn cached_next_hops_keep_the_mtu_check() {
+    if !privileged("cached_next_hops_keep_the_mtu_check") {
+        return;
+    }
+    let mut fx = Fixture::new("pkn", 1, 8472);
+    let pod_mac = [0x02, 0xcc, 0, 0, 0, 1];
+    // A UDP packet from the pod whose IP packet is `ip_len` bytes: 50 more
+    // outside after encapsulation.
+    let frame = |ip_len: usize| {
+        let payload = vec![0x5a; ip_len - 28];
+        let ip = Ipv4::new(POD, REMOTE_POD, 17).build(&pktgen::udp(40000, 5001, &payload));
+        pktgen::eth(HOST_VETH_MAC, pod_mac, pktgen::ETH_P_IP, &ip)
+    };
+    let send = |fx: &mut Fixture, ip_len: usize| {
+        let before = fx.counters();
+        let (action, _) = fx.tc(&frame(ip_len));
+        let mtu_drops = fx.counters().drop(DropReason::Mtu) - before.drop(DropReason::Mtu);
+        (action, mtu_drops)
+    };
+    // und0's MTU is 1500: the largest that fits is 1450 inside.
+    assert_eq!(send(&mut fx, 100), (TC_ACT_REDIRECT, 0), "small: cached");
+    assert_eq!(send(&mut fx, 1451), (TC_ACT_SHOT, 1), "1 byte too long");
+    assert_eq!(send(&mut fx, 1450), (TC_ACT_REDIRECT, 0), "the longest");
+    assert_eq!(
+        send(&mut fx, 1451),
+        (TC_ACT_SHOT, 1),
+        "still too long with the cache warm"
+    );
+    // The underlay's MTU shrinks; the cache still holds 1500-byte answers
+    // until the generation moves on.
+    fx.und_mtu(1400);
+    let mut generation = Generation::open(&fx.pins).unwrap();
+    generation.bump().unwrap();
+    assert_eq!(
+        send(&mut fx, 1450),
+        (TC_ACT_SHOT, 1),
+        "the next packet is checked against the new MTU"
+    );
+    assert_eq!(
+        send(&mut fx, 1350),
+        (TC_ACT_REDIRECT, 0),
+        "fits the new MTU"
+    );
 }
 
 #[test]
