@@ -256,8 +256,8 @@ struct Seen {
     /// While `node` is a problem: what the Node said when it last made
     /// sense. Its pods stay reachable on that (as flanneld, which ignores a
     /// lease it cannot read and keeps the routes it had) until it is fixed
-    /// or deleted.
-    last_good: Option<Node>,
+    /// or deleted. Boxed: kept for every Node, rarely set.
+    last_good: Option<Box<Node>>,
 }
 
 /// What one watch event changed.
@@ -283,7 +283,13 @@ impl Seen {
         let node = convert(n, flannel);
         let last_good = match &node {
             Ok(_) => None,
-            Err(_) => before.and_then(|b| b.node.clone().ok().or_else(|| b.last_good.clone())),
+            Err(_) => before.and_then(|b| {
+                b.node
+                    .clone()
+                    .ok()
+                    .map(Box::new)
+                    .or_else(|| b.last_good.clone())
+            }),
         };
         Self {
             created: n.metadata.creation_timestamp.clone(),
@@ -313,7 +319,7 @@ fn snapshot(store: &BTreeMap<String, Seen>, cluster: &ClusterCidrs) -> Snapshot 
                     "{p} (its last good entry, underlay {underlay} VTEP MAC {}, stays until the Node is fixed or deleted)",
                     netdev::mac_to_string(&good.vtep_mac)
                 ));
-                Some(good.clone())
+                Some(Node::clone(good))
             }
             (Err(p), None) => {
                 problems.push(p.clone());
