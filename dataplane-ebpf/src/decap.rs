@@ -124,9 +124,13 @@ fn linear(ctx: &TcContext, len: usize) -> bool {
 /// every GSO skb (a veth delivers the headers, and only they, in the linear
 /// part). The outer header's length is read once those are linear (a NIC
 /// may have left even the outer IPv4 header in a fragment). False only when
-/// the kernel is out of memory.
+/// the kernel is out of memory. Nothing to do when the whole packet is
+/// linear (small packets, as a rule).
 #[inline(always)]
 fn headers_linear(ctx: &TcContext) -> bool {
+    if all_linear(ctx) {
+        return true;
+    }
     if !linear(ctx, MIN_HEADERS) {
         return false;
     }
@@ -357,10 +361,8 @@ pub fn xdp(ctx: &XdpContext) -> Verdict<u32> {
 #[inline(always)]
 pub fn tc(ctx: &TcContext) -> Verdict<i32> {
     // A NIC may leave headers in page fragments: make the ones we read
-    // linear (nothing to do when the whole packet is: small packets, as a
-    // rule).
-    let linear_ok = all_linear(ctx) || headers_linear(ctx);
-    if !linear_ok {
+    // linear.
+    if !headers_linear(ctx) {
         // Out of memory: leave the packet to the stack, as anything not ours.
         count_fwd(
             FwdReason::Passthrough,

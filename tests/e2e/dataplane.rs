@@ -3,7 +3,10 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use aya::maps::{HashMap, Map, MapData};
-use weft_agent::dataplane::{ip_key, nexthops::Generation};
+use weft_agent::{
+    dataplane::{ip_key, nexthops::Generation},
+    host::netdev,
+};
 use weft_common::{NextHop, names};
 use weft_tests::{
     Cluster, ClusterSpec, EchoServer, ForeignNode, Lab, Netns, UnderlayKind, bulk_tcp_intact,
@@ -884,11 +887,7 @@ fn und0_mac(ns: &Netns) -> [u8; 6] {
     let v: serde_json::Value =
         serde_json::from_str(&ns.ip(&["-j", "link", "show", "dev", "und0"])).unwrap();
     let s = v[0]["address"].as_str().expect("und0's address");
-    let mut mac = [0u8; 6];
-    for (b, part) in mac.iter_mut().zip(s.split(':')) {
-        *b = u8::from_str_radix(part, 16).unwrap();
-    }
-    mac
+    netdev::parse_mac(s).expect("a MAC")
 }
 
 /// Node `i`'s cached next hop towards the peer at underlay `peer`, and the
@@ -939,7 +938,7 @@ fn cached_next_hops_follow_neighbour_and_route_changes() {
 
     // node-2's address now resolves to node-3's MAC: the frames go to
     // node-3 (which routes them on to node-2: nodes forward).
-    let mac = other_mac.map(|b| format!("{b:02x}")).join(":");
+    let mac = netdev::mac_to_string(&other_mac);
     node1.ip(&[
         "neigh",
         "replace",

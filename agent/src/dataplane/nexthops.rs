@@ -32,30 +32,29 @@ pub struct Generation(Array<MapData, u32>);
 
 impl Generation {
     pub fn open(pin_dir: &Path) -> Result<Self, DataplaneError> {
-        let name = names::NEXTHOP_GEN;
-        Array::try_from(aya::maps::Map::Array(open_pinned(pin_dir, name)?))
+        let map = open_pinned(pin_dir, names::NEXTHOP_GEN)?;
+        Array::try_from(aya::maps::Map::Array(map))
             .map(Self)
-            .map_err(|source| DataplaneError::Map { name, source })
+            .map_err(map_error)
     }
 
     /// The current generation.
     pub fn get(&self) -> Result<u32, DataplaneError> {
-        self.0.get(&0, 0).map_err(|source| DataplaneError::Map {
-            name: names::NEXTHOP_GEN,
-            source,
-        })
+        self.0.get(&0, 0).map_err(map_error)
     }
 
     /// Invalidates every cached next hop; the new generation.
     pub fn bump(&mut self) -> Result<u32, DataplaneError> {
         let next = self.get()?.wrapping_add(1);
-        self.0
-            .set(0, next, 0)
-            .map_err(|source| DataplaneError::Map {
-                name: names::NEXTHOP_GEN,
-                source,
-            })?;
+        self.0.set(0, next, 0).map_err(map_error)?;
         Ok(next)
+    }
+}
+
+fn map_error(source: aya::maps::MapError) -> DataplaneError {
+    DataplaneError::Map {
+        name: names::NEXTHOP_GEN,
+        source,
     }
 }
 
